@@ -1,0 +1,1 @@
+"""Hugging Face checkpoint converters that fill `models` parameters."""

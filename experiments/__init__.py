@@ -1,0 +1,1 @@
+"""Experiments and benchmarks that use `lminf_jax`, `models` and `converters`."""

@@ -1,0 +1,27 @@
+"""lminf_jax: LM-Infinite attention (Λ-shaped mask + distance limit) in JAX.
+
+Model-family agnostic pieces: positional encodings, attention specs, the attention
+entry point (dense reference and jitted blockwise implementation).
+"""
+
+from lminf_jax.alibi import Alibi, alibi_bias, alibi_slopes
+from lminf_jax.attention import attention, attention_probe
+from lminf_jax.attention_reference import AttentionProbe
+from lminf_jax.rope import RopeScaling, Rotary, apply_rope, rope_angles, rope_frequencies
+from lminf_jax.spec import AttentionSpec, TopK
+
+__all__ = [
+    "Alibi",
+    "AttentionProbe",
+    "AttentionSpec",
+    "RopeScaling",
+    "Rotary",
+    "TopK",
+    "alibi_bias",
+    "alibi_slopes",
+    "apply_rope",
+    "attention",
+    "attention_probe",
+    "rope_angles",
+    "rope_frequencies",
+]

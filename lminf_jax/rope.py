@@ -1,0 +1,284 @@
+"""Rotary position embeddings (RoPE) computed from integer positions, exact at any int32 position.
+
+Angles are reduced in *turns* (angle / 2pi): each int32 position is split into two 16-bit halves and
+each host constant into float32 pieces with few significant bits, so every product is exact in float32
+and the reduction modulo one turn loses only a few float32 roundings. No float64 is needed on device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_KINDS = ("linear", "dynamic", "yarn", "llama3")
+_NEEDS_ORIGINAL_MAX = ("yarn", "llama3")
+_LAYOUTS = ("half", "interleaved")
+# Keys of a HF rope dict that map onto RopeScaling fields, and keys that are handled elsewhere.
+_HF_FIELDS = frozenset({
+    "factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor",
+    "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate",
+})
+_HF_IGNORED = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """A RoPE frequency-scaling scheme, named and parameterised as in Hugging Face's rope configs."""
+
+    kind: str
+    factor: float
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"unknown RoPE scaling `kind` {self.kind!r}; legal values: {', '.join(_KINDS)}")
+        if not self.factor >= 1:
+            raise ValueError(f"RoPE scaling `factor` must be >= 1, got {self.factor}")
+        omp = self.original_max_position_embeddings
+        if self.kind in _NEEDS_ORIGINAL_MAX and omp is None:
+            raise ValueError(f"RoPE scaling kind {self.kind!r} requires `original_max_position_embeddings`")
+        if omp is not None and omp < 1:
+            raise ValueError(f"`original_max_position_embeddings` must be >= 1, got {omp}")
+        if self.kind == "llama3" and not self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(
+                f"llama3 RoPE scaling needs `low_freq_factor` < `high_freq_factor`, "
+                f"got {self.low_freq_factor} and {self.high_freq_factor}"
+            )
+
+    @classmethod
+    def from_hf(cls, d: dict | None) -> RopeScaling | None:
+        """From a HF config's `rope_scaling` / `rope_parameters` dict; None for rope_type 'default' or None."""
+        if d is None:
+            return None
+        rope_type = d.get("rope_type", d.get("type", "default"))
+        if rope_type != "default" and rope_type not in _KINDS:
+            raise ValueError(f"unsupported `rope_type` {rope_type!r}; supported: default, {', '.join(_KINDS)}")
+        unknown = sorted(set(d) - _HF_FIELDS - _HF_IGNORED)
+        if unknown:
+            raise ValueError(f"unsupported RoPE parameter {unknown[0]!r} (rope_type {rope_type!r}) would change the math")
+        if rope_type == "default":
+            return None
+        if d.get("factor") is None:
+            raise ValueError(f"rope_type {rope_type!r} requires `factor`")
+        return cls(kind=rope_type, **{k: v for k, v in d.items() if k in _HF_FIELDS and v is not None})
+
+
+def _check_rotary_dim(rotary_dim: int) -> None:
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"`rotary_dim` must be even and >= 2, got {rotary_dim}")
+
+
+def _base_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
+    return 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+
+
+def _dynamic_theta(rotary_dim: int, theta: float, scaling: RopeScaling,
+                   max_position_embeddings: int | None, seq_len: int | None) -> float:
+    """NTK-aware base for the current sequence length (HF 'dynamic')."""
+    max_pos = max_position_embeddings
+    if max_pos is None:
+        max_pos = scaling.original_max_position_embeddings
+    if max_pos is None:
+        raise ValueError("dynamic RoPE scaling requires `max_position_embeddings`")
+    seq = max_pos if seq_len is None else max(seq_len, max_pos)
+    if rotary_dim == 2:  # the single frequency theta**0 does not depend on the base
+        return theta
+    ratio = scaling.factor * seq / max_pos - (scaling.factor - 1)
+    return theta * ratio ** (rotary_dim / (rotary_dim - 2))
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
+    """Llama 3.1: keep high frequencies, divide low ones by factor, interpolate in between."""
+    omp = s.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (omp / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    medium = np.where(wavelen < omp / s.high_freq_factor, inv_freq, smoothed)
+    return np.where(wavelen > omp / s.low_freq_factor, inv_freq / s.factor, medium)
+
+
+def _yarn_correction_range(rotary_dim: int, theta: float, s: RopeScaling) -> tuple[float, float]:
+    def correction_dim(num_rotations: float) -> float:
+        omp = s.original_max_position_embeddings
+        return rotary_dim * math.log(omp / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, rotary_dim - 1)
+
+
+def _yarn_inv_freq(rotary_dim: int, theta: float, s: RopeScaling) -> np.ndarray:
+    """YaRN: blend interpolated (divided by factor) and extrapolated frequencies with a linear ramp."""
+    extrapolated = _base_inv_freq(rotary_dim, theta)
+    low, high = _yarn_correction_range(rotary_dim, theta, s)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    return extrapolated / s.factor * ramp + extrapolated * (1 - ramp)
+
+
+def _yarn_attention_factor(s: RopeScaling) -> float:
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if s.attention_factor is not None:
+        return float(s.attention_factor)
+    if s.mscale and s.mscale_all_dim:
+        return mscale(s.factor, s.mscale) / mscale(s.factor, s.mscale_all_dim)
+    return mscale(s.factor)
+
+
+def rope_frequencies(rotary_dim: int, theta: float = 10000.0, scaling: RopeScaling | None = None,
+                     *, max_position_embeddings: int | None = None,
+                     seq_len: int | None = None) -> tuple[np.ndarray, float]:
+    """Inverse frequencies (rotary_dim // 2,) and the cos/sin scaling factor, following HF's rope utils.
+
+    Computed in float64, then rounded to float32 values (returned as float64), as checkpoints were trained
+    with float32 frequencies. For 'dynamic', `max_position_embeddings` (falling back to the scaling's
+    `original_max_position_embeddings`) is the trained length and `seq_len` the current one.
+    """
+    _check_rotary_dim(rotary_dim)
+    if not theta > 0:
+        raise ValueError(f"`theta` must be > 0, got {theta}")
+    kind = None if scaling is None else scaling.kind
+    attention_scaling = 1.0
+    if kind == "dynamic":
+        theta = _dynamic_theta(rotary_dim, theta, scaling, max_position_embeddings, seq_len)
+    inv_freq = _base_inv_freq(rotary_dim, theta)
+    if kind == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif kind == "yarn":
+        inv_freq = _yarn_inv_freq(rotary_dim, theta, scaling)
+        attention_scaling = _yarn_attention_factor(scaling)
+    return inv_freq.astype(np.float32).astype(np.float64), attention_scaling
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """A resolved RoPE scheme: what the attention code needs. Hashable (usable as a jit static arg)."""
+
+    inv_freq: tuple[float, ...]
+    layout: str = "half"
+    attention_scaling: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inv_freq", tuple(float(f) for f in self.inv_freq))
+        object.__setattr__(self, "attention_scaling", float(self.attention_scaling))
+        if self.layout not in _LAYOUTS:
+            raise ValueError(f"unknown RoPE `layout` {self.layout!r}; legal values: {', '.join(_LAYOUTS)}")
+        if not self.inv_freq:
+            raise ValueError("`inv_freq` must be non-empty")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Number of leading head dims that are rotated."""
+        return 2 * len(self.inv_freq)
+
+    @classmethod
+    def create(cls, head_dim: int, *, theta: float = 10000.0, rotary_dim: int | None = None,
+               layout: str = "half", scaling: RopeScaling | None = None,
+               max_position_embeddings: int | None = None, seq_len: int | None = None) -> Rotary:
+        """Resolve frequencies for a head; rotary_dim defaults to head_dim and must be even, 2..head_dim."""
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if rotary_dim % 2 or not 2 <= rotary_dim <= head_dim:
+            raise ValueError(f"`rotary_dim` must be even and in [2, head_dim={head_dim}], got {rotary_dim}")
+        inv_freq, attention_scaling = rope_frequencies(
+            rotary_dim, theta, scaling, max_position_embeddings=max_position_embeddings, seq_len=seq_len
+        )
+        return cls(tuple(inv_freq.tolist()), layout, attention_scaling)
+
+
+def _leading_bits(c: np.ndarray, bits: int) -> np.ndarray:
+    """c truncated to its `bits` leading significant bits (float64)."""
+    mantissa, exponent = np.frexp(c)
+    return np.ldexp(np.trunc(np.ldexp(mantissa, bits)), exponent - bits)
+
+
+def _split(c: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """c = hi + mid + lo with hi, mid of `bits` significant bits and lo the float32 remainder."""
+    hi = _leading_bits(c, bits)
+    mid = _leading_bits(c - hi, bits)
+    return hi.astype(np.float32), mid.astype(np.float32), (c - hi - mid).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def _turn_constants(inv_freq: tuple[float, ...]) -> tuple[np.ndarray, ...]:
+    """float32 pieces (u1, u2, u3, t1, t2, t3) of u = frac(2**16 t) and t = frac(f / 2pi)."""
+    t = np.asarray(inv_freq, np.float64) / (2 * np.pi)
+    t = t - np.round(t)
+    u = np.ldexp(t, 16)
+    u = u - np.round(u)
+    return (*_split(u, 9), *_split(t, 8))
+
+
+def _wrap(x: jax.Array) -> jax.Array:
+    """x - round(x): exact in float32, in [-0.5, 0.5]."""
+    return x - jnp.round(x)
+
+
+def _integer_positions(positions: jax.Array) -> jax.Array:
+    positions = jnp.asarray(positions)
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"`positions` must be an integer array, got dtype {positions.dtype}")
+    return positions.astype(jnp.int32)
+
+
+def rope_angles(positions: jax.Array, inv_freq: Sequence[float] | np.ndarray) -> jax.Array:
+    """float32 angles (*positions.shape, len(inv_freq)) in [-pi, pi], accurate to ~3e-6 rad for any int32."""
+    p = _integer_positions(positions)[..., None]
+    freqs = np.asarray(inv_freq, np.float64)
+    if freqs.ndim != 1 or freqs.size == 0:
+        raise ValueError(f"`inv_freq` must be a non-empty 1-D sequence, got shape {freqs.shape}")
+    u1, u2, u3, t1, t2, t3 = _turn_constants(tuple(freqs.tolist()))
+    a = (p >> 16).astype(jnp.float32)  # |a| <= 2**15: exact, and a * (9-bit constant) is exact
+    b = (p & 0xFFFF).astype(jnp.float32)  # 0 <= b < 2**16: exact, and b * (8-bit constant) is exact
+    s = _wrap(a * u1)
+    s = _wrap(s + _wrap(a * u2))
+    s = _wrap(s + a * u3)
+    s = _wrap(s + _wrap(b * t1))
+    s = _wrap(s + _wrap(b * t2))
+    s = _wrap(s + b * t3)
+    return s * np.float32(2 * np.pi)
+
+
+def _split_pairs(x: jax.Array, layout: str) -> tuple[jax.Array, jax.Array]:
+    if layout == "half":
+        half = x.shape[-1] // 2
+        return x[..., :half], x[..., half:]
+    return x[..., 0::2], x[..., 1::2]
+
+
+def _merge_pairs(x1: jax.Array, x2: jax.Array, layout: str) -> jax.Array:
+    if layout == "half":
+        return jnp.concatenate([x1, x2], axis=-1)
+    return jnp.stack([x1, x2], axis=-1).reshape(*x1.shape[:-1], 2 * x1.shape[-1])
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, rotary: Rotary) -> jax.Array:
+    """Rotate x (..., T, H, head_dim) at integer positions (..., T); dims past rotary_dim pass through."""
+    rotary_dim = rotary.rotary_dim
+    if rotary_dim > x.shape[-1]:
+        raise ValueError(f"`rotary_dim` ({rotary_dim}) must be <= head_dim ({x.shape[-1]})")
+    angles = rope_angles(positions, rotary.inv_freq)[..., None, :]  # (..., T, 1, rotary_dim // 2)
+    cos = jnp.cos(angles) * np.float32(rotary.attention_scaling)
+    sin = jnp.sin(angles) * np.float32(rotary.attention_scaling)
+    x1, x2 = _split_pairs(x[..., :rotary_dim].astype(jnp.float32), rotary.layout)
+    rotated = _merge_pairs(x1 * cos - x2 * sin, x2 * cos + x1 * sin, rotary.layout)
+    return jnp.concatenate([rotated.astype(x.dtype), x[..., rotary_dim:]], axis=-1)

@@ -1,0 +1,1 @@
+"""Model families (LLaMA, GPT-J, MPT) built on `lminf_jax`."""

@@ -1,0 +1,63 @@
+"""Shared test helpers: fresh random inputs (never zeros) and error measures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lminf_jax import Alibi, AttentionSpec, Rotary
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def random_qkv(seed: int, b: int, tq: int, tk: int, hq: int, hkv: int, d: int, dv: int | None = None, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, tq, hq, d)).astype(dtype)
+    k = rng.standard_normal((b, tk, hkv, d)).astype(dtype)
+    v = rng.standard_normal((b, tk, hkv, dv or d)).astype(dtype)
+    return q, k, v
+
+
+def make_positional(name: str, head_dim: int, num_heads: int):
+    """'rope_half' | 'rope_interleaved_partial' | 'alibi' | 'none'."""
+    if name == "rope_half":
+        return Rotary.create(head_dim, theta=100.0)
+    if name == "rope_interleaved_partial":
+        return Rotary.create(head_dim, theta=100.0, rotary_dim=head_dim // 2, layout="interleaved")
+    if name == "alibi":
+        return Alibi.create(num_heads)
+    if name == "none":
+        return None
+    raise KeyError(name)
+
+
+def naive_positional_kwargs(positional) -> dict:
+    if isinstance(positional, Rotary):
+        return {"rope": (positional.inv_freq, positional.layout, positional.attention_scaling)}
+    if isinstance(positional, Alibi):
+        return {"slopes": positional.slopes}
+    return {}
+
+
+SPEC_FACTORIES = {
+    "vanilla": lambda G, L: AttentionSpec.vanilla(),
+    "lm_infinite": lambda G, L: AttentionSpec.lm_infinite(G, L),
+    "lm_infinite_d_lt_l": lambda G, L: AttentionSpec.lm_infinite(G, L, max(1, L // 2)),
+    "lambda_mask": lambda G, L: AttentionSpec.lambda_mask(G, L),
+    "distance_limit": lambda G, L: AttentionSpec.distance_limit(L),
+    "sliding_window": lambda G, L: AttentionSpec.sliding_window(L),
+    "streaming_llm": lambda G, L: AttentionSpec.streaming_llm(G, L),
+}
+
+
+def naive_spec_kwargs(spec: AttentionSpec) -> dict:
+    return {"kind": spec.kind, "G": spec.global_branch, "L": spec.local_branch, "D": spec.limit_distance}
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
