@@ -1,0 +1,221 @@
+"""Jitted blockwise attention: O(T * (G + L)) time, memory bounded by the block sizes.
+
+A `lax.scan` walks over query blocks of ``block_q`` queries. Each block merges, with an
+online softmax, (1) the G sink keys (global class only, gathered once per call) and
+(2) the keys inside the block's window (local class), visited in chunks of ``block_k``
+keys by an inner scan. No array larger than ``block_q x max(G, block_k)`` scores per
+head exists at any time. Modes whose attended set is unbounded (vanilla,
+distance_limit) scan every key chunk up to the block's last query, skipping chunks
+in its future with `lax.cond`: flash-attention cost and memory, O(T^2) time.
+
+Contract (what lets a block find its window by index): in each batch row, key slots
+with a position >= 0 hold strictly increasing positions and come after every empty
+(negative) slot; valid query positions are consecutive integers, after every empty
+query slot. `lminf_jax.attention` checks this whenever the positions are concrete.
+The dense reference has no such contract.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lminf_jax.scores import (
+    NEG_INF,
+    Positional,
+    masked_scores,
+    middle_scores,
+    prepare_keys,
+    prepare_queries,
+)
+from lminf_jax.spec import AttentionSpec
+
+_INT_MAX = jnp.iinfo(jnp.int32).max
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pad_time(x: jax.Array, length: int, value) -> jax.Array:
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, length - x.shape[1])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _rows(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
+    """Per-row slice ``x[b, start[b] : start[b] + size]`` (start clamped to fit)."""
+    return jax.vmap(lambda row, s: lax.dynamic_slice_in_dim(row, s, size, axis=0))(x, start)
+
+
+def _first_at_least(k_positions: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row, the index of the first key whose position is >= target[b]."""
+    return jax.vmap(lambda row, t: jnp.searchsorted(row, t, side="left"))(k_positions, target).astype(jnp.int32)
+
+
+class _Softmax:
+    """Online-softmax state ``(max, sum, unnormalised out)`` over key chunks."""
+
+    @staticmethod
+    def init(b: int, hkv: int, g: int, bq: int, dv: int):
+        return (
+            jnp.full((b, hkv, g, bq), NEG_INF, jnp.float32),
+            jnp.zeros((b, hkv, g, bq), jnp.float32),
+            jnp.zeros((b, hkv, g, bq, dv), jnp.float32),
+        )
+
+    @staticmethod
+    def update(state, scores: jax.Array, v: jax.Array):
+        """Fold in float32 ``scores (B, Hkv, G, bq, n)`` against ``v (B, n, Hkv, dv)``."""
+        m, l, acc = state
+        m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(scores, axis=-1)))
+        m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+        correction = jnp.exp(m - m_safe)
+        p = jnp.exp(scores - m_safe[..., None])
+        l = correction * l + jnp.sum(p, axis=-1)
+        pv = jnp.einsum(
+            "bhgqk,bkhd->bhgqd",
+            p.astype(v.dtype),
+            v,
+            preferred_element_type=jnp.float32,
+            precision=lax.Precision.HIGHEST if v.dtype == jnp.float32 else lax.Precision.DEFAULT,
+        )
+        return m_new, l, correction[..., None] * acc + pv
+
+    @staticmethod
+    def finish(state):
+        """Normalised output and log-sum-exp; rows with nothing attended give 0 and -inf."""
+        m, l, acc = state
+        seen = l > 0
+        out = acc / jnp.where(seen, l, 1.0)[..., None]
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), NEG_INF)
+        return out, lse
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "positional", "scale", "block_q", "block_k"))
+def blockwise_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    *,
+    spec: AttentionSpec,
+    positional: Positional,
+    scale: float,
+    block_q: int = 512,
+    block_k: int = 512,
+) -> tuple[jax.Array, jax.Array]:
+    """Blockwise attention (no top-k); inputs validated by `lminf_jax.attention`.
+
+    Returns the output ``(B, Tq, Hq, dv)`` in q's dtype and the float32 log-sum-exp of
+    the scores ``(B, Tq, Hq)`` (``-inf`` where nothing is attended), so that results
+    over disjoint key sets can be merged exactly.
+    """
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    g, dv = hq // hkv, v.shape[-1]
+    bq, bk = min(block_q, tq), min(block_k, tk)
+    nq, tk_pad = -(-tq // bq), _round_up(tk, bk)
+
+    qg = _pad_time(q.reshape(b, tq, hkv, g, d), nq * bq, 0)
+    qpos = _pad_time(q_positions, nq * bq, -1)
+    k_local, k_global = prepare_keys(k, k_positions, spec, positional)
+    k_local, k_global, v_pad = (_pad_time(x, tk_pad, 0) for x in (k_local, k_global, v))
+    kpos = _pad_time(k_positions, tk_pad, -1)
+    score = functools.partial(masked_scores, spec=spec, positional=positional, scale=scale)
+
+    sinks = None
+    if spec.has_global and spec.global_keys_bounded:
+        n_sink = min(spec.global_branch, tk_pad)
+        first_valid = _first_at_least(k_positions, jnp.zeros((b,), jnp.int32))
+        sinks = tuple(_rows(x, first_valid, n_sink) for x in (k_global, v_pad, kpos))
+
+    span_all = spec.window is None or not spec.global_keys_bounded
+    width = tk_pad if span_all else min(_round_up(bq + spec.window - 1, bk), tk_pad)
+    gather_window = width < tk_pad
+    window_global = span_all and spec.has_global
+
+    def query_block(_, i):
+        qb = lax.dynamic_slice_in_dim(qg, i * bq, bq, axis=1)
+        qp = lax.dynamic_slice_in_dim(qpos, i * bq, bq, axis=1)
+        q_local, q_global = prepare_queries(qb, qp, spec, positional)
+        state = _Softmax.init(b, hkv, g, bq, dv)
+        if sinks is not None:
+            sk, sv, sp = sinks
+            s, _ = score(q_local, q_global, sk, sk, qp, sp, include_local=False)
+            state = _Softmax.update(state, s, sv)
+
+        keys = (k_local, k_global, v_pad, kpos)
+        if gather_window:
+            pmin = jnp.min(jnp.where(qp >= 0, qp, _INT_MAX), axis=1)
+            start = _first_at_least(k_positions, jnp.maximum(pmin - (spec.window - 1), 0))
+            keys = tuple(_rows(x, start, width) for x in (k_local, v_pad, kpos))
+            keys = (keys[0], keys[0], keys[1], keys[2])
+
+        def key_chunk(state, c):
+            kl, kg, vc, kp = (lax.dynamic_slice_in_dim(x, c * bk, bk, axis=1) for x in keys)
+            local, far = spec.classify(qp[:, :, None], kp[:, None, :])
+            any_attended = jnp.any(local | far) if window_global else jnp.any(local)
+
+            def fold(st):
+                s, _ = score(q_local, q_global, kl, kg, qp, kp, include_global=window_global)
+                return _Softmax.update(st, s, vc)
+
+            return lax.cond(any_attended, fold, lambda st: st, state), None
+
+        state, _ = lax.scan(key_chunk, state, jnp.arange(width // bk))
+        out, lse = _Softmax.finish(state)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, bq, hq, dv)
+        lse = lse.transpose(0, 3, 1, 2).reshape(b, bq, hq)
+        return None, (out.astype(q.dtype), lse)
+
+    _, (out, lse) = lax.scan(query_block, None, jnp.arange(nq))
+    out = out.transpose(1, 0, 2, 3, 4).reshape(b, nq * bq, hq, dv)[:, :tq]
+    lse = lse.transpose(1, 0, 2, 3).reshape(b, nq * bq, hq)[:, :tq]
+    return out, lse
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "positional", "scale"))
+def merge_top_k(
+    out: jax.Array,
+    lse: jax.Array,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    active: jax.Array,
+    *,
+    spec: AttentionSpec,
+    positional: Positional,
+    scale: float,
+) -> jax.Array:
+    """Add the top-k middle keys to the last query slot of each row (where ``active``).
+
+    ``out``/``lse`` come from `blockwise_attention`; the merge is exact because both
+    parts carry their log-sum-exp.
+    """
+    b, tq, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    q_last = q[:, -1:].reshape(b, 1, hkv, g, d)
+    s = middle_scores(q_last, k, q_positions[:, -1:], k_positions, spec=spec, positional=positional, scale=scale)
+    values, index = lax.top_k(s[..., 0, :], min(spec.top_k.k, k.shape[1]))  # (B, Hkv, G, n)
+    v_heads = jnp.swapaxes(v, 1, 2).astype(jnp.float32)  # (B, Hkv, Tk, dv)
+    chosen_v = jnp.take_along_axis(v_heads[:, :, None], index[..., None], axis=3)  # (B, Hkv, G, n, dv)
+
+    lse_last = lse[:, -1].reshape(b, hkv, g)
+    out_last = out[:, -1].reshape(b, hkv, g, -1).astype(jnp.float32)
+    top = jnp.maximum(lse_last, jnp.max(values, axis=-1))
+    top = jnp.where(jnp.isneginf(top), 0.0, top)
+    w_old = jnp.exp(lse_last - top)
+    w_new = jnp.exp(values - top[..., None])
+    numer = w_old[..., None] * out_last + jnp.einsum("bhgn,bhgnd->bhgd", w_new, chosen_v)
+    denom = w_old + jnp.sum(w_new, axis=-1)
+    merged = numer / jnp.where(denom > 0, denom, 1.0)[..., None]
+    merged = jnp.where(active, merged.reshape(b, hq, -1), out[:, -1].astype(jnp.float32))
+    return out.at[:, -1].set(merged.astype(out.dtype))

@@ -1,0 +1,158 @@
+"""Attention scores under a spec: the pieces shared by the dense and blockwise paths.
+
+Arrays follow one layout: queries ``(B, Tq, Hkv, G, d)`` (query heads grouped by the
+key/value head they share), keys and values ``(B, Tk, Hkv, d)``, scores
+``(B, Hkv, G, Tq, Tk)`` in float32 with ``-inf`` where a key is not attended.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lminf_jax.alibi import Alibi
+from lminf_jax.rope import Rotary, apply_rope
+from lminf_jax.spec import AttentionSpec
+
+Positional = Union[Rotary, Alibi, None]
+NEG_INF = float("-inf")
+
+
+def matmul_precision(dtype: jnp.dtype) -> lax.Precision:
+    """Full float32 matmuls for float32 inputs (no TF32 on GPU); default otherwise."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def prepare_keys(
+    k: jax.Array, k_positions: jax.Array, spec: AttentionSpec, positional: Positional
+) -> tuple[jax.Array, jax.Array]:
+    """Keys for local scores (rotated at their positions) and for global scores."""
+    if not isinstance(positional, Rotary):
+        return k, k
+    k_local = apply_rope(k, k_positions, positional)
+    k_global = k_local if spec.keys_rotated_in_global else k
+    return k_local, k_global
+
+
+def prepare_queries(
+    q: jax.Array, q_positions: jax.Array, spec: AttentionSpec, positional: Positional
+) -> tuple[jax.Array, jax.Array]:
+    """Grouped queries ``(B, Tq, Hkv, G, d)`` rotated for local and for global scores."""
+    if not isinstance(positional, Rotary):
+        return q, q
+    q_local = _rope_grouped(q, q_positions, positional)
+    if not spec.has_global or spec.global_scores_equal_local:
+        return q_local, q_local
+    return q_local, _rope_grouped(q, spec.global_query_position(q_positions), positional)
+
+
+def _rope_grouped(q: jax.Array, positions: jax.Array, rotary: Rotary) -> jax.Array:
+    b, t, hkv, g, d = q.shape
+    return apply_rope(q.reshape(b, t, hkv * g, d), positions, rotary).reshape(q.shape)
+
+
+def dot_scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """``(B, Tq, Hkv, G, d) x (B, Tk, Hkv, d) -> (B, Hkv, G, Tq, Tk)`` in float32."""
+    return jnp.einsum(
+        "bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32, precision=matmul_precision(q.dtype)
+    )
+
+
+def _grouped_slopes(alibi: Alibi, hkv: int, g: int) -> jax.Array:
+    return jnp.asarray(np.asarray(alibi.slopes, np.float32).reshape(hkv, g))[None, :, :, None, None]
+
+
+def _distance(a: jax.Array, b: jax.Array) -> jax.Array:
+    return (a[:, None, None, :, None] - b[:, None, None, None, :]).astype(jnp.float32)
+
+
+def masked_scores(
+    q_local: jax.Array,
+    q_global: jax.Array,
+    k_local: jax.Array,
+    k_global: jax.Array,
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    *,
+    spec: AttentionSpec,
+    positional: Positional,
+    scale: float,
+    include_local: bool = True,
+    include_global: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Scaled float32 scores with ``-inf`` outside the attended set, and that set.
+
+    ``include_local`` / ``include_global`` restrict the result to one class, which
+    lets the blockwise path score sinks and window separately without counting any
+    key twice. Positions are ``(B, Tq)`` and ``(B, Tk)``.
+    """
+    local, far = spec.classify(q_positions[:, None, None, :, None], k_positions[:, None, None, None, :])
+    needs_global = include_global and spec.has_global
+    global_is_local = not isinstance(positional, Rotary) or spec.global_scores_equal_local
+    s_local = s_global = None
+    if include_local or (needs_global and global_is_local):
+        s_local = s_global = dot_scores(q_local, k_local) * scale
+    if needs_global and not global_is_local:
+        s_global = dot_scores(q_global, k_global) * scale
+    if isinstance(positional, Alibi):
+        slopes = _grouped_slopes(positional, q_local.shape[2], q_local.shape[3])
+        if needs_global:
+            gq = spec.global_query_position(q_positions)
+            gk = k_positions if spec.keys_rotated_in_global else jnp.zeros_like(k_positions)
+            s_global = s_global - slopes * _distance(gq, gk)
+        if include_local:
+            s_local = s_local - slopes * _distance(q_positions, k_positions)
+    b, tq, hkv, g, _ = q_local.shape
+    scores = jnp.full((b, hkv, g, tq, k_positions.shape[1]), NEG_INF)
+    attended = jnp.zeros_like(local)
+    if needs_global:
+        scores = jnp.where(far, s_global, scores)
+        attended = far
+    if include_local:
+        scores = jnp.where(local, s_local, scores)
+        attended = attended | local
+    return scores, attended
+
+
+def middle_scores(
+    q_last: jax.Array,
+    k: jax.Array,
+    q_last_positions: jax.Array,
+    k_positions: jax.Array,
+    *,
+    spec: AttentionSpec,
+    positional: Positional,
+    scale: float,
+) -> jax.Array:
+    """Scores of the keys the mask hides, for the top-k middle-token variant.
+
+    ``q_last`` is ``(B, 1, Hkv, G, d)`` (un-rotated), ``k`` the un-rotated keys.
+    The query is placed at ``spec.top_k.insert_distance`` from an un-rotated key.
+    Returns ``(B, Hkv, G, 1, Tk)`` with ``-inf`` for keys that are not middle keys.
+    """
+    distance = spec.top_k.insert_distance
+    if isinstance(positional, Rotary):
+        q_last = _rope_grouped(q_last, jnp.full_like(q_last_positions, distance), positional)
+    s = dot_scores(q_last, k) * scale
+    if isinstance(positional, Alibi):
+        s = s - _grouped_slopes(positional, q_last.shape[2], q_last.shape[3]) * float(distance)
+    middle = spec.middle(q_last_positions[:, None, None, :, None], k_positions[:, None, None, None, :])
+    return jnp.where(middle, s, NEG_INF)
+
+
+def top_k_active(spec: AttentionSpec, layer: int | jax.Array | None) -> bool | jax.Array:
+    """Whether the top-k variant runs in this layer (a traced bool for a traced layer)."""
+    t = spec.top_k
+    if t is None:
+        return False
+    if layer is None:
+        raise ValueError("layer must be given when spec.top_k is set (top-k runs only in some layers)")
+    upper = t.to_layer
+    if isinstance(layer, int):
+        return layer >= t.from_layer and (upper is None or layer < upper)
+    active = layer >= t.from_layer
+    return active if upper is None else active & (layer < upper)

@@ -1,0 +1,109 @@
+"""A deliberately naive float64 oracle, written from the method's definition.
+
+One query, one key at a time, with plain Python branching: no code shared with the
+library except reading the frequencies / slopes off the positional object.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rotate(x: np.ndarray, position: int, inv_freq, layout: str, scaling: float) -> np.ndarray:
+    """Rotate one head vector x (d,) to `position` in float64."""
+    x = np.asarray(x, np.float64).copy()
+    n = len(inv_freq)
+    ang = position * np.asarray(inv_freq, np.float64)
+    c, s = np.cos(ang) * scaling, np.sin(ang) * scaling
+    if layout == "half":
+        a, b = x[:n].copy(), x[n : 2 * n].copy()
+        x[:n], x[n : 2 * n] = a * c - b * s, b * c + a * s
+    else:
+        a, b = x[0 : 2 * n : 2].copy(), x[1 : 2 * n : 2].copy()
+        x[0 : 2 * n : 2], x[1 : 2 * n : 2] = a * c - b * s, b * c + a * s
+    return x
+
+
+def naive_attention(q, k, v, q_pos, k_pos, *, kind, G=0, L=None, D=None, rope=None, slopes=None, scale,
+                    top_k=None, top_k_active=False):
+    """Return (B, Tq, Hq, dv) float64.
+
+    kind: vanilla | lm_infinite | lambda_mask | distance_limit | sliding_window | streaming_llm.
+    rope: None or (inv_freq, layout, attention_scaling). slopes: None or per-query-head slopes.
+    top_k: None or (k, insert_distance); applied to the last query slot when top_k_active.
+    """
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    q_pos, k_pos = np.asarray(q_pos), np.asarray(k_pos)
+    bsz, tq, hq, _ = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    out = np.zeros((bsz, tq, hq, v.shape[-1]))
+
+    def score(qv, kv, qp, kp, h):
+        """Query placed at qp, key at kp (kp=None: un-rotated key at 0)."""
+        if rope is not None:
+            qv = rotate(qv, qp, *rope)
+            kv = kv if kp is None else rotate(kv, kp, *rope)
+        s = float(qv @ kv) * scale
+        if slopes is not None:
+            s -= slopes[h] * (qp - (0 if kp is None else kp))
+        return s
+
+    for b in range(bsz):
+        for t in range(tq):
+            i = int(q_pos[b, t])
+            if i < 0:
+                continue
+            for h in range(hq):
+                kh = h // (hq // hkv)
+                logits, values, middle = [], [], []
+                for s_ in range(tk):
+                    j = int(k_pos[b, s_])
+                    if j < 0 or j > i:
+                        continue
+                    delta = i - j
+                    qv, kv = q[b, t, h], k[b, s_, kh]
+                    if kind == "vanilla":
+                        logits.append(score(qv, kv, i, j, h))
+                    elif kind == "distance_limit":
+                        logits.append(score(qv, kv, i, j, h) if delta < D else score(qv, kv, D, None, h))
+                    elif kind == "sliding_window":
+                        if delta < L:
+                            logits.append(score(qv, kv, i, j, h))
+                        else:
+                            middle.append((s_, score(qv, kv, top_k[1], None, h) if top_k else 0.0))
+                            continue
+                    else:  # lm_infinite, lambda_mask, streaming_llm
+                        if delta < L:
+                            logits.append(score(qv, kv, i, j, h))
+                        elif j < G:
+                            if kind == "lm_infinite":
+                                logits.append(score(qv, kv, D, None, h))
+                            elif kind == "lambda_mask":
+                                logits.append(score(qv, kv, i, j, h))
+                            else:
+                                logits.append(score(qv, kv, min(i, G + L - 1), j, h))
+                        else:
+                            middle.append((s_, score(qv, kv, top_k[1], None, h) if top_k else 0.0))
+                            continue
+                    values.append(v[b, s_, kh])
+                if top_k is not None and top_k_active and t == tq - 1 and middle:
+                    for s_, sc in sorted(middle, key=lambda m: -m[1])[: top_k[0]]:
+                        logits.append(sc)
+                        values.append(v[b, s_, kh])
+                if not logits:
+                    continue
+                w = np.exp(np.array(logits) - max(logits))
+                out[b, t, h] = (w / w.sum()) @ np.array(values)
+    return out
+
+
+def allowed_keys(i: int, k_pos: np.ndarray, *, kind, G=0, L=None, D=None) -> np.ndarray:
+    """Boolean mask over key slots that query position i attends (no top-k)."""
+    j = np.asarray(k_pos)
+    ok = (j >= 0) & (j <= i)
+    delta = i - j
+    if kind == "vanilla" or kind == "distance_limit":
+        return ok
+    if kind == "sliding_window":
+        return ok & (delta < L)
+    return ok & ((delta < L) | (j < G))
