@@ -1,0 +1,110 @@
+"""Time and memory of dense vs blockwise attention as the sequence grows.
+
+Prints a table and writes JSON. Memory is XLA's plan for one call (arguments +
+outputs + temporaries, from the compiled executable; on GPU also the allocator's
+peak). Dense runs are skipped (but still planned) when their plan exceeds
+``--max-dense-gib``.
+
+    python -m experiments.benchmark_attention                          # CPU-sized
+    python -m experiments.benchmark_attention --heads 32 --kv-heads 32 --head-dim 128 \\
+        --window 4096 --dtype bfloat16 --lengths 2048 8192 32768       # Llama-2-7B heads, GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lminf_jax import AttentionSpec, Rotary
+from lminf_jax.attention_blockwise import blockwise_attention
+from lminf_jax.attention_reference import reference_attention
+
+
+def _steady_seconds(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _device_peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    p.add_argument("--window", type=int, default=2048, help="L = D")
+    p.add_argument("--sinks", type=int, default=10, help="G")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--block", type=int, default=512)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-dense-gib", type=float, default=8.0)
+    p.add_argument("--json", type=pathlib.Path, default=pathlib.Path("results/benchmark_attention.json"))
+    args = p.parse_args(argv)
+
+    dtype = jnp.dtype(args.dtype)
+    rope = Rotary.create(args.head_dim)
+    scale = args.head_dim**-0.5
+    lm_inf = AttentionSpec.lm_infinite(args.sinks, args.window)
+    variants = {
+        "blockwise lm_infinite": functools.partial(
+            blockwise_attention, spec=lm_inf, positional=rope, scale=scale, block_q=args.block, block_k=args.block),
+        "blockwise vanilla": functools.partial(
+            blockwise_attention, spec=AttentionSpec.vanilla(), positional=rope, scale=scale,
+            block_q=args.block, block_k=args.block),
+        "dense lm_infinite": functools.partial(reference_attention, spec=lm_inf, positional=rope, scale=scale),
+    }
+    device = jax.devices()[0]
+    print(f"device: {device.platform} ({device.device_kind}); heads {args.heads}/{args.kv_heads} x {args.head_dim}, "
+          f"{args.dtype}, G={args.sinks} L=D={args.window}, block {args.block}")
+    rows = []
+    rng = np.random.default_rng(0)
+    for t in args.lengths:
+        q = jnp.asarray(rng.standard_normal((1, t, args.heads, args.head_dim), np.float32), dtype)
+        k, v = (jnp.asarray(rng.standard_normal((1, t, args.kv_heads, args.head_dim), np.float32), dtype)
+                for _ in range(2))
+        pos = jnp.arange(t, dtype=jnp.int32)[None]
+        for name, fn in variants.items():
+            jitted = jax.jit(fn)
+            stats = jitted.lower(q, k, v, pos, pos).compile().memory_analysis()
+            planned = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+            row = {"T": t, "variant": name, "planned_bytes": int(planned), "seconds": None, "device_peak_bytes": None}
+            if name.startswith("dense") and planned > args.max_dense_gib * 2**30:
+                row["skipped"] = f"plan {planned / 2**30:.1f} GiB > --max-dense-gib {args.max_dense_gib}"
+            else:
+                row["seconds"] = _steady_seconds(jitted, (q, k, v, pos, pos), args.repeats)
+                row["device_peak_bytes"] = _device_peak_bytes()
+            rows.append(row)
+            shown = f"{row['seconds'] * 1e3:10.1f}" if row["seconds"] is not None else "   not run"
+            print(f"  T={t:>7}  {name:<22} {shown} ms   plan {planned / 2**20:10.1f} MiB"
+                  + (f"   ({row['skipped']})" if "skipped" in row else ""), flush=True)
+
+    print("\n| T | variant | time (ms) | XLA plan (MiB) |\n|---:|---|---:|---:|")
+    for r in rows:
+        shown = f"{r['seconds'] * 1e3:.1f}" if r["seconds"] is not None else "not run (OOM plan)"
+        print(f"| {r['T']} | {r['variant']} | {shown} | {r['planned_bytes'] / 2**20:.1f} |")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": f"{device.platform} {device.device_kind}", "args": {k: str(v) for k, v in vars(args).items()}}
+    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
