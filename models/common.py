@@ -1,0 +1,233 @@
+"""Pieces every model family shares: parameter trees, norms, projections, the layer scan.
+
+Parameters keep Hugging Face's tensor names and layouts (Linear weights are
+``(out, in)``). Per-layer tensors are stacked on a leading layer axis and named without
+the layer index: HF ``model.layers.7.mlp.up_proj.weight`` is row 7 of
+``params["model"]["layers"]["mlp"]["up_proj"]["weight"]``. Flat names (joined by ".")
+are what converters and shape templates use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax import lax
+
+from lminf_jax import AttentionSpec, attention
+from lminf_jax.scores import Positional
+
+Params = dict
+
+
+def unflatten(flat: Mapping[str, jax.Array]) -> Params:
+    """Flat ``"a.b.c" -> array`` mapping to the nested params tree."""
+    return traverse_util.unflatten_dict(dict(flat), sep=".")
+
+
+def flatten(params: Params) -> dict[str, jax.Array]:
+    """Nested params tree to flat ``"a.b.c" -> array``."""
+    return traverse_util.flatten_dict(params, sep=".")
+
+
+def init_from_shapes(shapes: Mapping[str, tuple[int, ...]], key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random parameters for a shape template: N(0, 0.02) weights, unit norm scales, zero biases.
+
+    Names ending in ``norm.weight``/``ln_*.weight`` (any norm scale) are ones, ``.bias`` zeros.
+    """
+    flat = {}
+    for i, (name, shape) in enumerate(sorted(shapes.items())):
+        if name.endswith(".bias"):
+            flat[name] = jnp.zeros(shape, dtype)
+        elif _is_norm(name):
+            flat[name] = jnp.ones(shape, dtype)
+        else:
+            flat[name] = (0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dtype)
+    return unflatten(flat)
+
+
+def _is_norm(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) >= 2 and ("norm" in parts[-2] or parts[-2].startswith("ln") or parts[-2].endswith("_ln"))
+
+
+def count_params(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Number of scalars in a shape template."""
+    return sum(math.prod(s) for s in shapes.values())
+
+
+# ----- layers -----------------------------------------------------------------------
+
+
+def linear(x: jax.Array, p: Mapping[str, jax.Array], dtype) -> jax.Array:
+    """HF ``nn.Linear``: ``x @ weight.T (+ bias)`` with weight ``(out, in)``; computed in dtype."""
+    y = jnp.einsum("...i,oi->...o", x.astype(dtype), p["weight"].astype(dtype), precision=_precision(dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    return y
+
+
+def rms_norm(x: jax.Array, p: Mapping[str, jax.Array], eps: float) -> jax.Array:
+    """LLaMA RMSNorm in float32, result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * p["weight"].astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, p: Mapping[str, jax.Array], eps: float) -> jax.Array:
+    """LayerNorm in float32 (bias optional), result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * lax.rsqrt(var + eps) * p["weight"].astype(jnp.float32)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str, field: str = "hidden_act") -> Callable[[jax.Array], jax.Array]:
+    """Look up an activation by its HF name; unknown names raise naming the config field."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported {field} {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def _precision(dtype) -> lax.Precision:
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+# ----- attention and the decoder ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """How a forward pass runs attention: the spec and the implementation knobs."""
+
+    spec: AttentionSpec = AttentionSpec()
+    implementation: str = "auto"
+    block_q: int = 512
+    block_k: int = 512
+
+
+def self_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    positional: Positional,
+    scale: float | None,
+    layer: jax.Array,
+    call: AttentionCall,
+) -> jax.Array:
+    """Split projected ``(B, T, heads*d)`` q/k/v into heads, attend, merge heads back."""
+    b, t, _ = q.shape
+    q = q.reshape(b, t, num_heads, -1)
+    k = k.reshape(b, t, num_kv_heads, -1)
+    v = v.reshape(b, t, num_kv_heads, -1)
+    out = attention(
+        q, k, v, q_positions=positions, k_positions=positions, spec=call.spec, positional=positional, scale=scale,
+        layer=layer if call.spec.top_k is not None else None, implementation=call.implementation,
+        block_q=call.block_q, block_k=call.block_k,
+    )
+    return out.reshape(b, t, -1)
+
+
+def scan_layers(
+    layer_fn: Callable[[Params, jax.Array, jax.Array], jax.Array], layers: Params, h: jax.Array
+) -> jax.Array:
+    """Run ``h = layer_fn(layer_params, h, layer_index)`` over stacked layer params with one scan."""
+    num_layers = jax.tree_util.tree_leaves(layers)[0].shape[0]
+
+    def body(h, xs):
+        p, i = xs
+        return layer_fn(p, h, i), None
+
+    h, _ = lax.scan(body, h, (layers, jnp.arange(num_layers)))
+    return h
+
+
+def default_positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
+    """Positions ``(B, T)``: given ones (validated) or ``0..T-1`` for every row."""
+    b, t = tokens.shape
+    if positions is None:
+        return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if positions.shape not in ((t,), (b, t)):
+        raise ValueError(f"positions must have shape ({t},) or ({b}, {t}), got {positions.shape}")
+    return jnp.broadcast_to(positions.astype(jnp.int32), (b, t))
+
+
+def check_tokens(tokens: jax.Array, vocab_size: int) -> None:
+    """Tokens must be an integer (batch, time) array; in-range when concrete."""
+    if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be an integer array of shape (batch, time), got {getattr(tokens, 'shape', None)}")
+    if not isinstance(tokens, jax.core.Tracer):
+        arr = np.asarray(tokens)
+        if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+            raise ValueError(f"tokens must lie in [0, vocab_size={vocab_size}), got range [{arr.min()}, {arr.max()}]")
+
+
+def embed(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+    """Embedding lookup in the compute dtype."""
+    return jnp.take(table, tokens, axis=0).astype(dtype)
+
+
+def unembed(h: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
+    """Logits in float32 from a ``(vocab, hidden)`` head (bias optional)."""
+    logits = jnp.einsum("...h,vh->...v", h, p["weight"].astype(h.dtype), preferred_element_type=jnp.float32,
+                        precision=_precision(h.dtype))
+    if "bias" in p:
+        logits = logits + p["bias"].astype(jnp.float32)
+    return logits
+
+
+def require(config: Mapping, field: str, kind: type | tuple[type, ...] = int):
+    """A required HF config field of the given type, or a ValueError naming it."""
+    if field not in config or config[field] is None:
+        raise ValueError(f"config.json is missing required field {field!r}")
+    value = config[field]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"config field {field!r} must be {kind}, got {value!r}")
+    return value
+
+
+def reject(config: Mapping, field: str, allowed: Callable[[object], bool], why: str) -> None:
+    """Raise naming ``field`` when a config feature this project does not implement is set."""
+    if field in config and not allowed(config[field]):
+        raise ValueError(f"unsupported config field {field!r} = {config[field]!r}: {why}")
+
+
+def run_forward(body: Callable, params: Params, tokens: jax.Array, positions: jax.Array | None, *, config,
+                call: AttentionCall, dtype) -> jax.Array:
+    """Validate tokens/positions, then run a family's ``body`` under jit.
+
+    ``body(params, tokens, positions, config, call, dtype)`` is a module-level function
+    returning float32 logits; ``config``, ``call`` and ``dtype`` are static.
+    """
+    if not isinstance(call, AttentionCall):
+        raise ValueError(f"call must be an AttentionCall, got {type(call).__name__}")
+    check_tokens(tokens, config.vocab_size)
+    return _jit_forward(body, params, tokens, default_positions(tokens, positions), config=config, call=call,
+                        dtype=jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("config", "call", "dtype"))
+def _jit_forward(body, params, tokens, positions, *, config, call, dtype):
+    return body(params, tokens, positions, config, call, dtype)

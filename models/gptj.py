@@ -1,0 +1,129 @@
+"""GPT-J in Hugging Face's layout: parallel attention + MLP, interleaved partial RoPE."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from lminf_jax import Rotary
+from models import common
+from models.common import AttentionCall, Params
+
+MODEL_TYPES = ("gptj",)
+LAYER_PREFIX = "transformer.h."
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTJConfig:
+    """Architecture hyper-parameters (HF config.json names: n_embd, n_layer, n_head, ...)."""
+
+    vocab_size: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    rotary_dim: int | None
+    n_inner: int
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    max_position_embeddings: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        common.activation(self.activation_function, "activation_function")
+        if self.rotary_dim is not None and not 2 <= self.rotary_dim <= self.head_dim:
+            raise ValueError(f"rotary_dim must be in [2, head_dim={self.head_dim}], got {self.rotary_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_hf(cls, d: Mapping) -> GPTJConfig:
+        """From a parsed HF config.json (``model_type`` gptj)."""
+        n_embd = common.require(d, "n_embd")
+        return cls(
+            vocab_size=common.require(d, "vocab_size"),
+            n_embd=n_embd,
+            n_layer=common.require(d, "n_layer"),
+            n_head=common.require(d, "n_head"),
+            rotary_dim=d.get("rotary_dim"),
+            n_inner=d.get("n_inner") or 4 * n_embd,
+            layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+            activation_function=d.get("activation_function", "gelu_new"),
+            max_position_embeddings=int(d.get("n_positions", 2048)),
+        )
+
+    def rotary(self) -> Rotary:
+        """Interleaved (rotate_every_two) RoPE on the first rotary_dim dims of each head."""
+        return Rotary.create(self.head_dim, rotary_dim=self.rotary_dim, layout="interleaved")
+
+
+def param_shapes(c: GPTJConfig) -> dict[str, tuple[int, ...]]:
+    """Flat parameter names (HF names, layer index removed) and shapes."""
+    n, h, i = c.n_layer, c.n_embd, c.n_inner
+    layer = "transformer.h."
+    shapes = {
+        "transformer.wte.weight": (c.vocab_size, h),
+        layer + "ln_1.weight": (n, h),
+        layer + "ln_1.bias": (n, h),
+        layer + "mlp.fc_in.weight": (n, i, h),
+        layer + "mlp.fc_in.bias": (n, i),
+        layer + "mlp.fc_out.weight": (n, h, i),
+        layer + "mlp.fc_out.bias": (n, h),
+        "transformer.ln_f.weight": (h,),
+        "transformer.ln_f.bias": (h,),
+        "lm_head.weight": (c.vocab_size, h),
+        "lm_head.bias": (c.vocab_size,),
+    }
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        shapes[f"{layer}attn.{name}.weight"] = (n, h, h)
+    return shapes
+
+
+def ignored_hf_tensors(c: GPTJConfig) -> tuple[str, ...]:
+    """Causal-mask buffers that old GPT-J checkpoints carry."""
+    return (r"transformer\.h\.\d+\.attn\.(masked_)?bias",)
+
+
+def init_params(c: GPTJConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random parameters (see `models.common.init_from_shapes`)."""
+    return common.init_from_shapes(param_shapes(c), key, dtype)
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    *,
+    config: GPTJConfig,
+    call: AttentionCall = AttentionCall(),
+    dtype=jnp.float32,
+) -> jax.Array:
+    """Logits ``(B, T, vocab)`` in float32; see `models.llama.forward` for the arguments."""
+    return common.run_forward(_body, params, tokens, positions, config=config, call=call, dtype=dtype)
+
+
+def _body(params: Params, tokens, positions, c: GPTJConfig, call: AttentionCall, dtype) -> jax.Array:
+    rotary = c.rotary()
+    act = common.activation(c.activation_function)
+    model = params["transformer"]
+
+    def layer(p: Params, h: jax.Array, index: jax.Array) -> jax.Array:
+        x = common.layer_norm(h, p["ln_1"], c.layer_norm_epsilon)
+        a, m = p["attn"], p["mlp"]
+        attn = common.self_attention(
+            common.linear(x, a["q_proj"], dtype), common.linear(x, a["k_proj"], dtype),
+            common.linear(x, a["v_proj"], dtype), positions, num_heads=c.n_head, num_kv_heads=c.n_head,
+            positional=rotary, scale=None, layer=index, call=call,
+        )
+        mlp = common.linear(act(common.linear(x, m["fc_in"], dtype)), m["fc_out"], dtype)
+        return h + common.linear(attn, a["out_proj"], dtype) + mlp
+
+    h = common.embed(model["wte"]["weight"], tokens, dtype)
+    h = common.scan_layers(layer, model["h"], h)
+    h = common.layer_norm(h, model["ln_f"], c.layer_norm_epsilon)
+    return common.unembed(h, params["lm_head"])

@@ -1,0 +1,124 @@
+"""Model families: real-config parameter counts, LM-Infinite vs the dense reference, config errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+
+from lminf_jax import AttentionSpec, TopK
+from models import registry
+from models.common import AttentionCall, count_params
+
+LLAMA2_7B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+             "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+GPTJ_6B = {"model_type": "gptj", "vocab_size": 50400, "n_embd": 4096, "n_layer": 28, "n_head": 16,
+           "rotary_dim": 64, "n_inner": None, "n_positions": 2048, "activation_function": "gelu_new"}
+MPT_7B = {"model_type": "mpt", "vocab_size": 50432, "d_model": 4096, "n_layers": 32, "n_heads": 32,
+          "expansion_ratio": 4, "max_seq_len": 2048, "no_bias": True, "learned_pos_emb": True,
+          "attn_config": {"alibi": True, "alibi_bias_max": 8, "clip_qkv": None, "qk_ln": False}}
+
+
+# Hugging Face's parameter counts (num_parameters() of the transformers models). GPT-J-6B's
+# model card says 6,053,381,344, which is 2,498,560 (= 610 x 4096) more than the HF architecture
+# (and transformers' own GPTJForCausalLM) holds: 6,050,882,784.
+@pytest.mark.parametrize("config,published", [(LLAMA2_7B, 6_738_415_616), (GPTJ_6B, 6_050_882_784),
+                                              (MPT_7B, 6_649_286_656)])
+def test_eval_shape_of_real_configs_gives_published_parameter_counts(config, published):
+    family = registry.family_for_config(config)
+    cfg = family.config_from_hf(config)
+    shapes = jax.eval_shape(lambda: family.init_params(cfg, jax.random.key(0), jnp.bfloat16))
+    leaves = jax.tree_util.tree_leaves(shapes)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    assert sum(int(np.prod(x.shape)) for x in leaves) == published == count_params(family.param_shapes(cfg))
+
+
+TINY = {
+    "llama_gqa": {"model_type": "llama", "vocab_size": 97, "hidden_size": 48, "intermediate_size": 80,
+                  "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
+                  "attention_bias": True, "rope_theta": 500.0},
+    "gptj": {"model_type": "gptj", "vocab_size": 97, "n_embd": 48, "n_layer": 2, "n_head": 4, "rotary_dim": 6},
+    "mpt_biases_qk_ln": {"model_type": "mpt", "vocab_size": 97, "d_model": 48, "n_layers": 2, "n_heads": 3,
+                         "no_bias": False, "attn_config": {"alibi": True, "qk_ln": True, "clip_qkv": 4.0}},
+}
+
+
+def _random_model(name: str, seed: int = 0):
+    family = registry.family_for_config(TINY[name])
+    cfg = family.config_from_hf(TINY[name])
+    key = jax.random.key(seed)
+    params = jax.tree_util.tree_map(
+        lambda x: x + 0.3 * jax.random.normal(jax.random.fold_in(key, x.size), x.shape),  # no zero biases
+        family.init_params(cfg, key))
+    return family, cfg, params
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_lm_infinite_forward_matches_dense_reference_forward(name):
+    family, cfg, params = _random_model(name)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 70)), jnp.int32)
+    spec = AttentionSpec.lm_infinite(3, 16)  # T = 70 > 2 x 16
+    run = lambda impl, s=spec: family.forward(params, tokens, config=cfg, call=AttentionCall(  # noqa: E731
+        s, implementation=impl, block_q=16, block_k=16))
+    fast, ref = run("blockwise"), run("reference")
+    assert rel_err(fast, ref) <= 1e-5
+    vanilla = run("blockwise", AttentionSpec.vanilla())
+    assert rel_err(run("blockwise", AttentionSpec.lm_infinite(3, 70)), vanilla) <= 1e-6
+    assert rel_err(fast, vanilla) > 1e-3  # the spec reaches the attention
+    top_k = AttentionSpec.lm_infinite(3, 16, top_k=TopK(2, 8, from_layer=1))
+    assert rel_err(run("blockwise", top_k), run("reference", top_k)) <= 1e-5
+    assert rel_err(run("blockwise", top_k)[:, -1], fast[:, -1]) > 1e-4  # layer 1 of 2 uses top-k
+
+
+def test_left_padding_rows_equal_unpadded_rows():
+    family, cfg, params = _random_model("llama_gqa")
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 97, (1, 40))
+    padded = np.concatenate([np.zeros((1, 7), int), tokens], axis=1)
+    positions = (np.arange(47) - 7)[None]
+    call = AttentionCall(AttentionSpec.lm_infinite(2, 12), implementation="blockwise", block_q=8, block_k=8)
+    a = family.forward(params, jnp.asarray(tokens, jnp.int32), config=cfg, call=call)
+    b = family.forward(params, jnp.asarray(padded, jnp.int32), jnp.asarray(positions, jnp.int32), config=cfg,
+                       call=call)
+    assert rel_err(b[:, 7:], a) <= 1e-5
+
+
+def test_bf16_compute_is_close_to_fp32():
+    family, cfg, params = _random_model("gptj")
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 97, (1, 32)), jnp.int32)
+    f32 = family.forward(params, tokens, config=cfg)
+    bf16 = family.forward(jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params), tokens, config=cfg,
+                          dtype=jnp.bfloat16)
+    assert bf16.dtype == jnp.float32 and rel_err(bf16, f32) < 3e-2
+
+
+@pytest.mark.parametrize(
+    "config,field",
+    [
+        ({"model_type": "bert"}, "model_type"),
+        ({**LLAMA2_7B, "sliding_window": 4096}, "sliding_window"),
+        ({**LLAMA2_7B, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_type"),
+        ({**LLAMA2_7B, "hidden_act": "swish2"}, "hidden_act"),
+        ({k: v for k, v in LLAMA2_7B.items() if k != "vocab_size"}, "vocab_size"),
+        ({**LLAMA2_7B, "num_key_value_heads": 5}, "num_key_value_heads"),
+        ({**MPT_7B, "attn_config": {"alibi": False}}, "alibi"),
+        ({**MPT_7B, "attn_config": {"alibi": True, "prefix_lm": True}}, "prefix_lm"),
+        ({**MPT_7B, "logit_scale": 0.5}, "logit_scale"),
+        ({**GPTJ_6B, "activation_function": "swiglu"}, "activation_function"),
+    ],
+)
+def test_unsupported_configs_raise_naming_the_field(config, field):
+    with pytest.raises(ValueError, match=field):
+        family = registry.family_for_config(config)
+        family.config_from_hf(config)
+
+
+def test_bad_tokens_raise():
+    family, cfg, params = _random_model("gptj")
+    with pytest.raises(ValueError, match="vocab_size"):
+        family.forward(params, jnp.asarray([[1, 200]], jnp.int32), config=cfg)
+    with pytest.raises(ValueError, match="tokens must be an integer array"):
+        family.forward(params, jnp.asarray([1, 2], jnp.int32), config=cfg)
