@@ -1,0 +1,63 @@
+"""Convert a Hugging Face checkpoint directory into a `models` checkpoint.
+
+    python -m converters HF_DIR OUT_DIR [--dtype bf16|fp32|fp16] [--no-progress]
+
+The family is resolved from config.json's ``model_type`` by `models.registry`, and its
+checkpoint layout by `converters.families.layout_for`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from converters.convert import load_params
+from converters.reader import CheckpointReader
+from converters.store import save_converted
+
+DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m converters", description=__doc__.split("\n\n")[0])
+    parser.add_argument("hf_dir", help="Hugging Face checkpoint directory (config.json + weights)")
+    parser.add_argument("out_dir", help="output directory for the converted checkpoint")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point params (default: keep)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    args = parser.parse_args(argv)
+
+    from converters.families import layout_for
+    from models.registry import family_for_config
+
+    start = time.perf_counter()
+    try:
+        reader = CheckpointReader(args.hf_dir)
+        family = family_for_config(reader.config)
+        layout = layout_for(family, family.config_from_hf(reader.config))
+        params = load_params(reader, layout, dtype=DTYPES.get(args.dtype), progress=not args.no_progress)
+        out = save_converted(args.out_dir, params, reader.config, family.name)
+    except (OSError, ValueError, ImportError) as e:  # bad input: the message says what and where
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    leaves = jax.tree.leaves(params)
+    dtypes = sorted({jnp.dtype(leaf.dtype).name for leaf in leaves})
+    print(
+        f"converted {family.name}: {sum(leaf.size for leaf in leaves):,} parameters in {len(leaves)} arrays, "
+        f"dtype {'/'.join(dtypes)}, {time.perf_counter() - start:.1f} s, peak host RSS {_peak_rss_mb():.0f} MB\n"
+        f"wrote {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

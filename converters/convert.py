@@ -1,0 +1,114 @@
+"""`load_params`: a Hugging Face checkpoint -> a `models` params pytree of jax arrays."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from converters.dtypes import numpy_dtype
+from converters.layout import CheckpointLayout
+from converters.progress import Progress
+from converters.reader import CheckpointReader
+
+
+def plan_params(reader: CheckpointReader, layout: CheckpointLayout) -> dict[str, list[str]]:
+    """Flat parameter name -> the checkpoint tensors that fill it (one per layer if stacked).
+
+    Reads no tensor data. Raises one ValueError listing every missing, unexpected,
+    duplicated, mis-shaped and unsupported-dtype tensor.
+    """
+    sources: dict[str, dict[int | None, str]] = {name: {} for name in layout.template}
+    unexpected, duplicated, misshaped, bad_dtype = [], [], [], []
+    for name in reader.names():
+        located = layout.locate(name)
+        if located is None:
+            continue
+        flat, layer = located
+        spec = layout.template.get(flat)
+        if (
+            spec is None
+            or (layer is None and layout.is_stacked(flat))
+            or (layer is not None and layer >= layout.num_layers)
+        ):
+            unexpected.append(name)
+            continue
+        expected = tuple(spec.shape[1:] if layer is not None else spec.shape)
+        if layer in sources[flat]:
+            row = "" if layer is None else f"[{layer}]"
+            duplicated.append(f"{name} and {sources[flat][layer]} both fill {flat}{row}")
+        sources[flat].setdefault(layer, name)
+        if reader.shape(name) != expected:
+            misshaped.append(f"{name}: expected {expected}, got {reader.shape(name)}")
+        try:
+            numpy_dtype(reader.dtype(name), name)
+        except ValueError as e:
+            bad_dtype.append(str(e))
+    missing = []
+    for flat, found in sources.items():
+        wanted = range(layout.num_layers) if layout.is_stacked(flat) else [None]
+        missing += [flat if i is None else layout.layer_name(flat, i) for i in wanted if i not in found]
+    problems = {
+        "missing": missing,
+        "unexpected": unexpected,
+        "duplicated": duplicated,
+        "mis-shaped": misshaped,
+        "unsupported dtype": bad_dtype,
+    }
+    if any(problems.values()):
+        lines = [f"checkpoint {reader.path} does not match the layout:"]
+        for kind, items in problems.items():
+            if items:
+                lines.append(f"  {kind} ({len(items)}):")
+                lines += [f"    {item}" for item in items]
+        raise ValueError("\n".join(lines))
+    return {flat: [found[i] for i in sorted(found)] for flat, found in sources.items()}
+
+
+def load_params(
+    source: CheckpointReader | str | os.PathLike,
+    layout: CheckpointLayout,
+    *,
+    dtype: jax.typing.DTypeLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """Nested params of jax arrays (default device) from a checkpoint directory or reader.
+
+    Validates the whole checkpoint against `layout` before reading (see `plan_params`).
+    Each parameter is assembled in one host buffer, moved to the device, optionally cast
+    (floating-point parameters only) to `dtype`, and its buffer dropped before the next,
+    so the host never holds two copies of the model. `progress` reports on stderr.
+    """
+    reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
+    plan = plan_params(reader, layout)
+    flat = {}
+    with Progress(sum(map(len, plan.values())), "tensors", "converting", enabled=progress) as bar:
+        for name, sources in plan.items():
+            flat[name] = _load_one(reader, sources, layout.is_stacked(name), dtype, bar)
+    return traverse_util.unflatten_dict(flat, sep=".")
+
+
+def _load_one(reader: CheckpointReader, sources: list[str], stacked: bool, dtype, bar: Progress) -> jax.Array:
+    first = sources[0]
+    shape = (len(sources), *reader.shape(first)) if stacked else reader.shape(first)
+    host = _aligned_empty(shape, numpy_dtype(reader.dtype(first), first))
+    for row, name in zip(host if stacked else [host], sources):
+        row[...] = reader.read(name)
+        bar.update(1, nbytes=row.nbytes)
+    array = jax.device_put(host)
+    if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):
+        array = array.astype(dtype)
+    return array.block_until_ready()
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array with `alignment`-byte aligned data: jax on CPU adopts such a
+    buffer without copying it."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + nbytes].view(dtype).reshape(shape)

@@ -1,0 +1,85 @@
+"""`CheckpointLayout`: how a family's Hugging Face tensor names map onto its params.
+
+Convention shared with `models`: names and layouts stay Hugging Face's; per-layer tensors
+are stacked along a new leading axis of size `num_layers` under their name with the layer
+index removed (``model.layers.7.mlp.up_proj.weight`` is row 7 of
+``model.layers.mlp.up_proj.weight``); the params pytree is the flat names split on ".".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import jax
+
+from converters.dtypes import numpy_dtype
+from converters.reader import CheckpointReader
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """A family's expected parameters and how checkpoint names reach them.
+
+    layer_prefix: the per-layer name prefix, e.g. "model.layers." or "transformer.h.".
+    template: flat name -> expected shape (stacked for layer tensors; dtype ignored).
+    ignored: regexes (re.fullmatch) of checkpoint names skipped silently.
+    aliases: exact checkpoint name -> replacement name, applied before the layer index is
+        removed (a per-layer rename lists every layer's name).
+    """
+
+    layer_prefix: str
+    num_layers: int
+    template: Mapping[str, jax.ShapeDtypeStruct]
+    ignored: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, spec in self.template.items():
+            if self.is_stacked(name) and tuple(spec.shape[:1]) != (self.num_layers,):
+                raise ValueError(
+                    f"template entry {name} is a layer tensor, so its leading axis must be "
+                    f"num_layers={self.num_layers}; got shape {tuple(spec.shape)}"
+                )
+
+    def is_stacked(self, flat_name: str) -> bool:
+        """Whether the flat parameter `flat_name` stacks one tensor per layer."""
+        return flat_name.startswith(self.layer_prefix)
+
+    def locate(self, name: str) -> tuple[str, int | None] | None:
+        """(flat name, layer index or None) for checkpoint tensor `name`; None if ignored."""
+        if any(re.fullmatch(pattern, name) for pattern in self.ignored):
+            return None
+        name = self.aliases.get(name, name)
+        match = re.fullmatch(re.escape(self.layer_prefix) + r"(\d+)\.(.+)", name)
+        if match is None:
+            return name, None
+        return self.layer_prefix + match[2], int(match[1])
+
+    def layer_name(self, flat_name: str, layer: int) -> str:
+        """The checkpoint name of row `layer` of the stacked parameter `flat_name`."""
+        return f"{self.layer_prefix}{layer}.{flat_name[len(self.layer_prefix):]}"
+
+
+def layout_from_checkpoint(reader: CheckpointReader, layer_prefix: str, ignored: tuple[str, ...] = ()) -> CheckpointLayout:
+    """The layout that accepts exactly the tensors `reader` holds.
+
+    For families without a registered layout and for inspection; a family's real layout
+    comes from its own `checkpoint_layout(config)`.
+    """
+    probe = CheckpointLayout(layer_prefix, 0, {}, ignored)
+    plain, per_layer, num_layers = {}, {}, 0
+    for name in reader.names():
+        located = probe.locate(name)
+        if located is None:
+            continue
+        flat, layer = located
+        spec = jax.ShapeDtypeStruct(reader.shape(name), numpy_dtype(reader.dtype(name), name))
+        if layer is None:
+            plain[flat] = spec
+        else:
+            per_layer.setdefault(flat, spec)
+            num_layers = max(num_layers, layer + 1)
+    stacked = {k: jax.ShapeDtypeStruct((num_layers, *s.shape), s.dtype) for k, s in per_layer.items()}
+    return CheckpointLayout(layer_prefix, num_layers, {**plain, **stacked}, ignored)

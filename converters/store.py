@@ -1,0 +1,95 @@
+"""Converted checkpoints on disk: orbax params plus a JSON file (config, family, versions).
+
+Layout of a converted directory::
+
+    OUT_DIR/params/          orbax (StandardCheckpointHandler) tree of the params
+    OUT_DIR/converted.json   format marker, library version, family, HF config, param manifest
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+FORMAT = "lminf_jax-converted"
+FORMAT_VERSION = 1
+META_FILE = "converted.json"
+PARAMS_DIR = "params"
+
+
+def _library_version() -> str:
+    try:
+        return importlib.metadata.version("lminf_jax")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _checkpointer(largest_bytes: int) -> ocp.Checkpointer:
+    """A synchronous orbax checkpointer that moves about one parameter at a time, so saving or
+    restoring needs little host memory beyond the params themselves."""
+    gb = (largest_bytes + 2**20) / 1e9  # orbax rejects an array larger than the limit
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=gb, restore_concurrent_gb=gb))
+
+
+def save_converted(out_dir: str | os.PathLike, params: dict, config: dict, family: str) -> Path:
+    """Write `params` (nested dict of arrays), the HF `config` dict and `family` to `out_dir`.
+
+    Refuses (FileExistsError) a directory that already holds a converted checkpoint.
+    Returns the absolute output path.
+    """
+    out = Path(out_dir).absolute()
+    if (out / META_FILE).exists() or (out / PARAMS_DIR).exists():
+        raise FileExistsError(f"{out} already holds a converted checkpoint")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        name: {"shape": list(array.shape), "dtype": jnp.dtype(array.dtype).name}
+        for name, array in traverse_util.flatten_dict(params, sep=".").items()
+    }
+    largest = max((math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(params)), default=0)
+    with _checkpointer(largest) as checkpointer:
+        checkpointer.save(out / PARAMS_DIR, args=ocp.args.StandardSave(params))
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": _library_version(),
+        "family": family,
+        "config": config,
+        "params": manifest,
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def load_converted(out_dir: str | os.PathLike) -> tuple[dict, dict, str]:
+    """(params on the default device, HF config dict, family name) from `save_converted`'s output."""
+    out = Path(out_dir).absolute()
+    meta_path = out / META_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"{out} is not a converted checkpoint ({META_FILE} is missing)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta_path}: invalid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{out} is not a converted checkpoint ({meta_path} has no format {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{out}: unsupported converted format version {meta.get('format_version')!r}")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {
+        name: jax.ShapeDtypeStruct(tuple(spec["shape"]), jnp.dtype(spec["dtype"]), sharding=device)
+        for name, spec in meta["params"].items()
+    }
+    largest = max((math.prod(t.shape) * t.dtype.itemsize for t in target.values()), default=0)
+    with _checkpointer(largest) as checkpointer:
+        params = checkpointer.restore(
+            out / PARAMS_DIR, args=ocp.args.StandardRestore(traverse_util.unflatten_dict(target, sep="."))
+        )
+    return params, meta["config"], meta["family"]

@@ -1,0 +1,235 @@
+"""CheckpointLayout, plan_params validation, load_params stacking/casting/memory, Progress."""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import tracemalloc
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from converters.convert import load_params, plan_params
+from converters.layout import CheckpointLayout, layout_from_checkpoint
+from converters.progress import Progress
+from converters.reader import CheckpointReader
+
+V, H, O, L = 11, 6, 5, 2
+PREFIX = "model.layers."
+IGNORED = (r"model\.layers\.\d+\.rotary_emb\.inv_freq",)
+
+
+def fake_tensors(seed: int, num_layers: int = L) -> dict[str, np.ndarray]:
+    """A tiny two-layer "model.layers." family in HF naming, random values, mixed dtypes."""
+    rng = np.random.default_rng(seed)
+    t = {
+        "model.embed_tokens.weight": rng.standard_normal((V, H)).astype(ml_dtypes.bfloat16),
+        "model.norm.weight": rng.standard_normal(H).astype(np.float32),
+        "model.position_ids": rng.integers(0, 100, (1, 4)).astype(np.int32),
+    }
+    for i in range(num_layers):
+        t[f"model.layers.{i}.attn.proj.weight"] = rng.standard_normal((O, H)).astype(np.float32)
+        t[f"model.layers.{i}.norm.weight"] = rng.standard_normal(H).astype(np.float16)
+        t[f"model.layers.{i}.rotary_emb.inv_freq"] = rng.standard_normal(3).astype(np.float32)
+    return t
+
+
+def fake_layout(**overrides) -> CheckpointLayout:
+    template = {
+        "model.embed_tokens.weight": (V, H),
+        "model.norm.weight": (H,),
+        "model.position_ids": (1, 4),
+        "model.layers.attn.proj.weight": (L, O, H),
+        "model.layers.norm.weight": (L, H),
+    }
+    fields = dict(
+        layer_prefix=PREFIX,
+        num_layers=L,
+        template={k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in template.items()},
+        ignored=IGNORED,
+    )
+    return CheckpointLayout(**{**fields, **overrides})
+
+
+def write_checkpoint(d, tensors: dict[str, np.ndarray]):
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"model_type": "fake"}))
+    save_file(tensors, d / "model.safetensors")
+    return d
+
+
+def expected_flat(t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {
+        "model.embed_tokens.weight": t["model.embed_tokens.weight"],
+        "model.norm.weight": t["model.norm.weight"],
+        "model.position_ids": t["model.position_ids"],
+        "model.layers.attn.proj.weight": np.stack([t[f"model.layers.{i}.attn.proj.weight"] for i in range(L)]),
+        "model.layers.norm.weight": np.stack([t[f"model.layers.{i}.norm.weight"] for i in range(L)]),
+    }
+
+
+def leaf(params: dict, flat_name: str):
+    for key in flat_name.split("."):
+        params = params[key]
+    return params
+
+
+def test_locate_ignores_aliases_and_strips_layer_index():
+    layout = fake_layout(aliases={"old.norm": "model.norm.weight", "model.layers.1.old": "model.layers.1.norm.weight"})
+    assert layout.locate("model.layers.7.attn.proj.weight") == ("model.layers.attn.proj.weight", 7)
+    assert layout.locate("model.layers.12.norm.weight") == ("model.layers.norm.weight", 12)
+    assert layout.locate("model.embed_tokens.weight") == ("model.embed_tokens.weight", None)
+    assert layout.locate("model.layers.0.rotary_emb.inv_freq") is None
+    assert layout.locate("old.norm") == ("model.norm.weight", None)
+    assert layout.locate("model.layers.1.old") == ("model.layers.norm.weight", 1)
+    assert layout.locate("model.layersX.1.a") == ("model.layersX.1.a", None)
+    assert layout.layer_name("model.layers.attn.proj.weight", 3) == "model.layers.3.attn.proj.weight"
+
+
+def test_layout_rejects_stacked_template_without_layer_axis():
+    with pytest.raises(ValueError, match=r"model\.layers\.norm\.weight.*num_layers=2"):
+        fake_layout(template={"model.layers.norm.weight": jax.ShapeDtypeStruct((3, H), jnp.float32)})
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.float32, jnp.bfloat16])
+def test_load_params_stacks_every_layer_and_casts_floats(tmp_path, dtype):
+    tensors = fake_tensors(0)
+    params = load_params(write_checkpoint(tmp_path, tensors), fake_layout(), dtype=dtype, progress=False)
+    for name, want in expected_flat(tensors).items():
+        got = leaf(params, name)
+        assert isinstance(got, jax.Array)
+        if dtype is None or not np.issubdtype(want.dtype, np.floating) and want.dtype != ml_dtypes.bfloat16:
+            assert got.dtype == want.dtype, name
+            np.testing.assert_array_equal(np.asarray(got), want)
+        else:
+            assert got.dtype == dtype, name
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(want).astype(dtype)))
+    assert jax.tree.structure(params) == jax.tree.structure(
+        {"model": {"embed_tokens": {"weight": 0}, "norm": {"weight": 0}, "position_ids": 0,
+                   "layers": {"attn": {"proj": {"weight": 0}}, "norm": {"weight": 0}}}}
+    )
+
+
+def test_aliases_rename_before_stacking(tmp_path):
+    tensors = fake_tensors(1)
+    renamed = {k.replace(".attn.proj.", ".attention.dense."): v for k, v in tensors.items()}
+    aliases = {f"model.layers.{i}.attention.dense.weight": f"model.layers.{i}.attn.proj.weight" for i in range(L)}
+    params = load_params(write_checkpoint(tmp_path, renamed), fake_layout(aliases=aliases), progress=False)
+    np.testing.assert_array_equal(
+        np.asarray(params["model"]["layers"]["attn"]["proj"]["weight"]),
+        expected_flat(tensors)["model.layers.attn.proj.weight"],
+    )
+
+
+def test_one_error_lists_every_problem_before_reading(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    tensors = fake_tensors(2)
+    del tensors["model.layers.1.attn.proj.weight"]
+    del tensors["model.norm.weight"]
+    tensors["model.layers.0.norm.weight"] = rng.standard_normal(H + 1).astype(np.float16)
+    tensors["model.layers.5.norm.weight"] = rng.standard_normal(H).astype(np.float16)
+    tensors["model.layers.extra"] = rng.standard_normal(2).astype(np.float32)
+    tensors["lm_head.weight"] = rng.standard_normal((V, H)).astype(np.float32)
+    tensors["old.norm"] = rng.standard_normal(H).astype(np.float32)
+    tensors["dup.norm"] = rng.standard_normal(H).astype(np.float32)
+    reader = CheckpointReader(write_checkpoint(tmp_path, tensors))
+    monkeypatch.setattr(reader, "read", lambda name: pytest.fail(f"read {name} before validating"))
+    layout = fake_layout(aliases={"old.norm": "model.norm.weight", "dup.norm": "model.norm.weight"})
+    with pytest.raises(ValueError) as info:
+        load_params(reader, layout, progress=False)
+    msg = str(info.value)
+    assert str(tmp_path) in msg
+    sections = {}
+    for line in msg.splitlines()[1:]:
+        if not line.startswith("    "):
+            sections[line.strip().split(" (")[0]] = current = []
+        else:
+            current.append(line.strip())
+    assert sections["missing"] == ["model.layers.1.attn.proj.weight"]
+    assert sorted(sections["unexpected"]) == ["lm_head.weight", "model.layers.5.norm.weight", "model.layers.extra"]
+    assert sections["duplicated"] == ["old.norm and dup.norm both fill model.norm.weight"] or sections[
+        "duplicated"
+    ] == ["dup.norm and old.norm both fill model.norm.weight"]
+    assert sections["mis-shaped"] == [f"model.layers.0.norm.weight: expected ({H},), got ({H + 1},)"]
+    assert "unsupported dtype" not in sections
+
+
+def test_unsupported_dtype_is_reported_up_front(tmp_path, monkeypatch):
+    tensors = fake_tensors(3)
+    write_checkpoint(tmp_path, tensors)
+    reader = CheckpointReader(tmp_path)
+    real_dtype = reader.dtype
+    monkeypatch.setattr(reader, "dtype", lambda n: "C64" if n == "model.norm.weight" else real_dtype(n))
+    with pytest.raises(ValueError, match=r"unsupported dtype \(1\):\n.*'model\.norm\.weight' has unsupported dtype C64"):
+        plan_params(reader, fake_layout())
+
+
+def test_layout_from_checkpoint_matches_hand_layout(tmp_path):
+    reader = CheckpointReader(write_checkpoint(tmp_path, fake_tensors(4, num_layers=3)))
+    layout = layout_from_checkpoint(reader, PREFIX, IGNORED)
+    assert layout.num_layers == 3
+    assert {k: s.shape for k, s in layout.template.items()} == {
+        "model.embed_tokens.weight": (V, H),
+        "model.norm.weight": (H,),
+        "model.position_ids": (1, 4),
+        "model.layers.attn.proj.weight": (3, O, H),
+        "model.layers.norm.weight": (3, H),
+    }
+    assert layout.template["model.embed_tokens.weight"].dtype == jnp.bfloat16
+    assert plan_params(reader, layout)["model.layers.norm.weight"] == [f"model.layers.{i}.norm.weight" for i in range(3)]
+
+
+def test_host_memory_holds_one_parameter_at_a_time(tmp_path):
+    rng = np.random.default_rng(5)
+    rows, cols, layers = 128, 256, 4  # each stacked parameter: 4 x 128 KiB = 512 KiB
+    tensors = {f"model.layers.{i}.w{j}": rng.standard_normal((rows, cols)).astype(np.float32)
+               for i in range(layers) for j in range(6)}
+    layout = CheckpointLayout(
+        PREFIX, layers, {f"model.layers.w{j}": jax.ShapeDtypeStruct((layers, rows, cols), jnp.float32) for j in range(6)}
+    )
+    path = write_checkpoint(tmp_path, tensors)
+    param_bytes = layers * rows * cols * 4
+    load_params(path, layout, dtype=jnp.bfloat16, progress=False)  # compile the cast outside the trace
+    tracemalloc.start()  # sees numpy's host buffers, not XLA's allocations
+    try:
+        # Cast, so that no parameter is jax's adoption of its host buffer: every buffer
+        # must then be gone by the end, and at most one may exist at a time.
+        params = load_params(path, layout, dtype=jnp.bfloat16, progress=False)
+        gc.collect()  # jax may keep its last input in a reference cycle until collected
+        retained, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert retained < 0.1 * param_bytes
+    assert peak < 2.5 * param_bytes  # the model is 6 parameters
+    np.testing.assert_array_equal(
+        np.asarray(params["model"]["layers"]["w5"][2]), tensors["model.layers.2.w5"].astype(ml_dtypes.bfloat16)
+    )
+
+
+def test_load_params_reports_progress_on_stderr(tmp_path, capsys):
+    load_params(write_checkpoint(tmp_path, fake_tensors(6)), fake_layout(), progress=True)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"converting: {3 + 2 * L}/{3 + 2 * L} tensors, ")
+    assert " MB, " in lines[-1] and " MB/s, " in lines[-1]
+    load_params(write_checkpoint(tmp_path, fake_tensors(6)), fake_layout(), progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_is_rate_limited_and_silent_when_disabled():
+    out = io.StringIO()
+    with Progress(10_000, "steps", "work", stream=out, interval=60.0) as bar:
+        for _ in range(10_000):
+            bar.update(1, nbytes=2_000_000)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2  # the first update and the final line
+    assert lines[0].startswith("work: 1/10000 steps, 2.0 MB, ")
+    assert lines[1].startswith("work: 10000/10000 steps, 20000.0 MB, ")
+    quiet = io.StringIO()
+    with Progress(3, enabled=False, stream=quiet) as bar:
+        bar.update(3)
+    assert quiet.getvalue() == ""

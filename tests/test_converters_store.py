@@ -1,0 +1,58 @@
+"""save_converted / load_converted round trip (orbax + JSON)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from converters.store import META_FILE, load_converted, save_converted
+
+
+def random_params(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "model": {
+            "embed_tokens": {"weight": jnp.asarray(rng.standard_normal((7, 4)), jnp.bfloat16)},
+            "layers": {"mlp": {"up_proj": {"weight": jnp.asarray(rng.standard_normal((2, 5, 4)), jnp.float32)}}},
+            "norm": {"weight": jnp.asarray(rng.standard_normal(4), jnp.float16)},
+        },
+        "lm_head": {"weight": jnp.asarray(rng.standard_normal((7, 4)), jnp.bfloat16)},
+    }
+
+
+def test_round_trip_keeps_values_dtypes_config_and_family(tmp_path):
+    params = random_params(0)
+    config = {"model_type": "llama", "hidden_size": 4, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    out = save_converted(tmp_path / "conv", params, config, "llama")
+    assert out == (tmp_path / "conv").absolute()
+    loaded, loaded_config, family = load_converted(tmp_path / "conv")
+    assert loaded_config == config and family == "llama"
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        assert isinstance(got, jax.Array) and got.dtype == want.dtype and got.shape == want.shape
+        assert got.devices() == {jax.devices()[0]}
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))
+    meta = json.loads((tmp_path / "conv" / META_FILE).read_text())
+    assert meta["params"]["model.embed_tokens.weight"] == {"shape": [7, 4], "dtype": "bfloat16"}
+    assert meta["library_version"]
+
+
+def test_refuses_to_overwrite(tmp_path):
+    save_converted(tmp_path, random_params(1), {}, "gptj")
+    with pytest.raises(FileExistsError, match="already holds"):
+        save_converted(tmp_path, random_params(2), {}, "gptj")
+
+
+def test_not_a_converted_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match=f"not a converted checkpoint.*{META_FILE} is missing"):
+        load_converted(tmp_path)
+    (tmp_path / META_FILE).write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a converted checkpoint"):
+        load_converted(tmp_path)
+    (tmp_path / META_FILE).write_text("{broken")
+    with pytest.raises(ValueError, match="invalid JSON"):
+        load_converted(tmp_path)
