@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 
@@ -79,9 +80,11 @@ def load_params(
     """Nested params of jax arrays (default device) from a checkpoint directory or reader.
 
     Validates the whole checkpoint against `layout` before reading (see `plan_params`).
-    Each parameter is assembled in one host buffer, moved to the device, optionally cast
-    (floating-point parameters only) to `dtype`, and its buffer dropped before the next,
-    so the host never holds two copies of the model. `progress` reports on stderr.
+    Each parameter is assembled, one checkpoint tensor at a time, in one host buffer of its
+    final dtype (`dtype` for floating-point parameters when given, else the stored one),
+    moved to the device and its buffer dropped before the next, so the host never holds
+    two copies of the model (on CPU, jax adopts the buffer without copying it).
+    `progress` reports tensors, MB read and MB/s on stderr.
     """
     reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
     plan = plan_params(reader, layout)
@@ -89,20 +92,23 @@ def load_params(
     with Progress(sum(map(len, plan.values())), "tensors", "converting", enabled=progress) as bar:
         for name, sources in plan.items():
             flat[name] = _load_one(reader, sources, layout.is_stacked(name), dtype, bar)
+            # Where jax copies from the host buffer (accelerators), it lets go of the buffer in
+            # a gc callback: run it now, or several parameters' buffers can pile up.
+            gc.collect(0)
     return traverse_util.unflatten_dict(flat, sep=".")
 
 
 def _load_one(reader: CheckpointReader, sources: list[str], stacked: bool, dtype, bar: Progress) -> jax.Array:
     first = sources[0]
     shape = (len(sources), *reader.shape(first)) if stacked else reader.shape(first)
-    host = _aligned_empty(shape, numpy_dtype(reader.dtype(first), first))
-    for row, name in zip(host if stacked else [host], sources):
-        row[...] = reader.read(name)
-        bar.update(1, nbytes=row.nbytes)
-    array = jax.device_put(host)
-    if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):
-        array = array.astype(dtype)
-    return array.block_until_ready()
+    stored = numpy_dtype(reader.dtype(first), first)
+    cast = dtype is not None and jnp.issubdtype(stored, jnp.floating)
+    host = _aligned_empty(shape, np.dtype(dtype) if cast else stored)
+    for row, name in zip(host if stacked else [host], sources, strict=True):
+        source = reader.read(name)
+        row[...] = source  # casts when `cast`, rounding to nearest even as XLA does
+        bar.update(1, nbytes=source.nbytes)
+    return jax.device_put(host).block_until_ready()
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:

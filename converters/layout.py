@@ -59,14 +59,16 @@ class CheckpointLayout:
 
     def layer_name(self, flat_name: str, layer: int) -> str:
         """The checkpoint name of row `layer` of the stacked parameter `flat_name`."""
-        return f"{self.layer_prefix}{layer}.{flat_name[len(self.layer_prefix):]}"
+        return f"{self.layer_prefix}{layer}.{flat_name[len(self.layer_prefix) :]}"
 
 
-def layout_from_checkpoint(reader: CheckpointReader, layer_prefix: str, ignored: tuple[str, ...] = ()) -> CheckpointLayout:
+def layout_from_checkpoint(
+    reader: CheckpointReader, layer_prefix: str, ignored: tuple[str, ...] = ()
+) -> CheckpointLayout:
     """The layout that accepts exactly the tensors `reader` holds.
 
-    For families without a registered layout and for inspection; a family's real layout
-    comes from its own `checkpoint_layout(config)`.
+    For checkpoints of no registered family and for inspection; a registered family's
+    layout comes from `converters.families.layout_for`.
     """
     probe = CheckpointLayout(layer_prefix, 0, {}, ignored)
     plain, per_layer, num_layers = {}, {}, 0

@@ -46,9 +46,7 @@ class HFTokenizer:
         try:
             import tokenizers
         except ImportError:
-            raise ImportError(
-                f"{path} needs the `tokenizers` package (pip install tokenizers)"
-            ) from None
+            raise ImportError(f"{path} needs the `tokenizers` package (pip install tokenizers)") from None
         self._tok = tokenizers.Tokenizer.from_file(str(path))
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._special_id(path.parent, "bos")

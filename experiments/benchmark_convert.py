@@ -5,8 +5,8 @@ safetensors in a temporary directory, then runs ``python -m converters`` on it i
 subprocess, so the peak RSS measured (``os.wait4``) is the conversion's own. A second
 subprocess that only imports the converter gives the interpreter + jax + orbax baseline.
 The checkpoint is written by a subprocess too: Linux carries the peak RSS across exec,
-so this process stays small for the measured ones. Reports the median time and the largest peak RSS over ``--repeats`` conversions; prints a
-table and writes JSON.
+so this process stays small for the measured ones. Reports the median time and the
+largest peak RSS over ``--repeats`` conversions; prints a table and writes JSON.
 
     python -m experiments.benchmark_convert                       # ~600 MB fp32, 100 MB shards
     python -m experiments.benchmark_convert --layers 4 --dtype bf16
@@ -47,8 +47,12 @@ def save_checkpoint(d: pathlib.Path, args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(d, max_shard_size=args.shard_size)
@@ -74,8 +78,20 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir, out_dir = pathlib.Path(tmp, "hf"), pathlib.Path(tmp, "converted")
-        sizes = ["--hidden", args.hidden, "--intermediate", args.intermediate, "--layers", args.layers,
-                 "--heads", args.heads, "--vocab", args.vocab, "--shard-size", args.shard_size]
+        sizes = [
+            "--hidden",
+            args.hidden,
+            "--intermediate",
+            args.intermediate,
+            "--layers",
+            args.layers,
+            "--heads",
+            args.heads,
+            "--vocab",
+            args.vocab,
+            "--shard-size",
+            args.shard_size,
+        ]
         writer = ["-m", "experiments.benchmark_convert", "--write-checkpoint", str(hf_dir), *map(str, sizes)]
         num_params = int(run_child(writer)[2].split()[-1])
         shards = sorted(hf_dir.glob("*.safetensors"))
@@ -103,11 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         "above_baseline_over_checkpoint": round((peak_mb - base_mb) / ckpt_mb, 3),
     }
     print(f"\nmedian time and largest peak RSS of {args.repeats} conversions (each a fresh process)")
-    print("| checkpoint MB | shards | conversion s | peak RSS MB | peak RSS / checkpoint "
-          "| import-only RSS MB | (peak - import-only) / checkpoint |\n|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {row['checkpoint_mb']:.0f} | {row['shards']} | {row['seconds']:.1f} | {row['peak_rss_mb']:.0f} "
-          f"| {row['peak_rss_over_checkpoint']:.2f} | {row['baseline_rss_mb']:.0f} "
-          f"| {row['above_baseline_over_checkpoint']:.2f} |")
+    print(
+        "| checkpoint MB | shards | conversion s | peak RSS MB | peak RSS / checkpoint "
+        "| import-only RSS MB | (peak - import-only) / checkpoint |\n|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    print(
+        f"| {row['checkpoint_mb']:.0f} | {row['shards']} | {row['seconds']:.1f} | {row['peak_rss_mb']:.0f} "
+        f"| {row['peak_rss_over_checkpoint']:.2f} | {row['baseline_rss_mb']:.0f} "
+        f"| {row['above_baseline_over_checkpoint']:.2f} |"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     meta = {"args": {k: str(v) for k, v in vars(args).items()}, "cpu_count": os.cpu_count(), "cli_output": out.strip()}
     args.json.write_text(json.dumps({"meta": meta, "rows": [row], "runs": runs}, indent=2))

@@ -26,8 +26,12 @@ LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 def llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():

@@ -32,7 +32,7 @@ def test_round_trip_keeps_values_dtypes_config_and_family(tmp_path):
     loaded, loaded_config, family = load_converted(tmp_path / "conv")
     assert loaded_config == config and family == "llama"
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
-    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
         assert isinstance(got, jax.Array) and got.dtype == want.dtype and got.shape == want.shape
         assert got.devices() == {jax.devices()[0]}
         np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))

@@ -27,8 +27,14 @@ def test_sentencepiece_model(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(random_text(0))
     sentencepiece.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(tmp_path / "tokenizer"), vocab_size=50,
-        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+        input=str(corpus),
+        model_prefix=str(tmp_path / "tokenizer"),
+        vocab_size=50,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
     )
     (tmp_path / "tokenizer.json").write_text("{}")  # tokenizer.model takes precedence
     tok = load_tokenizer(tmp_path)
@@ -41,7 +47,7 @@ def test_sentencepiece_model(tmp_path):
 
 
 def write_word_level(tmp_path, **special) -> dict[str, int]:
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
