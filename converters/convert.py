@@ -13,8 +13,8 @@ from flax import traverse_util
 
 from converters.dtypes import numpy_dtype
 from converters.layout import CheckpointLayout
-from converters.progress import Progress
 from converters.reader import CheckpointReader
+from lminf_jax.progress import Progress
 
 
 def plan_params(reader: CheckpointReader, layout: CheckpointLayout) -> dict[str, list[str]]:

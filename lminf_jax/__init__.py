@@ -8,20 +8,28 @@ from lminf_jax.alibi import Alibi, alibi_bias, alibi_slopes
 from lminf_jax.attention import attention, attention_probe
 from lminf_jax.attention_reference import AttentionProbe
 from lminf_jax.rope import RopeScaling, Rotary, apply_rope, rope_angles, rope_frequencies
+from lminf_jax.sampling import Sampling, filter_logits, sample
 from lminf_jax.spec import AttentionSpec, TopK
+from lminf_jax.streaming import PositionBuckets, StreamResult, streaming_nll
 
 __all__ = [
     "Alibi",
     "AttentionProbe",
     "AttentionSpec",
+    "PositionBuckets",
     "RopeScaling",
     "Rotary",
+    "Sampling",
+    "StreamResult",
     "TopK",
     "alibi_bias",
     "alibi_slopes",
     "apply_rope",
     "attention",
     "attention_probe",
+    "filter_logits",
     "rope_angles",
     "rope_frequencies",
+    "sample",
+    "streaming_nll",
 ]

@@ -10,7 +10,6 @@ are what converters and shape templates use.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Mapping
 
@@ -20,8 +19,7 @@ import numpy as np
 from flax import traverse_util
 from jax import lax
 
-from lminf_jax import AttentionSpec, attention
-from lminf_jax.scores import Positional
+from lminf_jax import AttentionSpec
 
 Params = dict
 
@@ -124,46 +122,6 @@ class AttentionCall:
     block_k: int = 512
 
 
-def self_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    positions: jax.Array,
-    *,
-    num_heads: int,
-    num_kv_heads: int,
-    positional: Positional,
-    scale: float | None,
-    layer: jax.Array,
-    call: AttentionCall,
-) -> jax.Array:
-    """Split projected ``(B, T, heads*d)`` q/k/v into heads, attend, merge heads back."""
-    b, t, _ = q.shape
-    q = q.reshape(b, t, num_heads, -1)
-    k = k.reshape(b, t, num_kv_heads, -1)
-    v = v.reshape(b, t, num_kv_heads, -1)
-    out = attention(
-        q, k, v, q_positions=positions, k_positions=positions, spec=call.spec, positional=positional, scale=scale,
-        layer=layer if call.spec.top_k is not None else None, implementation=call.implementation,
-        block_q=call.block_q, block_k=call.block_k,
-    )
-    return out.reshape(b, t, -1)
-
-
-def scan_layers(
-    layer_fn: Callable[[Params, jax.Array, jax.Array], jax.Array], layers: Params, h: jax.Array
-) -> jax.Array:
-    """Run ``h = layer_fn(layer_params, h, layer_index)`` over stacked layer params with one scan."""
-    num_layers = jax.tree_util.tree_leaves(layers)[0].shape[0]
-
-    def body(h, xs):
-        p, i = xs
-        return layer_fn(p, h, i), None
-
-    h, _ = lax.scan(body, h, (layers, jnp.arange(num_layers)))
-    return h
-
-
 def default_positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
     """Positions ``(B, T)``: given ones (validated) or ``0..T-1`` for every row."""
     b, t = tokens.shape
@@ -212,22 +170,3 @@ def reject(config: Mapping, field: str, allowed: Callable[[object], bool], why: 
     """Raise naming ``field`` when a config feature this project does not implement is set."""
     if field in config and not allowed(config[field]):
         raise ValueError(f"unsupported config field {field!r} = {config[field]!r}: {why}")
-
-
-def run_forward(body: Callable, params: Params, tokens: jax.Array, positions: jax.Array | None, *, config,
-                call: AttentionCall, dtype) -> jax.Array:
-    """Validate tokens/positions, then run a family's ``body`` under jit.
-
-    ``body(params, tokens, positions, config, call, dtype)`` is a module-level function
-    returning float32 logits; ``config``, ``call`` and ``dtype`` are static.
-    """
-    if not isinstance(call, AttentionCall):
-        raise ValueError(f"call must be an AttentionCall, got {type(call).__name__}")
-    check_tokens(tokens, config.vocab_size)
-    return _jit_forward(body, params, tokens, default_positions(tokens, positions), config=config, call=call,
-                        dtype=jnp.dtype(dtype))
-
-
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("config", "call", "dtype"))
-def _jit_forward(body, params, tokens, positions, *, config, call, dtype):
-    return body(params, tokens, positions, config, call, dtype)

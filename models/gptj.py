@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from lminf_jax import Rotary
 from models import common
 from models.common import AttentionCall, Params
+from models.decoder import Attend, Decoder, LanguageModel
 
 MODEL_TYPES = ("gptj",)
 LAYER_PREFIX = "transformer.h."
@@ -104,26 +105,28 @@ def forward(
     dtype=jnp.float32,
 ) -> jax.Array:
     """Logits ``(B, T, vocab)`` in float32; see `models.llama.forward` for the arguments."""
-    return common.run_forward(_body, params, tokens, positions, config=config, call=call, dtype=dtype)
+    return LanguageModel(decoder, config, call, dtype).forward(params, tokens, positions)
 
 
-def _body(params: Params, tokens, positions, c: GPTJConfig, call: AttentionCall, dtype) -> jax.Array:
-    rotary = c.rotary()
+def decoder(c: GPTJConfig, dtype, seq_len: int | None = None) -> Decoder:
+    """The forward pass in pieces (see `models.decoder`)."""
     act = common.activation(c.activation_function)
-    model = params["transformer"]
 
-    def layer(p: Params, h: jax.Array, index: jax.Array) -> jax.Array:
+    def layer(p: Params, h: jax.Array, attend: Attend):
         x = common.layer_norm(h, p["ln_1"], c.layer_norm_epsilon)
         a, m = p["attn"], p["mlp"]
-        attn = common.self_attention(
-            common.linear(x, a["q_proj"], dtype), common.linear(x, a["k_proj"], dtype),
-            common.linear(x, a["v_proj"], dtype), positions, num_heads=c.n_head, num_kv_heads=c.n_head,
-            positional=rotary, scale=None, layer=index, call=call,
-        )
+        attn, aux = attend(common.linear(x, a["q_proj"], dtype), common.linear(x, a["k_proj"], dtype),
+                           common.linear(x, a["v_proj"], dtype))
         mlp = common.linear(act(common.linear(x, m["fc_in"], dtype)), m["fc_out"], dtype)
-        return h + common.linear(attn, a["out_proj"], dtype) + mlp
+        return h + common.linear(attn, a["out_proj"], dtype) + mlp, aux
 
-    h = common.embed(model["wte"]["weight"], tokens, dtype)
-    h = common.scan_layers(layer, model["h"], h)
-    h = common.layer_norm(h, model["ln_f"], c.layer_norm_epsilon)
-    return common.unembed(h, params["lm_head"])
+    def head(params: Params, h: jax.Array) -> jax.Array:
+        return common.unembed(common.layer_norm(h, params["transformer"]["ln_f"], c.layer_norm_epsilon),
+                              params["lm_head"])
+
+    return Decoder(
+        embed=lambda params, tokens: common.embed(params["transformer"]["wte"]["weight"], tokens, dtype),
+        layer=layer, head=head, layer_params=lambda params: params["transformer"]["h"],
+        num_layers=c.n_layer, num_heads=c.n_head, num_kv_heads=c.n_head, head_dim=c.head_dim,
+        positional=c.rotary(),
+    )

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from lminf_jax import RopeScaling, Rotary
 from models import common
 from models.common import AttentionCall, Params
+from models.decoder import Attend, Decoder, LanguageModel
 
 MODEL_TYPES = ("llama", "mistral")
 LAYER_PREFIX = "model.layers."
@@ -131,31 +132,36 @@ def forward(
 
     ``positions`` (``(T,)`` or ``(B, T)``, default ``0..T-1``) may mark left padding with
     negative values; ``call`` picks the attention spec (vanilla, LM-Infinite, ablations).
+    For cached decoding use ``LanguageModel(decoder, config, call, dtype)``.
     """
-    return common.run_forward(_body, params, tokens, positions, config=config, call=call, dtype=dtype)
+    return LanguageModel(decoder, config, call, dtype).forward(params, tokens, positions)
 
 
-def _body(params: Params, tokens, positions, c: LlamaConfig, call: AttentionCall, dtype) -> jax.Array:
-    rotary = c.rotary(seq_len=tokens.shape[1])
+def decoder(c: LlamaConfig, dtype, seq_len: int | None) -> Decoder:
+    """The forward pass in pieces (see `models.decoder`); ``seq_len`` None means cached decoding."""
+    if seq_len is None and c.rope_scaling is not None and c.rope_scaling.kind == "dynamic":
+        raise ValueError("rope_scaling 'dynamic' rescales RoPE with the sequence length, which a cache "
+                         "cannot follow; cached decoding does not support it")
     act = common.activation(c.hidden_act)
-    model = params["model"]
 
-    def layer(p: Params, h: jax.Array, index: jax.Array) -> jax.Array:
+    def layer(p: Params, h: jax.Array, attend: Attend):
         x = common.rms_norm(h, p["input_layernorm"], c.rms_norm_eps)
         a = p["self_attn"]
-        attn = common.self_attention(
-            common.linear(x, a["q_proj"], dtype), common.linear(x, a["k_proj"], dtype),
-            common.linear(x, a["v_proj"], dtype), positions, num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_key_value_heads, positional=rotary, scale=None, layer=index, call=call,
-        )
+        attn, aux = attend(common.linear(x, a["q_proj"], dtype), common.linear(x, a["k_proj"], dtype),
+                           common.linear(x, a["v_proj"], dtype))
         h = h + common.linear(attn, a["o_proj"], dtype)
         x = common.rms_norm(h, p["post_attention_layernorm"], c.rms_norm_eps)
         m = p["mlp"]
         gated = act(common.linear(x, m["gate_proj"], dtype)) * common.linear(x, m["up_proj"], dtype)
-        return h + common.linear(gated, m["down_proj"], dtype)
+        return h + common.linear(gated, m["down_proj"], dtype), aux
 
-    h = common.embed(model["embed_tokens"]["weight"], tokens, dtype)
-    h = common.scan_layers(layer, model["layers"], h)
-    h = common.rms_norm(h, model["norm"], c.rms_norm_eps)
-    head = model["embed_tokens"] if c.tie_word_embeddings else params["lm_head"]
-    return common.unembed(h, head)
+    def head(params: Params, h: jax.Array) -> jax.Array:
+        h = common.rms_norm(h, params["model"]["norm"], c.rms_norm_eps)
+        return common.unembed(h, params["model"]["embed_tokens"] if c.tie_word_embeddings else params["lm_head"])
+
+    return Decoder(
+        embed=lambda params, tokens: common.embed(params["model"]["embed_tokens"]["weight"], tokens, dtype),
+        layer=layer, head=head, layer_params=lambda params: params["model"]["layers"],
+        num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+        head_dim=c.head_dim, positional=c.rotary(seq_len=seq_len),
+    )

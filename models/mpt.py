@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from lminf_jax import Alibi
 from models import common
 from models.common import AttentionCall, Params
+from models.decoder import Attend, Decoder, LanguageModel
 
 MODEL_TYPES = ("mpt",)
 LAYER_PREFIX = "transformer.blocks."
@@ -109,15 +110,14 @@ def forward(
     dtype=jnp.float32,
 ) -> jax.Array:
     """Logits ``(B, T, vocab)`` in float32; see `models.llama.forward` for the arguments."""
-    return common.run_forward(_body, params, tokens, positions, config=config, call=call, dtype=dtype)
+    return LanguageModel(decoder, config, call, dtype).forward(params, tokens, positions)
 
 
-def _body(params: Params, tokens, positions, c: MPTConfig, call: AttentionCall, dtype) -> jax.Array:
-    alibi = c.alibi()
+def decoder(c: MPTConfig, dtype, seq_len: int | None = None) -> Decoder:
+    """The forward pass in pieces (see `models.decoder`)."""
     eps = c.layer_norm_epsilon
-    model = params["transformer"]
 
-    def layer(p: Params, h: jax.Array, index: jax.Array) -> jax.Array:
+    def layer(p: Params, h: jax.Array, attend: Attend):
         a, f = p["attn"], p["ffn"]
         qkv = common.linear(common.layer_norm(h, p["norm_1"], eps), a["Wqkv"], dtype)
         if c.clip_qkv is not None:
@@ -125,14 +125,19 @@ def _body(params: Params, tokens, positions, c: MPTConfig, call: AttentionCall, 
         q, k, v = jnp.split(qkv, 3, axis=-1)
         if c.qk_ln:
             q, k = common.layer_norm(q, a["q_ln"], eps), common.layer_norm(k, a["k_ln"], eps)
-        attn = common.self_attention(q, k, v, positions, num_heads=c.n_heads, num_kv_heads=c.n_heads,
-                                     positional=alibi, scale=c.softmax_scale, layer=index, call=call)
+        attn, aux = attend(q, k, v)
         h = h + common.linear(attn, a["out_proj"], dtype)
         x = common.layer_norm(h, p["norm_2"], eps)
         up = jax.nn.gelu(common.linear(x, f["up_proj"], dtype), approximate=False)
-        return h + common.linear(up, f["down_proj"], dtype)
+        return h + common.linear(up, f["down_proj"], dtype), aux
 
-    h = common.embed(model["wte"]["weight"], tokens, dtype)
-    h = common.scan_layers(layer, model["blocks"], h)
-    h = common.layer_norm(h, model["norm_f"], eps)
-    return common.unembed(h, model["wte"])
+    def head(params: Params, h: jax.Array) -> jax.Array:
+        model = params["transformer"]
+        return common.unembed(common.layer_norm(h, model["norm_f"], eps), model["wte"])
+
+    return Decoder(
+        embed=lambda params, tokens: common.embed(params["transformer"]["wte"]["weight"], tokens, dtype),
+        layer=layer, head=head, layer_params=lambda params: params["transformer"]["blocks"],
+        num_layers=c.n_layers, num_heads=c.n_heads, num_kv_heads=c.n_heads, head_dim=c.d_model // c.n_heads,
+        positional=c.alibi(), scale=c.softmax_scale,
+    )

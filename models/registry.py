@@ -6,7 +6,11 @@ import dataclasses
 import types
 from collections.abc import Callable, Mapping
 
+import jax.numpy as jnp
+
 from models import gptj, llama, mpt
+from models.common import AttentionCall
+from models.decoder import LanguageModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,10 @@ class Family:
     @property
     def init_params(self) -> Callable:
         return self.module.init_params
+
+    def model(self, config, call: AttentionCall = AttentionCall(), dtype=jnp.float32) -> LanguageModel:
+        """The family's `LanguageModel` (forward pass and cached decoding step)."""
+        return LanguageModel(self.module.decoder, config, call, dtype)
 
 
 FAMILIES: dict[str, Family] = {

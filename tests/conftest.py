@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import jax
+
 from lminf_jax import Alibi, AttentionSpec, Rotary
+from models import registry
 
 
 def rel_err(a, b) -> float:
@@ -61,3 +64,25 @@ def naive_spec_kwargs(spec: AttentionSpec) -> dict:
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+# Tiny random models of each family (HF config dicts), for model-level tests.
+TINY_MODELS = {
+    "llama_gqa": {"model_type": "llama", "vocab_size": 97, "hidden_size": 48, "intermediate_size": 80,
+                  "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
+                  "attention_bias": True, "rope_theta": 500.0},
+    "gptj": {"model_type": "gptj", "vocab_size": 97, "n_embd": 48, "n_layer": 2, "n_head": 4, "rotary_dim": 6},
+    "mpt_biases_qk_ln": {"model_type": "mpt", "vocab_size": 97, "d_model": 48, "n_layers": 2, "n_heads": 3,
+                         "no_bias": False, "attn_config": {"alibi": True, "qk_ln": True, "clip_qkv": 4.0}},
+}
+
+
+def random_model(name: str, seed: int = 0):
+    """A tiny random model of one of `TINY_MODELS`: (family, config, params), no zero biases."""
+    family = registry.family_for_config(TINY_MODELS[name])
+    cfg = family.config_from_hf(TINY_MODELS[name])
+    key = jax.random.key(seed)
+    params = jax.tree_util.tree_map(
+        lambda x: x + 0.3 * jax.random.normal(jax.random.fold_in(key, x.size), x.shape),  # no zero biases
+        family.init_params(cfg, key))
+    return family, cfg, params

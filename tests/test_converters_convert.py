@@ -15,8 +15,8 @@ from safetensors.numpy import save_file
 
 from converters.convert import load_params, plan_params
 from converters.layout import CheckpointLayout, layout_from_checkpoint
-from converters.progress import Progress
 from converters.reader import CheckpointReader
+from lminf_jax.progress import Progress
 
 V, H, OUT, L = 11, 6, 5, 2
 PREFIX = "model.layers."

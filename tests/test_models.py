@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import TINY_MODELS, random_model, rel_err
 
 from lminf_jax import AttentionSpec, TopK
 from models import registry
@@ -36,29 +36,9 @@ def test_eval_shape_of_real_configs_gives_published_parameter_counts(config, pub
     assert sum(int(np.prod(x.shape)) for x in leaves) == published == count_params(family.param_shapes(cfg))
 
 
-TINY = {
-    "llama_gqa": {"model_type": "llama", "vocab_size": 97, "hidden_size": 48, "intermediate_size": 80,
-                  "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
-                  "attention_bias": True, "rope_theta": 500.0},
-    "gptj": {"model_type": "gptj", "vocab_size": 97, "n_embd": 48, "n_layer": 2, "n_head": 4, "rotary_dim": 6},
-    "mpt_biases_qk_ln": {"model_type": "mpt", "vocab_size": 97, "d_model": 48, "n_layers": 2, "n_heads": 3,
-                         "no_bias": False, "attn_config": {"alibi": True, "qk_ln": True, "clip_qkv": 4.0}},
-}
-
-
-def _random_model(name: str, seed: int = 0):
-    family = registry.family_for_config(TINY[name])
-    cfg = family.config_from_hf(TINY[name])
-    key = jax.random.key(seed)
-    params = jax.tree_util.tree_map(
-        lambda x: x + 0.3 * jax.random.normal(jax.random.fold_in(key, x.size), x.shape),  # no zero biases
-        family.init_params(cfg, key))
-    return family, cfg, params
-
-
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_lm_infinite_forward_matches_dense_reference_forward(name):
-    family, cfg, params = _random_model(name)
+    family, cfg, params = random_model(name)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 70)), jnp.int32)
     spec = AttentionSpec.lm_infinite(3, 16)  # T = 70 > 2 x 16
     run = lambda impl, s=spec: family.forward(params, tokens, config=cfg, call=AttentionCall(  # noqa: E731
@@ -74,7 +54,7 @@ def test_lm_infinite_forward_matches_dense_reference_forward(name):
 
 
 def test_left_padding_rows_equal_unpadded_rows():
-    family, cfg, params = _random_model("llama_gqa")
+    family, cfg, params = random_model("llama_gqa")
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, 97, (1, 40))
     padded = np.concatenate([np.zeros((1, 7), int), tokens], axis=1)
@@ -87,7 +67,7 @@ def test_left_padding_rows_equal_unpadded_rows():
 
 
 def test_bf16_compute_is_close_to_fp32():
-    family, cfg, params = _random_model("gptj")
+    family, cfg, params = random_model("gptj")
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 97, (1, 32)), jnp.int32)
     f32 = family.forward(params, tokens, config=cfg)
     bf16 = family.forward(jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params), tokens, config=cfg,
@@ -117,7 +97,7 @@ def test_unsupported_configs_raise_naming_the_field(config, field):
 
 
 def test_bad_tokens_raise():
-    family, cfg, params = _random_model("gptj")
+    family, cfg, params = random_model("gptj")
     with pytest.raises(ValueError, match="vocab_size"):
         family.forward(params, jnp.asarray([[1, 200]], jnp.int32), config=cfg)
     with pytest.raises(ValueError, match="tokens must be an integer array"):

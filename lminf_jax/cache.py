@@ -1,0 +1,240 @@
+"""Key/value caches for incremental decoding: the bounded Λ-cache and a full cache.
+
+A `KVCache` is a pytree of per-layer **un-rotated** keys and values plus, per slot, the
+absolute position of the token it holds (``-1`` = empty). Masks, RoPE rotations and
+ALiBi biases are computed from those stored positions at every call, so slot order
+never matters and RoPE stays exact at any int32 position (cached keys included).
+
+* **Λ-cache** (`KVCache.lambda_cache`): ``G`` sink slots for positions ``0..G-1`` and an
+  ``L``-slot ring; position ``p >= G`` lives in slot ``G + (p - G) mod L``. It holds
+  exactly what an LM-Infinite query can still attend (the sinks and the last L
+  tokens), so its size does not depend on how many tokens have passed.
+* **Full cache** (`KVCache.full`): slot = position, a fixed capacity; for vanilla
+  decoding, the distance-limit ablation and the top-k middle-token variant.
+
+One model call with T new tokens is `KVCache.plan` (once, positions only) followed by
+`cached_attention` in every layer and `KVCache.updated` at the end:
+
+* ``T == 1`` (decoding): the token is written first and the query attends the cache
+  with the dense path (the slot it overwrites is outside every window the cache
+  admits, so nothing it could attend is lost).
+* ``T > 1`` (chunked prefill): the query chunk attends the cache, linearised in
+  position order, followed by the chunk's own keys, so the blockwise path applies;
+  then the chunk is written (in a ring only its last L tokens survive). Chunked
+  prefill therefore leaves the cache exactly as token-by-token decoding would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lminf_jax.attention import Implementation, attention
+from lminf_jax.scores import Positional
+from lminf_jax.spec import AttentionSpec
+
+#: Specs whose attended set a Λ-cache holds (without top-k).
+BOUNDED_KINDS = ("lm_infinite", "lambda_mask", "sliding_window", "streaming_llm")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys/values ``(layers, B, S, Hkv, d)``, positions ``(B, S)``; static `sinks`/`ring`.
+
+    ``ring is None`` marks a full cache (slot = position, ``S`` = capacity).
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    positions: jax.Array
+    sinks: int = 0
+    ring: int | None = None
+
+    # ----- construction ---------------------------------------------------------------
+    @classmethod
+    def lambda_cache(
+        cls, num_layers: int, batch: int, kv_heads: int, head_dim: int, *, sinks: int, window: int,
+        dtype=jnp.float32, value_dim: int | None = None,
+    ) -> KVCache:
+        """An empty Λ-cache: ``sinks`` (G) sink slots plus a ring of ``window`` (L) slots."""
+        _check_int("sinks", sinks, 0)
+        _check_int("window", window, 1)
+        return cls._empty(num_layers, batch, sinks + window, kv_heads, head_dim, value_dim, dtype, sinks, window)
+
+    @classmethod
+    def full(
+        cls, num_layers: int, batch: int, kv_heads: int, head_dim: int, *, capacity: int,
+        dtype=jnp.float32, value_dim: int | None = None,
+    ) -> KVCache:
+        """An empty full cache holding positions ``0..capacity-1``."""
+        _check_int("capacity", capacity, 1)
+        return cls._empty(num_layers, batch, capacity, kv_heads, head_dim, value_dim, dtype, 0, None)
+
+    @classmethod
+    def for_spec(
+        cls, spec: AttentionSpec, num_layers: int, batch: int, kv_heads: int, head_dim: int, *,
+        capacity: int | None = None, dtype=jnp.float32, value_dim: int | None = None,
+    ) -> KVCache:
+        """The smallest cache that serves ``spec``: a Λ-cache when its attended set is bounded
+        (``capacity``, the longest sequence to be held, is then not needed), else a full
+        cache of ``capacity`` slots."""
+        if needs_full_cache(spec):
+            if capacity is None:
+                raise ValueError(f"capacity is required: {spec.describe()} attends an unbounded number of keys "
+                                 "and needs a full cache")
+            return cls.full(num_layers, batch, kv_heads, head_dim, capacity=capacity, dtype=dtype, value_dim=value_dim)
+        return cls.lambda_cache(num_layers, batch, kv_heads, head_dim, sinks=spec.global_branch,
+                                window=spec.local_branch, dtype=dtype, value_dim=value_dim)
+
+    @classmethod
+    def _empty(cls, num_layers, batch, slots, kv_heads, head_dim, value_dim, dtype, sinks, ring) -> KVCache:
+        for name, n in (("num_layers", num_layers), ("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
+            _check_int(name, n, 1)
+        value_dim = head_dim if value_dim is None else value_dim
+        return cls(
+            keys=jnp.zeros((num_layers, batch, slots, kv_heads, head_dim), dtype),
+            values=jnp.zeros((num_layers, batch, slots, kv_heads, value_dim), dtype),
+            positions=jnp.full((batch, slots), -1, jnp.int32),
+            sinks=sinks,
+            ring=ring,
+        )
+
+    # ----- properties -------------------------------------------------------------------
+    @property
+    def bounded(self) -> bool:
+        """True for a Λ-cache (constant size for any stream length)."""
+        return self.ring is not None
+
+    @property
+    def slots(self) -> int:
+        """Slots per row (``G + L``, or the full cache's capacity)."""
+        return self.positions.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held (keys, values and positions)."""
+        return sum(x.size * x.dtype.itemsize for x in (self.keys, self.values, self.positions))
+
+    def describe(self) -> str:
+        kind = f"lambda(G={self.sinks}, L={self.ring})" if self.bounded else f"full(capacity={self.slots})"
+        return f"{kind}, {self.nbytes / 2**20:.1f} MiB"
+
+    def check_spec(self, spec: AttentionSpec) -> None:
+        """Raise a ValueError when this cache cannot hold every key ``spec`` may attend."""
+        if not self.bounded:
+            return
+        if needs_full_cache(spec):
+            why = "top-k middle tokens need every key" if spec.top_k is not None else "it attends unboundedly many keys"
+            raise ValueError(f"{spec.describe()} needs a full cache ({why}); this is a Λ-cache "
+                             f"(G={self.sinks}, L={self.ring})")
+        if spec.global_branch > self.sinks:
+            raise ValueError(f"spec global_branch {spec.global_branch} exceeds the cache's {self.sinks} sink slots")
+        if spec.local_branch > self.ring:
+            raise ValueError(f"spec local_branch {spec.local_branch} exceeds the cache's ring of {self.ring} slots")
+
+    # ----- one model call ---------------------------------------------------------------
+    def plan(self, positions: jax.Array) -> CacheUpdate:
+        """Where the tokens at ``positions`` ``(B, T)`` go, and the cache's slot order.
+
+        A token is dropped (slot index ``S``) when its position is negative (padding), when
+        a later token of the same call overwrites its ring slot, or when it lies beyond a
+        full cache's capacity (callers validate capacity before tracing).
+        """
+        positions = positions.astype(jnp.int32)
+        s = self.slots
+        valid = positions >= 0
+        if self.bounded:
+            g, length = self.sinks, self.ring
+            newest = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
+            in_sinks = positions < g
+            slot = jnp.where(in_sinks, positions, g + jnp.mod(positions - g, length))
+            keep = valid & (in_sinks | (positions > newest - length))
+        else:
+            slot = positions
+            keep = valid & (positions < s)
+        slot = jnp.where(keep, slot, s).astype(jnp.int32)
+        rows = jnp.arange(positions.shape[0])[:, None]
+        written = self.positions.at[rows, slot].set(positions, mode="drop")
+        order = None if positions.shape[1] == 1 else jnp.argsort(self.positions, axis=1, stable=True)
+        return CacheUpdate(slot=slot, old_positions=self.positions, new_positions=written, order=order)
+
+    def updated(self, keys: jax.Array, values: jax.Array, update: CacheUpdate) -> KVCache:
+        """This cache with every layer's new keys/values and the written positions."""
+        return dataclasses.replace(self, keys=keys, values=values, positions=update.new_positions)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheUpdate:
+    """What `KVCache.plan` computes once per call and every layer reuses.
+
+    ``slot (B, T)``: destination slot per new token (``S`` = dropped);
+    ``old_positions``/``new_positions (B, S)``: slot positions before/after the write;
+    ``order (B, S)``: slots sorted by position, empty first (``None`` for one token).
+    """
+
+    slot: jax.Array
+    old_positions: jax.Array
+    new_positions: jax.Array
+    order: jax.Array | None
+
+
+for _cls, _fields in ((KVCache, ["keys", "values", "positions"]),
+                      (CacheUpdate, ["slot", "old_positions", "new_positions", "order"])):
+    jax.tree_util.register_dataclass(
+        _cls, data_fields=_fields, meta_fields=[f.name for f in dataclasses.fields(_cls) if f.name not in _fields]
+    )
+
+
+def needs_full_cache(spec: AttentionSpec) -> bool:
+    """Whether ``spec`` can attend keys outside the sinks and the last L tokens."""
+    return spec.kind not in BOUNDED_KINDS or spec.top_k is not None
+
+
+def cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    cache_keys: jax.Array,
+    cache_values: jax.Array,
+    update: CacheUpdate,
+    *,
+    spec: AttentionSpec,
+    positional: Positional,
+    scale: float | None = None,
+    layer: int | jax.Array | None = None,
+    implementation: Implementation = "auto",
+    block_q: int = 512,
+    block_k: int = 512,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One layer's attention of new tokens over its cache plus themselves; writes them.
+
+    ``q (B, T, Hq, d)``, ``k``/``v (B, T, Hkv, d)`` un-rotated, ``positions (B, T)``;
+    ``cache_keys``/``cache_values (B, S, Hkv, d)`` this layer's slice of the cache and
+    ``update`` from `KVCache.plan`. Returns ``(out (B, T, Hq, dv), cache_keys, cache_values)``
+    with the new tokens written. Other arguments as in `lminf_jax.attention`.
+    """
+    rows = jnp.arange(k.shape[0])[:, None]
+    new_keys = cache_keys.at[rows, update.slot].set(k.astype(cache_keys.dtype), mode="drop")
+    new_values = cache_values.at[rows, update.slot].set(v.astype(cache_values.dtype), mode="drop")
+    common = dict(spec=spec, positional=positional, scale=scale, layer=layer)
+    if q.shape[1] == 1:
+        out = attention(q, new_keys, new_values, q_positions=positions, k_positions=update.new_positions,
+                        implementation="reference", **common)
+        return out, new_keys, new_values
+    order = update.order[:, :, None, None]
+    keys = jnp.concatenate([jnp.take_along_axis(cache_keys, order, axis=1), k.astype(cache_keys.dtype)], axis=1)
+    values = jnp.concatenate([jnp.take_along_axis(cache_values, order, axis=1), v.astype(cache_values.dtype)], axis=1)
+    key_positions = jnp.concatenate(
+        [jnp.take_along_axis(update.old_positions, update.order, axis=1), positions.astype(jnp.int32)], axis=1
+    )
+    out = attention(q, keys, values, q_positions=positions, k_positions=key_positions,
+                    implementation=implementation, block_q=block_q, block_k=block_k, **common)
+    return out, new_keys, new_values
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,193 @@
+"""A family's forward pass in pieces, and the two drivers that compose them.
+
+Each family module provides ``decoder(config, dtype, seq_len) -> Decoder``: embedding,
+one transformer layer (which calls an ``attend`` function it is handed), the head, and
+its attention geometry. `LanguageModel` drives it:
+
+* ``forward``: one pass over a whole sequence (no cache);
+* ``__call__`` (the *step*): new tokens against a `KVCache`, returning their logits and
+  the updated cache. This is the ``step(params, tokens, positions, cache)`` contract of
+  `lminf_jax.decoding` and `lminf_jax.streaming`.
+
+Both scan the stacked layers once (the step scans the cache's layer axis alongside),
+so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lminf_jax import attention
+from lminf_jax.cache import KVCache, cached_attention
+from lminf_jax.scores import Positional
+from models.common import AttentionCall, Params, check_tokens, default_positions
+
+#: ``attend(q, k, v) -> (out, aux)`` on projected ``(B, T, heads * d)`` tensors.
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """One family's forward pass, for one config and compute dtype.
+
+    ``embed(params, tokens) -> h``; ``layer(layer_params, h, attend) -> (h, aux)`` passes
+    on whatever ``attend`` returned as aux; ``head(params, h) -> float32 logits``;
+    ``layer_params(params)`` the stacked per-layer tree.
+    """
+
+    embed: Callable[[Params, jax.Array], jax.Array]
+    layer: Callable[[Params, jax.Array, Attend], tuple[jax.Array, Any]]
+    head: Callable[[Params, jax.Array], jax.Array]
+    layer_params: Callable[[Params], Params]
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    positional: Positional
+    scale: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModel:
+    """A family's ``decoder`` builder with its config, attention call and compute dtype.
+
+    Frozen and hashable, so it is a valid ``jax.jit`` static argument and can be handed
+    to `lminf_jax.decoding.generate` / `lminf_jax.streaming.streaming_nll` as the step.
+    """
+
+    build: Callable[..., Decoder]
+    config: Any
+    call: AttentionCall = AttentionCall()
+    dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.call, AttentionCall):
+            raise ValueError(f"call must be an AttentionCall, got {type(self.call).__name__}")
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+
+    @property
+    def spec(self):
+        return self.call.spec
+
+    def forward(self, params: Params, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """Logits ``(B, T, vocab)`` in float32 for a whole sequence (see `models.llama.forward`)."""
+        check_tokens(tokens, self.config.vocab_size)
+        return _jit_forward(self, params, tokens, default_positions(tokens, positions))
+
+    def __call__(self, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache
+                 ) -> tuple[jax.Array, KVCache]:
+        """Logits ``(B, T, vocab)`` of new tokens at ``positions (B, T)`` (negative = padding)
+        attending ``cache``, and the cache with them written.
+
+        Positions must exceed every position already in the row's cache. With concrete
+        inputs this is checked, with the cache's capacity; inside jit the caller ensures it.
+        """
+        check_tokens(tokens, self.config.vocab_size)
+        positions = default_positions(tokens, positions)
+        self.check_cache(cache, batch=tokens.shape[0])
+        if not any(isinstance(x, jax.core.Tracer) for x in (positions, cache.positions)):
+            _check_step_positions(np.asarray(positions), np.asarray(cache.positions), cache)
+        return _jit_step(self, params, tokens, positions, cache)
+
+    def init_cache(self, batch: int, *, capacity: int | None = None, dtype=None) -> KVCache:
+        """An empty cache for this model's spec: a Λ-cache when the spec's attended set is
+        bounded, else a full cache of ``capacity`` slots. ``dtype`` defaults to the compute dtype."""
+        dec = self.build(self.config, self.dtype, None)
+        return KVCache.for_spec(self.spec, dec.num_layers, batch, dec.num_kv_heads, dec.head_dim,
+                                capacity=capacity, dtype=self.dtype if dtype is None else dtype)
+
+    def check_cache(self, cache: KVCache, *, batch: int | None = None) -> None:
+        """Raise a ValueError naming what does not fit between ``cache`` and this model."""
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
+        cache.check_spec(self.spec)
+        dec = self.build(self.config, self.dtype, None)
+        expected = (dec.num_layers, cache.keys.shape[1], cache.slots, dec.num_kv_heads, dec.head_dim)
+        if cache.keys.shape != expected:
+            raise ValueError(f"cache keys have shape {cache.keys.shape}; this model needs {expected} "
+                             "(layers, batch, slots, kv_heads, head_dim)")
+        if batch is not None and cache.keys.shape[1] != batch:
+            raise ValueError(f"cache holds {cache.keys.shape[1]} rows but tokens have {batch}")
+
+
+def _check_step_positions(positions: np.ndarray, cached: np.ndarray, cache: KVCache) -> None:
+    positions = positions.astype(np.int64)
+    valid = positions >= 0
+    if not valid.any():
+        return
+    if not cache.bounded and positions.max() >= cache.slots:
+        raise ValueError(f"position {positions.max()} does not fit the full cache's capacity {cache.slots}")
+    newest_cached = cached.max(axis=1)
+    first_new = np.where(valid, positions, np.iinfo(np.int64).max).min(axis=1)
+    bad = np.nonzero(valid.any(axis=1) & (first_new <= newest_cached))[0]
+    if bad.size:
+        b = int(bad[0])
+        raise ValueError(f"positions must continue after the cache: row {b} starts at {first_new[b]} but the "
+                         f"cache already holds position {newest_cached[b]}")
+
+
+def _layer_scan(dec: Decoder, params: Params, h: jax.Array, make_attend, extra_xs=()):
+    """Scan ``dec.layer`` over the stacked layers; ``make_attend(index, *extra) -> attend``."""
+    layers = dec.layer_params(params)
+    num_layers = jax.tree_util.tree_leaves(layers)[0].shape[0]
+
+    def body(h, xs):
+        p, index, *extra = xs
+        return dec.layer(p, h, make_attend(index, *extra))
+
+    return lax.scan(body, h, (layers, jnp.arange(num_layers), *extra_xs))
+
+
+def _heads(x: jax.Array, n: int) -> jax.Array:
+    b, t, _ = x.shape
+    return x.reshape(b, t, n, -1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_forward(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    dec = model.build(model.config, model.dtype, tokens.shape[1])
+    call = model.call
+
+    def make_attend(index):
+        def attend(q, k, v):
+            out = attention(
+                _heads(q, dec.num_heads), _heads(k, dec.num_kv_heads), _heads(v, dec.num_kv_heads),
+                q_positions=positions, k_positions=positions, spec=call.spec, positional=dec.positional,
+                scale=dec.scale, layer=index if call.spec.top_k is not None else None,
+                implementation=call.implementation, block_q=call.block_q, block_k=call.block_k,
+            )
+            return out.reshape(*q.shape[:2], -1), None
+        return attend
+
+    h, _ = _layer_scan(dec, params, dec.embed(params, tokens), make_attend)
+    return dec.head(params, h)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_step(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache
+              ) -> tuple[jax.Array, KVCache]:
+    dec = model.build(model.config, model.dtype, None)
+    call = model.call
+    update = cache.plan(positions)
+
+    def make_attend(index, layer_keys, layer_values):
+        def attend(q, k, v):
+            out, new_keys, new_values = cached_attention(
+                _heads(q, dec.num_heads), _heads(k, dec.num_kv_heads), _heads(v, dec.num_kv_heads), positions,
+                layer_keys, layer_values, update, spec=call.spec, positional=dec.positional, scale=dec.scale,
+                layer=index if call.spec.top_k is not None else None, implementation=call.implementation,
+                block_q=call.block_q, block_k=call.block_k,
+            )
+            return out.reshape(*q.shape[:2], -1), (new_keys, new_values)
+        return attend
+
+    h, (keys, values) = _layer_scan(dec, params, dec.embed(params, tokens), make_attend, (cache.keys, cache.values))
+    return dec.head(params, h), cache.updated(keys, values, update)

@@ -1,0 +1,191 @@
+"""KVCache: slot layout, chunked writes, cached attention against one full attention call."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import (
+    SPEC_FACTORIES,
+    make_positional,
+    naive_positional_kwargs,
+    naive_spec_kwargs,
+    random_qkv,
+    rel_err,
+)
+from naive_attention import naive_attention
+
+from lminf_jax import AttentionSpec, TopK, attention
+from lminf_jax.cache import KVCache, cached_attention, needs_full_cache
+
+G, L = 3, 8
+HQ, HKV, D = 4, 2, 16
+
+
+def _run_chunks(cache: KVCache, q, k, v, positions, chunks, spec, positional, **kw):
+    """Feed (1-layer) q/k/v through `cached_attention` in the given chunk sizes."""
+    outs, t = [], 0
+    keys, values = cache.keys[0], cache.values[0]
+    for c in chunks:
+        sl = slice(t, t + c)
+        update = cache.plan(jnp.asarray(positions[:, sl]))
+        out, keys, values = cached_attention(
+            jnp.asarray(q[:, sl]), jnp.asarray(k[:, sl]), jnp.asarray(v[:, sl]), jnp.asarray(positions[:, sl]),
+            keys, values, update, spec=spec, positional=positional, layer=5, **kw)
+        cache = cache.updated(keys[None], values[None], update)
+        outs.append(out)
+        t += c
+    return jnp.concatenate(outs, axis=1), cache
+
+
+def _chunks(total: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    sizes = []
+    while sum(sizes) < total:
+        sizes.append(int(min(rng.choice([1, 1, 2, 5, 13, 21]), total - sum(sizes))))
+    return sizes
+
+
+@pytest.mark.parametrize("positional_name", ["rope_half", "alibi"])
+@pytest.mark.parametrize("spec_name", sorted(SPEC_FACTORIES))
+@pytest.mark.parametrize("implementation", ["auto", "blockwise"])
+def test_chunked_cached_attention_equals_one_full_call(spec_name, positional_name, implementation):
+    spec = SPEC_FACTORIES[spec_name](G, L)
+    positional = make_positional(positional_name, D, HQ)
+    b, t = 2, 8 * L
+    q, k, v = random_qkv(7, b, t, t, HQ, HKV, D)
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
+    positions[1, :5] = -1  # row 1 is left-padded by 5: its real tokens sit at 0..t-6
+    positions[1, 5:] = np.arange(t - 5)
+    cache = KVCache.for_spec(spec, 1, b, HKV, D, capacity=t)
+    assert cache.bounded == (spec.kind not in ("vanilla", "distance_limit"))
+    got, cache = _run_chunks(cache, q, k, v, positions, _chunks(t, 3), spec, positional,
+                             implementation=implementation, block_q=4, block_k=4)
+    want = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_positions=jnp.asarray(positions),
+                     k_positions=jnp.asarray(positions), spec=spec, positional=positional, implementation="reference")
+    valid = positions >= 0
+    assert rel_err(np.asarray(got)[valid], np.asarray(want)[valid]) < 1e-5
+    np.testing.assert_array_equal(np.asarray(got)[~valid], 0.0)
+
+
+def test_top_k_with_full_cache_equals_reference_at_each_decoding_step():
+    spec = AttentionSpec.lm_infinite(G, L, top_k=TopK(k=3, insert_distance=L // 2, from_layer=4))
+    positional = make_positional("rope_half", D, HQ)
+    t = 6 * L
+    q, k, v = random_qkv(11, 1, t, t, HQ, HKV, D)
+    positions = np.arange(t, dtype=np.int32)[None]
+    prompt = 3 * L
+    cache = KVCache.full(1, 1, HKV, D, capacity=t)
+    got, _ = _run_chunks(cache, q, k, v, positions, [prompt] + [1] * (t - prompt), spec, positional)
+    for i in [prompt - 1, prompt, t - 1]:  # the prompt's last query and decoding steps: top-k at the query
+        want = attention(jnp.asarray(q[:, i:i + 1]), jnp.asarray(k[:, :i + 1]), jnp.asarray(v[:, :i + 1]),
+                         q_positions=jnp.asarray([i]), k_positions=jnp.arange(i + 1), spec=spec,
+                         positional=positional, layer=5, implementation="reference")
+        assert rel_err(got[:, i], want[:, 0]) < 1e-5
+
+
+@pytest.mark.parametrize("sinks,window", [(3, 8), (0, 5), (10, 1)])
+def test_lambda_cache_holds_exactly_the_sinks_and_the_last_window(sinks, window):
+    n = 200
+    cache = KVCache.lambda_cache(1, 2, 1, 4, sinks=sinks, window=window)
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((2, n, 1, 4)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(n, dtype=np.int32), (2, n))
+    t = 0
+    for c in _chunks(n, sinks + window):
+        update = cache.plan(jnp.asarray(positions[:, t:t + c]))
+        _, keys, vals = cached_attention(
+            jnp.asarray(values[:, t:t + c]), jnp.asarray(values[:, t:t + c]), jnp.asarray(values[:, t:t + c]),
+            jnp.asarray(positions[:, t:t + c]), cache.keys[0], cache.values[0], update,
+            spec=AttentionSpec.sliding_window(window), positional=None)
+        cache = cache.updated(keys[None], vals[None], update)
+        t += c
+    held = np.asarray(cache.positions)
+    expected = set(range(sinks)) | set(range(n - window, n))
+    for row in range(2):
+        assert set(held[row].tolist()) == expected
+        for slot, p in enumerate(held[row]):
+            assert slot == (p if p < sinks else sinks + (p - sinks) % window)
+            np.testing.assert_array_equal(np.asarray(cache.keys[0, row, slot]), values[row, p])
+
+
+def test_lambda_cache_size_is_independent_of_stream_length():
+    def fill(n):
+        cache = KVCache.lambda_cache(2, 1, 2, 8, sinks=4, window=16, dtype=jnp.bfloat16)
+        pos = jnp.arange(n, dtype=jnp.int32)[None]
+        update = cache.plan(pos)
+        kv = jnp.ones((1, n, 2, 8), jnp.bfloat16)
+        keys = jax.vmap(lambda c: c.at[jnp.arange(1)[:, None], update.slot].set(kv, mode="drop"))(cache.keys)
+        return cache.updated(keys, keys, update)
+
+    a, b = fill(10), fill(10_000)
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        assert (x.shape, x.dtype) == (y.shape, y.dtype)
+    assert a.nbytes == b.nbytes == 2 * (2 * 20 * 2 * 8 * 2) + 20 * 4
+    assert sorted(np.asarray(b.positions[0]).tolist()) == [0, 1, 2, 3, *range(10_000 - 16, 10_000)]
+
+
+def _filled(cache: KVCache, k, v, positions) -> KVCache:
+    """``cache`` (one layer) holding k/v at the given positions."""
+    update = cache.plan(jnp.asarray(positions))
+    rows = jnp.arange(k.shape[0])[:, None]
+    keys = cache.keys[0].at[rows, update.slot].set(jnp.asarray(k), mode="drop")
+    values = cache.values[0].at[rows, update.slot].set(jnp.asarray(v), mode="drop")
+    return cache.updated(keys[None], values[None], update)
+
+
+def test_cached_rope_is_exact_beyond_1e8():
+    """Decoding at position ~1e8 (and near 2^31) with the same cache contents as at a small
+    position gives the same output (LM-Infinite sees only relative distances and un-rotated
+    sinks), and matches the float64 oracle there."""
+    spec = AttentionSpec.lm_infinite(G, L)
+    rope = make_positional("rope_half", D, HQ)
+    q, k, v = random_qkv(5, 1, 1, G + L, HQ, HKV, D)
+    outs = []
+    for newest in (G + L + 5, 100_000_000 + 12_345, 2**31 - 2):
+        key_pos = np.concatenate([np.arange(G), newest - L + 1 + np.arange(L)]).astype(np.int32)[None]
+        cache = _filled(KVCache.lambda_cache(1, 1, HKV, D, sinks=G, window=L), k, v, key_pos)
+        pos = jnp.asarray([[newest + 1]], jnp.int32)
+        update = cache.plan(pos)
+        slot = int(update.slot[0, 0])  # the new token evicts the oldest window key: give it the same k/v
+        new_k, new_v = cache.keys[0][:, slot:slot + 1], cache.values[0][:, slot:slot + 1]
+        out, keys, values = cached_attention(jnp.asarray(q), new_k, new_v, pos, cache.keys[0], cache.values[0],
+                                             update, spec=spec, positional=rope)
+        want = naive_attention(q, np.asarray(keys), np.asarray(values), np.asarray(pos),
+                               np.asarray(update.new_positions), scale=D ** -0.5, **naive_spec_kwargs(spec),
+                               **naive_positional_kwargs(rope))
+        assert rel_err(out, want) < 2e-5, newest
+        outs.append(np.asarray(out))
+    for other in outs[1:]:
+        assert rel_err(other, outs[0]) < 2e-5
+
+
+def test_cache_rejects_specs_it_cannot_serve():
+    cache = KVCache.lambda_cache(1, 1, 1, 4, sinks=4, window=16)
+    cache.check_spec(AttentionSpec.lm_infinite(4, 16))
+    cache.check_spec(AttentionSpec.sliding_window(8))
+    with pytest.raises(ValueError, match="full cache"):
+        cache.check_spec(AttentionSpec.vanilla())
+    with pytest.raises(ValueError, match="top-k"):
+        cache.check_spec(AttentionSpec.lm_infinite(4, 16, top_k=TopK(2, 8, 0)))
+    with pytest.raises(ValueError, match="global_branch 5"):
+        cache.check_spec(AttentionSpec.lm_infinite(5, 16))
+    with pytest.raises(ValueError, match="local_branch 32"):
+        cache.check_spec(AttentionSpec.streaming_llm(4, 32))
+    with pytest.raises(ValueError, match="capacity is required"):
+        KVCache.for_spec(AttentionSpec.distance_limit(8), 1, 1, 1, 4)
+    with pytest.raises(ValueError, match="window"):
+        KVCache.lambda_cache(1, 1, 1, 4, sinks=2, window=0)
+    assert needs_full_cache(AttentionSpec.sliding_window(4, top_k=TopK(1, 2, 0)))
+    KVCache.full(1, 1, 1, 4, capacity=8).check_spec(AttentionSpec.lm_infinite(4, 16, top_k=TopK(2, 8, 0)))
+
+
+def test_plan_drops_padding_and_tokens_overwritten_within_the_call():
+    cache = KVCache.lambda_cache(1, 1, 1, 4, sinks=2, window=4)
+    positions = jnp.asarray([[-1, -1, 0, 1, 2, 3, 4, 5, 6, 7]], jnp.int32)
+    update = cache.plan(positions)
+    s = cache.slots
+    assert np.asarray(update.slot).tolist() == [[s, s, 0, 1, s, s, 4, 5, 2, 3]]
+    assert np.asarray(update.new_positions).tolist() == [[0, 1, 6, 7, 4, 5]]

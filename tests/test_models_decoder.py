@@ -1,0 +1,128 @@
+"""The cached step of every family: chunked prefill + token-by-token decoding equal one forward."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY_MODELS, random_model, rel_err
+
+from lminf_jax import AttentionSpec, TopK
+from lminf_jax.cache import KVCache
+from models import registry
+from models.common import AttentionCall
+
+G, L = 3, 8
+T = 8 * L
+PREFILL_CHUNKS = (5, 13, 6)  # 24 prompt tokens in uneven chunks (one longer than L), then 40 decoding steps
+
+
+def _tokens_and_positions(batch: int = 2, pad: int = 5, seed: int = 0):
+    tokens = np.random.default_rng(seed).integers(0, 97, (batch, T)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (batch, T)).copy()
+    positions[-1, :pad] = -1  # the last row is left-padded
+    positions[-1, pad:] = np.arange(T - pad)
+    return jnp.asarray(tokens), jnp.asarray(positions)
+
+
+def _incremental_logits(model, params, tokens, positions, cache, chunks=PREFILL_CHUNKS):
+    outs, t = [], 0
+    for c in list(chunks) + [1] * (tokens.shape[1] - sum(chunks)):
+        logits, cache = model(params, tokens[:, t:t + c], positions[:, t:t + c], cache)
+        outs.append(logits)
+        t += c
+    return jnp.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("spec_name", ["lm_infinite", "vanilla"])
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_prefill_plus_decoding_equals_one_forward(name, spec_name):
+    family, cfg, params = random_model(name)
+    spec = AttentionSpec.lm_infinite(G, L) if spec_name == "lm_infinite" else AttentionSpec.vanilla()
+    model = family.model(cfg, AttentionCall(spec))
+    tokens, positions = _tokens_and_positions()
+    cache = model.init_cache(2, capacity=T)
+    assert cache.bounded == (spec_name == "lm_infinite")
+    got, cache = _incremental_logits(model, params, tokens, positions, cache)
+    want = model.forward(params, tokens, positions)
+    valid = np.asarray(positions) >= 0
+    got, want = np.asarray(got)[valid], np.asarray(want)[valid]
+    assert np.max(np.abs(got - want)) <= 1e-4
+    assert rel_err(got, want) < 1e-5
+
+
+def test_blockwise_prefill_chunks_equal_one_forward():
+    family, cfg, params = random_model("llama_gqa")
+    call = AttentionCall(AttentionSpec.streaming_llm(G, L), implementation="blockwise", block_q=4, block_k=4)
+    model = family.model(cfg, call)
+    tokens, positions = _tokens_and_positions()
+    got, _ = _incremental_logits(model, params, tokens, positions, model.init_cache(2), chunks=(9, 20, 3, 17))
+    want = dataclasses.replace(model, call=AttentionCall(call.spec, "reference")).forward(params, tokens, positions)
+    valid = np.asarray(positions) >= 0
+    assert rel_err(np.asarray(got)[valid], np.asarray(want)[valid]) < 1e-5
+
+
+def test_top_k_applied_at_the_prompt_end_equals_one_forward():
+    """Chunks before the last run without top-k (as `generate`'s prefill_step does), so the
+    prompt's last position gets the middle tokens exactly as in one forward over the prompt."""
+    family, cfg, params = random_model("gptj")
+    spec = AttentionSpec.lm_infinite(G, L, top_k=TopK(k=2, insert_distance=L // 2, from_layer=1))
+    with_top_k = family.model(cfg, AttentionCall(spec))
+    without = family.model(cfg, AttentionCall(dataclasses.replace(spec, top_k=None)))
+    tokens, positions = _tokens_and_positions(batch=1, pad=0)
+    cache = with_top_k.init_cache(1, capacity=T)
+    _, cache = without(params, tokens[:, :40], positions[:, :40], cache)
+    last, _ = with_top_k(params, tokens[:, 40:], positions[:, 40:], cache)
+    want = with_top_k.forward(params, tokens, positions)
+    plain = without.forward(params, tokens, positions)
+    assert rel_err(last, want[:, 40:]) < 1e-5
+    assert rel_err(want[:, -1], plain[:, -1]) > 1e-3  # top-k changed the last position
+
+
+def test_lambda_cache_has_the_same_size_after_10_and_10000_tokens():
+    family, cfg, params = random_model("mpt_biases_qk_ln")
+    model = family.model(cfg, AttentionCall(AttentionSpec.lm_infinite(G, L)))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 97, (1, 10_000)), jnp.int32)
+    positions = jnp.arange(10_000, dtype=jnp.int32)[None]
+    short = model(params, tokens[:, :10], positions[:, :10], model.init_cache(1))[1]
+    long = model.init_cache(1)
+    for t in range(0, 10_000, 1000):
+        long = model(params, tokens[:, t:t + 1000], positions[:, t:t + 1000], long)[1]
+    assert jax.tree_util.tree_structure(short) == jax.tree_util.tree_structure(long)
+    for a, b in zip(jax.tree_util.tree_leaves(short), jax.tree_util.tree_leaves(long), strict=True):
+        assert (a.shape, a.dtype, a.nbytes) == (b.shape, b.dtype, b.nbytes)
+    assert short.nbytes == long.nbytes
+    assert sorted(np.asarray(long.positions[0]).tolist()) == [0, 1, 2, *range(10_000 - L, 10_000)]
+
+
+def test_step_rejects_bad_positions_and_caches():
+    family, cfg, params = random_model("llama_gqa")
+    model = family.model(cfg, AttentionCall(AttentionSpec.vanilla()))
+    tokens, positions = _tokens_and_positions(batch=1, pad=0)
+    cache = model.init_cache(1, capacity=16)
+    _, cache = model(params, tokens[:, :8], positions[:, :8], cache)
+    with pytest.raises(ValueError, match="continue after the cache"):
+        model(params, tokens[:, :4], positions[:, 4:8], cache)
+    with pytest.raises(ValueError, match="capacity 16"):
+        model(params, tokens[:, :10], positions[:, 8:18], cache)
+    with pytest.raises(ValueError, match="capacity is required"):
+        model.init_cache(1)
+    with pytest.raises(ValueError, match="needs a full cache"):
+        model(params, tokens[:, :1], positions[:, :1], KVCache.lambda_cache(2, 1, 2, 8, sinks=G, window=L))
+    with pytest.raises(ValueError, match="cache keys have shape"):
+        model(params, tokens[:, :1], positions[:, :1], KVCache.full(3, 1, 2, 8, capacity=16))
+    with pytest.raises(ValueError, match="2 rows"):
+        model(params, tokens[:, :1], positions[:, :1], model.init_cache(2, capacity=16))
+
+
+def test_dynamic_rope_scaling_is_refused_for_cached_decoding():
+    config = dict(TINY_MODELS["llama_gqa"], rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+                  max_position_embeddings=32)
+    family = registry.family_for_config(config)
+    cfg = family.config_from_hf(config)
+    model = family.model(cfg, AttentionCall(AttentionSpec.lm_infinite(G, L)))
+    with pytest.raises(ValueError, match="dynamic"):
+        model.init_cache(1)

@@ -1,0 +1,326 @@
+"""streaming_nll: exactness against a direct computation, chunking, checkpoint/resume, buckets."""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lminf_jax import streaming
+from lminf_jax.streaming import PositionBuckets, StreamResult, streaming_nll
+
+V, D, F = 13, 6, 3
+DECAY = 0.9
+FREQS = np.array([0.05, 0.31, 1.7])
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyStep:
+    """logits[p] = h[p] @ out + sin(p * FREQS) @ pos + (n[p] mod 5) * bias, where
+    h[p] = DECAY * h[p-1] + emb[token[p]] and n counts the tokens seen: both live in the cache
+    (float32 and int32 leaves), so a wrong restore or position offset changes every score.
+    Position -1 (padding) leaves the cache untouched."""
+
+    decay: float = DECAY
+
+    def __call__(self, params, tokens, positions, cache):
+        def one(carry, xs):
+            h, n = carry
+            tok, pos = xs
+            live = pos >= 0
+            h = jnp.where(live[:, None], self.decay * h + params["emb"][tok], h)
+            n = n + live.astype(jnp.int32)
+            angles = pos.astype(jnp.float32)[:, None] * jnp.asarray(FREQS, jnp.float32)
+            count_term = (n % 5).astype(jnp.float32)[:, None] * params["bias"]
+            logits = h @ params["out"] + jnp.sin(angles) @ params["pos"] + count_term
+            return (h, n), logits
+
+        (h, n), logits = jax.lax.scan(one, (cache["h"], cache["n"]), (tokens.T, positions.T))
+        return jnp.transpose(logits, (1, 0, 2)), {"h": h, "n": n}
+
+
+STEP = ToyStep()
+
+
+def toy_params(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "emb": jnp.asarray(rng.normal(size=(V, D)), jnp.float32),
+        "out": jnp.asarray(rng.normal(size=(D, V)), jnp.float32),
+        "pos": jnp.asarray(rng.normal(size=(F, V)), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=(V,)) * 0.3, jnp.float32),
+    }
+
+
+def empty_cache(batch):
+    return {"h": jnp.zeros((batch, D), jnp.float32), "n": jnp.zeros((batch,), jnp.int32)}
+
+
+def stream(n, batch=None, seed=1):
+    shape = (n,) if batch is None else (batch, n)
+    return np.random.default_rng(seed).integers(0, V, size=shape).astype(np.int64)
+
+
+def direct_nll(params, tokens):
+    """Per-token NLL (N-1,) of one stream, token by token in float64 numpy."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    h, out = np.zeros(D), []
+    for i in range(len(tokens) - 1):
+        h = DECAY * h + p["emb"][tokens[i]]
+        logits = h @ p["out"] + np.sin(i * FREQS) @ p["pos"] + ((i + 1) % 5) * p["bias"]
+        lse = logits.max() + np.log(np.exp(logits - logits.max()).sum())
+        out.append(lse - logits[tokens[i + 1]])
+    return np.array(out)
+
+
+def run(tokens, chunk, **kw):
+    batch = 1 if tokens.ndim == 1 else tokens.shape[0]
+    kw.setdefault("progress", False)
+    return streaming_nll(STEP, toy_params(), tokens, empty_cache(batch), chunk=chunk, **kw)
+
+
+def same_science(a: StreamResult, b: StreamResult):
+    """Exact (==) equality of everything measured (not the timings)."""
+    assert a.tokens == b.tokens and a.positions == b.positions and a.complete == b.complete
+    assert a.nll == b.nll and a.ppl == b.ppl
+    assert a.buckets == b.buckets
+    assert a.stream_nll == b.stream_nll
+    for x, y in zip(jax.tree.leaves(a.cache), jax.tree.leaves(b.cache)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ----- exactness ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_matches_direct_computation_with_partial_last_chunk(batch):
+    n, chunk = 301, 32  # 300 scores: 9 full chunks and one of 12
+    tokens = stream(n, batch)
+    res = run(tokens, chunk)
+    rows = tokens[None] if batch is None else tokens
+    want = np.stack([direct_nll(toy_params(), r) for r in rows])  # (B, N-1)
+    assert res.complete and res.tokens == want.size and res.positions == n - 1 and res.length == n
+    np.testing.assert_allclose(res.nll, want.mean(), rtol=1e-5)
+    np.testing.assert_allclose(res.ppl, math.exp(want.mean()), rtol=1e-5)
+    np.testing.assert_allclose(res.stream_nll, want.mean(axis=1), rtol=1e-5)
+    ids = PositionBuckets().index(np.arange(n - 1))
+    assert [(r.lo, r.hi) for r in res.buckets] == [tuple(map(int, PositionBuckets().bounds(i))) for i in np.unique(ids)]
+    for row, i in zip(res.buckets, np.unique(ids)):
+        sel = want[:, ids == i]
+        assert row.count == sel.size
+        np.testing.assert_allclose(row.nll, sel.mean(), rtol=1e-5)
+    assert sum(r.count for r in res.buckets) == res.tokens
+
+
+def test_independent_of_chunk_size_and_memmap_input(tmp_path):
+    tokens = stream(200, 2, seed=3)
+    base = run(tokens, 64)
+    for chunk in (1, 7, 199, 500):  # 500: a single chunk, mostly padding
+        other = run(tokens, chunk)
+        assert other.tokens == base.tokens and [r.count for r in other.buckets] == [r.count for r in base.buckets]
+        np.testing.assert_allclose(other.nll, base.nll, rtol=1e-6)
+        np.testing.assert_allclose([r.nll for r in other.buckets], [r.nll for r in base.buckets], rtol=1e-5)
+        np.testing.assert_allclose(other.stream_nll, base.stream_nll, rtol=1e-6)
+    np.save(tmp_path / "tokens.npy", tokens.astype(np.uint16))
+    mapped = np.load(tmp_path / "tokens.npy", mmap_mode="r")
+    same_science(run(mapped, 64), base)
+
+
+def test_cache_shapes_and_dtypes_are_constant():
+    cache = empty_cache(2)
+    res = streaming_nll(STEP, toy_params(), stream(150, 2), cache, chunk=16, progress=False)
+    assert jax.tree.structure(res.cache) == jax.tree.structure(cache)
+    def shapes(tree):
+        return [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+
+    assert shapes(res.cache) == shapes(cache)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(cache))  # the caller's cache is not donated
+    np.testing.assert_array_equal(np.asarray(res.cache["n"]), [149, 149])  # padding slots were not counted
+
+
+# ----- checkpoints --------------------------------------------------------------------------
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    tokens = stream(301, 2, seed=4)  # 19 chunks of 16
+    whole = run(tokens, 16)
+    part = run(tokens, 16, checkpoint_dir=tmp_path, checkpoint_every=3, max_chunks=7)
+    assert not part.complete and part.positions == 7 * 16 and part.tokens == 2 * 7 * 16
+    assert [p.name for p in tmp_path.iterdir()] == ["state-000000000007"]  # saved at the stop, only the latest kept
+    rest = run(tokens, 16, checkpoint_dir=tmp_path, checkpoint_every=3)
+    assert rest.complete and rest.resumed_tokens == part.tokens
+    same_science(rest, whole)
+    again = run(tokens, 16, checkpoint_dir=tmp_path)  # resuming a finished run recomputes nothing
+    assert again.resumed_tokens == whole.tokens
+    same_science(again, whole)
+
+
+def test_kill_between_checkpoints_redoes_the_lost_work(tmp_path, monkeypatch):
+    tokens = stream(301, seed=5)  # 19 chunks of 16
+    whole = run(tokens, 16)
+    reads = {"n": 0}
+    real_read = streaming._read_window
+
+    def dying_read(*args):
+        reads["n"] += 1
+        if reads["n"] > 11:
+            raise KeyboardInterrupt("killed")
+        return real_read(*args)
+
+    monkeypatch.setattr(streaming, "_read_window", dying_read)
+    with pytest.raises(KeyboardInterrupt):
+        run(tokens, 16, checkpoint_dir=tmp_path, checkpoint_every=4)
+    monkeypatch.setattr(streaming, "_read_window", real_read)
+    assert [p.name for p in tmp_path.iterdir()] == ["state-000000000008"]  # 11 chunks ran, 8 were saved
+    (tmp_path / "tmp-000000000012-1").mkdir()  # debris of a save killed half way
+    (tmp_path / "tmp-000000000012-1" / "junk").write_text("partial")
+    rest = run(tokens, 16, checkpoint_dir=tmp_path, checkpoint_every=4)
+    assert rest.resumed_tokens == 8 * 16
+    same_science(rest, whole)
+    assert [p.name for p in tmp_path.iterdir()] == ["state-000000000019"]
+
+
+def test_resume_with_different_settings_names_what_differs(tmp_path):
+    tokens = stream(120, seed=6)
+    run(tokens, 16, checkpoint_dir=tmp_path, max_chunks=2)
+    with pytest.raises(ValueError, match="chunk: checkpoint has 16, run asks 8"):
+        run(tokens, 8, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="fingerprint: checkpoint has sha256:"):
+        run(stream(120, seed=7), 16, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="length: checkpoint has 120, run asks 121") as info:
+        run(stream(121, seed=6), 16, checkpoint_dir=tmp_path)
+    assert "chunk" not in str(info.value)
+    with pytest.raises(ValueError, match=r"buckets: checkpoint has \{'per_octave': 4\}, run asks \{'per_octave': 2\}"):
+        run(tokens, 16, checkpoint_dir=tmp_path, buckets=PositionBuckets(2))
+    with pytest.raises(ValueError, match="streams: checkpoint has 1, run asks 2"):
+        run(np.stack([tokens, tokens]), 16, checkpoint_dir=tmp_path)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Box:
+    """A cache as a registered dataclass with a static field, like `lminf_jax.cache.KVCache`."""
+
+    h: jax.Array
+    n: jax.Array
+    tag: str = dataclasses.field(default="toy", metadata=dict(static=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxStep:
+    def __call__(self, params, tokens, positions, cache):
+        logits, new = STEP(params, tokens, positions, {"h": cache.h, "n": cache.n})
+        return logits, Box(new["h"], new["n"], cache.tag)
+
+
+def test_resume_restores_the_cache_pytree_structure(tmp_path):
+    tokens = stream(100, 2, seed=9)
+    box = Box(jnp.zeros((2, D), jnp.float32), jnp.zeros((2,), jnp.int32), "mine")
+    whole = streaming_nll(BoxStep(), toy_params(), tokens, box, chunk=16, progress=False)
+    streaming_nll(BoxStep(), toy_params(), tokens, box, chunk=16, progress=False, checkpoint_dir=tmp_path, max_chunks=2)
+    rest = streaming_nll(BoxStep(), toy_params(), tokens, box, chunk=16, progress=False, checkpoint_dir=tmp_path)
+    assert type(rest.cache) is Box and rest.cache.tag == "mine"
+    assert jax.tree.structure(rest.cache) == jax.tree.structure(box)
+    same_science(rest, whole)
+    wider = Box(jnp.zeros((2, D + 1), jnp.float32), jnp.zeros((2,), jnp.int32), "mine")
+    with pytest.raises(ValueError, match=r"cache: checkpoint has \[.*float32\[2, 6\].*run asks .*float32\[2, 7\]"):
+        streaming_nll(BoxStep(), toy_params(), tokens, wider, chunk=16, progress=False, checkpoint_dir=tmp_path)
+
+
+# ----- buckets ------------------------------------------------------------------------------
+
+
+def brute_edges(k, limit):
+    """Bucket lower bounds: singletons while geometric buckets are narrower than 1, then ceil(2**(j/k))."""
+    j = 0
+    while 2 ** (j / k) * (2 ** (1 / k) - 1) < 1:
+        j += 1
+    first = math.ceil(2 ** (j / k))
+    edges = list(range(first))
+    while edges[-1] <= limit:
+        edges.append(math.ceil(2 ** (j / k)))
+        j += 1
+    return edges
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 7])
+def test_bucket_index_matches_brute_force(k):
+    b = PositionBuckets(k)
+    positions = np.arange(5001)
+    edges = brute_edges(k, 5001)
+    assert all(x < y for x, y in zip(edges, edges[1:]))
+    want = np.array([bisect.bisect_right(edges, p) - 1 for p in positions])
+    got = b.index(positions)
+    np.testing.assert_array_equal(got, want)
+    lo, hi = b.bounds(got)
+    assert (lo <= positions).all() and (positions < hi).all()
+    assert edges[b.linear_below] == b.linear_below and edges[:b.linear_below] == list(range(b.linear_below))
+    assert b.count(5000) == want[-1] + 1
+    if k == 4:
+        assert edges[:13] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16]
+
+
+@pytest.mark.parametrize("k", [1, 4, 7])
+def test_bucket_index_of_huge_positions(k):
+    b = PositionBuckets(k)
+    huge = np.array([2**33, 2**33 - 1, 2**33 + 1, 3 * 2**33 + 5, 2**40, 2**40 - 1, 2**31 - 1], np.int64)
+    i = b.index(huge)
+    lo, hi = b.bounds(i)
+    assert (lo <= huge).all() and (huge < hi).all()
+    np.testing.assert_array_equal(b.index(lo), i)
+    np.testing.assert_array_equal(b.index(hi - 1), i)
+    np.testing.assert_array_equal(b.index(hi), i + 1)
+    np.testing.assert_allclose(hi / lo, 2 ** (1 / k), rtol=1e-6)  # geometric widths
+    assert b.count(2**40) < 42 * k + 50  # no table sized by the position
+    assert int(b.index(2**33)) == b.linear_below + 33 * k - b._first_geometric
+
+
+# ----- results, validation, progress --------------------------------------------------------
+
+
+def test_result_json_round_trip():
+    res = run(stream(90, 2, seed=8), 16, max_chunks=3)
+    data = json.loads(json.dumps(res.to_json(), allow_nan=False))
+    assert data == res.to_json()
+    assert data["complete"] is False and data["tokens"] == 2 * 48 and len(data["stream_nll"]) == 2
+    assert set(data["buckets"][0]) == {"lo", "hi", "count", "nll", "ppl"}
+    back = StreamResult.from_json(data)
+    assert back == res and back.cache is None
+
+
+def test_validation_errors_name_the_parameter():
+    tokens = stream(50)
+    with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
+        run(tokens, 0)
+    with pytest.raises(ValueError, match="checkpoint_every must be an integer >= 1"):
+        run(tokens, 8, checkpoint_every=0)
+    with pytest.raises(ValueError, match="max_chunks must be an integer >= 0"):
+        run(tokens, 8, max_chunks=-1)
+    with pytest.raises(ValueError, match="tokens must be an integer array"):
+        run(tokens.astype(np.float32), 8)
+    with pytest.raises(ValueError, match="tokens must be 1-D"):
+        run(tokens.reshape(1, 5, 10), 8)
+    with pytest.raises(ValueError, match="at least 2 tokens per stream"):
+        run(tokens[:1], 8)
+    with pytest.raises(ValueError, match="ids must lie in"):
+        run(np.array([1, 2, -3, 4]), 8)
+    too_long = np.broadcast_to(np.zeros(1, np.int32), (2**31,))  # no memory behind it
+    with pytest.raises(ValueError, match=r"longer than 2\*\*31 - 1"):
+        run(too_long, 8)
+    with pytest.raises(ValueError, match="per_octave must be an integer >= 1"):
+        PositionBuckets(0)
+
+
+def test_progress_line_reports_tokens_rate_and_mean_nll(capsys):
+    res = run(stream(65), 16, progress=True)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("streaming NLL: 64/64 tokens, ") and " tokens/s, " in last
+    assert last.endswith(f"mean NLL {res.nll:.4f}")
+    run(stream(65), 16, progress=False)
+    assert capsys.readouterr().err == ""
