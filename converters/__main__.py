@@ -3,15 +3,19 @@
     python -m converters HF_DIR OUT_DIR [--dtype bf16|fp32|fp16] [--no-progress]
 
 The family is resolved from config.json's ``model_type`` by `models.registry`, and its
-checkpoint layout by `converters.families.layout_for`.
+checkpoint layout by `converters.families.layout_for`. The tokenizer files of HF_DIR
+(`TOKENIZER_FILES`, whichever exist) are copied into OUT_DIR, so that a converted
+directory is self-contained (`experiments.generate` reads its tokenizer there).
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,20 @@ from converters.reader import CheckpointReader
 from converters.store import save_converted
 
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
+
+#: Tokenizer files copied from HF_DIR into OUT_DIR (those that exist).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer(hf_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy `TOKENIZER_FILES` present in `hf_dir` into `out_dir`; return the names copied."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        source = Path(hf_dir) / name
+        if source.is_file():
+            shutil.copyfile(source, Path(out_dir) / name)
+            copied.append(name)
+    return copied
 
 
 def _peak_rss_mb() -> float:
@@ -46,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         layout = layout_for(family, family.config_from_hf(reader.config))
         params = load_params(reader, layout, dtype=DTYPES.get(args.dtype), progress=not args.no_progress)
         out = save_converted(args.out_dir, params, reader.config, family.name)
+        copied = copy_tokenizer(args.hf_dir, out)
     except (OSError, ValueError, ImportError) as e:  # bad input: the message says what and where
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -54,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"converted {family.name}: {sum(leaf.size for leaf in leaves):,} parameters in {len(leaves)} arrays, "
         f"dtype {'/'.join(dtypes)}, {time.perf_counter() - start:.1f} s, peak host RSS {_peak_rss_mb():.0f} MB\n"
-        f"wrote {out}"
+        f"wrote {out}\n"
+        + (f"copied tokenizer files: {', '.join(copied)}" if copied
+           else f"no tokenizer files in {args.hf_dir} (looked for {', '.join(TOKENIZER_FILES)}): none copied")
     )
     return 0
 

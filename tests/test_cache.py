@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,17 +25,22 @@ G, L = 3, 8
 HQ, HKV, D = 4, 2, 16
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "positional", "implementation", "block_q", "block_k"))
+def _cached_step(cache: KVCache, q, k, v, positions, *, spec, positional, **kw) -> tuple[jax.Array, KVCache]:
+    """One call of `cached_attention` on a one-layer cache, as a model step does it."""
+    update = cache.plan(positions)
+    out, keys, values = cached_attention(q, k, v, positions, cache.keys[0], cache.values[0], update,
+                                         spec=spec, positional=positional, layer=5, **kw)
+    return out, cache.updated(keys[None], values[None], update)
+
+
 def _run_chunks(cache: KVCache, q, k, v, positions, chunks, spec, positional, **kw):
     """Feed (1-layer) q/k/v through `cached_attention` in the given chunk sizes."""
     outs, t = [], 0
-    keys, values = cache.keys[0], cache.values[0]
     for c in chunks:
         sl = slice(t, t + c)
-        update = cache.plan(jnp.asarray(positions[:, sl]))
-        out, keys, values = cached_attention(
-            jnp.asarray(q[:, sl]), jnp.asarray(k[:, sl]), jnp.asarray(v[:, sl]), jnp.asarray(positions[:, sl]),
-            keys, values, update, spec=spec, positional=positional, layer=5, **kw)
-        cache = cache.updated(keys[None], values[None], update)
+        out, cache = _cached_step(cache, *(jnp.asarray(x[:, sl]) for x in (q, k, v, positions)), spec=spec,
+                                  positional=positional, **kw)
         outs.append(out)
         t += c
     return jnp.concatenate(outs, axis=1), cache
@@ -43,13 +50,15 @@ def _chunks(total: int, seed: int) -> list[int]:
     rng = np.random.default_rng(seed)
     sizes = []
     while sum(sizes) < total:
-        sizes.append(int(min(rng.choice([1, 1, 2, 5, 13, 21]), total - sum(sizes))))
+        sizes.append(int(min(rng.choice([1, 1, 5, 13]), total - sum(sizes))))
     return sizes
 
 
-@pytest.mark.parametrize("positional_name", ["rope_half", "alibi"])
-@pytest.mark.parametrize("spec_name", sorted(SPEC_FACTORIES))
-@pytest.mark.parametrize("implementation", ["auto", "blockwise"])
+@pytest.mark.parametrize("spec_name,positional_name,implementation", [
+    *((name, "rope_half", "blockwise") for name in sorted(SPEC_FACTORIES)),
+    ("lm_infinite", "rope_interleaved_partial", "auto"), ("lm_infinite", "alibi", "blockwise"),
+    ("streaming_llm", "alibi", "auto"), ("vanilla", "alibi", "auto"),
+])
 def test_chunked_cached_attention_equals_one_full_call(spec_name, positional_name, implementation):
     spec = SPEC_FACTORIES[spec_name](G, L)
     positional = make_positional(positional_name, D, HQ)
@@ -92,15 +101,8 @@ def test_lambda_cache_holds_exactly_the_sinks_and_the_last_window(sinks, window)
     rng = np.random.default_rng(0)
     values = rng.standard_normal((2, n, 1, 4)).astype(np.float32)
     positions = np.broadcast_to(np.arange(n, dtype=np.int32), (2, n))
-    t = 0
-    for c in _chunks(n, sinks + window):
-        update = cache.plan(jnp.asarray(positions[:, t:t + c]))
-        _, keys, vals = cached_attention(
-            jnp.asarray(values[:, t:t + c]), jnp.asarray(values[:, t:t + c]), jnp.asarray(values[:, t:t + c]),
-            jnp.asarray(positions[:, t:t + c]), cache.keys[0], cache.values[0], update,
-            spec=AttentionSpec.sliding_window(window), positional=None)
-        cache = cache.updated(keys[None], vals[None], update)
-        t += c
+    _, cache = _run_chunks(cache, values, values, values, positions, _chunks(n, sinks + window),
+                           AttentionSpec.sliding_window(window), None)
     held = np.asarray(cache.positions)
     expected = set(range(sinks)) | set(range(n - window, n))
     for row in range(2):

@@ -131,3 +131,23 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, llama, capsys):
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
     assert main([str(tmp_path), str(tmp_path / "out"), "--no-progress"]) == 1
     assert "unsupported model_type 'bert'" in capsys.readouterr().err
+
+
+def test_cli_copies_the_tokenizer_files(tmp_path, llama, capsys):
+    save(llama, tmp_path / "hf", "safetensors")
+    files = {"tokenizer.model": b"\x00sentencepiece\xff bytes", "tokenizer_config.json": b'{"bos_token": "<s>"}',
+             "special_tokens_map.json": b"{}"}
+    for name, data in files.items():
+        (tmp_path / "hf" / name).write_bytes(data)
+    assert main([str(tmp_path / "hf"), str(tmp_path / "out"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "copied tokenizer files: tokenizer.model, tokenizer_config.json, special_tokens_map.json" in out
+    for name, data in files.items():
+        assert (tmp_path / "out" / name).read_bytes() == data
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+
+    for name in files:  # no tokenizer: converted all the same, and the summary says so
+        (tmp_path / "hf" / name).unlink()
+    assert main([str(tmp_path / "hf"), str(tmp_path / "bare"), "--no-progress"]) == 0
+    assert f"no tokenizer files in {tmp_path / 'hf'}" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["converted.json", "params"]

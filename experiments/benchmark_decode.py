@@ -1,0 +1,142 @@
+"""Decoding cost per token at far positions: the bounded Λ-cache against a full cache.
+
+    python -m experiments.benchmark_decode [--preset tiny|llama2-7b] [--positions 1024 8192 65536]
+                                           [--steps 32] [--out results/benchmark_decode.json]
+
+For each position P the cache is put in the state it would have after P tokens (random
+keys/values in exactly the slots real decoding would fill: for the Λ-cache the G sinks and
+the last L positions, for the full cache all P), then ``--steps`` tokens are decoded in
+one jitted `lax.scan` (greedy, feeding each token back) and timed after a warm-up call.
+Memory: the cache's bytes and XLA's plan for the decoding call (arguments + outputs +
+temporaries; weights included). Random weights: timing does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lminf_jax import AttentionSpec
+from lminf_jax.cache import KVCache
+from models import llama
+from models.common import AttentionCall
+from models.decoder import LanguageModel
+
+PRESETS = {
+    # a small LLaMA for CPUs: 4 layers, 4 heads of 64, L = 2048
+    "tiny": dict(config=llama.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688,
+                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                                          head_dim=64, max_position_embeddings=2048),
+                 dtype=jnp.float32, global_branch=10),
+    # Llama-2-7B's shape (random bf16 weights), L = 4096 as the paper uses it
+    "llama2-7b": dict(config=llama.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                                               head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=4096),
+                      dtype=jnp.bfloat16, global_branch=10),
+}
+
+
+def cache_at(model: LanguageModel, position: int, capacity: int, key: jax.Array) -> KVCache:
+    """The model's empty cache filled with random keys/values for positions ``0..position-1``
+    (only the slots decoding would have kept)."""
+    cache = model.init_cache(1, capacity=capacity)
+    if cache.bounded:
+        held = np.concatenate([np.arange(min(cache.sinks, position)),
+                               np.arange(max(cache.sinks, position - cache.ring), position)])
+    else:
+        held = np.arange(position)
+    update = cache.plan(jnp.asarray(held, jnp.int32)[None])
+    rows = jnp.arange(1)[:, None]
+    fill = lambda x, k: x.at[:, rows, update.slot].set(  # noqa: E731
+        jax.random.normal(k, (x.shape[0], 1, len(held), *x.shape[3:]), x.dtype), mode="drop")
+    k1, k2 = jax.random.split(key)
+    return cache.updated(fill(cache.keys, k1), fill(cache.values, k2), update)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "steps"))
+def decode(model: LanguageModel, params, token, position, cache, *, steps: int):
+    """Greedy decoding of ``steps`` tokens from ``token`` at ``position`` (one scan)."""
+    def body(carry, _):
+        token, position, cache = carry
+        logits, cache = model(params, token, position, cache)
+        return (jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32), position + 1, cache), token[0, 0]
+
+    (_, _, cache), tokens = lax.scan(body, (token, position, cache), None, length=steps)
+    return tokens, cache
+
+
+def measure(model, params, position: int, steps: int, repeats: int) -> dict:
+    cache = cache_at(model, position, position + steps, jax.random.key(position))
+    token = jnp.ones((1, 1), jnp.int32)
+    pos = jnp.full((1, 1), position, jnp.int32)
+    compiled = decode.lower(model, params, token, pos, cache, steps=steps).compile()
+    mem = compiled.memory_analysis()
+    planned = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                        + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    jax.block_until_ready(compiled(params, token, pos, cache))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(params, token, pos, cache))
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {"position": position, "cache": cache.describe(), "cache_bytes": cache.nbytes,
+            "ms_per_token": 1e3 * best / steps, "ms_per_token_median": 1e3 * float(np.median(times)) / steps,
+            "planned_bytes": planned}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmark_decode", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--positions", type=int, nargs="+", default=[1024, 8192, 65536])
+    parser.add_argument("--steps", type=int, default=32, help="tokens decoded per timed call")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="results/benchmark_decode.json")
+    args = parser.parse_args(argv)
+
+    preset = PRESETS[args.preset]
+    cfg, dtype = preset["config"], preset["dtype"]
+    window = cfg.max_position_embeddings
+    params = llama.init_params(cfg, jax.random.key(0), dtype)
+    methods = {
+        f"LM-Infinite, Λ-cache (G={preset['global_branch']}, L={window})":
+            AttentionSpec.lm_infinite(preset["global_branch"], window),
+        "vanilla, full cache": AttentionSpec.vanilla(),
+    }
+    device = jax.devices()[0]
+    print(f"decoding benchmark: preset {args.preset}, {dtype.__name__ if hasattr(dtype, '__name__') else dtype}, "
+          f"{device.platform} ({device.device_kind}), {args.steps} tokens per call, best of {args.repeats}")
+    rows = []
+    header = f"{'method':<40} {'position':>9} {'ms/token':>9} {'cache MiB':>10} {'plan MiB':>9}"
+    print(header + "\n" + "-" * len(header))
+    for name, spec in methods.items():
+        model = LanguageModel(llama.decoder, cfg, AttentionCall(spec), dtype)
+        for position in args.positions:
+            r = dict(method=name, **measure(model, params, position, args.steps, args.repeats))
+            rows.append(r)
+            plan = "-" if r["planned_bytes"] is None else f"{r['planned_bytes'] / 2**20:.0f}"
+            print(f"{name:<40} {position:>9} {r['ms_per_token']:>9.2f} {r['cache_bytes'] / 2**20:>10.1f} {plan:>9}",
+                  flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "preset": args.preset, "config": dataclasses.asdict(cfg), "dtype": jnp.dtype(dtype).name,
+        "device": f"{device.platform} {device.device_kind}", "host": platform.node(), "steps": args.steps,
+        "repeats": args.repeats, "jax": jax.__version__, "rows": rows,
+    }, indent=2, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,247 @@
+"""Generate text with LM-Infinite attention (or an ablation): text in, text out.
+
+    python -m experiments.generate MODEL_DIR [--prompt TEXT ...] [--prompt-file F]  (at least one prompt)
+        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+        [--stop TEXT ...] [--ignore-eos] [--dtype bf16|fp16|fp32] [--prefill-chunk C] [--no-bos]
+        [--json OUT] [--method METHOD] [-G G] [-L L] [-D D]
+        [--top-k-middle K] [--top-k-insert-at N] [--top-k-from-layer H]
+
+MODEL_DIR is a converted directory (``python -m converters``) or a Hugging Face directory
+(converted in memory); its tokenizer is read from the same directory. All prompts run as
+one left-padded batch inside one jitted call (`lminf_jax.decoding.generate`): with a
+bounded method the cache is a Λ-cache of G + L slots whatever the prompt length; vanilla,
+distance_limit and top-k middle tokens use a full cache of (longest prompt + N) slots.
+
+With one prompt the continuation is printed on stdout as it is generated; with several
+(repeat ``--prompt``, or ``--prompt-file`` with one prompt per line, blank lines skipped)
+each continuation is printed at the end. BOS is prepended when the tokenizer has one
+(unless ``--no-bos``). Generation stops at EOS (unless ``--ignore-eos``) and at each
+``--stop`` string, which must encode to exactly one token; the stop token is part of the
+output. A summary goes to stderr; ``--json`` writes prompts, continuations, token ids,
+settings and timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from experiments.loading import (
+    DTYPES, add_attention_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype, parse_cli,
+    resolve_dtype, spec_from_args, spec_settings,
+)
+
+#: Prompt tokens decoded before the generated ones, so the continuation keeps its leading space.
+CONTEXT_TOKENS = 16
+
+
+def continuation_text(tokenizer, prompt_ids: list[int], generated: list[int]) -> str:
+    """The text `generated` adds after the prompt (decoded together with the prompt's last
+    tokens, so a word-initial space is kept); ``decode(generated)`` if that is not a suffix."""
+    context = list(prompt_ids[-CONTEXT_TOKENS:])
+    before = tokenizer.decode(context)
+    after = tokenizer.decode(context + list(generated))
+    if after.startswith(before):
+        return after[len(before):]
+    return tokenizer.decode(list(generated))
+
+
+class TextStreamer:
+    """An ``on_tokens`` callback for one prompt: prints the new text after each token.
+
+    The whole continuation so far is decoded each time and only its new suffix is written
+    (a trailing U+FFFD, an incomplete UTF-8 sequence, waits for the next token).
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int], out=None):
+        self.tokenizer, self.prompt_ids, self.out = tokenizer, prompt_ids, out
+        self.ids: list[int] = []
+        self.printed = ""
+        self.finished = False
+
+    def __call__(self, index, tokens, done) -> None:
+        if self.finished:
+            return
+        self.ids.append(int(tokens[0]))
+        self.finished = bool(done[0])
+        self._emit(continuation_text(self.tokenizer, self.prompt_ids, self.ids), final=False)
+
+    def finish(self, text: str) -> None:
+        """Write whatever of the final continuation `text` is not printed yet."""
+        self._emit(text, final=True)
+
+    def _emit(self, text: str, final: bool) -> None:
+        if not text.startswith(self.printed):
+            return  # the tokenizer re-segmented printed text: nothing can be taken back
+        new = text[len(self.printed):]
+        if not final:
+            new = new.rstrip("\ufffd")
+        if new:
+            out = self.out or sys.stdout
+            out.write(new)
+            out.flush()
+            self.printed += new
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir", help="converted or Hugging Face model directory (with its tokenizer)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeat for a batch)")
+    p.add_argument("--prompt-file", metavar="F", help="prompts, one per line (blank lines skipped)")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: 128")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default: 0)")
+    p.add_argument("--stop", action="extend", nargs="+", default=[], metavar="TEXT",
+                   help="also stop after these strings (each must be a single token)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="cast floating params and compute in this dtype (default: the params' dtype)")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="C", help="prompt tokens per prefill call")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS")
+    p.add_argument("--json", metavar="OUT", help="write prompts, continuations, token ids, settings and timings")
+    add_attention_args(p)
+    return p
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file is not None:
+        prompts += [line for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: give --prompt TEXT or --prompt-file F")
+    return prompts
+
+
+def stop_tokens(tokenizer, stops: list[str], use_eos: bool) -> list[int]:
+    """EOS (if any and `use_eos`) plus each stop string's single token."""
+    out = [tokenizer.eos_id] if use_eos and tokenizer.eos_id is not None else []
+    for text in stops:
+        ids = tokenizer.encode(text)
+        if len(ids) != 1:
+            raise ValueError(f"--stop {text!r} is not a single token: it encodes to {len(ids)} tokens {ids}")
+        out.append(ids[0])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_cli(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    try:
+        return run(args)
+    except (OSError, ValueError, ImportError) as e:  # bad input: the message says what and where
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    from lminf_jax import Sampling
+    from lminf_jax.cache import needs_full_cache
+    from lminf_jax.decoding import generate
+    from models.common import AttentionCall
+
+    for name in ("max_new_tokens", "prefill_chunk"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    prompts = read_prompts(args)
+    family, config = load_config(args.model_dir)  # validate the options before reading weights
+    spec = spec_from_args(args, config)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    tokenizer = load_tokenizer_from(args.model_dir)
+    bos = [] if args.no_bos or tokenizer.bos_id is None else [tokenizer.bos_id]
+    prompt_ids = [bos + tokenizer.encode(text) for text in prompts]
+    for b, ids in enumerate(prompt_ids):
+        if not ids:
+            raise ValueError(f"prompt {b + 1} is empty (and no BOS is prepended): nothing to continue")
+        if max(ids) >= config.vocab_size:
+            raise ValueError(f"the tokenizer of {args.model_dir} produced token {max(ids)} but the model's "
+                             f"vocabulary has {config.vocab_size} entries")
+    stops = stop_tokens(tokenizer, args.stop, not args.ignore_eos)
+
+    began = time.perf_counter()
+    family, config, params = load_model(args.model_dir, args.dtype, progress=sys.stderr.isatty())
+    load_s = time.perf_counter() - began
+    stored = params_dtype(params)
+    compute = resolve_dtype(args.dtype) or stored
+    model = family.model(config, AttentionCall(spec), compute)
+    prefill_step = None
+    if spec.top_k is not None:  # top-k middle tokens only at the prompt's end, as in one forward pass
+        prefill_step = family.model(config, AttentionCall(dataclasses.replace(spec, top_k=None)), compute)
+    longest = max(len(ids) for ids in prompt_ids)
+    cache = model.init_cache(len(prompts), capacity=longest + args.max_new_tokens)
+
+    streamer = TextStreamer(tokenizer, prompt_ids[0]) if len(prompts) == 1 else None
+    began = time.perf_counter()
+    out = generate(model, params, prompt_ids, cache, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                   seed=args.seed, stop_tokens=stops, prefill_chunk=args.prefill_chunk, prefill_step=prefill_step,
+                   on_tokens=streamer)
+    wall = time.perf_counter() - began
+
+    generated = [out.row(b) for b in range(len(prompts))]
+    texts = [continuation_text(tokenizer, ids, gen) for ids, gen in zip(prompt_ids, generated)]
+    if streamer is not None:
+        streamer.finish(texts[0])
+        print(flush=True)
+    else:
+        for b, (prompt, text) in enumerate(zip(prompts, texts)):
+            print(f"=== prompt {b + 1}/{len(prompts)}: {prompt}\n{text}\n", flush=True)
+
+    total = sum(len(g) for g in generated)
+    kind = "full" if needs_full_cache(spec) else "lambda"
+    print(
+        f"model: {family.name} from {args.model_dir} ({model_kind(args.model_dir)}), params {stored.name}, "
+        f"compute {model.dtype.name}\n"
+        f"attention: {spec.describe()}; sampling: {sampling.describe()}, seed {args.seed}\n"
+        f"prompt tokens: {sum(len(ids) for ids in prompt_ids)} in {len(prompts)} prompt(s) (longest {longest}); "
+        f"generated tokens: {total} ({int(out.stopped.sum())}/{len(prompts)} ended on a stop token)\n"
+        f"cache: {cache.describe()}\n"
+        f"wall time {wall:.2f} s for generation (includes compilation on the first call; time to first token "
+        f"is not measurable inside one jitted call), {total / max(wall, 1e-9):.1f} tokens/s; loading {load_s:.2f} s",
+        file=sys.stderr,
+    )
+    if args.json is not None:
+        record = {
+            "model": str(args.model_dir),
+            "family": family.name,
+            "prompts": prompts,
+            "continuations": texts,
+            "prompt_ids": prompt_ids,
+            "generated_ids": generated,
+            "stopped": [bool(s) for s in out.stopped],
+            "settings": {
+                "attention": spec_settings(spec),
+                "sampling": dataclasses.asdict(sampling),
+                "seed": args.seed,
+                "max_new_tokens": args.max_new_tokens,
+                "stop": args.stop,
+                "stop_tokens": stops,
+                "bos": bool(bos),
+                "params_dtype": stored.name,
+                "compute_dtype": model.dtype.name,
+                "prefill_chunk": args.prefill_chunk,
+                "cache": cache.describe(),
+                "cache_kind": kind,
+            },
+            "timings": {
+                "load_s": load_s,
+                "generate_s": wall,
+                "generated_tokens": total,
+                "tokens_per_s": total / max(wall, 1e-9),
+                "includes_compilation": True,
+            },
+        }
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1))
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Streaming NLL of a long token stream under LM-Infinite attention (or an ablation).
+
+    python -m experiments.stream_nll MODEL_DIR (--tokens FILE.npy | --text FILE [FILE ...])
+        [--max-tokens N] [--streams B] [--chunk C] [--capacity N] [--dtype bf16|fp16|fp32]
+        [--per-octave K] [--checkpoint-dir DIR] [--checkpoint-every N] [--max-chunks N]
+        [--out results/stream_nll.json] [--plot results/stream_nll.png | --no-plot] [--no-progress]
+        [--method METHOD] [-G G] [-L L] [-D D]
+
+The stream runs through the model chunk by chunk (`lminf_jax.streaming.streaming_nll`),
+carrying a Λ-cache of G + L slots, so device memory does not depend on its length. Methods
+that attend unboundedly many keys (vanilla, distance_limit) need a full cache of the
+stream's length (``--capacity`` bounds it: a longer stream is an error).
+
+Input: ``--tokens`` memory-maps a 1-D integer ``.npy``; ``--text`` tokenizes text files with
+the model directory's tokenizer (each file encoded on its own, the ids concatenated, BOS
+once at the start if the tokenizer has one) and caches the ids as ``tokens-HASH.npy`` in
+the checkpoint directory (else next to ``--out``), HASH covering the files' contents and
+the tokenizer, so a resumed run reads the same stream. ``--max-tokens`` keeps the first N
+tokens; ``--streams B`` splits them into B equal contiguous streams (each starting at
+position 0) evaluated side by side (the remainder of the division is dropped).
+
+Output: a table of NLL by query position (log-spaced buckets) on stdout; ``--out`` holds
+`StreamResult.to_json()` plus ``settings``; ``--plot`` draws NLL vs position (log x axis)
+when matplotlib is installed (it is not a dependency: otherwise the plot is skipped, saying
+so on stderr). With ``--checkpoint-dir`` the state is saved every ``--checkpoint-every``
+chunks and a rerun resumes it (``--max-chunks`` ends a run early, e.g. to fit a time limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from experiments.loading import (
+    DTYPES, add_attention_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype, parse_cli,
+    pretraining_length, resolve_dtype, spec_from_args, spec_settings,
+)
+
+TOKEN_CACHE_VERSION = 1
+#: Tokenizer files whose bytes identify the tokenization (in the token-cache hash).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.stream_nll", description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir", help="converted or Hugging Face model directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tokens", metavar="FILE.npy", help="a 1-D integer .npy of token ids (memory-mapped)")
+    source.add_argument("--text", nargs="+", metavar="FILE", help="text files, tokenized with the model's tokenizer")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="use only the first N tokens")
+    p.add_argument("--streams", type=int, default=1, metavar="B", help="equal contiguous streams side by side")
+    p.add_argument("--chunk", type=int, default=512, metavar="C", help="tokens per model call (default: 512)")
+    p.add_argument("--capacity", type=int, metavar="N",
+                   help="full-cache slots for vanilla / distance_limit (default: the stream length)")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="cast floating params and compute in this dtype (default: the params' dtype)")
+    p.add_argument("--per-octave", type=int, default=4, metavar="K", help="position buckets per doubling")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="save the state here and resume from it")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="N", help="chunks between saves")
+    p.add_argument("--max-chunks", type=int, metavar="N", help="stop after N chunks in this run")
+    p.add_argument("--out", default="results/stream_nll.json", metavar="JSON", help="result file")
+    p.add_argument("--plot", default="results/stream_nll.png", metavar="PNG", help="NLL vs position plot")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    add_attention_args(p)
+    return p
+
+
+# ----- the token stream -------------------------------------------------------------------------
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def text_tokens(model_dir: str | os.PathLike, files: list[str], cache_dir: Path) -> tuple[np.ndarray, Path, bool]:
+    """``(ids memmap, its .npy path, reused)``: the files tokenized (see the module docstring),
+    from ``cache_dir/tokens-HASH.npy`` when it exists, else tokenized and written there."""
+    paths = [Path(f) for f in files]
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"--text: no such file: {path}")
+    tokenizer = load_tokenizer_from(model_dir)
+    h = hashlib.sha256(f"stream_nll-tokens-v{TOKEN_CACHE_VERSION}\nbos={tokenizer.bos_id}\n".encode())
+    for name in TOKENIZER_FILES:
+        if (Path(model_dir) / name).is_file():
+            h.update(f"{name}={_file_digest(Path(model_dir) / name)}\n".encode())
+    for path in paths:
+        h.update(f"text={_file_digest(path)}\n".encode())
+    target = cache_dir / f"tokens-{h.hexdigest()[:16]}.npy"
+    if target.is_file():
+        return np.load(target, mmap_mode="r"), target, True
+    pieces = [np.asarray([] if tokenizer.bos_id is None else [tokenizer.bos_id], np.int64)]
+    for path in paths:
+        pieces.append(np.asarray(tokenizer.encode(path.read_text()), np.int64))
+    ids = np.concatenate(pieces)
+    if ids.size and ids.max() > np.iinfo(np.int32).max:
+        raise ValueError(f"token id {ids.max()} does not fit int32")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.stem}.tmp-{os.getpid()}.npy")
+    np.save(tmp, ids.astype(np.int32))
+    os.replace(tmp, target)  # atomic: a resumed run never sees half a file
+    return np.load(target, mmap_mode="r"), target, False
+
+
+def npy_tokens(path: str | os.PathLike) -> np.ndarray:
+    """A 1-D integer ``.npy``, memory-mapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--tokens: no such file: {path}")
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except ValueError as e:
+        raise ValueError(f"--tokens {path}: not a readable .npy array ({e})") from None
+    if not isinstance(tokens, np.ndarray) or tokens.dtype.kind not in "iu" or tokens.ndim != 1:
+        raise ValueError(f"--tokens {path}: expected a 1-D integer array, got "
+                         f"{getattr(tokens, 'dtype', '?')} of shape {getattr(tokens, 'shape', '?')}")
+    return tokens
+
+
+def check_ids(tokens: np.ndarray, vocab_size: int, block: int = 1 << 24) -> None:
+    """Every id in ``[0, vocab_size)`` (read block by block: a memmap is not loaded whole)."""
+    for start in range(0, tokens.size, block):
+        part = np.asarray(tokens[start:start + block])
+        lo, hi = int(part.min()), int(part.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = int(np.flatnonzero((part < 0) | (part >= vocab_size))[0]) + start
+            raise ValueError(f"token {int(tokens[bad])} at index {bad} is outside the model's vocabulary "
+                             f"[0, {vocab_size})")
+
+
+def split_streams(tokens: np.ndarray, streams: int) -> tuple[np.ndarray, int]:
+    """``(B, n)`` view of ``B`` equal contiguous parts (``(n,)`` for one) and the tokens dropped."""
+    n = tokens.shape[0] // streams
+    if n < 2:
+        raise ValueError(f"{tokens.shape[0]} tokens cannot make {streams} streams of at least 2 tokens")
+    view = tokens[: streams * n]
+    return (view if streams == 1 else view.reshape(streams, n)), tokens.shape[0] - streams * n
+
+
+# ----- output -----------------------------------------------------------------------------------
+
+
+def format_table(result) -> str:
+    """Buckets of query positions (inclusive), scores, mean NLL and perplexity."""
+    lines = [f"{'query positions':>23} {'tokens':>12} {'mean NLL':>10} {'ppl':>12}"]
+    for row in result.buckets:
+        span = f"{row.lo}" if row.hi == row.lo + 1 else f"{row.lo}-{row.hi - 1}"
+        lines.append(f"{span:>23} {row.count:>12,} {row.nll:>10.4f} {row.ppl:>12.3f}")
+    lines.append(f"{'all':>23} {result.tokens:>12,} {result.nll:>10.4f} {result.ppl:>12.3f}")
+    return "\n".join(lines)
+
+
+def plot(result, path: Path, title: str, marks: dict[str, int]) -> bool:
+    """NLL per bucket against the context the query has seen (``lo+1..hi`` tokens, drawn at
+    the bucket's geometric centre), log x axis, with vertical lines at `marks`. False when
+    matplotlib is not installed."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    rows = [r for r in result.buckets if math.isfinite(r.nll)]
+    x = [math.sqrt((r.lo + 1) * r.hi) for r in rows]
+    fig = Figure(figsize=(7.5, 4.2))
+    ax = fig.subplots()
+    ax.plot(x, [r.nll for r in rows], marker=".", linewidth=1.2)
+    ax.set_xscale("log")
+    for i, (label, value) in enumerate(sorted(marks.items(), key=lambda kv: kv[1])):
+        ax.axvline(value, color=f"C{i + 1}", linestyle="--", linewidth=0.8, label=f"{label} = {value}")
+    if marks:
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel("tokens seen by the query (position + 1)")
+    ax.set_ylabel("mean NLL (nats / token)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return True
+
+
+# ----- the command ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_cli(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    try:
+        return run(args)
+    except (OSError, ValueError, ImportError) as e:  # bad input: the message says what and where
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    from lminf_jax.cache import needs_full_cache
+    from lminf_jax.streaming import PositionBuckets, streaming_nll
+    from models.common import AttentionCall
+
+    for name, minimum in (("max_tokens", 2), ("streams", 1), ("chunk", 1), ("capacity", 1), ("per_octave", 1),
+                          ("checkpoint_every", 1), ("max_chunks", 0)):
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+    family, config = load_config(args.model_dir)  # validate the options before reading weights
+    spec = spec_from_args(args, config)
+    if spec.top_k is not None:
+        raise ValueError("--top-k-middle applies to the last query of each model call; it has no meaning for "
+                         "streaming NLL (use it with experiments.generate)")
+    out_path = Path(args.out)
+
+    if args.tokens is not None:
+        tokens, source = npy_tokens(args.tokens), {"tokens": str(args.tokens)}
+    else:
+        cache_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out_path.parent
+        tokens, cached, reused = text_tokens(args.model_dir, args.text, cache_dir)
+        source = {"text": list(args.text), "token_file": str(cached)}
+        print(f"{'reusing' if reused else 'tokenized into'} {cached}: {tokens.shape[0]:,} tokens", file=sys.stderr)
+    total = tokens.shape[0]
+    if args.max_tokens is not None:
+        tokens = tokens[: args.max_tokens]
+    check_ids(tokens, config.vocab_size)
+    stream, dropped = split_streams(tokens, args.streams)
+    length = stream.shape[-1]
+
+    began = time.perf_counter()
+    family, config, params = load_model(args.model_dir, args.dtype, progress=sys.stderr.isatty())
+    load_s = time.perf_counter() - began
+    stored = params_dtype(params)
+    model = family.model(config, AttentionCall(spec), resolve_dtype(args.dtype) or stored)
+    if needs_full_cache(spec):
+        capacity = length if args.capacity is None else args.capacity
+        if capacity < length:
+            raise ValueError(f"--method {args.method} needs a full cache holding the whole stream: {length:,} tokens "
+                             f"per stream exceed --capacity {capacity:,} (use a bounded method, --max-tokens or "
+                             "more --streams)")
+        cache = model.init_cache(args.streams, capacity=capacity)
+    else:
+        cache = model.init_cache(args.streams)
+        if args.capacity is not None:
+            print(f"note: --capacity unused: {spec.describe()} runs on a Λ-cache of G + L slots", file=sys.stderr)
+    print(f"{family.name} from {args.model_dir}: {spec.describe()}, {args.streams} stream(s) of {length:,} tokens "
+          f"({dropped} dropped), chunk {args.chunk}, cache {cache.describe()}", file=sys.stderr)
+
+    result = streaming_nll(
+        model, params, stream, cache, chunk=args.chunk, buckets=PositionBuckets(args.per_octave),
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress, max_chunks=args.max_chunks,
+    )
+
+    print(format_table(result))
+    if args.streams > 1:
+        print("per stream: " + ", ".join(f"{x:.4f}" for x in result.stream_nll))
+    if not result.complete:
+        print(f"incomplete: {result.positions:,} of {length - 1:,} positions per stream"
+              + (f"; rerun with --checkpoint-dir {args.checkpoint_dir} to continue" if args.checkpoint_dir else ""))
+    print(f"{result.tokens - result.resumed_tokens:,} tokens scored in {result.elapsed_s:.2f} s "
+          f"({result.tokens_per_s:.1f} tokens/s, compilation included; {result.resumed_tokens:,} resumed from the "
+          f"checkpoint); loading {load_s:.2f} s", file=sys.stderr)
+
+    record = result.to_json()
+    record["settings"] = {
+        "model": str(args.model_dir),
+        "model_kind": model_kind(args.model_dir),
+        "family": family.name,
+        "attention": spec_settings(spec),
+        "source": source,
+        "source_tokens": int(total),
+        "max_tokens": args.max_tokens,
+        "streams": args.streams,
+        "stream_length": int(length),
+        "dropped_tokens": int(dropped),
+        "chunk": args.chunk,
+        "params_dtype": stored.name,
+        "compute_dtype": model.dtype.name,
+        "cache": cache.describe(),
+        "per_octave": args.per_octave,
+        "checkpoint_dir": args.checkpoint_dir,
+        "load_s": load_s,
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out_path}", file=sys.stderr)
+
+    if not args.no_plot:
+        marks = {}
+        if spec.local_branch is not None:
+            marks["L"] = spec.local_branch
+        try:
+            pretrain = pretraining_length(config)
+        except ValueError:
+            pretrain = None
+        if pretrain is not None and pretrain not in marks.values():
+            marks["pretraining length"] = pretrain
+        if plot(result, Path(args.plot), f"{family.name} {spec.describe()}: streaming NLL", marks):
+            print(f"wrote {args.plot}", file=sys.stderr)
+        else:
+            print(f"plot skipped: matplotlib is missing (pip install matplotlib to draw {args.plot})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

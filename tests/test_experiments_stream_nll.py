@@ -1,0 +1,183 @@
+"""experiments.stream_nll: the CLI in-process on a tiny random LLaMA with a tiny sentencepiece tokenizer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_checkpoint import make_model_dir, random_text
+
+from experiments import stream_nll as cli
+from experiments.loading import load_model, load_tokenizer_from
+from lminf_jax import AttentionSpec, PositionBuckets
+from models.common import AttentionCall
+
+G, L = 4, 16
+NUMBERS = ("tokens", "nll", "ppl", "buckets", "stream_nll", "complete", "positions", "length", "streams")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("stream_nll"))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "book.txt"
+    path.write_text(random_text(11, 30))
+    return path
+
+
+def direct_nll(model_dir: Path, tokens: np.ndarray, spec: AttentionSpec) -> np.ndarray:
+    """Per-position NLL ``(B, N - 1)`` from one full forward pass and a float64 log-softmax."""
+    family, cfg, params = load_model(model_dir)
+    model = family.model(cfg, AttentionCall(spec))
+    logits = np.asarray(model.forward(params, jnp.asarray(np.atleast_2d(tokens), jnp.int32)), np.float64)
+    top = logits.max(axis=-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+    targets = np.atleast_2d(tokens)[:, 1:]
+    return -np.take_along_axis(logp[:, :-1], targets[..., None], axis=-1)[..., 0]
+
+
+def bucket_means(nll: np.ndarray) -> list[tuple[int, int, int, float]]:
+    buckets = PositionBuckets()
+    ids = buckets.index(np.arange(nll.shape[1]))
+    out = []
+    for i in np.unique(ids):
+        lo, hi = buckets.bounds(i)
+        part = nll[:, ids == i]
+        out.append((int(lo), int(hi), part.size, float(part.mean())))
+    return out
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_text_stream_matches_one_forward_pass(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "res" / "nll.json"
+    code, stdout, stderr = run([str(model_dir), "--text", str(text_file), "--max-tokens", "300", "-L", str(L),
+                                "-G", str(G), "--chunk", "32", "--out", str(out), "--plot", str(tmp_path / "p.png"),
+                                "--no-progress"], capsys)
+    assert code == 0, stderr
+    record = json.loads(out.read_text())
+    tok = load_tokenizer_from(model_dir)
+    (cached,) = (tmp_path / "res").glob("tokens-*.npy")  # the tokenized text, next to the output
+    ids = np.load(cached)
+    assert ids.dtype == np.int32 and ids.tolist() == [tok.bos_id, *tok.encode(text_file.read_text())]
+    assert len(ids) > 300 and record["settings"]["source"] == {"text": [str(text_file)], "token_file": str(cached)}
+
+    nll = direct_nll(model_dir, ids[:300], AttentionSpec.lm_infinite(G, L))
+    assert record["tokens"] == 299 and record["complete"] and record["length"] == 300
+    assert record["nll"] == pytest.approx(nll.mean(), abs=2e-5)
+    got = [(b["lo"], b["hi"], b["count"], b["nll"]) for b in record["buckets"]]
+    want = bucket_means(nll)
+    assert [g[:3] for g in got] == [w[:3] for w in want]
+    np.testing.assert_allclose([g[3] for g in got], [w[3] for w in want], atol=1e-4)
+    settings = record["settings"]
+    assert settings["attention"]["describe"] == f"lm_infinite(G={G}, L={L}, D={L})"
+    assert settings["chunk"] == 32 and settings["streams"] == 1 and settings["stream_length"] == 300
+
+    lines = stdout.splitlines()
+    assert lines[0].split() == ["query", "positions", "tokens", "mean", "NLL", "ppl"]
+    assert lines[1].split()[:2] == ["0", "1"] and lines[-1].split()[:2] == ["all", "299"]
+    assert any(line.split()[0] == "16-19" for line in lines)
+    if _has_matplotlib():
+        assert (tmp_path / "p.png").stat().st_size > 0
+    else:
+        assert "plot skipped: matplotlib is missing" in stderr
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_side_by_side_streams_from_a_npy(model_dir, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 97, 203).astype(np.uint16)
+    np.save(tmp_path / "t.npy", tokens)
+    out = tmp_path / "out.json"
+    code, stdout, stderr = run([str(model_dir), "--tokens", str(tmp_path / "t.npy"), "--streams", "2",
+                                "--max-tokens", "201", "--method", "sliding_window", "-L", "8", "--chunk", "16",
+                                "--out", str(out), "--no-plot", "--no-progress"], capsys)
+    assert code == 0, stderr
+    record = json.loads(out.read_text())
+    streams = tokens[:200].reshape(2, 100)
+    nll = direct_nll(model_dir, streams, AttentionSpec.sliding_window(8))
+    assert record["streams"] == 2 and record["length"] == 100 and record["settings"]["dropped_tokens"] == 1
+    np.testing.assert_allclose(record["stream_nll"], nll.mean(axis=1), atol=2e-5)
+    assert record["nll"] == pytest.approx(nll.mean(), abs=2e-5)
+    assert "per stream: " in stdout and "plot" not in stderr
+
+
+def test_resume_from_a_checkpoint_gives_the_same_numbers(model_dir, text_file, tmp_path, capsys):
+    common = [str(model_dir), "--text", str(text_file), "--max-tokens", "300", "-L", str(L), "-G", str(G),
+              "--chunk", "32", "--no-plot", "--no-progress"]
+    assert run(common + ["--out", str(tmp_path / "whole.json")], capsys)[0] == 0
+    ckpt = tmp_path / "ckpt"
+    resumable = common + ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "2", "--out", str(tmp_path / "r.json")]
+    code, stdout, stderr = run(resumable + ["--max-chunks", "3"], capsys)
+    assert code == 0, stderr
+    part = json.loads((tmp_path / "r.json").read_text())
+    assert not part["complete"] and part["positions"] == 96 and "rerun with --checkpoint-dir" in stdout
+    assert len(list(ckpt.glob("tokens-*.npy"))) == 1 and len(list(ckpt.glob("state-*"))) == 1
+    code, stdout, stderr = run(resumable, capsys)
+    assert code == 0, stderr
+    assert "reusing " in stderr
+    resumed = json.loads((tmp_path / "r.json").read_text())
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    assert resumed["resumed_tokens"] == 96 and whole["resumed_tokens"] == 0
+    assert {k: resumed[k] for k in NUMBERS} == {k: whole[k] for k in NUMBERS}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "vanilla", "--capacity", "100"], "--method vanilla needs a full cache holding the whole stream: "
+                                                   "300 tokens per stream exceed --capacity 100"),
+    (["--top-k-middle", "3"], "--top-k-middle applies to the last query"),
+    (["-D", "4", "--method", "sliding_window"], "-D/--limit-distance is not used by --method sliding_window"),
+    (["--streams", "200"], "300 tokens cannot make 200 streams"),
+    (["--chunk", "0"], "--chunk must be >= 1"),
+])
+def test_bad_arguments_say_what_is_wrong(model_dir, tmp_path, capsys, extra, message):
+    np.save(tmp_path / "t.npy", np.arange(300) % 97)
+    code, _, err = run([str(model_dir), "--tokens", str(tmp_path / "t.npy"), "--out", str(tmp_path / "o.json"),
+                        "--no-plot", *extra], capsys)
+    assert code == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_bad_inputs_say_what_is_wrong(model_dir, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "o.json"), "--no-plot"]
+    assert run([str(tmp_path / "nope"), "--tokens", "x.npy", *out], capsys)[2] == \
+        f"error: model directory not found: {tmp_path / 'nope'}\n"
+    assert f"error: --tokens: no such file: {tmp_path / 'x.npy'}" in run(
+        [str(model_dir), "--tokens", str(tmp_path / "x.npy"), *out], capsys)[2]
+    np.save(tmp_path / "2d.npy", np.zeros((2, 5), np.int32))
+    assert "expected a 1-D integer array" in run(
+        [str(model_dir), "--tokens", str(tmp_path / "2d.npy"), *out], capsys)[2]
+    np.save(tmp_path / "big.npy", np.asarray([1, 2, 97, 3]))
+    assert "token 97 at index 2 is outside the model's vocabulary [0, 97)" in run(
+        [str(model_dir), "--tokens", str(tmp_path / "big.npy"), *out], capsys)[2]
+    assert f"error: --text: no such file: {tmp_path / 'x.txt'}" in run(
+        [str(model_dir), "--text", str(tmp_path / "x.txt"), *out], capsys)[2]
+    code, _, err = run([str(model_dir), *out], capsys)  # argparse: one of --tokens / --text is required
+    assert code == 2 and "error: one of the arguments --tokens --text is required" in err
+
+
+def test_plot_is_skipped_without_matplotlib(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    np.save(tmp_path / "t.npy", np.arange(40) % 97)
+    code, _, err = run([str(model_dir), "--tokens", str(tmp_path / "t.npy"), "--chunk", "16", "-L", "8",
+                        "--out", str(tmp_path / "o.json"), "--plot", str(tmp_path / "p.png"), "--no-progress"], capsys)
+    assert code == 0 and "plot skipped: matplotlib is missing" in err and not (tmp_path / "p.png").exists()
