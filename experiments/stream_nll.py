@@ -21,8 +21,8 @@ position 0) evaluated side by side (the remainder of the division is dropped).
 
 Output: a table of NLL by query position (log-spaced buckets) on stdout; ``--out`` holds
 `StreamResult.to_json()` plus ``settings``; ``--plot`` draws NLL vs position (log x axis)
-when matplotlib is installed (it is not a dependency: otherwise the plot is skipped, saying
-so on stderr). With ``--checkpoint-dir`` the state is saved every ``--checkpoint-every``
+with matplotlib (a dependency; should it be missing, the plot is skipped, saying so on
+stderr). With ``--checkpoint-dir`` the state is saved every ``--checkpoint-every``
 chunks and a rerun resumes it (``--max-chunks`` ends a run early, e.g. to fit a time limit).
 """
 

@@ -1,0 +1,449 @@
+"""Pretrain small LLaMA-, GPT-J- and MPT-style models on the token files of `experiments.corpus`.
+
+* Presets (`PRESETS`): ``{llama,gptj,mpt}-{tiny,small}``, built as Hugging Face-style config dicts
+  (`make_config`), so `models.registry.family_for_config` and `converters.store` work unchanged.
+  ``max_position_embeddings`` / ``n_positions`` / ``max_seq_len`` are set to the training length,
+  which is what the experiment CLIs read as the pretraining length L_train.
+* Windows: each training example is BOS followed by ``seq_len - 1`` tokens read from a uniformly
+  random offset of the training stream (documents are BOS-separated in the stream, so windows may
+  cross document boundaries, as in packed pretraining). Every window thus starts with BOS at
+  position 0, where the paper's models (which begin every sequence with BOS) can form an attention
+  sink; starting windows only at document starts would instead over-sample file headers and waste
+  compute on padding. The offsets of step ``s`` come from ``numpy.random.default_rng([seed, s])``,
+  so the data position is the step and a resumed run sees exactly the windows it would have seen.
+* Loss: next-token cross entropy in float32 of ``LanguageModel(...).forward`` (vanilla attention).
+  ``--dtype bf16`` computes in bfloat16 with float32 master params.
+* Optimiser: optax AdamW (b2 = 0.95, weight decay on matrices only) with linear warmup and cosine
+  decay to 10% of the peak, after global-norm gradient clipping.
+* Checkpoints: orbax, every ``--checkpoint-every`` steps and at the end, in ``OUT/checkpoints``
+  (params, optimiser state, step, seed, tokens seen; the last two kept). A rerun with the same
+  arguments resumes from the latest one and reaches bit-identical params (float32, same machine).
+* Output ``OUT/model``: `converters.store.save_converted` params (loadable by every CLI of the
+  project), ``tokenizer.model`` and ``model_card.md``. Also ``OUT/loss.jsonl`` (one JSON line per
+  logged step / evaluation), ``OUT/loss.png`` when matplotlib is installed, ``OUT/run.json``.
+
+CLI::
+
+    python -m experiments.train --data data/stdlib --preset llama-small --steps 2000 --batch 16 \\
+        --seq-len 512 --out runs/llama-small [--dtype bf16] [--lr 1e-3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from converters.store import save_converted
+from experiments import corpus as corpus_lib
+from lminf_jax.progress import Progress
+from models import registry
+from models.common import count_params
+
+BOS_ID = corpus_lib.BOS_ID
+_norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
+DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+#: Architecture sizes; the vocabulary and the training length come from the data and ``--seq-len``.
+PRESETS: dict[str, dict] = {
+    "llama-tiny": {"family": "llama", "width": 32, "layers": 2, "heads": 2, "ffn": 88},
+    "llama-small": {"family": "llama", "width": 256, "layers": 4, "heads": 4, "ffn": 688},
+    "gptj-tiny": {"family": "gptj", "width": 32, "layers": 2, "heads": 2, "ffn": 128, "rotary_dim": 8},
+    "gptj-small": {"family": "gptj", "width": 256, "layers": 4, "heads": 4, "ffn": 1024, "rotary_dim": 32},
+    "mpt-tiny": {"family": "mpt", "width": 32, "layers": 2, "heads": 2, "ffn": 128},
+    "mpt-small": {"family": "mpt", "width": 256, "layers": 4, "heads": 4, "ffn": 1024},
+}
+
+
+def make_config(preset: str, vocab_size: int, seq_len: int) -> dict:
+    """The HF-style config dict of `preset` for a vocabulary and a training length."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    w, n, h, f = p["width"], p["layers"], p["heads"], p["ffn"]
+    special = {"bos_token_id": BOS_ID, "eos_token_id": corpus_lib.EOS_ID}
+    if p["family"] == "llama":
+        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab_size,
+                "hidden_size": w, "intermediate_size": f, "num_hidden_layers": n, "num_attention_heads": h,
+                "num_key_value_heads": h, "max_position_embeddings": seq_len, "rope_theta": 10000.0,
+                "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, **special}
+    if p["family"] == "gptj":
+        return {"model_type": "gptj", "architectures": ["GPTJForCausalLM"], "vocab_size": vocab_size,
+                "n_embd": w, "n_layer": n, "n_head": h, "n_inner": f, "rotary_dim": p["rotary_dim"],
+                "n_positions": seq_len, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, **special}
+    return {"model_type": "mpt", "architectures": ["MPTForCausalLM"], "vocab_size": vocab_size, "d_model": w,
+            "n_layers": n, "n_heads": h, "expansion_ratio": f // w, "max_seq_len": seq_len, "no_bias": True,
+            "attn_config": {"alibi": True, "alibi_bias_max": 8}, "layer_norm_epsilon": 1e-5, **special}
+
+
+def parameter_count(config: dict) -> int:
+    family = registry.family_for_config(config)
+    return count_params(family.param_shapes(family.config_from_hf(config)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    out: str
+    preset: str = "llama-small"
+    steps: int = 1000
+    batch: int = 16
+    seq_len: int = 512
+    lr: float = 1e-3
+    warmup: int | None = None  # default: min(100, steps // 10)
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    dtype: str = "fp32"
+    seed: int = 0
+    checkpoint_every: int = 200
+    eval_every: int = 200
+    eval_windows: int = 16
+    final_eval_windows: int = 64
+    log_every: int = 10
+    save_dtype: str = "fp32"
+
+    def check(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        for name in ("steps", "batch", "checkpoint_every", "eval_every", "eval_windows", "final_eval_windows",
+                     "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup is not None and not 0 <= self.warmup < self.steps:
+            raise ValueError(f"warmup must lie in [0, steps={self.steps}), got {self.warmup}")
+        for name in ("dtype", "save_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(100, self.steps // 10) if self.warmup is None else self.warmup
+
+    def resume_key(self) -> dict:
+        """The settings a resumed run must share with the run it continues."""
+        d = dataclasses.asdict(self)
+        for k in ("out", "checkpoint_every", "eval_every", "log_every", "data"):
+            d.pop(k)
+        return d
+
+
+# ----- data -------------------------------------------------------------------------------------
+
+
+def sample_windows(stream: np.ndarray, batch: int, seq_len: int, seed: int, step: int) -> np.ndarray:
+    """(batch, seq_len) int32 windows for `step`: BOS + ``seq_len - 1`` tokens from random offsets."""
+    n = seq_len - 1
+    if stream.shape[0] < n:
+        raise ValueError(f"the token stream holds {stream.shape[0]} tokens, fewer than seq_len - 1 = {n}")
+    offsets = np.random.default_rng([seed, step]).integers(0, stream.shape[0] - n + 1, size=batch)
+    out = np.empty((batch, seq_len), np.int32)
+    out[:, 0] = BOS_ID
+    for i, o in enumerate(offsets):
+        out[i, 1:] = stream[o:o + n]
+    return out
+
+
+def eval_windows(stream: np.ndarray, count: int, seq_len: int) -> np.ndarray:
+    """Up to `count` fixed held-out windows (BOS + ``seq_len - 1`` tokens, evenly spaced offsets)."""
+    n = seq_len - 1
+    if stream.shape[0] < n:
+        raise ValueError(f"the held-out stream holds {stream.shape[0]} tokens, fewer than seq_len - 1 = {n}")
+    count = min(count, max(1, stream.shape[0] // n))
+    offsets = np.linspace(0, stream.shape[0] - n, count).astype(np.int64)
+    out = np.empty((count, seq_len), np.int32)
+    out[:, 0] = BOS_ID
+    for i, o in enumerate(offsets):
+        out[i, 1:] = stream[o:o + n]
+    return out
+
+
+# ----- model, loss, step ------------------------------------------------------------------------
+
+
+def _model(config_items: tuple, dtype: str):
+    config = json.loads(config_items[0])
+    family = registry.family_for_config(config)
+    return family, family.model(family.config_from_hf(config), dtype=DTYPES[dtype])
+
+
+def loss_fn(model, params, tokens):
+    logits = model.forward(params, tokens)  # float32
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+
+
+def _decay_mask(params):
+    def decays(path, leaf):
+        name = ".".join(str(getattr(k, "key", k)) for k in path)
+        last = name.split(".")[-2] if "." in name else name
+        return name.endswith("weight") and "norm" not in last and not last.startswith("ln") and "wte" not in last \
+            and "embed" not in last
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.steps, end_value=cfg.lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=cfg.weight_decay,
+                                   mask=_decay_mask))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(config_json: str, cfg: TrainConfig):
+    """(model, optimizer, jitted train step, jitted eval loss), cached so repeated runs reuse compilation."""
+    _, model = _model((config_json,), cfg.dtype)
+    opt = make_optimizer(cfg)
+
+    @jax.jit
+    def train_step(params, opt_state, tokens):
+        loss, grads = jax.value_and_grad(functools.partial(loss_fn, model))(params, tokens)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, _norm(grads)
+
+    @jax.jit
+    def eval_loss(params, tokens):
+        return loss_fn(model, params, tokens)
+
+    return model, opt, train_step, eval_loss
+
+
+def evaluate(eval_loss, params, windows: np.ndarray, batch: int) -> float:
+    """Mean next-token loss over `windows` (equal-length windows, so a mean of batch means is exact
+    when batches are equal; the last partial batch is weighted by its size)."""
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch):
+        chunk = windows[i:i + batch]
+        total += float(eval_loss(params, jnp.asarray(chunk))) * len(chunk)
+        count += len(chunk)
+    return total / count
+
+
+# ----- checkpoints ------------------------------------------------------------------------------
+
+
+def _manager(directory: Path) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+def _save_checkpoint(manager, step: int, params, opt_state, meta: dict) -> None:
+    leaves = jax.tree.leaves((params, opt_state))
+    state = {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                 force=True)
+    manager.wait_until_finished()
+
+
+def _restore_checkpoint(manager, step: int, params, opt_state):
+    leaves, treedef = jax.tree.flatten((params, opt_state))
+    target = {f"{i:05d}": jax.ShapeDtypeStruct(l.shape, l.dtype) for i, l in enumerate(leaves)}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                             meta=ocp.args.JsonRestore()))
+    state = restored["state"]
+    return (*jax.tree.unflatten(treedef, [jnp.asarray(state[k]) for k in sorted(state)]), restored["meta"])
+
+
+# ----- outputs ----------------------------------------------------------------------------------
+
+
+def _plot(log_path: Path, png: Path) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no loss.png (pip install matplotlib)"
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    held = [(r["step"], r["heldout_loss"]) for r in rows if "heldout_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return f"wrote {png}"
+
+
+def _model_card(cfg: TrainConfig, config: dict, manifest: dict, n_params: int, meta: dict, heldout: float,
+                n_eval: int, seconds: float) -> str:
+    family = registry.family_for_config(config).name
+    positional = {"llama": "RoPE (half layout)", "gptj": f"interleaved partial RoPE (rotary_dim {config.get('rotary_dim')})",
+                  "mpt": "ALiBi"}[family]
+    tr = manifest["splits"]["train"]
+    ho = manifest["splits"]["heldout"]
+    return f"""# {cfg.preset} (lminf_jax, trained from scratch)
+
+- Architecture: {family}-style decoder, {positional}; config in `converted.json`:
+  `{json.dumps({k: v for k, v in config.items() if k != 'architectures'})}`
+- Parameters: {n_params:,} ({n_params * 2 / 1e6:.1f} MB in bf16, {n_params * 4 / 1e6:.1f} MB in float32); saved as {cfg.save_dtype}
+- Training length L_train: {cfg.seq_len} tokens; every window starts with BOS (id {BOS_ID})
+- Corpus: `{manifest['settings']['source']}` (sha256 {manifest['settings']['corpus_sha256'][:16]}...),
+  train {tr['documents']} documents / {tr['bytes'] / 1e6:.2f} MB / {tr['tokens']:,} tokens;
+  held out {ho['documents']} documents / {ho['bytes'] / 1e6:.2f} MB / {ho['tokens']:,} tokens.
+  Split: {manifest['split_rule']}
+- Tokenizer: `tokenizer.model`, sentencepiece BPE, vocab {manifest['vocab_size']}, byte fallback (sha256 {manifest['tokenizer_sha256'][:16]}...)
+- Training: {meta['step']} steps x batch {cfg.batch} x {cfg.seq_len} tokens = {meta['tokens_seen']:,} tokens seen
+  ({meta['tokens_seen'] / max(tr['tokens'], 1):.2f} epochs); AdamW lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine to 10%),
+  weight decay {cfg.weight_decay}, clip {cfg.clip}, compute dtype {cfg.dtype}, seed {cfg.seed};
+  {seconds:.0f} s in the last session
+- Final train loss (mean of the last logged steps): {meta['last_loss']:.4f} nats/token
+- Held-out loss at L_train ({n_eval} windows of {cfg.seq_len} tokens, BOS + held-out tokens at evenly spaced offsets):
+  {heldout:.4f} nats/token, perplexity {math.exp(heldout):.3f} per token
+  ({math.exp(heldout * 1 / ho['bytes_per_token']):.3f} per byte)
+"""
+
+
+# ----- training ---------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progress: bool = True) -> Path | None:
+    """Run (or resume) training; returns the final model folder, or None when stopped at `stop_after`."""
+    cfg.check()
+    out = Path(cfg.out)
+    manifest = corpus_lib.load_manifest(cfg.data)
+    train_stream = corpus_lib.load_tokens(cfg.data, "train")
+    held_stream = corpus_lib.load_tokens(cfg.data, "heldout")
+    config = make_config(cfg.preset, manifest["vocab_size"], cfg.seq_len)
+    config_json = json.dumps(config, sort_keys=True)
+    family, _ = _model((config_json,), cfg.dtype)
+    n_params = parameter_count(config)
+    model_dir = out / "model"
+    if (model_dir / "converted.json").exists():
+        raise FileExistsError(f"{model_dir} already holds a trained model; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / "run.json"
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        if previous.get("resume_key") != cfg.resume_key():
+            diff = {k: (previous.get("resume_key", {}).get(k), v) for k, v in cfg.resume_key().items()
+                    if previous.get("resume_key", {}).get(k) != v}
+            raise ValueError(f"{out} holds a run with other settings (old, new): {diff}; use another --out")
+    run_file.write_text(json.dumps({"resume_key": cfg.resume_key(), "config": config, "data": str(cfg.data)}, indent=1))
+
+    model, opt, train_step, eval_loss = _compiled(config_json, dataclasses.replace(cfg, out="", data=""))
+    params = family.init_params(model.config, jax.random.PRNGKey(cfg.seed), jnp.float32)
+    opt_state = opt.init(params)
+    manager = _manager(out / "checkpoints")
+    step, meta = 0, {"step": 0, "seed": cfg.seed, "tokens_seen": 0, "last_loss": float("nan")}
+    latest = manager.latest_step()
+    if latest is not None:
+        params, opt_state, meta = _restore_checkpoint(manager, latest, params, opt_state)
+        step = int(meta["step"])
+        log(f"resumed from {out / 'checkpoints'} at step {step}")
+    log(f"{cfg.preset}: {n_params:,} parameters ({n_params * 2 / 1e6:.2f} MB in bf16), "
+        f"{train_stream.shape[0]:,} training tokens, L_train {cfg.seq_len}, batch {cfg.batch}, dtype {cfg.dtype}")
+    held_windows = eval_windows(held_stream, cfg.eval_windows, cfg.seq_len)
+    log_path = out / "loss.jsonl"
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    recent: list[float] = []
+    tokens_per_step = cfg.batch * cfg.seq_len
+    t_start = time.monotonic()
+    with open(log_path, "a") as log_file, Progress(
+            cfg.steps * tokens_per_step, "tokens", f"training {cfg.preset}", rate=True, initial=step * tokens_per_step,
+            enabled=progress, interval=1.0) as bar:
+        while step < end:
+            tokens = sample_windows(train_stream, cfg.batch, cfg.seq_len, cfg.seed, step)
+            params, opt_state, loss, gnorm = train_step(params, opt_state, jnp.asarray(tokens))
+            step += 1
+            meta["tokens_seen"] = int(meta["tokens_seen"]) + tokens_per_step
+            if step % cfg.log_every == 0 or step == end:
+                loss = float(loss)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr")
+                recent = (recent + [loss])[-5:]
+                meta["last_loss"] = float(np.mean(recent))
+                log_file.write(json.dumps({"step": step, "loss": round(loss, 5), "grad_norm": round(float(gnorm), 4),
+                                           "tokens_seen": meta["tokens_seen"],
+                                           "seconds": round(time.monotonic() - t_start, 2)}) + "\n")
+                log_file.flush()
+            if step % cfg.eval_every == 0 and step < cfg.steps:
+                held = evaluate(eval_loss, params, held_windows, cfg.batch)
+                log_file.write(json.dumps({"step": step, "heldout_loss": round(held, 5)}) + "\n")
+                log_file.flush()
+            loss_text = f", loss {meta['last_loss']:.4f}" if math.isfinite(meta["last_loss"]) else ""
+            bar.update(tokens_per_step, postfix=f"step {step}{loss_text}")
+            if step % cfg.checkpoint_every == 0 or step == end:
+                meta["step"] = step
+                _save_checkpoint(manager, step, params, opt_state, meta)
+    seconds = time.monotonic() - t_start
+    manager.close()
+    if step < cfg.steps:
+        log(f"stopped at step {step} of {cfg.steps}; rerun the same command to resume")
+        return None
+    final_windows = eval_windows(held_stream, cfg.final_eval_windows, cfg.seq_len)
+    held = evaluate(eval_loss, params, final_windows, cfg.batch)
+    with open(log_path, "a") as log_file:
+        log_file.write(json.dumps({"step": step, "heldout_loss": round(held, 5), "final": True}) + "\n")
+    save = jax.tree.map(lambda a: a.astype(DTYPES[cfg.save_dtype]), params)
+    save_converted(model_dir, save, config, family.name)
+    shutil.copyfile(Path(cfg.data) / corpus_lib.TOKENIZER_FILE, model_dir / corpus_lib.TOKENIZER_FILE)
+    (model_dir / "model_card.md").write_text(
+        _model_card(cfg, config, manifest, n_params, meta, held, len(final_windows), seconds))
+    log(_plot(log_path, out / "loss.png"))
+    log(f"final train loss {meta['last_loss']:.4f}, held-out loss {held:.4f} (perplexity {math.exp(held):.3f}) "
+        f"at L_train {cfg.seq_len}; wrote {model_dir.absolute()}")
+    return model_dir.absolute()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="folder written by python -m experiments.corpus")
+    parser.add_argument("--out", required=True, help="run folder (checkpoints, logs, model/)")
+    parser.add_argument("--preset", default="llama-small", choices=sorted(PRESETS))
+    d = TrainConfig("", "")
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--batch", type=int, default=d.batch)
+    parser.add_argument("--seq-len", type=int, default=d.seq_len, help="training length L_train (tokens)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default min(100, steps/10))")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--clip", type=float, default=d.clip, help="global gradient-norm clip")
+    parser.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES), help="compute dtype (params stay fp32)")
+    parser.add_argument("--save-dtype", default=d.save_dtype, choices=sorted(DTYPES), help="dtype of the saved model")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    parser.add_argument("--eval-every", type=int, default=d.eval_every)
+    parser.add_argument("--eval-windows", type=int, default=d.eval_windows)
+    parser.add_argument("--final-eval-windows", type=int, default=d.final_eval_windows)
+    parser.add_argument("--log-every", type=int, default=d.log_every)
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="checkpoint and stop after this step (a later run with the same arguments resumes)")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    args = parser.parse_args(argv)
+    cfg = TrainConfig(data=args.data, out=args.out, preset=args.preset, steps=args.steps, batch=args.batch,
+                      seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                      clip=args.clip, dtype=args.dtype, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                      eval_every=args.eval_every, eval_windows=args.eval_windows,
+                      final_eval_windows=args.final_eval_windows, log_every=args.log_every,
+                      save_dtype=args.save_dtype)
+    try:
+        train(cfg, stop_after=args.stop_after, log=lambda m: print(m, file=sys.stderr), progress=not args.quiet)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        parser.error(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""experiments.train on a tiny repetitive corpus: loss goes down, resume is bit-exact, the output loads."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from converters.store import load_converted
+from converters.tokenizer import load_tokenizer
+from experiments import corpus
+from experiments import train as tr
+from models import registry
+
+SEQ = 32
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    src = root / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"f{i:02d}.txt").write_text("the cat sat on the mat. " * 20 + f"file {i}\n")
+    corpus.prepare(root / "data", str(src), vocab_size=300, held_out_percent=20, log=lambda m: None)
+    return root / "data"
+
+
+def _cfg(data, out, **kw):
+    base = dict(data=str(data), out=str(out), preset="llama-tiny", steps=STEPS, batch=8, seq_len=SEQ, lr=3e-3,
+                warmup=3, checkpoint_every=10, eval_every=10, eval_windows=4, final_eval_windows=4, log_every=1)
+    base.update(kw)
+    return tr.TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "full"
+    model_dir = tr.train(_cfg(data, out), log=lambda m: None, progress=False)
+    return out, model_dir
+
+
+def test_windows_start_with_bos(data):
+    stream = corpus.load_tokens(data, "train")
+    w = tr.sample_windows(stream, 6, SEQ, seed=0, step=3)
+    assert w.shape == (6, SEQ) and w.dtype == np.int32 and np.all(w[:, 0] == corpus.BOS_ID)
+    np.testing.assert_array_equal(w, tr.sample_windows(stream, 6, SEQ, seed=0, step=3))
+    assert not np.array_equal(w, tr.sample_windows(stream, 6, SEQ, seed=0, step=4))
+    e = tr.eval_windows(corpus.load_tokens(data, "heldout"), 3, SEQ)
+    assert np.all(e[:, 0] == corpus.BOS_ID)
+
+
+def test_loss_decreases_and_outputs(full_run):
+    out, model_dir = full_run
+    rows = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == STEPS
+    assert losses[-1] < 0.7 * losses[0], losses
+    held = [r["heldout_loss"] for r in rows if "heldout_loss" in r]
+    assert held and held[-1] < losses[0]
+    card = (model_dir / "model_card.md").read_text()
+    assert "Parameters" in card and "Held-out loss" in card and f"{STEPS * 8 * SEQ:,} tokens seen" in card
+
+
+def test_output_loads_and_runs(full_run, data):
+    _, model_dir = full_run
+    params, config, family_name = load_converted(model_dir)
+    family = registry.family_for_config(config)
+    assert family.name == family_name == "llama" and config["max_position_embeddings"] == SEQ
+    model = family.model(family.config_from_hf(config))
+    tok = load_tokenizer(model_dir)
+    ids = [corpus.BOS_ID, *tok.encode("the cat sat on the mat. " * 6)][:SEQ]
+    logits = model.forward(params, jnp.asarray([ids]))
+    assert logits.shape == (1, len(ids), 300) and logits.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(logits)))
+    accuracy = np.mean(np.asarray(jnp.argmax(logits[0, :-1], -1)) == np.asarray(ids[1:]))
+    assert accuracy > 0.5  # it learned the repetitive text
+
+
+def test_resume_is_bit_exact(full_run, data, tmp_path):
+    out_full, model_dir = full_run
+    out = tmp_path / "resumed"
+    assert tr.train(_cfg(data, out), stop_after=13, log=lambda m: None, progress=False) is None
+    assert not (out / "model").exists()
+    logs = []
+    resumed_dir = tr.train(_cfg(data, out), log=logs.append, progress=False)
+    assert any("resumed" in m and "step 13" in m for m in logs)
+    a, _, _ = load_converted(model_dir)
+    b, _, _ = load_converted(resumed_dir)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert [json.loads(l)["loss"] for l in (out / "loss.jsonl").read_text().splitlines() if '"loss"' in l] == \
+        [json.loads(l)["loss"] for l in (out_full / "loss.jsonl").read_text().splitlines() if '"loss"' in l]
+
+
+@pytest.mark.parametrize("preset", ["gptj-tiny", "mpt-tiny"])
+def test_other_families_train_step_and_store(preset, tmp_path):
+    config = tr.make_config(preset, 300, 16)
+    family = registry.family_for_config(config)
+    assert family.name == preset.split("-")[0]
+    cfg = tr.TrainConfig("", "", preset=preset, steps=10, dtype="bf16", warmup=0)
+    model, opt, train_step, _ = tr._compiled(json.dumps(config, sort_keys=True), cfg)
+    params = family.init_params(model.config, jax.random.PRNGKey(0))
+    state = opt.init(params)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 300, (2, 16)), jnp.int32).at[:, 0].set(1)
+    new, state, loss, gnorm = train_step(params, state, tokens)
+    assert np.isfinite(float(loss)) and float(gnorm) > 0
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new))  # master params stay float32
+    save = jax.tree.map(lambda a: a.astype(jnp.bfloat16), new)
+    from converters.store import save_converted
+    save_converted(tmp_path / "m", save, config, family.name)
+    loaded, config2, name = load_converted(tmp_path / "m")
+    assert name == family.name and config2 == config
+    logits = registry.family_for_config(config2).model(family.config_from_hf(config2)).forward(
+        loaded, jnp.asarray([[1, 5, 7]]))
+    assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_presets_sizes():
+    for name in tr.PRESETS:
+        n = tr.parameter_count(tr.make_config(name, 4096, 512))
+        if name.endswith("small"):
+            assert 3e6 <= n <= 6e6 and 2 * n <= 15e6, (name, n)
+        else:
+            assert n < 4e5, (name, n)
+
+
+def test_bad_arguments(data, tmp_path, full_run, capsys):
+    with pytest.raises(ValueError, match="unknown preset"):
+        tr.make_config("llama-huge", 300, 32)
+    with pytest.raises(ValueError, match="steps"):
+        tr.train(_cfg(data, tmp_path / "a", steps=0))
+    with pytest.raises(ValueError, match="warmup"):
+        tr.train(_cfg(data, tmp_path / "a", warmup=STEPS))
+    with pytest.raises(ValueError, match="dtype"):
+        tr.train(_cfg(data, tmp_path / "a", dtype="fp8"))
+    with pytest.raises(FileNotFoundError, match="experiments.corpus"):
+        tr.train(_cfg(tmp_path / "nodata", tmp_path / "a"))
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        tr.sample_windows(np.zeros(10, np.uint16), 2, 64, 0, 0)
+    out_full, _ = full_run
+    with pytest.raises(FileExistsError, match="already holds"):
+        tr.train(_cfg(data, out_full))
+    # A half-finished run refuses to continue with other settings.
+    tr.train(_cfg(data, tmp_path / "b", steps=4, warmup=0), stop_after=1, log=lambda m: None, progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        tr.train(_cfg(data, tmp_path / "b", steps=4, warmup=0, lr=1e-2), log=lambda m: None, progress=False)
+    with pytest.raises(SystemExit):
+        tr.main(["--data", str(data), "--out", str(tmp_path / "c"), "--steps", "-1"])
+    assert "steps must be >= 1" in capsys.readouterr().err
