@@ -34,7 +34,7 @@ class CheckpointReader:
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"checkpoint directory not found: {self.path}")
-        self.config: dict = _read_json(self.path / "config.json")
+        self.config: dict = read_json_object(self.path / "config.json")
         self._files = _open_weights(self.path)
 
     def names(self) -> list[str]:
@@ -60,7 +60,8 @@ class CheckpointReader:
             raise KeyError(f"no tensor {name!r} in {self.path}") from None
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object; errors name the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     try:
@@ -80,7 +81,7 @@ def _open_weights(root: Path) -> dict[str, TensorFile]:
     if not found.name.endswith(".index.json"):
         single = opener(found)
         return {name: single for name in single.tensors}
-    weight_map = _read_json(found).get("weight_map")
+    weight_map = read_json_object(found).get("weight_map")
     if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
         raise ValueError(f"{found}: no valid weight_map")
     shards = {}

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from experiments.loading import (
-    DTYPES, add_attention_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype, parse_cli,
+    DTYPES, add_attention_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype, run_cli,
     resolve_dtype, spec_from_args, spec_settings,
 )
 
@@ -130,14 +130,7 @@ def stop_tokens(tokenizer, stops: list[str], use_eos: bool) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_cli(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-    try:
-        return run(args)
-    except (OSError, ValueError, ImportError) as e:  # bad input: the message says what and where
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(build_parser(), run, argv)
 
 
 def run(args: argparse.Namespace) -> int:

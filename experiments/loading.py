@@ -22,13 +22,15 @@ import argparse
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from converters.reader import read_json_object
 from lminf_jax import AttentionSpec, TopK
 from lminf_jax.spec import KINDS
 
@@ -73,16 +75,6 @@ def resolve_dtype(dtype: Any) -> jnp.dtype | None:
     return resolved
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
-
-
 def model_kind(path: str | os.PathLike) -> str:
     """``"converted"`` or ``"hf"``; a ValueError naming `path` when it is neither."""
     root = Path(path)
@@ -100,12 +92,12 @@ def hf_config(path: str | os.PathLike) -> dict:
     """The Hugging Face config dict of a converted or Hugging Face directory (reads no weights)."""
     root = Path(path)
     if model_kind(root) == "converted":
-        meta = _read_json(root / CONVERTED_FILE)
+        meta = read_json_object(root / CONVERTED_FILE)
         config = meta.get("config")
         if not isinstance(config, dict):
             raise ValueError(f"{root / CONVERTED_FILE} holds no config")
         return config
-    return _read_json(root / HF_CONFIG_FILE)
+    return read_json_object(root / HF_CONFIG_FILE)
 
 
 def load_config(path: str | os.PathLike):
@@ -116,7 +108,7 @@ def load_config(path: str | os.PathLike):
     root = Path(path)
     config = hf_config(root)
     if model_kind(root) == "converted":
-        name = _read_json(root / CONVERTED_FILE).get("family")
+        name = read_json_object(root / CONVERTED_FILE).get("family")
         if name not in FAMILIES:
             raise ValueError(f"{root / CONVERTED_FILE}: unknown family {name!r}; known: {sorted(FAMILIES)}")
         family = FAMILIES[name]
@@ -288,3 +280,16 @@ def parse_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpar
         return parser.parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
+
+
+def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
+    """A CLI's ``main``: parse, then ``run(args)``; bad input (OSError, ValueError, ImportError)
+    prints ``error: ...`` on stderr and returns 1."""
+    args = parse_cli(parser, argv)
+    if isinstance(args, int):
+        return args
+    try:
+        return run(args)
+    except (OSError, ValueError, ImportError) as e:  # bad input: the message says what and where
+        print(f"error: {e}", file=sys.stderr)
+        return 1

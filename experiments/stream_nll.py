@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.loading import (
-    DTYPES, add_attention_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype, parse_cli,
+    DTYPES, add_attention_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype, run_cli,
     pretraining_length, resolve_dtype, spec_from_args, spec_settings,
 )
 
@@ -194,14 +194,7 @@ def plot(result, path: Path, title: str, marks: dict[str, int]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_cli(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-    try:
-        return run(args)
-    except (OSError, ValueError, ImportError) as e:  # bad input: the message says what and where
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(build_parser(), run, argv)
 
 
 def run(args: argparse.Namespace) -> int:
