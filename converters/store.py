@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from converters.reader import read_json_object
+
 FORMAT = "lminf_jax-converted"
 FORMAT_VERSION = 1
 META_FILE = "converted.json"
@@ -74,11 +76,8 @@ def load_converted(out_dir: str | os.PathLike) -> tuple[dict, dict, str]:
     meta_path = out / META_FILE
     if not meta_path.is_file():
         raise ValueError(f"{out} is not a converted checkpoint ({META_FILE} is missing)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{meta_path}: invalid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json_object(meta_path)
+    if meta.get("format") != FORMAT:
         raise ValueError(f"{out} is not a converted checkpoint ({meta_path} has no format {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{out}: unsupported converted format version {meta.get('format_version')!r}")
