@@ -36,6 +36,11 @@ sha256 and a hash of the corpus; a second run with the same inputs reuses everyt
 CLI::
 
     python -m experiments.corpus --out data/stdlib [--source stdlib|PATH] [--vocab-size 4096]
+    python -m experiments.corpus --out data/long --encode-with data/stdlib/tokenizer.model \
+        --source PATH [--split heldout|train|all] [--max-tokens N]
+
+The second form encodes a source with an existing tokenizer into ``OUT/stream.npy`` (see
+`encode_source`), e.g. a long stream of text no model here trained on for streaming NLL.
 """
 
 from __future__ import annotations
@@ -284,6 +289,28 @@ def encode_documents(sp, docs: Sequence[Document], batch: int = 256) -> tuple[np
     return tokens, starts, lengths
 
 
+def encode_stream(tokenizer, docs: Sequence[Document]) -> np.ndarray:
+    """int32 ids of `docs` in order, each ``[bos_id] + tokenizer.encode(text)`` (no BOS when the
+    tokenizer has none): the layout of the token files, for any tokenizer with ``encode`` and
+    ``bos_id`` (`converters.tokenizer.Tokenizer`)."""
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    parts = [np.asarray(bos + list(tokenizer.encode(d.text)), np.int64) for d in docs]
+    ids = np.concatenate(parts) if parts else np.zeros((0,), np.int64)
+    if ids.size and ids.max() > np.iinfo(np.int32).max:
+        raise ValueError(f"token id {ids.max()} does not fit int32")
+    return ids.astype(np.int32)
+
+
+def held_out_documents(source: str = "stdlib", held_out_percent: float = DEFAULT_HELD_OUT_PERCENT) -> tuple[list[Document], Corpus]:
+    """The held-out documents of `source` (in path order) under the split rule, and the corpus read."""
+    corpus = read_source(source)
+    held = corpus.split(held_out_percent)[1]
+    if not held:
+        raise ValueError(f"source {source!r} has no held-out documents at {held_out_percent}% "
+                         f"({len(corpus.documents)} documents read)")
+    return held, corpus
+
+
 def load_tokens(data_dir: str | os.PathLike, split: str) -> np.ndarray:
     """The token stream of `split` (``"train"`` or ``"heldout"``), memory-mapped."""
     if split not in ("train", "heldout"):
@@ -370,6 +397,50 @@ def prepare(out_dir: str | os.PathLike, source: str = "stdlib", vocab_size: int 
     return manifest
 
 
+def encode_source(out_dir: str | os.PathLike, source: str, tokenizer_path: str | os.PathLike, *, split: str = "heldout",
+                  held_out_percent: float = DEFAULT_HELD_OUT_PERCENT, max_tokens: int | None = None, log=print) -> dict:
+    """Encode a source's documents with an existing tokenizer into ``OUT/stream.npy`` (BOS + ids per
+    document, in path order; uint16 when the vocabulary fits) and describe it in ``OUT/stream.json``.
+
+    ``split``: ``"heldout"``, ``"train"`` or ``"all"`` documents under the split rule (``"all"`` for
+    text no model here trained on, e.g. another folder). ``max_tokens`` keeps the first N tokens
+    (documents are encoded only until N are reached).
+    """
+    if split not in ("heldout", "train", "all"):
+        raise ValueError(f"split must be 'heldout', 'train' or 'all', got {split!r}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    t0 = time.monotonic()
+    corpus = read_source(source)
+    train, held = corpus.split(held_out_percent)
+    docs = {"heldout": held, "train": train, "all": corpus.documents}[split]
+    if not docs:
+        raise ValueError(f"source {source!r} has no {split} documents ({len(corpus.documents)} read)")
+    sp = load_tokenizer(tokenizer_path)
+    parts, used, total = [], 0, 0
+    for doc in docs:
+        ids = np.asarray([BOS_ID, *sp.encode(doc.text)], np.int64)
+        parts.append(ids)
+        used, total = used + 1, total + ids.size
+        if max_tokens is not None and total >= max_tokens:
+            break
+    tokens = np.concatenate(parts)[:max_tokens]
+    tokens = tokens.astype(np.uint16 if sp.get_piece_size() <= 2**16 else np.int32)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "stream.npy", tokens)
+    info = {"source": corpus.source, "split": split, "split_rule": split_rule(held_out_percent),
+            "documents": used, "documents_available": len(docs), "tokens": int(tokens.size),
+            "max_tokens": max_tokens, "bytes": sum(len(d.text.encode("utf-8", "surrogatepass")) for d in docs[:used]),
+            "tokenizer_sha256": file_sha256(Path(tokenizer_path) / TOKENIZER_FILE if Path(tokenizer_path).is_dir()
+                                            else tokenizer_path),
+            "first_document": docs[0].name, "last_document": docs[used - 1].name}
+    (out / "stream.json").write_text(json.dumps(info, indent=1))
+    log(f"encoded {used} of {len(docs)} {split} documents of {corpus.source} into {tokens.size:,} tokens "
+        f"in {time.monotonic() - t0:.1f} s")
+    return info
+
+
 def summary(manifest: dict) -> str:
     lines = [f"{'split':8} {'documents':>10} {'MB':>9} {'tokens':>12} {'bytes/token':>12}  long documents (tokens >= N)"]
     for name, s in manifest["splits"].items():
@@ -388,7 +459,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokenizer-sample-mb", type=float, default=8.0,
                         help="text sampled to train the tokenizer (MB)")
     parser.add_argument("--seed", type=int, default=0)
+    encode = parser.add_argument_group("encoding with an existing tokenizer (no tokenizer training, no split files)")
+    encode.add_argument("--encode-with", metavar="TOKENIZER",
+                        help="tokenizer.model (or its folder): write OUT/stream.npy + stream.json instead")
+    encode.add_argument("--split", choices=("heldout", "train", "all"), default="heldout",
+                        help="documents to encode with --encode-with (default: heldout)")
+    encode.add_argument("--max-tokens", type=int, metavar="N", help="keep the first N tokens (--encode-with)")
     args = parser.parse_args(argv)
+    if args.encode_with is not None:
+        try:
+            info = encode_source(args.out, args.source, args.encode_with, split=args.split,
+                                 held_out_percent=args.held_out_percent, max_tokens=args.max_tokens,
+                                 log=lambda m: print(m, file=sys.stderr))
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(str(e))
+        print(json.dumps(info, indent=1))
+        print(f"wrote {Path(args.out).absolute() / 'stream.npy'}")
+        return 0
     try:
         manifest = prepare(args.out, args.source, args.vocab_size, args.held_out_percent,
                            tokenizer_sample_bytes=int(args.tokenizer_sample_mb * 1e6), seed=args.seed,

@@ -263,6 +263,18 @@ def spec_from_args(args: argparse.Namespace, config=None) -> AttentionSpec:
     return spec
 
 
+def method_spec(method: str, config=None, *, global_branch: int | None = None, local_branch: int | None = None,
+                limit_distance: int | None = None) -> AttentionSpec:
+    """`spec_from_args` for one method, taking only the options that method uses (an
+    experiment comparing several methods applies -G/-L/-D wherever they apply)."""
+    if method not in _USES:
+        raise ValueError(f"unknown method {method!r}; choose from {list(KINDS)}")
+    given = {"global_branch": global_branch, "local_branch": local_branch, "limit_distance": limit_distance}
+    args = argparse.Namespace(method=method, top_k_middle=None, top_k_insert_at=None, top_k_from_layer=None,
+                              **{k: (v if k in _USES[method] else None) for k, v in given.items()})
+    return spec_from_args(args, config)
+
+
 def spec_settings(spec: AttentionSpec) -> dict:
     """The spec as a JSON-serialisable dict (for result files)."""
     out = dataclasses.asdict(spec)

@@ -43,6 +43,7 @@ from experiments.loading import (
     DTYPES, add_attention_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype, run_cli,
     pretraining_length, resolve_dtype, spec_from_args, spec_settings,
 )
+from experiments.text import npy_tokens
 
 TOKEN_CACHE_VERSION = 1
 #: Tokenizer files whose bytes identify the tokenization (in the token-cache hash).
@@ -113,21 +114,6 @@ def text_tokens(model_dir: str | os.PathLike, files: list[str], cache_dir: Path)
     np.save(tmp, ids.astype(np.int32))
     os.replace(tmp, target)  # atomic: a resumed run never sees half a file
     return np.load(target, mmap_mode="r"), target, False
-
-
-def npy_tokens(path: str | os.PathLike) -> np.ndarray:
-    """A 1-D integer ``.npy``, memory-mapped."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--tokens: no such file: {path}")
-    try:
-        tokens = np.load(path, mmap_mode="r")
-    except ValueError as e:
-        raise ValueError(f"--tokens {path}: not a readable .npy array ({e})") from None
-    if not isinstance(tokens, np.ndarray) or tokens.dtype.kind not in "iu" or tokens.ndim != 1:
-        raise ValueError(f"--tokens {path}: expected a 1-D integer array, got "
-                         f"{getattr(tokens, 'dtype', '?')} of shape {getattr(tokens, 'shape', '?')}")
-    return tokens
 
 
 def check_ids(tokens: np.ndarray, vocab_size: int, block: int = 1 << 24) -> None:

@@ -63,7 +63,8 @@ import numpy as np
 
 from lminf_jax.progress import Progress
 
-__all__ = ["BucketRow", "PositionBuckets", "StreamResult", "chunk_nll", "stream_fingerprint", "streaming_nll"]
+__all__ = ["BucketRow", "PositionBuckets", "StreamResult", "chunk_nll", "stream_fingerprint", "streaming_nll",
+           "finite_or_none", "token_nll"]
 
 STATE_FORMAT = "lminf_jax-streaming-nll"
 STATE_VERSION = 1
@@ -174,9 +175,14 @@ def chunk_nll(step: StepFn, params, tokens: jax.Array, targets: jax.Array, start
     offsets = jnp.arange(c, dtype=jnp.int32)
     positions = jnp.broadcast_to(jnp.where(offsets < valid, start + offsets, -1), (b, c))
     logits, new_cache = step(params, tokens, positions, cache)
+    return token_nll(logits, targets), new_cache
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """``logsumexp(logits) - logits[target]`` in float32: logits ``(..., V)``, targets ``(...)``."""
     logits = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - picked, new_cache
+    return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
 # ----- results --------------------------------------------------------------------------------
@@ -223,7 +229,7 @@ class StreamResult:
         """A JSON-serialisable dict (non-finite floats become None)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "cache"}
         out["buckets"] = [dataclasses.asdict(row) for row in self.buckets]
-        return _finite_or_none(out)
+        return finite_or_none(out)
 
     @classmethod
     def from_json(cls, data: dict) -> StreamResult:
@@ -535,13 +541,14 @@ def _show(value) -> str:
     return "nothing" if value is None else str(value)
 
 
-def _finite_or_none(x):
+def finite_or_none(x):
+    """`x` with every non-finite float (in nested dicts/lists/tuples) replaced by None, for JSON."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _finite_or_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite_or_none(v) for v in x]
+        return {k: finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_or_none(v) for v in x]
     return x
 
 

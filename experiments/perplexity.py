@@ -1,0 +1,336 @@
+"""Perplexity vs length: vanilla attention, LM-Infinite and its ablations on the same held-out text.
+
+    python -m experiments.perplexity [MODEL_DIR] [--source stdlib|FOLDER|FILE.jsonl | --tokens F.npy
+        | --text FILE [FILE ...]] [--multiples 1 2 4 8 16 32] [--sequences N] [--methods M [M ...] | all]
+        [-G G] [-L L] [-D D] [--dtype bf16|fp16|fp32] [--batch-tokens N] [--block N]
+        [--out results/perplexity.json] [--plot results/perplexity.png | --no-plot] [--no-progress]
+
+With no arguments this is the project's main job: the LLaMA-style model this project trained and
+ships (`SHIPPED_MODEL`), on held-out standard-library text, vanilla vs LM-Infinite at
+L_train x {1, 2, 4, 8, 16, 32}, 3 segments (a few minutes on a laptop CPU).
+
+MODEL_DIR: a converted or Hugging Face directory. Lengths are multiples of the model's
+pretraining length L_train (``max_position_embeddings`` or its family's equivalent).
+
+Text (default ``--source stdlib``): the held-out documents of a corpus under
+`experiments.corpus`'s split rule (for ``stdlib``: the standard library of the running
+interpreter, 5% of files by path hash, none of which the shipped models trained on), encoded
+with the model's tokenizer, BOS + ids per document, concatenated in path order. ``--text``
+encodes the given files the same way; ``--tokens`` takes a 1-D integer ``.npy`` as it is.
+
+Design (`lminf_jax.evaluation`): ``--sequences`` S segments of ``T - 1`` tokens (T the longest
+length), evenly spaced over the text; at every length n each segment is cut into tiles of
+``n - 1`` tokens, each scored as BOS + tile. Every length thus scores the same tokens and only
+their positions differ. The table shows exp(mean NLL) per length; the JSON adds its standard
+error, each segment's perplexity, the NLL by query position of the longest sequences and the
+paper-style prefix perplexity of those sequences.
+
+Methods (``lminf_jax.spec``): ``vanilla``, ``lm_infinite`` (Λ-mask + distance limit),
+``lambda_mask`` (Λ-mask only), ``distance_limit`` (only distances capped at D),
+``sliding_window`` (the last L tokens, no sinks), ``streaming_llm`` (sinks at their position
+inside a G + L cache); default ``vanilla lm_infinite``, ``all`` for the six. -G/-L/-D apply to
+the methods that use them; defaults G = 10 (4 for streaming_llm), L = D = L_train.
+
+Output: a table (perplexity per method and length) on stdout, ``--out`` JSON (settings; per
+method and length: tiles, tokens, NLL, its standard error, perplexity, per-segment perplexity;
+per method: NLL by position and prefix perplexity; time) and ``--plot`` PNG (log-scale
+perplexity vs length, one line per method, the spread across segments shaded, next to NLL vs
+position). Completed work survives an interrupted run: the scores of each batch are saved as
+they are computed in ``OUT.parts/`` (keyed by a fingerprint of the model, text and settings)
+and a rerun with the same settings reuses them; the folder is removed once the JSON is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from experiments.loading import (
+    DTYPES, KINDS, hf_config, load_config, load_model, method_spec, model_kind, params_dtype,
+    pretraining_length, resolve_dtype, run_cli, spec_settings,
+)
+from experiments.text import add_text_args, bos_id, token_stream
+from lminf_jax.streaming import finite_or_none
+
+#: The LLaMA-style model trained by this project (``experiments/train.py``), shipped in the repository.
+SHIPPED_MODEL = Path(__file__).resolve().parent / "shipped" / "llama-small-stdlib"
+DEFAULT_MULTIPLES = (1, 2, 4, 8, 16, 32)
+DEFAULT_METHODS = ("vanilla", "lm_infinite")
+#: Segments of the main job: enough text for every length (3 x 16,383 tokens) within its CPU budget.
+DEFAULT_SEQUENCES = 3
+#: The methods in the order tables and plots show them.
+METHODS = ("vanilla", "lm_infinite", "lambda_mask", "distance_limit", "sliding_window", "streaming_llm")
+PARTS_FORMAT = "lminf_jax-perplexity-parts-v1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.perplexity", description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL),
+                   help="converted or Hugging Face model directory (default: the shipped LLaMA-style model)")
+    add_text_args(p)
+    p.add_argument("--multiples", type=int, nargs="+", default=list(DEFAULT_MULTIPLES), metavar="M",
+                   help="lengths as multiples of L_train (default: 1 2 4 8 16 32)")
+    p.add_argument("--sequences", type=int, default=DEFAULT_SEQUENCES, metavar="S",
+                   help=f"segments of the longest length, evenly spaced over the text (default {DEFAULT_SEQUENCES})")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                   help=f"any of {', '.join(KINDS)}, or 'all' (default: {' '.join(DEFAULT_METHODS)})")
+    group = p.add_argument_group("attention options (applied to the methods that use them)")
+    group.add_argument("-G", "--global-branch", type=int, metavar="G", help="sink tokens (default 10; 4 for streaming_llm)")
+    group.add_argument("-L", "--local-branch", type=int, metavar="L", help="window (default: L_train)")
+    group.add_argument("-D", "--limit-distance", type=int, metavar="D", help="distance limit (default: L_train)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the stored weights' dtype)")
+    p.add_argument("--batch-tokens", type=int, default=16384, metavar="N",
+                   help="tokens per forward pass: N // length sequences, at least one (default 16384)")
+    p.add_argument("--block", type=int, default=512, metavar="N", help="blockwise attention block size (default 512)")
+    p.add_argument("--out", default="results/perplexity.json", metavar="JSON", help="result file")
+    p.add_argument("--plot", default="results/perplexity.png", metavar="PNG", help="perplexity vs length plot")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--from-json", metavar="JSON", help="evaluate nothing: print the table of a saved result and "
+                   "draw it again at --plot")
+    return p
+
+
+# ----- resumable scoring ------------------------------------------------------------------------
+
+
+def fingerprint(settings: dict, segments: np.ndarray) -> str:
+    """Hash of everything the scores depend on: settings (model, dtype, specs, blocks) and the text."""
+    h = hashlib.sha256(PARTS_FORMAT.encode())
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(segments, np.int32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def score(forward, params, sequences: np.ndarray, batch: int, parts: Path, key: str, bar) -> np.ndarray:
+    """NLL ``(R, n - 1)`` float32 of the rows of ``sequences (R, n)``, ``batch`` rows per call (the
+    last batch padded by repeating its last row, so one shape compiles). Each batch is saved in
+    ``parts`` as it completes and read back instead of recomputed."""
+    from lminf_jax.evaluation import sequence_nll
+
+    out = []
+    for first in range(0, sequences.shape[0], batch):
+        rows = sequences[first:first + batch]
+        part = parts / f"{key}-{first:06d}.npy"
+        if part.is_file():
+            nll = np.load(part)
+        else:
+            padded = np.concatenate([rows, np.repeat(rows[-1:], batch - rows.shape[0], axis=0)])
+            nll = sequence_nll(forward, params, padded)[: rows.shape[0]]
+            tmp = part.with_name(f"{part.stem}.tmp-{os.getpid()}.npy")
+            np.save(tmp, nll)
+            os.replace(tmp, part)  # atomic: a rerun never reads half a part
+        out.append(nll)
+        bar.update(rows.size)
+    return np.concatenate(out)
+
+
+# ----- output -----------------------------------------------------------------------------------
+
+
+def format_table(record: dict) -> str:
+    """Perplexity per method (rows) and length (columns, with their multiple of L_train)."""
+    lengths, l_train = record["settings"]["lengths"], record["settings"]["l_train"]
+    width = max(9, *(len(f"{n:,}") + 1 for n in lengths))
+    lines = [f"{'method':<16}" + "".join(f"{n:>{width},}" for n in lengths),
+             f"{'(x L_train)':<16}" + "".join(f"{n / l_train:>{width}g}" for n in lengths)]
+    for name, res in record["methods"].items():
+        lines.append(f"{name:<16}" + "".join(f"{_short(p['ppl']):>{width}}" for p in res["lengths"]))
+    return "\n".join(lines)
+
+
+def _short(value: float | None) -> str:
+    if value is None:  # JSON's stand-in for inf / nan
+        return "inf"
+    return f"{value:.3g}" if value >= 1e4 else f"{value:.2f}"
+
+
+def headline(record: dict) -> list[str]:
+    """The paper's two claims as ratios to the perplexity at L_train, where measured."""
+    lengths, l_train = record["settings"]["lengths"], record["settings"]["l_train"]
+    lines = []
+    for name, multiple in (("lm_infinite", max(lengths) // l_train), ("vanilla", 16)):
+        n = multiple * l_train
+        if name in record["methods"] and l_train in lengths and n in lengths and n != l_train:
+            ppl = {p["length"]: p["ppl"] for p in record["methods"][name]["lengths"]}
+            if ppl[n] is not None and ppl[l_train] is not None:
+                lines.append(f"{name}: perplexity at {multiple} x L_train ({n:,}) / at L_train ({l_train:,}) = "
+                             f"{ppl[n]:.4g} / {ppl[l_train]:.4g} = {ppl[n] / ppl[l_train]:.3f}")
+    return lines
+
+
+def plot(record: dict, path: Path) -> bool:
+    """Draw a result record (the ``--out`` JSON): left, perplexity vs length (log-log), one line
+    per method with ``exp(NLL +- 2 standard errors)`` shaded; right, mean NLL by query position of
+    the longest sequences. False when matplotlib is missing."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    settings = record["settings"]
+    fig = Figure(figsize=(12, 4.4))
+    left, right = fig.subplots(1, 2)
+    for i, (name, res) in enumerate(record["methods"].items()):
+        color, points = f"C{i}", [p for p in res["lengths"] if p["ppl"] is not None]
+        lengths = [p["length"] for p in points]
+        left.plot(lengths, [p["ppl"] for p in points], marker="o", color=color, label=name)
+        sem = [p["nll_sem"] or 0.0 for p in points]
+        left.fill_between(lengths, [math.exp(p["nll"] - 2 * e) for p, e in zip(points, sem)],
+                          [math.exp(p["nll"] + 2 * e) for p, e in zip(points, sem)], color=color, alpha=0.15)
+        rows = [r for r in res["buckets"] if r["nll"] is not None]
+        right.plot([math.sqrt((r["lo"] + 1) * r["hi"]) for r in rows], [r["nll"] for r in rows], color=color,
+                   label=name, linewidth=1.2)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.axvline(settings["l_train"], color="gray", linestyle="--", linewidth=0.8)
+        ax.grid(True, which="both", alpha=0.3)
+    left.set_yscale("log")
+    left.set_xlabel("sequence length (tokens); shaded: exp(NLL +- 2 s.e.)")
+    left.set_ylabel("perplexity (log scale)")
+    left.legend(fontsize=8)
+    right.set_xlabel("tokens seen by the query (position + 1), longest sequences")
+    right.set_ylabel("mean NLL (nats / token)")
+    fig.suptitle(f"{settings['family']} ({Path(settings['model']).name}), L_train {settings['l_train']:,}: "
+                 f"{settings['segments']} segment(s) x {settings['segment_tokens']:,} tokens, every length on "
+                 "the same tokens", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return True
+
+
+# ----- the command ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), run, argv)
+
+
+def _methods(names: list[str]) -> list[str]:
+    if names == ["all"]:
+        return list(METHODS)
+    for name in names:
+        if name not in KINDS:
+            raise ValueError(f"--methods: unknown method {name!r}; choose from {', '.join(KINDS)} or 'all'")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--methods: a method is listed twice: {names}")
+    return names
+
+
+def show_saved(path: str, png: str | None) -> int:
+    """Table (and plot at `png`) of a saved result."""
+    from converters.reader import read_json_object
+
+    record = read_json_object(Path(path))
+    if not isinstance(record.get("settings"), dict) or not isinstance(record.get("methods"), dict):
+        raise ValueError(f"{path} is not a result of experiments.perplexity (no settings / methods)")
+    print(format_table(record))
+    for line in headline(record):
+        print(line)
+    if png is not None:
+        if not plot(record, Path(png)):
+            raise ImportError("matplotlib is not installed: no plot (pip install matplotlib)")
+        print(f"wrote {png}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.from_json is not None:
+        return show_saved(args.from_json, None if args.no_plot else args.plot)
+    from lminf_jax.evaluation import length_point, position_buckets, prefix_ppl, text_segments, tile_segments
+    from lminf_jax.progress import Progress
+    from lminf_jax.streaming import PositionBuckets
+    from models.common import AttentionCall
+
+    for name, minimum in (("sequences", 1), ("batch_tokens", 1), ("block", 1)):
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+    if any(m < 1 for m in args.multiples) or len(set(args.multiples)) != len(args.multiples):
+        raise ValueError(f"--multiples must be distinct integers >= 1, got {args.multiples}")
+    methods = _methods(args.methods)
+    family, config = load_config(args.model_dir)  # validate the options before reading weights
+    l_train = pretraining_length(config)
+    lengths = [m * l_train for m in sorted(args.multiples)]
+    options = {"global_branch": args.global_branch, "local_branch": args.local_branch,
+               "limit_distance": args.limit_distance}
+    specs = {m: method_spec(m, config, **options) for m in methods}
+
+    stream, source = token_stream(args)
+    if stream.size and (stream.min() < 0 or stream.max() >= config.vocab_size):
+        raise ValueError(f"token ids must lie in [0, {config.vocab_size}) for this model; the text has "
+                         f"[{stream.min()}, {stream.max()}]")
+    bos = bos_id(args.model_dir)
+    segments = text_segments(stream, args.sequences, lengths[-1] - (bos is not None))
+    tiles = {n: tile_segments(segments, n, bos) for n in lengths}
+
+    began = time.perf_counter()
+    family, config, params = load_model(args.model_dir, args.dtype, progress=sys.stderr.isatty())
+    load_s = time.perf_counter() - began
+    stored = params_dtype(params)
+    dtype = resolve_dtype(args.dtype) or stored
+    settings = {
+        "model": str(Path(args.model_dir).resolve()), "model_kind": model_kind(args.model_dir), "family": family.name,
+        "config": hf_config(args.model_dir), "params_dtype": stored.name, "compute_dtype": dtype.name,
+        "l_train": l_train, "bos_id": bos, "batch_tokens": args.batch_tokens, "block": args.block,
+        "attention": {m: spec_settings(spec) for m, spec in specs.items()},
+    }
+    out_path = Path(args.out)
+    parts = out_path.with_name(out_path.name + ".parts") / fingerprint(settings, segments)
+    parts.mkdir(parents=True, exist_ok=True)
+    s, seg_tokens = segments.shape
+    print(f"{family.name} from {args.model_dir} (L_train {l_train:,}): {s} segment(s) x {seg_tokens:,} tokens of "
+          f"{source.get('source', 'the given text')} ({stream.size:,} tokens); lengths {lengths[0]:,}.."
+          f"{lengths[-1]:,}; methods {', '.join(methods)}", file=sys.stderr)
+
+    results = {}
+    total = len(methods) * sum(t.size for t in tiles.values())
+    with Progress(total, "tokens", "perplexity", rate=True, enabled=not args.no_progress) as bar:
+        for name, spec in specs.items():
+            model = family.model(config, AttentionCall(spec, block_q=args.block, block_k=args.block), dtype)
+            t0, points = time.perf_counter(), []
+            for n in lengths:
+                bar.postfix = f"{name} at {n:,}"
+                nll = score(model.forward, params, tiles[n], max(1, args.batch_tokens // n), parts, f"{name}-{n}", bar)
+                points.append(length_point(nll, s))
+            results[name] = {"spec": spec, "seconds": time.perf_counter() - t0, "points": points,
+                             "prefix_ppl": prefix_ppl(nll, lengths), "buckets": position_buckets(nll, PositionBuckets(2))}
+
+    record = {
+        "settings": {**settings, "source": source, "text_tokens": int(stream.size), "segments": s,
+                     "segment_tokens": seg_tokens, "lengths": lengths,
+                     "multiples": sorted(args.multiples), "load_s": load_s},
+        "methods": {name: {"attention": spec_settings(res["spec"]), "seconds": res["seconds"],
+                           "lengths": [p.to_json() for p in res["points"]],
+                           "prefix_ppl": finite_or_none(list(res["prefix_ppl"])),
+                           "buckets": [dataclasses.asdict(r) for r in res["buckets"]]}
+                    for name, res in results.items()},
+    }
+    record = finite_or_none(record)
+    print(format_table(record))
+    for line in headline(record):
+        print(line)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(record, indent=1))
+    shutil.rmtree(parts.parent)
+    where = [str(out_path)]
+    if not args.no_plot:
+        if plot(record, Path(args.plot)):
+            where.append(str(args.plot))
+        else:
+            print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    print(f"wrote {' and '.join(where)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

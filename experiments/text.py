@@ -1,0 +1,84 @@
+"""The text an evaluation reads: command-line options and the token stream they name.
+
+    --source stdlib|FOLDER|FILE.jsonl   the held-out documents of a corpus (default: stdlib)
+    --tokens FILE.npy                   a 1-D integer .npy of token ids, used as is
+    --text FILE [FILE ...]              text files, each encoded as BOS + ids
+    --held-out-percent P                the split of --source (default 5, as in experiments.corpus)
+
+``--source`` takes the held-out documents under `experiments.corpus`'s split rule (for
+``stdlib``: the standard library of the running interpreter, 5% of files by path hash, none of
+which the shipped models trained on), encodes them with the model's tokenizer, BOS + ids per
+document, and concatenates them in path order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from experiments import corpus
+from experiments.loading import hf_config, load_tokenizer_from
+
+
+def add_text_args(parser: argparse.ArgumentParser) -> None:
+    """Register the text options (see the module docstring) on `parser`."""
+    group = parser.add_argument_group("text (one of)")
+    text = group.add_mutually_exclusive_group()
+    text.add_argument("--source", default="stdlib",
+                      help="held-out split of 'stdlib' (default), a folder or a .jsonl with 'text'")
+    text.add_argument("--tokens", metavar="FILE.npy", help="a 1-D integer .npy of token ids, used as is")
+    text.add_argument("--text", nargs="+", metavar="FILE", help="text files, each encoded as BOS + ids")
+    group.add_argument("--held-out-percent", type=float, default=corpus.DEFAULT_HELD_OUT_PERCENT, metavar="P",
+                       help="the split of --source (default 5, as in experiments.corpus)")
+
+
+def npy_tokens(path: str | os.PathLike) -> np.ndarray:
+    """A 1-D integer ``.npy``, memory-mapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--tokens: no such file: {path}")
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except ValueError as e:
+        raise ValueError(f"--tokens {path}: not a readable .npy array ({e})") from None
+    if not isinstance(tokens, np.ndarray) or tokens.dtype.kind not in "iu" or tokens.ndim != 1:
+        raise ValueError(f"--tokens {path}: expected a 1-D integer array, got "
+                         f"{getattr(tokens, 'dtype', '?')} of shape {getattr(tokens, 'shape', '?')}")
+    return tokens
+
+
+def token_stream(args: argparse.Namespace) -> tuple[np.ndarray, dict]:
+    """``(1-D token ids, description)`` of the text the options name."""
+    if args.tokens is not None:
+        tokens = np.asarray(npy_tokens(args.tokens))
+        return tokens, {"tokens": str(args.tokens)}
+    tokenizer = load_tokenizer_from(args.model_dir)
+    if args.text is not None:
+        docs = []
+        for name in args.text:
+            path = Path(name)
+            if not path.is_file():
+                raise ValueError(f"--text: no such file: {path}")
+            docs.append(corpus.Document(str(path), path.read_text()))
+        return corpus.encode_stream(tokenizer, docs), {"text": list(args.text)}
+    docs, read = corpus.held_out_documents(args.source, args.held_out_percent)
+    return corpus.encode_stream(tokenizer, docs), {
+        "source": read.source, "held_out_percent": args.held_out_percent, "split_rule": corpus.split_rule(args.held_out_percent),
+        "documents": len(docs), "bytes": sum(len(d.text.encode("utf-8", "surrogatepass")) for d in docs),
+        "python": sys.version.split()[0] if args.source == "stdlib" else None,
+    }
+
+
+def bos_id(model_dir: str) -> int | None:
+    """The model's BOS id: its tokenizer's, else its config's ``bos_token_id``, else None."""
+    try:
+        tokenizer_bos = load_tokenizer_from(model_dir).bos_id
+    except ValueError:
+        tokenizer_bos = None
+    if tokenizer_bos is not None:
+        return tokenizer_bos
+    value = hf_config(model_dir).get("bos_token_id")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

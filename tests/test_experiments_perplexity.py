@@ -1,0 +1,176 @@
+"""experiments.perplexity: the main job's code path, the tiled design against direct scoring, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
+
+import lminf_jax.evaluation as evaluation
+from experiments import perplexity as cli
+from experiments.loading import load_model, load_tokenizer_from
+from lminf_jax import AttentionSpec
+from models.common import AttentionCall
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("perplexity"))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "held.txt"
+    path.write_text(random_text(5, 160))
+    return path
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_main_job_path_on_the_shipped_model(tmp_path, capsys):
+    """The README's main job (shipped model, held-out stdlib, vanilla vs LM-Infinite), at two
+    short lengths and one segment so that it runs in seconds."""
+    out = tmp_path / "r" / "ppl.json"
+    code, stdout, stderr = run(["--multiples", "1", "2", "--sequences", "1", "--out", str(out),
+                                "--plot", str(tmp_path / "r" / "ppl.png"), "--no-progress"], capsys)
+    assert code == 0, stderr
+    record = json.loads(out.read_text())
+    s = record["settings"]
+    assert Path(s["model"]) == cli.SHIPPED_MODEL and s["family"] == "llama" and s["l_train"] == 512
+    assert s["lengths"] == [512, 1024] and s["segments"] == 1 and s["segment_tokens"] == 1023 and s["bos_id"] == 1
+    assert s["source"]["source"] == "stdlib" and s["source"]["documents"] > 10 and s["text_tokens"] > 100_000
+    assert list(record["methods"]) == ["vanilla", "lm_infinite"]
+    for name, res in record["methods"].items():
+        short, full = res["lengths"]
+        assert (short["length"], short["sequences"], short["tokens"]) == (512, 2, 1022)
+        assert (full["length"], full["sequences"], full["tokens"]) == (1024, 1, 1023)
+        for point in (short, full):
+            assert 1 < point["ppl"] < 4096 and point["ppl"] == pytest.approx(math.exp(point["nll"]))
+            assert point["segment_ppl"] == [pytest.approx(point["ppl"])]
+        assert res["prefix_ppl"][-1] == pytest.approx(full["ppl"])
+        assert sum(b["count"] for b in res["buckets"]) == 1023
+        assert res["attention"]["kind"] == name and res["seconds"] > 0
+    # within the pretraining length the two masks are the same: equal perplexity
+    vanilla, lm_inf = (record["methods"][m]["lengths"][0]["ppl"] for m in ("vanilla", "lm_infinite"))
+    assert lm_inf == pytest.approx(vanilla, rel=1e-4)
+    lines = stdout.splitlines()
+    assert lines[0].split() == ["method", "512", "1,024"] and lines[1].split() == ["(x", "L_train)", "1", "2"]
+    assert lines[2].split()[0] == "vanilla" and lines[3].split()[0] == "lm_infinite"
+    assert "lm_infinite: perplexity at 2 x L_train (1,024) / at L_train (512)" in stdout
+    assert stdout.rstrip().endswith(f"wrote {out} and {tmp_path / 'r' / 'ppl.png'}")
+    assert (tmp_path / "r" / "ppl.png").stat().st_size > 0
+    assert not (tmp_path / "r" / "ppl.json.parts").exists()
+
+
+def direct_nll(model_dir: Path, tokens: np.ndarray, spec: AttentionSpec) -> np.ndarray:
+    """Scores ``(R, n - 1)`` from one forward pass per row and a float64 log-softmax."""
+    family, cfg, params = load_model(model_dir)
+    model = family.model(cfg, AttentionCall(spec))
+    logits = np.asarray(model.forward(params, jnp.asarray(tokens, jnp.int32)), np.float64)[:, :-1]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return -np.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def test_every_length_scores_the_same_text(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "ppl.json"
+    code, stdout, stderr = run([str(model_dir), "--text", str(text_file), "--multiples", "1", "2", "4",
+                                "--sequences", "2", "--methods", "all", "-G", "2", "--batch-tokens", "200",
+                                "--block", "16", "--out", str(out), "--no-plot", "--no-progress"], capsys)
+    assert code == 0, stderr
+    record = json.loads(out.read_text())
+    tok = load_tokenizer_from(model_dir)
+    stream = np.asarray([tok.bos_id, *tok.encode(text_file.read_text())], np.int32)
+    longest = 4 * PRETRAIN
+    segments = evaluation.text_segments(stream, 2, longest - 1)
+    assert record["settings"]["text_tokens"] == stream.size and record["settings"]["segment_tokens"] == longest - 1
+    assert list(record["methods"]) == list(cli.METHODS)
+    specs = {"vanilla": AttentionSpec.vanilla(), "lm_infinite": AttentionSpec.lm_infinite(2, PRETRAIN),
+             "streaming_llm": AttentionSpec.streaming_llm(2, PRETRAIN)}
+    for name, spec in specs.items():
+        res = record["methods"][name]
+        assert res["attention"]["describe"] == spec.describe()
+        for point, n in zip(res["lengths"], (PRETRAIN, 2 * PRETRAIN, longest)):
+            tiles = evaluation.tile_segments(segments, n, tok.bos_id)
+            nll = direct_nll(model_dir, tiles, spec)
+            assert point["length"] == n and point["sequences"] == tiles.shape[0] and point["tokens"] == nll.size
+            assert point["nll"] == pytest.approx(nll.mean(), abs=2e-5)
+            assert point["segment_ppl"] == pytest.approx([math.exp(v) for v in nll.reshape(2, -1).mean(1)], rel=1e-4)
+    # the table's rows are the JSON's numbers
+    row = next(line for line in stdout.splitlines() if line.startswith("lm_infinite"))
+    assert [float(v) for v in row.split()[1:]] == pytest.approx(
+        [p["ppl"] for p in record["methods"]["lm_infinite"]["lengths"]], abs=6e-3)
+
+
+def test_an_interrupted_run_resumes_without_recomputing(model_dir, text_file, tmp_path, capsys, monkeypatch):
+    argv = [str(model_dir), "--text", str(text_file), "--multiples", "1", "2", "--sequences", "2",
+            "--batch-tokens", "64", "--no-plot", "--no-progress"]
+    assert run(argv + ["--out", str(tmp_path / "whole.json")], capsys)[0] == 0
+    real, calls = evaluation.sequence_nll, []
+
+    def counting(*args):
+        calls.append(1)
+        if interrupt_after is not None and len(calls) > interrupt_after:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(evaluation, "sequence_nll", counting)
+    out = tmp_path / "r.json"
+    interrupt_after = 5
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv + ["--out", str(out)])
+    assert len(list((tmp_path / "r.json.parts").glob("*/*.npy"))) == 5 and not out.exists()
+    calls.clear()
+    interrupt_after = None
+    assert run(argv + ["--out", str(out)], capsys)[0] == 0
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    resumed = json.loads(out.read_text())
+    # --batch-tokens 64: one tile per call, so the rerun computes every tile but the 5 saved ones
+    assert len(calls) == sum(p["sequences"] for m in whole["methods"].values() for p in m["lengths"]) - 5
+    for name in whole["methods"]:
+        assert resumed["methods"][name]["lengths"] == whole["methods"][name]["lengths"]
+    assert not (tmp_path / "r.json.parts").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--methods", "vanilla", "nope"], "unknown method 'nope'"),
+    (["--methods", "vanilla", "vanilla"], "listed twice"),
+    (["--sequences", "50"], "50 segment(s) of 255 tokens need"),
+    (["--multiples", "1", "1"], "--multiples must be distinct"),
+    (["--batch-tokens", "0"], "--batch-tokens must be >= 1"),
+    (["-L", "0"], "local_branch must be an integer >= 1"),
+])
+def test_bad_options_name_what_is_wrong(model_dir, text_file, tmp_path, capsys, extra, message):
+    code, _, stderr = run([str(model_dir), "--text", str(text_file), "--multiples", "1", "4",
+                           "--out", str(tmp_path / "x.json"), "--no-plot", "--no-progress", *extra], capsys)
+    assert code == 1 and message in stderr
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(model_dir, tmp_path, capsys):
+    np.save(tmp_path / "t.npy", np.full(300, 5000, np.int32))
+    code, _, stderr = run([str(model_dir), "--tokens", str(tmp_path / "t.npy"), "--multiples", "1",
+                           "--out", str(tmp_path / "x.json"), "--no-plot"], capsys)
+    assert code == 1 and "token ids must lie in [0, " in stderr
+
+
+def test_a_saved_result_is_shown_and_drawn_again(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "ppl.json"
+    code, first, stderr = run([str(model_dir), "--text", str(text_file), "--multiples", "1", "2",
+                               "--out", str(out), "--no-plot", "--no-progress"], capsys)
+    assert code == 0, stderr
+    code, again, stderr = run(["--from-json", str(out), "--plot", str(tmp_path / "again.png")], capsys)
+    assert code == 0, stderr
+    assert again.splitlines()[:-1] == first.splitlines()[:-1]  # same table and ratios
+    assert (tmp_path / "again.png").stat().st_size > 0
+    (tmp_path / "other.json").write_text(json.dumps({"tokens": 3}))
+    code, _, stderr = run(["--from-json", str(tmp_path / "other.json")], capsys)
+    assert code == 1 and "is not a result of experiments.perplexity" in stderr
