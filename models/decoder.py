@@ -27,6 +27,7 @@ from jax import lax
 
 from lminf_jax import attention
 from lminf_jax.cache import KVCache, cached_attention
+from lminf_jax.probes import RowProbe, num_distance_buckets, probe_rows
 from lminf_jax.scores import Positional
 from models.common import AttentionCall, Params, check_tokens, default_positions
 
@@ -97,6 +98,24 @@ class LanguageModel:
             _check_step_positions(np.asarray(positions), np.asarray(cache.positions), cache)
         return _jit_step(self, params, tokens, positions, cache)
 
+    def probe(self, params: Params, tokens: jax.Array, rows: np.ndarray | list[int], *,
+              positions: jax.Array | None = None, max_distance: int | None = None) -> ModelProbe:
+        """One forward pass that also records, for the query rows ``rows`` (time indices),
+        per-layer attention statistics (`lminf_jax.probes.RowProbe`, computed blockwise over the
+        keys) and the hidden states entering each layer and after the last one.
+
+        ``max_distance`` sets the distance buckets (default: the largest in the sequence, T - 1)."""
+        check_tokens(tokens, self.config.vocab_size)
+        rows = np.asarray(rows, np.int64)
+        t = tokens.shape[1]
+        if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= t:
+            raise ValueError(f"rows must be a non-empty list of time indices in [0, {t}), got {rows.tolist()}")
+        if self.spec.top_k is not None:
+            raise ValueError("probe does not support top-k middle tokens (spec.top_k must be None)")
+        buckets = num_distance_buckets(t - 1 if max_distance is None else max_distance)
+        return _jit_probe(self, params, tokens, default_positions(tokens, positions), jnp.asarray(rows, jnp.int32),
+                          buckets)
+
     def init_cache(self, batch: int, *, capacity: int | None = None, dtype=None) -> KVCache:
         """An empty cache for this model's spec: a Λ-cache when the spec's attended set is
         bounded, else a full cache of ``capacity`` slots. ``dtype`` defaults to the compute dtype."""
@@ -116,6 +135,21 @@ class LanguageModel:
                              "(layers, batch, slots, kv_heads, head_dim)")
         if batch is not None and cache.keys.shape[1] != batch:
             raise ValueError(f"cache holds {cache.keys.shape[1]} rows but tokens have {batch}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelProbe:
+    """What `LanguageModel.probe` recorded: ``attention`` a `RowProbe` with a leading layer axis
+    (``(layers, B, Hq, R)``...); ``hidden`` ``(layers + 1, B, R, width)`` float32, the residual
+    stream entering each layer and after the last (before the final norm); ``logits`` of the
+    whole sequence, as `LanguageModel.forward` returns them."""
+
+    attention: RowProbe
+    hidden: jax.Array
+    logits: jax.Array
+
+
+jax.tree_util.register_dataclass(ModelProbe, data_fields=["attention", "hidden", "logits"], meta_fields=[])
 
 
 def _check_step_positions(positions: np.ndarray, cached: np.ndarray, cache: KVCache) -> None:
@@ -169,6 +203,39 @@ def _jit_forward(model: LanguageModel, params: Params, tokens: jax.Array, positi
 
     h, _ = _layer_scan(dec, params, dec.embed(params, tokens), make_attend)
     return dec.head(params, h)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _jit_probe(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, rows: jax.Array,
+               num_buckets: int) -> ModelProbe:
+    dec = model.build(model.config, model.dtype, tokens.shape[1])
+    call = model.call
+    row_positions = jnp.take(positions, rows, axis=1)
+
+    def make_attend(index):
+        def attend(q, k, v):
+            qh, kh, vh = _heads(q, dec.num_heads), _heads(k, dec.num_kv_heads), _heads(v, dec.num_kv_heads)
+            out = attention(qh, kh, vh, q_positions=positions, k_positions=positions, spec=call.spec,
+                            positional=dec.positional, scale=dec.scale, implementation=call.implementation,
+                            block_q=call.block_q, block_k=call.block_k)
+            stats = probe_rows(jnp.take(qh, rows, axis=1), kh, row_positions, positions, spec=call.spec,
+                               positional=dec.positional, scale=dec.scale, num_buckets=num_buckets,
+                               block_k=call.block_k)
+            return out.reshape(*q.shape[:2], -1), stats
+        return attend
+
+    layers = dec.layer_params(params)
+
+    def body(h, xs):
+        p, index = xs
+        entering = jnp.take(h, rows, axis=1).astype(jnp.float32)
+        h, stats = dec.layer(p, h, make_attend(index))
+        return h, (stats, entering)
+
+    h0 = dec.embed(params, tokens)
+    h, (stats, entering) = lax.scan(body, h0, (layers, jnp.arange(dec.num_layers)))
+    hidden = jnp.concatenate([entering, jnp.take(h, rows, axis=1).astype(jnp.float32)[None]], axis=0)
+    return ModelProbe(stats, hidden, dec.head(params, h))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -126,3 +126,28 @@ def test_dynamic_rope_scaling_is_refused_for_cached_decoding():
     model = family.model(cfg, AttentionCall(AttentionSpec.lm_infinite(G, L)))
     with pytest.raises(ValueError, match="dynamic"):
         model.init_cache(1)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_probe_records_rows_of_every_layer_during_one_forward(name):
+    family, cfg, params = random_model(name, seed=4)
+    g, window = 2, 6
+    model = family.model(cfg, AttentionCall(AttentionSpec.lm_infinite(g, window), block_q=8, block_k=8))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 29)), jnp.int32)
+    rows = [0, 5, 6, 7, 28]
+    probe = model.probe(params, tokens, rows)
+    dec = model.build(cfg, model.dtype, 29)
+    assert rel_err(probe.logits, model.forward(params, tokens)) < 1e-6
+    assert probe.hidden.shape == (dec.num_layers + 1, 2, len(rows), probe.hidden.shape[-1])
+    np.testing.assert_allclose(probe.hidden[0], np.asarray(dec.embed(params, tokens), np.float32)[:, rows], atol=1e-6)
+    stats = probe.attention
+    assert stats.lse.shape == (dec.num_layers, 2, dec.num_heads, len(rows))
+    # a row i attends min(i + 1, L) window keys plus the sinks j < G with i - j >= L
+    want = [min(i + 1, window) + max(0, min(g, i - window + 1)) for i in rows]
+    np.testing.assert_array_equal(np.asarray(stats.attended), np.broadcast_to(want, stats.attended.shape))
+    entropy = np.asarray(stats.entropy)
+    assert (entropy >= -1e-6).all() and (entropy <= np.log(np.asarray(want)) + 1e-5).all()
+    np.testing.assert_allclose(np.asarray(stats.bucket_mass).sum(-1), 1.0, atol=1e-5)
+    assert (np.asarray(stats.max_logit) >= np.asarray(stats.lse) - np.log(np.asarray(want)) - 1e-5).all()
+    with pytest.raises(ValueError, match=r"rows must be .* in \[0, 29\)"):
+        model.probe(params, tokens, [29])

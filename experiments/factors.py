@@ -1,0 +1,334 @@
+"""The paper's three out-of-distribution factors, measured on a model's attention and hidden states.
+
+    python -m experiments.factors [MODEL_DIR] [--factors logits entropy sinks] [--sequences S]
+        [--multiple M] [--source stdlib|FOLDER|FILE.jsonl | --tokens F.npy | --text FILE ...]
+        [--dtype fp32] [--block N] [--out-dir results/factors] [--no-plot]
+
+MODEL_DIR defaults to the shipped LLaMA-style model; L is its pretraining length. The text is S
+held-out segments of ``T = M x L`` tokens (default 2 x 16 L), each BOS + tokens, as in
+`experiments.perplexity` (same options). Attention statistics come from `LanguageModel.probe`:
+per layer, head and probed query, computed blockwise over the keys (no T x T array).
+
+1. ``logits`` -- unseen distances: the largest attention logit at each relative distance (half-
+   octave buckets, max over heads, mean over the probed queries), for the 8 queries nearest the
+   end of each segment (they see every distance up to T), under vanilla attention and LM-Infinite.
+   The paper's factor 1: logits grow at distances never seen in training.
+2. ``entropy`` -- unseen numbers of tokens: the attention entropy (nats, mean over layers and
+   heads) of the query at position n - 1, for n = L/8 ... T, under vanilla, the Λ-mask alone and
+   LM-Infinite; by causality one pass per segment gives every n. Factor 2: vanilla entropy keeps
+   rising with the number of attended tokens.
+3. ``sinks`` -- the starting tokens: a 2-D PCA of each layer's hidden states over the first L
+   positions of the first segment (are the first tokens in a region of their own?), their
+   distance from the other tokens' centroid, and the mean NLL of the segments under LM-Infinite
+   with G = 0, 1, 4, 10, 100 sink tokens (the paper's starting-token ablation; G = 0 is the sliding
+   window) and vanilla.
+
+Each factor writes ``OUT_DIR/factorK_NAME.json`` and ``.png`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.loading import (
+    DTYPES, load_config, load_model, method_spec, params_dtype, pretraining_length, resolve_dtype, run_cli,
+)
+from experiments.perplexity import SHIPPED_MODEL
+from experiments.text import add_text_args, bos_id, token_stream
+from lminf_jax.streaming import finite_or_none
+
+FACTORS = ("logits", "entropy", "sinks")
+SINK_COUNTS = (0, 1, 4, 10, 100)
+PROBED_QUERIES = 8
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.factors", description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL),
+                   help="converted or Hugging Face model directory (default: the shipped LLaMA-style model)")
+    p.add_argument("--factors", nargs="+", choices=FACTORS, default=list(FACTORS), help="which to measure")
+    add_text_args(p)
+    p.add_argument("--sequences", type=int, default=2, metavar="S", help="held-out segments (default 2)")
+    p.add_argument("--multiple", type=int, default=16, metavar="M", help="segment length T = M x L (default 16)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the stored weights' dtype)")
+    p.add_argument("--block", type=int, default=512, metavar="N", help="blockwise attention block size")
+    p.add_argument("--out-dir", default="results/factors", metavar="DIR", help="where the JSON and PNG go")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the plots")
+    return p
+
+
+# ----- measurements -----------------------------------------------------------------------------
+
+
+class Setup:
+    """The model, its pretraining length and the held-out segments shared by the factors."""
+
+    def __init__(self, args: argparse.Namespace):
+        from lminf_jax.evaluation import text_segments
+
+        family, config = load_config(args.model_dir)
+        self.l_train = pretraining_length(config)
+        if args.multiple < 1 or args.sequences < 1 or args.block < 1:
+            raise ValueError("--multiple, --sequences and --block must be >= 1")
+        self.length = args.multiple * self.l_train
+        stream, self.source = token_stream(args)
+        if stream.size and (stream.min() < 0 or stream.max() >= config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {config.vocab_size}); the text has "
+                             f"[{stream.min()}, {stream.max()}]")
+        self.bos = bos_id(args.model_dir)
+        body = text_segments(stream, args.sequences, self.length - (self.bos is not None))
+        if self.bos is not None:
+            body = np.concatenate([np.full((body.shape[0], 1), self.bos, np.int32), body], axis=1)
+        self.tokens = body
+        self.family, self.config, self.params = load_model(args.model_dir, args.dtype)
+        self.dtype = resolve_dtype(args.dtype) or params_dtype(self.params)
+        self.block = args.block
+
+    def model(self, method: str, **options):
+        from models.common import AttentionCall
+
+        spec = method_spec(method, self.config, **options)
+        return self.family.model(self.config, AttentionCall(spec, block_q=self.block, block_k=self.block), self.dtype)
+
+    def settings(self) -> dict:
+        return {"family": self.family.name, "l_train": self.l_train, "segments": int(self.tokens.shape[0]),
+                "segment_length": self.length, "bos_id": self.bos, "source": self.source,
+                "compute_dtype": jnp.dtype(self.dtype).name}
+
+
+def max_logit_by_distance(setup: Setup) -> dict:
+    """Factor 1: per method, the max logit per distance bucket (max over heads; per layer and
+    the max over layers), mean over the probed queries of every segment."""
+    from lminf_jax.probes import bucket_table
+
+    t = setup.length
+    rows = np.unique(np.linspace(t - 1 - setup.l_train // 2, t - 1, PROBED_QUERIES).astype(int))
+    bounds = bucket_table(t - 1)
+    out = {"rows": rows.tolist(), "bucket_bounds": bounds.tolist(), "methods": {}}
+    for method in ("vanilla", "lm_infinite"):
+        model = setup.model(method)
+        per_layer = []
+        for seq in setup.tokens:
+            probe = model.probe(setup.params, jnp.asarray(seq[None]), rows)
+            per_layer.append(np.asarray(probe.attention.bucket_max)[:, 0].max(axis=1))  # (layers, R, nb)
+        x = np.concatenate(per_layer, axis=1)  # (layers, S*R, nb); -inf where a bucket has no key
+        out["methods"][method] = {
+            "attention": model.spec.describe(),
+            "max_over_layers": _finite_mean(x.max(axis=0)),
+            "per_layer": [_finite_mean(layer) for layer in x],
+        }
+    return out
+
+
+def entropy_by_length(setup: Setup) -> dict:
+    """Factor 2: attention entropy of the query at n - 1, mean over layers and heads (and per
+    layer), mean over segments, for n = L/8 ... T (doubling)."""
+    lengths = []
+    n = max(2, setup.l_train // 8)
+    while n <= setup.length:
+        lengths.append(n)
+        n *= 2
+    rows = np.asarray(lengths) - 1
+    out = {"lengths": lengths, "methods": {}}
+    for method in ("vanilla", "lambda_mask", "lm_infinite"):
+        model = setup.model(method)
+        entropy, attended = [], []
+        for seq in setup.tokens:
+            probe = model.probe(setup.params, jnp.asarray(seq[None]), rows)
+            entropy.append(np.asarray(probe.attention.entropy)[:, 0])  # (layers, H, R)
+            attended.append(np.asarray(probe.attention.attended)[:, 0, 0, :])  # (layers, R)
+        e = np.stack(entropy)  # (S, layers, H, R)
+        out["methods"][method] = {
+            "attention": model.spec.describe(),
+            "entropy": e.mean(axis=(0, 1, 2)).tolist(),
+            "per_layer": e.mean(axis=(0, 2)).tolist(),
+            "max_head": e.mean(axis=0).max(axis=1).max(axis=0).tolist(),
+            "attended": np.stack(attended)[0, 0].tolist(),
+        }
+    return out
+
+
+def starting_tokens(setup: Setup) -> dict:
+    """Factor 3: PCA of the hidden states of the first L positions per layer, the distance of the
+    first tokens from the rest, and NLL with G = 0, 1, 4, 10, 100 sinks (and vanilla)."""
+    from lminf_jax.evaluation import sequence_nll
+
+    n = min(setup.l_train, setup.length)
+    first = min(10, n // 4)
+    model = setup.model("vanilla")
+    probe = model.probe(setup.params, jnp.asarray(setup.tokens[:1, :n]), np.arange(n))
+    layers = []
+    for h in np.asarray(probe.hidden, np.float64)[:, 0]:  # (n, width) per layer
+        centred = h - h.mean(axis=0)
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+        coords = centred @ vt[:2].T
+        rest = coords[first:]
+        spread = float(np.sqrt(((rest - rest.mean(0)) ** 2).sum(1).mean()))
+        gap = np.linalg.norm(coords[:first] - rest.mean(0), axis=1) / max(spread, 1e-12)
+        layers.append({"pca": coords.tolist(), "explained": (s[:2] ** 2 / max((s**2).sum(), 1e-30)).tolist(),
+                       "first_distance": gap.tolist(), "position0_distance": float(gap[0])})
+    ablation = {}
+    for g in SINK_COUNTS:
+        nll = sequence_nll(setup.model("lm_infinite", global_branch=g).forward, setup.params, setup.tokens)
+        ablation[f"G={g}"] = _nll_summary(nll, setup.l_train)
+    ablation["vanilla"] = _nll_summary(sequence_nll(model.forward, setup.params, setup.tokens), setup.l_train)
+    return {"positions": n, "first_tokens": first, "layers": layers, "ablation": ablation}
+
+
+def _nll_summary(nll: np.ndarray, l_train: int) -> dict:
+    x = np.asarray(nll, np.float64)
+    return {"nll": float(x.mean()), "nll_beyond_l_train": float(x[:, l_train:].mean()) if x.shape[1] > l_train
+            else None}
+
+
+def _finite_mean(x: np.ndarray) -> list:
+    """Mean over axis 0 of the finite entries (None where there is none)."""
+    count = np.isfinite(x).sum(axis=0)
+    total = np.where(np.isfinite(x), x, 0.0).sum(axis=0)
+    return [float(v) if c else None for v, c in zip(total / np.maximum(count, 1), count)]
+
+
+# ----- tables and plots -------------------------------------------------------------------------
+
+
+def logits_table(result: dict) -> str:
+    lines = [f"{'distance':>15}" + "".join(f"{m:>14}" for m in result["methods"])]
+    for i, (lo, hi) in enumerate(result["bucket_bounds"]):
+        values = [result["methods"][m]["max_over_layers"][i] for m in result["methods"]]
+        if all(v is None for v in values):
+            continue
+        span = f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}"
+        lines.append(f"{span:>15}" + "".join(f"{'-' if v is None else f'{v:.2f}':>14}" for v in values))
+    return "\n".join(lines)
+
+
+def entropy_table(result: dict) -> str:
+    lines = [f"{'length':>8}" + "".join(f"{m:>14}" for m in result["methods"]) + f"{'log(n)':>10}"]
+    for i, n in enumerate(result["lengths"]):
+        lines.append(f"{n:>8,}" + "".join(f"{result['methods'][m]['entropy'][i]:>14.3f}" for m in result["methods"])
+                     + f"{math.log(n):>10.3f}")
+    return "\n".join(lines)
+
+
+def sinks_table(result: dict) -> str:
+    lines = [f"{'layer':>6} {'PC1+PC2 var':>12} {'position 0 / spread':>20}"]
+    for i, layer in enumerate(result["layers"]):
+        lines.append(f"{i:>6} {sum(layer['explained']):>12.3f} {layer['position0_distance']:>20.2f}")
+    lines.append(f"{'sinks':>6} {'mean NLL':>12} {'NLL beyond L':>20}")
+    for name, row in result["ablation"].items():
+        beyond = "-" if row["nll_beyond_l_train"] is None else f"{row['nll_beyond_l_train']:.4f}"
+        lines.append(f"{name:>6} {row['nll']:>12.4f} {beyond:>20}")
+    return "\n".join(lines)
+
+
+def _figure(ncols: int, width: float = 6.0):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, 4.2), layout="constrained")
+    return fig, np.atleast_1d(fig.subplots(1, ncols))
+
+
+def _line_plot(curves: dict, l_train: int, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """One line per entry of ``curves`` (label -> (x, y)), log2 x axis, L_train marked."""
+    fig, (ax,) = _figure(1)
+    for i, (label, (x, y)) in enumerate(curves.items()):
+        ax.plot(x, y, marker="o", markersize=4, color=f"C{i}", label=label)
+    ax.axvline(l_train, color="gray", linestyle="--", linewidth=0.8, label=f"L_train = {l_train}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def plot_logits(result: dict, l_train: int, path: Path) -> None:
+    centres = [math.sqrt(max(lo, 0.5) * hi) for lo, hi in result["bucket_bounds"]]
+    curves = {}
+    for method, res in result["methods"].items():
+        pts = [(c, v) for c, v in zip(centres, res["max_over_layers"]) if v is not None]
+        curves[f"{method}: max over layers and heads"] = tuple(zip(*pts))
+    _line_plot(curves, l_train, path, "relative distance i - j", "largest attention logit",
+               "Factor 1: attention logits vs distance")
+
+
+def plot_entropy(result: dict, l_train: int, path: Path) -> None:
+    curves = {method: (result["lengths"], res["entropy"]) for method, res in result["methods"].items()}
+    _line_plot(curves, l_train, path, "sequence length n (query at position n - 1)",
+               "attention entropy, mean over layers and heads (nats)", "Factor 2: attention entropy vs length")
+
+
+def plot_sinks(result: dict, path: Path) -> None:
+    layers = result["layers"]
+    fig, axes = _figure(len(layers) + 1, width=3.6)
+    first = result["first_tokens"]
+    for i, (ax, layer) in enumerate(zip(axes, layers)):
+        xy = np.asarray(layer["pca"])
+        ax.scatter(xy[first:, 0], xy[first:, 1], s=4, c=np.log2(np.arange(first, len(xy)) + 1), cmap="viridis")
+        ax.scatter(xy[:first, 0], xy[:first, 1], s=18, color="red", label=f"positions 0-{first - 1}")
+        ax.scatter(xy[:1, 0], xy[:1, 1], s=40, marker="x", color="black", label="position 0")
+        ax.set_title(f"hidden states entering layer {i}" if i < len(layers) - 1 else "after the last layer",
+                     fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].legend(fontsize=7)
+    ax = axes[-1]
+    names = list(result["ablation"])
+    values = [result["ablation"][n]["nll_beyond_l_train"] or result["ablation"][n]["nll"] for n in names]
+    ax.bar(range(len(names)), values, color=["C0"] * (len(names) - 1) + ["C3"])
+    ax.set_xticks(range(len(names)), names, fontsize=7)
+    ax.set_ylabel("mean NLL beyond L_train (nats)")
+    ax.set_title("sink-token ablation (LM-Infinite)", fontsize=8)
+    fig.suptitle("Factor 3: the starting tokens", fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+# ----- the command ------------------------------------------------------------------------------
+
+
+MEASURES = {
+    "logits": ("factor1_logits", max_logit_by_distance, logits_table, plot_logits),
+    "entropy": ("factor2_entropy", entropy_by_length, entropy_table, plot_entropy),
+    "sinks": ("factor3_sinks", starting_tokens, sinks_table, plot_sinks),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup = Setup(args)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{setup.family.name} from {args.model_dir} (L_train {setup.l_train:,}): {setup.tokens.shape[0]} "
+          f"segment(s) x {setup.length:,} tokens", file=sys.stderr)
+    for factor in args.factors:
+        stem, measure, table, draw = MEASURES[factor]
+        result = measure(setup)
+        record = finite_or_none({"settings": {**setup.settings(), "model": str(args.model_dir)}, **result})
+        print(f"\n{stem}\n{table(record)}")
+        path = out_dir / f"{stem}.json"
+        path.write_text(json.dumps(record, indent=1))
+        written = [str(path)]
+        if not args.no_plot:
+            png = out_dir / f"{stem}.png"
+            if factor == "sinks":
+                draw(record, png)
+            else:
+                draw(record, setup.l_train, png)
+            written.append(str(png))
+        print(f"wrote {' and '.join(written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""lminf_jax.probes: blockwise row statistics against the dense probe, exact distance buckets."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_positional, random_qkv
+
+from lminf_jax import AttentionSpec, TopK, attention_probe
+from lminf_jax.probes import (
+    bucket_table, distance_bucket, distance_bucket_bounds, num_distance_buckets, probe_rows,
+)
+
+
+def test_distance_buckets_are_exact_half_octaves():
+    d = np.arange(0, 70_000)
+    got = np.asarray(distance_bucket(jnp.asarray(d)))
+    want = np.where(d < 2, d, 2 * np.floor(np.log2(np.maximum(d, 1))).astype(int)
+                    + (d >= 1.5 * 2.0 ** np.floor(np.log2(np.maximum(d, 1)))))
+    np.testing.assert_array_equal(got, want)
+    for i in range(got.max()):
+        lo, hi = distance_bucket_bounds(i)
+        assert d[got == i].min() == lo and d[got == i].max() == hi - 1
+    big = np.asarray([2**31 - 1, 3 * 2**29, 3 * 2**29 - 1], np.int64)
+    assert np.asarray(distance_bucket(jnp.asarray(big, jnp.int32))).tolist() == [61, 61, 60]
+    assert num_distance_buckets(5) == 5 and bucket_table(5).tolist() == [[0, 1], [1, 2], [2, 3], [3, 4], [4, 6]]
+
+
+SPECS = [AttentionSpec.vanilla(), AttentionSpec.lm_infinite(3, 40), AttentionSpec.lambda_mask(3, 40),
+         AttentionSpec.distance_limit(50), AttentionSpec.sliding_window(40), AttentionSpec.streaming_llm(2, 40)]
+
+
+@pytest.mark.parametrize("positional", ["rope_half", "rope_interleaved_partial", "alibi", "none"])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.kind)
+def test_row_statistics_match_the_dense_probe(spec, positional):
+    b, t, hq, hkv, d = 2, 203, 4, 2, 16
+    q, k, v = random_qkv(sum(map(ord, spec.kind + positional)), b, t, t, hq, hkv, d)
+    q, k = 2 * q, 2 * k  # sharper distributions
+    pos = make_positional(positional, d, hq)
+    p = np.broadcast_to(np.arange(t), (b, t)).astype(np.int32).copy()
+    p[1, :5] = -1  # a left-padded row
+    rows = np.asarray([0, 3, 77, 202])
+    qp = jnp.asarray(p[:, rows])
+    _, dense = attention_probe(jnp.asarray(q[:, rows]), jnp.asarray(k), jnp.asarray(v), q_positions=qp,
+                               k_positions=jnp.asarray(p), spec=spec, positional=pos)
+    nb = num_distance_buckets(t)
+    got = probe_rows(jnp.asarray(q[:, rows]), jnp.asarray(k), qp, jnp.asarray(p), spec=spec, positional=pos,
+                     num_buckets=nb, block_k=32)
+    logits = np.asarray(dense.logits, np.float64)
+    probs = np.asarray(dense.probs, np.float64)
+    live = np.isfinite(logits).any(-1)
+    sums = np.where(np.isfinite(logits), np.exp(logits), 0).sum(-1)
+    lse = np.where(live, np.log(np.where(live, sums, 1.0)), -np.inf)
+    entropy = -np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1)), 0).sum(-1)
+    np.testing.assert_allclose(np.asarray(got.lse), lse, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got.entropy)[live], entropy[live], atol=2e-5, rtol=1e-5)
+    assert np.isnan(np.asarray(got.entropy)[~live]).all()
+    np.testing.assert_array_equal(np.asarray(got.attended), np.isfinite(logits).sum(-1))
+    np.testing.assert_allclose(np.asarray(got.max_logit), logits.max(-1), atol=2e-5)
+    dist = p[:, None, rows, None] - p[:, None, None, :]
+    bucket = np.asarray(distance_bucket(jnp.asarray(np.maximum(dist, 0))))
+    for i in range(nb):
+        sel = (bucket == i) & np.isfinite(logits)
+        np.testing.assert_allclose(np.asarray(got.bucket_max[..., i]), np.where(sel, logits, -np.inf).max(-1),
+                                   atol=2e-5)
+        np.testing.assert_allclose(np.asarray(got.bucket_mass[..., i]), np.where(sel, probs, 0).sum(-1), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(got.bucket_mass).sum(-1)[live], 1.0, atol=1e-5)
+
+
+def test_far_distances_are_counted_in_the_last_bucket_and_bad_input_is_refused():
+    q, k, _ = random_qkv(1, 1, 100, 100, 2, 2, 8)
+    p = jnp.arange(100, dtype=jnp.int32)[None]
+    got = probe_rows(jnp.asarray(q[:, -1:]), jnp.asarray(k), p[:, -1:], p, spec=AttentionSpec.vanilla(), num_buckets=3)
+    np.testing.assert_allclose(np.asarray(got.bucket_mass).sum(-1), 1.0, atol=1e-6)
+    assert float(got.attended[0, 0, 0]) == 100
+    with pytest.raises(ValueError, match="top-k"):
+        probe_rows(jnp.asarray(q[:, -1:]), jnp.asarray(k), p[:, -1:], p, num_buckets=3,
+                   spec=AttentionSpec.lm_infinite(2, 10, top_k=TopK(2, 5, 0)))
+    with pytest.raises(ValueError, match="positions must be"):
+        probe_rows(jnp.asarray(q[:, -1:]), jnp.asarray(k), p, p, spec=AttentionSpec.vanilla(), num_buckets=3)
+    with pytest.raises(ValueError, match="num_buckets"):
+        probe_rows(jnp.asarray(q[:, -1:]), jnp.asarray(k), p[:, -1:], p, spec=AttentionSpec.vanilla(), num_buckets=0)
