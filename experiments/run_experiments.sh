@@ -10,7 +10,8 @@
 #
 # Writes OUT_DIR/perplexity-<model>.{json,png} (all six methods, 10 segments of the held-out
 # stdlib, L_train x {1..32}) and OUT_DIR/stream-<model>.{json,png} (streaming NLL, LM-Infinite
-# with a Λ-cache, over STREAM.npy, default data/site-packages/stream.npy).
+# with a Λ-cache, over STREAM.npy, default data/site-packages/stream.npy) and
+# OUT_DIR/factors-<model>/ (the three failure factors: 4 segments of 32 x L_train).
 set -euo pipefail
 out=${1:?OUT_DIR}; stream=${2:-data/site-packages/stream.npy}; chunk=${3:-4096}
 mkdir -p "$out"
@@ -22,4 +23,8 @@ done
 for model in llama gptj mpt; do
   python3 -m experiments.stream_nll "experiments/shipped/$model-small-stdlib" --tokens "$stream" --chunk "$chunk" \
     --no-progress --out "$out/stream-$model.json" --plot "$out/stream-$model.png"
+done
+for model in llama gptj mpt; do
+  python3 -m experiments.factors "experiments/shipped/$model-small-stdlib" --tokens data/stdlib/heldout.npy \
+    --sequences 4 --multiple 32 --out-dir "$out/factors-$model"
 done
