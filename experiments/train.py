@@ -22,10 +22,15 @@
   project), ``tokenizer.model`` and ``model_card.md``. Also ``OUT/loss.jsonl`` (one JSON line per
   logged step / evaluation), ``OUT/loss.png`` when matplotlib is installed, ``OUT/run.json``.
 
+* Fine-tuning: ``--init MODEL_DIR`` starts from a converted model of the same preset and length;
+  ``--passkey-fraction F`` makes that share of every batch passkey windows
+  (`experiments.passkey.training_windows`, drawn from ``numpy.random.default_rng([seed, step, 1])``).
+
 CLI::
 
     python -m experiments.train --data data/stdlib --preset llama-small --steps 2000 --batch 16 \\
         --seq-len 512 --out runs/llama-small [--dtype bf16] [--lr 1e-3]
+        [--init MODEL_DIR --passkey-fraction 0.5]
 """
 
 from __future__ import annotations
@@ -47,8 +52,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from converters.store import save_converted
+from converters.store import load_converted, save_converted
 from experiments import corpus as corpus_lib
+from experiments.loading import hf_config, load_tokenizer_from
+from experiments.passkey import PasskeyBuilder, training_windows
 from lminf_jax.progress import Progress
 from models import registry
 from models.common import count_params
@@ -114,6 +121,8 @@ class TrainConfig:
     final_eval_windows: int = 64
     log_every: int = 10
     save_dtype: str = "fp32"
+    init: str | None = None  # a converted model directory to start from (fine-tuning)
+    passkey_fraction: float = 0.0  # share of each batch made of passkey windows (experiments.passkey)
 
     def check(self) -> None:
         if self.preset not in PRESETS:
@@ -128,6 +137,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.warmup is not None and not 0 <= self.warmup < self.steps:
             raise ValueError(f"warmup must lie in [0, steps={self.steps}), got {self.warmup}")
+        if not 0.0 <= self.passkey_fraction <= 1.0:
+            raise ValueError(f"passkey_fraction must lie in [0, 1], got {self.passkey_fraction}")
         for name in ("dtype", "save_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
@@ -286,6 +297,13 @@ def _plot(log_path: Path, png: Path) -> str:
     return f"wrote {png}"
 
 
+def _fine_tuning(cfg: TrainConfig) -> str:
+    if cfg.init is None and cfg.passkey_fraction == 0:
+        return ""
+    start = f"started from `{cfg.init}`" if cfg.init is not None else "trained from scratch"
+    return f"- Fine-tuning: {start}; {cfg.passkey_fraction:.0%} of each batch are passkey windows (experiments.passkey)\n"
+
+
 def _model_card(cfg: TrainConfig, config: dict, manifest: dict, n_params: int, meta: dict, heldout: float,
                 n_eval: int, seconds: float) -> str:
     family = registry.family_for_config(config).name
@@ -308,11 +326,21 @@ def _model_card(cfg: TrainConfig, config: dict, manifest: dict, n_params: int, m
   ({meta['tokens_seen'] / max(tr['tokens'], 1):.2f} epochs); AdamW lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine to 10%),
   weight decay {cfg.weight_decay}, clip {cfg.clip}, compute dtype {cfg.dtype}, seed {cfg.seed};
   {seconds:.0f} s in the last session
-- Final train loss (mean of the last logged steps): {meta['last_loss']:.4f} nats/token
+{_fine_tuning(cfg)}- Final train loss (mean of the last logged steps): {meta['last_loss']:.4f} nats/token
 - Held-out loss at L_train ({n_eval} windows of {cfg.seq_len} tokens, BOS + held-out tokens at evenly spaced offsets):
   {heldout:.4f} nats/token, perplexity {math.exp(heldout):.3f} per token
   ({math.exp(heldout * 1 / ho['bytes_per_token']):.3f} per byte)
 """
+
+
+def _init_config(cfg: TrainConfig, preset_config: dict) -> dict:
+    """The config of the model `cfg.init` starts from; it must be the preset's (same sizes)."""
+    config = hf_config(cfg.init)
+    differ = {k: (config.get(k), v) for k, v in preset_config.items() if k != "architectures" and config.get(k) != v}
+    if differ:
+        raise ValueError(f"--init {cfg.init} is not a {cfg.preset} model for this data and --seq-len "
+                         f"(field: (init, preset)): {differ}")
+    return config
 
 
 # ----- training ---------------------------------------------------------------------------------
@@ -326,6 +354,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
     train_stream = corpus_lib.load_tokens(cfg.data, "train")
     held_stream = corpus_lib.load_tokens(cfg.data, "heldout")
     config = make_config(cfg.preset, manifest["vocab_size"], cfg.seq_len)
+    if cfg.init is not None:
+        config = _init_config(cfg, config)
     config_json = json.dumps(config, sort_keys=True)
     family, _ = _model((config_json,), cfg.dtype)
     n_params = parameter_count(config)
@@ -343,7 +373,11 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
     run_file.write_text(json.dumps({"resume_key": cfg.resume_key(), "config": config, "data": str(cfg.data)}, indent=1))
 
     model, opt, train_step, eval_loss = _compiled(config_json, dataclasses.replace(cfg, out="", data=""))
-    params = family.init_params(model.config, jax.random.PRNGKey(cfg.seed), jnp.float32)
+    if cfg.init is not None:
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), load_converted(cfg.init)[0])
+    else:
+        params = family.init_params(model.config, jax.random.PRNGKey(cfg.seed), jnp.float32)
+    passkeys = PasskeyBuilder(load_tokenizer_from(cfg.data)) if cfg.passkey_fraction > 0 else None
     opt_state = opt.init(params)
     manager = _manager(out / "checkpoints")
     step, meta = 0, {"step": 0, "seed": cfg.seed, "tokens_seen": 0, "last_loss": float("nan")}
@@ -365,6 +399,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
             enabled=progress, interval=1.0) as bar:
         while step < end:
             tokens = sample_windows(train_stream, cfg.batch, cfg.seq_len, cfg.seed, step)
+            if passkeys is not None:
+                rows = max(1, round(cfg.passkey_fraction * cfg.batch))
+                rng = np.random.default_rng([cfg.seed, step, 1])
+                tokens[:rows] = training_windows(passkeys, rows, cfg.seq_len, rng, train_stream, BOS_ID)
             params, opt_state, loss, gnorm = train_step(params, opt_state, jnp.asarray(tokens))
             step += 1
             meta["tokens_seen"] = int(meta["tokens_seen"]) + tokens_per_step
@@ -430,6 +468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, default=d.log_every)
     parser.add_argument("--stop-after", type=int, default=None,
                         help="checkpoint and stop after this step (a later run with the same arguments resumes)")
+    parser.add_argument("--init", metavar="MODEL_DIR", help="start from this converted model (fine-tuning)")
+    parser.add_argument("--passkey-fraction", type=float, default=d.passkey_fraction, metavar="F",
+                        help="share of each batch made of passkey windows (experiments.passkey; default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     args = parser.parse_args(argv)
     cfg = TrainConfig(data=args.data, out=args.out, preset=args.preset, steps=args.steps, batch=args.batch,
@@ -437,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       clip=args.clip, dtype=args.dtype, seed=args.seed, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, eval_windows=args.eval_windows,
                       final_eval_windows=args.final_eval_windows, log_every=args.log_every,
-                      save_dtype=args.save_dtype)
+                      save_dtype=args.save_dtype, init=args.init, passkey_fraction=args.passkey_fraction)
     try:
         train(cfg, stop_after=args.stop_after, log=lambda m: print(m, file=sys.stderr), progress=not args.quiet)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -152,3 +152,27 @@ def test_bad_arguments(data, tmp_path, full_run, capsys):
     with pytest.raises(SystemExit):
         tr.main(["--data", str(data), "--out", str(tmp_path / "c"), "--steps", "-1"])
     assert "steps must be >= 1" in capsys.readouterr().err
+
+
+def test_fine_tuning_starts_from_a_model_and_mixes_in_passkey_windows(data, tmp_path, monkeypatch):
+    quick = dict(steps=2, batch=2, seq_len=512, warmup=0, checkpoint_every=2, eval_every=2)
+    base = tr.train(_cfg(data, tmp_path / "base", **quick), log=lambda m: None, progress=False)
+    batches = []
+    real_windows = tr.training_windows
+
+    def spy(builder, rows, seq_len, rng, stream, bos_id):
+        out = real_windows(builder, rows, seq_len, rng, stream, bos_id)
+        batches.append(out)
+        return out
+
+    monkeypatch.setattr(tr, "training_windows", spy)
+    tuned = tr.train(_cfg(data, tmp_path / "tuned", init=str(base), passkey_fraction=0.5, **quick),
+                     log=lambda m: None, progress=False)
+    assert len(batches) == 2 and all(b.shape == (1, 512) for b in batches)  # half of each batch of 2
+    card = (tuned / "model_card.md").read_text()
+    assert f"Fine-tuning: started from `{base}`; 50% of each batch are passkey windows" in card
+    with pytest.raises(ValueError, match="is not a llama-tiny model"):
+        tr.train(_cfg(data, tmp_path / "bad", init=str(base), **{**quick, "seq_len": 256}), log=lambda m: None,
+                 progress=False)
+    with pytest.raises(ValueError, match="passkey_fraction"):
+        tr.train(_cfg(data, tmp_path / "bad2", passkey_fraction=1.5), log=lambda m: None, progress=False)

@@ -1,0 +1,274 @@
+"""Passkey retrieval (the paper's downstream test): data at any length and depth, and evaluation.
+
+    python -m experiments.passkey MODEL_DIR [--multiples 1 2 4 8 16] [--depths 0 0.25 0.5 0.75 1]
+        [--samples 4] [--methods vanilla truncation lm_infinite lm_infinite_top_k] [-G 10]
+        [--top-k 5] [--top-k-from-layer H] [--top-k-insert-at N] [--seed 0]
+        [--out results/passkey.json] [--plot results/passkey.png]
+
+A prompt of n tokens is BOS, `INTRO`, the filler sentences `FILLER` repeated, the key sentence
+`KEY` ("The pass key is NNNNN. Remember it. NNNNN is the pass key.") inserted at a depth in [0, 1]
+of the filler (0: right after the intro, 1: right before the question), and `QUESTION`; the pieces
+are tokenized separately and the filler is cut to make exactly n tokens. The model continues
+greedily; the answer is the first run of digits in the continuation.
+
+Methods: ``vanilla`` (full cache), ``truncation`` (BOS + the last L_train - 1 - new-tokens prompt
+tokens, vanilla), ``lm_infinite`` (Λ-cache, G sinks, L = D = L_train), ``lm_infinite_top_k``
+(LM-Infinite plus the top-k middle tokens for the last query of each call in layers >=
+``--top-k-from-layer``, scored at ``--top-k-insert-at``; full cache; the paper: k = 5, layers >= 4,
+distance L/2).
+
+A small model does not follow the instruction unless taught: `training_windows` makes
+fine-tuning windows (a passkey prompt of at most L_train tokens plus its answer, then corpus
+text), used by ``python -m experiments.train --init MODEL_DIR --passkey-fraction F``.
+
+Output: accuracy per method, length and depth (a table on stdout), JSON with every answer, and a
+PNG heat map per method (length x depth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from experiments.loading import (
+    load_config, load_model, load_tokenizer_from, method_spec, params_dtype, pretraining_length, run_cli,
+)
+
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there.\n")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+KEY = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+METHODS = ("vanilla", "truncation", "lm_infinite", "lm_infinite_top_k")
+NEW_TOKENS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """Token ids of one prompt, its key and where the key sentence starts (token index)."""
+
+    tokens: tuple[int, ...]
+    key: str
+    depth: float
+    key_at: int
+
+
+class PasskeyBuilder:
+    """Builds prompts of an exact token length with a tokenizer (``encode``, ``bos_id``)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        self.intro, self.filler, self.question = (list(tokenizer.encode(t)) for t in (INTRO, FILLER, QUESTION))
+        self.longest_key = len(tokenizer.encode(KEY.format(key="99999")))
+
+    @property
+    def minimum_length(self) -> int:
+        """The shortest prompt: no filler at all."""
+        return len(self.bos) + len(self.intro) + self.longest_key + len(self.question) + 4
+
+    def prompt(self, length: int, depth: float, key: str) -> Prompt:
+        """A prompt of exactly `length` tokens with `key` at `depth` of the filler."""
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth must lie in [0, 1], got {depth}")
+        key_ids = list(self.tokenizer.encode(KEY.format(key=key)))
+        room = length - len(self.bos) - len(self.intro) - len(key_ids) - len(self.question)
+        if room < 0 or length < self.minimum_length:
+            raise ValueError(f"a passkey prompt needs at least {self.minimum_length} tokens, got length {length}")
+        filler = (self.filler * (room // len(self.filler) + 1))[:room]
+        cut = int(round(depth * room))
+        head = self.bos + self.intro + filler[:cut]
+        tokens = head + key_ids + filler[cut:] + self.question
+        return Prompt(tuple(tokens), key, float(depth), len(head))
+
+    def answer(self, key: str) -> list[int]:
+        """The ids the model should continue with: ``" " + key + "."``."""
+        return list(self.tokenizer.encode(f" {key}."))
+
+
+def random_key(rng: np.random.Generator) -> str:
+    return f"{int(rng.integers(10_000, 100_000))}"
+
+
+def parse_answer(text: str) -> str | None:
+    """The first run of digits in a continuation, or None."""
+    match = re.search(r"\d+", text)
+    return match.group(0) if match else None
+
+
+def training_windows(builder: PasskeyBuilder, rows: int, seq_len: int, rng: np.random.Generator,
+                     stream: np.ndarray, bos_id: int) -> np.ndarray:
+    """``(rows, seq_len)`` int32 fine-tuning windows: a passkey prompt of a random length in
+    ``[minimum, seq_len - answer - 2]`` (random depth and key) followed by its answer, then BOS
+    and corpus tokens from a random offset of `stream` to fill the window."""
+    out = np.empty((rows, seq_len), np.int32)
+    for r in range(rows):
+        key = random_key(rng)
+        answer = builder.answer(key)
+        top = seq_len - len(answer) - 2
+        if top < builder.minimum_length:
+            raise ValueError(f"seq_len {seq_len} is too short for a passkey window (needs "
+                             f"{builder.minimum_length + len(answer) + 2})")
+        prompt = builder.prompt(int(rng.integers(builder.minimum_length, top + 1)), float(rng.random()), key)
+        head = list(prompt.tokens) + answer + [bos_id]
+        start = int(rng.integers(0, stream.shape[0] - seq_len))
+        out[r] = np.concatenate([head, np.asarray(stream[start:start + seq_len - len(head)])]).astype(np.int32)
+    return out
+
+
+# ----- evaluation -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.passkey", description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir", help="converted or Hugging Face model directory (fine-tuned on passkeys)")
+    p.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4, 8, 16], metavar="M",
+                   help="prompt lengths as multiples of L_train (default 1 2 4 8 16)")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="F")
+    p.add_argument("--samples", type=int, default=4, help="prompts per length and depth (default 4)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("-G", "--global-branch", type=int, default=10, metavar="G", help="sinks (default 10)")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="middle tokens (default 5)")
+    p.add_argument("--top-k-from-layer", type=int, metavar="H", help="first layer with top-k (default: layer 1)")
+    p.add_argument("--top-k-insert-at", type=int, metavar="N", help="their distance (default L_train / 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/passkey.json", metavar="JSON")
+    p.add_argument("--plot", default="results/passkey.png", metavar="PNG")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def _method_model(family, config, name: str, args, l_train: int, dtype):
+    """``(model, prefill_model)`` for a method (the prefill model has no top-k)."""
+    from lminf_jax import TopK
+    from models.common import AttentionCall
+
+    if name in ("vanilla", "truncation"):
+        spec = method_spec("vanilla", config)
+    else:
+        spec = method_spec("lm_infinite", config, global_branch=args.global_branch)
+    plain = family.model(config, AttentionCall(spec), dtype)
+    if name != "lm_infinite_top_k":
+        return plain, None
+    top_k = TopK(k=args.top_k, insert_distance=args.top_k_insert_at or l_train // 2,
+                 from_layer=1 if args.top_k_from_layer is None else args.top_k_from_layer)
+    return family.model(config, AttentionCall(dataclasses.replace(spec, top_k=top_k)), dtype), plain
+
+
+def evaluate_cell(model, prefill, params, prompts: list[Prompt], name: str, l_train: int, tokenizer) -> list[dict]:
+    """Greedy answers of one method for prompts of one length."""
+    from lminf_jax.cache import needs_full_cache
+    from lminf_jax.decoding import generate
+
+    ids = [list(p.tokens) for p in prompts]
+    if name == "truncation":
+        keep = l_train - 1 - NEW_TOKENS
+        ids = [t[:1] + t[-keep:] if len(t) > keep + 1 else t for t in ids]
+    longest = max(len(t) for t in ids)
+    capacity = longest + NEW_TOKENS if needs_full_cache(model.spec) else None
+    cache = model.init_cache(len(ids), capacity=capacity)
+    out = generate(model, params, ids, cache, max_new_tokens=NEW_TOKENS, prefill_step=prefill)
+    rows = []
+    for b, p in enumerate(prompts):
+        text = tokenizer.decode(out.row(b))
+        got = parse_answer(text)
+        rows.append({"depth": p.depth, "key": p.key, "answer": got, "continuation": text, "correct": got == p.key})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.samples < 1 or any(m < 1 for m in args.multiples):
+        raise ValueError("--samples and --multiples must be >= 1")
+    family, config = load_config(args.model_dir)
+    l_train = pretraining_length(config)
+    tokenizer = load_tokenizer_from(args.model_dir)
+    builder = PasskeyBuilder(tokenizer)
+    lengths = [m * l_train for m in sorted(args.multiples)]
+    if lengths[0] < builder.minimum_length:
+        raise ValueError(f"prompts need at least {builder.minimum_length} tokens; L_train x "
+                         f"{min(args.multiples)} = {lengths[0]}")
+    rng = np.random.default_rng(args.seed)
+    prompts = {n: [builder.prompt(n, d, random_key(rng)) for d in args.depths for _ in range(args.samples)]
+               for n in lengths}
+    _, config, params = load_model(args.model_dir)
+    dtype = params_dtype(params)
+    results = {}
+    for name in args.methods:
+        model, prefill = _method_model(family, config, name, args, l_train, dtype)
+        t0 = time.perf_counter()
+        cells = {}
+        for n in lengths:
+            cells[str(n)] = evaluate_cell(model, prefill, params, prompts[n], name, l_train, tokenizer)
+            acc = np.mean([r["correct"] for r in cells[str(n)]])
+            print(f"{name} at {n:,}: accuracy {acc:.2f}", file=sys.stderr)
+        results[name] = {"attention": model.spec.describe(), "seconds": time.perf_counter() - t0, "cells": cells}
+    record = {"settings": {"model": str(args.model_dir), "family": family.name, "l_train": l_train,
+                           "lengths": lengths, "depths": list(args.depths), "samples": args.samples,
+                           "seed": args.seed, "new_tokens": NEW_TOKENS},
+              "accuracy": {name: {n: accuracy_by_depth(res["cells"][n], args.depths) for n in res["cells"]}
+                           for name, res in results.items()},
+              "methods": results}
+    print(format_table(record))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    where = [str(out)]
+    if not args.no_plot:
+        plot(record, Path(args.plot))
+        where.append(str(args.plot))
+    print(f"wrote {' and '.join(where)}")
+    return 0
+
+
+def accuracy_by_depth(rows: list[dict], depths: Sequence[float]) -> dict:
+    """``{"all": acc, "<depth>": acc, ...}`` for one cell's answers."""
+    out = {"all": float(np.mean([r["correct"] for r in rows]))}
+    for d in depths:
+        picked = [r["correct"] for r in rows if r["depth"] == d]
+        out[f"{d:g}"] = float(np.mean(picked)) if picked else None
+    return out
+
+
+def format_table(record: dict) -> str:
+    lengths = record["settings"]["lengths"]
+    lines = [f"{'method':<20}" + "".join(f"{n:>9,}" for n in lengths)]
+    for name, by_length in record["accuracy"].items():
+        lines.append(f"{name:<20}" + "".join(f"{by_length[str(n)]['all']:>9.2f}" for n in lengths))
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: Path) -> None:
+    """One heat map (length x depth) of accuracy per method."""
+    from matplotlib.figure import Figure
+
+    lengths, depths = record["settings"]["lengths"], record["settings"]["depths"]
+    methods = list(record["accuracy"])
+    fig = Figure(figsize=(3.4 * len(methods), 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(methods)))
+    for ax, name in zip(axes, methods):
+        grid = np.asarray([[record["accuracy"][name][str(n)][f"{d:g}"] for n in lengths] for d in depths], float)
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths], fontsize=7, rotation=45)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("prompt length (tokens)", fontsize=8)
+    axes[0].set_ylabel("depth of the key", fontsize=8)
+    fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="accuracy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
