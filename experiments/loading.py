@@ -294,6 +294,21 @@ def parse_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpar
         return e.code if isinstance(e.code, int) else 2
 
 
+def save_result(record: dict, out: str | os.PathLike, draw: Callable[[dict, Path], object] | None = None,
+                plot_path: str | os.PathLike | None = None) -> None:
+    """Write `record` as JSON at `out`, draw it with ``draw(record, plot_path)`` when both are given,
+    and print where they went."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    where = [str(out)]
+    if draw is not None and plot_path is not None:
+        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
+        draw(record, Path(plot_path))
+        where.append(str(plot_path))
+    print(f"wrote {' and '.join(where)}")
+
+
 def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
     """A CLI's ``main``: parse, then ``run(args)``; bad input (OSError, ValueError, ImportError)
     prints ``error: ...`` on stderr and returns 1."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import sys
 import time
@@ -40,6 +39,7 @@ import numpy as np
 
 from experiments.loading import (
     load_config, load_model, load_tokenizer_from, method_spec, params_dtype, pretraining_length, run_cli,
+    save_result,
 )
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -221,14 +221,7 @@ def run(args: argparse.Namespace) -> int:
                            for name, res in results.items()},
               "methods": results}
     print(format_table(record))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    where = [str(out)]
-    if not args.no_plot:
-        plot(record, Path(args.plot))
-        where.append(str(args.plot))
-    print(f"wrote {' and '.join(where)}")
+    save_result(record, args.out, plot, None if args.no_plot else args.plot)
     return 0
 
 
