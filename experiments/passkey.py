@@ -2,7 +2,7 @@
 
     python -m experiments.passkey MODEL_DIR [--multiples 1 2 4 8 16] [--depths 0 0.25 0.5 0.75 1]
         [--samples 4] [--methods vanilla truncation lm_infinite lm_infinite_top_k] [-G 10]
-        [--top-k 5] [--top-k-from-layer H] [--top-k-insert-at N] [--seed 0]
+        [--top-k 5] [--top-k-from-layer H] [--top-k-to-layer H2] [--top-k-insert-at N] [--seed 0]
         [--out results/passkey.json] [--plot results/passkey.png]
 
 A prompt of n tokens is BOS, `INTRO`, the filler sentences `FILLER` repeated, the key sentence
@@ -13,8 +13,9 @@ greedily; the answer is the first run of digits in the continuation.
 
 Methods: ``vanilla`` (full cache), ``truncation`` (BOS + the last L_train - 1 - new-tokens prompt
 tokens, vanilla), ``lm_infinite`` (Λ-cache, G sinks, L = D = L_train), ``lm_infinite_top_k``
-(LM-Infinite plus the top-k middle tokens for the last query of each call in layers >=
-``--top-k-from-layer``, scored at ``--top-k-insert-at``; full cache; the paper: k = 5, layers >= 4,
+(LM-Infinite plus the top-k middle tokens for the last query of each call in layers
+``--top-k-from-layer`` <= layer < ``--top-k-to-layer``, scored at ``--top-k-insert-at``; full cache;
+the paper: k = 5, layers >= 4,
 distance L/2).
 
 A small model does not follow the instruction unless taught: `training_windows` makes
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-G", "--global-branch", type=int, default=10, metavar="G", help="sinks (default 10)")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="middle tokens (default 5)")
     p.add_argument("--top-k-from-layer", type=int, metavar="H", help="first layer with top-k (default: layer 1)")
+    p.add_argument("--top-k-to-layer", type=int, metavar="H2", help="layers < H2 only (default: to the last)")
     p.add_argument("--top-k-insert-at", type=int, metavar="N", help="their distance (default L_train / 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/passkey.json", metavar="JSON")
@@ -159,7 +161,8 @@ def _method_model(family, config, name: str, args, l_train: int, dtype):
     if name != "lm_infinite_top_k":
         return plain, None
     top_k = TopK(k=args.top_k, insert_distance=args.top_k_insert_at or l_train // 2,
-                 from_layer=1 if args.top_k_from_layer is None else args.top_k_from_layer)
+                 from_layer=1 if args.top_k_from_layer is None else args.top_k_from_layer,
+                 to_layer=args.top_k_to_layer)
     return family.model(config, AttentionCall(dataclasses.replace(spec, top_k=top_k)), dtype), plain
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lminf_jax import attention
+from lminf_jax import AttentionProbe, attention, attention_probe
 from lminf_jax.cache import KVCache, cached_attention
 from lminf_jax.probes import RowProbe, num_distance_buckets, probe_rows
 from lminf_jax.scores import Positional
@@ -99,12 +99,15 @@ class LanguageModel:
         return _jit_step(self, params, tokens, positions, cache)
 
     def probe(self, params: Params, tokens: jax.Array, rows: np.ndarray | list[int], *,
-              positions: jax.Array | None = None, max_distance: int | None = None) -> ModelProbe:
+              positions: jax.Array | None = None, max_distance: int | None = None,
+              full_rows: bool = False) -> ModelProbe:
         """One forward pass that also records, for the query rows ``rows`` (time indices),
         per-layer attention statistics (`lminf_jax.probes.RowProbe`, computed blockwise over the
         keys) and the hidden states entering each layer and after the last one.
 
-        ``max_distance`` sets the distance buckets (default: the largest in the sequence, T - 1)."""
+        ``max_distance`` sets the distance buckets (default: the largest in the sequence, T - 1).
+        ``full_rows`` also keeps every logit and probability of those rows against all T keys
+        (`lminf_jax.AttentionProbe`, ``(layers, B, heads, rows, T)``: R x T per head, never T x T)."""
         check_tokens(tokens, self.config.vocab_size)
         rows = np.asarray(rows, np.int64)
         t = tokens.shape[1]
@@ -114,7 +117,7 @@ class LanguageModel:
             raise ValueError("probe does not support top-k middle tokens (spec.top_k must be None)")
         buckets = num_distance_buckets(t - 1 if max_distance is None else max_distance)
         return _jit_probe(self, params, tokens, default_positions(tokens, positions), jnp.asarray(rows, jnp.int32),
-                          buckets)
+                          buckets, full_rows)
 
     def init_cache(self, batch: int, *, capacity: int | None = None, dtype=None) -> KVCache:
         """An empty cache for this model's spec: a Λ-cache when the spec's attended set is
@@ -142,14 +145,16 @@ class ModelProbe:
     """What `LanguageModel.probe` recorded: ``attention`` a `RowProbe` with a leading layer axis
     (``(layers, B, Hq, R)``...); ``hidden`` ``(layers + 1, B, R, width)`` float32, the residual
     stream entering each layer and after the last (before the final norm); ``logits`` of the
-    whole sequence, as `LanguageModel.forward` returns them."""
+    whole sequence, as `LanguageModel.forward` returns them; ``rows`` the rows' full attention
+    (`AttentionProbe` with a leading layer axis) when asked for, else None."""
 
     attention: RowProbe
     hidden: jax.Array
     logits: jax.Array
+    rows: AttentionProbe | None = None
 
 
-jax.tree_util.register_dataclass(ModelProbe, data_fields=["attention", "hidden", "logits"], meta_fields=[])
+jax.tree_util.register_dataclass(ModelProbe, data_fields=["attention", "hidden", "logits", "rows"], meta_fields=[])
 
 
 def _check_step_positions(positions: np.ndarray, cached: np.ndarray, cache: KVCache) -> None:
@@ -205,9 +210,9 @@ def _jit_forward(model: LanguageModel, params: Params, tokens: jax.Array, positi
     return dec.head(params, h)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _jit_probe(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, rows: jax.Array,
-               num_buckets: int) -> ModelProbe:
+               num_buckets: int, full_rows: bool) -> ModelProbe:
     dec = model.build(model.config, model.dtype, tokens.shape[1])
     call = model.call
     row_positions = jnp.take(positions, rows, axis=1)
@@ -218,10 +223,14 @@ def _jit_probe(model: LanguageModel, params: Params, tokens: jax.Array, position
             out = attention(qh, kh, vh, q_positions=positions, k_positions=positions, spec=call.spec,
                             positional=dec.positional, scale=dec.scale, implementation=call.implementation,
                             block_q=call.block_q, block_k=call.block_k)
-            stats = probe_rows(jnp.take(qh, rows, axis=1), kh, row_positions, positions, spec=call.spec,
-                               positional=dec.positional, scale=dec.scale, num_buckets=num_buckets,
-                               block_k=call.block_k)
-            return out.reshape(*q.shape[:2], -1), stats
+            q_rows = jnp.take(qh, rows, axis=1)
+            stats = probe_rows(q_rows, kh, row_positions, positions, spec=call.spec, positional=dec.positional,
+                               scale=dec.scale, num_buckets=num_buckets, block_k=call.block_k)
+            full = None
+            if full_rows:
+                full = attention_probe(q_rows, kh, vh, q_positions=row_positions, k_positions=positions,
+                                       spec=call.spec, positional=dec.positional, scale=dec.scale)[1]
+            return out.reshape(*q.shape[:2], -1), (stats, full)
         return attend
 
     layers = dec.layer_params(params)
@@ -229,13 +238,13 @@ def _jit_probe(model: LanguageModel, params: Params, tokens: jax.Array, position
     def body(h, xs):
         p, index = xs
         entering = jnp.take(h, rows, axis=1).astype(jnp.float32)
-        h, stats = dec.layer(p, h, make_attend(index))
-        return h, (stats, entering)
+        h, (stats, full) = dec.layer(p, h, make_attend(index))
+        return h, (stats, full, entering)
 
     h0 = dec.embed(params, tokens)
-    h, (stats, entering) = lax.scan(body, h0, (layers, jnp.arange(dec.num_layers)))
+    h, (stats, full, entering) = lax.scan(body, h0, (layers, jnp.arange(dec.num_layers)))
     hidden = jnp.concatenate([entering, jnp.take(h, rows, axis=1).astype(jnp.float32)[None]], axis=0)
-    return ModelProbe(stats, hidden, dec.head(params, h))
+    return ModelProbe(stats, hidden, dec.head(params, h), full)
 
 
 @functools.partial(jax.jit, static_argnums=0)

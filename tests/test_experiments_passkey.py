@@ -72,7 +72,7 @@ def test_the_evaluation_runs_every_method_and_writes_answers(tmp_path, capsys):
     assert multiples, "the tiny tokenizer makes prompts longer than the tiny model's window"
     out = tmp_path / "pk.json"
     code = cli.main([str(model_dir), "--multiples", *map(str, multiples), "--depths", "0", "1", "--samples", "2",
-                     "-G", "2", "--top-k", "2", "--out", str(out), "--plot", str(tmp_path / "pk.png")])
+                     "-G", "2", "--top-k", "2", "--top-k-to-layer", "2", "--out", str(out), "--plot", str(tmp_path / "pk.png")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     record = json.loads(out.read_text())
@@ -87,6 +87,6 @@ def test_the_evaluation_runs_every_method_and_writes_answers(tmp_path, capsys):
                 assert r["answer"] is None or r["answer"].isdigit()
             acc = record["accuracy"][name][str(n)]
             assert acc["all"] == np.mean([r["correct"] for r in rows]) and set(acc) == {"all", "0", "1"}
-    assert record["methods"]["lm_infinite_top_k"]["attention"].endswith(f"top_k=2@{PRETRAIN // 2} layers[1,None))")
+    assert record["methods"]["lm_infinite_top_k"]["attention"].endswith(f"top_k=2@{PRETRAIN // 2} layers[1,2))")
     assert record["methods"]["truncation"]["attention"] == "vanilla()"
     assert captured.out.splitlines()[0].split()[0] == "method" and (tmp_path / "pk.png").stat().st_size > 0

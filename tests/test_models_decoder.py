@@ -149,5 +149,14 @@ def test_probe_records_rows_of_every_layer_during_one_forward(name):
     assert (entropy >= -1e-6).all() and (entropy <= np.log(np.asarray(want)) + 1e-5).all()
     np.testing.assert_allclose(np.asarray(stats.bucket_mass).sum(-1), 1.0, atol=1e-5)
     assert (np.asarray(stats.max_logit) >= np.asarray(stats.lse) - np.log(np.asarray(want)) - 1e-5).all()
+    assert probe.rows is None
+    full = model.probe(params, tokens, rows, full_rows=True).rows  # whole rows: (layers, B, heads, R, T)
+    assert full.probs.shape == (dec.num_layers, 2, dec.num_heads, len(rows), 29)
+    probs = np.asarray(full.probs, np.float64)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal((probs > 0).sum(-1), np.asarray(stats.attended))
+    ent = -np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1)), 0).sum(-1)
+    np.testing.assert_allclose(ent, np.asarray(stats.entropy), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(full.logits).max(-1), np.asarray(stats.max_logit), atol=2e-5)
     with pytest.raises(ValueError, match=r"rows must be .* in \[0, 29\)"):
         model.probe(params, tokens, [29])
