@@ -11,7 +11,9 @@
 # Writes OUT_DIR/perplexity-<model>.{json,png} (all six methods, 10 segments of the held-out
 # stdlib, L_train x {1..32}) and OUT_DIR/stream-<model>.{json,png} (streaming NLL, LM-Infinite
 # with a Λ-cache, over STREAM.npy, default data/site-packages/stream.npy) and
-# OUT_DIR/factors-<model>/ (the three failure factors: 4 segments of 32 x L_train).
+# OUT_DIR/factors-<model>/ (the three failure factors: 4 segments of 32 x L_train) and
+# OUT_DIR/continuation-<model>.{json,png} (generation quality from L_train x {1, 4, 16}). The passkey
+# run needs a fine-tuned model first; its two commands are in EXPERIMENTS.md, section 5.
 set -euo pipefail
 out=${1:?OUT_DIR}; stream=${2:-data/site-packages/stream.npy}; chunk=${3:-4096}
 mkdir -p "$out"
@@ -27,4 +29,8 @@ done
 for model in llama gptj mpt; do
   python3 -m experiments.factors "experiments/shipped/$model-small-stdlib" --tokens data/stdlib/heldout.npy \
     --sequences 4 --multiple 32 --out-dir "$out/factors-$model"
+done
+for model in llama mpt; do
+  python3 -m experiments.continuation "experiments/shipped/$model-small-stdlib" --tokens data/stdlib/heldout.npy \
+    --sequences 16 --new-tokens 64 --out "$out/continuation-$model.json" --plot "$out/continuation-$model.png"
 done
