@@ -1,0 +1,72 @@
+"""lminf_jax.context_parallel on 8 simulated CPU devices (a subprocess: the device count is fixed
+when jax starts): equal to the single-device blockwise path at T = 64K, and its compiled HLO moves
+only halos (collective-permute) and the sinks (a small all-reduce), never the whole sequence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import json, re
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh
+from lminf_jax import Alibi, AttentionSpec, Rotary, attention
+from lminf_jax.context_parallel import context_parallel_attention
+
+mesh = Mesh(np.array(jax.devices()), ("seq",))
+rng = np.random.default_rng(0)
+out = {"devices": len(jax.devices()), "cases": []}
+cases = [(65536, AttentionSpec.lm_infinite(10, 512), Rotary.create(16), "rope"),
+         (65539, AttentionSpec.lm_infinite(10, 512), Alibi.create(2), "alibi"),
+         (1003, AttentionSpec.lm_infinite(12, 300), Rotary.create(16), "rope, halo of 3 chunks"),
+         (64, AttentionSpec.lm_infinite(10, 30), Rotary.create(16), "halo of 4 chunks, sinks on 2 devices"),
+         (999, AttentionSpec.streaming_llm(4, 200), Rotary.create(16), "streaming_llm"),
+         (1000, AttentionSpec.sliding_window(100), Rotary.create(16), "sliding window")]
+for t, spec, positional, name in cases:
+    q = jnp.asarray(rng.standard_normal((1, t, 2, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, t, 1, 16)), jnp.float32) for _ in range(2))
+    p = jnp.arange(t)
+    ref = attention(q, k, v, q_positions=p, k_positions=p, spec=spec, positional=positional,
+                    implementation="blockwise", block_q=256, block_k=256)
+    fn = jax.jit(lambda q, k, v: context_parallel_attention(q, k, v, mesh=mesh, axis="seq", spec=spec,
+                                                            positional=positional, block_q=256, block_k=256,
+                                                            keep_padding=True))
+    got = fn(q, k, v)[:, :t]  # trimmed outside: inside, XLA would gather the whole output to trim it
+    hlo = fn.lower(q, k, v).compile().as_text()
+    out["cases"].append({"name": name, "t": t, "rel_err": float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)),
+                         "shape_ok": got.shape == ref.shape and fn(q, k, v).shape[1] == -(-t // 8) * 8,
+                         "permuted_lengths": sorted({max(map(int, m.group(1).split(","))) for m in re.finditer(
+                             r"= \w+\[([\d,]+)\][^=]*collective-permute\(", hlo)}),
+                         "collectives": sorted(set(re.findall(
+                             r"\b(all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)", hlo)))})
+trimmed = context_parallel_attention(q, k, v, mesh=mesh, axis="seq", spec=spec, positional=positional)
+out["trimmed_ok"] = trimmed.shape == (1, 1000, 2, 16)
+try:
+    context_parallel_attention(q, k, v, mesh=mesh, axis="seq", spec=AttentionSpec.vanilla())
+except ValueError as e:
+    out["vanilla_error"] = str(e)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_context_parallel_equals_one_device_and_moves_only_halos_and_sinks():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    assert result["devices"] == 8
+    for case in result["cases"]:
+        assert case["shape_ok"] and case["rel_err"] < 1e-5, case
+        assert case["collectives"] == (["all-reduce", "collective-permute"] if "sliding" not in case["name"]
+                                       else ["collective-permute"]), case
+    assert "attends unboundedly many keys" in result["vanilla_error"] and result["trimmed_ok"]
+    # halo traffic: the L - 1 = 511 keys before each 8,192-token chunk, not the chunk itself
+    assert result["cases"][0]["permuted_lengths"] == [511], result["cases"][0]
