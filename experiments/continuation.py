@@ -38,7 +38,7 @@ from experiments.loading import (
     save_result,
 )
 from experiments.perplexity import SHIPPED_MODEL
-from experiments.text import add_text_args, bos_id, token_stream
+from experiments.text import add_text_args, bos_id, check_ids, token_stream
 from lminf_jax.metrics import bleu, rouge_l
 
 METHODS = ("vanilla", "lm_infinite", "truncation")
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lminf_jax.evaluation import text_segments
+    from lminf_jax.evaluation import bos_sequences
 
     if args.sequences < 1 or args.new_tokens < 1 or any(m < 1 for m in args.multiples):
         raise ValueError("--sequences, --new-tokens and --multiples must be >= 1")
@@ -136,10 +136,9 @@ def run(args: argparse.Namespace) -> int:
     l_train = pretraining_length(config)
     positions = [m * l_train for m in sorted(args.multiples)]
     stream, source = token_stream(args)
+    check_ids(stream, config.vocab_size)
     bos = bos_id(args.model_dir)
-    body = text_segments(stream, args.sequences, positions[-1] + args.new_tokens - (bos is not None))
-    if bos is not None:
-        body = np.concatenate([np.full((body.shape[0], 1), bos, np.int32), body], axis=1)
+    body = bos_sequences(stream, args.sequences, positions[-1] + args.new_tokens, bos)
     _, config, params = load_model(args.model_dir)
     dtype = params_dtype(params)
     tokenizer = load_tokenizer_from(args.model_dir)

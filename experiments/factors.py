@@ -41,7 +41,7 @@ from experiments.loading import (
     DTYPES, load_config, load_model, method_spec, params_dtype, pretraining_length, resolve_dtype, run_cli,
 )
 from experiments.perplexity import SHIPPED_MODEL
-from experiments.text import add_text_args, bos_id, token_stream
+from experiments.text import add_text_args, bos_id, check_ids, token_stream
 from lminf_jax.streaming import finite_or_none
 
 FACTORS = ("logits", "entropy", "sinks")
@@ -71,7 +71,7 @@ class Setup:
     """The model, its pretraining length and the held-out segments shared by the factors."""
 
     def __init__(self, args: argparse.Namespace):
-        from lminf_jax.evaluation import text_segments
+        from lminf_jax.evaluation import bos_sequences
 
         family, config = load_config(args.model_dir)
         self.l_train = pretraining_length(config)
@@ -79,14 +79,9 @@ class Setup:
             raise ValueError("--multiple, --sequences and --block must be >= 1")
         self.length = args.multiple * self.l_train
         stream, self.source = token_stream(args)
-        if stream.size and (stream.min() < 0 or stream.max() >= config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {config.vocab_size}); the text has "
-                             f"[{stream.min()}, {stream.max()}]")
+        check_ids(stream, config.vocab_size)
         self.bos = bos_id(args.model_dir)
-        body = text_segments(stream, args.sequences, self.length - (self.bos is not None))
-        if self.bos is not None:
-            body = np.concatenate([np.full((body.shape[0], 1), self.bos, np.int32), body], axis=1)
-        self.tokens = body
+        self.tokens = bos_sequences(stream, args.sequences, self.length, self.bos)
         self.family, self.config, self.params = load_model(args.model_dir, args.dtype)
         self.dtype = resolve_dtype(args.dtype) or params_dtype(self.params)
         self.block = args.block

@@ -59,7 +59,7 @@ from experiments.loading import (
     DTYPES, KINDS, hf_config, load_config, load_model, method_spec, model_kind, params_dtype,
     pretraining_length, resolve_dtype, run_cli, spec_settings,
 )
-from experiments.text import add_text_args, bos_id, token_stream
+from experiments.text import add_text_args, bos_id, check_ids, token_stream
 from lminf_jax.streaming import finite_or_none
 
 #: The LLaMA-style model trained by this project (``experiments/train.py``), shipped in the repository.
@@ -266,9 +266,7 @@ def run(args: argparse.Namespace) -> int:
     specs = {m: method_spec(m, config, **options) for m in methods}
 
     stream, source = token_stream(args)
-    if stream.size and (stream.min() < 0 or stream.max() >= config.vocab_size):
-        raise ValueError(f"token ids must lie in [0, {config.vocab_size}) for this model; the text has "
-                         f"[{stream.min()}, {stream.max()}]")
+    check_ids(stream, config.vocab_size)
     bos = bos_id(args.model_dir)
     segments = text_segments(stream, args.sequences, lengths[-1] - (bos is not None))
     tiles = {n: tile_segments(segments, n, bos) for n in lengths}

@@ -43,7 +43,7 @@ from experiments.loading import (
     DTYPES, add_attention_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype, run_cli,
     pretraining_length, resolve_dtype, spec_from_args, spec_settings,
 )
-from experiments.text import npy_tokens
+from experiments.text import check_ids, npy_tokens
 
 TOKEN_CACHE_VERSION = 1
 #: Tokenizer files whose bytes identify the tokenization (in the token-cache hash).
@@ -114,17 +114,6 @@ def text_tokens(model_dir: str | os.PathLike, files: list[str], cache_dir: Path)
     np.save(tmp, ids.astype(np.int32))
     os.replace(tmp, target)  # atomic: a resumed run never sees half a file
     return np.load(target, mmap_mode="r"), target, False
-
-
-def check_ids(tokens: np.ndarray, vocab_size: int, block: int = 1 << 24) -> None:
-    """Every id in ``[0, vocab_size)`` (read block by block: a memmap is not loaded whole)."""
-    for start in range(0, tokens.size, block):
-        part = np.asarray(tokens[start:start + block])
-        lo, hi = int(part.min()), int(part.max())
-        if lo < 0 or hi >= vocab_size:
-            bad = int(np.flatnonzero((part < 0) | (part >= vocab_size))[0]) + start
-            raise ValueError(f"token {int(tokens[bad])} at index {bad} is outside the model's vocabulary "
-                             f"[0, {vocab_size})")
 
 
 def split_streams(tokens: np.ndarray, streams: int) -> tuple[np.ndarray, int]:

@@ -50,6 +50,17 @@ def npy_tokens(path: str | os.PathLike) -> np.ndarray:
     return tokens
 
 
+def check_ids(tokens: np.ndarray, vocab_size: int, block: int = 1 << 24) -> None:
+    """Every id in ``[0, vocab_size)`` (read block by block: a memmap is not loaded whole)."""
+    for start in range(0, tokens.size, block):
+        part = np.asarray(tokens[start:start + block])
+        lo, hi = int(part.min()), int(part.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = int(np.flatnonzero((part < 0) | (part >= vocab_size))[0]) + start
+            raise ValueError(f"token ids must lie in [0, {vocab_size}): token {int(tokens[bad])} at index {bad} "
+                             f"is outside the model's vocabulary [0, {vocab_size})")
+
+
 def token_stream(args: argparse.Namespace) -> tuple[np.ndarray, dict]:
     """``(1-D token ids, description)`` of the text the options name."""
     if args.tokens is not None:

@@ -36,7 +36,7 @@ import numpy as np
 
 from lminf_jax.streaming import BucketRow, PositionBuckets, finite_or_none, token_nll
 
-__all__ = ["LengthPoint", "length_point", "position_buckets", "prefix_ppl", "sequence_nll", "text_segments",
+__all__ = ["LengthPoint", "bos_sequences", "length_point", "position_buckets", "prefix_ppl", "sequence_nll", "text_segments",
            "tile_segments"]
 
 ForwardFn = Callable[[Any, jax.Array], jax.Array]
@@ -83,6 +83,12 @@ def tile_segments(segments: np.ndarray, length: int, bos_id: int | None = None) 
     if bos_id is None:
         return body
     return np.concatenate([np.full((body.shape[0], 1), bos_id, np.int32), body], axis=1)
+
+
+def bos_sequences(stream: np.ndarray, count: int | None, length: int, bos_id: int | None = None) -> np.ndarray:
+    """``(S, length)`` int32: `count` evenly spaced segments of the stream (`text_segments`), each
+    behind ``bos_id`` when given (then ``length - 1`` stream tokens each)."""
+    return tile_segments(text_segments(stream, count, length - (bos_id is not None)), length, bos_id)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -185,6 +185,19 @@ def _layer_scan(dec: Decoder, params: Params, h: jax.Array, make_attend, extra_x
     return lax.scan(body, h, (layers, jnp.arange(num_layers), *extra_xs))
 
 
+def _split_heads(dec: Decoder, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Projected ``(B, T, heads * d)`` tensors as ``(B, T, heads, d)``."""
+    return _heads(q, dec.num_heads), _heads(k, dec.num_kv_heads), _heads(v, dec.num_kv_heads)
+
+
+def _self_attention(dec: Decoder, call: AttentionCall, qh, kh, vh, positions: jax.Array, index) -> jax.Array:
+    """Attention of a whole sequence over itself, merged back to ``(B, T, heads * dv)``."""
+    out = attention(qh, kh, vh, q_positions=positions, k_positions=positions, spec=call.spec,
+                    positional=dec.positional, scale=dec.scale, layer=index if call.spec.top_k is not None else None,
+                    implementation=call.implementation, block_q=call.block_q, block_k=call.block_k)
+    return out.reshape(*qh.shape[:2], -1)
+
+
 def _heads(x: jax.Array, n: int) -> jax.Array:
     b, t, _ = x.shape
     return x.reshape(b, t, n, -1)
@@ -197,13 +210,7 @@ def _jit_forward(model: LanguageModel, params: Params, tokens: jax.Array, positi
 
     def make_attend(index):
         def attend(q, k, v):
-            out = attention(
-                _heads(q, dec.num_heads), _heads(k, dec.num_kv_heads), _heads(v, dec.num_kv_heads),
-                q_positions=positions, k_positions=positions, spec=call.spec, positional=dec.positional,
-                scale=dec.scale, layer=index if call.spec.top_k is not None else None,
-                implementation=call.implementation, block_q=call.block_q, block_k=call.block_k,
-            )
-            return out.reshape(*q.shape[:2], -1), None
+            return _self_attention(dec, call, *_split_heads(dec, q, k, v), positions, index), None
         return attend
 
     h, _ = _layer_scan(dec, params, dec.embed(params, tokens), make_attend)
@@ -219,10 +226,8 @@ def _jit_probe(model: LanguageModel, params: Params, tokens: jax.Array, position
 
     def make_attend(index):
         def attend(q, k, v):
-            qh, kh, vh = _heads(q, dec.num_heads), _heads(k, dec.num_kv_heads), _heads(v, dec.num_kv_heads)
-            out = attention(qh, kh, vh, q_positions=positions, k_positions=positions, spec=call.spec,
-                            positional=dec.positional, scale=dec.scale, implementation=call.implementation,
-                            block_q=call.block_q, block_k=call.block_k)
+            qh, kh, vh = _split_heads(dec, q, k, v)
+            out = _self_attention(dec, call, qh, kh, vh, positions, index)
             q_rows = jnp.take(qh, rows, axis=1)
             stats = probe_rows(q_rows, kh, row_positions, positions, spec=call.spec, positional=dec.positional,
                                scale=dec.scale, num_buckets=num_buckets, block_k=call.block_k)
@@ -230,7 +235,7 @@ def _jit_probe(model: LanguageModel, params: Params, tokens: jax.Array, position
             if full_rows:
                 full = attention_probe(q_rows, kh, vh, q_positions=row_positions, k_positions=positions,
                                        spec=call.spec, positional=dec.positional, scale=dec.scale)[1]
-            return out.reshape(*q.shape[:2], -1), (stats, full)
+            return out, (stats, full)
         return attend
 
     layers = dec.layer_params(params)
@@ -257,7 +262,7 @@ def _jit_step(model: LanguageModel, params: Params, tokens: jax.Array, positions
     def make_attend(index, layer_keys, layer_values):
         def attend(q, k, v):
             out, new_keys, new_values = cached_attention(
-                _heads(q, dec.num_heads), _heads(k, dec.num_kv_heads), _heads(v, dec.num_kv_heads), positions,
+                *_split_heads(dec, q, k, v), positions,
                 layer_keys, layer_values, update, spec=call.spec, positional=dec.positional, scale=dec.scale,
                 layer=index if call.spec.top_k is not None else None, implementation=call.implementation,
                 block_q=call.block_q, block_k=call.block_k,

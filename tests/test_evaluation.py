@@ -11,7 +11,7 @@ from conftest import random_model
 
 from lminf_jax import AttentionSpec, PositionBuckets
 from lminf_jax.evaluation import (
-    length_point, position_buckets, prefix_ppl, sequence_nll, text_segments, tile_segments,
+    bos_sequences, length_point, position_buckets, prefix_ppl, sequence_nll, text_segments, tile_segments,
 )
 from models.common import AttentionCall
 
@@ -48,6 +48,14 @@ def test_tiles_cover_each_segment_in_order_behind_a_bos():
         tile_segments(seg, 13, bos_id=1)
     with pytest.raises(ValueError, match="length must be an integer >= 2"):
         tile_segments(seg, 1)
+
+
+def test_bos_sequences_are_whole_segments_behind_a_bos():
+    stream = np.arange(10, 110, dtype=np.int32)
+    seqs = bos_sequences(stream, 3, 21, bos_id=1)
+    assert seqs.shape == (3, 21) and (seqs[:, 0] == 1).all()
+    np.testing.assert_array_equal(seqs[:, 1:], text_segments(stream, 3, 20))
+    np.testing.assert_array_equal(bos_sequences(stream, 3, 21), text_segments(stream, 3, 21))
 
 
 @pytest.mark.parametrize("spec", [AttentionSpec.vanilla(), AttentionSpec.lm_infinite(2, 8)])
