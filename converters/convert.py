@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from flax import traverse_util
 
 from converters.dtypes import numpy_dtype
 from converters.layout import CheckpointLayout
+from converters.placement import check_shardings
 from converters.reader import CheckpointReader
 from lminf_jax.progress import Progress
 
@@ -76,29 +78,43 @@ def load_params(
     *,
     dtype: jax.typing.DTypeLike | None = None,
     progress: bool = True,
+    shardings: Mapping[str, jax.sharding.Sharding] | None = None,
 ) -> dict:
-    """Nested params of jax arrays (default device) from a checkpoint directory or reader.
+    """Nested params of jax arrays from a checkpoint directory or reader.
 
-    Validates the whole checkpoint against `layout` before reading (see `plan_params`).
-    Each parameter is assembled, one checkpoint tensor at a time, in one host buffer of its
-    final dtype (`dtype` for floating-point parameters when given, else the stored one),
-    moved to the device and its buffer dropped before the next, so the host never holds
-    two copies of the model (on CPU, jax adopts the buffer without copying it).
+    Validates the whole checkpoint against `layout` (see `plan_params`), and `shardings`
+    when given, before reading. Each parameter is assembled, one checkpoint tensor at a
+    time, in one host buffer of its final dtype (`dtype` for floating-point parameters when
+    given, else the stored one), placed and its buffer dropped before the next, so the host
+    never holds two copies of the model (on CPU, jax adopts the buffer without copying it).
+    `shardings` (flat name of every `layout.template` entry -> sharding) places each device's
+    shard straight from the buffer, so no device holds a whole sharded parameter (each
+    process fills its addressable shards); without it, params go to the default device.
     `progress` reports tensors, MB read and MB/s on stderr.
     """
     reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
+    if shardings is not None:
+        check_shardings(layout.template, shardings, f"the layout of {reader.path}")
     plan = plan_params(reader, layout)
     flat = {}
     with Progress(sum(map(len, plan.values())), "tensors", "converting", enabled=progress) as bar:
         for name, sources in plan.items():
-            flat[name] = _load_one(reader, sources, layout.is_stacked(name), dtype, bar)
+            sharding = None if shardings is None else shardings[name]
+            flat[name] = _load_one(reader, sources, layout.is_stacked(name), dtype, sharding, bar)
             # Where jax copies from the host buffer (accelerators), it lets go of the buffer in
             # a gc callback: run it now, or several parameters' buffers can pile up.
             gc.collect(0)
     return traverse_util.unflatten_dict(flat, sep=".")
 
 
-def _load_one(reader: CheckpointReader, sources: list[str], stacked: bool, dtype, bar: Progress) -> jax.Array:
+def _load_one(
+    reader: CheckpointReader,
+    sources: list[str],
+    stacked: bool,
+    dtype: jax.typing.DTypeLike | None,
+    sharding: jax.sharding.Sharding | None,
+    bar: Progress,
+) -> jax.Array:
     first = sources[0]
     shape = (len(sources), *reader.shape(first)) if stacked else reader.shape(first)
     stored = numpy_dtype(reader.dtype(first), first)
@@ -108,7 +124,9 @@ def _load_one(reader: CheckpointReader, sources: list[str], stacked: bool, dtype
         source = reader.read(name)
         row[...] = source  # casts when `cast`, rounding to nearest even as XLA does
         bar.update(1, nbytes=source.nbytes)
-    return jax.device_put(host).block_until_ready()
+    if sharding is None:
+        return jax.device_put(host).block_until_ready()
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index]).block_until_ready()
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:

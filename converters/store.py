@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from converters.placement import check_shardings
 from converters.reader import read_json_object
 
 FORMAT = "lminf_jax-converted"
@@ -70,8 +72,14 @@ def save_converted(out_dir: str | os.PathLike, params: dict, config: dict, famil
     return out
 
 
-def load_converted(out_dir: str | os.PathLike) -> tuple[dict, dict, str]:
-    """(params on the default device, HF config dict, family name) from `save_converted`'s output."""
+def load_converted(
+    out_dir: str | os.PathLike, *, shardings: Mapping[str, jax.sharding.Sharding] | None = None
+) -> tuple[dict, dict, str]:
+    """(params, HF config dict, family name) from `save_converted`'s output.
+
+    `shardings` (flat name of every parameter in the manifest -> sharding): orbax restores
+    each parameter straight into its shards; without it, params go to the default device.
+    """
     out = Path(out_dir).absolute()
     meta_path = out / META_FILE
     if not meta_path.is_file():
@@ -81,9 +89,12 @@ def load_converted(out_dir: str | os.PathLike) -> tuple[dict, dict, str]:
         raise ValueError(f"{out} is not a converted checkpoint ({meta_path} has no format {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{out}: unsupported converted format version {meta.get('format_version')!r}")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if shardings is None:
+        shardings = dict.fromkeys(meta["params"], jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    else:
+        check_shardings(meta["params"], shardings, str(out))
     target = {
-        name: jax.ShapeDtypeStruct(tuple(spec["shape"]), jnp.dtype(spec["dtype"]), sharding=device)
+        name: jax.ShapeDtypeStruct(tuple(spec["shape"]), jnp.dtype(spec["dtype"]), sharding=shardings[name])
         for name, spec in meta["params"].items()
     }
     largest = max((math.prod(t.shape) * t.dtype.itemsize for t in target.values()), default=0)

@@ -4,6 +4,8 @@
   (``converted.json``, written by ``python -m converters``) or a Hugging Face directory
   (``config.json`` + weights, converted in memory on the fly).
 * `load_tokenizer_from(path)`: the tokenizer stored in that directory.
+* `add_mesh_args(parser, default)` / `sharding_plan(args, default)`: ``--mesh`` / ``--fsdp``, the
+  `lminf_jax.sharding.ShardingPlan` a model and its params are spread over devices by.
 * `add_attention_args(parser)` / `spec_from_args(args, config)`: one set of command-line
   options for the attention method, turned into an `AttentionSpec`::
 
@@ -117,12 +119,13 @@ def load_config(path: str | os.PathLike):
     return family, family.config_from_hf(config)
 
 
-def load_model(path: str | os.PathLike, dtype: Any = None, *, progress: bool = False):
+def load_model(path: str | os.PathLike, dtype: Any = None, *, progress: bool = False, plan=None):
     """``(family, config, params)`` from a converted directory or a Hugging Face directory.
 
     ``dtype`` (None: keep the stored dtypes; a ``--dtype`` name or a dtype) casts every
     floating-point parameter. A Hugging Face checkpoint is converted in memory (nothing is
-    written); ``progress`` shows that conversion's progress line.
+    written); ``progress`` shows that conversion's progress line. ``plan`` (a
+    `lminf_jax.sharding.ShardingPlan`) places every parameter straight into its shards.
     """
     from converters.convert import load_params
     from converters.families import layout_for
@@ -131,14 +134,36 @@ def load_model(path: str | os.PathLike, dtype: Any = None, *, progress: bool = F
     root = Path(path)
     target = resolve_dtype(dtype)
     family, config = load_config(root)
+    shardings = None if plan is None else family.param_shardings(config, plan)
     if model_kind(root) == "converted":
-        params = load_converted(root)[0]
+        params = load_converted(root, shardings=shardings)[0]
         if target is not None:
             params = jax.tree.map(
                 lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     else:
-        params = load_params(root, layout_for(family, config), dtype=target, progress=progress)
+        params = load_params(root, layout_for(family, config), dtype=target, progress=progress, shardings=shardings)
     return family, config, params
+
+
+def add_mesh_args(parser: argparse.ArgumentParser, default: str) -> None:
+    """Register ``--mesh`` and ``--fsdp`` (how the model is spread over several devices)."""
+    group = parser.add_argument_group("devices (used when more than one is present or --mesh is given)")
+    group.add_argument("--mesh", metavar="AXES",
+                       help="device mesh as AXIS=SIZE pairs over data (batch), seq (context parallel) and model "
+                            f"(tensor parallel); -1 takes the devices left over (default: {default})")
+    group.add_argument("--fsdp", action="store_true", help="also split every weight's hidden dimension over data")
+
+
+def sharding_plan(args: argparse.Namespace, default: str):
+    """The `ShardingPlan` of ``--mesh`` (``default`` without it), or None on one device with no
+    ``--mesh`` and no ``--fsdp``; prints the mesh."""
+    from lminf_jax.sharding import ShardingPlan, parse_mesh
+
+    if args.mesh is None and not args.fsdp and jax.device_count() == 1:
+        return None
+    plan = ShardingPlan(parse_mesh(args.mesh or default), fsdp=args.fsdp)
+    print(f"devices: {plan.describe()}", file=sys.stderr)
+    return plan
 
 
 def params_dtype(params) -> jnp.dtype:

@@ -4,6 +4,7 @@
         | --text FILE [FILE ...]] [--multiples 1 2 4 8 16 32] [--sequences N] [--methods M [M ...] | all]
         [-G G] [-L L] [-D D] [--dtype bf16|fp16|fp32] [--batch-tokens N] [--block N]
         [--out results/perplexity.json] [--plot results/perplexity.png | --no-plot] [--no-progress]
+        [--mesh AXES] [--fsdp]
 
 With no arguments this is the project's main job: the LLaMA-style model this project trained and
 ships (`SHIPPED_MODEL`), on held-out standard-library text, vanilla vs LM-Infinite at
@@ -31,6 +32,10 @@ Methods (``lminf_jax.spec``): ``vanilla``, ``lm_infinite`` (Λ-mask + distance l
 inside a G + L cache); default ``vanilla lm_infinite``, ``all`` for the six. -G/-L/-D apply to
 the methods that use them; defaults G = 10 (4 for streaming_llm), L = D = L_train.
 
+Devices: with more than one, every sequence is split over all of them (``--mesh seq=-1``;
+context-parallel LM-Infinite, `lminf_jax.context_parallel`); ``--mesh``/``--fsdp`` choose
+another layout (`lminf_jax.sharding`).
+
 Output: a table (perplexity per method and length) on stdout, ``--out`` JSON (settings; per
 method and length: tiles, tokens, NLL, its standard error, perplexity, per-segment perplexity;
 per method: NLL by position and prefix perplexity; time) and ``--plot`` PNG (log-scale
@@ -56,8 +61,8 @@ from pathlib import Path
 import numpy as np
 
 from experiments.loading import (
-    DTYPES, KINDS, hf_config, load_config, load_model, method_spec, model_kind, params_dtype,
-    pretraining_length, resolve_dtype, run_cli, spec_settings,
+    DTYPES, KINDS, add_mesh_args, hf_config, load_config, load_model, method_spec, model_kind, params_dtype,
+    pretraining_length, resolve_dtype, run_cli, sharding_plan, spec_settings,
 )
 from experiments.text import add_text_args, bos_id, check_ids, token_stream
 from lminf_jax.streaming import finite_or_none
@@ -98,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     p.add_argument("--from-json", metavar="JSON", help="evaluate nothing: print the table of a saved result and "
                    "draw it again at --plot")
+    add_mesh_args(p, "seq=-1: every sequence split over all devices, context-parallel LM-Infinite")
     return p
 
 
@@ -271,8 +277,9 @@ def run(args: argparse.Namespace) -> int:
     segments = text_segments(stream, args.sequences, lengths[-1] - (bos is not None))
     tiles = {n: tile_segments(segments, n, bos) for n in lengths}
 
+    plan = sharding_plan(args, "seq=-1")
     began = time.perf_counter()
-    family, config, params = load_model(args.model_dir, args.dtype, progress=sys.stderr.isatty())
+    family, config, params = load_model(args.model_dir, args.dtype, progress=sys.stderr.isatty(), plan=plan)
     load_s = time.perf_counter() - began
     stored = params_dtype(params)
     dtype = resolve_dtype(args.dtype) or stored
@@ -281,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
         "config": hf_config(args.model_dir), "params_dtype": stored.name, "compute_dtype": dtype.name,
         "l_train": l_train, "bos_id": bos, "batch_tokens": args.batch_tokens, "block": args.block,
         "attention": {m: spec_settings(spec) for m, spec in specs.items()},
+        "devices": "1 device" if plan is None else plan.describe(family.param_shardings(config, plan)),
     }
     out_path = Path(args.out)
     parts = out_path.with_name(out_path.name + ".parts") / fingerprint(settings, segments)
@@ -294,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
     total = len(methods) * sum(t.size for t in tiles.values())
     with Progress(total, "tokens", "perplexity", rate=True, enabled=not args.no_progress) as bar:
         for name, spec in specs.items():
-            model = family.model(config, AttentionCall(spec, block_q=args.block, block_k=args.block), dtype)
+            model = family.model(config, AttentionCall(spec, block_q=args.block, block_k=args.block), dtype, plan)
             t0, points = time.perf_counter(), []
             for n in lengths:
                 bar.postfix = f"{name} at {n:,}"

@@ -4,7 +4,7 @@
         [--max-tokens N] [--streams B] [--chunk C] [--capacity N] [--dtype bf16|fp16|fp32]
         [--per-octave K] [--checkpoint-dir DIR] [--checkpoint-every N] [--max-chunks N]
         [--out results/stream_nll.json] [--plot results/stream_nll.png | --no-plot] [--no-progress]
-        [--method METHOD] [-G G] [-L L] [-D D]
+        [--method METHOD] [-G G] [-L L] [-D D] [--mesh AXES] [--fsdp]
 
 The stream runs through the model chunk by chunk (`lminf_jax.streaming.streaming_nll`),
 carrying a Λ-cache of G + L slots, so device memory does not depend on its length. Methods
@@ -37,11 +37,12 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from experiments.loading import (
-    DTYPES, add_attention_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype, run_cli,
-    pretraining_length, resolve_dtype, spec_from_args, spec_settings,
+    DTYPES, add_attention_args, add_mesh_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype,
+    run_cli, pretraining_length, resolve_dtype, sharding_plan, spec_from_args, spec_settings,
 )
 from experiments.text import check_ids, npy_tokens
 
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="do not draw the plot")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     add_attention_args(p)
+    add_mesh_args(p, "the streams split over data=gcd(B, devices), the heads over the devices left (model)")
     return p
 
 
@@ -203,11 +205,16 @@ def run(args: argparse.Namespace) -> int:
     stream, dropped = split_streams(tokens, args.streams)
     length = stream.shape[-1]
 
+    data = math.gcd(args.streams, jax.device_count())
+    plan = sharding_plan(args, f"data={data},model={jax.device_count() // data}")
+    if plan is not None and plan.context_parallel:
+        raise ValueError("--mesh: streaming runs chunk by chunk on its cache; there is no sequence to split over seq "
+                         "(split the streams over data and the heads over model)")
     began = time.perf_counter()
-    family, config, params = load_model(args.model_dir, args.dtype, progress=sys.stderr.isatty())
+    family, config, params = load_model(args.model_dir, args.dtype, progress=sys.stderr.isatty(), plan=plan)
     load_s = time.perf_counter() - began
     stored = params_dtype(params)
-    model = family.model(config, AttentionCall(spec), resolve_dtype(args.dtype) or stored)
+    model = family.model(config, AttentionCall(spec), resolve_dtype(args.dtype) or stored, plan)
     if needs_full_cache(spec):
         capacity = length if args.capacity is None else args.capacity
         if capacity < length:
@@ -254,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
         "params_dtype": stored.name,
         "compute_dtype": model.dtype.name,
         "cache": cache.describe(),
+        "devices": "1 device" if plan is None else plan.describe(family.param_shardings(config, plan)),
         "per_octave": args.per_octave,
         "checkpoint_dir": args.checkpoint_dir,
         "load_s": load_s,

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from lminf_jax.alibi import Alibi
 from lminf_jax.attention import attention
 from lminf_jax.scores import Positional
 from lminf_jax.spec import AttentionSpec
@@ -45,6 +46,8 @@ def context_parallel_attention(
     block_q: int = 512,
     block_k: int = 512,
     keep_padding: bool = False,
+    batch_axis: str | None = None,
+    head_axis: str | None = None,
 ) -> jax.Array:
     """Self-attention of ``q (B, T, Hq, d)`` over ``k, v (B, T, Hkv, d|dv)`` at positions 0..T-1
     under a bounded `spec` (a window L and sinks only among the first G positions: lm_infinite,
@@ -54,12 +57,23 @@ def context_parallel_attention(
     ``keep_padding``: when T is not a multiple of the device count, return the padded
     ``(B, n * ceil(T / n), Hq, dv)`` (real tokens first) still split over the devices. Trimming it
     inside the computation makes XLA gather the whole output to one layout; a sharded pipeline
-    keeps the padding and trims its final per-token results instead."""
+    keeps the padding and trims its final per-token results instead.
+
+    ``batch_axis`` / ``head_axis``: other mesh axes the batch and the heads stay split over
+    (data and tensor parallelism alongside); heads only with RoPE or no positional encoding (ALiBi
+    slopes belong to fixed heads), and only when both head counts divide the axis."""
     if spec.window is None or not spec.global_keys_bounded or spec.top_k is not None:
         raise ValueError(f"context parallelism needs a bounded window and sinks, without top-k; "
                          f"{spec.describe()} attends unboundedly many keys")
-    if axis not in mesh.axis_names:
-        raise ValueError(f"mesh has no axis {axis!r}; its axes are {mesh.axis_names}")
+    for name, value in (("axis", axis), ("batch_axis", batch_axis), ("head_axis", head_axis)):
+        if value is not None and value not in mesh.axis_names:
+            raise ValueError(f"{name}: mesh has no axis {value!r}; its axes are {mesh.axis_names}")
+    if head_axis is not None:
+        if isinstance(positional, Alibi):
+            raise ValueError("head_axis: ALiBi slopes belong to fixed heads; keep heads whole (head_axis=None)")
+        if q.shape[2] % mesh.shape[head_axis] or k.shape[2] % mesh.shape[head_axis]:
+            raise ValueError(f"head_axis: {q.shape[2]} query / {k.shape[2]} key heads do not divide over "
+                             f"{mesh.shape[head_axis]} devices")
     t = q.shape[1]
     n = mesh.shape[axis]
     chunk = math.ceil(t / n)
@@ -97,7 +111,7 @@ def context_parallel_attention(
                          k_positions=jnp.concatenate(key_pos), spec=spec, positional=positional, scale=scale,
                          implementation="blockwise", block_q=block_q, block_k=block_k)
 
-    seq = P(None, axis, None, None)
+    seq = P(batch_axis, axis, head_axis, None)
     out = jax.shard_map(local, mesh=mesh, in_specs=(seq, seq, seq, P(axis)), out_specs=seq,
                         check_vma=False)(qp, kp, vp, positions)
     return out if keep_padding or not pad else out[:, :t]

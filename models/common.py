@@ -34,20 +34,31 @@ def flatten(params: Params) -> dict[str, jax.Array]:
     return traverse_util.flatten_dict(params, sep=".")
 
 
-def init_from_shapes(shapes: Mapping[str, tuple[int, ...]], key: jax.Array, dtype=jnp.float32) -> Params:
+def init_from_shapes(shapes: Mapping[str, tuple[int, ...]], key: jax.Array, dtype=jnp.float32,
+                     shardings: Mapping[str, jax.sharding.Sharding] | None = None) -> Params:
     """Random parameters for a shape template: N(0, 0.02) weights, unit norm scales, zero biases.
 
     Names ending in ``norm.weight``/``ln_*.weight`` (any norm scale) are ones, ``.bias`` zeros.
+    ``shardings`` (flat name -> sharding, e.g. from `models.registry.Family.param_shardings`)
+    creates each parameter directly in its shards: no device ever holds a whole split parameter.
     """
-    flat = {}
-    for i, (name, shape) in enumerate(sorted(shapes.items())):
-        if name.endswith(".bias"):
-            flat[name] = jnp.zeros(shape, dtype)
-        elif _is_norm(name):
-            flat[name] = jnp.ones(shape, dtype)
-        else:
-            flat[name] = (0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dtype)
-    return unflatten(flat)
+    def make() -> dict[str, jax.Array]:
+        flat = {}
+        for i, (name, shape) in enumerate(sorted(shapes.items())):
+            if name.endswith(".bias"):
+                flat[name] = jnp.zeros(shape, dtype)
+            elif _is_norm(name):
+                flat[name] = jnp.ones(shape, dtype)
+            else:
+                noise = jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+                flat[name] = (0.02 * noise).astype(dtype)
+        return flat
+
+    if shardings is not None and set(shardings) != set(shapes):
+        raise ValueError(f"shardings must name exactly the parameters; missing {sorted(set(shapes) - set(shardings))}, "
+                         f"unknown {sorted(set(shardings) - set(shapes))}")
+    # one compiled program either way, so sharded and unsharded creation give the same values
+    return unflatten(jax.jit(make, out_shardings=None if shardings is None else dict(shardings))())
 
 
 def _is_norm(name: str) -> bool:

@@ -11,6 +11,12 @@ its attention geometry. `LanguageModel` drives it:
 
 Both scan the stacked layers once (the step scans the cache's layer axis alongside),
 so compile time does not grow with depth.
+
+With a `lminf_jax.sharding.ShardingPlan` the model runs SPMD over its mesh: activations are
+constrained to (batch over ``data``, time over ``seq``, heads over ``model``), the cache to (batch,
+KV heads), and when ``seq`` is larger than one a whole-sequence pass uses context-parallel
+Λ-attention (`lminf_jax.context_parallel`) for bounded specs; unbounded ones (vanilla) let XLA
+gather the keys they need.
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lminf_jax import AttentionProbe, attention, attention_probe
-from lminf_jax.cache import KVCache, cached_attention
+from lminf_jax import Alibi, AttentionProbe, attention, attention_probe
+from lminf_jax.cache import KVCache, cached_attention, needs_full_cache
+from lminf_jax.context_parallel import context_parallel_attention
 from lminf_jax.probes import RowProbe, num_distance_buckets, probe_rows
 from lminf_jax.scores import Positional
+from lminf_jax.sharding import ShardingPlan
 from models.common import AttentionCall, Params, check_tokens, default_positions
 
 #: ``attend(q, k, v) -> (out, aux)`` on projected ``(B, T, heads * d)`` tensors.
@@ -58,7 +66,8 @@ class Decoder:
 
 @dataclasses.dataclass(frozen=True)
 class LanguageModel:
-    """A family's ``decoder`` builder with its config, attention call and compute dtype.
+    """A family's ``decoder`` builder with its config, attention call, compute dtype and
+    optional `ShardingPlan` (params then placed by `models.registry.Family.param_shardings`).
 
     Frozen and hashable, so it is a valid ``jax.jit`` static argument and can be handed
     to `lminf_jax.decoding.generate` / `lminf_jax.streaming.streaming_nll` as the step.
@@ -68,10 +77,13 @@ class LanguageModel:
     config: Any
     call: AttentionCall = AttentionCall()
     dtype: Any = jnp.float32
+    sharding: ShardingPlan | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.call, AttentionCall):
             raise ValueError(f"call must be an AttentionCall, got {type(self.call).__name__}")
+        if self.sharding is not None and not isinstance(self.sharding, ShardingPlan):
+            raise ValueError(f"sharding must be a ShardingPlan or None, got {type(self.sharding).__name__}")
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
 
     @property
@@ -81,7 +93,20 @@ class LanguageModel:
     def forward(self, params: Params, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """Logits ``(B, T, vocab)`` in float32 for a whole sequence (see `models.llama.forward`)."""
         check_tokens(tokens, self.config.vocab_size)
-        return _jit_forward(self, params, tokens, default_positions(tokens, positions))
+        padded, t = self._split_sequence(tokens, positions)
+        logits = _jit_forward(self, params, padded, default_positions(padded, positions))
+        return logits if padded.shape[1] == t else logits[:, :t]
+
+    def _split_sequence(self, tokens: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, int]:
+        """Under context parallelism: tokens padded at the end to a multiple of the ``seq`` axis
+        (causal attention keeps the padding out of every real token's view), and T."""
+        t = tokens.shape[1]
+        if self.sharding is None or not self.sharding.context_parallel:
+            return tokens, t
+        if positions is not None:
+            raise ValueError("context-parallel encoding numbers the tokens 0..T-1; positions cannot be given "
+                             "(use a mesh with seq=1 for padded or shifted positions)")
+        return jnp.pad(tokens, ((0, 0), (0, -t % self.sharding.size("seq")))), t
 
     def __call__(self, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache
                  ) -> tuple[jax.Array, KVCache]:
@@ -116,15 +141,25 @@ class LanguageModel:
         if self.spec.top_k is not None:
             raise ValueError("probe does not support top-k middle tokens (spec.top_k must be None)")
         buckets = num_distance_buckets(t - 1 if max_distance is None else max_distance)
-        return _jit_probe(self, params, tokens, default_positions(tokens, positions), jnp.asarray(rows, jnp.int32),
-                          buckets, full_rows)
+        padded, _ = self._split_sequence(tokens, positions)
+        probe = _jit_probe(self, params, padded, default_positions(padded, positions), jnp.asarray(rows, jnp.int32),
+                           buckets, full_rows)
+        return probe if padded.shape[1] == t else dataclasses.replace(probe, logits=probe.logits[:, :t])
 
     def init_cache(self, batch: int, *, capacity: int | None = None, dtype=None) -> KVCache:
         """An empty cache for this model's spec: a Λ-cache when the spec's attended set is
-        bounded, else a full cache of ``capacity`` slots. ``dtype`` defaults to the compute dtype."""
+        bounded, else a full cache of ``capacity`` slots. ``dtype`` defaults to the compute dtype.
+        With a sharding plan it is created directly in its shards (batch over ``data``, KV heads
+        over ``model``)."""
         dec = self.build(self.config, self.dtype, None)
-        return KVCache.for_spec(self.spec, dec.num_layers, batch, dec.num_kv_heads, dec.head_dim,
-                                capacity=capacity, dtype=self.dtype if dtype is None else dtype)
+
+        def make() -> KVCache:
+            return KVCache.for_spec(self.spec, dec.num_layers, batch, dec.num_kv_heads, dec.head_dim,
+                                    capacity=capacity, dtype=self.dtype if dtype is None else dtype)
+
+        if self.sharding is None:
+            return make()
+        return jax.jit(make, out_shardings=_cache_shardings(self.sharding, dec, jax.eval_shape(make)))()
 
     def check_cache(self, cache: KVCache, *, batch: int | None = None) -> None:
         """Raise a ValueError naming what does not fit between ``cache`` and this model."""
@@ -173,28 +208,63 @@ def _check_step_positions(positions: np.ndarray, cached: np.ndarray, cache: KVCa
                          f"cache already holds position {newest_cached[b]}")
 
 
-def _layer_scan(dec: Decoder, params: Params, h: jax.Array, make_attend, extra_xs=()):
-    """Scan ``dec.layer`` over the stacked layers; ``make_attend(index, *extra) -> attend``."""
+def _units(dec: Decoder) -> dict[str, int]:
+    return {"heads": dec.num_heads, "kv_heads": dec.num_kv_heads}
+
+
+def _constrain(plan: ShardingPlan | None, dec: Decoder, x: jax.Array, *logical: str | None) -> jax.Array:
+    """``x`` constrained to its logical axes under ``plan`` (unchanged without one)."""
+    return x if plan is None else plan.constrain(x, logical, _units(dec))
+
+
+def _cache_shardings(plan: ShardingPlan, dec: Decoder, cache: KVCache) -> KVCache:
+    """The cache's shardings: keys/values ``(layers, batch, slots, kv_heads, d)``, positions
+    ``(batch, slots)``."""
+    kv = ("layers", "batch", None, "kv_heads", "head_dim")
+    return dataclasses.replace(cache, keys=plan.named(kv, cache.keys.shape, _units(dec)),
+                               values=plan.named(kv, cache.values.shape, _units(dec)),
+                               positions=plan.named(("batch", None), cache.positions.shape))
+
+
+def _layer_scan(dec: Decoder, params: Params, h: jax.Array, make_attend, extra_xs=(),
+                plan: ShardingPlan | None = None, length: str | None = "length"):
+    """Scan ``dec.layer`` over the stacked layers; ``make_attend(index, *extra) -> attend``. The
+    residual stream is kept at (batch, ``length``, hidden) under ``plan``."""
     layers = dec.layer_params(params)
     num_layers = jax.tree_util.tree_leaves(layers)[0].shape[0]
 
     def body(h, xs):
         p, index, *extra = xs
-        return dec.layer(p, h, make_attend(index, *extra))
+        h, aux = dec.layer(p, _constrain(plan, dec, h, "batch", length, "hidden"), make_attend(index, *extra))
+        return _constrain(plan, dec, h, "batch", length, "hidden"), aux
 
     return lax.scan(body, h, (layers, jnp.arange(num_layers), *extra_xs))
 
 
-def _split_heads(dec: Decoder, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Projected ``(B, T, heads * d)`` tensors as ``(B, T, heads, d)``."""
-    return _heads(q, dec.num_heads), _heads(k, dec.num_kv_heads), _heads(v, dec.num_kv_heads)
+def _split_heads(dec: Decoder, q: jax.Array, k: jax.Array, v: jax.Array, plan: ShardingPlan | None = None,
+                 length: str | None = "length") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Projected ``(B, T, heads * d)`` tensors as ``(B, T, heads, d)`` (constrained under ``plan``)."""
+    return (_constrain(plan, dec, _heads(q, dec.num_heads), "batch", length, "heads", "head_dim"),
+            _constrain(plan, dec, _heads(k, dec.num_kv_heads), "batch", length, "kv_heads", "head_dim"),
+            _constrain(plan, dec, _heads(v, dec.num_kv_heads), "batch", length, "kv_heads", "head_dim"))
 
 
-def _self_attention(dec: Decoder, call: AttentionCall, qh, kh, vh, positions: jax.Array, index) -> jax.Array:
-    """Attention of a whole sequence over itself, merged back to ``(B, T, heads * dv)``."""
-    out = attention(qh, kh, vh, q_positions=positions, k_positions=positions, spec=call.spec,
-                    positional=dec.positional, scale=dec.scale, layer=index if call.spec.top_k is not None else None,
-                    implementation=call.implementation, block_q=call.block_q, block_k=call.block_k)
+def _self_attention(dec: Decoder, call: AttentionCall, qh, kh, vh, positions: jax.Array, index,
+                    plan: ShardingPlan | None = None) -> jax.Array:
+    """Attention of a whole sequence over itself, merged back to ``(B, T, heads * dv)``: context
+    parallel under a plan with a ``seq`` axis and a bounded spec, else `lminf_jax.attention`."""
+    if plan is not None and plan.context_parallel and not needs_full_cache(call.spec):
+        heads_split = not isinstance(dec.positional, Alibi) and plan.spec(
+            ("kv_heads",), (dec.num_kv_heads,)) == jax.sharding.PartitionSpec("model")
+        out = context_parallel_attention(
+            qh, kh, vh, mesh=plan.mesh, axis="seq", spec=call.spec, positional=dec.positional, scale=dec.scale,
+            block_q=call.block_q, block_k=call.block_k, head_axis="model" if heads_split else None,
+            batch_axis="data" if plan.spec(("batch",), qh.shape[:1])[0] else None)
+    else:
+        out = attention(qh, kh, vh, q_positions=positions, k_positions=positions, spec=call.spec,
+                        positional=dec.positional, scale=dec.scale,
+                        layer=index if call.spec.top_k is not None else None,
+                        implementation=call.implementation, block_q=call.block_q, block_k=call.block_k)
     return out.reshape(*qh.shape[:2], -1)
 
 
@@ -206,28 +276,29 @@ def _heads(x: jax.Array, n: int) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=0)
 def _jit_forward(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     dec = model.build(model.config, model.dtype, tokens.shape[1])
-    call = model.call
+    call, plan = model.call, model.sharding
 
     def make_attend(index):
         def attend(q, k, v):
-            return _self_attention(dec, call, *_split_heads(dec, q, k, v), positions, index), None
+            return _self_attention(dec, call, *_split_heads(dec, q, k, v, plan), positions, index, plan), None
         return attend
 
-    h, _ = _layer_scan(dec, params, dec.embed(params, tokens), make_attend)
-    return dec.head(params, h)
+    h, _ = _layer_scan(dec, params, dec.embed(params, _constrain(plan, dec, tokens, "batch", "length")), make_attend,
+                       plan=plan)
+    return _constrain(plan, dec, dec.head(params, h), "batch", "length", "vocab")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _jit_probe(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, rows: jax.Array,
                num_buckets: int, full_rows: bool) -> ModelProbe:
     dec = model.build(model.config, model.dtype, tokens.shape[1])
-    call = model.call
+    call, plan = model.call, model.sharding
     row_positions = jnp.take(positions, rows, axis=1)
 
     def make_attend(index):
         def attend(q, k, v):
-            qh, kh, vh = _split_heads(dec, q, k, v)
-            out = _self_attention(dec, call, qh, kh, vh, positions, index)
+            qh, kh, vh = _split_heads(dec, q, k, v, plan)
+            out = _self_attention(dec, call, qh, kh, vh, positions, index, plan)
             q_rows = jnp.take(qh, rows, axis=1)
             stats = probe_rows(q_rows, kh, row_positions, positions, spec=call.spec, positional=dec.positional,
                                scale=dec.scale, num_buckets=num_buckets, block_k=call.block_k)
@@ -256,13 +327,13 @@ def _jit_probe(model: LanguageModel, params: Params, tokens: jax.Array, position
 def _jit_step(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache
               ) -> tuple[jax.Array, KVCache]:
     dec = model.build(model.config, model.dtype, None)
-    call = model.call
+    call, plan = model.call, model.sharding
     update = cache.plan(positions)
 
     def make_attend(index, layer_keys, layer_values):
         def attend(q, k, v):
             out, new_keys, new_values = cached_attention(
-                *_split_heads(dec, q, k, v), positions,
+                *_split_heads(dec, q, k, v, plan, length=None), positions,
                 layer_keys, layer_values, update, spec=call.spec, positional=dec.positional, scale=dec.scale,
                 layer=index if call.spec.top_k is not None else None, implementation=call.implementation,
                 block_q=call.block_q, block_k=call.block_k,
@@ -270,5 +341,9 @@ def _jit_step(model: LanguageModel, params: Params, tokens: jax.Array, positions
             return out.reshape(*q.shape[:2], -1), (new_keys, new_values)
         return attend
 
-    h, (keys, values) = _layer_scan(dec, params, dec.embed(params, tokens), make_attend, (cache.keys, cache.values))
-    return dec.head(params, h), cache.updated(keys, values, update)
+    h, (keys, values) = _layer_scan(dec, params, dec.embed(params, tokens), make_attend, (cache.keys, cache.values),
+                                    plan=plan, length=None)
+    cache = cache.updated(keys, values, update)
+    if plan is not None:
+        cache = jax.lax.with_sharding_constraint(cache, _cache_shardings(plan, dec, cache))
+    return _constrain(plan, dec, dec.head(params, h), "batch", None, "vocab"), cache

@@ -16,6 +16,20 @@ from models.decoder import Attend, Decoder, LanguageModel
 MODEL_TYPES = ("gptj",)
 LAYER_PREFIX = "transformer.h."
 
+#: Logical axes of every parameter (`lminf_jax.sharding`): heads, MLP width and vocabulary split
+#: for tensor parallelism, ``embed`` for FSDP.
+PARAM_AXES = (
+    (r"transformer\.wte\.weight|lm_head\.weight", ("vocab", "embed")),
+    (r"lm_head\.bias", ("vocab",)),
+    (r"transformer\.h\.attn\.[qkv]_proj\.weight", ("layers", "heads", "embed")),
+    (r"transformer\.h\.attn\.out_proj\.weight", ("layers", "embed", "heads")),
+    (r"transformer\.h\.mlp\.fc_in\.weight", ("layers", "mlp", "embed")),
+    (r"transformer\.h\.mlp\.fc_in\.bias", ("layers", "mlp")),
+    (r"transformer\.h\.mlp\.fc_out\.weight", ("layers", "embed", "mlp")),
+    (r"transformer\.h\.[\w.]+\.(weight|bias)", ("layers", "hidden")),  # norms, output bias
+    (r"transformer\.ln_f\.(weight|bias)", ("hidden",)),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class GPTJConfig:
@@ -90,9 +104,9 @@ def ignored_hf_tensors(c: GPTJConfig) -> tuple[str, ...]:
     return (r"transformer\.h\.\d+\.attn\.(masked_)?bias",)
 
 
-def init_params(c: GPTJConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-    """Random parameters (see `models.common.init_from_shapes`)."""
-    return common.init_from_shapes(param_shapes(c), key, dtype)
+def init_params(c: GPTJConfig, key: jax.Array, dtype=jnp.float32, shardings=None) -> Params:
+    """Random parameters, optionally created in their shardings (see `models.common.init_from_shapes`)."""
+    return common.init_from_shapes(param_shapes(c), key, dtype, shardings)
 
 
 def forward(

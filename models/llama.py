@@ -16,6 +16,22 @@ from models.decoder import Attend, Decoder, LanguageModel
 MODEL_TYPES = ("llama", "mistral")
 LAYER_PREFIX = "model.layers."
 
+#: Logical axes of every parameter (`lminf_jax.sharding`): heads, MLP width and vocabulary split
+#: for tensor parallelism, ``embed`` for FSDP.
+PARAM_AXES = (
+    (r"model\.embed_tokens\.weight|lm_head\.weight", ("vocab", "embed")),
+    (r"model\.layers\.self_attn\.q_proj\.weight", ("layers", "heads", "embed")),
+    (r"model\.layers\.self_attn\.q_proj\.bias", ("layers", "heads")),
+    (r"model\.layers\.self_attn\.[kv]_proj\.weight", ("layers", "kv_heads", "embed")),
+    (r"model\.layers\.self_attn\.[kv]_proj\.bias", ("layers", "kv_heads")),
+    (r"model\.layers\.self_attn\.o_proj\.weight", ("layers", "embed", "heads")),
+    (r"model\.layers\.mlp\.(gate|up)_proj\.weight", ("layers", "mlp", "embed")),
+    (r"model\.layers\.mlp\.(gate|up)_proj\.bias", ("layers", "mlp")),
+    (r"model\.layers\.mlp\.down_proj\.weight", ("layers", "embed", "mlp")),
+    (r"model\.layers\.[\w.]+\.(weight|bias)", ("layers", "hidden")),  # norms, output biases
+    (r"model\.norm\.weight", ("hidden",)),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -114,9 +130,9 @@ def ignored_hf_tensors(c: LlamaConfig) -> tuple[str, ...]:
     return (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", *tied)
 
 
-def init_params(c: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-    """Random parameters (see `models.common.init_from_shapes`)."""
-    return common.init_from_shapes(param_shapes(c), key, dtype)
+def init_params(c: LlamaConfig, key: jax.Array, dtype=jnp.float32, shardings=None) -> Params:
+    """Random parameters, optionally created in their shardings (see `models.common.init_from_shapes`)."""
+    return common.init_from_shapes(param_shapes(c), key, dtype, shardings)
 
 
 def forward(

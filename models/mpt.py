@@ -16,6 +16,21 @@ from models.decoder import Attend, Decoder, LanguageModel
 MODEL_TYPES = ("mpt",)
 LAYER_PREFIX = "transformer.blocks."
 
+#: Logical axes of every parameter (`lminf_jax.sharding`): heads, MLP width and vocabulary split
+#: for tensor parallelism, ``embed`` for FSDP. The fused ``Wqkv`` output (q, k and v side by
+#: side) is not split: a contiguous split would cut across q, k and v.
+PARAM_AXES = (
+    (r"transformer\.wte\.weight", ("vocab", "embed")),
+    (r"transformer\.blocks\.attn\.Wqkv\.weight", ("layers", None, "embed")),
+    (r"transformer\.blocks\.attn\.Wqkv\.bias", ("layers", None)),
+    (r"transformer\.blocks\.attn\.out_proj\.weight", ("layers", "embed", "heads")),
+    (r"transformer\.blocks\.ffn\.up_proj\.weight", ("layers", "mlp", "embed")),
+    (r"transformer\.blocks\.ffn\.up_proj\.bias", ("layers", "mlp")),
+    (r"transformer\.blocks\.ffn\.down_proj\.weight", ("layers", "embed", "mlp")),
+    (r"transformer\.blocks\.[\w.]+\.(weight|bias)", ("layers", "hidden")),  # norms, output biases
+    (r"transformer\.norm_f\.(weight|bias)", ("hidden",)),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class MPTConfig:
@@ -95,9 +110,9 @@ def ignored_hf_tensors(c: MPTConfig) -> tuple[str, ...]:
     return (r"lm_head\.weight",)
 
 
-def init_params(c: MPTConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-    """Random parameters (see `models.common.init_from_shapes`)."""
-    return common.init_from_shapes(param_shapes(c), key, dtype)
+def init_params(c: MPTConfig, key: jax.Array, dtype=jnp.float32, shardings=None) -> Params:
+    """Random parameters, optionally created in their shardings (see `models.common.init_from_shapes`)."""
+    return common.init_from_shapes(param_shapes(c), key, dtype, shardings)
 
 
 def forward(

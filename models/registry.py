@@ -6,7 +6,11 @@ import dataclasses
 import types
 from collections.abc import Callable, Mapping
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from lminf_jax.sharding import ShardingPlan
 
 from models import gptj, llama, mpt
 from models.common import AttentionCall
@@ -46,13 +50,23 @@ class Family:
     def forward(self) -> Callable:
         return self.module.forward
 
-    @property
-    def init_params(self) -> Callable:
-        return self.module.init_params
+    def param_shardings(self, config, plan: ShardingPlan) -> dict[str, NamedSharding]:
+        """Flat parameter name -> its sharding under ``plan`` (by the family's ``PARAM_AXES``):
+        what `init_params` and the converters' loaders take to place parameters."""
+        dec = self.module.decoder(config, jnp.float32, 1)
+        units = {"heads": dec.num_heads, "kv_heads": dec.num_kv_heads}
+        return plan.param_shardings(self.param_shapes(config), self.module.PARAM_AXES, units)
 
-    def model(self, config, call: AttentionCall = AttentionCall(), dtype=jnp.float32) -> LanguageModel:
-        """The family's `LanguageModel` (forward pass and cached decoding step)."""
-        return LanguageModel(self.module.decoder, config, call, dtype)
+    def init_params(self, config, key: jax.Array, dtype=jnp.float32, plan: ShardingPlan | None = None):
+        """Random parameters; with ``plan``, created directly in their shardings."""
+        shardings = None if plan is None else self.param_shardings(config, plan)
+        return self.module.init_params(config, key, dtype, shardings)
+
+    def model(self, config, call: AttentionCall = AttentionCall(), dtype=jnp.float32,
+              sharding: ShardingPlan | None = None) -> LanguageModel:
+        """The family's `LanguageModel` (forward pass and cached decoding step), sharded by
+        ``sharding`` when given (its params should then be placed by `param_shardings`)."""
+        return LanguageModel(self.module.decoder, config, call, dtype, sharding)
 
 
 FAMILIES: dict[str, Family] = {

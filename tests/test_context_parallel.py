@@ -4,13 +4,7 @@ only halos (collective-permute) and the sinks (a small all-reduce), never the wh
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from multidevice import run_on_devices
 
 SCRIPT = r"""
 import json, re
@@ -56,12 +50,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_context_parallel_equals_one_device_and_moves_only_halos_and_sinks():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
-    result = json.loads(line[len("RESULT "):])
+    result = run_on_devices(SCRIPT)
     assert result["devices"] == 8
     for case in result["cases"]:
         assert case["shape_ok"] and case["rel_err"] < 1e-5, case

@@ -1,19 +1,25 @@
-"""CheckpointLayout, plan_params validation, load_params stacking/casting/memory, Progress."""
+"""CheckpointLayout, plan_params validation, load_params stacking/casting/memory/sharding, Progress."""
 
 from __future__ import annotations
 
 import io
 import json
 import tracemalloc
+from itertools import zip_longest
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import TINY_MODELS, random_model
+from multidevice import run_on_devices
+from flax import traverse_util
 from safetensors.numpy import save_file
 
 from converters.convert import load_params, plan_params
+from converters.families import layout_for
 from converters.layout import CheckpointLayout, layout_from_checkpoint
 from converters.reader import CheckpointReader
 from lminf_jax.progress import Progress
@@ -264,3 +270,87 @@ def test_progress_is_rate_limited_and_silent_when_disabled():
     with Progress(3, enabled=False, stream=quiet) as bar:
         bar.update(3)
     assert quiet.getvalue() == ""
+
+
+def test_shardings_must_name_every_parameter_before_reading(tmp_path, monkeypatch):
+    reader = CheckpointReader(write_checkpoint(tmp_path, fake_tensors(7)))
+    layout = fake_layout()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = dict.fromkeys(layout.template, device)
+    params = load_params(reader, layout, progress=False, shardings=shardings)
+    assert all(a.sharding == device for a in jax.tree.leaves(params))
+    del shardings["model.norm.weight"]
+    shardings["model.layers.nope.weight"] = device
+    monkeypatch.setattr(reader, "read", lambda name: pytest.fail(f"read {name} before checking the shardings"))
+    with pytest.raises(ValueError) as info:
+        load_params(reader, layout, progress=False, shardings=shardings)
+    assert "no sharding for parameter model.norm.weight" in str(info.value)
+    assert "sharding for unknown parameter model.layers.nope.weight" in str(info.value)
+
+
+MESH_AXES = {"data": 2, "model": 4}
+
+SHARDED_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from converters.convert import load_params
+from converters.families import layout_for
+from converters.reader import CheckpointReader
+from converters.store import load_converted, save_converted
+from models import registry
+
+checkpoint, out_dir = sys.argv[1:]
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+reader = CheckpointReader(checkpoint)
+family = registry.family_for_config(reader.config)
+layout = layout_for(family, family.config_from_hf(reader.config))
+
+def spec(shape):
+    if len(shape) == 3 and shape[1] % 4 == 0 and shape[2] % 2 == 0:
+        return P(None, "model", "data")
+    return P(None, "model") if len(shape) == 2 and shape[1] % 4 == 0 else P()
+
+shardings = {name: NamedSharding(mesh, spec(s.shape)) for name, s in layout.template.items()}
+reference = traverse_util.flatten_dict(load_params(reader, layout, progress=False), sep=".")
+
+def report(params):
+    return {name: {"spec": list(shardings[name].spec), "shape": a.shape, "sharding_ok": a.sharding == shardings[name],
+                   "equal": a.dtype == reference[name].dtype and np.array_equal(np.asarray(a), reference[name]),
+                   "shard_shapes": sorted({s.data.shape for s in a.addressable_shards}),
+                   "shard_devices": len({s.device for s in a.addressable_shards})}
+            for name, a in traverse_util.flatten_dict(params, sep=".").items()}
+
+params = load_params(reader, layout, progress=False, shardings=shardings)
+save_converted(out_dir, params, reader.config, family.name)
+result = {"devices": len(jax.devices()), "load_params": report(params),
+          "load_converted": report(load_converted(out_dir, shardings=shardings)[0])}
+print("RESULT " + json.dumps(result))
+"""
+
+
+def write_hf_llama(d: Path) -> None:
+    """A tiny random LLaMA checkpoint in Hugging Face naming (one tensor per layer)."""
+    family, cfg, params = random_model("llama_gqa")
+    layout = layout_for(family, cfg)
+    tensors = {}
+    for name, array in traverse_util.flatten_dict(params, sep=".").items():
+        rows = enumerate(np.asarray(array)) if layout.is_stacked(name) else [(None, np.asarray(array))]
+        tensors.update({name if i is None else layout.layer_name(name, i): row for i, row in rows})
+    write_checkpoint(d, tensors)
+    (d / "config.json").write_text(json.dumps(TINY_MODELS["llama_gqa"]))
+
+
+def test_load_params_and_load_converted_place_each_device_only_its_shard(tmp_path):
+    write_hf_llama(tmp_path / "hf")
+    result = run_on_devices(SHARDED_SCRIPT, str(tmp_path / "hf"), str(tmp_path / "converted"), timeout=300)
+    assert result["devices"] == 8
+    for loader in ("load_params", "load_converted"):
+        params = result[loader]
+        specs = {tuple(p["spec"]) for p in params.values()}
+        assert {(None, "model", "data"), (None, "model"), ()} <= specs, specs  # every kind of placement is tried
+        for name, p in params.items():
+            shard = tuple(d // MESH_AXES.get(axis, 1) for d, axis in zip_longest(p["shape"], p["spec"]))
+            assert p["sharding_ok"] and p["equal"], (loader, name, p)
+            assert p["shard_shapes"] == [list(shard)] and p["shard_devices"] == 8, (loader, name, p)

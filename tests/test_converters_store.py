@@ -56,3 +56,19 @@ def test_not_a_converted_checkpoint(tmp_path):
     (tmp_path / META_FILE).write_text("{broken")
     with pytest.raises(ValueError, match="invalid JSON"):
         load_converted(tmp_path)
+
+
+def test_shardings_must_name_every_parameter(tmp_path):
+    save_converted(tmp_path, random_params(3), {}, "llama")
+    names = json.loads((tmp_path / META_FILE).read_text())["params"]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[-1])
+    loaded, _, _ = load_converted(tmp_path, shardings=dict.fromkeys(names, device))
+    assert all(a.sharding == device for a in jax.tree.leaves(loaded))
+    shardings = dict.fromkeys(names, device)
+    del shardings["model.norm.weight"]
+    shardings["model.nope.weight"] = device
+    with pytest.raises(ValueError) as info:
+        load_converted(tmp_path, shardings=shardings)
+    assert "no sharding for parameter model.norm.weight" in str(info.value)
+    assert "sharding for unknown parameter model.nope.weight" in str(info.value)
+    assert str(tmp_path) in str(info.value)

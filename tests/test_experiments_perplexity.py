@@ -9,6 +9,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from multidevice import run_on_devices
 from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 
 import lminf_jax.evaluation as evaluation
@@ -174,3 +175,26 @@ def test_a_saved_result_is_shown_and_drawn_again(model_dir, text_file, tmp_path,
     (tmp_path / "other.json").write_text(json.dumps({"tokens": 3}))
     code, _, stderr = run(["--from-json", str(tmp_path / "other.json")], capsys)
     assert code == 1 and "is not a result of experiments.perplexity" in stderr
+
+
+SHARDED_SCRIPT = r"""
+import json, sys
+from experiments import perplexity
+code = perplexity.main(sys.argv[1:])
+print("RESULT " + json.dumps({"code": code}))
+"""
+
+
+def test_context_parallel_run_on_8_devices_gives_the_one_device_numbers(tmp_path, capsys):
+    """With several devices the main job splits every sequence over them (default --mesh seq=-1,
+    context-parallel LM-Infinite; XLA gathers keys for vanilla) and scores what one device scores."""
+    common = ["--multiples", "1", "2", "--sequences", "1", "--dtype", "fp32", "--no-plot", "--no-progress"]
+    code, _, stderr = run([*common, "--out", str(tmp_path / "one.json")], capsys)
+    assert code == 0, stderr
+    assert run_on_devices(SHARDED_SCRIPT, *common, "--out", str(tmp_path / "eight.json"))["code"] == 0
+    one, eight = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "eight"))
+    assert one["settings"]["devices"] == "1 device"
+    assert eight["settings"]["devices"] == "mesh data=1 x seq=8 x model=1 (8 cpu devices); 0/12 parameters split"
+    for name in ("vanilla", "lm_infinite"):
+        for a, b in zip(one["methods"][name]["lengths"], eight["methods"][name]["lengths"], strict=True):
+            assert a["tokens"] == b["tokens"] and b["nll"] == pytest.approx(a["nll"], rel=1e-5), (name, a, b)

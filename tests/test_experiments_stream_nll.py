@@ -9,6 +9,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from multidevice import run_on_devices
 from tiny_checkpoint import make_model_dir, random_text
 
 from experiments import stream_nll as cli
@@ -181,3 +182,26 @@ def test_plot_is_skipped_without_matplotlib(model_dir, tmp_path, capsys, monkeyp
     code, _, err = run([str(model_dir), "--tokens", str(tmp_path / "t.npy"), "--chunk", "16", "-L", "8",
                         "--out", str(tmp_path / "o.json"), "--plot", str(tmp_path / "p.png"), "--no-progress"], capsys)
     assert code == 0 and "plot skipped: matplotlib is missing" in err and not (tmp_path / "p.png").exists()
+
+
+SHARDED_SCRIPT = r"""
+import json, sys
+from experiments import stream_nll
+code = stream_nll.main(sys.argv[1:])
+print("RESULT " + json.dumps({"code": code}))
+"""
+
+
+def test_streams_split_over_8_devices_give_the_one_device_numbers(model_dir, tmp_path, capsys):
+    """Two streams on 8 devices: by default streams over data=2 and heads over model=4."""
+    np.save(tmp_path / "t.npy", np.random.default_rng(1).integers(0, 97, 400).astype(np.int32))
+    common = [str(model_dir), "--tokens", str(tmp_path / "t.npy"), "--streams", "2", "-L", "16", "-G", "2",
+              "--chunk", "24", "--no-plot", "--no-progress"]
+    code, _, stderr = run([*common, "--out", str(tmp_path / "one.json")], capsys)
+    assert code == 0, stderr
+    assert run_on_devices(SHARDED_SCRIPT, *common, "--out", str(tmp_path / "eight.json"))["code"] == 0
+    one, eight = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "eight"))
+    assert eight["settings"]["devices"].startswith("mesh data=2 x seq=1 x model=4 (8 cpu devices)")
+    np.testing.assert_allclose(eight["stream_nll"], one["stream_nll"], rtol=1e-5)
+    code, _, stderr = run([*common, "--mesh", "seq=1,data=1", "--out", str(tmp_path / "x.json")], capsys)
+    assert code == 0  # an explicit one-device mesh is allowed

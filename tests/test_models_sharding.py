@@ -1,0 +1,129 @@
+"""Sharded models on 8 simulated CPU devices (`tests.multidevice`): every family's forward pass
+under tensor, FSDP, data and context parallelism equals the single-device one; parameters and
+caches are created in their shards; cached decoding keeps its shardings; the context-parallel
+model moves only halos and sinks."""
+
+from __future__ import annotations
+
+import pytest
+from multidevice import run_on_devices
+
+SCRIPT = r"""
+import json, re
+import jax, jax.numpy as jnp, numpy as np
+from flax import traverse_util
+from lminf_jax import AttentionSpec
+from lminf_jax.sharding import ShardingPlan, make_mesh
+from models import registry
+from models.common import AttentionCall
+
+CONFIGS = {
+ "llama": {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96,
+           "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4, "attention_bias": True},
+ "gptj": {"model_type": "gptj", "vocab_size": 96, "n_embd": 64, "n_layer": 2, "n_head": 8, "rotary_dim": 4},
+ "mpt": {"model_type": "mpt", "vocab_size": 96, "d_model": 64, "n_layers": 2, "n_heads": 8, "no_bias": False,
+         "attn_config": {"alibi": True, "qk_ln": True}},
+}
+MESHES = {"tp8": (dict(model=8), False), "dp2-tp4-fsdp": (dict(data=2, model=4), True),
+          "dp2-cp4": (dict(data=2, seq=4), False), "cp2-tp4": (dict(seq=2, model=4), False), "cp8": (dict(seq=8), False)}
+rng = np.random.default_rng(0)
+out = {"forward": [], "init": [], "decode": []}
+
+def rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+def collectives(fn, *args):
+    hlo = fn.lower(*args).compile().as_text()
+    return sorted(set(re.findall(r"\b(all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)\b", hlo)))
+
+for name, hf in CONFIGS.items():
+    fam = registry.family_for_config(hf)
+    cfg = fam.config_from_hf(hf)
+    params = jax.tree.map(lambda x: x + 0.1 * jnp.asarray(rng.standard_normal(x.shape), x.dtype),
+                          fam.init_params(cfg, jax.random.key(1)))
+    tokens = jnp.asarray(rng.integers(0, 96, (2, 50)), jnp.int32)  # 50: not a multiple of the seq axis
+    for spec in (AttentionSpec.lm_infinite(3, 12), AttentionSpec.vanilla()):
+        call = AttentionCall(spec, block_q=8, block_k=8)
+        ref = fam.model(cfg, call).forward(params, tokens)
+        for mesh_name, (sizes, fsdp) in MESHES.items():
+            plan = ShardingPlan(make_mesh(**sizes), fsdp)
+            shardings = fam.param_shardings(cfg, plan)
+            placed = jax.device_put(params, traverse_util.unflatten_dict(shardings, sep="."))
+            got = fam.model(cfg, call, jnp.float32, plan).forward(placed, tokens)
+            out["forward"].append({"family": name, "spec": spec.kind, "mesh": mesh_name, "rel_err": rel(got, ref),
+                                   "split": sum(any(a is not None for a in s.spec) for s in shardings.values())})
+
+    # parameters created in their shards equal the unsharded ones
+    plan = ShardingPlan(make_mesh(data=2, model=4), fsdp=True)
+    created = traverse_util.flatten_dict(fam.init_params(cfg, jax.random.key(3), plan=plan), sep=".")
+    plain = traverse_util.flatten_dict(fam.init_params(cfg, jax.random.key(3)), sep=".")
+    wanted = fam.param_shardings(cfg, plan)
+    out["init"].append({"family": name, "equal": all(np.array_equal(created[n], plain[n]) for n in plain),
+                        "placed": all(created[n].sharding == wanted[n] for n in plain),
+                        "q_split": [list(wanted[n].spec) for n in wanted if re.search(r"q_proj\.weight|Wqkv\.weight", n)]})
+
+    # cached decoding: a sharded cache gives the single-device logits and keeps its shardings
+    for spec in (AttentionSpec.lm_infinite(3, 12), AttentionSpec.vanilla()):
+        plan = ShardingPlan(make_mesh(data=2, model=4))
+        plain_model = fam.model(cfg, AttentionCall(spec, block_q=8, block_k=8))
+        model = fam.model(cfg, AttentionCall(spec, block_q=8, block_k=8), jnp.float32, plan)
+        placed = jax.device_put(params, traverse_util.unflatten_dict(fam.param_shardings(cfg, plan), sep="."))
+        caches = [plain_model.init_cache(2, capacity=40), model.init_cache(2, capacity=40)]
+        first = caches[1].keys.sharding
+        errs, kept = [], True
+        for start, length in ((0, 20), (20, 1), (21, 1), (22, 9)):
+            toks = tokens[:, start:start + length]
+            pos = jnp.broadcast_to(jnp.arange(start, start + length, dtype=jnp.int32), toks.shape)
+            (a, caches[0]), (b, caches[1]) = plain_model(params, toks, pos, caches[0]), model(placed, toks, pos, caches[1])
+            errs.append(rel(b, a))
+            kept &= caches[1].keys.sharding.is_equivalent_to(first, 5) and caches[1].positions.sharding.spec[0] == "data"
+        out["decode"].append({"family": name, "spec": spec.kind, "rel_err": max(errs), "cache_sharding_kept": kept,
+                              "cache_spec": list(first.spec)})
+
+# the context-parallel model moves halos (collective-permute) and sinks (all-reduce), never the sequence
+fam = registry.family_for_config(CONFIGS["llama"])
+cfg = fam.config_from_hf(CONFIGS["llama"])
+plan = ShardingPlan(make_mesh(seq=8))
+model = fam.model(cfg, AttentionCall(AttentionSpec.lm_infinite(3, 12), block_q=8, block_k=8), jnp.float32, plan)
+params = fam.init_params(cfg, jax.random.key(0), plan=plan)
+long_tokens = jnp.asarray(rng.integers(0, 96, (1, 512)), jnp.int32)
+out["cp_collectives"] = collectives(jax.jit(model.forward), params, long_tokens)
+try:
+    model.forward(params, long_tokens, jnp.arange(512))
+except ValueError as e:
+    out["positions_error"] = str(e)
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    return run_on_devices(SCRIPT)
+
+
+def test_sharded_forward_equals_one_device_for_every_family_and_mesh(result):
+    assert len(result["forward"]) == 3 * 2 * 5
+    for case in result["forward"]:
+        assert case["rel_err"] <= 1e-5, case
+    # tensor parallelism really splits weights (heads, MLP, vocab) where the counts divide
+    assert all(c["split"] >= 5 for c in result["forward"] if "tp" in c["mesh"]), result["forward"]
+
+
+def test_params_are_created_in_their_shards(result):
+    for case in result["init"]:
+        assert case["equal"] and case["placed"], case
+    q = {c["family"]: c["q_split"] for c in result["init"]}
+    assert q["llama"] == [[None, "model", "data"]] and q["gptj"] == [[None, "model", "data"]]
+    assert q["mpt"] == [[None, None, "data"]]  # the fused Wqkv output stays whole
+
+
+def test_sharded_cache_decoding_equals_one_device(result):
+    assert len(result["decode"]) == 6
+    for case in result["decode"]:
+        assert case["rel_err"] <= 1e-5 and case["cache_sharding_kept"], case
+        assert case["cache_spec"] == [None, "data", None, "model", None], case
+
+
+def test_context_parallel_model_moves_only_halos_and_sinks(result):
+    assert result["cp_collectives"] == ["all-reduce", "collective-permute"], result["cp_collectives"]
+    assert "positions cannot be given" in result["positions_error"]
