@@ -46,19 +46,19 @@ PRESETS = {
 }
 
 
-def cache_at(model: LanguageModel, position: int, capacity: int, key: jax.Array) -> KVCache:
-    """The model's empty cache filled with random keys/values for positions ``0..position-1``
-    (only the slots decoding would have kept)."""
-    cache = model.init_cache(1, capacity=capacity)
+def cache_at(model: LanguageModel, position: int, capacity: int, key: jax.Array, batch: int = 1) -> KVCache:
+    """The model's empty cache for ``batch`` rows filled with random keys/values for positions
+    ``0..position-1`` (only the slots decoding would have kept)."""
+    cache = model.init_cache(batch, capacity=capacity)
     if cache.bounded:
         held = np.concatenate([np.arange(min(cache.sinks, position)),
                                np.arange(max(cache.sinks, position - cache.ring), position)])
     else:
         held = np.arange(position)
-    update = cache.plan(jnp.asarray(held, jnp.int32)[None])
-    rows = jnp.arange(1)[:, None]
+    update = cache.plan(jnp.broadcast_to(jnp.asarray(held, jnp.int32), (batch, len(held))))
+    rows = jnp.arange(batch)[:, None]
     fill = lambda x, k: x.at[:, rows, update.slot].set(  # noqa: E731
-        jax.random.normal(k, (x.shape[0], 1, len(held), *x.shape[3:]), x.dtype), mode="drop")
+        jax.random.normal(k, (x.shape[0], batch, len(held), *x.shape[3:]), x.dtype), mode="drop")
     k1, k2 = jax.random.split(key)
     return cache.updated(fill(cache.keys, k1), fill(cache.values, k2), update)
 
@@ -69,28 +69,32 @@ def decode(model: LanguageModel, params, token, position, cache, *, steps: int):
     def body(carry, _):
         token, position, cache = carry
         logits, cache = model(params, token, position, cache)
-        return (jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32), position + 1, cache), token[0, 0]
+        return (jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32), position + 1, cache), token[:, 0]
 
     (_, _, cache), tokens = lax.scan(body, (token, position, cache), None, length=steps)
     return tokens, cache
 
 
-def measure(model, params, position: int, steps: int, repeats: int) -> dict:
-    cache = cache_at(model, position, position + steps, jax.random.key(position))
-    token = jnp.ones((1, 1), jnp.int32)
-    pos = jnp.full((1, 1), position, jnp.int32)
-    compiled = decode.lower(model, params, token, pos, cache, steps=steps).compile()
+def measure(model, params, position: int, steps: int, repeats: int, batch: int = 1) -> dict:
+    """ms per decoded token from ``position`` (``batch`` rows): a warm-up call, then ``repeats``
+    timed calls, each continuing from the cache the previous one left."""
+    cache = cache_at(model, position, position + steps * (repeats + 1), jax.random.key(position), batch)
+    described, nbytes = cache.describe(), cache.nbytes
+    token = jnp.ones((batch, 1), jnp.int32)
+    compiled = decode.lower(model, params, token, jnp.full((batch, 1), position, jnp.int32), cache,
+                            steps=steps).compile()
     mem = compiled.memory_analysis()
     planned = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                         + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-    jax.block_until_ready(compiled(params, token, pos, cache))
     times = []
-    for _ in range(repeats):
+    for call in range(repeats + 1):
+        pos = jnp.full((batch, 1), position + call * steps, jnp.int32)
         start = time.perf_counter()
-        jax.block_until_ready(compiled(params, token, pos, cache))
-        times.append(time.perf_counter() - start)
+        _, cache = jax.block_until_ready(compiled(params, token, pos, cache))
+        if call:  # the first call warms up
+            times.append(time.perf_counter() - start)
     best = min(times)
-    return {"position": position, "cache": cache.describe(), "cache_bytes": cache.nbytes,
+    return {"position": position, "batch": batch, "cache": described, "cache_bytes": nbytes,
             "ms_per_token": 1e3 * best / steps, "ms_per_token_median": 1e3 * float(np.median(times)) / steps,
             "planned_bytes": planned}
 

@@ -11,13 +11,17 @@ import numpy as np
 
 from lminf_jax.alibi import Alibi
 from lminf_jax.attention_blockwise import blockwise_attention, merge_top_k
+from lminf_jax.attention_decode import single_query_attention
+from lminf_jax.attention_pallas import kernel_supports, lambda_attention
 from lminf_jax.attention_reference import AttentionProbe, reference_attention
 from lminf_jax.rope import Rotary
 from lminf_jax.scores import Positional, top_k_active
 from lminf_jax.spec import AttentionSpec
 
-Implementation = Literal["auto", "reference", "blockwise"]
-IMPLEMENTATIONS = ("auto", "reference", "blockwise")
+Implementation = Literal["auto", "reference", "blockwise", "single_query", "pallas"]
+IMPLEMENTATIONS = ("auto", "reference", "blockwise", "single_query", "pallas")
+#: The Pallas kernel's largest tiles (queries x keys per program step).
+PALLAS_MAX_BLOCKS = (128, 64)
 #: "auto" uses the dense path up to this many scores per head (and for single queries).
 DENSE_MAX_SCORES = 1 << 18
 
@@ -48,9 +52,12 @@ def attention(
       positional: a `Rotary` (applied here, to q and k), an `Alibi`, or None.
       scale: score scale, default ``1 / sqrt(d)``.
       layer: layer index (int or traced); required when ``spec.top_k`` is set.
-      implementation: "reference" (dense float32), "blockwise" (jitted, O(T(G+L))), or
-        "auto": dense for single queries or at most `DENSE_MAX_SCORES` scores per
-        head, blockwise otherwise.
+      implementation: "reference" (dense float32), "blockwise" (jitted, O(T(G+L))),
+        "single_query" (one query per row, one pass over the keys: `lminf_jax.attention_decode`),
+        "pallas" (the fused kernel of `lminf_jax.attention_pallas` for self-attention at
+        positions 0..T-1 in every row under a bounded spec; tiles of at most
+        `PALLAS_MAX_BLOCKS`; interpreted off GPU), or "auto": dense for single queries or at
+        most `DENSE_MAX_SCORES` scores per head, blockwise otherwise.
       block_q, block_k: query block and key chunk sizes of the blockwise path.
 
     Returns ``(B, Tq, Hq, dv)`` in q's dtype; scores and softmax are float32.
@@ -60,6 +67,19 @@ def attention(
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     tq, tk = q.shape[1], k.shape[1]
+    if implementation == "pallas":
+        if not kernel_supports(spec):
+            raise ValueError(f"implementation 'pallas' serves a window with bounded sinks and no top-k; "
+                             f"{spec.describe()} needs 'blockwise'")
+        _check_self_attention(qp, kp)
+        return lambda_attention(q, k, v, spec=spec, positional=positional, scale=scale,
+                                block_q=min(block_q, PALLAS_MAX_BLOCKS[0]), block_k=min(block_k, PALLAS_MAX_BLOCKS[1]),
+                                interpret=jax.default_backend() != "gpu")
+    if implementation == "single_query":
+        if tq != 1 or spec.top_k is not None:
+            raise ValueError(f"implementation 'single_query' takes one query per row and no top-k; got {tq} "
+                             f"queries, top_k {spec.top_k}")
+        return single_query_attention(q, k, v, qp, kp, spec=spec, positional=positional, scale=scale)
     if implementation == "reference" or (
         implementation == "auto" and (tq == 1 or tq * tk <= DENSE_MAX_SCORES)
     ):
@@ -152,6 +172,20 @@ def _positions(name: str, positions, batch: int, length: int) -> jax.Array:
     elif positions.shape != (batch, length):
         raise ValueError(f"{name} must have shape ({length},) or ({batch}, {length}), got {positions.shape}")
     return jnp.asarray(positions, jnp.int32)
+
+
+def _check_self_attention(q_positions: jax.Array, k_positions: jax.Array) -> None:
+    """The kernel's contract: queries and keys both at 0..T-1 in every row (checked when concrete)."""
+    if q_positions.shape != k_positions.shape:
+        raise ValueError(f"implementation 'pallas' is self-attention: q and k need the same length, got "
+                         f"{q_positions.shape[1]} and {k_positions.shape[1]}")
+    if isinstance(q_positions, jax.core.Tracer) or isinstance(k_positions, jax.core.Tracer):
+        return
+    expected = np.arange(q_positions.shape[1])
+    if not (np.array_equal(np.asarray(q_positions), np.broadcast_to(expected, q_positions.shape))
+            and np.array_equal(np.asarray(k_positions), np.broadcast_to(expected, k_positions.shape))):
+        raise ValueError("implementation 'pallas' needs q and k at positions 0..T-1 in every row (no padding); "
+                         "use 'blockwise' for other positions")
 
 
 def _check_blockwise_contract(q_positions: jax.Array, k_positions: jax.Array) -> None:

@@ -15,6 +15,7 @@ from lminf_jax.scores import (
     NEG_INF,
     Positional,
     masked_scores,
+    masked_softmax,
     middle_scores,
     prepare_keys,
     prepare_queries,
@@ -79,10 +80,7 @@ def reference_attention(
     active = top_k_active(spec, layer)
     if active is not False:
         scores = _insert_top_k(scores, q, k, q_positions, k_positions, spec, positional, scale, active)
-    m = jnp.max(scores, axis=-1, keepdims=True)
-    p = jnp.exp(scores - jnp.where(jnp.isneginf(m), 0.0, m))
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    probs = p / jnp.where(denom > 0, denom, 1.0)
+    probs = masked_softmax(scores)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v, precision=jax.lax.Precision.HIGHEST)
     out = out.reshape(b, tq, hq, v.shape[-1]).astype(out_dtype)
     if not return_probe:

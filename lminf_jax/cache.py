@@ -16,8 +16,9 @@ One model call with T new tokens is `KVCache.plan` (once, positions only) follow
 `cached_attention` in every layer and `KVCache.updated` at the end:
 
 * ``T == 1`` (decoding): the token is written first and the query attends the cache
-  with the dense path (the slot it overwrites is outside every window the cache
-  admits, so nothing it could attend is lost).
+  with the dense path, or in one pass with ``implementation="single_query"``
+  (`lminf_jax.attention_decode`). The slot it overwrites is outside every window the cache
+  admits, so nothing it could attend is lost.
 * ``T > 1`` (chunked prefill): the query chunk attends the cache, linearised in
   position order, followed by the chunk's own keys, so the blockwise path applies;
   then the chunk is written (in a ring only its last L tokens survive). Chunked
@@ -222,7 +223,8 @@ def cached_attention(
     common = dict(spec=spec, positional=positional, scale=scale, layer=layer)
     if q.shape[1] == 1:
         out = attention(q, new_keys, new_values, q_positions=positions, k_positions=update.new_positions,
-                        implementation="reference", **common)
+                        implementation="single_query" if implementation == "single_query" else "reference",
+                        **common)
         return out, new_keys, new_values
     order = update.order[:, :, None, None]
     keys = jnp.concatenate([jnp.take_along_axis(cache_keys, order, axis=1), k.astype(cache_keys.dtype)], axis=1)
@@ -230,8 +232,10 @@ def cached_attention(
     key_positions = jnp.concatenate(
         [jnp.take_along_axis(update.old_positions, update.order, axis=1), positions.astype(jnp.int32)], axis=1
     )
+    # the kernel serves whole sequences and single_query one query: a chunk runs blockwise
+    chunked = "blockwise" if implementation in ("pallas", "single_query") else implementation
     out = attention(q, keys, values, q_positions=positions, k_positions=key_positions,
-                    implementation=implementation, block_q=block_q, block_k=block_k, **common)
+                    implementation=chunked, block_q=block_q, block_k=block_k, **common)
     return out, new_keys, new_values
 
 

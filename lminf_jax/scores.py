@@ -118,6 +118,15 @@ def masked_scores(
     return scores, attended
 
 
+def masked_softmax(scores: jax.Array) -> jax.Array:
+    """Softmax over the last axis of float32 scores with ``-inf`` at keys not attended; a row
+    that attends no key gets zeros."""
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores - jnp.where(jnp.isneginf(top), 0.0, top))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    return weights / jnp.where(total > 0, total, 1.0)
+
+
 def middle_scores(
     q_last: jax.Array,
     k: jax.Array,

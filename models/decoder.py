@@ -93,6 +93,8 @@ class LanguageModel:
     def forward(self, params: Params, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """Logits ``(B, T, vocab)`` in float32 for a whole sequence (see `models.llama.forward`)."""
         check_tokens(tokens, self.config.vocab_size)
+        if self.call.implementation == "pallas" and positions is not None:
+            raise ValueError("implementation 'pallas' runs the tokens at positions 0..T-1; positions cannot be given")
         padded, t = self._split_sequence(tokens, positions)
         logits = _jit_forward(self, params, padded, default_positions(padded, positions))
         return logits if padded.shape[1] == t else logits[:, :t]

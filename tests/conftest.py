@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,16 @@ import jax
 
 from lminf_jax import Alibi, AttentionSpec, Rotary
 from models import registry
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop jax's compiled programs. XLA's CPU backend maps memory for
+    every program it compiles; the whole suite in one process would otherwise reach the kernel's
+    vm.max_map_count (65,530 mappings) and crash inside the compiler."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def rel_err(a, b) -> float:

@@ -1,0 +1,78 @@
+"""Single-query attention (one decoding step) in one pass over the keys.
+
+The dense reference scores a spec with a global branch twice: every key against the query
+rotated at its own position (local) and against the query rotated at the global position
+(``spec.global_query_position``, e.g. D for LM-Infinite), then picks per key. For one query at
+position p both scores are functions of a distance, so each key can instead be placed at an
+*effective position* e and scored once against the query at p:
+
+* a local key stays at its position j;
+* a global key goes to ``p - (gq - gk)``, where ``gq`` is the global query position and ``gk`` the
+  key's global position (j when ``spec.keys_rotated_in_global``, else 0): RoPE then sees the
+  distance ``gq - gk`` and ALiBi adds ``-slope * (gq - gk)``, exactly the reference's global score.
+
+So every cached key and value is read once: RoPE keys are rotated at e on the fly (a Λ-cache's
+sinks land at p - D), scores and softmax are float32, and the products run in the cache's dtype
+with float32 accumulation (the query and the probabilities are cast to it; a float32 cache is
+computed in float32 throughout).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lminf_jax.alibi import Alibi
+from lminf_jax.rope import Rotary, apply_rope
+from lminf_jax.scores import NEG_INF, Positional, masked_softmax, matmul_precision
+from lminf_jax.spec import AttentionSpec
+
+
+def effective_key_positions(q_positions: jax.Array, k_positions: jax.Array, spec: AttentionSpec
+                            ) -> tuple[jax.Array, jax.Array]:
+    """``(effective positions (B, S), attended (B, S))`` of the keys at ``k_positions (B, S)`` for
+    the queries at ``q_positions (B,)``: the position each key is scored at in a single pass."""
+    qp = q_positions[:, None]
+    local, far = spec.classify(qp, k_positions)
+    if spec.has_global and not spec.global_scores_equal_local:
+        gq = spec.global_query_position(q_positions)[:, None]
+        gk = k_positions if spec.keys_rotated_in_global else 0
+        effective = jnp.where(far, qp - (gq - gk), k_positions)
+    else:
+        effective = k_positions
+    attended = local | far
+    return jnp.where(attended, effective, 0), attended
+
+
+def single_query_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    *,
+    spec: AttentionSpec,
+    positional: Positional,
+    scale: float,
+) -> jax.Array:
+    """Attention of one query per row, ``q (B, 1, Hq, d)`` at ``q_positions (B, 1)``, over keys in
+    any slot order ``k, v (B, S, Hkv, d|dv)`` at ``k_positions (B, S)`` (negative = empty); inputs
+    validated by `lminf_jax.attention`; no top-k. Returns ``(B, 1, Hq, dv)`` in q's dtype."""
+    b, _, hq, d = q.shape
+    hkv, dtype, out_dtype = k.shape[2], k.dtype, q.dtype
+    effective, attended = effective_key_positions(q_positions[:, 0], k_positions, spec)
+    if isinstance(positional, Rotary):
+        q = apply_rope(q.astype(jnp.float32), q_positions, positional)
+        k = apply_rope(k, effective, positional)
+    precision = matmul_precision(dtype)
+    grouped = q.astype(dtype).reshape(b, hkv, hq // hkv, d)
+    scores = jnp.einsum("bhgd,bkhd->bhgk", grouped, k, preferred_element_type=jnp.float32,
+                        precision=precision) * scale
+    if isinstance(positional, Alibi):
+        slopes = jnp.asarray(np.asarray(positional.slopes, np.float32).reshape(1, hkv, hq // hkv, 1))
+        scores = scores - slopes * (q_positions - effective).astype(jnp.float32)[:, None, None, :]
+    probs = masked_softmax(jnp.where(attended[:, None, None, :], scores, NEG_INF))
+    out = jnp.einsum("bhgk,bkhd->bhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                     precision=matmul_precision(v.dtype))
+    return out.reshape(b, 1, hq, v.shape[-1]).astype(out_dtype)
