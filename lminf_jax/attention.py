@@ -16,7 +16,7 @@ from lminf_jax.attention_pallas import kernel_supports, lambda_attention
 from lminf_jax.attention_reference import AttentionProbe, reference_attention
 from lminf_jax.rope import Rotary
 from lminf_jax.scores import Positional, top_k_active
-from lminf_jax.spec import AttentionSpec
+from lminf_jax.spec import AttentionSpec, int32_positions
 
 Implementation = Literal["auto", "reference", "blockwise", "single_query", "pallas"]
 IMPLEMENTATIONS = ("auto", "reference", "blockwise", "single_query", "pallas")
@@ -164,14 +164,12 @@ def _validate(q, k, v, q_positions, k_positions, spec, positional, scale, layer,
 
 
 def _positions(name: str, positions, batch: int, length: int) -> jax.Array:
-    dtype = getattr(positions, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-        raise ValueError(f"{name} must be an integer array, got {dtype if dtype is not None else type(positions).__name__}")
+    positions = int32_positions(name, positions)
     if positions.shape == (length,):
-        positions = jnp.broadcast_to(positions, (batch, length))
-    elif positions.shape != (batch, length):
+        return jnp.broadcast_to(positions, (batch, length))
+    if positions.shape != (batch, length):
         raise ValueError(f"{name} must have shape ({length},) or ({batch}, {length}), got {positions.shape}")
-    return jnp.asarray(positions, jnp.int32)
+    return positions
 
 
 def _check_self_attention(q_positions: jax.Array, k_positions: jax.Array) -> None:

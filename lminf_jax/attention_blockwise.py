@@ -26,6 +26,8 @@ from jax import lax
 from lminf_jax.scores import (
     NEG_INF,
     Positional,
+    attends_non_finite,
+    finite_values,
     masked_scores,
     middle_scores,
     prepare_keys,
@@ -57,7 +59,7 @@ def _first_at_least(k_positions: jax.Array, target: jax.Array) -> jax.Array:
 
 
 class _Softmax:
-    """Online-softmax state ``(max, sum, unnormalised out)`` over key chunks."""
+    """Online-softmax state ``(max, sum, unnormalised out, attends a non-finite value)`` over key chunks."""
 
     @staticmethod
     def init(b: int, hkv: int, g: int, bq: int, dv: int):
@@ -65,12 +67,14 @@ class _Softmax:
             jnp.full((b, hkv, g, bq), NEG_INF, jnp.float32),
             jnp.zeros((b, hkv, g, bq), jnp.float32),
             jnp.zeros((b, hkv, g, bq, dv), jnp.float32),
+            jnp.zeros((b, hkv, 1, bq), bool),
         )
 
     @staticmethod
-    def update(state, scores: jax.Array, v: jax.Array):
-        """Fold in float32 ``scores (B, Hkv, G, bq, n)`` against ``v (B, n, Hkv, dv)``."""
-        m, l, acc = state
+    def update(state, scores: jax.Array, attended: jax.Array, v: jax.Array, bad: jax.Array):
+        """Fold in float32 ``scores (B, Hkv, G, bq, n)`` of the keys ``attended (B, 1, 1, bq, n)``
+        against finite ``v (B, n, Hkv, dv)`` whose rows ``bad (B, n, Hkv)`` were not (`finite_values`)."""
+        m, l, acc, poisoned = state
         m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(scores, axis=-1)))
         m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
         correction = jnp.exp(m - m_safe)
@@ -83,14 +87,15 @@ class _Softmax:
             preferred_element_type=jnp.float32,
             precision=lax.Precision.HIGHEST if v.dtype == jnp.float32 else lax.Precision.DEFAULT,
         )
-        return m_new, l, correction[..., None] * acc + pv
+        return m_new, l, correction[..., None] * acc + pv, poisoned | attends_non_finite(attended, bad)
 
     @staticmethod
     def finish(state):
-        """Normalised output and log-sum-exp; rows with nothing attended give 0 and -inf."""
-        m, l, acc = state
+        """Normalised output and log-sum-exp; rows with nothing attended give 0 and -inf, rows
+        that attend a non-finite value NaN."""
+        m, l, acc, poisoned = state
         seen = l > 0
-        out = acc / jnp.where(seen, l, 1.0)[..., None]
+        out = jnp.where(poisoned[..., None], jnp.nan, acc / jnp.where(seen, l, 1.0)[..., None])
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), NEG_INF)
         return out, lse
 
@@ -125,6 +130,7 @@ def blockwise_attention(
     qpos = _pad_time(q_positions, nq * bq, -1)
     k_local, k_global = prepare_keys(k, k_positions, spec, positional)
     k_local, k_global, v_pad = (_pad_time(x, tk_pad, 0) for x in (k_local, k_global, v))
+    v_pad, bad = finite_values(v_pad)
     kpos = _pad_time(k_positions, tk_pad, -1)
     score = functools.partial(masked_scores, spec=spec, positional=positional, scale=scale)
 
@@ -132,7 +138,7 @@ def blockwise_attention(
     if spec.has_global and spec.global_keys_bounded:
         n_sink = min(spec.global_branch, tk_pad)
         first_valid = _first_at_least(k_positions, jnp.zeros((b,), jnp.int32))
-        sinks = tuple(_rows(x, first_valid, n_sink) for x in (k_global, v_pad, kpos))
+        sinks = tuple(_rows(x, first_valid, n_sink) for x in (k_global, v_pad, kpos, bad))
 
     span_all = spec.window is None or not spec.global_keys_bounded
     width = tk_pad if span_all else min(_round_up(bq + spec.window - 1, bk), tk_pad)
@@ -145,25 +151,25 @@ def blockwise_attention(
         q_local, q_global = prepare_queries(qb, qp, spec, positional)
         state = _Softmax.init(b, hkv, g, bq, dv)
         if sinks is not None:
-            sk, sv, sp = sinks
-            s, _ = score(q_local, q_global, sk, sk, qp, sp, include_local=False)
-            state = _Softmax.update(state, s, sv)
+            sk, sv, sp, sb = sinks
+            s, attended = score(q_local, q_global, sk, sk, qp, sp, include_local=False)
+            state = _Softmax.update(state, s, attended, sv, sb)
 
-        keys = (k_local, k_global, v_pad, kpos)
+        keys = (k_local, k_global, v_pad, kpos, bad)
         if gather_window:
             pmin = jnp.min(jnp.where(qp >= 0, qp, _INT_MAX), axis=1)
             start = _first_at_least(k_positions, jnp.maximum(pmin - (spec.window - 1), 0))
-            keys = tuple(_rows(x, start, width) for x in (k_local, v_pad, kpos))
-            keys = (keys[0], keys[0], keys[1], keys[2])
+            kl, vc, kp, kb = (_rows(x, start, width) for x in (k_local, v_pad, kpos, bad))
+            keys = (kl, kl, vc, kp, kb)
 
         def key_chunk(state, c):
-            kl, kg, vc, kp = (lax.dynamic_slice_in_dim(x, c * bk, bk, axis=1) for x in keys)
+            kl, kg, vc, kp, kb = (lax.dynamic_slice_in_dim(x, c * bk, bk, axis=1) for x in keys)
             local, far = spec.classify(qp[:, :, None], kp[:, None, :])
             any_attended = jnp.any(local | far) if window_global else jnp.any(local)
 
             def fold(st):
-                s, _ = score(q_local, q_global, kl, kg, qp, kp, include_global=window_global)
-                return _Softmax.update(st, s, vc)
+                s, attended = score(q_local, q_global, kl, kg, qp, kp, include_global=window_global)
+                return _Softmax.update(st, s, attended, vc, kb)
 
             return lax.cond(any_attended, fold, lambda st: st, state), None
 
@@ -207,6 +213,7 @@ def merge_top_k(
     values, index = lax.top_k(s[..., 0, :], min(spec.top_k.k, k.shape[1]))  # (B, Hkv, G, n)
     v_heads = jnp.swapaxes(v, 1, 2).astype(jnp.float32)  # (B, Hkv, Tk, dv)
     chosen_v = jnp.take_along_axis(v_heads[:, :, None], index[..., None], axis=3)  # (B, Hkv, G, n, dv)
+    chosen_v = jnp.where((values > NEG_INF)[..., None], chosen_v, 0.0)  # no middle key: its value stays out
 
     lse_last = lse[:, -1].reshape(b, hkv, g)
     out_last = out[:, -1].reshape(b, hkv, g, -1).astype(jnp.float32)

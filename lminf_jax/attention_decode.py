@@ -14,7 +14,8 @@ position p both scores are functions of a distance, so each key can instead be p
 So every cached key and value is read once: RoPE keys are rotated at e on the fly (a Λ-cache's
 sinks land at p - D), scores and softmax are float32, and the products run in the cache's dtype
 with float32 accumulation (the query and the probabilities are cast to it; a float32 cache is
-computed in float32 throughout).
+computed in float32 throughout). Values of slots the query does not attend are selected to zero
+before the product, so a NaN there (an empty or out-of-window slot) cannot reach the output.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def single_query_attention(
         slopes = jnp.asarray(np.asarray(positional.slopes, np.float32).reshape(1, hkv, hq // hkv, 1))
         scores = scores - slopes * (q_positions - effective).astype(jnp.float32)[:, None, None, :]
     probs = masked_softmax(jnp.where(attended[:, None, None, :], scores, NEG_INF))
+    v = jnp.where(attended[:, :, None, None], v, jnp.zeros((), v.dtype))  # a slot not attended adds an exact 0
     out = jnp.einsum("bhgk,bkhd->bhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32,
                      precision=matmul_precision(v.dtype))
     return out.reshape(b, 1, hq, v.shape[-1]).astype(out_dtype)

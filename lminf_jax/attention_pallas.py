@@ -14,7 +14,8 @@ with float32 scores, softmax and accumulators, inputs in their own dtype (bf16 o
 units), GQA by mapping each query head to its key/value head. Work is O(T (G + L)) and nothing
 larger than a ``block_q x block_k`` tile of scores exists. RoPE rotations are applied before
 the kernel (elementwise XLA, from integer positions), so the kernel itself is positional-free
-except for ALiBi's bias.
+except for ALiBi's bias. Non-finite values are zeroed in each tile before the product and a row
+that attends one is NaN, so a NaN reaches only the rows that attend it.
 
 `lambda_attention` is the entry point; `lminf_jax.attention` calls it for
 ``implementation="pallas"``. The Triton backend needs power-of-two blocks of at least 16 and a
@@ -82,9 +83,9 @@ def lambda_attention(
 
     padded = -(-t // max(block_q, block_k)) * max(block_q, block_k)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0)))  # noqa: E731
-    sinks = spec.global_branch if spec.has_global else 0
+    sinks = min(spec.global_branch, t) if spec.has_global else 0  # keys beyond T do not exist
     sink_slots = max(16, 1 << max(sinks - 1, 0).bit_length())  # a power-of-two tile holding the G sinks
-    to_slots = lambda x: jnp.pad(x[:, :sinks], ((0, 0), (0, sink_slots - min(sinks, t)), (0, 0), (0, 0)))  # noqa: E731
+    to_slots = lambda x: jnp.pad(x[:, :sinks], ((0, 0), (0, sink_slots - sinks), (0, 0), (0, 0)))  # noqa: E731
     slopes = np.asarray(positional.slopes if isinstance(positional, Alibi) else np.zeros(hq), np.float32)
 
     kernel = functools.partial(_kernel, spec=spec, scale=scale, length=t, sinks=sinks, block_q=block_q,
@@ -117,10 +118,10 @@ def _kernel(q_local_ref, q_global_ref, k_ref, v_ref, sink_k_ref, sink_v_ref, slo
     slope = slopes_ref[head] if alibi else None
     window = spec.window
     state = (jnp.full((block_q,), NEG_INF, jnp.float32), jnp.zeros((block_q,), jnp.float32),
-             jnp.zeros((block_q, out_ref.shape[-1]), jnp.float32))
+             jnp.zeros((block_q, out_ref.shape[-1]), jnp.float32), jnp.zeros((block_q,), jnp.float32))
 
     def fold(state, q, keys, values, k_pos, attended, distance):
-        m, total, acc = state
+        m, total, acc, poisoned = state
         s = lax.dot_general(q, keys, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
         if alibi:
             s = s - slope * distance.astype(jnp.float32)
@@ -129,9 +130,14 @@ def _kernel(q_local_ref, q_global_ref, k_ref, v_ref, sink_k_ref, sink_v_ref, slo
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
         p = jnp.exp(s - m_safe[:, None])
         correction = jnp.exp(m - m_safe)
+        # non-finite values are zeroed (no 0 * nan at keys a row does not attend); rows attending one are NaN
+        finite = jnp.abs(values.astype(jnp.float32)) < jnp.inf
+        bad = jnp.max(jnp.where(finite, 0.0, 1.0), axis=1)
+        poisoned = jnp.maximum(poisoned, jnp.max(jnp.where(attended, bad[None, :], 0.0), axis=1))
+        values = jnp.where(finite, values, jnp.zeros((), values.dtype))
         pv = lax.dot_general(p.astype(values.dtype), values, (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
-        return m_new, correction * total + jnp.sum(p, axis=1), correction[:, None] * acc + pv
+        return m_new, correction * total + jnp.sum(p, axis=1), correction[:, None] * acc + pv, poisoned
 
     if sinks:
         k_pos = lax.iota(jnp.int32, sink_k_ref.shape[0])
@@ -153,5 +159,6 @@ def _kernel(q_local_ref, q_global_ref, k_ref, v_ref, sink_k_ref, sink_v_ref, slo
 
     lo = jnp.maximum(first - (window - 1), 0) // block_k
     hi = (first + block_q - 1) // block_k + 1
-    m, total, acc = lax.fori_loop(lo, hi, window_block, state)
-    out_ref[...] = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_ref.dtype)
+    m, total, acc, poisoned = lax.fori_loop(lo, hi, window_block, state)
+    out = jnp.where(poisoned[:, None] > 0, jnp.nan, acc / jnp.where(total > 0, total, 1.0)[:, None])
+    out_ref[...] = out.astype(out_ref.dtype)

@@ -7,6 +7,7 @@ matrices. It accepts keys in any order (ring-buffer caches included).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,8 @@ import jax.numpy as jnp
 from lminf_jax.scores import (
     NEG_INF,
     Positional,
+    attends_non_finite,
+    finite_values,
     masked_scores,
     masked_softmax,
     middle_scores,
@@ -74,14 +77,15 @@ def reference_attention(
     v = v.astype(jnp.float32)
     q_local, q_global = prepare_queries(q, q_positions, spec, positional)
     k_local, k_global = prepare_keys(k, k_positions, spec, positional)
-    scores, _ = masked_scores(
+    scores, attended = masked_scores(
         q_local, q_global, k_local, k_global, q_positions, k_positions, spec=spec, positional=positional, scale=scale
     )
     active = top_k_active(spec, layer)
     if active is not False:
-        scores = _insert_top_k(scores, q, k, q_positions, k_positions, spec, positional, scale, active)
+        scores, attended = _insert_top_k(scores, attended, q, k, q_positions, k_positions, spec, positional, scale,
+                                          active)
     probs = masked_softmax(scores)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v, precision=jax.lax.Precision.HIGHEST)
+    out = _weighted_values(probs, attended, v)
     out = out.reshape(b, tq, hq, v.shape[-1]).astype(out_dtype)
     if not return_probe:
         return out
@@ -98,14 +102,31 @@ def reference_attention(
     return out, probe
 
 
-def _insert_top_k(scores, q, k, q_positions, k_positions, spec, positional, scale, active):
-    """Add the top-k middle keys of the last query slot of each row to its scores."""
+def _weighted_values(probs: jax.Array, attended: jax.Array, v: jax.Array) -> jax.Array:
+    """``probs @ v`` ``(B, Tq, Hkv, G, dv)`` in which a value no row attends never meets ``0 * nan``.
+
+    One query whose keys are the same in every head (``attended (B, 1, 1, 1, Tk)``, decoding): its
+    values are selected, which is exact and on CPU costs no pass of its own (XLA fuses the select
+    into the product). Otherwise non-finite values are zeroed and the rows that attend one set to
+    NaN (`finite_values`).
+    """
+    matmul = functools.partial(jnp.einsum, "bhgqk,bkhd->bqhgd", precision=jax.lax.Precision.HIGHEST)
+    if attended.shape[1:4] == (1, 1, 1):
+        return matmul(probs, jnp.where(jnp.moveaxis(attended[:, 0, 0], -1, 1)[..., None], v, 0.0))
+    v, bad = finite_values(v)
+    poisoned = jnp.moveaxis(attends_non_finite(attended, bad), -1, 1)[..., None]  # (B, Tq, Hkv, G|1, 1)
+    return jnp.where(poisoned, jnp.nan, matmul(probs, v))
+
+
+def _insert_top_k(scores, attended, q, k, q_positions, k_positions, spec, positional, scale, active):
+    """Add the top-k middle keys of the last query slot of each row to its scores and attended set."""
     last = middle_scores(
         q[:, -1:], k, q_positions[:, -1:], k_positions, spec=spec, positional=positional, scale=scale
     )[..., 0, :]
     n = min(spec.top_k.k, k.shape[1])
     values, index = jax.lax.top_k(last, n)
     chosen = jnp.zeros(last.shape, bool)
-    chosen = jnp.put_along_axis(chosen, index, values > NEG_INF, axis=-1, inplace=False)
-    new_last = jnp.where(chosen & active, last, scores[..., -1, :])
-    return scores.at[..., -1, :].set(new_last)
+    chosen = jnp.put_along_axis(chosen, index, values > NEG_INF, axis=-1, inplace=False) & active
+    new_last = jnp.where(chosen, last, scores[..., -1, :])
+    attended = jnp.broadcast_to(attended, scores.shape)
+    return scores.at[..., -1, :].set(new_last), attended.at[..., -1, :].set(attended[..., -1, :] | chosen)

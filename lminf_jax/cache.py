@@ -28,13 +28,14 @@ One model call with T new tokens is `KVCache.plan` (once, positions only) follow
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 
 from lminf_jax.attention import Implementation, attention
 from lminf_jax.scores import Positional
-from lminf_jax.spec import AttentionSpec
+from lminf_jax.spec import INT32_MAX, AttentionSpec, int32_positions, require_int32
 
 #: Specs whose attended set a Λ-cache holds (without top-k).
 BOUNDED_KINDS = ("lm_infinite", "lambda_mask", "sliding_window", "streaming_llm")
@@ -60,9 +61,14 @@ class KVCache:
         dtype=jnp.float32, value_dim: int | None = None,
     ) -> KVCache:
         """An empty Λ-cache: ``sinks`` (G) sink slots plus a ring of ``window`` (L) slots."""
-        _check_int("sinks", sinks, 0)
-        _check_int("window", window, 1)
-        return cls._empty(num_layers, batch, sinks + window, kv_heads, head_dim, value_dim, dtype, sinks, window)
+        require_int32("sinks", sinks, 0)
+        require_int32("window", window, 1)
+        if sinks + window > INT32_MAX:
+            raise ValueError(f"sinks + window (the slots of a Λ-cache, int32 indices) must be <= {INT32_MAX}, got "
+                             f"{sinks} + {window}")
+        driver = "the window L (local_branch)" if window >= sinks else "the sinks G (global_branch)"
+        return cls._empty(num_layers, batch, sinks + window, kv_heads, head_dim, value_dim, dtype, sinks, window,
+                          f"Λ-cache of G + L = {sinks} + {window} slots", driver)
 
     @classmethod
     def full(
@@ -70,8 +76,9 @@ class KVCache:
         dtype=jnp.float32, value_dim: int | None = None,
     ) -> KVCache:
         """An empty full cache holding positions ``0..capacity-1``."""
-        _check_int("capacity", capacity, 1)
-        return cls._empty(num_layers, batch, capacity, kv_heads, head_dim, value_dim, dtype, 0, None)
+        require_int32("capacity", capacity, 1)
+        return cls._empty(num_layers, batch, capacity, kv_heads, head_dim, value_dim, dtype, 0, None,
+                          f"full cache of capacity = {capacity} slots", "capacity (the longest sequence it must hold)")
 
     @classmethod
     def for_spec(
@@ -90,10 +97,16 @@ class KVCache:
                                 window=spec.local_branch, dtype=dtype, value_dim=value_dim)
 
     @classmethod
-    def _empty(cls, num_layers, batch, slots, kv_heads, head_dim, value_dim, dtype, sinks, ring) -> KVCache:
-        for name, n in (("num_layers", num_layers), ("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
-            _check_int(name, n, 1)
+    def _empty(cls, num_layers, batch, slots, kv_heads, head_dim, value_dim, dtype, sinks, ring, what: str,
+               driver: str) -> KVCache:
+        """Zeroed keys/values and empty positions, after `check_cache_size`; ``what`` says how the
+        slot count arises and ``driver`` what to lower when it is too large."""
         value_dim = head_dim if value_dim is None else value_dim
+        for name, n in (("num_layers", num_layers), ("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim),
+                        ("value_dim", value_dim)):
+            require_int32(name, n, 1)
+        check_cache_size(num_layers, batch, slots, kv_heads, head_dim + value_dim, jnp.dtype(dtype).itemsize, what,
+                         driver)
         return cls(
             keys=jnp.zeros((num_layers, batch, slots, kv_heads, head_dim), dtype),
             values=jnp.zeros((num_layers, batch, slots, kv_heads, value_dim), dtype),
@@ -143,7 +156,7 @@ class KVCache:
         a later token of the same call overwrites its ring slot, or when it lies beyond a
         full cache's capacity (callers validate capacity before tracing).
         """
-        positions = positions.astype(jnp.int32)
+        positions = int32_positions("positions", positions)
         s = self.slots
         valid = positions >= 0
         if self.bounded:
@@ -239,6 +252,25 @@ def cached_attention(
     return out, new_keys, new_values
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def available_memory() -> tuple[int, str]:
+    """Bytes a cache could occupy at most, and where: the memory of all local devices together
+    where the backend reports it (a cache may be sharded over them), else the host's RAM."""
+    devices = jax.local_devices()
+    limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
+    if all(limits):
+        return sum(limits), f"{len(devices)} {devices[0].platform} device(s)"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
+
+
+def check_cache_size(num_layers: int, batch: int, slots: int, kv_heads: int, key_value_dims: int, itemsize: int,
+                     what: str, driver: str) -> None:
+    """Raise a ValueError, before anything is allocated, when a cache's keys, values and positions
+    (``layers x batch x slots x kv_heads x (head_dim + value_dim) x itemsize`` + int32 positions)
+    exceed `available_memory`; it names the size, ``what`` sets the slot count and ``driver`` to lower."""
+    needed = num_layers * batch * slots * kv_heads * key_value_dims * itemsize + batch * slots * 4
+    available, where = available_memory()
+    if needed > available:
+        raise ValueError(
+            f"a {what} needs {needed:,} bytes ({num_layers} layers x batch {batch} x {slots} slots x "
+            f"{kv_heads} kv heads x {key_value_dims} key + value dims x {itemsize} bytes, + positions), more than "
+            f"the {available:,} bytes of {where}; lower {driver} or the batch")

@@ -83,7 +83,7 @@ def context_parallel_attention(
     needed = min(spec.window - 1, (n - 1) * chunk)  # keys before a chunk that its queries can see
     hops = math.ceil(needed / chunk)
     last = needed - (hops - 1) * chunk  # tokens the farthest hop carries
-    g = spec.global_branch if spec.has_global else 0
+    g = min(spec.global_branch, n * chunk) if spec.has_global else 0  # sinks beyond the sequence do not exist
 
     def local(q_c, k_c, v_c, pos_c):
         halo_k, halo_v, halo_p = [], [], []

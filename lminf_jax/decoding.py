@@ -26,6 +26,9 @@ from jax.experimental import io_callback
 
 from lminf_jax.cache import KVCache
 from lminf_jax.sampling import Sampling, sample
+from lminf_jax.spec import INT32_MAX
+
+UINT32_MAX = 2**32 - 1
 
 
 class Step(Protocol):
@@ -106,6 +109,9 @@ def generate(
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
     longest = max((len(p) for p in prompts), default=0)
+    if longest + max_new_tokens - 1 > INT32_MAX:
+        raise ValueError(f"the longest prompt ({longest:,} tokens) plus max_new_tokens ({max_new_tokens:,}) reaches "
+                         f"position {longest + max_new_tokens - 1:,}, past the int32 positions' 2**31 - 1")
     chunk = min(prefill_chunk, max(longest, 1))
     tokens, positions = left_pad(prompts, chunk, pad_id)
     batch = tokens.shape[0]
@@ -133,11 +139,15 @@ def _check_cache(cache: KVCache, batch: int, needed: int) -> None:
 
 
 def _row_keys(seed: int | Sequence[int], batch: int) -> jax.Array:
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    """One key per row; seeds are 32-bit (a larger one would silently lose its high bits)."""
+    def is_seed(s) -> bool:
+        return isinstance(s, (int, np.integer)) and not isinstance(s, bool) and 0 <= s <= UINT32_MAX
+
+    if is_seed(seed):
         return jax.vmap(lambda b: jax.random.fold_in(jax.random.key(int(seed)), b))(jnp.arange(batch))
-    seeds = list(seed)
-    if len(seeds) != batch or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seed must be an int or one int per prompt ({batch}), got {seed!r}")
+    seeds = list(seed) if isinstance(seed, Sequence) else [seed]
+    if len(seeds) != batch or not all(map(is_seed, seeds)):
+        raise ValueError(f"seed must be an integer in [0, 2**32 - 1] or one per prompt ({batch}), got {seed!r}")
     return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
 
 

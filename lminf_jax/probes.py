@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 
 from lminf_jax.scores import Positional, masked_scores, prepare_keys, prepare_queries
-from lminf_jax.spec import AttentionSpec
+from lminf_jax.spec import AttentionSpec, int32_positions, require_int32
 
 __all__ = ["RowProbe", "bucket_table", "distance_bucket", "distance_bucket_bounds", "num_distance_buckets", "probe_rows"]
 
@@ -47,8 +47,9 @@ def distance_bucket_bounds(bucket: int) -> tuple[int, int]:
 
 
 def num_distance_buckets(max_distance: int) -> int:
-    """Buckets needed for distances ``0..max_distance``."""
-    return int(distance_bucket(jnp.asarray(max_distance))) + 1
+    """Buckets needed for distances ``0..max_distance`` (an int32)."""
+    require_int32("max_distance", max_distance, 0)
+    return int(distance_bucket(jnp.asarray(max_distance, jnp.int32))) + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +106,8 @@ def probe_rows(
     g = hq // hkv
     chunk = min(block_k, t)
     padded = -(-t // chunk) * chunk
-    qpos = q_positions.astype(jnp.int32)
-    kpos = jnp.pad(k_positions.astype(jnp.int32), ((0, 0), (0, padded - t)), constant_values=-1)
+    qpos = int32_positions("q_positions", q_positions)
+    kpos = jnp.pad(int32_positions("k_positions", k_positions), ((0, 0), (0, padded - t)), constant_values=-1)
     kf = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, padded - t), (0, 0), (0, 0)))
     q_local, q_global = prepare_queries(q.astype(jnp.float32).reshape(b, r, hkv, g, d), qpos, spec, positional)
     k_local, k_global = prepare_keys(kf, kpos, spec, positional)

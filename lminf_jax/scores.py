@@ -3,6 +3,11 @@
 Arrays follow one layout: queries ``(B, Tq, Hkv, G, d)`` (query heads grouped by the
 key/value head they share), keys and values ``(B, Tk, Hkv, d)``, scores
 ``(B, Hkv, G, Tq, Tk)`` in float32 with ``-inf`` where a key is not attended.
+
+A row's output depends only on the keys and values it attends: scores of other keys are
+replaced (selected, never multiplied) by ``-inf``, and the values of other keys are selected out
+(one query) or cleaned by `finite_values`, so a NaN or inf elsewhere cannot reach the row through
+``0 * nan``; a row that attends a non-finite value is not finite either (NaN).
 """
 
 from __future__ import annotations
@@ -116,6 +121,20 @@ def masked_scores(
         scores = jnp.where(local, s_local, scores)
         attended = attended | local
     return scores, attended
+
+
+def finite_values(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``v (B, Tk, Hkv, dv)`` with its non-finite entries zeroed, and ``(B, Tk, Hkv)`` which key
+    rows held one. A product ``p @ v`` over keys a row does not attend (``p = 0``) then never
+    meets ``0 * nan``; `attends_non_finite` marks the rows that do attend such a value."""
+    finite = jnp.isfinite(v)
+    return jnp.where(finite, v, jnp.zeros((), v.dtype)), ~jnp.all(finite, axis=-1)
+
+
+def attends_non_finite(attended: jax.Array, bad: jax.Array) -> jax.Array:
+    """``(B, Hkv, G|1, Tq)``: the rows of ``attended (B, 1|Hkv, 1|G, Tq, Tk)`` that attend a key
+    whose value row is non-finite (``bad (B, Tk, Hkv)`` from `finite_values`); their output is NaN."""
+    return jnp.any(attended & jnp.swapaxes(bad, 1, 2)[:, :, None, None, :], axis=-1)
 
 
 def masked_softmax(scores: jax.Array) -> jax.Array:

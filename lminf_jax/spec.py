@@ -32,7 +32,9 @@ A sink key inside the window is local (counted once). All classes share one soft
 cache is full the query sits at cache position ``G + L - 1`` and sink ``j`` at ``j``.
 
 Legal ranges (checked on construction, ValueError naming the field):
-``global_branch`` G >= 0, ``local_branch`` L >= 1, ``limit_distance`` D >= 1.
+``global_branch`` G >= 0, ``local_branch`` L >= 1, ``limit_distance`` D >= 1, each (and every
+top-k field) at most ``2**31 - 1``, as is ``G + L - 1`` for streaming_llm: positions and distances
+are int32, and a wider integer would wrap silently. `int32_positions` checks position arrays.
 D is free relative to L: D < L places the sinks nearer than the oldest window keys,
 D > L beyond the window; both are in-distribution as long as D does not exceed the
 pretraining length, which the spec cannot know. The paper (and the default) is D = L.
@@ -43,15 +45,39 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 Kind = Literal["vanilla", "lm_infinite", "lambda_mask", "distance_limit", "sliding_window", "streaming_llm"]
 KINDS: tuple[str, ...] = ("vanilla", "lm_infinite", "lambda_mask", "distance_limit", "sliding_window", "streaming_llm")
 
 
-def _require_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+#: Positions, distances and every integer that reaches them are int32.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def require_int32(name: str, value: object, minimum: int) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is an int in ``[minimum, INT32_MAX]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= INT32_MAX:
+        raise ValueError(f"{name} must be an integer >= {minimum} and <= {INT32_MAX} (int32), got {value!r}")
+
+
+def int32_positions(name: str, positions: jax.Array | np.ndarray) -> jax.Array:
+    """Integer ``positions`` as an int32 array; concrete values of a wider type are first checked
+    to lie in int32's range (a ValueError naming ``name``) instead of wrapping silently. Traced
+    values are cast as they are (under jit, positions are int32 already)."""
+    dtype = getattr(positions, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        got = dtype if dtype is not None else type(positions).__name__
+        raise ValueError(f"{name} must be an integer array, got {got}")
+    info = jnp.iinfo(dtype)
+    if (info.min < INT32_MIN or info.max > INT32_MAX) and not isinstance(positions, jax.core.Tracer):
+        values = np.asarray(positions)
+        if values.size and (values.min() < INT32_MIN or values.max() > INT32_MAX):
+            raise ValueError(f"{name} must lie in int32's range [{INT32_MIN}, {INT32_MAX}], got values in "
+                             f"[{values.min()}, {values.max()}]")
+    return jnp.asarray(positions, jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +96,11 @@ class TopK:
     to_layer: int | None = None
 
     def __post_init__(self) -> None:
-        _require_int("top_k.k", self.k, 1)
-        _require_int("top_k.insert_distance", self.insert_distance, 0)
-        _require_int("top_k.from_layer", self.from_layer, 0)
+        require_int32("top_k.k", self.k, 1)
+        require_int32("top_k.insert_distance", self.insert_distance, 0)
+        require_int32("top_k.from_layer", self.from_layer, 0)
         if self.to_layer is not None:
-            _require_int("top_k.to_layer", self.to_layer, self.from_layer + 1)
+            require_int32("top_k.to_layer", self.to_layer, self.from_layer + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,19 +119,22 @@ class AttentionSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        _require_int("global_branch", self.global_branch, 0)
+        require_int32("global_branch", self.global_branch, 0)
         needs_l = self.kind in ("lm_infinite", "lambda_mask", "sliding_window", "streaming_llm")
         needs_d = self.kind in ("lm_infinite", "distance_limit")
         if needs_l:
-            _require_int("local_branch", self.local_branch, 1)
+            require_int32("local_branch", self.local_branch, 1)
         elif self.local_branch is not None:
             raise ValueError(f"local_branch is not used by kind={self.kind!r}; leave it None")
         if needs_d:
-            _require_int("limit_distance", self.limit_distance, 1)
+            require_int32("limit_distance", self.limit_distance, 1)
         elif self.limit_distance is not None:
             raise ValueError(f"limit_distance is not used by kind={self.kind!r}; leave it None")
         if self.kind in ("vanilla", "distance_limit", "sliding_window") and self.global_branch != 0:
             raise ValueError(f"global_branch must be 0 for kind={self.kind!r}, got {self.global_branch}")
+        if self.kind == "streaming_llm" and self.global_branch + self.local_branch - 1 > INT32_MAX:
+            raise ValueError(f"global_branch + local_branch - 1 (the cache position of a streaming_llm query) must "
+                             f"be <= {INT32_MAX}, got {self.global_branch} + {self.local_branch} - 1")
         if self.top_k is not None:
             if not isinstance(self.top_k, TopK):
                 raise ValueError(f"top_k must be a TopK or None, got {type(self.top_k).__name__}")

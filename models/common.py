@@ -20,6 +20,7 @@ from flax import traverse_util
 from jax import lax
 
 from lminf_jax import AttentionSpec
+from lminf_jax.spec import int32_positions
 
 Params = dict
 
@@ -134,13 +135,14 @@ class AttentionCall:
 
 
 def default_positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
-    """Positions ``(B, T)``: given ones (validated) or ``0..T-1`` for every row."""
+    """Positions ``(B, T)`` int32: given ones (validated, in int32's range) or ``0..T-1`` for every row."""
     b, t = tokens.shape
     if positions is None:
         return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = int32_positions("positions", positions)
     if positions.shape not in ((t,), (b, t)):
         raise ValueError(f"positions must have shape ({t},) or ({b}, {t}), got {positions.shape}")
-    return jnp.broadcast_to(positions.astype(jnp.int32), (b, t))
+    return jnp.broadcast_to(positions, (b, t))
 
 
 def check_tokens(tokens: jax.Array, vocab_size: int) -> None:
@@ -175,6 +177,14 @@ def require(config: Mapping, field: str, kind: type | tuple[type, ...] = int):
     if isinstance(value, bool) or not isinstance(value, kind):
         raise ValueError(f"config field {field!r} must be {kind}, got {value!r}")
     return value
+
+
+def positive_float(field: str, value: object) -> float:
+    """A config number that must be finite and > 0 (a norm epsilon, a RoPE base, ALiBi's bias max),
+    or a ValueError naming the field: a NaN would convert and then never give a finite logit."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"config field {field!r} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def reject(config: Mapping, field: str, allowed: Callable[[object], bool], why: str) -> None:

@@ -67,7 +67,7 @@ class GPTJConfig:
             n_head=common.require(d, "n_head"),
             rotary_dim=d.get("rotary_dim"),
             n_inner=d.get("n_inner") or 4 * n_embd,
-            layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+            layer_norm_epsilon=common.positive_float("layer_norm_epsilon", d.get("layer_norm_epsilon", 1e-5)),
             activation_function=d.get("activation_function", "gelu_new"),
             max_position_embeddings=int(d.get("n_positions", 2048)),
         )

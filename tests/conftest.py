@@ -1,4 +1,4 @@
-"""Shared test helpers: fresh random inputs (never zeros) and error measures."""
+"""Shared test helpers: fresh random inputs (never zeros), error measures, the NaN-isolation check."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jax
+from naive_attention import allowed_keys
 
 from lminf_jax import Alibi, AttentionSpec, Rotary
 from models import registry
@@ -98,3 +99,31 @@ def random_model(name: str, seed: int = 0):
         lambda x: x + 0.3 * jax.random.normal(jax.random.fold_in(key, x.size), x.shape),  # no zero biases
         family.init_params(cfg, key))
     return family, cfg, params
+
+
+def attended_slots(q_pos: np.ndarray, k_pos: np.ndarray, spec: AttentionSpec) -> np.ndarray:
+    """``(B, Tq, Tk)``: the key slots each query row attends (the naive oracle's mask, no top-k)."""
+    kw = naive_spec_kwargs(spec)
+    return np.stack([[allowed_keys(int(i), kp, **kw) if i >= 0 else np.zeros(len(kp), bool) for i in qp]
+                     for qp, kp in zip(q_pos, k_pos)])
+
+
+def assert_nan_stays_in_its_rows(run, q, k, v, sees, *, nan_key=None, nan_value=None, unsure=None):
+    """Poison key slot ``nan_key[b]`` and value slot ``nan_value[b]`` of batch row b (every head; -1 or
+    None: none) with NaN and call ``run(q, k, v) -> (B, Tq, ...)``. ``sees (B, Tq, Tk)``: the key
+    slots each query row attends. Rows that attend neither poisoned slot must equal the clean result;
+    rows that attend one must hold a NaN (not silently drop it); rows in ``unsure (B, Tq)`` are skipped."""
+    k_bad, v_bad = np.array(k), np.array(v)
+    touched = np.zeros(sees.shape[:2], bool)
+    for bad, slots in ((k_bad, nan_key), (v_bad, nan_value)):
+        for b, s in enumerate(slots if slots is not None else []):
+            if s >= 0:
+                bad[b, s] = np.nan
+                touched[b] |= sees[b, :, s]
+    clean, poisoned = (np.asarray(run(q, k_, v_), np.float64) for k_, v_ in ((k, v), (k_bad, v_bad)))
+    skip = np.zeros_like(touched) if unsure is None else unsure
+    keep = ~touched & ~skip
+    assert not np.isnan(clean).any()
+    np.testing.assert_allclose(poisoned[keep], clean[keep], rtol=1e-6, atol=1e-7)
+    hit = touched & ~skip
+    assert np.isnan(poisoned[hit].reshape(hit.sum(), -1)).any(axis=1).all(), "a row attending a NaN lost it"

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_qkv, rel_err
+from conftest import assert_nan_stays_in_its_rows, attended_slots, random_qkv, rel_err
 
-from lminf_jax import Alibi, AttentionSpec, Rotary, TopK, attention
+from lminf_jax import Alibi, AttentionSpec, Rotary, TopK, attention, attention_probe
 
 Q, K, V = random_qkv(0, 2, 8, 8, 4, 2, 16)
 POS = np.arange(8, dtype=np.int32)
@@ -70,3 +70,86 @@ def test_auto_picks_a_path_that_agrees_and_runs_under_jit():
     want = attention(q[:, -1:], k[:, sorted_keys], v[:, sorted_keys], q_positions=np.array([t - 1], np.int32),
                      k_positions=ring[sorted_keys], spec=spec, positional=rope, implementation="reference")
     assert rel_err(one, want) <= 1e-6
+
+
+@pytest.mark.parametrize("name,value", [("q_positions", 2**31), ("k_positions", 2**32 + 3),
+                                        ("k_positions", -(2**31) - 1)])
+def test_positions_beyond_int32_raise_instead_of_wrapping(name, value):
+    wide = POS.astype(np.int64)
+    bad = wide.copy()
+    bad[-1] = value
+    for call in (attention, attention_probe):
+        kw = dict(q_positions=wide, k_positions=wide, spec=AttentionSpec.lm_infinite(2, 4))
+        with pytest.raises(ValueError, match=f"{name} must lie in int32's range"):
+            call(Q, K, V, **{**kw, name: bad})
+    np.testing.assert_array_equal(_call(q_positions=wide, k_positions=wide), _call())  # in range: as int32
+
+
+@pytest.mark.parametrize("implementation,top_k", [("reference", False), ("blockwise", False), ("pallas", False),
+                                                  ("reference", True), ("blockwise", True)])
+def test_a_nan_reaches_only_the_rows_that_attend_it(implementation, top_k):
+    """NaN keys and values in the window, a sink and empty slots: rows that do not attend them
+    (causally masked, out of the window, before the sink; blocks and chunks of 4) are unchanged."""
+    t = 16
+    pos = np.stack([np.arange(t), np.arange(t), np.r_[[-1] * 3, np.arange(t - 3)],
+                    np.r_[[-1] * 5, np.arange(t - 5)]]).astype(np.int32)
+    # row 1: a NaN sink value; row 2: NaNs in empty slots; row 3: a NaN value at position 4
+    nan_key, nan_value = [9, 12, 2, 1], [6, 1, 0, 9]
+    if implementation == "pallas":  # the kernel takes positions 0..T-1 only
+        pos, nan_key, nan_value = pos[:2], nan_key[:2], nan_value[:2]
+    q, k, v = random_qkv(3, len(pos), t, t, 4, 2, 8)
+    # top-k: k = 8 exceeds the 7 and 5 middle keys of rows 2 and 3: some picks find none (and must not take
+    # an empty slot's value); row 3's last query picks position 4 and must see its NaN
+    spec = AttentionSpec.lm_infinite(2, 4, top_k=TopK(8, 3, 0) if top_k else None)
+    sees, unsure = attended_slots(pos, pos, spec), None
+    if top_k:  # the last query also sees every middle key (whether its NaN score is picked is left open)
+        sees[:, -1] |= (pos >= 0) & (pos <= pos[:, -1:])
+        unsure = np.zeros(pos.shape, bool)
+        unsure[:2, -1] = True
+
+    def run(q, k, v):
+        return attention(q, k, v, q_positions=pos, k_positions=pos, spec=spec, positional=Rotary.create(8), layer=0,
+                         implementation=implementation, block_q=4, block_k=4)
+
+    assert_nan_stays_in_its_rows(run, q, k, v, sees, nan_key=nan_key, nan_value=nan_value, unsure=unsure)
+
+
+@pytest.mark.parametrize("implementation", ["single_query", "reference"])
+def test_a_nan_in_an_empty_or_masked_cache_slot_reaches_no_decoding_query(implementation):
+    rng = np.random.default_rng(0)
+    k_pos = np.stack([rng.permutation([0, 1, 17, 18, 19, 20, 12, 5, -1, -1]) for _ in range(3)]).astype(np.int32)
+    q_pos = np.full((3, 1), 20, np.int32)
+    spec = AttentionSpec.lm_infinite(2, 4)
+
+    def slot(b: int, p: int) -> int:
+        return int(np.flatnonzero(k_pos[b] == p)[0])
+
+    q, k, v = random_qkv(4, 3, 1, 10, 4, 2, 8)
+
+    def run(q, k, v):
+        return attention(q, k, v, q_positions=q_pos, k_positions=k_pos, spec=spec, positional=Rotary.create(8),
+                         implementation=implementation)
+
+    # row 0: NaN value in an empty slot, NaN key masked; row 1: the reverse; row 2: an attended NaN value
+    assert_nan_stays_in_its_rows(run, q, k, v, attended_slots(q_pos, k_pos, spec),
+                                 nan_key=[slot(0, 12), slot(1, -1), -1],
+                                 nan_value=[slot(0, -1), slot(1, 5), slot(2, 19)])
+
+
+@pytest.mark.parametrize("implementation", ["reference", "blockwise", "pallas", "single_query"])
+def test_huge_g_and_l_allocate_nothing_beyond_the_sequence(implementation):
+    """G = 10^8 sinks and an L = 10^9 window over 24 tokens: no array is sized by G or L."""
+    t = 24
+    tq = 1 if implementation == "single_query" else t
+    q, k, v = random_qkv(2, 1, tq, t, 2, 1, 16)
+    spec, pos = AttentionSpec.lm_infinite(10**8, 10**9), np.arange(t, dtype=np.int32)
+
+    @jax.jit
+    def run(q, k, v):
+        return attention(q, k, v, q_positions=pos[-tq:], k_positions=pos, spec=spec, positional=Rotary.create(16),
+                         implementation=implementation, block_q=8, block_k=8)
+
+    assert run.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes < 2**20
+    want = attention(q, k, v, q_positions=pos[-tq:], k_positions=pos, spec=AttentionSpec.vanilla(),
+                     positional=Rotary.create(16), implementation="reference")
+    assert rel_err(run(q, k, v), want) < 1e-5

@@ -184,6 +184,27 @@ def test_cache_rejects_specs_it_cannot_serve():
     KVCache.full(1, 1, 1, 4, capacity=8).check_spec(AttentionSpec.lm_infinite(4, 16, top_k=TopK(2, 8, 0)))
 
 
+def test_a_cache_beyond_memory_or_int32_is_refused_naming_what_drives_it():
+    """No allocation is tried: the bytes a cache implies are checked against the memory there is."""
+    with pytest.raises(ValueError, match=r"Λ-cache of G \+ L = 10 \+ 1000000000 slots needs [\d,]+ bytes .* "
+                                         r"lower the window L \(local_branch\)"):
+        KVCache.lambda_cache(64, 8, 8, 128, sinks=10, window=10**9)
+    with pytest.raises(ValueError, match=r"G \+ L = 1000000000 \+ 512 slots .* lower the sinks G \(global_branch\)"):
+        KVCache.for_spec(AttentionSpec.lm_infinite(10**9, 512), 64, 8, 8, 128)
+    with pytest.raises(ValueError, match=r"full cache of capacity = 1000000000 slots .* lower capacity"):
+        KVCache.full(64, 8, 8, 128, capacity=10**9)
+    with pytest.raises(ValueError, match=r"capacity must be an integer >= 1 and <= 2147483647"):
+        KVCache.full(1, 1, 1, 1, capacity=2**31)
+    with pytest.raises(ValueError, match=r"sinks \+ window"):
+        KVCache.lambda_cache(1, 1, 1, 1, sinks=2**30, window=2**30)
+
+
+def test_plan_refuses_positions_beyond_int32():
+    cache = KVCache.lambda_cache(1, 1, 1, 4, sinks=2, window=4)
+    with pytest.raises(ValueError, match="positions must lie in int32's range"):
+        cache.plan(np.asarray([[2**31 - 1, 2**31]], np.int64))
+
+
 def test_plan_drops_padding_and_tokens_overwritten_within_the_call():
     cache = KVCache.lambda_cache(1, 1, 1, 4, sinks=2, window=4)
     positions = jnp.asarray([[-1, -1, 0, 1, 2, 3, 4, 5, 6, 7]], jnp.int32)

@@ -1,6 +1,7 @@
 """lminf_jax.context_parallel on 8 simulated CPU devices (a subprocess: the device count is fixed
 when jax starts): equal to the single-device blockwise path at T = 64K, and its compiled HLO moves
-only halos (collective-permute) and the sinks (a small all-reduce), never the whole sequence."""
+only halos (collective-permute) and the sinks (a small all-reduce), never the whole sequence; a NaN
+reaches only the rows that attend it; nothing is sized by G or L beyond the sequence."""
 
 from __future__ import annotations
 
@@ -45,6 +46,25 @@ try:
     context_parallel_attention(q, k, v, mesh=mesh, axis="seq", spec=AttentionSpec.vanilla())
 except ValueError as e:
     out["vanilla_error"] = str(e)
+# a NaN key and value (in another device's chunk, in a sink) reach only the rows that attend them
+t, spec = 64, AttentionSpec.lm_infinite(2, 12)
+q = jnp.asarray(rng.standard_normal((2, t, 2, 16)), jnp.float32)
+k, v = (jnp.asarray(rng.standard_normal((2, t, 1, 16)), jnp.float32) for _ in range(2))
+cp = jax.jit(lambda q, k, v: context_parallel_attention(q, k, v, mesh=mesh, axis="seq", spec=spec,
+                                                        positional=Rotary.create(16), block_q=4, block_k=4))
+clean = np.asarray(cp(q, k, v))
+got = np.asarray(cp(q, k.at[0, 30].set(jnp.nan), v.at[0, 20].set(jnp.nan).at[1, 1].set(jnp.nan)))
+r = np.arange(t)
+sees = np.stack([(r >= 20) & (r < 32) | (r >= 30) & (r < 42), r >= 1])  # per row: attends a NaN slot
+out["nan_ok"] = bool(np.array_equal(got[~sees], clean[~sees]) and np.isnan(got[sees]).all()
+                     and not np.isnan(clean).any())
+# sinks and a window far beyond the sequence: nothing is sized by G or L
+huge = jax.jit(lambda q, k, v: context_parallel_attention(q, k, v, mesh=mesh, axis="seq",
+                                                          spec=AttentionSpec.lm_infinite(10**8, 10**9)))
+out["huge_temp_bytes"] = huge.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+p = jnp.arange(t)
+vanilla = attention(q, k, v, q_positions=p, k_positions=p, spec=AttentionSpec.vanilla(), implementation="reference")
+out["huge_rel_err"] = float(jnp.linalg.norm(huge(q, k, v) - vanilla) / jnp.linalg.norm(vanilla))
 print("RESULT " + json.dumps(out))
 """
 
@@ -59,3 +79,4 @@ def test_context_parallel_equals_one_device_and_moves_only_halos_and_sinks():
     assert "attends unboundedly many keys" in result["vanilla_error"] and result["trimmed_ok"]
     # halo traffic: the L - 1 = 511 keys before each 8,192-token chunk, not the chunk itself
     assert result["cases"][0]["permuted_lengths"] == [511], result["cases"][0]
+    assert result["nan_ok"] and result["huge_temp_bytes"] < 2**20 and result["huge_rel_err"] < 1e-5

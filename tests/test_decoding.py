@@ -103,6 +103,11 @@ def test_generate_rejects_bad_arguments(llama):
         generate(model, params, prompts, model.init_cache(2), max_new_tokens=0)
     with pytest.raises(ValueError, match="seed"):
         generate(model, params, prompts, model.init_cache(2), max_new_tokens=2, seed=[1, 2, 3])
+    for seed in (2**32 + 5, [1, 2**32], -1):  # jax would keep only the low 32 bits: 2**32 + 5 acts as 5
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32 - 1\]"):
+            generate(model, params, prompts, model.init_cache(2), max_new_tokens=2, seed=seed)
+    with pytest.raises(ValueError, match="reaches position 2,147,483,650, past the int32 positions"):
+        generate(model, params, prompts, model.init_cache(2), max_new_tokens=2**31 - 2)
     with pytest.raises(ValueError, match="1 rows for 2 prompts"):
         generate(model, params, prompts, model.init_cache(1), max_new_tokens=2)
     used = model(params, jnp.asarray([[1, 2]] * 2, jnp.int32), jnp.asarray([[0, 1]] * 2, jnp.int32),

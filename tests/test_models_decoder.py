@@ -118,6 +118,19 @@ def test_step_rejects_bad_positions_and_caches():
         model(params, tokens[:, :1], positions[:, :1], model.init_cache(2, capacity=16))
 
 
+def test_positions_beyond_int32_are_refused_not_wrapped_into_padding():
+    family = registry.family_for_config(TINY_MODELS["llama_gqa"])
+    cfg = family.config_from_hf(TINY_MODELS["llama_gqa"])
+    model = family.model(cfg, AttentionCall(AttentionSpec.lm_infinite(G, L)))
+    tokens, _ = _tokens_and_positions(batch=1, pad=0)
+    far = np.asarray([[2**31 - 2, 2**31 - 1, 2**31]], np.int64)
+    params = None  # refused before any parameter is read
+    with pytest.raises(ValueError, match="positions must lie in int32's range"):
+        model(params, tokens[:, :3], far, model.init_cache(1))
+    with pytest.raises(ValueError, match="positions must lie in int32's range"):
+        model.forward(params, tokens[:, :3], far)
+
+
 def test_dynamic_rope_scaling_is_refused_for_cached_decoding():
     config = dict(TINY_MODELS["llama_gqa"], rope_scaling={"rope_type": "dynamic", "factor": 2.0},
                   max_position_embeddings=32)

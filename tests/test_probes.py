@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_positional, random_qkv
+from conftest import assert_nan_stays_in_its_rows, attended_slots, make_positional, random_qkv
 
 from lminf_jax import AttentionSpec, TopK, attention_probe
 from lminf_jax.probes import (
@@ -81,3 +81,32 @@ def test_far_distances_are_counted_in_the_last_bucket_and_bad_input_is_refused()
         probe_rows(jnp.asarray(q[:, -1:]), jnp.asarray(k), p, p, spec=AttentionSpec.vanilla(), num_buckets=3)
     with pytest.raises(ValueError, match="num_buckets"):
         probe_rows(jnp.asarray(q[:, -1:]), jnp.asarray(k), p[:, -1:], p, spec=AttentionSpec.vanilla(), num_buckets=0)
+
+
+@pytest.mark.parametrize("which", ["probe_rows", "attention_probe"])
+def test_a_nan_reaches_only_the_rows_that_attend_it(which):
+    """A NaN key (probe_rows reads no values) and a NaN value: statistics, logits and probabilities
+    of rows that do not attend them are unchanged."""
+    t, spec = 16, AttentionSpec.lm_infinite(2, 4)
+    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (2, t))
+    q, k, v = random_qkv(6, 2, t, t, 4, 2, 8)
+    rope = make_positional("rope_half", 8, 4)
+
+    def rows(*xs):  # (B, Hq, Tq, ...) -> (B, Tq, ...)
+        return np.concatenate([np.moveaxis(np.asarray(x), 2, 1).reshape(2, t, -1) for x in xs], axis=-1)
+
+    def run(q, k, v):
+        if which == "probe_rows":
+            s = probe_rows(jnp.asarray(q), jnp.asarray(k), pos, pos, spec=spec, positional=rope, num_buckets=6,
+                           block_k=4)
+            return rows(s.lse, s.entropy, s.attended, s.max_logit, s.bucket_max, s.bucket_mass)
+        out, probe = attention_probe(q, k, v, q_positions=pos, k_positions=pos, spec=spec, positional=rope)
+        return np.concatenate([np.asarray(out).reshape(2, t, -1), rows(probe.logits, probe.probs)], axis=-1)
+
+    assert_nan_stays_in_its_rows(run, q, k, v, attended_slots(pos, pos, spec), nan_key=[9, 1],
+                                 nan_value=None if which == "probe_rows" else [6, 12])
+
+
+def test_distances_beyond_int32_are_refused():
+    with pytest.raises(ValueError, match="max_distance"):
+        num_distance_buckets(2**31)

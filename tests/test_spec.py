@@ -27,11 +27,29 @@ from lminf_jax import AttentionSpec, TopK
         (lambda: TopK(k=0), "top_k.k"),
         (lambda: TopK(insert_distance=-1), "top_k.insert_distance"),
         (lambda: TopK(from_layer=4, to_layer=4), "top_k.to_layer"),
+        # every integer that reaches int32 arithmetic fits it (a wider one would wrap silently)
+        (lambda: AttentionSpec.lm_infinite(10, 512, 2**32 + 512), "limit_distance"),
+        (lambda: AttentionSpec.lm_infinite(10, 512, 10**30), "limit_distance"),
+        (lambda: AttentionSpec.distance_limit(2**31), "limit_distance"),
+        (lambda: AttentionSpec.lm_infinite(2, 2**40), "local_branch"),
+        (lambda: AttentionSpec.lm_infinite(2**31, 8), "global_branch"),
+        (lambda: AttentionSpec.streaming_llm(2**30, 2**30 + 1), "global_branch \\+ local_branch - 1"),
+        (lambda: TopK(insert_distance=2**31), "top_k.insert_distance"),
+        (lambda: TopK(from_layer=2**31), "top_k.from_layer"),
+        (lambda: TopK(to_layer=2**31), "top_k.to_layer"),
+        (lambda: TopK(k=2**31), "top_k.k"),
     ],
 )
 def test_invalid_specs_name_the_field(make, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         make()
+
+
+def test_int32_extremes_are_accepted():
+    big = 2**31 - 1
+    assert AttentionSpec.lm_infinite(big, big, big).limit_distance == big
+    assert AttentionSpec.streaming_llm(2**30, 2**30).local_branch == 2**30
+    assert TopK(k=big, insert_distance=big, from_layer=big - 1, to_layer=big).to_layer == big
 
 
 def test_default_limit_distance_is_local_branch_and_specs_hash():
