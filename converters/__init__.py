@@ -12,5 +12,5 @@
 * `converters.store.save_converted` / `load_converted`: orbax params + converted.json
   (restored into given shardings the same way).
 * `converters.tokenizer.load_tokenizer`: sentencepiece tokenizer.model or tokenizer.json.
-* ``python -m converters HF_DIR OUT_DIR [--dtype bf16|fp32|fp16] [--no-progress]``.
+* ``python -m converters HF_DIR OUT_DIR [--dtype bf16|fp32|fp16] [--no-progress] [--overwrite]``.
 """

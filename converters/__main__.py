@@ -1,11 +1,13 @@
 """Convert a Hugging Face checkpoint directory into a `models` checkpoint.
 
-    python -m converters HF_DIR OUT_DIR [--dtype bf16|fp32|fp16] [--no-progress]
+    python -m converters HF_DIR OUT_DIR [--dtype bf16|fp32|fp16] [--no-progress] [--overwrite]
 
 The family is resolved from config.json's ``model_type`` by `models.registry`, and its
 checkpoint layout by `converters.families.layout_for`. The tokenizer files of HF_DIR
 (`TOKENIZER_FILES`, whichever exist) are copied into OUT_DIR, so that a converted
-directory is self-contained (`experiments.generate` reads its tokenizer there).
+directory is self-contained (`experiments.generate` reads its tokenizer there). A non-empty
+OUT_DIR is refused unless ``--overwrite``; the output is written beside OUT_DIR and renamed into
+place only when complete, so a failed conversion leaves OUT_DIR as it was.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 
 from converters.convert import load_params
 from converters.reader import CheckpointReader
-from converters.store import save_converted
+from converters.store import save_converted, staged_output
 
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="output directory for the converted checkpoint")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point params (default: keep)")
     parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     args = parser.parse_args(argv)
 
     from converters.families import layout_for
@@ -59,15 +62,17 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        reader = CheckpointReader(args.hf_dir)
-        family = family_for_config(reader.config)
-        layout = layout_for(family, family.config_from_hf(reader.config))
-        params = load_params(reader, layout, dtype=DTYPES.get(args.dtype), progress=not args.no_progress)
-        out = save_converted(args.out_dir, params, reader.config, family.name)
-        copied = copy_tokenizer(args.hf_dir, out)
+        with staged_output(args.out_dir, overwrite=args.overwrite, source=args.hf_dir) as staging:
+            reader = CheckpointReader(args.hf_dir)
+            family = family_for_config(reader.config)
+            layout = layout_for(family, family.config_from_hf(reader.config))
+            params = load_params(reader, layout, dtype=DTYPES.get(args.dtype), progress=not args.no_progress)
+            save_converted(staging, params, reader.config, family.name)
+            copied = copy_tokenizer(args.hf_dir, staging)
     except (OSError, ValueError, ImportError) as e:  # bad input: the message says what and where
         print(f"error: {e}", file=sys.stderr)
         return 1
+    out = Path(args.out_dir).absolute()
     leaves = jax.tree.leaves(params)
     dtypes = sorted({jnp.dtype(leaf.dtype).name for leaf in leaves})
     print(

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from converters.dtypes import numpy_dtype
+from converters.dtypes import dtype_kind, numpy_dtype
 from converters.layout import CheckpointLayout
 from converters.placement import check_shardings
 from converters.reader import CheckpointReader
@@ -23,10 +23,12 @@ def plan_params(reader: CheckpointReader, layout: CheckpointLayout) -> dict[str,
     """Flat parameter name -> the checkpoint tensors that fill it (one per layer if stacked).
 
     Reads no tensor data. Raises one ValueError listing every missing, unexpected,
-    duplicated, mis-shaped and unsupported-dtype tensor.
+    duplicated, mis-shaped and unsupported-dtype tensor, and every tensor whose dtype is of
+    the wrong kind for its parameter (float, integer or bool: e.g. a float weight
+    relabelled I32, whose bits would otherwise be converted as integers).
     """
     sources: dict[str, dict[int | None, str]] = {name: {} for name in layout.template}
-    unexpected, duplicated, misshaped, bad_dtype = [], [], [], []
+    unexpected, duplicated, misshaped, bad_dtype, wrong_kind = [], [], [], [], []
     for name in reader.names():
         located = layout.locate(name)
         if located is None:
@@ -48,9 +50,12 @@ def plan_params(reader: CheckpointReader, layout: CheckpointLayout) -> dict[str,
         if reader.shape(name) != expected:
             misshaped.append(f"{name}: expected {expected}, got {reader.shape(name)}")
         try:
-            numpy_dtype(reader.dtype(name), name)
+            stored = dtype_kind(numpy_dtype(reader.dtype(name), name))
         except ValueError as e:
             bad_dtype.append(str(e))
+            continue
+        if stored != dtype_kind(spec.dtype):
+            wrong_kind.append(f"{name}: {reader.dtype(name)} data for {dtype_kind(spec.dtype)} parameter {flat}")
     missing = []
     for flat, found in sources.items():
         wanted = range(layout.num_layers) if layout.is_stacked(flat) else [None]
@@ -61,6 +66,7 @@ def plan_params(reader: CheckpointReader, layout: CheckpointLayout) -> dict[str,
         "duplicated": duplicated,
         "mis-shaped": misshaped,
         "unsupported dtype": bad_dtype,
+        "wrong kind of dtype": wrong_kind,
     }
     if any(problems.values()):
         lines = [f"checkpoint {reader.path} does not match the layout:"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -35,6 +36,14 @@ def numpy_dtype(code: str, tensor: str) -> np.dtype:
         raise ValueError(
             f"tensor {tensor!r} has unsupported dtype {code} (supported: {', '.join(NUMPY_DTYPES)})"
         ) from None
+
+
+def dtype_kind(dtype: np.typing.DTypeLike) -> str:
+    """"float" (bf16 and float8 included), "integer" or "bool": the kind of values a dtype holds."""
+    for kind, base in (("bool", jnp.bool_), ("integer", jnp.integer), ("float", jnp.floating)):
+        if jnp.issubdtype(dtype, base):
+            return kind
+    raise ValueError(f"no parameter can have dtype {np.dtype(dtype)}")
 
 
 @dataclass(frozen=True)

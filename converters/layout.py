@@ -23,7 +23,8 @@ class CheckpointLayout:
     """A family's expected parameters and how checkpoint names reach them.
 
     layer_prefix: the per-layer name prefix, e.g. "model.layers." or "transformer.h.".
-    template: flat name -> expected shape (stacked for layer tensors; dtype ignored).
+    template: flat name -> expected shape (stacked for layer tensors) and dtype, of which only
+        the kind counts (float, integer or bool: the checkpoint's tensor must be of that kind).
     ignored: regexes (re.fullmatch) of checkpoint names skipped silently.
     aliases: exact checkpoint name -> replacement name, applied before the layer index is
         removed (a per-layer rename lists every layer's name).

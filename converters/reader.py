@@ -86,6 +86,7 @@ def _open_weights(root: Path) -> dict[str, TensorFile]:
         raise ValueError(f"{found}: no valid weight_map")
     shards = {}
     for shard in dict.fromkeys(weight_map.values()):
+        _check_inside(shard, found, weight_map)
         if not (root / shard).is_file():
             raise FileNotFoundError(f"shard {shard} listed in {found} is missing")
         shards[shard] = opener(root / shard)
@@ -93,3 +94,12 @@ def _open_weights(root: Path) -> dict[str, TensorFile]:
         if name not in shards[shard].tensors:
             raise ValueError(f"{found} maps {name!r} to {shard}, which does not contain it")
     return {name: shards[shard] for name, shard in weight_map.items()}
+
+
+def _check_inside(shard: str, index: Path, weight_map: dict[str, str]) -> None:
+    """Refuse a shard path of `index` that is absolute or climbs out of the checkpoint directory
+    (lexically: files inside may still be links, as in the Hugging Face cache)."""
+    path = Path(shard)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        name = next(name for name, target in weight_map.items() if target == shard)
+        raise ValueError(f"{index} maps {name!r} to {shard!r}, which is not a path inside {index.parent}")

@@ -1,9 +1,11 @@
 """Validated, memory-mapped reading of one ``.safetensors`` file.
 
-The header is parsed here rather than through the ``safetensors`` package so that every
-tensor's byte span is checked against the file before anything is read, and so that a
-tensor is returned as a view of a mapping of its own bytes (bf16 as ``ml_dtypes.bfloat16``)
-that is unmapped as soon as the caller drops it.
+The header is parsed here rather than through the ``safetensors`` package so that a tensor
+is returned as a view of a mapping of its own bytes (bf16 as ``ml_dtypes.bfloat16``) that is
+unmapped as soon as the caller drops it (the package's ``get_tensor`` copies). The header is
+validated as strictly as the package does: a JSON object without duplicate keys, string
+``__metadata__``, and tensors whose ``data_offsets`` tile the data buffer exactly (in
+order, no overlap, no gap, nothing after the last), each spanning its shape's bytes.
 """
 
 from __future__ import annotations
@@ -28,21 +30,24 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.tensors: dict[str, TensorInfo] = {}
-        self._spans: dict[str, tuple[int, int]] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}
         size = self.path.stat().st_size
-        header, data_start = self._read_header(size)
+        header, self._data_start = self._read_header(size)
+        metadata = header.pop("__metadata__", {})
+        if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+            raise ValueError(f"{self.path}: __metadata__ is not a map of strings to strings")
         for name, entry in header.items():
-            if name != "__metadata__":
-                self._add(name, entry, data_start, size)
+            self._add(name, entry, size - self._data_start)
+        self._check_tiling(size - self._data_start)
 
     def read(self, name: str) -> np.ndarray:
         """The tensor `name` as a read-only array mapped from the file."""
         info = self.tensors[name]
         dtype = numpy_dtype(info.dtype, name)
-        start, nbytes = self._spans[name]
-        if nbytes == 0:
+        begin, end = self._offsets[name]
+        if begin == end:
             return np.empty(info.shape, dtype)
-        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=start, shape=(nbytes,))
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start + begin, shape=(end - begin,))
         return raw.view(dtype).reshape(info.shape)
 
     def _read_header(self, size: int) -> tuple[dict, int]:
@@ -55,14 +60,16 @@ class SafetensorsFile:
                 raise ValueError(f"{self.path}: bad header length {length} for a file of {size} bytes")
             raw = f.read(length)
         try:
-            header = json.loads(raw)
+            header = json.loads(raw, object_pairs_hook=_without_duplicates)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{self.path}: header is not valid JSON ({e})") from None
+        except _DuplicateKey as e:
+            raise ValueError(f"{self.path}: header names {e} twice") from None
         if not isinstance(header, dict):
             raise ValueError(f"{self.path}: header is not a JSON object")
         return header, 8 + length
 
-    def _add(self, name: str, entry: object, data_start: int, size: int) -> None:
+    def _add(self, name: str, entry: object, buffer_bytes: int) -> None:
         where = f"{self.path}: tensor {name!r}"
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: header entry is not an object")
@@ -79,8 +86,11 @@ class SafetensorsFile:
         ):
             raise ValueError(f"{where}: invalid data_offsets {offsets!r}")
         begin, end = offsets
-        if data_start + end > size:
-            raise ValueError(f"{where}: data_offsets {offsets} run past the end of the file ({size} bytes)")
+        if end > buffer_bytes:
+            raise ValueError(
+                f"{where}: data_offsets {offsets} run past the end of the file "
+                f"({self._data_start + buffer_bytes} bytes, {buffer_bytes} of data)"
+            )
         info = TensorInfo(dtype, tuple(shape))
         if dtype in NUMPY_DTYPES and info.size * NUMPY_DTYPES[dtype].itemsize != end - begin:
             raise ValueError(
@@ -88,4 +98,37 @@ class SafetensorsFile:
                 f"{info.size * NUMPY_DTYPES[dtype].itemsize} bytes but data_offsets span {end - begin}"
             )
         self.tensors[name] = info
-        self._spans[name] = (data_start + begin, end - begin)
+        self._offsets[name] = (begin, end)
+
+    def _check_tiling(self, buffer_bytes: int) -> None:
+        """Every data byte belongs to exactly one tensor (as the format requires)."""
+        covered, previous = 0, None
+        for name, (begin, end) in sorted(self._offsets.items(), key=lambda item: item[1]):
+            if begin < covered:
+                raise ValueError(
+                    f"{self.path}: tensors {previous!r} and {name!r} overlap: data_offsets "
+                    f"{list(self._offsets[previous])} and {[begin, end]}"
+                )
+            if begin > covered:
+                raise ValueError(
+                    f"{self.path}: data bytes [{covered}, {begin}) before tensor {name!r} belong to no tensor"
+                )
+            covered, previous = end, name
+        if covered != buffer_bytes:
+            raise ValueError(
+                f"{self.path}: data bytes [{covered}, {buffer_bytes}) at the end belong to no tensor"
+            )
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _without_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's pairs as a dict; raises `_DuplicateKey` (the key) if a key repeats."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(repr(key))
+        result[key] = value
+    return result

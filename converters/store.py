@@ -8,11 +8,14 @@ Layout of a converted directory::
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import math
 import os
-from collections.abc import Mapping
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import jax
@@ -70,6 +73,59 @@ def save_converted(out_dir: str | os.PathLike, params: dict, config: dict, famil
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     return out
+
+
+@contextlib.contextmanager
+def staged_output(
+    out_dir: str | os.PathLike, *, overwrite: bool = False, source: str | os.PathLike | None = None
+) -> Iterator[Path]:
+    """A new empty directory beside `out_dir` to write into, renamed to `out_dir` when the block
+    completes and deleted if it raises: `out_dir` never holds a half-written mix, and a failed
+    write leaves it as it was.
+
+    Before the block runs, refuses an `out_dir` that is not a directory, that is `source` (the
+    input) or holds it, or that is not empty unless `overwrite` (it is then replaced whole).
+    """
+    out = Path(out_dir).absolute()
+    _check_output_dir(out, overwrite, source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(out, "partial")
+    staging.mkdir()  # not tempfile.mkdtemp, which would make it, and so OUT_DIR, private (0700)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # the error that got here is the one to report
+        raise
+    _replace(out, staging)
+
+
+def _check_output_dir(out: Path, overwrite: bool, source: str | os.PathLike | None) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory")
+    if source is not None and out.resolve() in (Path(source).resolve(), *Path(source).resolve().parents):
+        raise ValueError(f"{out} is the checkpoint directory or holds it: choose another output directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty: pass --overwrite to replace it")
+
+
+def _replace(out: Path, staging: Path) -> None:
+    """Rename `staging` to `out`; what `out` held is deleted only once the new one is in place."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    aside = _sibling(out, "old")
+    out.rename(aside)
+    try:
+        staging.rename(out)
+    except OSError:
+        aside.rename(out)
+        raise
+    shutil.rmtree(aside)
+
+
+def _sibling(out: Path, role: str) -> Path:
+    """A hidden, unused name beside `out`."""
+    return out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.{role}")
 
 
 def load_converted(

@@ -43,10 +43,8 @@ class HFTokenizer:
     tokenizer_config.json's ``bos_token``/``eos_token``, else config.json's ``*_token_id``."""
 
     def __init__(self, path: Path):
-        try:
-            import tokenizers
-        except ImportError:
-            raise ImportError(f"{path} needs the `tokenizers` package (pip install tokenizers)") from None
+        import tokenizers
+
         self._tok = tokenizers.Tokenizer.from_file(str(path))
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._special_id(path.parent, "bos")
@@ -81,7 +79,7 @@ def _json(path: Path) -> dict:
 
 def load_tokenizer(hf_dir: str | os.PathLike) -> Tokenizer:
     """The tokenizer of checkpoint directory `hf_dir`: ``tokenizer.model`` (sentencepiece)
-    when present, else ``tokenizer.json`` (needs `tokenizers`)."""
+    when present, else ``tokenizer.json`` (read with `tokenizers`)."""
     root = Path(hf_dir)
     if (root / "tokenizer.model").is_file():
         return SentencePieceTokenizer(root / "tokenizer.model")

@@ -62,7 +62,7 @@ class TorchFile:
     def _load(self) -> dict:
         try:
             state = self._torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # torch names no file
             raise ValueError(f"{self.path}: not a readable PyTorch checkpoint ({e})") from e
         if not isinstance(state, dict) or not all(isinstance(t, self._torch.Tensor) for t in state.values()):
             raise ValueError(f"{self.path}: not a state dict of tensors")

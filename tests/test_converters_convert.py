@@ -55,7 +55,10 @@ def fake_layout(**overrides) -> CheckpointLayout:
     fields = dict(
         layer_prefix=PREFIX,
         num_layers=L,
-        template={k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in template.items()},
+        template={
+            k: jax.ShapeDtypeStruct(s, jnp.int32 if k == "model.position_ids" else jnp.float32)
+            for k, s in template.items()
+        },
         ignored=IGNORED,
     )
     return CheckpointLayout(**{**fields, **overrides})
@@ -179,6 +182,24 @@ def test_unsupported_dtype_is_reported_up_front(tmp_path, monkeypatch):
     pattern = r"unsupported dtype \(1\):\n.*'model\.norm\.weight' has unsupported dtype C64"
     with pytest.raises(ValueError, match=pattern):
         plan_params(reader, fake_layout())
+
+
+def test_float_parameters_refuse_integer_data_and_integer_ones_float_data(tmp_path, monkeypatch):
+    rng = np.random.default_rng(8)
+    tensors = fake_tensors(8)
+    tensors["model.norm.weight"] = rng.integers(-2**20, 2**20, H).astype(np.int32)  # a float relabelled I32
+    tensors["model.layers.1.norm.weight"] = rng.standard_normal(H) > 0
+    tensors["model.position_ids"] = rng.standard_normal((1, 4)).astype(np.float32)
+    reader = CheckpointReader(write_checkpoint(tmp_path, tensors))
+    monkeypatch.setattr(reader, "read", lambda name: pytest.fail(f"read {name} before validating"))
+    with pytest.raises(ValueError) as info:
+        load_params(reader, fake_layout(), progress=False)
+    lines = str(info.value).splitlines()
+    assert lines[1] == "  wrong kind of dtype (3):" and sorted(lines[2:]) == [
+        "    model.layers.1.norm.weight: BOOL data for float parameter model.layers.norm.weight",
+        "    model.norm.weight: I32 data for float parameter model.norm.weight",
+        "    model.position_ids: F32 data for integer parameter model.position_ids",
+    ]
 
 
 def test_layout_from_checkpoint_matches_hand_layout(tmp_path):

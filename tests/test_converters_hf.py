@@ -9,14 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import traverse_util
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from converters.__main__ import main
 from converters.convert import load_params
 from converters.layout import CheckpointLayout
 from converters.store import load_converted
+
+torch = pytest.importorskip("torch")  # the Hugging Face models that write the checkpoints
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 NUM_LAYERS = 2
 LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -151,3 +152,48 @@ def test_cli_copies_the_tokenizer_files(tmp_path, llama, capsys):
     assert main([str(tmp_path / "hf"), str(tmp_path / "bare"), "--no-progress"]) == 0
     assert f"no tokenizer files in {tmp_path / 'hf'}" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["converted.json", "params"]
+
+
+def test_cli_refuses_a_config_no_model_can_be_built(tmp_path, llama, capsys):
+    save(llama, tmp_path, "safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = {**config["rope_parameters"], "rope_theta": float("nan")}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
+    capsys.readouterr()
+    assert main([str(tmp_path), str(tmp_path / "out"), "--no-progress"]) == 1
+    assert capsys.readouterr().err == "error: config field 'rope_theta' must be a finite number > 0, got nan\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_non_empty_out_dir_unless_overwrite(tmp_path, llama, capsys):
+    save(llama, tmp_path / "hf", "safetensors")
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(b"new tokenizer")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.model").write_bytes(b"old tokenizer")
+    (out / "tokenizer_config.json").write_text('{"bos_token": "<old>"}')
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([str(tmp_path / "hf"), str(out), "--no-progress"]) == 1
+    assert capsys.readouterr().err == f"error: {out} is not empty: pass --overwrite to replace it\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    assert main([str(tmp_path / "hf"), str(tmp_path / "hf"), "--no-progress", "--overwrite"]) == 1
+    assert "is the checkpoint directory or holds it" in capsys.readouterr().err
+    assert main([str(tmp_path / "hf"), str(out), "--no-progress", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["converted.json", "params", "tokenizer.model"]
+    assert (out / "tokenizer.model").read_bytes() == b"new tokenizer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no staging directory left
+
+
+def test_cli_overwrite_keeps_the_old_out_dir_when_conversion_fails(tmp_path, llama, capsys):
+    save(llama, tmp_path / "hf", "safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.model").write_bytes(b"old tokenizer")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    assert main([str(tmp_path / "hf"), str(out), "--no-progress", "--overwrite"]) == 1
+    assert "missing (9):" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["tokenizer.model"]
+    assert (out / "tokenizer.model").read_bytes() == b"old tokenizer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from converters.reader import CheckpointReader
 from converters.safetensors_file import SafetensorsFile
+
+torch = pytest.importorskip("torch")  # writes the fixtures and is the oracle for their values
+from safetensors.torch import save_file  # noqa: E402
 
 
 def random_tensors(seed: int) -> dict[str, torch.Tensor]:
@@ -92,6 +94,19 @@ def test_sharded_safetensors_and_its_errors(tmp_path):
         CheckpointReader(tmp_path)
 
 
+@pytest.mark.parametrize("where", ["../outside.safetensors", "sub/../../outside.safetensors", "absolute"])
+def test_shard_paths_must_stay_inside_the_checkpoint(tmp_path, where):
+    tensors = random_tensors(8)
+    save_file(tensors, tmp_path / "outside.safetensors")
+    root = tmp_path / "checkpoint"
+    (root / "sub").mkdir(parents=True)
+    write_config(root)
+    shard = str(tmp_path / "outside.safetensors") if where == "absolute" else where
+    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(tensors, shard)}))
+    with pytest.raises(ValueError, match=rf"maps 'a\.f32' to '{re.escape(shard)}', which is not a path inside"):
+        CheckpointReader(root)
+
+
 def test_missing_config_or_weights(tmp_path):
     save_file(random_tensors(2), tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -109,15 +124,25 @@ def corruptions(raw: bytes) -> dict[str, tuple[bytes, str, str | None]]:
     n = int.from_bytes(raw[:8], "little")
     header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
-    def with_header(h: object) -> bytes:
-        blob = json.dumps(h).encode()
-        return len(blob).to_bytes(8, "little") + blob + data
+    def with_header(h: object, body: bytes = data, text: str | None = None) -> bytes:
+        blob = (json.dumps(h) if text is None else text).encode()
+        return len(blob).to_bytes(8, "little") + blob + body
 
     def edited(name: str, **fields) -> bytes:
         return with_header({**header, name: {**header[name], **fields}})
 
-    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    last = max(tensors, key=lambda k: tensors[k]["data_offsets"][1])
+    begin = tensors["a.f32"]["data_offsets"][0]
+    shifted = {**header, last: {**header[last], "data_offsets": [o + 8 for o in header[last]["data_offsets"]]}}
+    cut = header[last]["data_offsets"][0]
+    twice = json.dumps(header)[:-1] + ', "a.f32": ' + json.dumps(header["a.f32"]) + "}"
     return {
+        "overlap": (edited("b.f16", data_offsets=[begin, begin + 8]), "'b.f16' and 'a.f32' overlap", "b.f16"),
+        "gap": (with_header(shifted, data[:cut] + bytes(range(1, 9)) + data[cut:]), "belong to no tensor", last),
+        "tail": (raw + bytes(range(1, 9)), rf"data bytes \[{len(data)}, {len(data) + 8}\) at the end", None),
+        "metadata": (with_header({**header, "__metadata__": {"format": 1}}), "__metadata__ is not a map", None),
+        "duplicate": (with_header(None, text=twice), "names 'a.f32' twice", None),
         "short": (raw[:5], "no header length", None),
         "header_length": ((len(raw) * 2).to_bytes(8, "little") + raw[8:], "bad header length", None),
         "header_json": (raw[:8] + b"x" + raw[9:], "not valid JSON", None),
@@ -129,7 +154,8 @@ def corruptions(raw: bytes) -> dict[str, tuple[bytes, str, str | None]]:
     }
 
 
-CORRUPTIONS = ["short", "header_length", "header_json", "header_list", "truncated", "shape", "offsets", "dtype"]
+CORRUPTIONS = ["short", "header_length", "header_json", "header_list", "truncated", "shape", "offsets", "dtype",
+               "overlap", "gap", "tail", "metadata", "duplicate"]
 
 
 @pytest.mark.parametrize("case", CORRUPTIONS)
@@ -194,10 +220,12 @@ def test_pytorch_bin_needs_torch_but_safetensors_do_not(tmp_path, monkeypatch):
     assert_same(CheckpointReader(tmp_path).read("c.bf16"), tensors["c.bf16"])
 
 
-def test_corrupt_pytorch_bin(tmp_path):
-    torch.save(random_tensors(7), tmp_path / "pytorch_model.bin")
+@pytest.mark.parametrize("elements", [16, 1100])  # torch's reader fails otherwise past 4 KiB (an OSError)
+def test_corrupt_pytorch_bin(tmp_path, elements):
+    g = torch.Generator().manual_seed(7)
+    torch.save({"w": torch.randn(elements, generator=g)}, tmp_path / "pytorch_model.bin")
     raw = (tmp_path / "pytorch_model.bin").read_bytes()
-    (tmp_path / "pytorch_model.bin").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "pytorch_model.bin").write_bytes(raw[: len(raw) - 100])
     write_config(tmp_path)
     with pytest.raises(ValueError, match="pytorch_model.bin: not a readable PyTorch checkpoint"):
         CheckpointReader(tmp_path)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from converters.store import META_FILE, load_converted, save_converted
+from converters.store import META_FILE, load_converted, save_converted, staged_output
 
 
 def random_params(seed: int) -> dict:
@@ -72,3 +72,19 @@ def test_shardings_must_name_every_parameter(tmp_path):
     assert "no sharding for parameter model.norm.weight" in str(info.value)
     assert "sharding for unknown parameter model.nope.weight" in str(info.value)
     assert str(tmp_path) in str(info.value)
+
+
+def test_staged_output_replaces_whole_only_on_success_with_the_usual_permissions(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.json").write_text("{}")
+    with pytest.raises(KeyError), staged_output(tmp_path / "out", overwrite=True) as staging:
+        (staging / "half.json").write_text("{}")
+        raise KeyError("failed half way")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["stale.json"]
+    with staged_output(tmp_path / "out", overwrite=True) as staging:
+        (staging / "new.json").write_text("{}")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "plain").mkdir()
+    assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode
