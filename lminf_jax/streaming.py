@@ -30,17 +30,25 @@ follows the real tokens, so under causal attention it cannot change their scores
 step that ignores the ``-1`` convention; the `lminf_jax.cache` caches drop negative positions,
 so the final cache is not touched by the padding either.
 
-Checkpoints (``checkpoint_dir``), orbax, only the latest kept::
+Checkpoints (``checkpoint_dir``), orbax, the two newest kept::
 
     checkpoint_dir/state-000000000120/    the state after 120 chunks (orbax composite):
-        cache/   the cache leaves (StandardSave of {"leaf_00000": ..., ...}, in tree order)
-        meta/    JSON: format, version, chunk, streams, length, stream fingerprint, buckets,
-                 cache signature (tree paths, dtypes, shapes)
-        stats/   JSON: chunks and positions done, float64 sums (exact), counts
+        cache/     the cache leaves (StandardSave of {"leaf_00000": ..., ...}, in tree order)
+        meta/      JSON, what the run is: format, version, chunk, streams, length, buckets, cache
+                   signature (tree paths, dtypes, shapes), model: the params' `tree_fingerprint`
+                   and the caller's ``identity`` (config, attention spec, compute dtype...)
+        stats/     JSON: chunks and positions done, float64 sums (exact), counts, and stream: a
+                   sha256 over the token windows read so far (all of the stream scored so far)
+        checksum/  JSON: `json_digest` of meta + stats, `tree_fingerprint` of the cache leaves
     checkpoint_dir/tmp-000000000140-PID/  a save in progress (ignored, removed later)
 
-A save writes ``tmp-*`` completely, renames it to ``state-*`` (atomic), then deletes older
-states; on start the highest ``state-*`` is resumed. One run per directory at a time.
+A save writes ``tmp-*`` completely, renames it to ``state-*`` (atomic), then deletes all but the
+two newest states. On start the newest state that reads back intact (both checksums verified) is
+resumed; a damaged newer one is removed with a warning on stderr (`newest_intact`). A state of
+another run is refused with a `Mismatch` naming each field that differs, including the stream:
+the prefix the state scored is re-read and re-hashed on resume (the host hashes about 1 GB/s), so
+the state stays constant-size whatever the number of chunks (per-chunk hashes would grow with it),
+and a change anywhere in that prefix is caught. One run per directory at a time.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,13 +70,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lminf_jax.fingerprint import check_identity, json_digest, newest_intact, tree_fingerprint
 from lminf_jax.progress import Progress
 
-__all__ = ["BucketRow", "PositionBuckets", "StreamResult", "chunk_nll", "stream_fingerprint", "streaming_nll",
-           "finite_or_none", "token_nll"]
+__all__ = ["BucketRow", "PositionBuckets", "StreamResult", "chunk_nll", "streaming_nll", "finite_or_none",
+           "token_nll"]
 
 STATE_FORMAT = "lminf_jax-streaming-nll"
-STATE_VERSION = 1
+STATE_VERSION = 2
 INT32_MAX = 2**31 - 1
 
 StepFn = Callable[[Any, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
@@ -301,6 +311,7 @@ def streaming_nll(
     buckets: PositionBuckets = PositionBuckets(),
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
+    identity: Mapping[str, Any] | None = None,
     progress: bool = True,
     max_chunks: int | None = None,
 ) -> StreamResult:
@@ -310,9 +321,11 @@ def streaming_nll(
     N >= 2 and N <= 2**31 - 1. ``cache``: the model's empty cache for B rows (it is copied;
     the copy is donated chunk by chunk). ``chunk``: tokens per model call. ``checkpoint_dir``:
     save the state there every ``checkpoint_every`` chunks and at the end, and resume from it
-    (a resumed run gives bit-identical statistics). ``max_chunks``: run at most this many
-    chunks in this call, then return a result with ``complete=False``. ``progress``: a line
-    with tokens/s and the running mean NLL on stderr.
+    (a resumed run gives bit-identical statistics). ``identity``: JSON values naming what else
+    determines the scores (the step's config, attention spec, compute dtype...); a checkpoint
+    records them with the params' fingerprint and refuses to resume under others.
+    ``max_chunks``: run at most this many chunks in this call, then return a result with
+    ``complete=False``. ``progress``: a line with tokens/s and the running mean NLL on stderr.
     """
     began = time.monotonic()
     stream = _check_tokens(tokens)
@@ -320,6 +333,9 @@ def streaming_nll(
     _check_int("checkpoint_every", checkpoint_every, 1)
     if max_chunks is not None:
         _check_int("max_chunks", max_chunks, 0)
+    if identity is not None and (not isinstance(identity, Mapping) or "params" in identity):
+        raise ValueError(f"identity must be a mapping without the key 'params' (the params' fingerprint), got "
+                         f"{identity!r}")
     if not isinstance(buckets, PositionBuckets):
         raise ValueError(f"buckets must be a PositionBuckets, got {type(buckets).__name__}")
     try:
@@ -334,14 +350,16 @@ def streaming_nll(
     cache = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else jnp.asarray(x), cache)
     leaves, treedef = jax.tree.flatten(cache)
     stats = _Stats.empty(num_streams, buckets.count(to_score - 1))
-    meta = _metadata(stream, chunk, buckets, cache)
-
-    store = None if checkpoint_dir is None else _Store(Path(checkpoint_dir), meta, leaves)
+    prefix = hashlib.sha256()  # of the windows read so far
+    store = None
+    if checkpoint_dir is not None:
+        meta = _metadata(stream, chunk, buckets, cache, params, identity or {})
+        store = _Store(Path(checkpoint_dir), meta, leaves, stream)
     try:
         if store is not None:
             restored = store.restore(treedef)
             if restored is not None:
-                stats, cache = restored
+                stats, cache, prefix = restored
         resumed_tokens, first = stats.count, stats.chunks
         stop = num_chunks if max_chunks is None else min(num_chunks, first + max_chunks)
         pending = None  # the previous chunk's (nll on device, start, valid): one chunk in flight
@@ -358,9 +376,8 @@ def streaming_nll(
                     bar.update(num_streams * valid, postfix=f"mean NLL {stats.total / stats.count:.4f}")
 
             for k in range(first, stop):
-                start = k * chunk
-                valid = min(chunk, to_score - start)
-                window = _read_window(stream, start, start + valid + 1)
+                start, valid, window = _window(stream, chunk, k)
+                prefix.update(_le_bytes(window))
                 # fresh buffers: on CPU the device may alias host memory of a chunk still in flight
                 inputs = np.zeros((num_streams, chunk), np.int32)
                 targets = np.zeros((num_streams, chunk), np.int32)
@@ -371,7 +388,7 @@ def streaming_nll(
                 pending = (nll, start, valid)
                 if store is not None and ((k + 1) % checkpoint_every == 0 or k + 1 == stop):
                     flush()
-                    store.save(stats, cache)
+                    store.save(stats, prefix, cache)
             flush()
     finally:
         if store is not None:
@@ -397,6 +414,26 @@ def _result(stats: _Stats, buckets: PositionBuckets, num_streams: int, length: i
         chunk=chunk, resumed_tokens=resumed_tokens, elapsed_s=elapsed,
         tokens_per_s=(stats.count - resumed_tokens) / max(elapsed, 1e-9), cache=cache,
     )
+
+
+def _window(stream: np.ndarray, chunk: int, k: int) -> tuple[int, int, np.ndarray]:
+    """``(start, valid, window)`` of chunk ``k``: its first position, its number of scores and the
+    tokens ``stream[:, start:start + valid + 1]`` it reads (inputs and targets)."""
+    start = k * chunk
+    valid = min(chunk, stream.shape[1] - 1 - start)
+    return start, valid, _read_window(stream, start, start + valid + 1)
+
+
+def _le_bytes(window: np.ndarray) -> bytes:
+    return np.ascontiguousarray(window, "<i4").tobytes()
+
+
+def _prefix_hash(stream: np.ndarray, chunk: int, chunks: int) -> Any:
+    """The sha256 (a hashlib object) of the windows of chunks ``0..chunks-1``, read again."""
+    h = hashlib.sha256()
+    for k in range(chunks):
+        h.update(_le_bytes(_window(stream, chunk, k)[2]))
+    return h
 
 
 def _read_window(stream: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -427,19 +464,8 @@ def _check_tokens(tokens) -> np.ndarray:
     return stream
 
 
-def stream_fingerprint(tokens: np.ndarray, samples: int = 16, width: int = 64) -> str:
-    """``sha256:`` hash of the shape and of `samples` evenly spaced `width`-token slices of every
-    stream (values as int64, so the storage dtype does not matter). Reads only those slices."""
-    stream = tokens[None] if tokens.ndim == 1 else tokens
-    num_streams, length = stream.shape
-    h = hashlib.sha256(f"{num_streams}x{length}".encode())
-    starts = np.unique(np.linspace(0, max(length - width, 0), samples).astype(np.int64))
-    for s in starts:
-        h.update(np.ascontiguousarray(stream[:, s:s + width], dtype="<i8").tobytes())
-    return "sha256:" + h.hexdigest()
-
-
-def _metadata(stream: np.ndarray, chunk: int, buckets: PositionBuckets, cache) -> dict:
+def _metadata(stream: np.ndarray, chunk: int, buckets: PositionBuckets, cache, params,
+              identity: Mapping[str, Any]) -> dict:
     signature = [f"{jax.tree_util.keystr(path)}: {jnp.dtype(leaf.dtype).name}{list(leaf.shape)}"
                  for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]]
     meta = {
@@ -448,11 +474,14 @@ def _metadata(stream: np.ndarray, chunk: int, buckets: PositionBuckets, cache) -
         "chunk": chunk,
         "streams": int(stream.shape[0]),
         "length": int(stream.shape[1]),
-        "fingerprint": stream_fingerprint(stream),
         "buckets": buckets.to_json(),
         "cache": signature,
+        "model": {"params": tree_fingerprint(params), **identity},
     }
-    return json.loads(json.dumps(meta))  # the form it takes after a JSON round trip
+    try:
+        return json.loads(json.dumps(meta))  # the form it takes after a JSON round trip
+    except TypeError as e:
+        raise ValueError(f"identity must hold JSON values: {e}") from None
 
 
 # ----- checkpoints ----------------------------------------------------------------------------
@@ -461,12 +490,12 @@ _STATE = re.compile(r"state-(\d+)")
 
 
 class _Store:
-    """Save/restore the latest state in a directory (layout in the module docstring)."""
+    """Save/restore the two newest states in a directory (layout in the module docstring)."""
 
-    def __init__(self, directory: Path, meta: dict, leaves: list):
+    def __init__(self, directory: Path, meta: dict, leaves: list, stream: np.ndarray):
         import orbax.checkpoint as ocp  # only checkpointing runs need orbax
 
-        self.ocp, self.directory, self.meta = ocp, directory.absolute(), meta
+        self.ocp, self.directory, self.meta, self.stream = ocp, directory.absolute(), meta, stream
         self.names = [f"leaf_{i:05d}" for i in range(len(leaves))]
         self.template = {
             name: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
@@ -477,54 +506,72 @@ class _Store:
         self.checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(
             cache=ocp.StandardCheckpointHandler(save_concurrent_gb=gb, restore_concurrent_gb=gb),
             meta=ocp.JsonCheckpointHandler(), stats=ocp.JsonCheckpointHandler(),
+            checksum=ocp.JsonCheckpointHandler(),
         ))
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def close(self) -> None:
         self.checkpointer.close()
 
-    def latest(self) -> Path | None:
+    def states(self) -> list[Path]:
+        """The ``state-*`` directories, newest first."""
         states = [(int(m.group(1)), p) for p in self.directory.iterdir()
                   if p.is_dir() and (m := _STATE.fullmatch(p.name))]
-        return max(states)[1] if states else None
+        return [p for _, p in sorted(states, reverse=True)]
 
-    def restore(self, treedef) -> tuple[_Stats, Any] | None:
-        path = self.latest()
-        if path is None:
+    def restore(self, treedef) -> tuple[_Stats, Any, Any] | None:
+        """``(stats, cache, prefix hash)`` of the newest intact state, or None when there is none."""
+        found = newest_intact(self.states(), self._read, lambda p: shutil.rmtree(p, ignore_errors=True))
+        if found is None:
             return None
+        stats, leaves, prefix = found[1]
+        return stats, jax.tree.unflatten(treedef, leaves), prefix
+
+    def _read(self, path: Path) -> tuple[_Stats, list, Any]:
+        """One state, verified: raises a `Mismatch` for another run's, anything else if damaged."""
         args = self.ocp.args
-        got = self.checkpointer.restore(path, args=args.Composite(meta=args.JsonRestore(), stats=args.JsonRestore()))
-        self._check(got["meta"], path)
-        stats = _Stats.from_json(got["stats"])
-        leaves = []
+        where = f"checkpoint {path}"
+        meta = self.checkpointer.restore(path, args=args.Composite(meta=args.JsonRestore()))["meta"]
+        check_identity({k: meta.get(k) for k in ("format", "version")},  # other formats lack the items below
+                       {k: self.meta[k] for k in ("format", "version")}, where)
+        got = self.checkpointer.restore(path, args=args.Composite(stats=args.JsonRestore(),
+                                                                  checksum=args.JsonRestore()))
+        stats, checksum = got["stats"], got["checksum"]
+        if json_digest({"meta": meta, "stats": stats}) != checksum["json"]:
+            raise ValueError("meta/stats do not match their checksum")
+        check_identity(meta, self.meta, where)
+        prefix = _prefix_hash(self.stream, self.meta["chunk"], stats["chunks"])
+        field = f"stream (its first {stats['positions'] + 1} tokens)"
+        check_identity({field: stats["stream"]}, {field: "sha256:" + prefix.hexdigest()}, where)
+        leaves = {}
         if self.names:
-            c = self.checkpointer.restore(path, args=args.Composite(cache=args.StandardRestore(self.template)))
-            leaves = [c["cache"][name] for name in self.names]
-        return stats, jax.tree.unflatten(treedef, leaves)
+            restored = self.checkpointer.restore(path, args=args.Composite(cache=args.StandardRestore(self.template)))
+            leaves = dict(restored["cache"])
+        if tree_fingerprint(leaves) != checksum["arrays"]:
+            raise ValueError("the cache does not match its checksum")
+        return _Stats.from_json(stats), [leaves[name] for name in self.names], prefix
 
-    def _check(self, saved: dict, path: Path) -> None:
-        if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path} is not a streaming NLL state (format {saved.get('format')!r})")
-        diffs = [f"{key}: checkpoint has {_show(saved.get(key))}, run asks {_show(want)}"
-                 for key, want in self.meta.items() if saved.get(key) != want]
-        if diffs:
-            raise ValueError(f"checkpoint {path} does not match this run: " + "; ".join(diffs))
-
-    def save(self, stats: _Stats, cache) -> None:
+    def save(self, stats: _Stats, prefix: Any, cache) -> None:
         final = self.directory / f"state-{stats.chunks:012d}"
         if final.exists():  # resumed here and nothing new (a deterministic run rewrites the same)
             return
         tmp = self.directory / f"tmp-{stats.chunks:012d}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        items = {"meta": self.ocp.args.JsonSave(self.meta), "stats": self.ocp.args.JsonSave(stats.to_json())}
+        stats_json = {**stats.to_json(), "stream": "sha256:" + prefix.hexdigest()}
+        leaves = dict(zip(self.names, jax.tree.leaves(cache)))
+        checksum = {"json": json_digest({"meta": self.meta, "stats": stats_json}), "arrays": tree_fingerprint(leaves)}
+        args = self.ocp.args
+        items = {"meta": args.JsonSave(self.meta), "stats": args.JsonSave(stats_json),
+                 "checksum": args.JsonSave(checksum)}
         if self.names:
-            leaves = dict(zip(self.names, jax.tree.leaves(cache)))
-            items["cache"] = self.ocp.args.StandardSave(leaves)
-        self.checkpointer.save(tmp, args=self.ocp.args.Composite(**items))
+            items["cache"] = args.StandardSave(leaves)
+        self.checkpointer.save(tmp, args=args.Composite(**items))
         os.rename(tmp, final)  # atomic: `final` appears complete or not at all
-        for p in self.directory.iterdir():  # keep only the latest state
-            if p != final and (_STATE.fullmatch(p.name) or p.name.startswith("tmp-")):
+        for p in self.states()[2:]:  # keep the two newest states
+            shutil.rmtree(p, ignore_errors=True)
+        for p in self.directory.iterdir():
+            if p.name.startswith("tmp-"):
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -535,10 +582,6 @@ def _exp(x: float) -> float:
     if math.isnan(x):
         return math.nan
     return math.exp(x) if x < 709.0 else math.inf  # math.exp raises past ~709.78
-
-
-def _show(value) -> str:
-    return "nothing" if value is None else str(value)
 
 
 def finite_or_none(x):

@@ -152,7 +152,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     whole = run(tokens, 16)
     part = run(tokens, 16, checkpoint_dir=tmp_path, checkpoint_every=3, max_chunks=7)
     assert not part.complete and part.positions == 7 * 16 and part.tokens == 2 * 7 * 16
-    assert [p.name for p in tmp_path.iterdir()] == ["state-000000000007"]  # saved at the stop, only the latest kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-000000000006", "state-000000000007"]  # two kept
     rest = run(tokens, 16, checkpoint_dir=tmp_path, checkpoint_every=3)
     assert rest.complete and rest.resumed_tokens == part.tokens
     same_science(rest, whole)
@@ -177,13 +177,13 @@ def test_kill_between_checkpoints_redoes_the_lost_work(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(tokens, 16, checkpoint_dir=tmp_path, checkpoint_every=4)
     monkeypatch.setattr(streaming, "_read_window", real_read)
-    assert [p.name for p in tmp_path.iterdir()] == ["state-000000000008"]  # 11 chunks ran, 8 were saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-000000000004", "state-000000000008"]  # 11 ran
     (tmp_path / "tmp-000000000012-1").mkdir()  # debris of a save killed half way
     (tmp_path / "tmp-000000000012-1" / "junk").write_text("partial")
     rest = run(tokens, 16, checkpoint_dir=tmp_path, checkpoint_every=4)
     assert rest.resumed_tokens == 8 * 16
     same_science(rest, whole)
-    assert [p.name for p in tmp_path.iterdir()] == ["state-000000000019"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-000000000016", "state-000000000019"]
 
 
 def test_resume_with_different_settings_names_what_differs(tmp_path):
@@ -191,15 +191,95 @@ def test_resume_with_different_settings_names_what_differs(tmp_path):
     run(tokens, 16, checkpoint_dir=tmp_path, max_chunks=2)
     with pytest.raises(ValueError, match="chunk: checkpoint has 16, run asks 8"):
         run(tokens, 8, checkpoint_dir=tmp_path)
-    with pytest.raises(ValueError, match="fingerprint: checkpoint has sha256:"):
+    with pytest.raises(ValueError, match=r"stream \(its first 33 tokens\): checkpoint has sha256:"):
         run(stream(120, seed=7), 16, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="length: checkpoint has 120, run asks 121") as info:
         run(stream(121, seed=6), 16, checkpoint_dir=tmp_path)
     assert "chunk" not in str(info.value)
-    with pytest.raises(ValueError, match=r"buckets: checkpoint has \{'per_octave': 4\}, run asks \{'per_octave': 2\}"):
+    with pytest.raises(ValueError, match=r"buckets.per_octave: checkpoint has 4, run asks 2"):
         run(tokens, 16, checkpoint_dir=tmp_path, buckets=PositionBuckets(2))
     with pytest.raises(ValueError, match="streams: checkpoint has 1, run asks 2"):
         run(np.stack([tokens, tokens]), 16, checkpoint_dir=tmp_path)
+
+
+def test_resume_with_other_params_or_identity_is_refused(tmp_path):
+    tokens = stream(120, seed=6)
+    run(tokens, 16, checkpoint_dir=tmp_path, max_chunks=2, identity={"attention": {"limit_distance": 16}})
+    other = toy_params(seed=1)  # same shapes, other values
+    with pytest.raises(ValueError, match=r"does not match this run: model\.params: checkpoint has sha256:\w+, run "
+                                         r"asks sha256:\w+$"):
+        streaming_nll(STEP, other, tokens, empty_cache(1), chunk=16, checkpoint_dir=tmp_path, progress=False,
+                      identity={"attention": {"limit_distance": 16}})
+    with pytest.raises(ValueError, match=r"model\.attention\.limit_distance: checkpoint has 16, run asks 8$"):
+        run(tokens, 16, checkpoint_dir=tmp_path, identity={"attention": {"limit_distance": 8}})
+    rest = run(tokens, 16, checkpoint_dir=tmp_path, identity={"attention": {"limit_distance": 16}})
+    assert rest.resumed_tokens == 32 and rest.complete
+
+
+def test_a_stream_changed_in_its_scored_part_is_refused(tmp_path):
+    """The whole scored prefix is checked, not a sample: one token changed anywhere in it is found,
+    and a change after it (not scored yet) resumes to the uninterrupted result on the new stream."""
+    tokens = stream(2000, seed=8)
+    run(tokens, 64, checkpoint_dir=tmp_path, max_chunks=3)  # scored positions 0..191: tokens 0..192
+    changed = tokens.copy()
+    changed[100] = (changed[100] + 1) % V
+    with pytest.raises(ValueError, match=r"stream \(its first 193 tokens\): checkpoint has sha256:\w+, run asks"):
+        run(changed, 64, checkpoint_dir=tmp_path)
+    later = tokens.copy()
+    later[193] = (later[193] + 1) % V
+    rest = run(later, 64, checkpoint_dir=tmp_path)
+    assert rest.resumed_tokens == 192
+    same_science(rest, run(later, 64))
+
+
+def damage(state, how: str) -> None:
+    """Flip the middle byte of every cache data file of a saved state, or delete its stats file."""
+    if how == "flip cache":
+        files = [p for p in (state / "cache").rglob("*") if p.is_file() and p.parent.name == "d"]
+        assert files
+        for path in files:
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0x10
+            path.write_bytes(bytes(data))
+    else:
+        (state / "stats" / "metadata").unlink()
+
+
+def test_a_damaged_state_falls_back_to_the_previous_one(tmp_path, capsys):
+    tokens = stream(120, 2, seed=6)  # 8 chunks of 16
+    whole = run(tokens, 16)
+    run(tokens, 16, checkpoint_dir=tmp_path, checkpoint_every=2, max_chunks=5)
+    newest = tmp_path / "state-000000000005"
+    damage(newest, "flip cache")
+    rest = run(tokens, 16, checkpoint_dir=tmp_path, checkpoint_every=2)
+    warning = capsys.readouterr().err
+    assert warning == f"warning: {newest} is damaged ({warning.split('(', 1)[1].split(')')[0]}); removed it and " \
+                      f"resumed from {tmp_path / 'state-000000000004'}\n"
+    assert rest.resumed_tokens == 2 * 4 * 16
+    same_science(rest, whole)
+    # a stats file whose numbers no longer match the checksum
+    stats = tmp_path / "state-000000000008" / "stats" / "metadata"
+    record = json.loads(stats.read_text())
+    record["total"] += 1.0
+    stats.write_text(json.dumps(record))
+    again = run(tokens, 16, checkpoint_dir=tmp_path)
+    assert "(ValueError: meta/stats do not match their checksum)" in capsys.readouterr().err
+    assert again.resumed_tokens == 2 * 6 * 16
+    same_science(again, whole)
+
+
+def test_no_intact_state_is_one_clear_error(tmp_path, capsys):
+    tokens = stream(120, seed=6)
+    ckpt = tmp_path / "new" / "dir"  # missing: a fresh start
+    run(tokens, 16, checkpoint_dir=ckpt, checkpoint_every=2, max_chunks=5)
+    damage(ckpt / "state-000000000005", "delete stats")
+    damage(ckpt / "state-000000000004", "flip cache")
+    with pytest.raises(ValueError, match=r"^no intact saved state: \S+/state-000000000005: FileNotFoundError: .*; "
+                                         r"\S+/state-000000000004: \w+: .*\(remove the damaged state\(s\) to start "
+                                         r"afresh\)$"):
+        run(tokens, 16, checkpoint_dir=ckpt)
+    assert capsys.readouterr().err == ""
+    assert sorted(p.name for p in ckpt.iterdir()) == ["state-000000000004", "state-000000000005"]  # kept
 
 
 @jax.tree_util.register_dataclass

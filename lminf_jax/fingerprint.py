@@ -1,0 +1,215 @@
+"""Content fingerprints of arrays, computed where they live, and checks of saved states.
+
+* `tree_fingerprint(tree)`: ``sha256:`` + hex over each leaf's key path, dtype, shape and a
+  128-bit digest of its contents, computed on the leaves' devices (sharded arrays stay sharded)
+  in calls of at most `BLOCK_WORDS` words; only 16 bytes per leaf reach the host. Each
+  element's bits, as 32-bit words (8/16-bit values widened, 64-bit ones split in two), are mixed
+  with the word's flat index through a bijective 32-bit mixer (murmur3's ``fmix32``) and summed
+  modulo 2**32 in 4 lanes with independent index keys. Integer arithmetic only: the digest is
+  the same on every backend and in every reduction order. A change of one element always
+  changes every lane (the mixer is a bijection of the word); other changes (moved elements,
+  several changed) go unseen only if four independently keyed 32-bit sums all collide. Flat
+  indices wrap beyond 2**32 elements per leaf.
+* `json_digest(record)`: ``sha256:`` of a JSON record in canonical form.
+* `check_identity(saved, wanted, where)`: a `Mismatch` naming each field that differs.
+* `newest_intact(candidates, read, discard)`: the newest saved state that reads back intact,
+  warning about (and discarding) damaged newer ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = ["Mismatch", "check_identity", "json_digest", "leaf_digests", "newest_intact", "tree_fingerprint"]
+
+#: Index keys of the 4 lanes (any distinct constants).
+_SEEDS = (0x9E3779B9, 0x7F4A7C15, 0x2545F491, 0x68E31DA4)
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+#: Most 32-bit words digested in one device call (bounds XLA's temporaries to ~64 MiB).
+BLOCK_WORDS = 1 << 22
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """murmur3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as uint32: one word per element, or ``(..., 2)`` for 64-bit elements."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 8:
+        return lax.bitcast_convert_type(x, jnp.uint32)
+    return lax.bitcast_convert_type(x, _UNSIGNED[size]).astype(jnp.uint32)
+
+
+def _lanes(words: jax.Array, start: jax.Array) -> jax.Array:
+    """uint32 ``(4,)``: per lane, the wrapping sum of ``fmix32(word ^ fmix32(index ^ seed))`` over
+    ``words``, whose first word has flat index ``start``."""
+    index = jnp.broadcast_to(start, words.shape)
+    stride = 1
+    for axis in reversed(range(words.ndim)):  # the flat index, without reshaping a sharded array
+        index = index + lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= words.shape[axis]
+    return jnp.stack([jnp.sum(_fmix32(words ^ _fmix32(index ^ jnp.uint32(seed))), dtype=jnp.uint32)
+                      for seed in _SEEDS])
+
+
+@jax.jit
+def _digest_blocks(blocks: list[jax.Array], starts: jax.Array) -> jax.Array:
+    """uint32 ``(len(blocks), 4)``: the lanes of each block, given its first flat index."""
+    return jnp.stack([_lanes(_words(x), starts[i]) for i, x in enumerate(blocks)])
+
+
+def _blocks(x: jax.Array, start: int = 0) -> list[tuple[jax.Array, int]]:
+    """``x`` cut along its leading axes into ``(block, flat index of its first word)`` pieces of at
+    most `BLOCK_WORDS` words (one piece when it is small enough)."""
+    words = x.size * (2 if jnp.dtype(x.dtype).itemsize == 8 else 1)
+    if words <= BLOCK_WORDS or x.ndim == 0:
+        return [(x, start)]
+    row = words // x.shape[0]
+    if row > BLOCK_WORDS:  # one row is too large: cut each row further
+        return [piece for r in range(x.shape[0]) for piece in _blocks(x[r], start + r * row)]
+    rows = BLOCK_WORDS // row
+    return [(x[r:r + rows], start + r * row) for r in range(0, x.shape[0], rows)]
+
+
+def _on_device(leaf: jax.Array | np.ndarray) -> jax.Array:
+    """A jax.Array as it is; a host array copied to the device as is, or, for 64-bit values (which
+    jax without x64 would truncate), as uint32 ``(..., 2)`` split on the host."""
+    dtype = jnp.dtype(leaf.dtype)
+    if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        raise ValueError(f"cannot fingerprint an array of dtype {dtype}")
+    if isinstance(leaf, jax.Array):
+        return leaf
+    if dtype.itemsize == 8:
+        return jnp.asarray(leaf.reshape(-1).view(np.uint32).reshape(*leaf.shape, 2))
+    return jnp.asarray(leaf)
+
+
+def leaf_digests(leaves: Sequence[Any]) -> np.ndarray:
+    """uint32 ``(len(leaves), 4)``: each leaf's content digest (module docstring), computed on its
+    device; only the digests are copied to the host.
+
+    The leaves go to the device in calls of at most `BLOCK_WORDS` words (a large leaf cut into
+    blocks along its leading axes, small leaves together): XLA may keep ~16 bytes of temporaries
+    per word, and the digest of a 7B model must not need 100 GB of them."""
+    digests = np.zeros((len(leaves), 4), np.uint32)
+    call: list[tuple[int, jax.Array, int]] = []  # (leaf number, block, flat index of its first word)
+
+    def flush() -> None:
+        if call:
+            starts = np.asarray([start % 2**32 for _, _, start in call], np.uint32)
+            lanes = np.asarray(jax.device_get(_digest_blocks([block for _, block, _ in call], starts)))
+            for (i, _, _), lane in zip(call, lanes):
+                digests[i] += lane  # wrapping uint32 sums: the blocks add up to the leaf's digest
+            call.clear()
+
+    for i, leaf in enumerate(leaves):
+        array = _on_device(leaf if isinstance(leaf, jax.Array) else np.asarray(leaf))
+        for block, start in _blocks(array):
+            if call and sum(b.size for _, b, _ in call) + block.size > BLOCK_WORDS:
+                flush()
+            call.append((i, block, start))
+    flush()
+    return digests
+
+
+def tree_fingerprint(tree: Any) -> str:
+    """``sha256:`` + hex of a pytree of arrays: key paths, dtypes, shapes and content digests."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    leaves = [leaf if isinstance(leaf, jax.Array) else np.asarray(leaf) for _, leaf in flat]
+    h = hashlib.sha256(b"lminf_jax.tree_fingerprint v1\n")
+    for (path, _), leaf, digest in zip(flat, leaves, leaf_digests(leaves)):
+        h.update(f"{jax.tree_util.keystr(path)}|{jnp.dtype(leaf.dtype).name}|{list(leaf.shape)}|".encode())
+        h.update(digest.astype("<u4").tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def json_digest(record: Any) -> str:
+    """``sha256:`` + hex of a JSON-serialisable record in canonical form (sorted keys)."""
+    return "sha256:" + hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class Mismatch(ValueError):
+    """A saved state that another run (other settings, model or data) made."""
+
+
+def _flatten(record: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_identity(saved: Any, wanted: Mapping, where: str) -> None:
+    """Raise a `Mismatch` naming every field (dotted path into nested dicts) in which ``saved``
+    differs from ``wanted``: ``"{where} does not match this run: field: checkpoint has A, run asks B"``."""
+    saved_fields = _flatten(saved) if isinstance(saved, Mapping) else {}
+    wanted_fields = _flatten(wanted)
+    diffs = [f"{key}: checkpoint has {_show(saved_fields.get(key))}, run asks {_show(wanted_fields.get(key))}"
+             for key in [*wanted_fields, *(k for k in saved_fields if k not in wanted_fields)]
+             if saved_fields.get(key) != wanted_fields.get(key)]
+    if diffs:
+        raise Mismatch(f"{where} does not match this run: " + "; ".join(diffs))
+
+
+def _show(value: Any) -> str:
+    return "nothing" if value is None else str(value)
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
+
+
+def newest_intact(candidates: Sequence[P], read: Callable[[P], R], discard: Callable[[P], None],
+                  name: Callable[[P], str] = str) -> tuple[P, R] | None:
+    """``(candidate, read(candidate))`` for the first candidate (newest first) that ``read``
+    restores and verifies; None when there are none.
+
+    ``read`` raises a `Mismatch` for a state of another run (re-raised: nothing is touched) and
+    any other exception for a damaged or unreadable one. Damaged candidates newer than the one
+    restored are ``discard``-ed, with one warning line each on stderr; when none is intact, a
+    ValueError lists each candidate and why it failed.
+    """
+    failures: list[tuple[P, str]] = []
+    for candidate in candidates:
+        try:
+            value = read(candidate)
+        except Mismatch:
+            raise
+        except Exception as e:  # orbax / tensorstore / json raise many types: all mean "not intact"
+            failures.append((candidate, _reason(e)))
+            continue
+        for bad, why in failures:
+            print(f"warning: {name(bad)} is damaged ({why}); removed it and resumed from {name(candidate)}",
+                  file=sys.stderr)
+            discard(bad)
+        return candidate, value
+    if failures:
+        listed = "; ".join(f"{name(bad)}: {why}" for bad, why in failures)
+        raise ValueError(f"no intact saved state: {listed} (remove the damaged state(s) to start afresh)")
+    return None
