@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.options import int_option, output_file
 from lminf_jax import AttentionSpec, Rotary
 from lminf_jax.attention_blockwise import blockwise_attention
 from lminf_jax.attention_reference import reference_attention
@@ -46,15 +47,15 @@ def planned_bytes(fn, *args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--window", type=int, default=512, help="local branch L (and distance limit D)")
-    p.add_argument("--sinks", type=int, default=10, help="global branch G")
-    p.add_argument("--multiple", type=int, default=8, help="sequence length T = multiple * L")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--block", type=int, default=512, help="query block and key chunk size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=pathlib.Path, default=pathlib.Path("results/attention_demo.json"))
+    p.add_argument("--window", type=int_option(1), default=512, help="local branch L (and distance limit D)")
+    p.add_argument("--sinks", type=int_option(0), default=10, help="global branch G")
+    p.add_argument("--multiple", type=int_option(1), default=8, help="sequence length T = multiple * L")
+    p.add_argument("--heads", type=int_option(1), default=8)
+    p.add_argument("--kv-heads", type=int_option(1), default=2)
+    p.add_argument("--head-dim", type=int_option(1), default=64)
+    p.add_argument("--block", type=int_option(1), default=512, help="query block and key chunk size")
+    p.add_argument("--seed", type=int_option(0), default=0)
+    p.add_argument("--json", type=output_file, default="results/attention_demo.json")
     args = p.parse_args(argv)
 
     t = args.multiple * args.window
@@ -94,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
           f"XLA plan {result['blockwise_planned_bytes'] / 2**20:8.1f} MiB")
     print(f"  dense    : {d_best * 1e3:9.1f} ms per call ({d_first:.2f} s first call incl. compile), "
           f"XLA plan {result['dense_planned_bytes'] / 2**20:8.1f} MiB")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(f"  wrote {args.json}")
+    out = pathlib.Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"  wrote {out}")
     if not err <= 1e-5:
         print("FAILED: blockwise and dense disagree", file=sys.stderr)
         return 1

@@ -37,6 +37,7 @@ import numpy as np
 
 from experiments.benchmark_decode import PRESETS, measure
 from experiments.loading import run_cli
+from experiments.options import int_option, output_file
 from lminf_jax import AttentionSpec, Rotary, attention
 from lminf_jax.rope import apply_rope
 from models import llama
@@ -54,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama2-7b" if jax.default_backend() == "gpu" else "tiny")
     p.add_argument("--sections", nargs="+", choices=["attention", "encode", "decode"],
                    default=["attention", "encode", "decode"])
-    p.add_argument("--attention-lengths", type=int, nargs="+", metavar="T")
-    p.add_argument("--encode-lengths", type=int, nargs="+", metavar="T")
-    p.add_argument("--positions", type=int, nargs="+", metavar="P", help="decode positions")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], metavar="B", help="decode batch sizes")
-    p.add_argument("--steps", type=int, default=16, help="tokens per timed decoding call")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls (the best is kept)")
-    p.add_argument("--out", default="results/benchmark.json", metavar="JSON")
-    p.add_argument("--plot", default="results/benchmark.png", metavar="PNG")
+    p.add_argument("--attention-lengths", type=int_option(1), nargs="+", metavar="T")
+    p.add_argument("--encode-lengths", type=int_option(1), nargs="+", metavar="T")
+    p.add_argument("--positions", type=int_option(0), nargs="+", metavar="P", help="decode positions")
+    p.add_argument("--batches", type=int_option(1), nargs="+", default=[1, 8], metavar="B", help="decode batch sizes")
+    p.add_argument("--steps", type=int_option(1), default=16, help="tokens per timed decoding call")
+    p.add_argument("--repeats", type=int_option(1), default=3, help="timed calls (the best is kept)")
+    p.add_argument("--out", default="results/benchmark.json", type=output_file, metavar="JSON")
+    p.add_argument("--plot", default="results/benchmark.png", type=output_file, metavar="PNG")
     return p
 
 
@@ -239,8 +240,6 @@ def plot(record: dict, path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.repeats < 1 or args.steps < 1 or any(b < 1 for b in args.batches):
-        raise ValueError("--repeats, --steps and --batches must be >= 1")
     preset = PRESETS[args.preset]
     cfg, dtype, sinks = preset["config"], preset["dtype"], preset["global_branch"]
     window = cfg.max_position_embeddings

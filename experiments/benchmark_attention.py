@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.options import int_option, output_file
 from lminf_jax import AttentionSpec, Rotary
 from lminf_jax.attention_blockwise import blockwise_attention
 from lminf_jax.attention_reference import reference_attention
@@ -45,17 +46,17 @@ def _device_peak_bytes() -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
-    p.add_argument("--window", type=int, default=2048, help="L = D")
-    p.add_argument("--sinks", type=int, default=10, help="G")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--block", type=int, default=512)
+    p.add_argument("--lengths", type=int_option(1), nargs="+", default=[2048, 8192, 32768])
+    p.add_argument("--window", type=int_option(1), default=2048, help="L = D")
+    p.add_argument("--sinks", type=int_option(0), default=10, help="G")
+    p.add_argument("--heads", type=int_option(1), default=4)
+    p.add_argument("--kv-heads", type=int_option(1), default=4)
+    p.add_argument("--head-dim", type=int_option(1), default=64)
+    p.add_argument("--block", type=int_option(1), default=512)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int_option(1), default=3)
     p.add_argument("--max-dense-gib", type=float, default=8.0)
-    p.add_argument("--json", type=pathlib.Path, default=pathlib.Path("results/benchmark_attention.json"))
+    p.add_argument("--json", type=output_file, default="results/benchmark_attention.json")
     args = p.parse_args(argv)
 
     dtype = jnp.dtype(args.dtype)
@@ -99,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         shown = f"{r['seconds'] * 1e3:.1f}" if r["seconds"] is not None else "not run (OOM plan)"
         print(f"| {r['T']} | {r['variant']} | {shown} | {r['planned_bytes'] / 2**20:.1f} |")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": f"{device.platform} {device.device_kind}", "args": {k: str(v) for k, v in vars(args).items()}}
-    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\nwrote {args.json}")
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nwrote {out}")
     return 0
 
 

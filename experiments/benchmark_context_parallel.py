@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.loading import DTYPES, load_model, method_spec, pretraining_length, run_cli
+from experiments.options import int_option, output_file
 from experiments.perplexity import SHIPPED_MODEL
 from lminf_jax.sharding import ShardingPlan, make_mesh
 from models.common import AttentionCall
@@ -40,12 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.benchmark_context_parallel",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL), help="model directory (default: shipped LLaMA)")
-    p.add_argument("--devices", type=int, nargs="+", metavar="N", help="device counts (default: 1, 2, 4, ... all)")
-    p.add_argument("--length", type=int, default=65536, metavar="T", help="tokens per sequence (default 65536)")
-    p.add_argument("--repeats", type=int, default=2, metavar="R", help="timed calls per device count (default 2)")
+    p.add_argument("--devices", type=int_option(1), nargs="+", metavar="N", help="device counts (default: 1, 2, 4, ... all)")
+    p.add_argument("--length", type=int_option(2), default=65536, metavar="T", help="tokens per sequence (default 65536)")
+    p.add_argument("--repeats", type=int_option(1), default=2, metavar="R", help="timed calls per device count (default 2)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (default fp32)")
-    p.add_argument("--block", type=int, default=512, metavar="N", help="attention block size (default 512)")
-    p.add_argument("--out", default="results/benchmark_context_parallel.json", metavar="JSON", help="result file")
+    p.add_argument("--block", type=int_option(1), default=512, metavar="N", help="attention block size (default 512)")
+    p.add_argument("--out", default="results/benchmark_context_parallel.json", type=output_file, metavar="JSON", help="result file")
     return p
 
 

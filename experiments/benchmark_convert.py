@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from experiments.options import int_option, output_file
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -61,15 +63,15 @@ def save_checkpoint(d: pathlib.Path, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int_option(1), default=1024)
+    p.add_argument("--intermediate", type=int_option(1), default=2048)
+    p.add_argument("--layers", type=int_option(1), default=8)
+    p.add_argument("--heads", type=int_option(1), default=16)
+    p.add_argument("--vocab", type=int_option(1), default=32000)
     p.add_argument("--shard-size", default="100MB")
-    p.add_argument("--repeats", type=int, default=3, help="conversions to run (peak RSS varies with orbax's threads)")
+    p.add_argument("--repeats", type=int_option(1), default=3, help="conversions to run (peak RSS varies with orbax's threads)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="passed to the converter (default: keep)")
-    p.add_argument("--json", type=pathlib.Path, default=ROOT / "results" / "benchmark_convert.json")
+    p.add_argument("--json", type=output_file, default=str(ROOT / "results" / "benchmark_convert.json"))
     p.add_argument("--write-checkpoint", type=pathlib.Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.write_checkpoint:
@@ -128,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         f"| {row['peak_rss_over_checkpoint']:.2f} | {row['baseline_rss_mb']:.0f} "
         f"| {row['above_baseline_over_checkpoint']:.2f} |"
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"args": {k: str(v) for k, v in vars(args).items()}, "cpu_count": os.cpu_count(), "cli_output": out.strip()}
-    args.json.write_text(json.dumps({"meta": meta, "rows": [row], "runs": runs}, indent=2))
-    print(f"\nwrote {args.json}")
+    out.write_text(json.dumps({"meta": meta, "rows": [row], "runs": runs}, indent=2))
+    print(f"\nwrote {out}")
     return 0
 
 

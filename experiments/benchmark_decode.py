@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from experiments.options import int_option, output_file
 from lminf_jax import AttentionSpec
 from lminf_jax.cache import KVCache
 from models import llama
@@ -102,10 +103,10 @@ def measure(model, params, position: int, steps: int, repeats: int, batch: int =
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.benchmark_decode", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--positions", type=int, nargs="+", default=[1024, 8192, 65536])
-    parser.add_argument("--steps", type=int, default=32, help="tokens decoded per timed call")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="results/benchmark_decode.json")
+    parser.add_argument("--positions", type=int_option(0), nargs="+", default=[1024, 8192, 65536])
+    parser.add_argument("--steps", type=int_option(1), default=32, help="tokens decoded per timed call")
+    parser.add_argument("--repeats", type=int_option(1), default=3)
+    parser.add_argument("--out", default="results/benchmark_decode.json", type=output_file)
     args = parser.parse_args(argv)
 
     preset = PRESETS[args.preset]

@@ -37,6 +37,7 @@ from experiments.loading import (
     load_config, load_model, load_tokenizer_from, method_spec, params_dtype, pretraining_length, run_cli,
     save_result,
 )
+from experiments.options import int_option, output_file
 from experiments.perplexity import SHIPPED_MODEL
 from experiments.text import add_text_args, bos_id, check_ids, token_stream
 from lminf_jax.metrics import bleu, rouge_l
@@ -49,14 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL),
                    help="converted or Hugging Face model directory (default: the shipped LLaMA-style model)")
     add_text_args(p)
-    p.add_argument("--multiples", type=int, nargs="+", default=[1, 4, 16], metavar="M",
+    p.add_argument("--multiples", type=int_option(1), nargs="+", default=[1, 4, 16], metavar="M",
                    help="continue from position M x L_train (default 1 4 16)")
-    p.add_argument("--sequences", type=int, default=8, metavar="S", help="held-out segments (default 8)")
-    p.add_argument("--new-tokens", type=int, default=64, metavar="N", help="tokens generated (default 64)")
+    p.add_argument("--sequences", type=int_option(1), default=8, metavar="S", help="held-out segments (default 8)")
+    p.add_argument("--new-tokens", type=int_option(1), default=64, metavar="N", help="tokens generated (default 64)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("-G", "--global-branch", type=int, default=10, metavar="G", help="sinks (default 10)")
-    p.add_argument("--out", default="results/continuation.json", metavar="JSON")
-    p.add_argument("--plot", default="results/continuation.png", metavar="PNG")
+    p.add_argument("-G", "--global-branch", type=int_option(0), default=10, metavar="G", help="sinks (default 10)")
+    p.add_argument("--out", default="results/continuation.json", type=output_file, metavar="JSON")
+    p.add_argument("--plot", default="results/continuation.png", type=output_file, metavar="PNG")
     p.add_argument("--no-plot", action="store_true")
     return p
 
@@ -130,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from lminf_jax.evaluation import bos_sequences
 
-    if args.sequences < 1 or args.new_tokens < 1 or any(m < 1 for m in args.multiples):
-        raise ValueError("--sequences, --new-tokens and --multiples must be >= 1")
     family, config = load_config(args.model_dir)
     l_train = pretraining_length(config)
     positions = [m * l_train for m in sorted(args.multiples)]

@@ -40,6 +40,7 @@ import numpy as np
 from experiments.loading import (
     DTYPES, load_config, load_model, method_spec, params_dtype, pretraining_length, resolve_dtype, run_cli,
 )
+from experiments.options import int_option, output_dir
 from experiments.perplexity import SHIPPED_MODEL
 from experiments.text import add_text_args, bos_id, check_ids, token_stream
 from lminf_jax.streaming import finite_or_none
@@ -55,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="converted or Hugging Face model directory (default: the shipped LLaMA-style model)")
     p.add_argument("--factors", nargs="+", choices=FACTORS, default=list(FACTORS), help="which to measure")
     add_text_args(p)
-    p.add_argument("--sequences", type=int, default=2, metavar="S", help="held-out segments (default 2)")
-    p.add_argument("--multiple", type=int, default=16, metavar="M", help="segment length T = M x L (default 16)")
+    p.add_argument("--sequences", type=int_option(1), default=2, metavar="S", help="held-out segments (default 2)")
+    p.add_argument("--multiple", type=int_option(1), default=16, metavar="M", help="segment length T = M x L (default 16)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the stored weights' dtype)")
-    p.add_argument("--block", type=int, default=512, metavar="N", help="blockwise attention block size")
-    p.add_argument("--out-dir", default="results/factors", metavar="DIR", help="where the JSON and PNG go")
+    p.add_argument("--block", type=int_option(1), default=512, metavar="N", help="blockwise attention block size")
+    p.add_argument("--out-dir", default="results/factors", type=output_dir, metavar="DIR", help="where the JSON and PNG go")
     p.add_argument("--no-plot", action="store_true", help="do not draw the plots")
     return p
 
@@ -75,8 +76,6 @@ class Setup:
 
         family, config = load_config(args.model_dir)
         self.l_train = pretraining_length(config)
-        if args.multiple < 1 or args.sequences < 1 or args.block < 1:
-            raise ValueError("--multiple, --sequences and --block must be >= 1")
         self.length = args.multiple * self.l_train
         stream, self.source = token_stream(args)
         check_ids(stream, config.vocab_size)

@@ -34,6 +34,8 @@ from experiments.loading import (
     DTYPES, add_attention_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype, run_cli,
     resolve_dtype, spec_from_args, spec_settings,
 )
+from experiments.options import int_option, output_file
+from experiments.text import read_text_file
 
 #: Prompt tokens decoded before the generated ones, so the continuation keeps its leading space.
 CONTEXT_TOKENS = 16
@@ -92,19 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="converted or Hugging Face model directory (with its tokenizer)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-file", metavar="F", help="prompts, one per line (blank lines skipped)")
-    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: 128")
+    p.add_argument("--max-new-tokens", type=int_option(1), default=128, metavar="N", help="default: 128")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
+    p.add_argument("--top-k", type=int_option(1), metavar="K", help="sample among the K most likely tokens")
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default: 0)")
+    p.add_argument("--seed", type=int_option(0), default=0, metavar="S", help="sampling seed (default: 0)")
     p.add_argument("--stop", action="extend", nargs="+", default=[], metavar="TEXT",
                    help="also stop after these strings (each must be a single token)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS")
     p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="cast floating params and compute in this dtype (default: the params' dtype)")
-    p.add_argument("--prefill-chunk", type=int, default=512, metavar="C", help="prompt tokens per prefill call")
+    p.add_argument("--prefill-chunk", type=int_option(1), default=512, metavar="C", help="prompt tokens per prefill call")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS")
-    p.add_argument("--json", metavar="OUT", help="write prompts, continuations, token ids, settings and timings")
+    p.add_argument("--json", type=output_file, metavar="OUT",
+                   help="write prompts, continuations, token ids, settings and timings")
     add_attention_args(p)
     return p
 
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file is not None:
-        prompts += [line for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+        prompts += [line for line in read_text_file(args.prompt_file, "--prompt-file").splitlines() if line.strip()]
     if not prompts:
         raise ValueError("no prompt: give --prompt TEXT or --prompt-file F")
     return prompts
@@ -139,12 +142,10 @@ def run(args: argparse.Namespace) -> int:
     from lminf_jax.decoding import generate
     from models.common import AttentionCall
 
-    for name in ("max_new_tokens", "prefill_chunk"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     prompts = read_prompts(args)
     family, config = load_config(args.model_dir)  # validate the options before reading weights
     spec = spec_from_args(args, config)
+    family.check_spec(config, spec)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     tokenizer = load_tokenizer_from(args.model_dir)
     bos = [] if args.no_bos or tokenizer.bos_id is None else [tokenizer.bos_id]

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from converters.reader import read_json_object
+from experiments.options import int_option
 from lminf_jax import AttentionSpec, TopK
 from lminf_jax.spec import KINDS
 
@@ -223,18 +224,18 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("attention (LM-Infinite and ablations)")
     group.add_argument("--method", choices=KINDS, default="lm_infinite",
                        help="attention mask (default: lm_infinite)")
-    group.add_argument("-G", "--global-branch", type=int, metavar="G",
+    group.add_argument("-G", "--global-branch", type=int_option(0), metavar="G",
                        help="sink tokens at the start (default: 10; 4 for streaming_llm)")
-    group.add_argument("-L", "--local-branch", type=int, metavar="L",
+    group.add_argument("-L", "--local-branch", type=int_option(1), metavar="L",
                        help="window of the last L tokens (default: the model's pretraining length)")
-    group.add_argument("-D", "--limit-distance", type=int, metavar="D",
+    group.add_argument("-D", "--limit-distance", type=int_option(1), metavar="D",
                        help="distance the sinks are scored at (lm_infinite, default L) or the cap on "
                             "distances (distance_limit, default: the pretraining length)")
-    group.add_argument("--top-k-middle", type=int, metavar="K",
+    group.add_argument("--top-k-middle", type=int_option(1), metavar="K",
                        help="also attend the K best hidden middle tokens from the last query (default: off)")
-    group.add_argument("--top-k-insert-at", type=int, metavar="N",
+    group.add_argument("--top-k-insert-at", type=int_option(0), metavar="N",
                        help="distance the top-k middle tokens are scored at (default: L)")
-    group.add_argument("--top-k-from-layer", type=int, metavar="H",
+    group.add_argument("--top-k-from-layer", type=int_option(0), metavar="H",
                        help="first layer using top-k middle tokens (default: 4)")
 
 

@@ -42,6 +42,9 @@ from experiments.loading import (
     load_config, load_model, load_tokenizer_from, method_spec, params_dtype, pretraining_length, run_cli,
     save_result,
 )
+from experiments.options import int_option, output_file
+from lminf_jax import AttentionSpec, TopK
+from models.common import AttentionCall
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
@@ -131,39 +134,36 @@ def training_windows(builder: PasskeyBuilder, rows: int, seq_len: int, rng: np.r
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.passkey", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", help="converted or Hugging Face model directory (fine-tuned on passkeys)")
-    p.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4, 8, 16], metavar="M",
+    p.add_argument("--multiples", type=int_option(1), nargs="+", default=[1, 2, 4, 8, 16], metavar="M",
                    help="prompt lengths as multiples of L_train (default 1 2 4 8 16)")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="F")
-    p.add_argument("--samples", type=int, default=4, help="prompts per length and depth (default 4)")
+    p.add_argument("--samples", type=int_option(1), default=4, help="prompts per length and depth (default 4)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("-G", "--global-branch", type=int, default=10, metavar="G", help="sinks (default 10)")
-    p.add_argument("--top-k", type=int, default=5, metavar="K", help="middle tokens (default 5)")
-    p.add_argument("--top-k-from-layer", type=int, metavar="H", help="first layer with top-k (default: layer 1)")
-    p.add_argument("--top-k-to-layer", type=int, metavar="H2", help="layers < H2 only (default: to the last)")
-    p.add_argument("--top-k-insert-at", type=int, metavar="N", help="their distance (default L_train / 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/passkey.json", metavar="JSON")
-    p.add_argument("--plot", default="results/passkey.png", metavar="PNG")
+    p.add_argument("-G", "--global-branch", type=int_option(0), default=10, metavar="G", help="sinks (default 10)")
+    p.add_argument("--top-k", type=int_option(1), default=5, metavar="K", help="middle tokens (default 5)")
+    p.add_argument("--top-k-from-layer", type=int_option(0), metavar="H", help="first layer with top-k (default: layer 1)")
+    p.add_argument("--top-k-to-layer", type=int_option(1), metavar="H2", help="layers < H2 only (default: to the last)")
+    p.add_argument("--top-k-insert-at", type=int_option(0), metavar="N", help="their distance (default L_train / 2)")
+    p.add_argument("--seed", type=int_option(0), default=0)
+    p.add_argument("--out", default="results/passkey.json", type=output_file, metavar="JSON")
+    p.add_argument("--plot", default="results/passkey.png", type=output_file, metavar="PNG")
     p.add_argument("--no-plot", action="store_true")
     return p
 
 
-def _method_model(family, config, name: str, args, l_train: int, dtype):
-    """``(model, prefill_model)`` for a method (the prefill model has no top-k)."""
-    from lminf_jax import TopK
-    from models.common import AttentionCall
-
+def method_specs(config, name: str, args, l_train: int) -> tuple[AttentionSpec, AttentionSpec | None]:
+    """``(spec, prefill spec)`` of a method; the prefill spec (the same without top-k) only for
+    the top-k method, whose middle tokens join at the prompt's last token."""
     if name in ("vanilla", "truncation"):
         spec = method_spec("vanilla", config)
     else:
         spec = method_spec("lm_infinite", config, global_branch=args.global_branch)
-    plain = family.model(config, AttentionCall(spec), dtype)
     if name != "lm_infinite_top_k":
-        return plain, None
-    top_k = TopK(k=args.top_k, insert_distance=args.top_k_insert_at or l_train // 2,
+        return spec, None
+    top_k = TopK(k=args.top_k, insert_distance=l_train // 2 if args.top_k_insert_at is None else args.top_k_insert_at,
                  from_layer=1 if args.top_k_from_layer is None else args.top_k_from_layer,
                  to_layer=args.top_k_to_layer)
-    return family.model(config, AttentionCall(dataclasses.replace(spec, top_k=top_k)), dtype), plain
+    return dataclasses.replace(spec, top_k=top_k), spec
 
 
 def evaluate_cell(model, prefill, params, prompts: list[Prompt], name: str, l_train: int, tokenizer) -> list[dict]:
@@ -192,8 +192,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.samples < 1 or any(m < 1 for m in args.multiples):
-        raise ValueError("--samples and --multiples must be >= 1")
     family, config = load_config(args.model_dir)
     l_train = pretraining_length(config)
     tokenizer = load_tokenizer_from(args.model_dir)
@@ -202,14 +200,18 @@ def run(args: argparse.Namespace) -> int:
     if lengths[0] < builder.minimum_length:
         raise ValueError(f"prompts need at least {builder.minimum_length} tokens; L_train x "
                          f"{min(args.multiples)} = {lengths[0]}")
+    specs = {name: method_specs(config, name, args, l_train) for name in args.methods}
+    for spec, _ in specs.values():
+        family.check_spec(config, spec)
     rng = np.random.default_rng(args.seed)
     prompts = {n: [builder.prompt(n, d, random_key(rng)) for d in args.depths for _ in range(args.samples)]
                for n in lengths}
     _, config, params = load_model(args.model_dir)
     dtype = params_dtype(params)
     results = {}
-    for name in args.methods:
-        model, prefill = _method_model(family, config, name, args, l_train, dtype)
+    for name, (spec, prefill_spec) in specs.items():
+        model = family.model(config, AttentionCall(spec), dtype)
+        prefill = None if prefill_spec is None else family.model(config, AttentionCall(prefill_spec), dtype)
         t0 = time.perf_counter()
         cells = {}
         for n in lengths:

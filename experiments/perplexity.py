@@ -41,8 +41,11 @@ method and length: tiles, tokens, NLL, its standard error, perplexity, per-segme
 per method: NLL by position and prefix perplexity; time) and ``--plot`` PNG (log-scale
 perplexity vs length, one line per method, the spread across segments shaded, next to NLL vs
 position). Completed work survives an interrupted run: the scores of each batch are saved as
-they are computed in ``OUT.parts/`` (keyed by a fingerprint of the model, text and settings)
-and a rerun with the same settings reuses them; the folder is removed once the JSON is written.
+they are computed in ``OUT.parts/KEY/NAME.SHA.npy``, KEY a hash of the model (its params'
+`lminf_jax.fingerprint.tree_fingerprint`, config, dtypes), the text and the settings, SHA the
+start of the sha256 of the file's bytes. A rerun with the same settings reuses the parts whose
+bytes match their SHA and scores a damaged one again, with a warning; the folder is removed once
+the JSON is written.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -64,7 +68,9 @@ from experiments.loading import (
     DTYPES, KINDS, add_mesh_args, hf_config, load_config, load_model, method_spec, model_kind, params_dtype,
     pretraining_length, resolve_dtype, run_cli, sharding_plan, spec_settings,
 )
+from experiments.options import int_option, output_file
 from experiments.text import add_text_args, bos_id, check_ids, token_stream
+from lminf_jax.fingerprint import tree_fingerprint
 from lminf_jax.streaming import finite_or_none
 
 #: The LLaMA-style model trained by this project (``experiments/train.py``), shipped in the repository.
@@ -75,7 +81,7 @@ DEFAULT_METHODS = ("vanilla", "lm_infinite")
 DEFAULT_SEQUENCES = 3
 #: The methods in the order tables and plots show them.
 METHODS = ("vanilla", "lm_infinite", "lambda_mask", "distance_limit", "sliding_window", "streaming_llm")
-PARTS_FORMAT = "lminf_jax-perplexity-parts-v1"
+PARTS_FORMAT = "lminf_jax-perplexity-parts-v2"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,22 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL),
                    help="converted or Hugging Face model directory (default: the shipped LLaMA-style model)")
     add_text_args(p)
-    p.add_argument("--multiples", type=int, nargs="+", default=list(DEFAULT_MULTIPLES), metavar="M",
+    p.add_argument("--multiples", type=int_option(1), nargs="+", default=list(DEFAULT_MULTIPLES), metavar="M",
                    help="lengths as multiples of L_train (default: 1 2 4 8 16 32)")
-    p.add_argument("--sequences", type=int, default=DEFAULT_SEQUENCES, metavar="S",
+    p.add_argument("--sequences", type=int_option(1), default=DEFAULT_SEQUENCES, metavar="S",
                    help=f"segments of the longest length, evenly spaced over the text (default {DEFAULT_SEQUENCES})")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                    help=f"any of {', '.join(KINDS)}, or 'all' (default: {' '.join(DEFAULT_METHODS)})")
     group = p.add_argument_group("attention options (applied to the methods that use them)")
-    group.add_argument("-G", "--global-branch", type=int, metavar="G", help="sink tokens (default 10; 4 for streaming_llm)")
-    group.add_argument("-L", "--local-branch", type=int, metavar="L", help="window (default: L_train)")
-    group.add_argument("-D", "--limit-distance", type=int, metavar="D", help="distance limit (default: L_train)")
+    group.add_argument("-G", "--global-branch", type=int_option(0), metavar="G", help="sink tokens (default 10; 4 for streaming_llm)")
+    group.add_argument("-L", "--local-branch", type=int_option(1), metavar="L", help="window (default: L_train)")
+    group.add_argument("-D", "--limit-distance", type=int_option(1), metavar="D", help="distance limit (default: L_train)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the stored weights' dtype)")
-    p.add_argument("--batch-tokens", type=int, default=16384, metavar="N",
+    p.add_argument("--batch-tokens", type=int_option(1), default=16384, metavar="N",
                    help="tokens per forward pass: N // length sequences, at least one (default 16384)")
-    p.add_argument("--block", type=int, default=512, metavar="N", help="blockwise attention block size (default 512)")
-    p.add_argument("--out", default="results/perplexity.json", metavar="JSON", help="result file")
-    p.add_argument("--plot", default="results/perplexity.png", metavar="PNG", help="perplexity vs length plot")
+    p.add_argument("--block", type=int_option(1), default=512, metavar="N", help="blockwise attention block size (default 512)")
+    p.add_argument("--out", default="results/perplexity.json", type=output_file, metavar="JSON", help="result file")
+    p.add_argument("--plot", default="results/perplexity.png", type=output_file, metavar="PNG", help="perplexity vs length plot")
     p.add_argument("--no-plot", action="store_true", help="do not draw the plot")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     p.add_argument("--from-json", metavar="JSON", help="evaluate nothing: print the table of a saved result and "
@@ -110,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ----- resumable scoring ------------------------------------------------------------------------
 
 
-def fingerprint(settings: dict, segments: np.ndarray) -> str:
+def parts_key(settings: dict, segments: np.ndarray) -> str:
     """Hash of everything the scores depend on: settings (model, dtype, specs, blocks) and the text."""
     h = hashlib.sha256(PARTS_FORMAT.encode())
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -121,24 +127,48 @@ def fingerprint(settings: dict, segments: np.ndarray) -> str:
 def score(forward, params, sequences: np.ndarray, batch: int, parts: Path, key: str, bar) -> np.ndarray:
     """NLL ``(R, n - 1)`` float32 of the rows of ``sequences (R, n)``, ``batch`` rows per call (the
     last batch padded by repeating its last row, so one shape compiles). Each batch is saved in
-    ``parts`` as it completes and read back instead of recomputed."""
+    ``parts`` as it completes and read back (verified) instead of recomputed."""
     from lminf_jax.evaluation import sequence_nll
 
     out = []
     for first in range(0, sequences.shape[0], batch):
         rows = sequences[first:first + batch]
-        part = parts / f"{key}-{first:06d}.npy"
-        if part.is_file():
-            nll = np.load(part)
-        else:
+        stem = f"{key}-{first:06d}"
+        nll = load_part(parts, stem)
+        if nll is None:
             padded = np.concatenate([rows, np.repeat(rows[-1:], batch - rows.shape[0], axis=0)])
             nll = sequence_nll(forward, params, padded)[: rows.shape[0]]
-            tmp = part.with_name(f"{part.stem}.tmp-{os.getpid()}.npy")
-            np.save(tmp, nll)
+            buffer = io.BytesIO()
+            np.save(buffer, nll)
+            data = buffer.getvalue()
+            part = parts / f"{stem}.{_sha(data)}.npy"
+            tmp = part.with_name(f"{part.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(data)
             os.replace(tmp, part)  # atomic: a rerun never reads half a part
         out.append(nll)
         bar.update(rows.size)
     return np.concatenate(out)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def load_part(parts: Path, stem: str) -> np.ndarray | None:
+    """The scores saved as ``parts/STEM.SHA.npy`` when the file's bytes hash to SHA, else None;
+    a damaged or unreadable file is removed, with a warning on stderr."""
+    for path in sorted(parts.glob(f"{stem}.*.npy")):
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            reason = f"unreadable: {e}"
+        else:
+            if _sha(data) == path.name[len(stem) + 1:-len(".npy")]:
+                return np.load(io.BytesIO(data))
+            reason = "its bytes do not match the checksum in its name"
+        print(f"warning: {path} is damaged ({reason}); scoring that batch again", file=sys.stderr)
+        path.unlink(missing_ok=True)
+    return None
 
 
 # ----- output -----------------------------------------------------------------------------------
@@ -257,12 +287,8 @@ def run(args: argparse.Namespace) -> int:
     from lminf_jax.streaming import PositionBuckets
     from models.common import AttentionCall
 
-    for name, minimum in (("sequences", 1), ("batch_tokens", 1), ("block", 1)):
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
-    if any(m < 1 for m in args.multiples) or len(set(args.multiples)) != len(args.multiples):
-        raise ValueError(f"--multiples must be distinct integers >= 1, got {args.multiples}")
+    if len(set(args.multiples)) != len(args.multiples):
+        raise ValueError(f"--multiples must be distinct, got {args.multiples}")
     methods = _methods(args.methods)
     family, config = load_config(args.model_dir)  # validate the options before reading weights
     l_train = pretraining_length(config)
@@ -285,13 +311,14 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype) or stored
     settings = {
         "model": str(Path(args.model_dir).resolve()), "model_kind": model_kind(args.model_dir), "family": family.name,
-        "config": hf_config(args.model_dir), "params_dtype": stored.name, "compute_dtype": dtype.name,
+        "config": hf_config(args.model_dir), "params": tree_fingerprint(params), "params_dtype": stored.name,
+        "compute_dtype": dtype.name,
         "l_train": l_train, "bos_id": bos, "batch_tokens": args.batch_tokens, "block": args.block,
         "attention": {m: spec_settings(spec) for m, spec in specs.items()},
         "devices": "1 device" if plan is None else plan.describe(family.param_shardings(config, plan)),
     }
     out_path = Path(args.out)
-    parts = out_path.with_name(out_path.name + ".parts") / fingerprint(settings, segments)
+    parts = out_path.with_name(out_path.name + ".parts") / parts_key(settings, segments)
     parts.mkdir(parents=True, exist_ok=True)
     s, seg_tokens = segments.shape
     print(f"{family.name} from {args.model_dir} (L_train {l_train:,}): {s} segment(s) x {seg_tokens:,} tokens of "

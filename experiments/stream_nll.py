@@ -24,11 +24,15 @@ Output: a table of NLL by query position (log-spaced buckets) on stdout; ``--out
 with matplotlib (a dependency; should it be missing, the plot is skipped, saying so on
 stderr). With ``--checkpoint-dir`` the state is saved every ``--checkpoint-every``
 chunks and a rerun resumes it (``--max-chunks`` ends a run early, e.g. to fit a time limit).
+A checkpoint records the model (a fingerprint of its params, its config, the full attention
+call and the compute dtype), the chunk and a hash of the stream it scored; a rerun with any of
+them different is refused, naming the field (`lminf_jax.streaming`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -44,7 +48,8 @@ from experiments.loading import (
     DTYPES, add_attention_args, add_mesh_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype,
     run_cli, pretraining_length, resolve_dtype, sharding_plan, spec_from_args, spec_settings,
 )
-from experiments.text import check_ids, npy_tokens
+from experiments.options import int_option, output_dir, output_file
+from experiments.text import check_ids, npy_tokens, read_text_file
 
 TOKEN_CACHE_VERSION = 1
 #: Tokenizer files whose bytes identify the tokenization (in the token-cache hash).
@@ -57,19 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokens", metavar="FILE.npy", help="a 1-D integer .npy of token ids (memory-mapped)")
     source.add_argument("--text", nargs="+", metavar="FILE", help="text files, tokenized with the model's tokenizer")
-    p.add_argument("--max-tokens", type=int, metavar="N", help="use only the first N tokens")
-    p.add_argument("--streams", type=int, default=1, metavar="B", help="equal contiguous streams side by side")
-    p.add_argument("--chunk", type=int, default=512, metavar="C", help="tokens per model call (default: 512)")
-    p.add_argument("--capacity", type=int, metavar="N",
+    p.add_argument("--max-tokens", type=int_option(2), metavar="N", help="use only the first N tokens")
+    p.add_argument("--streams", type=int_option(1), default=1, metavar="B", help="equal contiguous streams side by side")
+    p.add_argument("--chunk", type=int_option(1), default=512, metavar="C", help="tokens per model call (default: 512)")
+    p.add_argument("--capacity", type=int_option(1), metavar="N",
                    help="full-cache slots for vanilla / distance_limit (default: the stream length)")
     p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="cast floating params and compute in this dtype (default: the params' dtype)")
-    p.add_argument("--per-octave", type=int, default=4, metavar="K", help="position buckets per doubling")
-    p.add_argument("--checkpoint-dir", metavar="DIR", help="save the state here and resume from it")
-    p.add_argument("--checkpoint-every", type=int, default=100, metavar="N", help="chunks between saves")
-    p.add_argument("--max-chunks", type=int, metavar="N", help="stop after N chunks in this run")
-    p.add_argument("--out", default="results/stream_nll.json", metavar="JSON", help="result file")
-    p.add_argument("--plot", default="results/stream_nll.png", metavar="PNG", help="NLL vs position plot")
+    p.add_argument("--per-octave", type=int_option(1), default=4, metavar="K", help="position buckets per doubling")
+    p.add_argument("--checkpoint-dir", type=output_dir, metavar="DIR", help="save the state here and resume from it")
+    p.add_argument("--checkpoint-every", type=int_option(1), default=100, metavar="N", help="chunks between saves")
+    p.add_argument("--max-chunks", type=int_option(0), metavar="N", help="stop after N chunks in this run")
+    p.add_argument("--out", default="results/stream_nll.json", type=output_file, metavar="JSON", help="result file")
+    p.add_argument("--plot", default="results/stream_nll.png", type=output_file, metavar="PNG", help="NLL vs position plot")
     p.add_argument("--no-plot", action="store_true", help="do not draw the plot")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     add_attention_args(p)
@@ -107,7 +112,7 @@ def text_tokens(model_dir: str | os.PathLike, files: list[str], cache_dir: Path)
         return np.load(target, mmap_mode="r"), target, True
     pieces = [np.asarray([] if tokenizer.bos_id is None else [tokenizer.bos_id], np.int64)]
     for path in paths:
-        pieces.append(np.asarray(tokenizer.encode(path.read_text()), np.int64))
+        pieces.append(np.asarray(tokenizer.encode(read_text_file(path, "--text")), np.int64))
     ids = np.concatenate(pieces)
     if ids.size and ids.max() > np.iinfo(np.int32).max:
         raise ValueError(f"token id {ids.max()} does not fit int32")
@@ -179,11 +184,6 @@ def run(args: argparse.Namespace) -> int:
     from lminf_jax.streaming import PositionBuckets, streaming_nll
     from models.common import AttentionCall
 
-    for name, minimum in (("max_tokens", 2), ("streams", 1), ("chunk", 1), ("capacity", 1), ("per_octave", 1),
-                          ("checkpoint_every", 1), ("max_chunks", 0)):
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
     family, config = load_config(args.model_dir)  # validate the options before reading weights
     spec = spec_from_args(args, config)
     if spec.top_k is not None:
@@ -232,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
     result = streaming_nll(
         model, params, stream, cache, chunk=args.chunk, buckets=PositionBuckets(args.per_octave),
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+        identity={"family": family.name, "config": dataclasses.asdict(config),
+                  "attention": dataclasses.asdict(model.call), "compute dtype": model.dtype.name},
         progress=not args.no_progress, max_chunks=args.max_chunks,
     )
 

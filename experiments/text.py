@@ -14,6 +14,7 @@ document, and concatenates them in path order.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,17 @@ def npy_tokens(path: str | os.PathLike) -> np.ndarray:
     return tokens
 
 
+def read_text_file(path: str | os.PathLike, option: str) -> str:
+    """The UTF-8 text of the file an `option` names; a ValueError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{option}: no such file: {path}")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{option} {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 def check_ids(tokens: np.ndarray, vocab_size: int, block: int = 1 << 24) -> None:
     """Every id in ``[0, vocab_size)`` (read block by block: a memmap is not loaded whole)."""
     for start in range(0, tokens.size, block):
@@ -70,10 +82,7 @@ def token_stream(args: argparse.Namespace) -> tuple[np.ndarray, dict]:
     if args.text is not None:
         docs = []
         for name in args.text:
-            path = Path(name)
-            if not path.is_file():
-                raise ValueError(f"--text: no such file: {path}")
-            docs.append(corpus.Document(str(path), path.read_text()))
+            docs.append(corpus.Document(name, read_text_file(name, "--text")))
         return corpus.encode_stream(tokenizer, docs), {"text": list(args.text)}
     docs, read = corpus.held_out_documents(args.source, args.held_out_percent)
     return corpus.encode_stream(tokenizer, docs), {

@@ -15,9 +15,14 @@
   ``--dtype bf16`` computes in bfloat16 with float32 master params.
 * Optimiser: optax AdamW (b2 = 0.95, weight decay on matrices only) with linear warmup and cosine
   decay to 10% of the peak, after global-norm gradient clipping.
-* Checkpoints: orbax, every ``--checkpoint-every`` steps and at the end, in ``OUT/checkpoints``
-  (params, optimiser state, step, seed, tokens seen; the last two kept). A rerun with the same
-  arguments resumes from the latest one and reaches bit-identical params (float32, same machine).
+* Checkpoints: orbax, every ``--checkpoint-every`` steps and at the end, in ``OUT/checkpoints/STEP``
+  (the last two kept): ``state`` (params and optimiser state), ``meta`` (step, seed, tokens seen,
+  last loss, and the run's identity: every setting that determines the result, the model config,
+  a hash of the token files and tokenizer, the initial params' fingerprint) and ``checksum`` (a
+  `lminf_jax.fingerprint.json_digest` of meta, a `tree_fingerprint` of state). A rerun resumes
+  from the newest checkpoint that reads back intact (a damaged newer one is removed with a
+  warning) and reaches bit-identical params (float32, same machine); it is refused, naming the
+  field, when its identity differs. ``loss.jsonl`` is cut back to the resumed step first.
 * Output ``OUT/model``: `converters.store.save_converted` params (loadable by every CLI of the
   project), ``tokenizer.model`` and ``model_card.md``. Also ``OUT/loss.jsonl`` (one JSON line per
   logged step / evaluation), ``OUT/loss.png`` when matplotlib is installed, ``OUT/run.json``.
@@ -38,8 +43,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -55,7 +62,9 @@ import orbax.checkpoint as ocp
 from converters.store import load_converted, save_converted
 from experiments import corpus as corpus_lib
 from experiments.loading import hf_config, load_tokenizer_from
+from experiments.options import output_dir
 from experiments.passkey import PasskeyBuilder, training_windows
+from lminf_jax.fingerprint import check_identity, json_digest, newest_intact, tree_fingerprint
 from lminf_jax.progress import Progress
 from models import registry
 from models.common import count_params
@@ -148,9 +157,10 @@ class TrainConfig:
         return min(100, self.steps // 10) if self.warmup is None else self.warmup
 
     def resume_key(self) -> dict:
-        """The settings a resumed run must share with the run it continues."""
+        """The settings a resumed run must share with the run it continues (the data and the
+        model `init` starts from enter its identity by content, see `run_identity`)."""
         d = dataclasses.asdict(self)
-        for k in ("out", "checkpoint_every", "eval_every", "log_every", "data"):
+        for k in ("out", "checkpoint_every", "eval_every", "log_every", "data", "init"):
             d.pop(k)
         return d
 
@@ -248,25 +258,76 @@ def evaluate(eval_loss, params, windows: np.ndarray, batch: int) -> float:
 # ----- checkpoints ------------------------------------------------------------------------------
 
 
+def run_identity(cfg: TrainConfig, config: dict, streams: Sequence[np.ndarray], params) -> dict:
+    """Everything that determines the trained params: the settings, the model config, the token
+    streams and tokenizer (sha256 of their contents) and the initial params' fingerprint."""
+    h = hashlib.sha256()
+    for stream in streams:
+        h.update(f"{stream.dtype.str}{list(stream.shape)}".encode())
+        h.update(np.ascontiguousarray(stream))
+    tokenizer = Path(cfg.data) / corpus_lib.TOKENIZER_FILE
+    h.update(tokenizer.read_bytes() if tokenizer.is_file() else b"")
+    identity = {**cfg.resume_key(), "config": config, "data": "sha256:" + h.hexdigest(),
+                "initial params": tree_fingerprint(params)}
+    return json.loads(json.dumps(identity))  # the form it takes after a JSON round trip
+
+
 def _manager(directory: Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
+def _state(params, opt_state) -> dict:
+    return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves((params, opt_state)))}
+
+
 def _save_checkpoint(manager, step: int, params, opt_state, meta: dict) -> None:
-    leaves = jax.tree.leaves((params, opt_state))
-    state = {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                 force=True)
+    state = _state(params, opt_state)
+    checksum = {"json": json_digest(meta), "arrays": tree_fingerprint(state)}
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+                                               checksum=ocp.args.JsonSave(checksum)), force=True)
     manager.wait_until_finished()
 
 
-def _restore_checkpoint(manager, step: int, params, opt_state):
-    leaves, treedef = jax.tree.flatten((params, opt_state))
-    target = {f"{i:05d}": jax.ShapeDtypeStruct(l.shape, l.dtype) for i, l in enumerate(leaves)}
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                             meta=ocp.args.JsonRestore()))
-    state = restored["state"]
-    return (*jax.tree.unflatten(treedef, [jnp.asarray(state[k]) for k in sorted(state)]), restored["meta"])
+def _restore_checkpoint(manager, identity: dict, params, opt_state):
+    """``(params, opt_state, meta)`` of the newest intact checkpoint of this run, or None when
+    there is none (`lminf_jax.fingerprint.newest_intact`)."""
+    treedef = jax.tree.structure((params, opt_state))
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _state(params, opt_state).items()}
+    directory = Path(manager.directory)
+
+    def read(step: int):
+        got = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(),
+                                                            checksum=ocp.args.JsonRestore()))
+        meta, checksum = got["meta"], got["checksum"]
+        if json_digest(meta) != checksum["json"]:
+            raise ValueError("its meta does not match its checksum")
+        check_identity(meta.get("identity"), identity, f"checkpoint {directory / str(step)}")
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        if tree_fingerprint(dict(state)) != checksum["arrays"]:
+            raise ValueError("its params / optimiser state do not match their checksum")
+        return (*jax.tree.unflatten(treedef, [jnp.asarray(state[k]) for k in sorted(state)]), meta)
+
+    found = newest_intact(sorted(manager.all_steps(), reverse=True), read, manager.delete,
+                          name=lambda step: str(directory / str(step)))
+    return None if found is None else found[1]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the lines of ``path`` logged at or before ``step`` (a resumed run logs the later
+    steps again), dropping a line cut short by a kill and a final evaluation."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", math.inf) <= step and not row.get("final"):
+            kept.append(line + "\n")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 # ----- outputs ----------------------------------------------------------------------------------
@@ -363,33 +424,28 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
     if (model_dir / "converted.json").exists():
         raise FileExistsError(f"{model_dir} already holds a trained model; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    run_file = out / "run.json"
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if previous.get("resume_key") != cfg.resume_key():
-            diff = {k: (previous.get("resume_key", {}).get(k), v) for k, v in cfg.resume_key().items()
-                    if previous.get("resume_key", {}).get(k) != v}
-            raise ValueError(f"{out} holds a run with other settings (old, new): {diff}; use another --out")
-    run_file.write_text(json.dumps({"resume_key": cfg.resume_key(), "config": config, "data": str(cfg.data)}, indent=1))
 
     model, opt, train_step, eval_loss = _compiled(config_json, dataclasses.replace(cfg, out="", data=""))
     if cfg.init is not None:
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), load_converted(cfg.init)[0])
     else:
         params = family.init_params(model.config, jax.random.PRNGKey(cfg.seed), jnp.float32)
+    identity = run_identity(cfg, config, [train_stream, held_stream], params)
     passkeys = PasskeyBuilder(load_tokenizer_from(cfg.data)) if cfg.passkey_fraction > 0 else None
     opt_state = opt.init(params)
     manager = _manager(out / "checkpoints")
-    step, meta = 0, {"step": 0, "seed": cfg.seed, "tokens_seen": 0, "last_loss": float("nan")}
-    latest = manager.latest_step()
-    if latest is not None:
-        params, opt_state, meta = _restore_checkpoint(manager, latest, params, opt_state)
+    step, meta = 0, {"step": 0, "seed": cfg.seed, "tokens_seen": 0, "last_loss": float("nan"), "identity": identity}
+    restored = _restore_checkpoint(manager, identity, params, opt_state)
+    if restored is not None:
+        params, opt_state, meta = restored
         step = int(meta["step"])
         log(f"resumed from {out / 'checkpoints'} at step {step}")
+    (out / "run.json").write_text(json.dumps({"identity": identity, "data": str(cfg.data)}, indent=1))
     log(f"{cfg.preset}: {n_params:,} parameters ({n_params * 2 / 1e6:.2f} MB in bf16), "
         f"{train_stream.shape[0]:,} training tokens, L_train {cfg.seq_len}, batch {cfg.batch}, dtype {cfg.dtype}")
     held_windows = eval_windows(held_stream, cfg.eval_windows, cfg.seq_len)
     log_path = out / "loss.jsonl"
+    _truncate_log(log_path, step)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     recent: list[float] = []
     tokens_per_step = cfg.batch * cfg.seq_len
@@ -448,7 +504,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="folder written by python -m experiments.corpus")
-    parser.add_argument("--out", required=True, help="run folder (checkpoints, logs, model/)")
+    parser.add_argument("--out", required=True, type=output_dir, help="run folder (checkpoints, logs, model/)")
     parser.add_argument("--preset", default="llama-small", choices=sorted(PRESETS))
     d = TrainConfig("", "")
     parser.add_argument("--steps", type=int, default=d.steps)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from lminf_jax import AttentionSpec
 from lminf_jax.sharding import ShardingPlan
 
 from models import gptj, llama, mpt
@@ -62,10 +63,19 @@ class Family:
         shardings = None if plan is None else self.param_shardings(config, plan)
         return self.module.init_params(config, key, dtype, shardings)
 
+    def check_spec(self, config, spec: AttentionSpec) -> None:
+        """Refuse a spec with an option that can never take effect in this model (a ValueError
+        naming it): top-k middle tokens starting at a layer the model does not have."""
+        n = self.num_layers(config)
+        if spec.top_k is not None and spec.top_k.from_layer >= n:
+            raise ValueError(f"top_k.from_layer is {spec.top_k.from_layer}, but the model has {n} layers "
+                             f"(0..{n - 1}): the top-k middle tokens would never be used (lower --top-k-from-layer)")
+
     def model(self, config, call: AttentionCall = AttentionCall(), dtype=jnp.float32,
               sharding: ShardingPlan | None = None) -> LanguageModel:
         """The family's `LanguageModel` (forward pass and cached decoding step), sharded by
         ``sharding`` when given (its params should then be placed by `param_shardings`)."""
+        self.check_spec(config, call.spec)
         return LanguageModel(self.module.decoder, config, call, dtype, sharding)
 
 

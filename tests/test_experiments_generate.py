@@ -137,21 +137,31 @@ def test_top_k_middle_tokens_use_a_full_cache_and_a_plain_prefill(model_dir, tmp
      "-L/--local-branch is not used by --method vanilla"),
     (["{model}", "--prompt", "x", "--top-k-from-layer", "2"], "--top-k-from-layer needs --top-k-middle"),
     (["{model}", "--prompt", "x", "--temperature", "-1"], "temperature must be"),
-    (["{model}", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["{model}", "--prompt", "x", "--top-k-middle", "2", "--top-k-from-layer", "2"],
+     "top_k.from_layer is 2, but the model has 2 layers (0..1)"),
+    (["{model}", "--prompt-file", "{latin1}"], "--prompt-file {latin1}: not UTF-8 text (byte 3"),
 ])
 def test_bad_arguments_say_what_is_wrong(model_dir, tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
-    names = {"missing": tmp_path / "nope", "empty": tmp_path / "empty", "model": model_dir}
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    names = {"missing": tmp_path / "nope", "empty": tmp_path / "empty", "model": model_dir,
+             "latin1": tmp_path / "latin1.txt"}
     argv = [a.format(**names) for a in argv]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message.format(**names) in err, err
 
 
-def test_argparse_errors_return_a_code(model_dir, capsys):
-    assert cli.main([str(model_dir), "--prompt", "x", "--method", "bogus"]) == 2
-    err = capsys.readouterr().err
-    assert "error: argument --method: invalid choice: 'bogus'" in err
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "bogus"], "argument --method: invalid choice: 'bogus'"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must lie in [1, 2**31 - 1], got 0"),
+    (["-D", "4294967808"], "argument -D/--limit-distance: must lie in [1, 2**31 - 1], got 4294967808"),
+    (["--json", "/proc/lminf-test/out.json"], "argument --json: cannot write in /proc"),
+])
+def test_argparse_errors_return_a_code(tmp_path, capsys, argv, message):
+    # checked while parsing, before the model directory (here a missing one) is even looked at
+    assert cli.main([str(tmp_path / "no-model"), "--prompt", "x", *argv]) == 2
+    assert f"error: {message}" in capsys.readouterr().err
 
 
 def test_missing_tokenizer_names_the_directory(model_dir, tmp_path, capsys):
@@ -235,11 +245,13 @@ def test_attention_options_and_their_defaults():
         (["--top-k-insert-at", "2"], llama, "--top-k-insert-at needs --top-k-middle"),
         ([], None, "needs -L/--local-branch"),
         ([], {}, "has none of max_position_embeddings, n_positions, max_seq_len"),
-        (["-L", "0"], None, "local_branch must be an integer >= 1"),
     ]
     for argv, config, message in errors:
         with pytest.raises(ValueError, match=message):
             _spec(argv, config)
+    for argv in (["-L", "0"], ["-G", "-1"], ["-D", str(2**31)], ["--top-k-middle", "0"]):
+        with pytest.raises(SystemExit):  # argparse refuses these while parsing
+            _spec(argv, llama)
 
 
 def test_tokenizer_json_in_a_converted_directory_takes_bos_eos_from_its_config(tmp_path):

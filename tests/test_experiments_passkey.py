@@ -90,3 +90,26 @@ def test_the_evaluation_runs_every_method_and_writes_answers(tmp_path, capsys):
     assert record["methods"]["lm_infinite_top_k"]["attention"].endswith(f"top_k=2@{PRETRAIN // 2} layers[1,2))")
     assert record["methods"]["truncation"]["attention"] == "vanilla()"
     assert captured.out.splitlines()[0].split()[0] == "method" and (tmp_path / "pk.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-G", "-1"], "argument -G/--global-branch: must lie in [0, 2**31 - 1], got -1"),
+    (["--top-k", "0"], "argument --top-k: must lie in [1, 2**31 - 1], got 0"),
+    (["--top-k-insert-at", str(2**31)], f"argument --top-k-insert-at: must lie in [0, 2**31 - 1], got {2**31}"),
+    (["--out", "/proc/lminf-test/pk.json"], "argument --out: cannot write in /proc"),
+])
+def test_bad_options_fail_while_parsing(tmp_path, capsys, argv, message):
+    assert cli.main([str(tmp_path / "no-model"), *argv]) == 2  # before the model directory is looked at
+    assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_top_k_from_a_layer_the_model_lacks_fails_before_the_weights_are_read(tmp_path, capsys, monkeypatch):
+    from experiments.perplexity import SHIPPED_MODEL
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read before the options were checked")
+
+    monkeypatch.setattr(cli, "load_model", no_weights)
+    code = cli.main([str(SHIPPED_MODEL), "--top-k-from-layer", "99", "--out", str(tmp_path / "pk.json")])
+    assert code == 1
+    assert "error: top_k.from_layer is 99, but the model has 4 layers (0..3)" in capsys.readouterr().err

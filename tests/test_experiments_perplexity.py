@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from multidevice import run_on_devices
 from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 
 import lminf_jax.evaluation as evaluation
+from converters.store import load_converted, save_converted
 from experiments import perplexity as cli
 from experiments.loading import load_model, load_tokenizer_from
 from lminf_jax import AttentionSpec
@@ -147,13 +150,24 @@ def test_an_interrupted_run_resumes_without_recomputing(model_dir, text_file, tm
     (["--methods", "vanilla", "vanilla"], "listed twice"),
     (["--sequences", "50"], "50 segment(s) of 255 tokens need"),
     (["--multiples", "1", "1"], "--multiples must be distinct"),
-    (["--batch-tokens", "0"], "--batch-tokens must be >= 1"),
-    (["-L", "0"], "local_branch must be an integer >= 1"),
 ])
 def test_bad_options_name_what_is_wrong(model_dir, text_file, tmp_path, capsys, extra, message):
     code, _, stderr = run([str(model_dir), "--text", str(text_file), "--multiples", "1", "4",
                            "--out", str(tmp_path / "x.json"), "--no-plot", "--no-progress", *extra], capsys)
     assert code == 1 and message in stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-tokens", "0"], "argument --batch-tokens: must lie in [1, 2**31 - 1], got 0"),
+    (["-L", "0"], "argument -L/--local-branch: must lie in [1, 2**31 - 1], got 0"),
+    (["-D", "4294967808"], "argument -D/--limit-distance: must lie in [1, 2**31 - 1], got 4294967808"),
+    (["--out", "/proc/lminf-test/x.json"], "argument --out: cannot write in /proc"),
+    (["--plot", "{tmp}"], "argument --plot: {tmp} is a directory, not a file"),
+])
+def test_bad_values_fail_while_parsing_before_any_work(tmp_path, capsys, extra, message):
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    code, _, stderr = run([str(tmp_path / "no-model"), "--multiples", "1", "4", "--no-progress", *extra], capsys)
+    assert code == 2 and f"error: {message.format(tmp=tmp_path)}" in stderr, stderr
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(model_dir, tmp_path, capsys):
@@ -199,3 +213,50 @@ def test_context_parallel_run_on_8_devices_gives_the_one_device_numbers(model_di
     for name in ("vanilla", "lm_infinite"):
         for a, b in zip(one["methods"][name]["lengths"], eight["methods"][name]["lengths"], strict=True):
             assert a["tokens"] == b["tokens"] and b["nll"] == pytest.approx(a["nll"], rel=1e-5), (name, a, b)
+
+
+def test_saved_parts_are_verified_and_tied_to_the_params(model_dir, text_file, tmp_path, capsys, monkeypatch):
+    """A damaged part is scored again (with a warning); parts of other params at the same path are not used."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    argv = [str(model), "--text", str(text_file), "--multiples", "1", "--sequences", "4", "--methods", "lm_infinite",
+            "--batch-tokens", "64", "--no-plot", "--no-progress", "--out", str(tmp_path / "r.json")]
+    assert run(argv[:-1] + [str(tmp_path / "whole.json")], capsys)[0] == 0  # 4 tiles, one per call
+    real, calls, stop = evaluation.sequence_nll, [], [2]
+
+    def counting(*args):
+        calls.append(1)
+        if stop and len(calls) > stop[0]:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    def rerun() -> str:
+        calls.clear()
+        stop.clear()
+        code, _, stderr = run(argv, capsys)
+        assert code == 0, stderr
+        return stderr
+
+    monkeypatch.setattr(evaluation, "sequence_nll", counting)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    part = sorted((tmp_path / "r.json.parts").glob("*/*.npy"))[1]
+    data = bytearray(part.read_bytes())
+    data[-3] ^= 0x40  # one float of the scores
+    part.write_bytes(bytes(data))
+    assert f"warning: {part} is damaged (its bytes do not match the checksum in its name); scoring that batch " \
+           "again" in rerun()
+    assert len(calls) == 3  # 2 saved, 1 of them damaged
+    whole = json.loads((tmp_path / "whole.json").read_text())["methods"]["lm_infinite"]["lengths"]
+    assert json.loads((tmp_path / "r.json").read_text())["methods"]["lm_infinite"]["lengths"] == whole
+
+    calls.clear()
+    stop.append(2)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    params, config, family = load_converted(model)  # retrained: other params at the same path
+    shutil.rmtree(model / "params")
+    (model / "converted.json").unlink()
+    save_converted(model, jax.tree.map(lambda x: x * 1.5, params), config, family)
+    rerun()
+    assert len(calls) == 4  # nothing of the other params reused

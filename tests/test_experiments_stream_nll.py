@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def test_resume_from_a_checkpoint_gives_the_same_numbers(model_dir, text_file, t
     assert code == 0, stderr
     part = json.loads((tmp_path / "r.json").read_text())
     assert not part["complete"] and part["positions"] == 96 and "rerun with --checkpoint-dir" in stdout
-    assert len(list(ckpt.glob("tokens-*.npy"))) == 1 and len(list(ckpt.glob("state-*"))) == 1
+    assert len(list(ckpt.glob("tokens-*.npy"))) == 1 and len(list(ckpt.glob("state-*"))) == 2
     code, stdout, stderr = run(resumable, capsys)
     assert code == 0, stderr
     assert "reusing " in stderr
@@ -147,7 +148,6 @@ def test_resume_from_a_checkpoint_gives_the_same_numbers(model_dir, text_file, t
     (["--top-k-middle", "3"], "--top-k-middle applies to the last query"),
     (["-D", "4", "--method", "sliding_window"], "-D/--limit-distance is not used by --method sliding_window"),
     (["--streams", "200"], "300 tokens cannot make 200 streams"),
-    (["--chunk", "0"], "--chunk must be >= 1"),
 ])
 def test_bad_arguments_say_what_is_wrong(model_dir, tmp_path, capsys, extra, message):
     np.save(tmp_path / "t.npy", np.arange(300) % 97)
@@ -155,6 +155,19 @@ def test_bad_arguments_say_what_is_wrong(model_dir, tmp_path, capsys, extra, mes
                         "--no-plot", *extra], capsys)
     assert code == 1 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "o.json").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--chunk", "0"], "argument --chunk: must lie in [1, 2**31 - 1], got 0"),
+    (["-D", "4294967808"], "argument -D/--limit-distance: must lie in [1, 2**31 - 1], got 4294967808"),
+    (["--out", "/proc/lminf-test/o.json"], "argument --out: cannot write in /proc"),
+    (["--checkpoint-dir", "{tmp}/file"], "argument --checkpoint-dir: {tmp}/file exists and is not a directory"),
+])
+def test_bad_values_fail_while_parsing_before_any_work(tmp_path, capsys, extra, message):
+    (tmp_path / "file").write_text("x")
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    code, _, err = run([str(tmp_path / "no-model"), "--tokens", "t.npy", "--no-plot", *extra], capsys)
+    assert code == 2 and f"error: {message.format(tmp=tmp_path)}" in err, err
 
 
 def test_bad_inputs_say_what_is_wrong(model_dir, tmp_path, capsys):
@@ -171,6 +184,9 @@ def test_bad_inputs_say_what_is_wrong(model_dir, tmp_path, capsys):
         [str(model_dir), "--tokens", str(tmp_path / "big.npy"), *out], capsys)[2]
     assert f"error: --text: no such file: {tmp_path / 'x.txt'}" in run(
         [str(model_dir), "--text", str(tmp_path / "x.txt"), *out], capsys)[2]
+    (tmp_path / "latin1.txt").write_bytes("na\u00efve text".encode("latin-1"))
+    assert f"error: --text {tmp_path / 'latin1.txt'}: not UTF-8 text (byte 2: invalid continuation byte)" in run(
+        [str(model_dir), "--text", str(tmp_path / "latin1.txt"), *out], capsys)[2]
     code, _, err = run([str(model_dir), *out], capsys)  # argparse: one of --tokens / --text is required
     assert code == 2 and "error: one of the arguments --tokens --text is required" in err
 
@@ -205,3 +221,63 @@ def test_streams_split_over_8_devices_give_the_one_device_numbers(model_dir, tmp
     np.testing.assert_allclose(eight["stream_nll"], one["stream_nll"], rtol=1e-5)
     code, _, stderr = run([*common, "--mesh", "seq=1,data=1", "--out", str(tmp_path / "x.json")], capsys)
     assert code == 0  # an explicit one-device mesh is allowed
+
+
+def other_model(model_dir: Path, root: Path) -> Path:
+    """The same model with other params (same shapes, same tokenizer)."""
+    import jax
+
+    from converters.store import load_converted, save_converted
+
+    params, config, family = load_converted(model_dir)
+    out = save_converted(root / "other", jax.tree.map(lambda x: x * 1.5, params), config, family)
+    (out / "tokenizer.model").write_bytes((model_dir / "tokenizer.model").read_bytes())
+    return out
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_the_field(model_dir, tmp_path, capsys):
+    tokens = np.random.default_rng(2).integers(0, 97, 300).astype(np.int32)
+    np.save(tmp_path / "t.npy", tokens)
+    ckpt = tmp_path / "ckpt"
+    common = ["--chunk", "32", "-L", str(L), "-G", str(G), "--checkpoint-dir", str(ckpt), "--no-plot", "--no-progress",
+              "--out", str(tmp_path / "o.json")]
+    code, _, stderr = run([str(model_dir), "--tokens", str(tmp_path / "t.npy"), *common, "--max-chunks", "2"], capsys)
+    assert code == 0, stderr
+    changed = tokens.copy()
+    changed[40] = (changed[40] + 1) % 97
+    np.save(tmp_path / "changed.npy", changed)
+    cases = [
+        ([str(other_model(model_dir, tmp_path)), "--tokens", str(tmp_path / "t.npy")],
+         r"model\.params: checkpoint has sha256:\w+, run asks sha256:\w+$"),
+        ([str(model_dir), "--tokens", str(tmp_path / "t.npy"), "-D", "8"],
+         r"model\.attention\.spec\.limit_distance: checkpoint has 16, run asks 8$"),
+        ([str(model_dir), "--tokens", str(tmp_path / "t.npy"), "--method", "lambda_mask"],
+         r"model\.attention\.spec\.kind: checkpoint has lm_infinite, run asks lambda_mask; "
+         r"model\.attention\.spec\.limit_distance: checkpoint has 16, run asks nothing$"),
+        ([str(model_dir), "--tokens", str(tmp_path / "changed.npy")],
+         r"stream \(its first 65 tokens\): checkpoint has sha256:\w+, run asks sha256:\w+$"),
+    ]
+    for argv, message in cases:
+        code, _, stderr = run(argv + common, capsys)
+        last = stderr.splitlines()[-1]
+        assert code == 1 and last.startswith(f"error: checkpoint {ckpt}/state-000000000002 does not match this run: ")
+        assert re.search(message, last), last
+    assert [p.name for p in ckpt.iterdir()] == ["state-000000000002"]  # untouched
+
+
+def test_damaged_checkpoints_give_one_error_line(model_dir, tmp_path, capsys):
+    np.save(tmp_path / "t.npy", np.arange(300) % 97)
+    ckpt = tmp_path / "ckpt"
+    argv = [str(model_dir), "--tokens", str(tmp_path / "t.npy"), "--chunk", "32", "-L", str(L), "-G", str(G),
+            "--checkpoint-dir", str(ckpt), "--no-plot", "--no-progress", "--out", str(tmp_path / "o.json")]
+    assert run(argv + ["--checkpoint-every", "1", "--max-chunks", "2"], capsys)[0] == 0
+    (ckpt / "state-000000000002" / "stats" / "metadata").unlink()  # a missing file
+    for path in (ckpt / "state-000000000001" / "cache").rglob("*"):  # unreadable array data
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(path.read_bytes()[:20])
+    code, _, stderr = run(argv, capsys)
+    assert code == 1 and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "state-" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: no intact saved state: {ckpt}/state-000000000002: "
+                                                     "FileNotFoundError: "), stderr
+    assert f"{ckpt}/state-000000000001: " in errors[0] and errors[0].endswith("to start afresh)")

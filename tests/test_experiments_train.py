@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -147,7 +148,8 @@ def test_bad_arguments(data, tmp_path, full_run, capsys):
         tr.train(_cfg(data, out_full))
     # A half-finished run refuses to continue with other settings.
     tr.train(_cfg(data, tmp_path / "b", steps=4, warmup=0), stop_after=1, log=lambda m: None, progress=False)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"checkpoints/1 does not match this run: lr: checkpoint has 0.003, run "
+                                         r"asks 0.01$"):
         tr.train(_cfg(data, tmp_path / "b", steps=4, warmup=0, lr=1e-2), log=lambda m: None, progress=False)
     with pytest.raises(SystemExit):
         tr.main(["--data", str(data), "--out", str(tmp_path / "c"), "--steps", "-1"])
@@ -176,3 +178,59 @@ def test_fine_tuning_starts_from_a_model_and_mixes_in_passkey_windows(data, tmp_
                  progress=False)
     with pytest.raises(ValueError, match="passkey_fraction"):
         tr.train(_cfg(data, tmp_path / "bad2", passkey_fraction=1.5), log=lambda m: None, progress=False)
+
+
+def _same_params(a_dir, b_dir) -> bool:
+    a, _, _ = load_converted(a_dir)
+    b, _, _ = load_converted(b_dir)
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _logged(out) -> list[tuple]:
+    return [(r["step"], r.get("loss"), r.get("heldout_loss"))
+            for r in map(json.loads, (out / "loss.jsonl").read_text().splitlines())]
+
+
+def test_a_kill_between_checkpoints_repeats_no_step_in_the_log(full_run, data, tmp_path, monkeypatch):
+    out_full, model_dir = full_run
+    real = tr.sample_windows
+
+    def killed_at_step_13(stream, batch, seq_len, seed, step):
+        if step == 13:
+            raise KeyboardInterrupt("killed")
+        return real(stream, batch, seq_len, seed, step)
+
+    monkeypatch.setattr(tr, "sample_windows", killed_at_step_13)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(_cfg(data, tmp_path), log=lambda m: None, progress=False)
+    assert [s for s, loss, _ in _logged(tmp_path) if loss is not None][-1] == 13  # the last checkpoint is step 10
+    monkeypatch.setattr(tr, "sample_windows", real)
+    resumed = tr.train(_cfg(data, tmp_path), log=lambda m: None, progress=False)
+    assert _logged(tmp_path) == _logged(out_full)  # steps 11-13 logged once, with the same numbers
+    assert _same_params(resumed, model_dir)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(full_run, data, tmp_path, capsys):
+    _, model_dir = full_run
+    tr.train(_cfg(data, tmp_path), stop_after=13, log=lambda m: None, progress=False)  # checkpoints 10 and 13
+    latest = tmp_path / "checkpoints" / "13"
+    for path in (latest / "state").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            data_bytes = bytearray(path.read_bytes())
+            data_bytes[len(data_bytes) // 2] ^= 0x10
+            path.write_bytes(bytes(data_bytes))
+    logs = []
+    resumed = tr.train(_cfg(data, tmp_path), log=logs.append, progress=False)
+    assert f"warning: {latest} is damaged (" in capsys.readouterr().err
+    assert any(m.endswith("at step 10") for m in logs)
+    assert _same_params(resumed, model_dir)
+
+
+def test_resume_with_other_data_is_refused_naming_the_field(data, tmp_path):
+    tr.train(_cfg(data, tmp_path / "run", steps=4, warmup=0), stop_after=1, log=lambda m: None, progress=False)
+    other = tmp_path / "other-data"  # the same files elsewhere, but other training tokens
+    shutil.copytree(data, other)
+    np.save(other / "train.npy", np.load(other / "train.npy")[::-1].copy())
+    with pytest.raises(ValueError, match=r"checkpoints/1 does not match this run: data: checkpoint has sha256:\w+, "
+                                         r"run asks sha256:\w+$"):  # data is its content: only that differs
+        tr.train(_cfg(other, tmp_path / "run", steps=4, warmup=0), log=lambda m: None, progress=False)
