@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_on_devices(script: str, *args: str, devices: int = 8, timeout: int = 900) -> dict:
     """Run ``script`` (Python source that prints ``RESULT <json>``) with ``devices`` CPU devices
     and the repository on the path; return the parsed JSON (a failed run fails the test)."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
                          timeout=timeout)

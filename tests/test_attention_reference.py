@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SPEC_FACTORIES, make_positional, naive_positional_kwargs, naive_spec_kwargs, random_qkv, rel_err
+from conftest import (SPEC_FACTORIES, case_seed, make_positional, naive_positional_kwargs, naive_spec_kwargs,
+                      random_qkv, rel_err)
 from naive_attention import naive_attention
 
 from lminf_jax import AttentionSpec, TopK, attention, attention_probe
@@ -22,7 +23,7 @@ def _positions(b: int, tq: int, tk: int, pad: list[int]):
 @pytest.mark.parametrize("spec_name", sorted(SPEC_FACTORIES))
 def test_reference_matches_naive_oracle(spec_name, positional_name):
     b, tq, tk, hq, hkv, d = 2, 14, 22, 4, 2, 8
-    q, k, v = random_qkv(hash((spec_name, positional_name)) % 2**31, b, tq, tk, hq, hkv, d)
+    q, k, v = random_qkv(case_seed(spec_name, positional_name), b, tq, tk, hq, hkv, d)
     q_pos, k_pos = _positions(b, tq, tk, pad=[0, 3])
     spec = SPEC_FACTORIES[spec_name](3, 5)
     positional = make_positional(positional_name, d, hq)

@@ -26,7 +26,11 @@ CONFIGS = {
 }
 MESHES = {"tp8": (dict(model=8), False), "dp2-tp4-fsdp": (dict(data=2, model=4), True),
           "dp2-cp4": (dict(data=2, seq=4), False), "cp2-tp4": (dict(seq=2, model=4), False), "cp8": (dict(seq=8), False)}
-VANILLA_MESHES = ("dp2-tp4-fsdp", "cp2-tp4")  # vanilla under seq: XLA gathers the keys (no context parallelism)
+# Every family runs the two meshes that combine all four axes (its own parameter axes under TP,
+# FSDP and DP; its positional encoding under CP); llama runs every mesh, and vanilla (under seq, XLA
+# gathers the keys: no context parallelism, nothing family-specific) runs on llama only.
+FAMILY_MESHES = ("dp2-tp4-fsdp", "cp2-tp4")
+VANILLA_MESHES = ("dp2-tp4-fsdp", "cp2-tp4")
 rng = np.random.default_rng(0)
 out = {"forward": [], "init": [], "decode": []}
 
@@ -43,7 +47,9 @@ for name, hf in CONFIGS.items():
     params = jax.tree.map(lambda x: x + 0.1 * jnp.asarray(rng.standard_normal(x.shape), x.dtype),
                           fam.init_params(cfg, jax.random.key(1)))
     tokens = jnp.asarray(rng.integers(0, 96, (2, 50)), jnp.int32)  # 50: not a multiple of the seq axis
-    for spec, meshes in ((AttentionSpec.lm_infinite(3, 12), MESHES), (AttentionSpec.vanilla(), VANILLA_MESHES)):
+    runs = ((AttentionSpec.lm_infinite(3, 12), MESHES), (AttentionSpec.vanilla(), VANILLA_MESHES))
+    for spec, meshes in runs if name == "llama" else runs[:1]:
+        meshes = meshes if name == "llama" else FAMILY_MESHES
         call = AttentionCall(spec, block_q=8, block_k=8)
         ref = fam.model(cfg, call).forward(params, tokens)
         for mesh_name in meshes:
@@ -65,7 +71,7 @@ for name, hf in CONFIGS.items():
                         "q_split": [list(wanted[n].spec) for n in wanted if re.search(r"q_proj\.weight|Wqkv\.weight", n)]})
 
     # cached decoding: a sharded cache gives the single-device logits and keeps its shardings
-    for spec in (AttentionSpec.lm_infinite(3, 12), AttentionSpec.vanilla()):
+    for spec in (AttentionSpec.lm_infinite(3, 12), AttentionSpec.vanilla())[:2 if name == "llama" else 1]:
         plan = ShardingPlan(make_mesh(data=2, model=4))
         plain_model = fam.model(cfg, AttentionCall(spec, block_q=8, block_k=8))
         model = fam.model(cfg, AttentionCall(spec, block_q=8, block_k=8), jnp.float32, plan)
@@ -104,7 +110,8 @@ def result() -> dict:
 
 
 def test_sharded_forward_equals_one_device_for_every_family_and_mesh(result):
-    assert len(result["forward"]) == 3 * (5 + 2)
+    assert len(result["forward"]) == (5 + 2) + 2 * 2
+    assert {c["mesh"] for c in result["forward"] if c["family"] == "mpt"} == {"dp2-tp4-fsdp", "cp2-tp4"}
     for case in result["forward"]:
         assert case["rel_err"] <= 1e-5, case
     # tensor parallelism really splits weights (heads, MLP, vocab) where the counts divide
@@ -120,7 +127,7 @@ def test_params_are_created_in_their_shards(result):
 
 
 def test_sharded_cache_decoding_equals_one_device(result):
-    assert len(result["decode"]) == 6
+    assert len(result["decode"]) == 2 + 1 + 1
     for case in result["decode"]:
         assert case["rel_err"] <= 1e-5 and case["cache_sharding_kept"], case
         assert case["cache_spec"] == [None, "data", None, "model", None], case
