@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-INT32_MAX = 2**31 - 1
+from lminf_jax.spec import INT32_MAX
 
 
 def int_option(minimum: int, maximum: int = INT32_MAX) -> Callable[[str], int]:

@@ -72,13 +72,13 @@ import numpy as np
 
 from lminf_jax.fingerprint import check_identity, json_digest, newest_intact, tree_fingerprint
 from lminf_jax.progress import Progress
+from lminf_jax.spec import INT32_MAX
 
 __all__ = ["BucketRow", "PositionBuckets", "StreamResult", "chunk_nll", "streaming_nll", "finite_or_none",
            "token_nll"]
 
 STATE_FORMAT = "lminf_jax-streaming-nll"
 STATE_VERSION = 2
-INT32_MAX = 2**31 - 1
 
 StepFn = Callable[[Any, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
