@@ -71,6 +71,7 @@ from experiments.loading import (
 from experiments.options import int_option, output_file
 from experiments.text import add_text_args, bos_id, check_ids, token_stream
 from lminf_jax.fingerprint import tree_fingerprint
+from lminf_jax.sharding import ShardingPlan
 from lminf_jax.streaming import finite_or_none
 
 #: The LLaMA-style model trained by this project (``experiments/train.py``), shipped in the repository.
@@ -122,6 +123,14 @@ def parts_key(settings: dict, segments: np.ndarray) -> str:
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(np.ascontiguousarray(segments, np.int32).tobytes())
     return h.hexdigest()[:16]
+
+
+def rows_per_call(batch_tokens: int, rows: int, length: int, plan: ShardingPlan | None) -> int:
+    """Sequences per forward pass: ``batch_tokens // length`` (at least one), but no more than the
+    ``rows`` there are, rounded up to the ``data`` mesh axis so that they still split over it (a
+    short evaluation would otherwise pad its one batch with copies of its last row)."""
+    data = 1 if plan is None else plan.size("data")
+    return max(1, min(batch_tokens // length, -(-rows // data) * data))
 
 
 def score(forward, params, sequences: np.ndarray, batch: int, parts: Path, key: str, bar) -> np.ndarray:
@@ -333,7 +342,8 @@ def run(args: argparse.Namespace) -> int:
             t0, points = time.perf_counter(), []
             for n in lengths:
                 bar.postfix = f"{name} at {n:,}"
-                nll = score(model.forward, params, tiles[n], max(1, args.batch_tokens // n), parts, f"{name}-{n}", bar)
+                batch = rows_per_call(args.batch_tokens, tiles[n].shape[0], n, plan)
+                nll = score(model.forward, params, tiles[n], batch, parts, f"{name}-{n}", bar)
                 points.append(length_point(nll, s))
             results[name] = {"spec": spec, "seconds": time.perf_counter() - t0, "points": points,
                              "prefix_ppl": prefix_ppl(nll, lengths), "buckets": position_buckets(nll, PositionBuckets(2))}

@@ -20,6 +20,8 @@ before the product, so a NaN there (an empty or out-of-window slot) cannot reach
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,7 @@ def effective_key_positions(q_positions: jax.Array, k_positions: jax.Array, spec
     return jnp.where(attended, effective, 0), attended
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "positional", "scale"))
 def single_query_attention(
     q: jax.Array,
     k: jax.Array,

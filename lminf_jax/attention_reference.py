@@ -67,8 +67,28 @@ def reference_attention(
     """Dense attention; inputs already validated (see `lminf_jax.attention`).
 
     q: (B, Tq, Hq, d); k: (B, Tk, Hkv, d); v: (B, Tk, Hkv, dv); positions (B, Tq), (B, Tk).
-    Returns (B, Tq, Hq, dv) in q's dtype, plus an `AttentionProbe` if requested.
+    Returns (B, Tq, Hq, dv) in q's dtype, plus an `AttentionProbe` if requested. Compiled as one
+    program (called eagerly, op by op, its many small ops would each compile on their own); an
+    integer ``layer`` is a static argument, an array ``layer`` a traced one.
     """
+    dense = _dense_traced_layer if isinstance(layer, jax.Array) else _dense_static_layer
+    return dense(q, k, v, q_positions, k_positions, spec=spec, positional=positional, scale=scale, layer=layer,
+                 return_probe=return_probe)
+
+
+def _dense(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    *,
+    spec: AttentionSpec,
+    positional: Positional,
+    scale: float,
+    layer: int | jax.Array | None = None,
+    return_probe: bool = False,
+) -> jax.Array | tuple[jax.Array, AttentionProbe]:
     out_dtype = q.dtype
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
@@ -100,6 +120,11 @@ def reference_attention(
         global_=_ungroup(jnp.broadcast_to(far, shape)),
     )
     return out, probe
+
+
+_STATIC = ("spec", "positional", "scale", "return_probe")
+_dense_static_layer = jax.jit(_dense, static_argnames=(*_STATIC, "layer"))
+_dense_traced_layer = jax.jit(_dense, static_argnames=_STATIC)
 
 
 def _weighted_values(probs: jax.Array, attended: jax.Array, v: jax.Array) -> jax.Array:

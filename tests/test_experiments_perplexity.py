@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,16 @@ def test_main_job_path_on_the_shipped_model(tmp_path, capsys):
     assert stdout.rstrip().endswith(f"wrote {out} and {tmp_path / 'r' / 'ppl.png'}")
     assert (tmp_path / "r" / "ppl.png").stat().st_size > 0
     assert not (tmp_path / "r" / "ppl.json.parts").exists()
+
+
+def test_a_forward_pass_holds_no_more_rows_than_the_length_has():
+    """--batch-tokens caps the rows per call; a short evaluation is not padded up to the cap (the
+    main job's one 1,024-token tile was padded to 16 rows), except to split over the data axis."""
+    assert cli.rows_per_call(16384, 1, 1024, None) == 1
+    assert cli.rows_per_call(16384, 100, 512, None) == 32
+    assert cli.rows_per_call(100, 5, 512, None) == 1
+    data4 = SimpleNamespace(size={"data": 4}.__getitem__)
+    assert cli.rows_per_call(16384, 5, 512, data4) == 8 and cli.rows_per_call(1024, 5, 512, data4) == 2
 
 
 def direct_nll(model_dir: Path, tokens: np.ndarray, spec: AttentionSpec) -> np.ndarray:
