@@ -4,15 +4,33 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 import zlib
 
-# Most tests run tiny programs, so XLA's compile time, not their run time, dominates the suite:
-# LLVM optimisation level 1 instead of 2 (the HLO each test checks is unchanged; only machine code
-# is less tuned). Measured on 2 cores: a cached-decoding test 19.4 s -> 15.0 s, the shipped model's
-# perplexity test unchanged (level 0 compiled faster still but made that one 2.2x slower). Set
-# before jax starts its backend; subprocesses inherit it (tests/multidevice.py).
-COMPILE_FAST_XLA_FLAGS = "--xla_backend_optimization_level=1"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COMPILE_FAST_XLA_FLAGS}".strip()
+# Most tests run tiny programs, so XLA's compile time, not their run time, dominates the suite.
+# Two compile-time settings (the HLO each test checks is unchanged; only the machine code differs):
+# LLVM optimisation level 1 instead of 2 (a cached-decoding test 19.4 s -> 15.0 s; level 0 made the
+# shipped model's perplexity test 2.2x slower), and XLA:CPU's older elemental emitters instead of its
+# fusion emitters (a blockwise attention program compiles in 1.1 s instead of 1.8 s; test_models.py
+# plus the main-job test 111 s -> 90 s, measured on 2 cores). Set before jax starts its backend;
+# subprocesses inherit them (tests/multidevice.py).
+COMPILE_FAST_XLA_FLAGS = "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_accepts(flags: str) -> bool:
+    """Whether this jaxlib knows ``flags`` (XLA aborts the process on an unknown flag, so ask a
+    child process; the answer is kept in the environment for xdist workers and subprocesses)."""
+    key = "LMINF_TEST_XLA_FLAGS_OK"
+    if key not in os.environ:
+        probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                               env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"})
+        os.environ[key] = "1" if probe.returncode == 0 else ""
+    return bool(os.environ[key])
+
+
+if _xla_accepts(COMPILE_FAST_XLA_FLAGS):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COMPILE_FAST_XLA_FLAGS}".strip()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
