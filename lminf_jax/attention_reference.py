@@ -69,26 +69,15 @@ def reference_attention(
     q: (B, Tq, Hq, d); k: (B, Tk, Hkv, d); v: (B, Tk, Hkv, dv); positions (B, Tq), (B, Tk).
     Returns (B, Tq, Hq, dv) in q's dtype, plus an `AttentionProbe` if requested. Compiled as one
     program (called eagerly, op by op, its many small ops would each compile on their own); an
-    integer ``layer`` is a static argument, an array ``layer`` a traced one.
+    ``int`` layer (or None) is a static argument, any other ``layer`` (an array) a traced one.
     """
-    dense = _dense_traced_layer if isinstance(layer, jax.Array) else _dense_static_layer
+    dense = _dense_static_layer if layer is None or isinstance(layer, int) else _dense_traced_layer
     return dense(q, k, v, q_positions, k_positions, spec=spec, positional=positional, scale=scale, layer=layer,
                  return_probe=return_probe)
 
 
-def _dense(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_positions: jax.Array,
-    k_positions: jax.Array,
-    *,
-    spec: AttentionSpec,
-    positional: Positional,
-    scale: float,
-    layer: int | jax.Array | None = None,
-    return_probe: bool = False,
-) -> jax.Array | tuple[jax.Array, AttentionProbe]:
+def _dense(q, k, v, q_positions, k_positions, *, spec, positional, scale, layer, return_probe):
+    """`reference_attention`'s body (its arguments), compiled by the two jits below."""
     out_dtype = q.dtype
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
