@@ -73,9 +73,10 @@ def _lanes(words: jax.Array, start: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _digest_blocks(blocks: list[jax.Array], starts: jax.Array) -> jax.Array:
-    """uint32 ``(len(blocks), 4)``: the lanes of each block, given its first flat index."""
-    return jnp.stack([_lanes(_words(x), starts[i]) for i, x in enumerate(blocks)])
+def _digest_block(block: jax.Array, start: jax.Array) -> jax.Array:
+    """uint32 ``(4,)``: the lanes of one block, given its first flat index (compiled once per block
+    shape, dtype and sharding: a model's layers and its optimiser moments share programs)."""
+    return _lanes(_words(block), start)
 
 
 def _blocks(x: jax.Array, start: int = 0) -> list[tuple[jax.Array, int]]:
@@ -108,27 +109,15 @@ def leaf_digests(leaves: Sequence[Any]) -> np.ndarray:
     """uint32 ``(len(leaves), 4)``: each leaf's content digest (module docstring), computed on its
     device; only the digests are copied to the host.
 
-    The leaves go to the device in calls of at most `BLOCK_WORDS` words (a large leaf cut into
-    blocks along its leading axes, small leaves together): XLA may keep ~16 bytes of temporaries
-    per word, and the digest of a 7B model must not need 100 GB of them."""
+    A leaf goes to the device in blocks of at most `BLOCK_WORDS` words (cut along its leading
+    axes), one call each: XLA may keep ~16 bytes of temporaries per word, and the digest of a 7B
+    model must not need 100 GB of them."""
+    lanes = [(i, _digest_block(block, np.uint32(start % 2**32)))
+             for i, leaf in enumerate(leaves)
+             for block, start in _blocks(_on_device(leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)))]
     digests = np.zeros((len(leaves), 4), np.uint32)
-    call: list[tuple[int, jax.Array, int]] = []  # (leaf number, block, flat index of its first word)
-
-    def flush() -> None:
-        if call:
-            starts = np.asarray([start % 2**32 for _, _, start in call], np.uint32)
-            lanes = np.asarray(jax.device_get(_digest_blocks([block for _, block, _ in call], starts)))
-            for (i, _, _), lane in zip(call, lanes):
-                digests[i] += lane  # wrapping uint32 sums: the blocks add up to the leaf's digest
-            call.clear()
-
-    for i, leaf in enumerate(leaves):
-        array = _on_device(leaf if isinstance(leaf, jax.Array) else np.asarray(leaf))
-        for block, start in _blocks(array):
-            if call and sum(b.size for _, b, _ in call) + block.size > BLOCK_WORDS:
-                flush()
-            call.append((i, block, start))
-    flush()
+    for (i, _), lane in zip(lanes, jax.device_get([lane for _, lane in lanes]), strict=True):
+        digests[i] += lane  # wrapping uint32 sums: the blocks add up to the leaf's digest
     return digests
 
 

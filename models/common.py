@@ -10,6 +10,7 @@ are what converters and shape templates use.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 
@@ -43,23 +44,34 @@ def init_from_shapes(shapes: Mapping[str, tuple[int, ...]], key: jax.Array, dtyp
     ``shardings`` (flat name -> sharding, e.g. from `models.registry.Family.param_shardings`)
     creates each parameter directly in its shards: no device ever holds a whole split parameter.
     """
-    def make() -> dict[str, jax.Array]:
-        flat = {}
-        for i, (name, shape) in enumerate(sorted(shapes.items())):
-            if name.endswith(".bias"):
-                flat[name] = jnp.zeros(shape, dtype)
-            elif _is_norm(name):
-                flat[name] = jnp.ones(shape, dtype)
-            else:
-                noise = jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
-                flat[name] = (0.02 * noise).astype(dtype)
-        return flat
-
     if shardings is not None and set(shardings) != set(shapes):
         raise ValueError(f"shardings must name exactly the parameters; missing {sorted(set(shapes) - set(shardings))}, "
                          f"unknown {sorted(set(shardings) - set(shapes))}")
+    template = tuple(sorted((name, tuple(shape)) for name, shape in shapes.items()))
+    placement = None if shardings is None else tuple(shardings[name] for name, _ in template)
     # one compiled program either way, so sharded and unsharded creation give the same values
-    return unflatten(jax.jit(make, out_shardings=None if shardings is None else dict(shardings))())
+    values = _random_params_program(template, jnp.dtype(dtype), placement)(key)
+    return unflatten({name: value for (name, _), value in zip(template, values, strict=True)})
+
+
+@functools.lru_cache(maxsize=32)
+def _random_params_program(template: tuple[tuple[str, tuple[int, ...]], ...], dtype: jnp.dtype,
+                           placement: tuple[jax.sharding.Sharding, ...] | None) -> Callable:
+    """The compiled initialiser of one shape template (made once, not on every call: a model
+    built again, e.g. each test or experiment arm, reuses the program)."""
+    def make(key: jax.Array) -> tuple[jax.Array, ...]:
+        values = []
+        for i, (name, shape) in enumerate(template):
+            if name.endswith(".bias"):
+                values.append(jnp.zeros(shape, dtype))
+            elif _is_norm(name):
+                values.append(jnp.ones(shape, dtype))
+            else:
+                noise = jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+                values.append((0.02 * noise).astype(dtype))
+        return tuple(values)
+
+    return jax.jit(make, out_shardings=placement)
 
 
 def _is_norm(name: str) -> bool:

@@ -98,7 +98,7 @@ def direct_nll(model_dir: Path, tokens: np.ndarray, spec: AttentionSpec) -> np.n
 
 def test_every_length_scores_the_same_text(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "ppl.json"
-    code, stdout, stderr = run([str(model_dir), "--text", str(text_file), "--multiples", "1", "2", "4",
+    code, stdout, stderr = run([str(model_dir), "--text", str(text_file), "--multiples", "1", "4",
                                 "--sequences", "2", "--methods", "all", "-G", "2", "--batch-tokens", "200",
                                 "--block", "16", "--out", str(out), "--no-plot", "--no-progress"], capsys)
     assert code == 0, stderr
@@ -114,7 +114,10 @@ def test_every_length_scores_the_same_text(model_dir, text_file, tmp_path, capsy
     for name, spec in specs.items():
         res = record["methods"][name]
         assert res["attention"]["describe"] == spec.describe()
-        for point, n in zip(res["lengths"], (PRETRAIN, 2 * PRETRAIN, longest)):
+        assert [point["length"] for point in res["lengths"]] == [PRETRAIN, longest]
+        for point, n in zip(res["lengths"], (PRETRAIN, longest)):
+            if name != "lm_infinite" and n != longest:
+                continue  # every length of one method, every method at one length: each forward compiles anew
             tiles = evaluation.tile_segments(segments, n, tok.bos_id)
             nll = direct_nll(model_dir, tiles, spec)
             assert point["length"] == n and point["sequences"] == tiles.shape[0] and point["tokens"] == nll.size

@@ -145,9 +145,9 @@ def test_large_leaves_are_digested_in_bounded_blocks_with_the_same_result(shape,
     leaves = [jnp.asarray(random_bits(np.float32, shape, seed=6)), jnp.asarray(random_bits(np.int8, (9,), seed=7))]
     whole = leaf_digests(leaves)
     sizes = []
-    digest_blocks = fp._digest_blocks
+    digest_block = fp._digest_block
     monkeypatch.setattr(fp, "BLOCK_WORDS", 10)
-    monkeypatch.setattr(fp, "_digest_blocks", lambda blocks, starts: (
-        sizes.append(sum(b.size for b in blocks)), digest_blocks(blocks, starts))[1])
+    monkeypatch.setattr(fp, "_digest_block", lambda block, start: (sizes.append(block.size),
+                                                                   digest_block(block, start))[1])
     np.testing.assert_array_equal(leaf_digests(leaves), whole)
     assert max(sizes) <= 10 and sum(sizes) == sum(x.size for x in leaves)
