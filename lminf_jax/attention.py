@@ -74,7 +74,7 @@ def attention(
         _check_self_attention(qp, kp)
         return lambda_attention(q, k, v, spec=spec, positional=positional, scale=scale,
                                 block_q=min(block_q, PALLAS_MAX_BLOCKS[0]), block_k=min(block_k, PALLAS_MAX_BLOCKS[1]),
-                                interpret=jax.default_backend() != "gpu")
+                                interpret=jax.default_backend() != "gpu")[0]
     if implementation == "single_query":
         if tq != 1 or spec.top_k is not None:
             raise ValueError(f"implementation 'single_query' takes one query per row and no top-k; got {tq} "

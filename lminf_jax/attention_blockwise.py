@@ -23,12 +23,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lminf_jax.online_softmax import (
+    SoftmaxState,
+    softmax_finish,
+    softmax_init,
+    softmax_merge,
+    softmax_state_of,
+    softmax_update,
+)
 from lminf_jax.scores import (
     NEG_INF,
     Positional,
     attends_non_finite,
     finite_values,
     masked_scores,
+    matmul_precision,
     middle_scores,
     prepare_keys,
     prepare_queries,
@@ -58,46 +67,14 @@ def _first_at_least(k_positions: jax.Array, target: jax.Array) -> jax.Array:
     return jax.vmap(lambda row, t: jnp.searchsorted(row, t, side="left"))(k_positions, target).astype(jnp.int32)
 
 
-class _Softmax:
-    """Online-softmax state ``(max, sum, unnormalised out, attends a non-finite value)`` over key chunks."""
+def _fold(state: SoftmaxState, scores: jax.Array, attended: jax.Array, v: jax.Array, bad: jax.Array) -> SoftmaxState:
+    """Fold float32 ``scores (B, Hkv, G, bq, n)`` of the keys ``attended (B, 1, 1, bq, n)`` into the
+    state, against finite ``v (B, n, Hkv, dv)`` whose rows ``bad (B, n, Hkv)`` were not (`finite_values`)."""
+    def weighted(p: jax.Array) -> jax.Array:
+        return jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                          precision=matmul_precision(v.dtype))
 
-    @staticmethod
-    def init(b: int, hkv: int, g: int, bq: int, dv: int):
-        return (
-            jnp.full((b, hkv, g, bq), NEG_INF, jnp.float32),
-            jnp.zeros((b, hkv, g, bq), jnp.float32),
-            jnp.zeros((b, hkv, g, bq, dv), jnp.float32),
-            jnp.zeros((b, hkv, 1, bq), bool),
-        )
-
-    @staticmethod
-    def update(state, scores: jax.Array, attended: jax.Array, v: jax.Array, bad: jax.Array):
-        """Fold in float32 ``scores (B, Hkv, G, bq, n)`` of the keys ``attended (B, 1, 1, bq, n)``
-        against finite ``v (B, n, Hkv, dv)`` whose rows ``bad (B, n, Hkv)`` were not (`finite_values`)."""
-        m, l, acc, poisoned = state
-        m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(scores, axis=-1)))
-        m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-        correction = jnp.exp(m - m_safe)
-        p = jnp.exp(scores - m_safe[..., None])
-        l = correction * l + jnp.sum(p, axis=-1)
-        pv = jnp.einsum(
-            "bhgqk,bkhd->bhgqd",
-            p.astype(v.dtype),
-            v,
-            preferred_element_type=jnp.float32,
-            precision=lax.Precision.HIGHEST if v.dtype == jnp.float32 else lax.Precision.DEFAULT,
-        )
-        return m_new, l, correction[..., None] * acc + pv, poisoned | attends_non_finite(attended, bad)
-
-    @staticmethod
-    def finish(state):
-        """Normalised output and log-sum-exp; rows with nothing attended give 0 and -inf, rows
-        that attend a non-finite value NaN."""
-        m, l, acc, poisoned = state
-        seen = l > 0
-        out = jnp.where(poisoned[..., None], jnp.nan, acc / jnp.where(seen, l, 1.0)[..., None])
-        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), NEG_INF)
-        return out, lse
+    return softmax_update(state, scores, weighted, attends_non_finite(attended, bad))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "positional", "scale", "block_q", "block_k"))
@@ -135,8 +112,8 @@ def blockwise_attention(
     score = functools.partial(masked_scores, spec=spec, positional=positional, scale=scale)
 
     sinks = None
-    if spec.has_global and spec.global_keys_bounded:
-        n_sink = min(spec.global_branch, tk_pad)
+    if spec.sinks:
+        n_sink = min(spec.sinks, tk_pad)
         first_valid = _first_at_least(k_positions, jnp.zeros((b,), jnp.int32))
         sinks = tuple(_rows(x, first_valid, n_sink) for x in (k_global, v_pad, kpos, bad))
 
@@ -149,11 +126,11 @@ def blockwise_attention(
         qb = lax.dynamic_slice_in_dim(qg, i * bq, bq, axis=1)
         qp = lax.dynamic_slice_in_dim(qpos, i * bq, bq, axis=1)
         q_local, q_global = prepare_queries(qb, qp, spec, positional)
-        state = _Softmax.init(b, hkv, g, bq, dv)
+        state = softmax_init((b, hkv, g, bq), dv)
         if sinks is not None:
             sk, sv, sp, sb = sinks
             s, attended = score(q_local, q_global, sk, sk, qp, sp, include_local=False)
-            state = _Softmax.update(state, s, attended, sv, sb)
+            state = _fold(state, s, attended, sv, sb)
 
         keys = (k_local, k_global, v_pad, kpos, bad)
         if gather_window:
@@ -169,12 +146,12 @@ def blockwise_attention(
 
             def fold(st):
                 s, attended = score(q_local, q_global, kl, kg, qp, kp, include_global=window_global)
-                return _Softmax.update(st, s, attended, vc, kb)
+                return _fold(st, s, attended, vc, kb)
 
             return lax.cond(any_attended, fold, lambda st: st, state), None
 
         state, _ = lax.scan(key_chunk, state, jnp.arange(width // bk))
-        out, lse = _Softmax.finish(state)
+        out, lse = softmax_finish(state)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, bq, hq, dv)
         lse = lse.transpose(0, 3, 1, 2).reshape(b, bq, hq)
         return None, (out.astype(q.dtype), lse)
@@ -215,14 +192,9 @@ def merge_top_k(
     chosen_v = jnp.take_along_axis(v_heads[:, :, None], index[..., None], axis=3)  # (B, Hkv, G, n, dv)
     chosen_v = jnp.where((values > NEG_INF)[..., None], chosen_v, 0.0)  # no middle key: its value stays out
 
-    lse_last = lse[:, -1].reshape(b, hkv, g)
-    out_last = out[:, -1].reshape(b, hkv, g, -1).astype(jnp.float32)
-    top = jnp.maximum(lse_last, jnp.max(values, axis=-1))
-    top = jnp.where(jnp.isneginf(top), 0.0, top)
-    w_old = jnp.exp(lse_last - top)
-    w_new = jnp.exp(values - top[..., None])
-    numer = w_old[..., None] * out_last + jnp.einsum("bhgn,bhgnd->bhgd", w_new, chosen_v)
-    denom = w_old + jnp.sum(w_new, axis=-1)
-    merged = numer / jnp.where(denom > 0, denom, 1.0)[..., None]
+    chosen = softmax_update(softmax_init((b, hkv, g), v.shape[-1]), values,
+                            lambda p: jnp.einsum("bhgn,bhgnd->bhgd", p, chosen_v, precision=lax.Precision.HIGHEST))
+    finished = softmax_state_of(out[:, -1].reshape(b, hkv, g, -1), lse[:, -1].reshape(b, hkv, g))
+    merged, _ = softmax_finish(softmax_merge(finished, chosen))
     merged = jnp.where(active, merged.reshape(b, hq, -1), out[:, -1].astype(jnp.float32))
     return out.at[:, -1].set(merged.astype(out.dtype))

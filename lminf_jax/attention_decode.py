@@ -8,7 +8,7 @@ position p both scores are functions of a distance, so each key can instead be p
 
 * a local key stays at its position j;
 * a global key goes to ``p - (gq - gk)``, where ``gq`` is the global query position and ``gk`` the
-  key's global position (j when ``spec.keys_rotated_in_global``, else 0): RoPE then sees the
+  key's global position (``spec.global_key_position``: j, or 0 for LM-Infinite): RoPE then sees the
   distance ``gq - gk`` and ALiBi adds ``-slope * (gq - gk)``, exactly the reference's global score.
 
 So every cached key and value is read once: RoPE keys are rotated at e on the fly (a Λ-cache's
@@ -40,8 +40,7 @@ def effective_key_positions(q_positions: jax.Array, k_positions: jax.Array, spec
     local, far = spec.classify(qp, k_positions)
     if spec.has_global and not spec.global_scores_equal_local:
         gq = spec.global_query_position(q_positions)[:, None]
-        gk = k_positions if spec.keys_rotated_in_global else 0
-        effective = jnp.where(far, qp - (gq - gk), k_positions)
+        effective = jnp.where(far, qp - (gq - spec.global_key_position(k_positions)), k_positions)
     else:
         effective = k_positions
     attended = local | far

@@ -17,7 +17,7 @@ the kernel (elementwise XLA, from integer positions), so the kernel itself is po
 except for ALiBi's bias. Non-finite values are zeroed in each tile before the product and a row
 that attends one is NaN, so a NaN reaches only the rows that attend it.
 
-`lambda_attention` is the entry point; `lminf_jax.attention` calls it for
+`lambda_attention` is the entry point (it returns the log-sum-exp too); `lminf_jax.attention` calls it for
 ``implementation="pallas"``. The Triton backend needs power-of-two blocks of at least 16 and a
 head dimension that is a power of two of at least 16 (checked); ``interpret=True`` runs the same
 kernel body through XLA on any backend (tests use it on CPU).
@@ -34,16 +34,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lminf_jax.alibi import Alibi
+from lminf_jax.online_softmax import softmax_finish, softmax_init, softmax_update
 from lminf_jax.scores import NEG_INF, Positional, prepare_keys, prepare_queries
 from lminf_jax.spec import AttentionSpec
 
-#: Spec kinds the kernel serves: a window plus at most G sinks, no top-k.
-KERNEL_KINDS = ("lm_infinite", "lambda_mask", "sliding_window", "streaming_llm")
-
-
 def kernel_supports(spec: AttentionSpec) -> bool:
-    """Whether ``spec`` attends a bounded set the kernel computes (window and sinks, no top-k)."""
-    return spec.kind in KERNEL_KINDS and spec.top_k is None and spec.window is not None
+    """Whether ``spec`` attends a bounded set (`AttentionSpec.bounded`: sinks and a window), which the
+    kernel computes."""
+    return spec.bounded
 
 
 def check_triton_shapes(head_dim: int, value_dim: int, block_q: int, block_k: int) -> None:
@@ -68,7 +66,10 @@ def lambda_attention(
     interpret: bool = False,
 ) -> jax.Array:
     """Self-attention ``q (B, T, Hq, d)`` over ``k, v (B, T, Hkv, d|dv)``, every row at positions
-    0..T-1, under a bounded ``spec`` (`kernel_supports`). Returns ``(B, T, Hq, dv)`` in q's dtype."""
+    0..T-1, under a bounded ``spec`` (`kernel_supports`). Returns the output ``(B, T, Hq, dv)`` in q's
+    dtype and the float32 log-sum-exp of each row's scores ``(B, T, Hq)`` (``-inf``: nothing attended),
+    so that results over other keys can be merged exactly (`lminf_jax.online_softmax`).
+    ``interpret=False`` compiles with Triton (GPU)."""
     if not kernel_supports(spec):
         raise ValueError(f"the Pallas kernel serves bounded specs without top-k; got {spec.describe()}")
     b, t, hq, d = q.shape
@@ -83,7 +84,7 @@ def lambda_attention(
 
     padded = -(-t // max(block_q, block_k)) * max(block_q, block_k)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0)))  # noqa: E731
-    sinks = min(spec.global_branch, t) if spec.has_global else 0  # keys beyond T do not exist
+    sinks = min(spec.sinks, t)  # keys beyond T do not exist
     sink_slots = max(16, 1 << max(sinks - 1, 0).bit_length())  # a power-of-two tile holding the G sinks
     to_slots = lambda x: jnp.pad(x[:, :sinks], ((0, 0), (0, sink_slots - sinks), (0, 0), (0, 0)))  # noqa: E731
     slopes = np.asarray(positional.slopes if isinstance(positional, Alibi) else np.zeros(hq), np.float32)
@@ -93,72 +94,68 @@ def lambda_attention(
     q_block = pl.BlockSpec((None, block_q, None, d), lambda bi, h, i: (bi, i, h, 0))
     whole = lambda width, n: pl.BlockSpec((None, n, None, width), lambda bi, h, i: (bi, 0, h // group, 0))  # noqa: E731
     compiler_params = None
-    if not interpret and jax.default_backend() == "gpu":
+    if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
         compiler_params = plgpu.CompilerParams(num_warps=4 if d <= 64 else 8, num_stages=2)
-    out = pl.pallas_call(
+    out, lse = pl.pallas_call(
         kernel,
         grid=(b, hq, padded // block_q),
         in_specs=[q_block, q_block, whole(d, padded), whole(dv, padded), whole(d, sink_slots), whole(dv, sink_slots),
                   pl.BlockSpec((hq,), lambda bi, h, i: (0,))],
-        out_specs=pl.BlockSpec((None, block_q, None, dv), lambda bi, h, i: (bi, i, h, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, padded, hq, dv), q.dtype),
+        out_specs=[pl.BlockSpec((None, block_q, None, dv), lambda bi, h, i: (bi, i, h, 0)),
+                   pl.BlockSpec((None, None, block_q), lambda bi, h, i: (bi, h, i))],
+        out_shape=[jax.ShapeDtypeStruct((b, padded, hq, dv), q.dtype),
+                   jax.ShapeDtypeStruct((b, hq, padded), jnp.float32)],
         interpret=interpret,
         compiler_params=compiler_params,
     )(pad(q_local), pad(q_global), pad(k_local), pad(v), to_slots(k_global), to_slots(v), jnp.asarray(slopes))
-    return out[:, :t]
+    return out[:, :t], lse[:, :, :t].swapaxes(1, 2)
 
 
-def _kernel(q_local_ref, q_global_ref, k_ref, v_ref, sink_k_ref, sink_v_ref, slopes_ref, out_ref, *,
+def _kernel(q_local_ref, q_global_ref, k_ref, v_ref, sink_k_ref, sink_v_ref, slopes_ref, out_ref, lse_ref, *,
             spec: AttentionSpec, scale: float, length: int, sinks: int, block_q: int, block_k: int, alibi: bool):
-    """One block of queries of one head: the sink block, then the window's key blocks."""
+    """One block of queries of one head: the sink block, then the window's key blocks. Which keys a
+    query attends, and where a global key is scored, come from the spec (`AttentionSpec.classify`,
+    `global_query_position`, `global_key_position`), as in every other path."""
     head, first = pl.program_id(1), pl.program_id(2) * block_q
     q_pos = first + lax.iota(jnp.int32, block_q)
     slope = slopes_ref[head] if alibi else None
-    window = spec.window
-    state = (jnp.full((block_q,), NEG_INF, jnp.float32), jnp.zeros((block_q,), jnp.float32),
-             jnp.zeros((block_q, out_ref.shape[-1]), jnp.float32), jnp.zeros((block_q,), jnp.float32))
+    state = softmax_init((block_q,), out_ref.shape[-1], poisoned_dtype=jnp.float32)  # Triton reduces floats
 
-    def fold(state, q, keys, values, k_pos, attended, distance):
-        m, total, acc, poisoned = state
+    def fold(state, q, keys, values, attended, distance):
         s = lax.dot_general(q, keys, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
         if alibi:
             s = s - slope * distance.astype(jnp.float32)
         s = jnp.where(attended, s, NEG_INF)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-        p = jnp.exp(s - m_safe[:, None])
-        correction = jnp.exp(m - m_safe)
         # non-finite values are zeroed (no 0 * nan at keys a row does not attend); rows attending one are NaN
         finite = jnp.abs(values.astype(jnp.float32)) < jnp.inf
         bad = jnp.max(jnp.where(finite, 0.0, 1.0), axis=1)
-        poisoned = jnp.maximum(poisoned, jnp.max(jnp.where(attended, bad[None, :], 0.0), axis=1))
         values = jnp.where(finite, values, jnp.zeros((), values.dtype))
-        pv = lax.dot_general(p.astype(values.dtype), values, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-        return m_new, correction * total + jnp.sum(p, axis=1), correction[:, None] * acc + pv, poisoned
+        return softmax_update(
+            state, s,
+            lambda p: lax.dot_general(p.astype(values.dtype), values, (((1,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.float32),
+            jnp.max(jnp.where(attended, bad[None, :], 0.0), axis=1))
 
     if sinks:
         k_pos = lax.iota(jnp.int32, sink_k_ref.shape[0])
-        far = (k_pos[None, :] < sinks) & (q_pos[:, None] - k_pos[None, :] >= window) & (q_pos[:, None] < length)
-        gq = spec.global_query_position(q_pos)
-        gk = k_pos if spec.keys_rotated_in_global else jnp.zeros_like(k_pos)
-        state = fold(state, q_global_ref[...], sink_k_ref[...], sink_v_ref[...], k_pos, far,
-                     gq[:, None] - gk[None, :])
+        _, far = spec.classify(q_pos[:, None], k_pos[None, :])
+        state = fold(state, q_global_ref[...], sink_k_ref[...], sink_v_ref[...],
+                     far & (k_pos[None, :] < sinks) & (q_pos[:, None] < length),
+                     spec.global_query_position(q_pos)[:, None] - spec.global_key_position(k_pos)[None, :])
 
     q_local = q_local_ref[...]
 
     def window_block(j, state):
         start = pl.multiple_of(j * block_k, block_k)
         k_pos = start + lax.iota(jnp.int32, block_k)
-        delta = q_pos[:, None] - k_pos[None, :]
-        local = (delta >= 0) & (delta < window) & (k_pos[None, :] < length)
-        return fold(state, q_local, k_ref[pl.ds(start, block_k), :], v_ref[pl.ds(start, block_k), :], k_pos, local,
-                    delta)
+        local, _ = spec.classify(q_pos[:, None], k_pos[None, :])
+        return fold(state, q_local, k_ref[pl.ds(start, block_k), :], v_ref[pl.ds(start, block_k), :],
+                    local & (k_pos[None, :] < length), q_pos[:, None] - k_pos[None, :])
 
-    lo = jnp.maximum(first - (window - 1), 0) // block_k
+    lo = jnp.maximum(first - (spec.window - 1), 0) // block_k
     hi = (first + block_q - 1) // block_k + 1
-    m, total, acc, poisoned = lax.fori_loop(lo, hi, window_block, state)
-    out = jnp.where(poisoned[:, None] > 0, jnp.nan, acc / jnp.where(total > 0, total, 1.0)[:, None])
+    out, lse = softmax_finish(lax.fori_loop(lo, hi, window_block, state))
     out_ref[...] = out.astype(out_ref.dtype)
+    lse_ref[...] = lse

@@ -37,10 +37,6 @@ from lminf_jax.attention import Implementation, attention
 from lminf_jax.scores import Positional
 from lminf_jax.spec import INT32_MAX, AttentionSpec, int32_positions, require_int32
 
-#: Specs whose attended set a Λ-cache holds (without top-k).
-BOUNDED_KINDS = ("lm_infinite", "lambda_mask", "sliding_window", "streaming_llm")
-
-
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     """Keys/values ``(layers, B, S, Hkv, d)``, positions ``(B, S)``; static `sinks`/`ring`.
@@ -93,8 +89,8 @@ class KVCache:
                 raise ValueError(f"capacity is required: {spec.describe()} attends an unbounded number of keys "
                                  "and needs a full cache")
             return cls.full(num_layers, batch, kv_heads, head_dim, capacity=capacity, dtype=dtype, value_dim=value_dim)
-        return cls.lambda_cache(num_layers, batch, kv_heads, head_dim, sinks=spec.global_branch,
-                                window=spec.local_branch, dtype=dtype, value_dim=value_dim)
+        return cls.lambda_cache(num_layers, batch, kv_heads, head_dim, sinks=spec.sinks, window=spec.window,
+                                dtype=dtype, value_dim=value_dim)
 
     @classmethod
     def _empty(cls, num_layers, batch, slots, kv_heads, head_dim, value_dim, dtype, sinks, ring, what: str,
@@ -143,10 +139,10 @@ class KVCache:
             why = "top-k middle tokens need every key" if spec.top_k is not None else "it attends unboundedly many keys"
             raise ValueError(f"{spec.describe()} needs a full cache ({why}); this is a Λ-cache "
                              f"(G={self.sinks}, L={self.ring})")
-        if spec.global_branch > self.sinks:
-            raise ValueError(f"spec global_branch {spec.global_branch} exceeds the cache's {self.sinks} sink slots")
-        if spec.local_branch > self.ring:
-            raise ValueError(f"spec local_branch {spec.local_branch} exceeds the cache's ring of {self.ring} slots")
+        if spec.sinks > self.sinks:
+            raise ValueError(f"spec global_branch {spec.sinks} exceeds the cache's {self.sinks} sink slots")
+        if spec.window > self.ring:
+            raise ValueError(f"spec local_branch {spec.window} exceeds the cache's ring of {self.ring} slots")
 
     # ----- one model call ---------------------------------------------------------------
     def plan(self, positions: jax.Array) -> CacheUpdate:
@@ -203,7 +199,7 @@ for _cls, _fields in ((KVCache, ["keys", "values", "positions"]),
 
 def needs_full_cache(spec: AttentionSpec) -> bool:
     """Whether ``spec`` can attend keys outside the sinks and the last L tokens."""
-    return spec.kind not in BOUNDED_KINDS or spec.top_k is not None
+    return not spec.bounded
 
 
 def cached_attention(

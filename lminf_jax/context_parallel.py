@@ -62,7 +62,7 @@ def context_parallel_attention(
     ``batch_axis`` / ``head_axis``: other mesh axes the batch and the heads stay split over
     (data and tensor parallelism alongside); heads only with RoPE or no positional encoding (ALiBi
     slopes belong to fixed heads), and only when both head counts divide the axis."""
-    if spec.window is None or not spec.global_keys_bounded or spec.top_k is not None:
+    if not spec.bounded:
         raise ValueError(f"context parallelism needs a bounded window and sinks, without top-k; "
                          f"{spec.describe()} attends unboundedly many keys")
     for name, value in (("axis", axis), ("batch_axis", batch_axis), ("head_axis", head_axis)):
@@ -83,7 +83,7 @@ def context_parallel_attention(
     needed = min(spec.window - 1, (n - 1) * chunk)  # keys before a chunk that its queries can see
     hops = math.ceil(needed / chunk)
     last = needed - (hops - 1) * chunk  # tokens the farthest hop carries
-    g = min(spec.global_branch, n * chunk) if spec.has_global else 0  # sinks beyond the sequence do not exist
+    g = min(spec.sinks, n * chunk)  # sinks beyond the sequence do not exist
 
     def local(q_c, k_c, v_c, pos_c):
         halo_k, halo_v, halo_p = [], [], []

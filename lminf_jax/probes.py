@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lminf_jax.online_softmax import softmax_finish, softmax_init, softmax_update
 from lminf_jax.scores import Positional, masked_scores, prepare_keys, prepare_queries
 from lminf_jax.spec import AttentionSpec, int32_positions, require_int32
 
@@ -113,36 +114,35 @@ def probe_rows(
     k_local, k_global = prepare_keys(kf, kpos, spec, positional)
 
     neg = jnp.float32(-jnp.inf)
-    init = (jnp.full((b, hkv, g, r), neg), jnp.zeros((b, hkv, g, r)), jnp.zeros((b, hkv, g, r)),
-            jnp.zeros((b, hkv, g, r)), jnp.full((b, hkv, g, r, num_buckets), neg),
-            jnp.zeros((b, hkv, g, r, num_buckets)))
+    # the softmax state's weighted sums: column 0 sum(p * logit) (for the entropy), then the mass per bucket
+    init = (softmax_init((b, hkv, g, r), 1 + num_buckets), jnp.zeros((b, hkv, g, r)),
+            jnp.full((b, hkv, g, r, num_buckets), neg))
 
     def fold(state, c):
-        m, s, tl, count, bmax, bsum = state
+        soft, count, bmax = state
         kl, kg = (lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=1) for x in (k_local, k_global))
         kp = lax.dynamic_slice_in_dim(kpos, c * chunk, chunk, axis=1)
         scores, attended = masked_scores(q_local, q_global, kl, kg, qpos, kp, spec=spec, positional=positional,
                                          scale=scale)
-        new_m = jnp.maximum(m, scores.max(axis=-1))
-        safe_m = jnp.where(jnp.isneginf(new_m), 0.0, new_m)
-        alpha = jnp.exp(jnp.where(jnp.isneginf(m), neg, m - safe_m))
-        p = jnp.where(attended, jnp.exp(scores - safe_m[..., None]), 0.0)
         logit = jnp.where(attended, scores, 0.0)
         bucket = jnp.minimum(distance_bucket(qpos[:, :, None] - kp[:, None, :]), num_buckets - 1)
         onehot = jax.nn.one_hot(bucket, num_buckets, dtype=bool)[:, None, None] & attended[..., None]
-        bmax = jnp.maximum(bmax, jnp.where(onehot, scores[..., None], neg).max(axis=-2))
-        bsum = bsum * alpha[..., None] + jnp.where(onehot, p[..., None], 0.0).sum(axis=-2)
-        state = (new_m, s * alpha + p.sum(-1), tl * alpha + (p * logit).sum(-1), count + attended.sum(-1),
-                 bmax, bsum)
-        return state, None
 
-    (m, s, tl, count, bmax, bsum), _ = lax.scan(fold, init, jnp.arange(padded // chunk))
-    safe_s = jnp.where(s > 0, s, 1.0)
-    lse = jnp.where(s > 0, m + jnp.log(safe_s), neg)
-    entropy = jnp.where(s > 0, lse - tl / safe_s, jnp.nan)
+        def weighted(p: jax.Array) -> jax.Array:
+            return jnp.concatenate([jnp.sum(p * logit, axis=-1, keepdims=True),
+                                    jnp.where(onehot, p[..., None], 0.0).sum(axis=-2)], axis=-1)
+
+        soft = softmax_update(soft, scores, weighted)
+        bmax = jnp.maximum(bmax, jnp.where(onehot, scores[..., None], neg).max(axis=-2))
+        return (soft, count + attended.sum(-1), bmax), None
+
+    (soft, count, bmax), _ = lax.scan(fold, init, jnp.arange(padded // chunk))
+    means, lse = softmax_finish(soft)
+    seen = soft.total > 0
+    entropy = jnp.where(seen, lse - means[..., 0], jnp.nan)
 
     return RowProbe(lse=_ungroup(lse), entropy=_ungroup(entropy), attended=_ungroup(count.astype(jnp.float32)),
-                    max_logit=_ungroup(m), bucket_max=_ungroup(bmax), bucket_mass=_ungroup(bsum / safe_s[..., None]))
+                    max_logit=_ungroup(soft.m), bucket_max=_ungroup(bmax), bucket_mass=_ungroup(means[..., 1:]))
 
 
 def _ungroup(x: jax.Array) -> jax.Array:

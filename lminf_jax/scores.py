@@ -39,7 +39,8 @@ def prepare_keys(
     if not isinstance(positional, Rotary):
         return k, k
     k_local = apply_rope(k, k_positions, positional)
-    k_global = k_local if spec.keys_rotated_in_global else k
+    k_global = k_local if spec.keys_rotated_in_global else apply_rope(k, spec.global_key_position(k_positions),
+                                                                      positional)
     return k_local, k_global
 
 
@@ -106,9 +107,8 @@ def masked_scores(
     if isinstance(positional, Alibi):
         slopes = _grouped_slopes(positional, q_local.shape[2], q_local.shape[3])
         if needs_global:
-            gq = spec.global_query_position(q_positions)
-            gk = k_positions if spec.keys_rotated_in_global else jnp.zeros_like(k_positions)
-            s_global = s_global - slopes * _distance(gq, gk)
+            s_global = s_global - slopes * _distance(spec.global_query_position(q_positions),
+                                                     spec.global_key_position(k_positions))
         if include_local:
             s_local = s_local - slopes * _distance(q_positions, k_positions)
     b, tq, hkv, g, _ = q_local.shape

@@ -196,6 +196,19 @@ class AttentionSpec:
         return self.kind in ("lm_infinite", "lambda_mask", "streaming_llm") and self.global_branch > 0
 
     @property
+    def sinks(self) -> int:
+        """How many leading positions ``0..sinks-1`` can be global keys when that set is bounded
+        (0 when no key is global, or when any far key is: distance_limit)."""
+        return self.global_branch if self.has_global and self.global_keys_bounded else 0
+
+    @property
+    def bounded(self) -> bool:
+        """Whether every query attends at most ``sinks + window`` keys, always the first ``sinks``
+        positions and the last ``window``: what a Λ-cache holds, the Pallas kernel computes and
+        context parallelism splits. Top-k middle tokens may pick any key, so they are unbounded."""
+        return self.window is not None and self.global_keys_bounded and self.top_k is None
+
+    @property
     def keys_rotated_in_global(self) -> bool:
         """Global keys at their true position (True) or un-rotated at 0 (False)."""
         return self.kind in ("lambda_mask", "streaming_llm")
@@ -212,6 +225,10 @@ class AttentionSpec:
         if self.kind == "streaming_llm":
             return jnp.minimum(q_positions, self.global_branch + self.local_branch - 1)
         return q_positions
+
+    def global_key_position(self, k_positions: jnp.ndarray) -> jnp.ndarray:
+        """Position at which a key is rotated (or ALiBi-placed) for global scores."""
+        return k_positions if self.keys_rotated_in_global else jnp.zeros_like(k_positions)
 
     def classify(self, q_positions: jnp.ndarray, k_positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Boolean (local, global) masks for broadcastable query/key position arrays."""

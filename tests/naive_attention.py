@@ -25,8 +25,9 @@ def rotate(x: np.ndarray, position: int, inv_freq, layout: str, scaling: float) 
 
 
 def naive_attention(q, k, v, q_pos, k_pos, *, kind, G=0, L=None, D=None, rope=None, slopes=None, scale,
-                    top_k=None, top_k_active=False):
-    """Return (B, Tq, Hq, dv) float64.
+                    top_k=None, top_k_active=False, return_lse=False):
+    """Return (B, Tq, Hq, dv) float64, and with ``return_lse`` the log-sum-exp of each row's
+    attended logits (B, Tq, Hq) (-inf where none).
 
     kind: vanilla | lm_infinite | lambda_mask | distance_limit | sliding_window | streaming_llm.
     rope: None or (inv_freq, layout, attention_scaling). slopes: None or per-query-head slopes.
@@ -37,12 +38,23 @@ def naive_attention(q, k, v, q_pos, k_pos, *, kind, G=0, L=None, D=None, rope=No
     bsz, tq, hq, _ = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     out = np.zeros((bsz, tq, hq, v.shape[-1]))
+    lse = np.full((bsz, tq, hq), -np.inf)
+
+    rotated: dict = {}  # each (vector, position) is rotated once; the scores stay per (i, j)
+
+    def rotation(x, index, position):
+        key = (x is q, index, position)
+        if key not in rotated:
+            rotated[key] = rotate(x[index], position, *rope)
+        return rotated[key]
 
     def score(qv, kv, qp, kp, h):
-        """Query placed at qp, key at kp (kp=None: un-rotated key at 0)."""
+        """Query slot qv = (b, t, h) placed at qp, key slot kv = (b, s, kh) at kp (kp=None: the key at
+        position 0, as LM-Infinite scores sinks)."""
         if rope is not None:
-            qv = rotate(qv, qp, *rope)
-            kv = kv if kp is None else rotate(kv, kp, *rope)
+            qv, kv = rotation(q, qv, qp), rotation(k, kv, 0 if kp is None else kp)
+        else:
+            qv, kv = q[qv], k[kv]
         s = float(qv @ kv) * scale
         if slopes is not None:
             s -= slopes[h] * (qp - (0 if kp is None else kp))
@@ -61,7 +73,7 @@ def naive_attention(q, k, v, q_pos, k_pos, *, kind, G=0, L=None, D=None, rope=No
                     if j < 0 or j > i:
                         continue
                     delta = i - j
-                    qv, kv = q[b, t, h], k[b, s_, kh]
+                    qv, kv = (b, t, h), (b, s_, kh)
                     if kind == "vanilla":
                         logits.append(score(qv, kv, i, j, h))
                     elif kind == "distance_limit":
@@ -94,7 +106,8 @@ def naive_attention(q, k, v, q_pos, k_pos, *, kind, G=0, L=None, D=None, rope=No
                     continue
                 w = np.exp(np.array(logits) - max(logits))
                 out[b, t, h] = (w / w.sum()) @ np.array(values)
-    return out
+                lse[b, t, h] = max(logits) + np.log(w.sum())
+    return (out, lse) if return_lse else out
 
 
 def allowed_keys(i: int, k_pos: np.ndarray, *, kind, G=0, L=None, D=None) -> np.ndarray:

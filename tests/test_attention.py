@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_nan_stays_in_its_rows, attended_slots, random_qkv, rel_err
+from conftest import (assert_nan_stays_in_its_rows, attended_slots, case_seed, naive_positional_kwargs, naive_spec_kwargs,
+                      random_qkv, rel_err)
+from naive_attention import naive_attention
 
-from lminf_jax import Alibi, AttentionSpec, Rotary, TopK, attention, attention_probe
+from lminf_jax import Alibi, AttentionSpec, RopeScaling, Rotary, TopK, attention, attention_probe
 
 Q, K, V = random_qkv(0, 2, 8, 8, 4, 2, 16)
 POS = np.arange(8, dtype=np.int32)
@@ -153,3 +155,22 @@ def test_huge_g_and_l_allocate_nothing_beyond_the_sequence(implementation):
     want = attention(q, k, v, q_positions=pos[-tq:], k_positions=pos, spec=AttentionSpec.vanilla(),
                      positional=Rotary.create(16), implementation="reference")
     assert rel_err(run(q, k, v), want) < 1e-5
+
+
+@pytest.mark.parametrize("spec", [AttentionSpec.lm_infinite(3, 8), AttentionSpec.distance_limit(8)], ids=lambda s: s.kind)
+def test_a_key_scored_at_position_zero_gets_the_rotary_scaling_in_every_path(spec):
+    """YaRN folds its attention factor into cos and sin, so a key scored at position 0 (LM-Infinite's
+    sinks, the distance limit's far keys) is scaled like every other key, in every implementation,
+    as in the float64 oracle."""
+    rotary = Rotary.create(16, theta=100.0, scaling=RopeScaling("yarn", 4.0, original_max_position_embeddings=16))
+    assert rotary.attention_scaling > 1.1
+    t = 40
+    q, k, v = random_qkv(case_seed("scaled sinks", spec.kind), 1, t, t, 4, 2, 16)
+    pos = np.arange(t, dtype=np.int32)
+    want = naive_attention(q, k, v, pos[None], pos[None], scale=0.25, **naive_spec_kwargs(spec),
+                           **naive_positional_kwargs(rotary))
+    run = lambda qs, impl: attention(q[:, qs], k, v, q_positions=pos[qs], k_positions=pos, spec=spec,  # noqa: E731
+                                     positional=rotary, implementation=impl, block_q=8, block_k=8)
+    for impl in ("reference", "blockwise") + (("pallas",) if spec.bounded else ()):
+        assert rel_err(run(slice(None), impl), want) < 1e-5, impl
+    assert rel_err(run(slice(t - 1, t), "single_query"), want[:, -1:]) < 1e-5

@@ -4,6 +4,9 @@ multiple of the blocks, float32 and bfloat16; its contract errors; a model run t
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -31,11 +34,25 @@ def test_kernel_matches_naive_oracle(spec_name, positional_name):
     q, k, v = random_qkv(case_seed(spec_name, positional_name), b, t, t, hq, hkv, d)
     spec, positional = SPECS[spec_name], make_positional(positional_name, d, hq)
     pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
-    want = naive_attention(q, k, v, pos, pos, scale=d**-0.5, **naive_spec_kwargs(spec),
-                           **naive_positional_kwargs(positional))
-    got = lambda_attention(q, k, v, spec=spec, positional=positional, scale=d**-0.5, block_q=32, block_k=16,
-                           interpret=True)
+    want, want_lse = naive_attention(q, k, v, pos, pos, scale=d**-0.5, **naive_spec_kwargs(spec),
+                                     **naive_positional_kwargs(positional), return_lse=True)
+    got, lse = lambda_attention(q, k, v, spec=spec, positional=positional, scale=d**-0.5, block_q=32, block_k=16,
+                                interpret=True)
     assert got.shape == (b, t, hq, d) and rel_err(got, want) < 1e-5
+    assert lse.shape == (b, t, hq) and np.max(np.abs(np.asarray(lse) - want_lse)) < 1e-4
+
+
+@pytest.mark.parametrize("positional_name", ["rope_half", "alibi"])
+def test_kernel_lowers_to_triton_for_the_gpu(positional_name):
+    """No GPU needed: lowering for CUDA runs the Triton lowering of the whole kernel body, which
+    rejects what Triton cannot compile (an op without a rule, a bad block shape)."""
+    hq, d = 4, 64
+    q = jax.ShapeDtypeStruct((1, 256, hq, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 256, 2, d), jnp.bfloat16)
+    kernel = functools.partial(lambda_attention, spec=SPECS["lm_infinite"], positional=make_positional(
+        positional_name, d, hq), scale=d**-0.5, block_q=64, block_k=64, interpret=False)
+    lowered = jax.jit(kernel).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    assert "custom_call @__gpu$xla.gpu.triton" in lowered
 
 
 def test_kernel_in_bfloat16_and_through_attention():
