@@ -20,11 +20,11 @@ import numpy as np
 from jax import lax
 
 from lminf_jax.alibi import Alibi
+from lminf_jax.online_softmax import NEG_INF
 from lminf_jax.rope import Rotary, apply_rope
 from lminf_jax.spec import AttentionSpec
 
 Positional = Union[Rotary, Alibi, None]
-NEG_INF = float("-inf")
 
 
 def matmul_precision(dtype: jnp.dtype) -> lax.Precision:
