@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.options import int_option, output_file
-from lminf_jax import AttentionSpec, Rotary
+from lminf_jax import LMInfinite, Rotary
 from lminf_jax.attention_blockwise import blockwise_attention
 from lminf_jax.attention_reference import reference_attention
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     t = args.multiple * args.window
-    spec = AttentionSpec.lm_infinite(args.sinks, args.window)
+    spec = LMInfinite(args.sinks, args.window)
     rope = Rotary.create(args.head_dim)
     rng = np.random.default_rng(args.seed)
     q = jnp.asarray(rng.standard_normal((1, t, args.heads, args.head_dim), np.float32))

@@ -38,7 +38,7 @@ import numpy as np
 from experiments.benchmark_decode import PRESETS, measure
 from experiments.loading import run_cli
 from experiments.options import int_option, output_file
-from lminf_jax import AttentionSpec, Rotary, attention
+from lminf_jax import LMInfinite, Rotary, Vanilla, attention
 from lminf_jax.rope import apply_rope
 from models import llama
 from models.common import AttentionCall
@@ -109,7 +109,7 @@ def attention_section(cfg, dtype, window: int, sinks: int, lengths: list[int], r
     baseline = "cudnn" if gpu else "xla"
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     rope = Rotary.create(d, theta=cfg.rope_theta)
-    spec = AttentionSpec.lm_infinite(sinks, window)
+    spec = LMInfinite(sinks, window)
     rows = []
     rng = np.random.default_rng(0)
     for t in lengths:
@@ -145,8 +145,8 @@ def attention_section(cfg, dtype, window: int, sinks: int, lengths: list[int], r
 def encode_section(cfg, dtype, params, window: int, sinks: int, lengths: list[int], repeats: int) -> list[dict]:
     """(b) the model's forward pass (last token's logits) at each length."""
     lam = "pallas" if jax.default_backend() == "gpu" else "blockwise"
-    methods = {"vanilla": AttentionCall(AttentionSpec.vanilla(), "blockwise"),
-               "LM-Infinite": AttentionCall(AttentionSpec.lm_infinite(sinks, window), lam)}
+    methods = {"vanilla": AttentionCall(Vanilla(), "blockwise"),
+               "LM-Infinite": AttentionCall(LMInfinite(sinks, window), lam)}
     rows = []
     for t in lengths:
         tokens = jnp.asarray(np.random.default_rng(t).integers(0, cfg.vocab_size, (1, t)), jnp.int32)
@@ -178,7 +178,7 @@ def decode_section(cfg, dtype, params, window: int, sinks: int, positions: list[
     bandwidth = read_bandwidth(repeats)
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     slot_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-    methods = {"Λ-cache": AttentionSpec.lm_infinite(sinks, window), "full cache": AttentionSpec.vanilla()}
+    methods = {"Λ-cache": LMInfinite(sinks, window), "full cache": Vanilla()}
     rows = []
     for batch in batches:
         for position in positions:

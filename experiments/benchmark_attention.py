@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.options import int_option, output_file
-from lminf_jax import AttentionSpec, Rotary
+from lminf_jax import LMInfinite, Rotary, Vanilla
 from lminf_jax.attention_blockwise import blockwise_attention
 from lminf_jax.attention_reference import reference_attention
 
@@ -62,12 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     dtype = jnp.dtype(args.dtype)
     rope = Rotary.create(args.head_dim)
     scale = args.head_dim**-0.5
-    lm_inf = AttentionSpec.lm_infinite(args.sinks, args.window)
+    lm_inf = LMInfinite(args.sinks, args.window)
     variants = {
         "blockwise lm_infinite": functools.partial(
             blockwise_attention, spec=lm_inf, positional=rope, scale=scale, block_q=args.block, block_k=args.block),
         "blockwise vanilla": functools.partial(
-            blockwise_attention, spec=AttentionSpec.vanilla(), positional=rope, scale=scale,
+            blockwise_attention, spec=Vanilla(), positional=rope, scale=scale,
             block_q=args.block, block_k=args.block),
         "dense lm_infinite": functools.partial(reference_attention, spec=lm_inf, positional=rope, scale=scale),
     }

@@ -27,7 +27,7 @@ import numpy as np
 from jax import lax
 
 from experiments.options import int_option, output_file
-from lminf_jax import AttentionSpec
+from lminf_jax import LMInfinite, Vanilla
 from lminf_jax.cache import KVCache
 from models import llama
 from models.common import AttentionCall
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     params = llama.init_params(cfg, jax.random.key(0), dtype)
     methods = {
         f"LM-Infinite, Λ-cache (G={preset['global_branch']}, L={window})":
-            AttentionSpec.lm_infinite(preset["global_branch"], window),
-        "vanilla, full cache": AttentionSpec.vanilla(),
+            LMInfinite(preset["global_branch"], window),
+        "vanilla, full cache": Vanilla(),
     }
     device = jax.devices()[0]
     print(f"decoding benchmark: preset {args.preset}, {dtype.__name__ if hasattr(dtype, '__name__') else dtype}, "

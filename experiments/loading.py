@@ -9,13 +9,14 @@
 * `add_attention_args(parser)` / `spec_from_args(args, config)`: one set of command-line
   options for the attention method, turned into an `AttentionSpec`::
 
-      --method lm_infinite|vanilla|lambda_mask|distance_limit|sliding_window|streaming_llm
-      -G/--global-branch  -L/--local-branch  -D/--limit-distance
+      --method lm_infinite|vanilla|lambda_mask|distance_limit|sliding_window|streaming_llm|self_extend
+      -G/--global-branch  -L/--local-branch  -D/--limit-distance  --group-size
       --top-k-middle K  --top-k-insert-at N  --top-k-from-layer H
 
-  Defaults: ``lm_infinite``, G = 10 (4 for ``streaming_llm``, StreamingLLM's own default),
-  L = the model's pretraining length (`pretraining_length`), D = L (``distance_limit``: the
-  pretraining length), top-k middle tokens off; when on, inserted at distance L/2 (the paper's) from layer 4.
+  The options are the methods' own (`lminf_jax.spec.METHODS`, each class's ``OPTIONS``, with their
+  defaults in its ``from_options``): ``lm_infinite`` by default, L from the model's pretraining length
+  (`pretraining_length`); top-k middle tokens off, when on inserted at distance L/2 (the paper's) from
+  layer 4. An option the chosen method does not take is an error.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 from converters.reader import read_json_object
 from experiments.options import int_option
 from lminf_jax import AttentionSpec, TopK
-from lminf_jax.spec import KINDS
+from lminf_jax.spec import KINDS, METHODS, PARAMETERS
 
 #: ``--dtype`` names, as in ``python -m converters``.
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
@@ -46,18 +47,14 @@ HF_CONFIG_FILE = "config.json"
 #: Config attributes holding the pretraining length, in the order they are looked up.
 LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len")
 
-#: Which ``--method`` uses which of -G, -L, -D.
-_USES = {
-    "vanilla": (),
-    "lm_infinite": ("global_branch", "local_branch", "limit_distance"),
-    "lambda_mask": ("global_branch", "local_branch"),
-    "distance_limit": ("limit_distance",),
-    "sliding_window": ("local_branch",),
-    "streaming_llm": ("global_branch", "local_branch"),
-}
-_FLAGS = {"global_branch": "-G/--global-branch", "local_branch": "-L/--local-branch",
-          "limit_distance": "-D/--limit-distance"}
+#: The paper's short flags; every other method parameter is ``--its-name``.
+_SHORT_FLAGS = {"global_branch": "-G", "local_branch": "-L", "limit_distance": "-D"}
 _TOP_K_FLAGS = {"top_k_insert_at": "--top-k-insert-at", "top_k_from_layer": "--top-k-from-layer"}
+
+
+def _flags(parameter: str) -> list[str]:
+    long = "--" + parameter.replace("_", "-")
+    return [_SHORT_FLAGS[parameter], long] if parameter in _SHORT_FLAGS else [long]
 
 
 # ----- models -----------------------------------------------------------------------------------
@@ -219,85 +216,78 @@ def pretraining_length(config) -> int:
     raise ValueError(f"the model config has none of {', '.join(LENGTH_FIELDS)}: pass -L/--local-branch")
 
 
+def add_method_options(group: argparse._ArgumentGroup) -> None:
+    """Register every method parameter (`lminf_jax.spec.METHODS`' ``OPTIONS``) once, its help saying
+    what it means to each method that takes it."""
+    for parameter in PARAMETERS:
+        options = {name: method.OPTIONS[parameter] for name, method in METHODS.items() if parameter in method.OPTIONS}
+        uses: dict[str, list[str]] = {}  # meaning -> the methods the parameter has that meaning for
+        for name, option in options.items():
+            uses.setdefault(option.meaning, []).append(name)
+        group.add_argument(*_flags(parameter), dest=parameter, metavar=next(iter(options.values())).symbol,
+                           type=int_option(min(option.minimum for option in options.values())),
+                           help="; ".join(f"{', '.join(names)}: {meaning}" for meaning, names in uses.items()))
+
+
+def method_options(args: argparse.Namespace) -> dict[str, int | None]:
+    """The method parameters given on the command line (None: not given)."""
+    return {parameter: getattr(args, parameter, None) for parameter in PARAMETERS}
+
+
 def add_attention_args(parser: argparse.ArgumentParser) -> None:
     """Register the attention options (see the module docstring) on `parser`."""
-    group = parser.add_argument_group("attention (LM-Infinite and ablations)")
+    group = parser.add_argument_group("attention method")
     group.add_argument("--method", choices=KINDS, default="lm_infinite",
-                       help="attention mask (default: lm_infinite)")
-    group.add_argument("-G", "--global-branch", type=int_option(0), metavar="G",
-                       help="sink tokens at the start (default: 10; 4 for streaming_llm)")
-    group.add_argument("-L", "--local-branch", type=int_option(1), metavar="L",
-                       help="window of the last L tokens (default: the model's pretraining length)")
-    group.add_argument("-D", "--limit-distance", type=int_option(1), metavar="D",
-                       help="distance the sinks are scored at (lm_infinite, default L) or the cap on "
-                            "distances (distance_limit, default: the pretraining length)")
+                       help="attention method (default: lm_infinite)")
+    add_method_options(group)
     group.add_argument("--top-k-middle", type=int_option(1), metavar="K",
                        help="also attend the K best hidden middle tokens from the last query (default: off)")
     group.add_argument("--top-k-insert-at", type=int_option(0), metavar="N",
-                       help="distance the top-k middle tokens are scored at (default: L)")
+                       help="distance the top-k middle tokens are scored at (default: L / 2)")
     group.add_argument("--top-k-from-layer", type=int_option(0), metavar="H",
                        help="first layer using top-k middle tokens (default: 4)")
 
 
 def spec_from_args(args: argparse.Namespace, config=None) -> AttentionSpec:
     """The `AttentionSpec` the attention options ask for; ``config`` (a family config or HF
-    config dict) supplies the default L. A ValueError names an option that does not apply."""
-    method = args.method
-    uses = _USES[method]
-    for name, flag in _FLAGS.items():
-        if getattr(args, name) is not None and name not in uses:
-            raise ValueError(f"{flag} is not used by --method {method}")
+    config dict) supplies the pretraining length defaults come from. A ValueError names an option
+    that does not apply."""
+    method = METHODS[args.method]
+    for parameter, value in method_options(args).items():
+        if value is not None and parameter not in method.OPTIONS:
+            raise ValueError(f"{'/'.join(_flags(parameter))} is not used by --method {args.method}")
     if args.top_k_middle is None:
         for name, flag in _TOP_K_FLAGS.items():
             if getattr(args, name) is not None:
                 raise ValueError(f"{flag} needs --top-k-middle")
 
-    def default_length() -> int:
+    def default_length(parameter: str) -> int:
         if config is None:
-            raise ValueError(f"--method {method} needs -L/--local-branch (no model config to take it from)")
+            raise ValueError(f"--method {args.method} needs {'/'.join(_flags(parameter))} (no model config to take "
+                             f"its default from)")
         return pretraining_length(config)
 
-    g = args.global_branch if args.global_branch is not None else (4 if method == "streaming_llm" else 10)
-    length = args.local_branch
-    if length is None and "local_branch" in uses:
-        length = default_length()
-    if method == "distance_limit":
-        distance = args.limit_distance if args.limit_distance is not None else default_length()
-    else:
-        distance = args.limit_distance if args.limit_distance is not None else length
-    top_k = None
+    spec = method.from_options(default_length, **{p: getattr(args, p) for p in method.OPTIONS})
     if args.top_k_middle is not None:
-        if method in ("vanilla", "distance_limit"):
-            raise ValueError(f"--top-k-middle needs a mask that hides middle tokens; --method {method} hides none")
-        insert_at = args.top_k_insert_at if args.top_k_insert_at is not None else length // 2  # the paper's L/2
-        top_k = TopK(k=args.top_k_middle, insert_distance=insert_at,
-                     from_layer=4 if args.top_k_from_layer is None else args.top_k_from_layer)
-    if method == "vanilla":
-        spec = AttentionSpec.vanilla()
-    elif method == "lm_infinite":
-        spec = AttentionSpec.lm_infinite(g, length, distance)
-    elif method == "lambda_mask":
-        spec = AttentionSpec.lambda_mask(g, length)
-    elif method == "distance_limit":
-        spec = AttentionSpec.distance_limit(distance)
-    elif method == "sliding_window":
-        spec = AttentionSpec.sliding_window(length)
-    else:
-        spec = AttentionSpec.streaming_llm(g, length)
-    if top_k is not None:
-        spec = dataclasses.replace(spec, top_k=top_k)
+        if not spec.hides_middle:
+            raise ValueError(f"--top-k-middle needs a mask that hides middle tokens; --method {args.method} hides none")
+        insert_at = args.top_k_insert_at if args.top_k_insert_at is not None else spec.window // 2  # the paper's L/2
+        spec = dataclasses.replace(spec, top_k=TopK(
+            k=args.top_k_middle, insert_distance=insert_at,
+            from_layer=4 if args.top_k_from_layer is None else args.top_k_from_layer))
     return spec
 
 
-def method_spec(method: str, config=None, *, global_branch: int | None = None, local_branch: int | None = None,
-                limit_distance: int | None = None) -> AttentionSpec:
-    """`spec_from_args` for one method, taking only the options that method uses (an
-    experiment comparing several methods applies -G/-L/-D wherever they apply)."""
-    if method not in _USES:
+def method_spec(method: str, config=None, **options: int | None) -> AttentionSpec:
+    """`spec_from_args` for one method, taking only the ``options`` (method parameters, None: default)
+    that method uses: an experiment comparing several methods applies each option wherever it applies."""
+    if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(KINDS)}")
-    given = {"global_branch": global_branch, "local_branch": local_branch, "limit_distance": limit_distance}
+    unknown = sorted(set(options) - set(PARAMETERS))
+    if unknown:
+        raise ValueError(f"unknown method parameter {unknown[0]!r}; known: {', '.join(PARAMETERS)}")
     args = argparse.Namespace(method=method, top_k_middle=None, top_k_insert_at=None, top_k_from_layer=None,
-                              **{k: (v if k in _USES[method] else None) for k, v in given.items()})
+                              **{p: (options.get(p) if p in METHODS[method].OPTIONS else None) for p in PARAMETERS})
     return spec_from_args(args, config)
 
 

@@ -26,11 +26,12 @@ their positions differ. The table shows exp(mean NLL) per length; the JSON adds 
 error, each segment's perplexity, the NLL by query position of the longest sequences and the
 paper-style prefix perplexity of those sequences.
 
-Methods (``lminf_jax.spec``): ``vanilla``, ``lm_infinite`` (Λ-mask + distance limit),
-``lambda_mask`` (Λ-mask only), ``distance_limit`` (only distances capped at D),
+Methods (``lminf_jax.spec.METHODS``): ``vanilla``, ``lm_infinite`` (Λ-mask + distance limit),
+``lambda_mask`` (Λ-mask only), ``distance_limit`` (only distances capped at D: ReRoPE),
 ``sliding_window`` (the last L tokens, no sinks), ``streaming_llm`` (sinks at their position
-inside a G + L cache); default ``vanilla lm_infinite``, ``all`` for the six. -G/-L/-D apply to
-the methods that use them; defaults G = 10 (4 for streaming_llm), L = D = L_train.
+inside a G + L cache), ``self_extend`` (grouped positions beyond a neighbour window); default
+``vanilla lm_infinite``, ``all`` for every method. Each method option (-G/-L/-D, --group-size) applies to the
+methods that take it; defaults as in ``--help`` (L and D from L_train).
 
 Devices: with more than one, every sequence is split over all of them (``--mesh seq=-1``;
 context-parallel LM-Infinite, `lminf_jax.context_parallel`); ``--mesh``/``--fsdp`` choose
@@ -65,8 +66,8 @@ from pathlib import Path
 import numpy as np
 
 from experiments.loading import (
-    DTYPES, KINDS, add_mesh_args, hf_config, load_config, load_model, method_spec, model_kind, params_dtype,
-    pretraining_length, resolve_dtype, run_cli, sharding_plan, spec_settings,
+    DTYPES, KINDS, add_mesh_args, add_method_options, hf_config, load_config, load_model, method_options, method_spec,
+    model_kind, params_dtype, pretraining_length, resolve_dtype, run_cli, sharding_plan, spec_settings,
 )
 from experiments.options import int_option, output_file
 from experiments.text import add_text_args, bos_id, check_ids, token_stream
@@ -80,8 +81,6 @@ DEFAULT_MULTIPLES = (1, 2, 4, 8, 16, 32)
 DEFAULT_METHODS = ("vanilla", "lm_infinite")
 #: Segments of the main job: enough text for every length (3 x 16,383 tokens) within its CPU budget.
 DEFAULT_SEQUENCES = 3
-#: The methods in the order tables and plots show them.
-METHODS = ("vanilla", "lm_infinite", "lambda_mask", "distance_limit", "sliding_window", "streaming_llm")
 PARTS_FORMAT = "lminf_jax-perplexity-parts-v2"
 
 
@@ -96,10 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"segments of the longest length, evenly spaced over the text (default {DEFAULT_SEQUENCES})")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                    help=f"any of {', '.join(KINDS)}, or 'all' (default: {' '.join(DEFAULT_METHODS)})")
-    group = p.add_argument_group("attention options (applied to the methods that use them)")
-    group.add_argument("-G", "--global-branch", type=int_option(0), metavar="G", help="sink tokens (default 10; 4 for streaming_llm)")
-    group.add_argument("-L", "--local-branch", type=int_option(1), metavar="L", help="window (default: L_train)")
-    group.add_argument("-D", "--limit-distance", type=int_option(1), metavar="D", help="distance limit (default: L_train)")
+    add_method_options(p.add_argument_group("method options (applied to the methods that take them)"))
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the stored weights' dtype)")
     p.add_argument("--batch-tokens", type=int_option(1), default=16384, metavar="N",
                    help="tokens per forward pass: N // length sequences, at least one (default 16384)")
@@ -262,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _methods(names: list[str]) -> list[str]:
     if names == ["all"]:
-        return list(METHODS)
+        return list(KINDS)
     for name in names:
         if name not in KINDS:
             raise ValueError(f"--methods: unknown method {name!r}; choose from {', '.join(KINDS)} or 'all'")
@@ -302,9 +298,7 @@ def run(args: argparse.Namespace) -> int:
     family, config = load_config(args.model_dir)  # validate the options before reading weights
     l_train = pretraining_length(config)
     lengths = [m * l_train for m in sorted(args.multiples)]
-    options = {"global_branch": args.global_branch, "local_branch": args.local_branch,
-               "limit_distance": args.limit_distance}
-    specs = {m: method_spec(m, config, **options) for m in methods}
+    specs = {m: method_spec(m, config, **method_options(args)) for m in methods}
 
     stream, source = token_stream(args)
     check_ids(stream, config.vocab_size)

@@ -1,6 +1,6 @@
 """lminf_jax: LM-Infinite attention (Λ-shaped mask + distance limit) in JAX.
 
-Model-family agnostic pieces: positional encodings, attention specs, the attention
+Model-family agnostic pieces: positional encodings, attention methods (`METHODS`), the attention
 entry point (dense reference and jitted blockwise implementation).
 """
 
@@ -9,19 +9,38 @@ from lminf_jax.attention import attention, attention_probe
 from lminf_jax.attention_reference import AttentionProbe
 from lminf_jax.rope import RopeScaling, Rotary, apply_rope, rope_angles, rope_frequencies
 from lminf_jax.sampling import Sampling, filter_logits, sample
-from lminf_jax.spec import AttentionSpec, TopK
+from lminf_jax.spec import (
+    METHODS,
+    AttentionSpec,
+    DistanceLimit,
+    LambdaMask,
+    LMInfinite,
+    SelfExtend,
+    SlidingWindow,
+    StreamingLLM,
+    TopK,
+    Vanilla,
+)
 from lminf_jax.streaming import PositionBuckets, StreamResult, streaming_nll
 
 __all__ = [
     "Alibi",
     "AttentionProbe",
     "AttentionSpec",
+    "DistanceLimit",
+    "LMInfinite",
+    "LambdaMask",
+    "METHODS",
     "PositionBuckets",
     "RopeScaling",
+    "SelfExtend",
+    "SlidingWindow",
+    "StreamingLLM",
     "Rotary",
     "Sampling",
     "StreamResult",
     "TopK",
+    "Vanilla",
     "alibi_bias",
     "alibi_slopes",
     "apply_rope",

@@ -16,7 +16,7 @@ from lminf_jax.attention_pallas import kernel_supports, lambda_attention
 from lminf_jax.attention_reference import AttentionProbe, reference_attention
 from lminf_jax.rope import Rotary
 from lminf_jax.scores import Positional, top_k_active
-from lminf_jax.spec import AttentionSpec, int32_positions
+from lminf_jax.spec import AttentionSpec, Vanilla, int32_positions
 
 Implementation = Literal["auto", "reference", "blockwise", "single_query", "pallas"]
 IMPLEMENTATIONS = ("auto", "reference", "blockwise", "single_query", "pallas")
@@ -62,7 +62,7 @@ def attention(
 
     Returns ``(B, Tq, Hq, dv)`` in q's dtype; scores and softmax are float32.
     """
-    spec = AttentionSpec() if spec is None else spec
+    spec = Vanilla() if spec is None else spec
     qp, kp, scale = _validate(q, k, v, q_positions, k_positions, spec, positional, scale, layer, block_q, block_k)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -113,7 +113,7 @@ def attention_probe(
     Same arguments as `attention`; O(Tq * Tk) memory, so probe long inputs by passing
     only the query rows of interest (with their positions) against all keys.
     """
-    spec = AttentionSpec() if spec is None else spec
+    spec = Vanilla() if spec is None else spec
     qp, kp, scale = _validate(q, k, v, q_positions, k_positions, spec, positional, scale, layer, 1, 1)
     return reference_attention(
         q, k, v, qp, kp, spec=spec, positional=positional, scale=scale, layer=layer, return_probe=True
@@ -159,6 +159,7 @@ def _validate(q, k, v, q_positions, k_positions, spec, positional, scale, layer,
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
     qp = _positions("q_positions", q_positions, b, tq)
+    spec.check_query_positions("q_positions", qp)
     kp = _positions("k_positions", k_positions, b, k.shape[1])
     return qp, kp, float(scale)
 

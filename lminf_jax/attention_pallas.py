@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 
 from lminf_jax.alibi import Alibi
 from lminf_jax.online_softmax import softmax_finish, softmax_init, softmax_update
-from lminf_jax.scores import NEG_INF, Positional, prepare_keys, prepare_queries
+from lminf_jax.scores import NEG_INF, Positional, global_distance, prepare_keys, prepare_queries
 from lminf_jax.spec import AttentionSpec
 
 def kernel_supports(spec: AttentionSpec) -> bool:
@@ -117,7 +117,8 @@ def _kernel(q_local_ref, q_global_ref, k_ref, v_ref, sink_k_ref, sink_v_ref, slo
             spec: AttentionSpec, scale: float, length: int, sinks: int, block_q: int, block_k: int, alibi: bool):
     """One block of queries of one head: the sink block, then the window's key blocks. Which keys a
     query attends, and where a global key is scored, come from the spec (`AttentionSpec.classify`,
-    `global_query_position`, `global_key_position`), as in every other path."""
+    `global_distance` and the queries and keys `prepare_queries` / `prepare_keys` rotated), as in every
+    other path."""
     head, first = pl.program_id(1), pl.program_id(2) * block_q
     q_pos = first + lax.iota(jnp.int32, block_q)
     slope = slopes_ref[head] if alibi else None
@@ -143,7 +144,7 @@ def _kernel(q_local_ref, q_global_ref, k_ref, v_ref, sink_k_ref, sink_v_ref, slo
         _, far = spec.classify(q_pos[:, None], k_pos[None, :])
         state = fold(state, q_global_ref[...], sink_k_ref[...], sink_v_ref[...],
                      far & (k_pos[None, :] < sinks) & (q_pos[:, None] < length),
-                     spec.global_query_position(q_pos)[:, None] - spec.global_key_position(k_pos)[None, :])
+                     global_distance(spec, q_pos[:, None], k_pos[None, :]))
 
     q_local = q_local_ref[...]
 

@@ -12,6 +12,7 @@ replaced (selected, never multiplied) by ``-inf``, and the values of other keys 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Union
 
 import jax
@@ -32,6 +33,22 @@ def matmul_precision(dtype: jnp.dtype) -> lax.Precision:
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
+def global_positional(spec: AttentionSpec, positional: Positional) -> Positional:
+    """The positional encoding of global scores, whose positions are numerators over
+    ``spec.position_scale``: RoPE with every frequency divided by it (exact for any integer numerator);
+    ALiBi divides the distance instead (`masked_scores`)."""
+    scale = spec.position_scale
+    if scale == 1 or not isinstance(positional, Rotary):
+        return positional
+    return dataclasses.replace(positional, inv_freq=tuple(f / scale for f in positional.inv_freq))
+
+
+def global_distance(spec: AttentionSpec, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+    """float32 ALiBi distance of global scores for broadcastable query/key positions."""
+    numerator = spec.global_query_position(q_positions) - spec.global_key_position(k_positions)
+    return numerator.astype(jnp.float32) / np.float32(spec.position_scale)
+
+
 def prepare_keys(
     k: jax.Array, k_positions: jax.Array, spec: AttentionSpec, positional: Positional
 ) -> tuple[jax.Array, jax.Array]:
@@ -39,9 +56,9 @@ def prepare_keys(
     if not isinstance(positional, Rotary):
         return k, k
     k_local = apply_rope(k, k_positions, positional)
-    k_global = k_local if spec.keys_rotated_in_global else apply_rope(k, spec.global_key_position(k_positions),
-                                                                      positional)
-    return k_local, k_global
+    if spec.keys_rotated_in_global or not spec.has_global:
+        return k_local, k_local
+    return k_local, apply_rope(k, spec.global_key_position(k_positions), global_positional(spec, positional))
 
 
 def prepare_queries(
@@ -53,7 +70,7 @@ def prepare_queries(
     q_local = _rope_grouped(q, q_positions, positional)
     if not spec.has_global or spec.global_scores_equal_local:
         return q_local, q_local
-    return q_local, _rope_grouped(q, spec.global_query_position(q_positions), positional)
+    return q_local, _rope_grouped(q, spec.global_query_position(q_positions), global_positional(spec, positional))
 
 
 def _rope_grouped(q: jax.Array, positions: jax.Array, rotary: Rotary) -> jax.Array:
@@ -72,8 +89,9 @@ def _grouped_slopes(alibi: Alibi, hkv: int, g: int) -> jax.Array:
     return jnp.asarray(np.asarray(alibi.slopes, np.float32).reshape(hkv, g))[None, :, :, None, None]
 
 
-def _distance(a: jax.Array, b: jax.Array) -> jax.Array:
-    return (a[:, None, None, :, None] - b[:, None, None, None, :]).astype(jnp.float32)
+def _pairs(q_positions: jax.Array, k_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(B, Tq)`` and ``(B, Tk)`` positions broadcastable against ``(B, Hkv, G, Tq, Tk)`` scores."""
+    return q_positions[:, None, None, :, None], k_positions[:, None, None, None, :]
 
 
 def masked_scores(
@@ -96,7 +114,8 @@ def masked_scores(
     lets the blockwise path score sinks and window separately without counting any
     key twice. Positions are ``(B, Tq)`` and ``(B, Tk)``.
     """
-    local, far = spec.classify(q_positions[:, None, None, :, None], k_positions[:, None, None, None, :])
+    qp, kp = _pairs(q_positions, k_positions)
+    local, far = spec.classify(qp, kp)
     needs_global = include_global and spec.has_global
     global_is_local = not isinstance(positional, Rotary) or spec.global_scores_equal_local
     s_local = s_global = None
@@ -107,10 +126,9 @@ def masked_scores(
     if isinstance(positional, Alibi):
         slopes = _grouped_slopes(positional, q_local.shape[2], q_local.shape[3])
         if needs_global:
-            s_global = s_global - slopes * _distance(spec.global_query_position(q_positions),
-                                                     spec.global_key_position(k_positions))
+            s_global = s_global - slopes * global_distance(spec, qp, kp)
         if include_local:
-            s_local = s_local - slopes * _distance(q_positions, k_positions)
+            s_local = s_local - slopes * (qp - kp).astype(jnp.float32)
     b, tq, hkv, g, _ = q_local.shape
     scores = jnp.full((b, hkv, g, tq, k_positions.shape[1]), NEG_INF)
     attended = jnp.zeros_like(local)
@@ -168,7 +186,7 @@ def middle_scores(
     s = dot_scores(q_last, k) * scale
     if isinstance(positional, Alibi):
         s = s - _grouped_slopes(positional, q_last.shape[2], q_last.shape[3]) * float(distance)
-    middle = spec.middle(q_last_positions[:, None, None, :, None], k_positions[:, None, None, None, :])
+    middle = spec.middle(*_pairs(q_last_positions, k_positions))
     return jnp.where(middle, s, NEG_INF)
 
 

@@ -1,60 +1,62 @@
-"""Attention specifications: which keys each query sees and at what distance.
+"""Attention methods: which keys each query attends and at which positions each key is scored.
 
-Every spec is a frozen, hashable dataclass (a valid `jax.jit` static argument) and
-the single source of the masking semantics used by the dense reference and the
-blockwise implementation alike. Notation: query position ``i``, key position ``j``,
-``delta = i - j``. A key slot with a negative position is empty (padding) and a
-query slot with a negative position produces a zero output.
+A method is one frozen, hashable dataclass (a valid `jax.jit` static argument), a subclass of
+`AttentionSpec`, and the single source of its semantics: every implementation (dense reference,
+blockwise, single-query decoding, the Pallas kernel, context parallelism, caches, probes) reads the
+declarations below and never a method's name. Notation: query position ``i``, key position ``j``,
+``delta = i - j``. A key slot with a negative position is empty (padding) and a query slot with a
+negative position produces a zero output.
 
 Each attended key falls in one of two classes:
 
-* **local**: scored at its true distance (query rotated at ``i``, key at ``j``;
-  ALiBi bias ``-slope * delta``);
-* **global**: scored with the query at position ``global_query_position(i)`` and
-  the key at ``j`` (``keys_rotated_in_global``) or at 0 (un-rotated); ALiBi bias
-  ``-slope * (global_query_position(i) - key_position)``.
+* **local**: ``delta < window`` (every key when ``window`` is None), scored at its true positions
+  (query rotated at ``i``, key at ``j``; ALiBi bias ``-slope * delta``);
+* **global**: ``delta >= window`` and the key is one of the method's ``far`` keys (``"none"``, the
+  ``"sinks"`` ``j < sinks`` or ``"all"``), scored with the query at ``global_query_position(i) /
+  position_scale`` and the key at ``global_key_position(j) / position_scale``: RoPE rotates both
+  integer numerators with the frequencies divided by ``position_scale`` (exact for any integer), ALiBi
+  adds ``-slope * (query position - key position)``.
 
-The modes (``kind``):
+=================  =======================  ====================  ==========================================
+method             local if                 global if             global positions (query, key)
+=================  =======================  ====================  ==========================================
+vanilla            always                   never                 -
+lm_infinite        delta < L                j < G                 (D, 0)
+lambda_mask        delta < L                j < G                 (i, j): its true distance
+distance_limit     delta < D                always                (D, 0): ReRoPE with window w = D
+sliding_window     delta < L                never                 -
+streaming_llm      delta < L                j < G                 (min(i, G + L - 1), j)
+self_extend        delta < W (= L)          always                (i // g + W - W / g, j // g)
+=================  =======================  ====================  ==========================================
 
-=================  ===============================  ==================================  ====================
-kind               local if                         global if                           global distance
-=================  ===============================  ==================================  ====================
-vanilla            0 <= delta                       never                               -
-lm_infinite        0 <= delta < L                   j < G and delta >= L                D
-lambda_mask        0 <= delta < L                   j < G and delta >= L                delta (true)
-distance_limit     0 <= delta < D                   delta >= D                          D
-sliding_window     0 <= delta < L                   never                               -
-streaming_llm      0 <= delta < L                   j < G and delta >= L                min(i, G+L-1) - j
-=================  ===============================  ==================================  ====================
+A sink inside the window is local (counted once); both classes share one softmax. ``streaming_llm``
+reproduces StreamingLLM's positions inside its cache (once the cache is full the query sits at
+``G + L - 1`` and sink ``j`` at ``j``). ``self_extend`` follows the official code
+(datamllab/LongLM, ``self_extend_patch/Llama.py``): its query offset ``W - W / g`` is a true division
+(the paper's floor form when g divides W), and while every query position is below W every key is a
+neighbour, as there.
 
-A sink key inside the window is local (counted once). All classes share one softmax.
-``streaming_llm`` reproduces StreamingLLM's positions inside its cache: once the
-cache is full the query sits at cache position ``G + L - 1`` and sink ``j`` at ``j``.
-
-Legal ranges (checked on construction, ValueError naming the field):
-``global_branch`` G >= 0, ``local_branch`` L >= 1, ``limit_distance`` D >= 1, each (and every
-top-k field) at most ``2**31 - 1``, as is ``G + L - 1`` for streaming_llm: positions and distances
-are int32, and a wider integer would wrap silently. `int32_positions` checks position arrays.
-D is free relative to L: D < L places the sinks nearer than the oldest window keys,
-D > L beyond the window; both are in-distribution as long as D does not exceed the
-pretraining length, which the spec cannot know. The paper (and the default) is D = L.
+Legal ranges (checked on construction, ValueError naming the field): G >= 0, L, D, g >= 1, each
+(and every top-k field) at most ``2**31 - 1``, as is every global position numerator a method can form
+(`max_query_position` bounds the query positions that keep it so): positions and distances are int32,
+and a wider integer would wrap silently. `int32_positions` checks position arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import math
+from collections.abc import Callable
+from typing import ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Kind = Literal["vanilla", "lm_infinite", "lambda_mask", "distance_limit", "sliding_window", "streaming_llm"]
-KINDS: tuple[str, ...] = ("vanilla", "lm_infinite", "lambda_mask", "distance_limit", "sliding_window", "streaming_llm")
-
-
 #: Positions, distances and every integer that reaches them are int32.
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+FarKeys = Literal["none", "sinks", "all"]
 
 
 def require_int32(name: str, value: object, minimum: int) -> None:
@@ -85,7 +87,7 @@ class TopK:
     """Top-k "middle" tokens for the last query (the paper's downstream setting).
 
     In layers ``from_layer <= layer < to_layer`` the last query slot of each row also
-    attends to the ``k`` keys with the highest scores among the keys its Λ-mask hides,
+    attends to the ``k`` keys with the highest scores among the keys its mask hides,
     each scored with the query at distance ``insert_distance`` from an un-rotated key
     (ALiBi: bias ``-slope * insert_distance``). Needs the full key set.
     """
@@ -103,132 +105,122 @@ class TopK:
             require_int32("top_k.to_layer", self.to_layer, self.from_layer + 1)
 
 
+class Option(NamedTuple):
+    """A method parameter: its symbol (in `AttentionSpec.describe` and on the command line), its
+    smallest legal value and what it means to the method."""
+
+    symbol: str
+    minimum: int
+    meaning: str
+
+#: ``from_options``' source of defaults taken from the model: ``pretraining_length(parameter)`` is the
+#: model's pretraining length, asked for when the named parameter's default needs it.
+PretrainingLength = Callable[[str], int]
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
-    """Which keys a query attends and how they are scored; see the module docstring.
+    """An attention method (see the module docstring): the base class of `METHODS`, never built itself.
 
-    Build one with the named constructors (``AttentionSpec.lm_infinite(...)`` etc.).
+    A subclass declares ``kind`` (its name), its parameters (int fields, each described in `OPTIONS`),
+    `far`, `window`, the global positions and, where they apply, `sinks` and `position_scale`; every
+    other property here derives from those.
     """
 
-    kind: Kind = "vanilla"
-    global_branch: int = 0
-    local_branch: int | None = None
-    limit_distance: int | None = None
-    top_k: TopK | None = None
+    kind: str = dataclasses.field(default="", init=False)
+    top_k: TopK | None = dataclasses.field(default=None, kw_only=True)
+
+    #: Which keys with ``delta >= window`` are attended (the global class).
+    far: ClassVar[FarKeys] = "none"
+    #: Global keys are scored exactly like local ones (no second query needed).
+    global_scores_equal_local: ClassVar[bool] = False
+    #: Global keys at their true position in the local frame (the local keys serve for both).
+    keys_rotated_in_global: ClassVar[bool] = False
+    #: Every parameter (an int field) of the method: what the command line sets and each is checked against.
+    OPTIONS: ClassVar[dict[str, Option]] = {}
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        require_int32("global_branch", self.global_branch, 0)
-        needs_l = self.kind in ("lm_infinite", "lambda_mask", "sliding_window", "streaming_llm")
-        needs_d = self.kind in ("lm_infinite", "distance_limit")
-        if needs_l:
-            require_int32("local_branch", self.local_branch, 1)
-        elif self.local_branch is not None:
-            raise ValueError(f"local_branch is not used by kind={self.kind!r}; leave it None")
-        if needs_d:
-            require_int32("limit_distance", self.limit_distance, 1)
-        elif self.limit_distance is not None:
-            raise ValueError(f"limit_distance is not used by kind={self.kind!r}; leave it None")
-        if self.kind in ("vanilla", "distance_limit", "sliding_window") and self.global_branch != 0:
-            raise ValueError(f"global_branch must be 0 for kind={self.kind!r}, got {self.global_branch}")
-        if self.kind == "streaming_llm" and self.global_branch + self.local_branch - 1 > INT32_MAX:
-            raise ValueError(f"global_branch + local_branch - 1 (the cache position of a streaming_llm query) must "
-                             f"be <= {INT32_MAX}, got {self.global_branch} + {self.local_branch} - 1")
+        if type(self) is AttentionSpec:
+            raise TypeError(f"AttentionSpec is the base of the methods; build one of {', '.join(METHODS)}")
+        for name, option in self.OPTIONS.items():
+            require_int32(name, getattr(self, name), option.minimum)
+        self._check()
         if self.top_k is not None:
             if not isinstance(self.top_k, TopK):
                 raise ValueError(f"top_k must be a TopK or None, got {type(self.top_k).__name__}")
-            if self.kind in ("vanilla", "distance_limit"):
+            if not self.hides_middle:
                 raise ValueError(f"top_k needs a mask that hides middle tokens; kind={self.kind!r} hides none")
 
-    # ----- named constructors -------------------------------------------------
-    @classmethod
-    def vanilla(cls) -> AttentionSpec:
-        """Ordinary causal attention over every earlier key."""
-        return cls("vanilla")
+    def _check(self) -> None:
+        """Method-specific checks beyond each parameter's range (a ValueError naming the fields)."""
 
     @classmethod
-    def lm_infinite(
-        cls, global_branch: int = 10, local_branch: int = 4096, limit_distance: int | None = None, top_k: TopK | None = None
-    ) -> AttentionSpec:
-        """LM-Infinite: Λ-mask (G sinks + L window) and distance limit D (default D = L)."""
-        d = local_branch if limit_distance is None else limit_distance
-        return cls("lm_infinite", global_branch, local_branch, d, top_k)
+    def from_options(cls, pretraining_length: PretrainingLength, **options: int | None) -> AttentionSpec:
+        """The method with the given `OPTIONS` (None: its default, which may come from the model's
+        ``pretraining_length(parameter)``)."""
+        raise NotImplementedError
 
-    @classmethod
-    def lambda_mask(cls, global_branch: int = 10, local_branch: int = 4096, top_k: TopK | None = None) -> AttentionSpec:
-        """Ablation: the Λ-mask alone; sinks scored at their true distance."""
-        return cls("lambda_mask", global_branch, local_branch, None, top_k)
-
-    @classmethod
-    def distance_limit(cls, limit_distance: int = 4096) -> AttentionSpec:
-        """Ablation: every earlier key, distances capped at D (no mask)."""
-        return cls("distance_limit", 0, None, limit_distance)
-
-    @classmethod
-    def sliding_window(cls, local_branch: int = 4096, top_k: TopK | None = None) -> AttentionSpec:
-        """Ablation: the window of the last L keys, no sinks."""
-        return cls("sliding_window", 0, local_branch, None, top_k)
-
-    @classmethod
-    def streaming_llm(cls, global_branch: int = 4, local_branch: int = 4096, top_k: TopK | None = None) -> AttentionSpec:
-        """StreamingLLM: G sinks + L window, sinks scored at their position inside the cache."""
-        return cls("streaming_llm", global_branch, local_branch, None, top_k)
-
-    # ----- derived properties -------------------------------------------------
+    # ----- declarations (overridden by the methods) -------------------------------------------------
     @property
     def window(self) -> int | None:
-        """Keys with ``delta < window`` are local; None means unbounded."""
-        if self.kind == "distance_limit":
-            return self.limit_distance
-        return self.local_branch
-
-    @property
-    def global_keys_bounded(self) -> bool:
-        """True when only keys ``j < G`` can be global (all kinds but distance_limit)."""
-        return self.kind != "distance_limit"
-
-    @property
-    def has_global(self) -> bool:
-        """Whether any key can be in the global class."""
-        if self.kind == "distance_limit":
-            return True
-        return self.kind in ("lm_infinite", "lambda_mask", "streaming_llm") and self.global_branch > 0
+        """Keys with ``delta < window`` are local; None: every key is."""
+        return None
 
     @property
     def sinks(self) -> int:
-        """How many leading positions ``0..sinks-1`` can be global keys when that set is bounded
-        (0 when no key is global, or when any far key is: distance_limit)."""
-        return self.global_branch if self.has_global and self.global_keys_bounded else 0
+        """How many leading positions ``0..sinks-1`` are the global keys when `far` is "sinks"."""
+        return 0
+
+    @property
+    def position_scale(self) -> int:
+        """The denominator of the global positions (their numerators are integers)."""
+        return 1
+
+    @property
+    def max_query_position(self) -> int:
+        """The largest query position whose global position numerator fits int32."""
+        return INT32_MAX
+
+    def global_query_position(self, q_positions: jnp.ndarray) -> jnp.ndarray:
+        """Numerator of the position at which the query is rotated (or ALiBi-placed) for global keys."""
+        return q_positions
+
+    def global_key_position(self, k_positions: jnp.ndarray) -> jnp.ndarray:
+        """Numerator of the position at which a key is rotated (or ALiBi-placed) for global scores."""
+        return k_positions
+
+    def check_query_positions(self, name: str, positions: jax.Array | np.ndarray) -> None:
+        """A ValueError naming ``name`` when a concrete position exceeds `max_query_position` (its global
+        position would not fit int32); traced positions are not checked."""
+        limit = self.max_query_position
+        if limit < INT32_MAX and not isinstance(positions, jax.core.Tracer):
+            top = np.max(np.asarray(positions), initial=-1)
+            if top > limit:
+                raise ValueError(f"{name}: {self.describe()} serves positions up to {limit} (its global positions "
+                                 f"are int32), got {top}")
+
+    # ----- derived -----------------------------------------------------------------------------------
+    @property
+    def has_global(self) -> bool:
+        """Whether any key can be in the global class."""
+        return self.far == "all" or (self.far == "sinks" and self.sinks > 0)
+
+    @property
+    def global_keys_bounded(self) -> bool:
+        """True when only keys ``j < sinks`` can be global."""
+        return self.far != "all"
+
+    @property
+    def hides_middle(self) -> bool:
+        """Whether some earlier keys are attended by neither class (what top-k middle tokens pick from)."""
+        return self.window is not None and self.far != "all"
 
     @property
     def bounded(self) -> bool:
         """Whether every query attends at most ``sinks + window`` keys, always the first ``sinks``
         positions and the last ``window``: what a Λ-cache holds, the Pallas kernel computes and
         context parallelism splits. Top-k middle tokens may pick any key, so they are unbounded."""
-        return self.window is not None and self.global_keys_bounded and self.top_k is None
-
-    @property
-    def keys_rotated_in_global(self) -> bool:
-        """Global keys at their true position (True) or un-rotated at 0 (False)."""
-        return self.kind in ("lambda_mask", "streaming_llm")
-
-    @property
-    def global_scores_equal_local(self) -> bool:
-        """Global keys scored exactly like local ones (no second query needed)."""
-        return self.kind == "lambda_mask"
-
-    def global_query_position(self, q_positions: jnp.ndarray) -> jnp.ndarray:
-        """Position at which the query is rotated (or ALiBi-placed) for global keys."""
-        if self.kind in ("lm_infinite", "distance_limit"):
-            return jnp.full_like(q_positions, self.limit_distance)
-        if self.kind == "streaming_llm":
-            return jnp.minimum(q_positions, self.global_branch + self.local_branch - 1)
-        return q_positions
-
-    def global_key_position(self, k_positions: jnp.ndarray) -> jnp.ndarray:
-        """Position at which a key is rotated (or ALiBi-placed) for global scores."""
-        return k_positions if self.keys_rotated_in_global else jnp.zeros_like(k_positions)
+        return self.hides_middle and self.top_k is None
 
     def classify(self, q_positions: jnp.ndarray, k_positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Boolean (local, global) masks for broadcastable query/key position arrays."""
@@ -240,7 +232,7 @@ class AttentionSpec:
             return local, jnp.zeros_like(local)
         far = valid & (delta >= window)
         if self.global_keys_bounded:
-            far = far & (k_positions < self.global_branch)
+            far = far & (k_positions < self.sinks)
         return local, far
 
     def middle(self, q_positions: jnp.ndarray, k_positions: jnp.ndarray) -> jnp.ndarray:
@@ -251,14 +243,217 @@ class AttentionSpec:
 
     def describe(self) -> str:
         """Short human-readable summary, e.g. ``lm_infinite(G=10, L=4096, D=4096)``."""
-        parts = []
-        if self.kind in ("lm_infinite", "lambda_mask", "streaming_llm"):
-            parts.append(f"G={self.global_branch}")
-        if self.local_branch is not None:
-            parts.append(f"L={self.local_branch}")
-        if self.limit_distance is not None:
-            parts.append(f"D={self.limit_distance}")
+        parts = [f"{option.symbol}={getattr(self, name)}" for name, option in self.OPTIONS.items()]
         if self.top_k is not None:
             t = self.top_k
             parts.append(f"top_k={t.k}@{t.insert_distance} layers[{t.from_layer},{t.to_layer})")
         return f"{self.kind}({', '.join(parts)})"
+
+
+def _pretraining_default(pretraining_length: PretrainingLength, parameter: str, value: int | None,
+                         divisor: int = 1) -> int:
+    """``value``, or the pretraining length divided by ``divisor`` (at least 1)."""
+    return max(1, pretraining_length(parameter) // divisor) if value is None else value
+
+
+@dataclasses.dataclass(frozen=True)
+class Vanilla(AttentionSpec):
+    """Ordinary causal attention over every earlier key."""
+
+    kind: str = dataclasses.field(default="vanilla", init=False)
+
+    @classmethod
+    def from_options(cls, pretraining_length: PretrainingLength) -> Vanilla:
+        return cls()
+
+
+@dataclasses.dataclass(frozen=True)
+class _SinksAndWindow(AttentionSpec):
+    """The Λ-mask: the first G positions (sinks) and the last L keys; subclasses place the sinks."""
+
+    global_branch: int = 10
+    local_branch: int = 4096
+
+    far: ClassVar[FarKeys] = "sinks"
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "global_branch": Option("G", 0, "sink tokens at the start (default: 10; streaming_llm: 4)"),
+        "local_branch": Option("L", 1, "window of the last L tokens (default: L_train)")}
+
+    @property
+    def window(self) -> int:
+        return self.local_branch
+
+    @property
+    def sinks(self) -> int:
+        return self.global_branch
+
+    @classmethod
+    def from_options(cls, pretraining_length: PretrainingLength, global_branch: int | None = None,
+                     local_branch: int | None = None) -> _SinksAndWindow:
+        g = cls.__dataclass_fields__["global_branch"].default if global_branch is None else global_branch
+        return cls(g, _pretraining_default(pretraining_length, "local_branch", local_branch))
+
+
+@dataclasses.dataclass(frozen=True)
+class LMInfinite(_SinksAndWindow):
+    """LM-Infinite: the Λ-mask (G sinks + L window) with sinks scored at distance D (default D = L)."""
+
+    kind: str = dataclasses.field(default="lm_infinite", init=False)
+    limit_distance: int | None = None
+
+    OPTIONS: ClassVar[dict[str, Option]] = {**_SinksAndWindow.OPTIONS,
+                                            "limit_distance": Option("D", 1, "distance the sinks are scored at (default: L)")}
+
+    def __post_init__(self) -> None:
+        if self.limit_distance is None:
+            object.__setattr__(self, "limit_distance", self.local_branch)
+        super().__post_init__()
+
+    def global_query_position(self, q_positions: jnp.ndarray) -> jnp.ndarray:
+        return jnp.full_like(q_positions, self.limit_distance)
+
+    def global_key_position(self, k_positions: jnp.ndarray) -> jnp.ndarray:
+        return jnp.zeros_like(k_positions)
+
+    @classmethod
+    def from_options(cls, pretraining_length: PretrainingLength, global_branch: int | None = None,
+                     local_branch: int | None = None, limit_distance: int | None = None) -> LMInfinite:
+        spec = super().from_options(pretraining_length, global_branch, local_branch)
+        return cls(spec.global_branch, spec.local_branch, limit_distance)
+
+
+@dataclasses.dataclass(frozen=True)
+class LambdaMask(_SinksAndWindow):
+    """Ablation: the Λ-mask alone; sinks scored at their true distance."""
+
+    kind: str = dataclasses.field(default="lambda_mask", init=False)
+
+    global_scores_equal_local: ClassVar[bool] = True
+    keys_rotated_in_global: ClassVar[bool] = True
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingLLM(_SinksAndWindow):
+    """StreamingLLM: G sinks + L window, every key scored at its position inside the cache."""
+
+    kind: str = dataclasses.field(default="streaming_llm", init=False)
+    global_branch: int = 4
+
+    keys_rotated_in_global: ClassVar[bool] = True
+
+    def _check(self) -> None:
+        if self.global_branch + self.local_branch - 1 > INT32_MAX:
+            raise ValueError(f"global_branch + local_branch - 1 (the cache position of a streaming_llm query) must "
+                             f"be <= {INT32_MAX}, got {self.global_branch} + {self.local_branch} - 1")
+
+    def global_query_position(self, q_positions: jnp.ndarray) -> jnp.ndarray:
+        return jnp.minimum(q_positions, self.global_branch + self.local_branch - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindow(AttentionSpec):
+    """Ablation: the window of the last L keys, no sinks."""
+
+    kind: str = dataclasses.field(default="sliding_window", init=False)
+    local_branch: int = 4096
+
+    OPTIONS: ClassVar[dict[str, Option]] = {"local_branch": _SinksAndWindow.OPTIONS["local_branch"]}
+
+    @property
+    def window(self) -> int:
+        return self.local_branch
+
+    @classmethod
+    def from_options(cls, pretraining_length: PretrainingLength, local_branch: int | None = None) -> SlidingWindow:
+        return cls(_pretraining_default(pretraining_length, "local_branch", local_branch))
+
+
+@dataclasses.dataclass(frozen=True)
+class DistanceLimit(AttentionSpec):
+    """Every earlier key, distances beyond D scored as D: LM-Infinite's distance limit alone, which is
+    ReRoPE (Su 2023) with window w = D."""
+
+    kind: str = dataclasses.field(default="distance_limit", init=False)
+    limit_distance: int = 4096
+
+    far: ClassVar[FarKeys] = "all"
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "limit_distance": Option("D", 1, "cap on distances (ReRoPE's window w; default: L_train)")}
+
+    @property
+    def window(self) -> int:
+        return self.limit_distance
+
+    def global_query_position(self, q_positions: jnp.ndarray) -> jnp.ndarray:
+        return jnp.full_like(q_positions, self.limit_distance)
+
+    def global_key_position(self, k_positions: jnp.ndarray) -> jnp.ndarray:
+        return jnp.zeros_like(k_positions)
+
+    @classmethod
+    def from_options(cls, pretraining_length: PretrainingLength, limit_distance: int | None = None) -> DistanceLimit:
+        return cls(_pretraining_default(pretraining_length, "limit_distance", limit_distance))
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfExtend(AttentionSpec):
+    """Self-Extend (Jin et al. 2024): neighbours (delta < W) at their true distance; every farther key
+    at grouped positions, the query at ``i // g + W - W / g`` and the key at ``j // g``."""
+
+    kind: str = dataclasses.field(default="self_extend", init=False)
+    group_size: int = 8
+    local_branch: int = 1024
+
+    far: ClassVar[FarKeys] = "all"
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "group_size": Option("g", 1, "Self-Extend's group size g (default: 8)"),
+        "local_branch": Option("L", 1, "Self-Extend's neighbour window W (default: L_train / 4)")}
+
+    def _check(self) -> None:
+        if self._offset > INT32_MAX:
+            raise ValueError(f"group_size and local_branch: the grouped query offset (g W - W) / gcd(g, W) must be "
+                             f"<= {INT32_MAX}, got g={self.group_size}, W={self.local_branch}")
+
+    @property
+    def _common(self) -> int:
+        return math.gcd(self.group_size, self.local_branch)
+
+    @property
+    def _offset(self) -> int:
+        """``(W - W / g) * position_scale``: the query's grouped shift, an integer numerator."""
+        return (self.group_size * self.local_branch - self.local_branch) // self._common
+
+    @property
+    def window(self) -> int:
+        return self.local_branch
+
+    @property
+    def position_scale(self) -> int:
+        return self.group_size // self._common
+
+    @property
+    def max_query_position(self) -> int:
+        groups = (INT32_MAX - self._offset) // self.position_scale
+        return min(INT32_MAX, groups * self.group_size + self.group_size - 1)
+
+    def global_query_position(self, q_positions: jnp.ndarray) -> jnp.ndarray:
+        return self.position_scale * (q_positions // self.group_size) + self._offset
+
+    def global_key_position(self, k_positions: jnp.ndarray) -> jnp.ndarray:
+        return self.position_scale * (k_positions // self.group_size)
+
+    @classmethod
+    def from_options(cls, pretraining_length: PretrainingLength, group_size: int | None = None,
+                     local_branch: int | None = None) -> SelfExtend:
+        return cls(8 if group_size is None else group_size,
+                   _pretraining_default(pretraining_length, "local_branch", local_branch, 4))
+
+
+#: Every method by its ``kind``.
+METHODS: dict[str, type[AttentionSpec]] = {
+    cls.__dataclass_fields__["kind"].default: cls
+    for cls in (Vanilla, LMInfinite, LambdaMask, DistanceLimit, SlidingWindow, StreamingLLM, SelfExtend)
+}
+KINDS: tuple[str, ...] = tuple(METHODS)
+#: Every method parameter by name (the methods' `OPTIONS` together: one command-line flag each).
+PARAMETERS: tuple[str, ...] = tuple(dict.fromkeys(name for method in METHODS.values() for name in method.OPTIONS))

@@ -20,7 +20,7 @@ import numpy as np
 from flax import traverse_util
 from jax import lax
 
-from lminf_jax import AttentionSpec
+from lminf_jax import AttentionSpec, Vanilla
 from lminf_jax.spec import int32_positions
 
 Params = dict
@@ -140,20 +140,22 @@ def _precision(dtype) -> lax.Precision:
 class AttentionCall:
     """How a forward pass runs attention: the spec and the implementation knobs."""
 
-    spec: AttentionSpec = AttentionSpec()
+    spec: AttentionSpec = Vanilla()
     implementation: str = "auto"
     block_q: int = 512
     block_k: int = 512
 
 
-def default_positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
-    """Positions ``(B, T)`` int32: given ones (validated, in int32's range) or ``0..T-1`` for every row."""
+def default_positions(tokens: jax.Array, positions: jax.Array | None, spec: AttentionSpec) -> jax.Array:
+    """Positions ``(B, T)`` int32: given ones (validated: in int32's range and in ``spec``'s) or ``0..T-1``
+    for every row."""
     b, t = tokens.shape
     if positions is None:
-        return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        positions = jnp.arange(t, dtype=jnp.int32)
     positions = int32_positions("positions", positions)
     if positions.shape not in ((t,), (b, t)):
         raise ValueError(f"positions must have shape ({t},) or ({b}, {t}), got {positions.shape}")
+    spec.check_query_positions("positions", positions)
     return jnp.broadcast_to(positions, (b, t))
 
 

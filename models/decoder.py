@@ -96,7 +96,7 @@ class LanguageModel:
         if self.call.implementation == "pallas" and positions is not None:
             raise ValueError("implementation 'pallas' runs the tokens at positions 0..T-1; positions cannot be given")
         padded, t = self._split_sequence(tokens, positions)
-        logits = _jit_forward(self, params, padded, default_positions(padded, positions))
+        logits = _jit_forward(self, params, padded, default_positions(padded, positions, self.call.spec))
         return logits if padded.shape[1] == t else logits[:, :t]
 
     def _split_sequence(self, tokens: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, int]:
@@ -119,7 +119,7 @@ class LanguageModel:
         inputs this is checked, with the cache's capacity; inside jit the caller ensures it.
         """
         check_tokens(tokens, self.config.vocab_size)
-        positions = default_positions(tokens, positions)
+        positions = default_positions(tokens, positions, self.call.spec)
         self.check_cache(cache, batch=tokens.shape[0])
         if not any(isinstance(x, jax.core.Tracer) for x in (positions, cache.positions)):
             _check_step_positions(np.asarray(positions), np.asarray(cache.positions), cache)
@@ -144,7 +144,8 @@ class LanguageModel:
             raise ValueError("probe does not support top-k middle tokens (spec.top_k must be None)")
         buckets = num_distance_buckets(t - 1 if max_distance is None else max_distance)
         padded, _ = self._split_sequence(tokens, positions)
-        probe = _jit_probe(self, params, padded, default_positions(padded, positions), jnp.asarray(rows, jnp.int32),
+        probe = _jit_probe(self, params, padded, default_positions(padded, positions, self.call.spec),
+                           jnp.asarray(rows, jnp.int32),
                            buckets, full_rows)
         return probe if padded.shape[1] == t else dataclasses.replace(probe, logits=probe.logits[:, :t])
 

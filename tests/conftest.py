@@ -38,7 +38,18 @@ import pytest  # noqa: E402
 import jax  # noqa: E402
 from naive_attention import allowed_keys
 
-from lminf_jax import Alibi, AttentionSpec, Rotary
+from lminf_jax import (
+    Alibi,
+    AttentionSpec,
+    DistanceLimit,
+    LambdaMask,
+    LMInfinite,
+    Rotary,
+    SelfExtend,
+    SlidingWindow,
+    StreamingLLM,
+    Vanilla,
+)
 from models import registry
 
 
@@ -112,18 +123,22 @@ def naive_positional_kwargs(positional) -> dict:
 
 
 SPEC_FACTORIES = {
-    "vanilla": lambda G, L: AttentionSpec.vanilla(),
-    "lm_infinite": lambda G, L: AttentionSpec.lm_infinite(G, L),
-    "lm_infinite_d_lt_l": lambda G, L: AttentionSpec.lm_infinite(G, L, max(1, L // 2)),
-    "lambda_mask": lambda G, L: AttentionSpec.lambda_mask(G, L),
-    "distance_limit": lambda G, L: AttentionSpec.distance_limit(L),
-    "sliding_window": lambda G, L: AttentionSpec.sliding_window(L),
-    "streaming_llm": lambda G, L: AttentionSpec.streaming_llm(G, L),
+    "vanilla": lambda G, L: Vanilla(),
+    "lm_infinite": lambda G, L: LMInfinite(G, L),
+    "lm_infinite_d_lt_l": lambda G, L: LMInfinite(G, L, max(1, L // 2)),
+    "lambda_mask": lambda G, L: LambdaMask(G, L),
+    "distance_limit": lambda G, L: DistanceLimit(L),
+    "sliding_window": lambda G, L: SlidingWindow(L),
+    "streaming_llm": lambda G, L: StreamingLLM(G, L),
+    "self_extend": lambda G, L: SelfExtend(3, L),  # g = 3 divides no power of two: fractional positions
+    "self_extend_g_divides_w": lambda G, L: SelfExtend(2, L),
 }
 
 
 def naive_spec_kwargs(spec: AttentionSpec) -> dict:
-    return {"kind": spec.kind, "G": spec.global_branch, "L": spec.local_branch, "D": spec.limit_distance}
+    """The oracle's description of ``spec``: its kind and parameters (names from the papers)."""
+    names = {"global_branch": "G", "local_branch": "L", "limit_distance": "D", "group_size": "group"}
+    return {"kind": spec.kind, **{short: getattr(spec, name) for name, short in names.items() if hasattr(spec, name)}}
 
 
 @pytest.fixture

@@ -10,14 +10,25 @@ from conftest import (assert_nan_stays_in_its_rows, attended_slots, case_seed, n
                       random_qkv, rel_err)
 from naive_attention import naive_attention
 
-from lminf_jax import Alibi, AttentionSpec, RopeScaling, Rotary, TopK, attention, attention_probe
+from lminf_jax import (
+    Alibi,
+    DistanceLimit,
+    LMInfinite,
+    RopeScaling,
+    Rotary,
+    SelfExtend,
+    TopK,
+    Vanilla,
+    attention,
+    attention_probe,
+)
 
 Q, K, V = random_qkv(0, 2, 8, 8, 4, 2, 16)
 POS = np.arange(8, dtype=np.int32)
 
 
 def _call(**overrides):
-    kw = dict(q_positions=POS, k_positions=POS, spec=AttentionSpec.lm_infinite(2, 4))
+    kw = dict(q_positions=POS, k_positions=POS, spec=LMInfinite(2, 4))
     args = [overrides.pop(n, x) for n, x in (("q", Q), ("k", K), ("v", V))]
     kw.update(overrides)
     return attention(*args, **kw)
@@ -41,7 +52,7 @@ def _call(**overrides):
         ({"implementation": "flash"}, "implementation must be"),
         ({"block_q": 0, "implementation": "blockwise"}, "block_q"),
         ({"spec": "lm_infinite"}, "spec must be"),
-        ({"spec": AttentionSpec.lm_infinite(2, 4, top_k=TopK(2, 2))}, "layer must be given"),
+        ({"spec": LMInfinite(2, 4, top_k=TopK(2, 2))}, "layer must be given"),
         ({"k_positions": POS[::-1].copy(), "implementation": "blockwise"}, "k_positions: the blockwise"),
         ({"q_positions": POS * 2, "k_positions": POS * 2, "implementation": "blockwise"}, "q_positions: the blockwise"),
     ],
@@ -55,7 +66,7 @@ def test_auto_picks_a_path_that_agrees_and_runs_under_jit():
     t = 600  # 600 * 600 scores > DENSE_MAX_SCORES -> blockwise
     q, k, v = random_qkv(1, 1, t, t, 2, 2, 16)
     pos = jnp.arange(t, dtype=jnp.int32)
-    spec = AttentionSpec.lm_infinite(4, 64)
+    spec = LMInfinite(4, 64)
     rope = Rotary.create(16)
 
     @jax.jit
@@ -81,7 +92,7 @@ def test_positions_beyond_int32_raise_instead_of_wrapping(name, value):
     bad = wide.copy()
     bad[-1] = value
     for call in (attention, attention_probe):
-        kw = dict(q_positions=wide, k_positions=wide, spec=AttentionSpec.lm_infinite(2, 4))
+        kw = dict(q_positions=wide, k_positions=wide, spec=LMInfinite(2, 4))
         with pytest.raises(ValueError, match=f"{name} must lie in int32's range"):
             call(Q, K, V, **{**kw, name: bad})
     np.testing.assert_array_equal(_call(q_positions=wide, k_positions=wide), _call())  # in range: as int32
@@ -102,7 +113,7 @@ def test_a_nan_reaches_only_the_rows_that_attend_it(implementation, top_k):
     q, k, v = random_qkv(3, len(pos), t, t, 4, 2, 8)
     # top-k: k = 8 exceeds the 7 and 5 middle keys of rows 2 and 3: some picks find none (and must not take
     # an empty slot's value); row 3's last query picks position 4 and must see its NaN
-    spec = AttentionSpec.lm_infinite(2, 4, top_k=TopK(8, 3, 0) if top_k else None)
+    spec = LMInfinite(2, 4, top_k=TopK(8, 3, 0) if top_k else None)
     sees, unsure = attended_slots(pos, pos, spec), None
     if top_k:  # the last query also sees every middle key (whether its NaN score is picked is left open)
         sees[:, -1] |= (pos >= 0) & (pos <= pos[:, -1:])
@@ -121,7 +132,7 @@ def test_a_nan_in_an_empty_or_masked_cache_slot_reaches_no_decoding_query(implem
     rng = np.random.default_rng(0)
     k_pos = np.stack([rng.permutation([0, 1, 17, 18, 19, 20, 12, 5, -1, -1]) for _ in range(3)]).astype(np.int32)
     q_pos = np.full((3, 1), 20, np.int32)
-    spec = AttentionSpec.lm_infinite(2, 4)
+    spec = LMInfinite(2, 4)
 
     def slot(b: int, p: int) -> int:
         return int(np.flatnonzero(k_pos[b] == p)[0])
@@ -144,7 +155,7 @@ def test_huge_g_and_l_allocate_nothing_beyond_the_sequence(implementation):
     t = 24
     tq = 1 if implementation == "single_query" else t
     q, k, v = random_qkv(2, 1, tq, t, 2, 1, 16)
-    spec, pos = AttentionSpec.lm_infinite(10**8, 10**9), np.arange(t, dtype=np.int32)
+    spec, pos = LMInfinite(10**8, 10**9), np.arange(t, dtype=np.int32)
 
     @jax.jit
     def run(q, k, v):
@@ -152,16 +163,16 @@ def test_huge_g_and_l_allocate_nothing_beyond_the_sequence(implementation):
                          implementation=implementation, block_q=8, block_k=8)
 
     assert run.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes < 2**20
-    want = attention(q, k, v, q_positions=pos[-tq:], k_positions=pos, spec=AttentionSpec.vanilla(),
+    want = attention(q, k, v, q_positions=pos[-tq:], k_positions=pos, spec=Vanilla(),
                      positional=Rotary.create(16), implementation="reference")
     assert rel_err(run(q, k, v), want) < 1e-5
 
 
-@pytest.mark.parametrize("spec", [AttentionSpec.lm_infinite(3, 8), AttentionSpec.distance_limit(8)], ids=lambda s: s.kind)
+@pytest.mark.parametrize("spec", [LMInfinite(3, 8), DistanceLimit(8), SelfExtend(3, 8)], ids=lambda s: s.kind)
 def test_a_key_scored_at_position_zero_gets_the_rotary_scaling_in_every_path(spec):
     """YaRN folds its attention factor into cos and sin, so a key scored at position 0 (LM-Infinite's
-    sinks, the distance limit's far keys) is scaled like every other key, in every implementation,
-    as in the float64 oracle."""
+    sinks, the distance limit's far keys) or at a fractional position (Self-Extend with g not dividing
+    W) is scaled like every other key, in every implementation, as in the float64 oracle."""
     rotary = Rotary.create(16, theta=100.0, scaling=RopeScaling("yarn", 4.0, original_max_position_embeddings=16))
     assert rotary.attention_scaling > 1.1
     t = 40
@@ -174,3 +185,63 @@ def test_a_key_scored_at_position_zero_gets_the_rotary_scaling_in_every_path(spe
     for impl in ("reference", "blockwise") + (("pallas",) if spec.bounded else ()):
         assert rel_err(run(slice(None), impl), want) < 1e-5, impl
     assert rel_err(run(slice(t - 1, t), "single_query"), want[:, -1:]) < 1e-5
+
+
+def _self_extend_official(q, k, v, inv_freq, g, w, decode):
+    """Self-Extend as LongLM's ``self_extend_patch/Llama.py`` (github.com/datamllab/LongLM) computes it,
+    transcribed to float64 numpy for one head: ``q (Tq, d)``, ``k, v (T, d)`` at 0..T-1; the prefill
+    (``q_len == kv_seq_len``) or the decoding step of the last token (``q_len == 1``), each with that
+    code's own masks, its true division ``W / g`` and its switch ``_re_group_size_2 = 0`` while the
+    largest query position is below W."""
+    t, d = k.shape
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+
+    def rotate(x, positions):  # transformers' apply_rotary_pos_emb ("half" layout)
+        angles = np.asarray(positions, np.float64)[:, None] * np.asarray(inv_freq)[None]
+        cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
+        return x * cos + np.concatenate([-x[:, d // 2:], x[:, :d // 2]], -1) * sin
+
+    query_position = np.array([t - 1]) if decode else np.arange(t)
+    key_position = np.arange(t)
+    re_w = 0 if query_position.max() < w else w
+    group_query_position = query_position // g + re_w - re_w / g
+    group_key_position = key_position // g
+    neighbor = rotate(q, query_position) @ rotate(k, key_position).T / np.sqrt(d)
+    group = rotate(q, group_query_position) @ rotate(k, group_key_position).T / np.sqrt(d)
+    if decode:
+        neighbor_mask = np.zeros((1, t))
+        neighbor_mask[:, -w:] = 1
+        causal = np.zeros((1, t))
+    else:
+        neighbor_mask = np.tril(np.ones((t, t)))
+        if t - w > 0:
+            neighbor_mask[w:, :-w] -= np.tril(np.ones((t - w, t - w)))
+        causal = np.where(np.tril(np.ones((t, t))) > 0, 0.0, -np.inf)
+    merged = np.where(neighbor_mask.astype(bool), neighbor, group) + causal
+    p = np.exp(merged - merged.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("g,w", [(4, 8), (3, 8), (4, 48)], ids=["g-divides-W", "true-division", "below-W"])
+def test_self_extend_equals_its_official_code(g, w):
+    """Prefill (blockwise and dense) and one decoding step equal the official formula, including a group
+    size that does not divide W and a sequence that stays below W."""
+    t, heads, d = 40, 2, 8
+    rotary = Rotary.create(d)
+    q, k, v = random_qkv(case_seed("self-extend official", g, w), 1, t, t, heads, heads, d)
+    pos = np.arange(t, dtype=np.int32)
+    run = lambda qs, impl: np.asarray(attention(  # noqa: E731
+        q[:, qs], k, v, q_positions=pos[qs], k_positions=pos, spec=SelfExtend(g, w), positional=rotary,
+        implementation=impl, block_q=8, block_k=8), np.float64)
+    for decode, qs, impls in ((False, slice(None), ("reference", "blockwise")), (True, slice(t - 1, t), ("single_query",))):
+        want = np.stack([_self_extend_official(q[0, qs, h], k[0, :, h], v[0, :, h], rotary.inv_freq, g, w, decode)
+                         for h in range(heads)], axis=1)
+        for impl in impls:
+            assert rel_err(run(qs, impl)[0], want) < 1e-5, (impl, decode)
+
+
+def test_methods_refuse_positions_whose_global_position_would_wrap():
+    spec = SelfExtend(3, 2**29)
+    big = np.array([spec.max_query_position + 1], np.int32)
+    with pytest.raises(ValueError, match="q_positions: self_extend.*serves positions up to"):
+        attention(Q[:, :1], K[:, :1], V[:, :1], q_positions=big, k_positions=big, spec=spec)

@@ -12,7 +12,7 @@ import pytest
 from conftest import SPEC_FACTORIES, case_seed, make_positional, naive_spec_kwargs, random_qkv, rel_err
 from naive_attention import allowed_keys
 
-from lminf_jax import AttentionSpec, TopK, attention
+from lminf_jax import LMInfinite, SlidingWindow, TopK, Vanilla, attention
 from lminf_jax.attention_blockwise import blockwise_attention
 
 
@@ -55,7 +55,7 @@ def test_blockwise_matches_reference_grid(case, positional_name):
     k_pos = np.stack([np.arange(tk) - p for p in pads]).astype(np.int32)
     k_pos = np.where(k_pos < 0, -1, k_pos + offset).astype(np.int32)
     q_pos = k_pos[:, tk - tq :]
-    spec = AttentionSpec.lm_infinite(g, l) if g else AttentionSpec.sliding_window(l)
+    spec = LMInfinite(g, l) if g else SlidingWindow(l)
     positional = make_positional(positional_name, d, hq)
     fast, ref = _pair(q, k, v, q_pos, k_pos, spec, positional)
     assert rel_err(fast, ref) <= 1e-5
@@ -73,8 +73,8 @@ def test_blockwise_matches_reference_every_kind(spec_name, positional_name):
     assert rel_err(fast, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("spec", [AttentionSpec.lm_infinite(4, 16, top_k=TopK(3, 8, from_layer=2)),
-                                  AttentionSpec.sliding_window(16, top_k=TopK(2, 8, from_layer=0, to_layer=3))])
+@pytest.mark.parametrize("spec", [LMInfinite(4, 16, top_k=TopK(3, 8, from_layer=2)),
+                                  SlidingWindow(16, top_k=TopK(2, 8, from_layer=0, to_layer=3))])
 def test_blockwise_top_k_matches_reference_with_traced_layer(spec):
     b, t, hq, hkv, d = 2, 70, 4, 2, 16
     q, k, v = random_qkv(11, b, t, t, hq, hkv, d)
@@ -100,9 +100,9 @@ def test_lm_infinite_equals_vanilla_when_t_le_l(implementation, positional_name)
     positional = make_positional(positional_name, d, 4)
     outs = [attention(q, k, v, q_positions=pos, k_positions=pos, spec=spec, positional=positional,
                       implementation=implementation, block_q=16, block_k=16)
-            for spec in (AttentionSpec.vanilla(), AttentionSpec.lm_infinite(5, t), AttentionSpec.lm_infinite(5, 100))]
+            for spec in (Vanilla(), LMInfinite(5, t), LMInfinite(5, 100))]
     assert rel_err(outs[1], outs[0]) <= 1e-6 and rel_err(outs[2], outs[0]) <= 1e-6
-    shorter = attention(q, k, v, q_positions=pos, k_positions=pos, spec=AttentionSpec.lm_infinite(5, t - 8),
+    shorter = attention(q, k, v, q_positions=pos, k_positions=pos, spec=LMInfinite(5, t - 8),
                         positional=positional, implementation=implementation, block_q=16, block_k=16)
     assert rel_err(shorter, outs[0]) > 1e-3  # the comparison can fail
 
@@ -145,7 +145,7 @@ def _largest_intermediate(fn, *args) -> int:
     return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-@pytest.mark.parametrize("spec", [AttentionSpec.lm_infinite(10, 256), AttentionSpec.vanilla()])
+@pytest.mark.parametrize("spec", [LMInfinite(10, 256), Vanilla()])
 def test_blockwise_never_builds_a_t_by_t_array(spec):
     t, h, d = 4096, 2, 16
     shape = jax.ShapeDtypeStruct((1, t, h, d), jnp.float32)

@@ -11,7 +11,7 @@ from conftest import (SPEC_FACTORIES, case_seed, make_positional, naive_position
                       random_model, random_qkv, rel_err)
 from naive_attention import naive_attention
 
-from lminf_jax import AttentionSpec, Rotary, attention
+from lminf_jax import LMInfinite, Rotary, attention
 from lminf_jax.attention_decode import effective_key_positions
 from models.common import AttentionCall
 
@@ -45,7 +45,7 @@ def test_single_query_matches_naive_oracle(spec_name, positional_name):
 
 
 def test_sinks_are_scored_at_the_distance_limit():
-    spec = AttentionSpec.lm_infinite(2, 8, 5)
+    spec = LMInfinite(2, 8, 5)
     k_pos = np.array([[0, 1, 93, 94, 95, 96, 97, 98, 99, 100, -1]], np.int32)
     effective, attended = effective_key_positions(jnp.array([100]), jnp.asarray(k_pos), spec)
     assert effective.tolist() == [[95, 95, 93, 94, 95, 96, 97, 98, 99, 100, 0]]  # sinks at p - D
@@ -57,7 +57,7 @@ def test_sinks_are_scored_at_the_distance_limit():
 def test_cached_decoding_through_single_query_equals_the_dense_path():
     family, cfg, params = random_model("llama_gqa")
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 40)), jnp.int32)
-    spec = AttentionSpec.lm_infinite(2, 12)
+    spec = LMInfinite(2, 12)
     models = [family.model(cfg, AttentionCall(spec, name, 8, 8)) for name in ("auto", "single_query")]
     caches = [m.init_cache(2) for m in models]
     for start, length in ((0, 20), (20, 1), (21, 1), (22, 1), (23, 17)):

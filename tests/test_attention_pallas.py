@@ -14,16 +14,16 @@ from conftest import (case_seed, make_positional, naive_positional_kwargs, naive
                       random_qkv, rel_err)
 from naive_attention import naive_attention
 
-from lminf_jax import AttentionSpec, attention
+from lminf_jax import LMInfinite, LambdaMask, SlidingWindow, StreamingLLM, Vanilla, attention
 from lminf_jax.attention_pallas import check_triton_shapes, lambda_attention
 from models.common import AttentionCall
 
 SPECS = {
-    "lm_infinite": AttentionSpec.lm_infinite(3, 40),
-    "lm_infinite_d_lt_l": AttentionSpec.lm_infinite(3, 40, 25),
-    "sliding_window": AttentionSpec.sliding_window(33),
-    "lambda_mask": AttentionSpec.lambda_mask(2, 20),
-    "streaming_llm": AttentionSpec.streaming_llm(4, 30),
+    "lm_infinite": LMInfinite(3, 40),
+    "lm_infinite_d_lt_l": LMInfinite(3, 40, 25),
+    "sliding_window": SlidingWindow(33),
+    "lambda_mask": LambdaMask(2, 20),
+    "streaming_llm": StreamingLLM(4, 30),
 }
 
 
@@ -71,7 +71,7 @@ def test_kernel_contract_errors():
     q, k, v = random_qkv(0, 1, 20, 20, 2, 2, 16)
     pos = np.arange(20, dtype=np.int32)
     with pytest.raises(ValueError, match="bounded sinks and no top-k"):
-        attention(q, k, v, q_positions=pos, k_positions=pos, spec=AttentionSpec.vanilla(), implementation="pallas")
+        attention(q, k, v, q_positions=pos, k_positions=pos, spec=Vanilla(), implementation="pallas")
     with pytest.raises(ValueError, match="positions 0..T-1"):
         attention(q, k, v, q_positions=pos + 1, k_positions=pos + 1, spec=SPECS["lm_infinite"], implementation="pallas")
     with pytest.raises(ValueError, match="same length"):
@@ -84,7 +84,7 @@ def test_kernel_contract_errors():
 def test_model_forward_through_the_kernel_equals_blockwise():
     family, cfg, params = random_model("llama_gqa")
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 70)), jnp.int32)
-    spec = AttentionSpec.lm_infinite(2, 24)
+    spec = LMInfinite(2, 24)
     want = family.model(cfg, AttentionCall(spec, "blockwise", 16, 16)).forward(params, tokens)
     model = family.model(cfg, AttentionCall(spec, "pallas", 16, 16))
     assert rel_err(model.forward(params, tokens), want) < 1e-5

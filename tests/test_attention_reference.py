@@ -9,7 +9,7 @@ from conftest import (SPEC_FACTORIES, case_seed, make_positional, naive_position
                       random_qkv, rel_err)
 from naive_attention import naive_attention
 
-from lminf_jax import AttentionSpec, TopK, attention, attention_probe
+from lminf_jax import LMInfinite, TopK, attention, attention_probe
 
 
 def _positions(b: int, tq: int, tk: int, pad: list[int]):
@@ -40,7 +40,7 @@ def test_reference_top_k_matches_naive_oracle(positional_name, layer, active):
     b, tq, tk, hq, hkv, d = 2, 6, 40, 4, 1, 8
     q, k, v = random_qkv(7, b, tq, tk, hq, hkv, d)
     q_pos, k_pos = _positions(b, tq, tk, pad=[0, 2])
-    spec = AttentionSpec.lm_infinite(2, 8, top_k=TopK(k=3, insert_distance=4, from_layer=4))
+    spec = LMInfinite(2, 8, top_k=TopK(k=3, insert_distance=4, from_layer=4))
     positional = make_positional(positional_name, d, hq)
     out = attention(q, k, v, q_positions=q_pos, k_positions=k_pos, spec=spec, positional=positional,
                     layer=layer, implementation="reference")
@@ -57,7 +57,7 @@ def test_probe_probabilities_and_classes():
     b, t, hq, d = 1, 30, 2, 16
     q, k, v = random_qkv(3, b, t, t, hq, hq, d)
     pos = np.arange(t, dtype=np.int32)
-    spec = AttentionSpec.lm_infinite(2, 6)
+    spec = LMInfinite(2, 6)
     out, probe = attention_probe(q, k, v, q_positions=pos, k_positions=pos, spec=spec,
                                  positional=make_positional("rope_half", d, hq))
     probs = np.asarray(probe.probs)

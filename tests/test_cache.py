@@ -18,7 +18,7 @@ from conftest import (
 )
 from naive_attention import naive_attention
 
-from lminf_jax import AttentionSpec, TopK, attention
+from lminf_jax import DistanceLimit, LMInfinite, SlidingWindow, StreamingLLM, TopK, Vanilla, attention
 from lminf_jax.cache import KVCache, cached_attention, needs_full_cache
 
 G, L = 3, 8
@@ -68,7 +68,7 @@ def test_chunked_cached_attention_equals_one_full_call(spec_name, positional_nam
     positions[1, :5] = -1  # row 1 is left-padded by 5: its real tokens sit at 0..t-6
     positions[1, 5:] = np.arange(t - 5)
     cache = KVCache.for_spec(spec, 1, b, HKV, D, capacity=t)
-    assert cache.bounded == (spec.kind not in ("vanilla", "distance_limit"))
+    assert cache.bounded == spec.bounded
     got, cache = _run_chunks(cache, q, k, v, positions, _chunks(t, 3), spec, positional,
                              implementation=implementation, block_q=4, block_k=4)
     want = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_positions=jnp.asarray(positions),
@@ -79,7 +79,7 @@ def test_chunked_cached_attention_equals_one_full_call(spec_name, positional_nam
 
 
 def test_top_k_with_full_cache_equals_reference_at_each_decoding_step():
-    spec = AttentionSpec.lm_infinite(G, L, top_k=TopK(k=3, insert_distance=L // 2, from_layer=4))
+    spec = LMInfinite(G, L, top_k=TopK(k=3, insert_distance=L // 2, from_layer=4))
     positional = make_positional("rope_half", D, HQ)
     t = 6 * L
     q, k, v = random_qkv(11, 1, t, t, HQ, HKV, D)
@@ -102,7 +102,7 @@ def test_lambda_cache_holds_exactly_the_sinks_and_the_last_window(sinks, window)
     values = rng.standard_normal((2, n, 1, 4)).astype(np.float32)
     positions = np.broadcast_to(np.arange(n, dtype=np.int32), (2, n))
     _, cache = _run_chunks(cache, values, values, values, positions, _chunks(n, sinks + window),
-                           AttentionSpec.sliding_window(window), None)
+                           SlidingWindow(window), None)
     held = np.asarray(cache.positions)
     expected = set(range(sinks)) | set(range(n - window, n))
     for row in range(2):
@@ -142,7 +142,7 @@ def test_cached_rope_is_exact_beyond_1e8():
     """Decoding at position ~1e8 (and near 2^31) with the same cache contents as at a small
     position gives the same output (LM-Infinite sees only relative distances and un-rotated
     sinks), and matches the float64 oracle there."""
-    spec = AttentionSpec.lm_infinite(G, L)
+    spec = LMInfinite(G, L)
     rope = make_positional("rope_half", D, HQ)
     q, k, v = random_qkv(5, 1, 1, G + L, HQ, HKV, D)
     outs = []
@@ -166,22 +166,22 @@ def test_cached_rope_is_exact_beyond_1e8():
 
 def test_cache_rejects_specs_it_cannot_serve():
     cache = KVCache.lambda_cache(1, 1, 1, 4, sinks=4, window=16)
-    cache.check_spec(AttentionSpec.lm_infinite(4, 16))
-    cache.check_spec(AttentionSpec.sliding_window(8))
+    cache.check_spec(LMInfinite(4, 16))
+    cache.check_spec(SlidingWindow(8))
     with pytest.raises(ValueError, match="full cache"):
-        cache.check_spec(AttentionSpec.vanilla())
+        cache.check_spec(Vanilla())
     with pytest.raises(ValueError, match="top-k"):
-        cache.check_spec(AttentionSpec.lm_infinite(4, 16, top_k=TopK(2, 8, 0)))
+        cache.check_spec(LMInfinite(4, 16, top_k=TopK(2, 8, 0)))
     with pytest.raises(ValueError, match="global_branch 5"):
-        cache.check_spec(AttentionSpec.lm_infinite(5, 16))
+        cache.check_spec(LMInfinite(5, 16))
     with pytest.raises(ValueError, match="local_branch 32"):
-        cache.check_spec(AttentionSpec.streaming_llm(4, 32))
+        cache.check_spec(StreamingLLM(4, 32))
     with pytest.raises(ValueError, match="capacity is required"):
-        KVCache.for_spec(AttentionSpec.distance_limit(8), 1, 1, 1, 4)
+        KVCache.for_spec(DistanceLimit(8), 1, 1, 1, 4)
     with pytest.raises(ValueError, match="window"):
         KVCache.lambda_cache(1, 1, 1, 4, sinks=2, window=0)
-    assert needs_full_cache(AttentionSpec.sliding_window(4, top_k=TopK(1, 2, 0)))
-    KVCache.full(1, 1, 1, 4, capacity=8).check_spec(AttentionSpec.lm_infinite(4, 16, top_k=TopK(2, 8, 0)))
+    assert needs_full_cache(SlidingWindow(4, top_k=TopK(1, 2, 0)))
+    KVCache.full(1, 1, 1, 4, capacity=8).check_spec(LMInfinite(4, 16, top_k=TopK(2, 8, 0)))
 
 
 def test_a_cache_beyond_memory_or_int32_is_refused_naming_what_drives_it():
@@ -190,7 +190,7 @@ def test_a_cache_beyond_memory_or_int32_is_refused_naming_what_drives_it():
                                          r"lower the window L \(local_branch\)"):
         KVCache.lambda_cache(64, 8, 8, 128, sinks=10, window=10**9)
     with pytest.raises(ValueError, match=r"G \+ L = 1000000000 \+ 512 slots .* lower the sinks G \(global_branch\)"):
-        KVCache.for_spec(AttentionSpec.lm_infinite(10**9, 512), 64, 8, 8, 128)
+        KVCache.for_spec(LMInfinite(10**9, 512), 64, 8, 8, 128)
     with pytest.raises(ValueError, match=r"full cache of capacity = 1000000000 slots .* lower capacity"):
         KVCache.full(64, 8, 8, 128, capacity=10**9)
     with pytest.raises(ValueError, match=r"capacity must be an integer >= 1 and <= 2147483647"):

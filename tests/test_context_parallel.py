@@ -11,18 +11,18 @@ SCRIPT = r"""
 import json, re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh
-from lminf_jax import Alibi, AttentionSpec, Rotary, attention
+from lminf_jax import Alibi, LMInfinite, Rotary, SlidingWindow, StreamingLLM, Vanilla, attention
 from lminf_jax.context_parallel import context_parallel_attention
 
 mesh = Mesh(np.array(jax.devices()), ("seq",))
 rng = np.random.default_rng(0)
 out = {"devices": len(jax.devices()), "cases": []}
-cases = [(65536, AttentionSpec.lm_infinite(10, 512), Rotary.create(16), "rope"),
-         (65539, AttentionSpec.lm_infinite(10, 512), Alibi.create(2), "alibi"),
-         (1003, AttentionSpec.lm_infinite(12, 300), Rotary.create(16), "rope, halo of 3 chunks"),
-         (64, AttentionSpec.lm_infinite(10, 30), Rotary.create(16), "halo of 4 chunks, sinks on 2 devices"),
-         (999, AttentionSpec.streaming_llm(4, 200), Rotary.create(16), "streaming_llm"),
-         (1000, AttentionSpec.sliding_window(100), Rotary.create(16), "sliding window")]
+cases = [(65536, LMInfinite(10, 512), Rotary.create(16), "rope"),
+         (65539, LMInfinite(10, 512), Alibi.create(2), "alibi"),
+         (1003, LMInfinite(12, 300), Rotary.create(16), "rope, halo of 3 chunks"),
+         (64, LMInfinite(10, 30), Rotary.create(16), "halo of 4 chunks, sinks on 2 devices"),
+         (999, StreamingLLM(4, 200), Rotary.create(16), "streaming_llm"),
+         (1000, SlidingWindow(100), Rotary.create(16), "sliding window")]
 for t, spec, positional, name in cases:
     q = jnp.asarray(rng.standard_normal((1, t, 2, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((1, t, 1, 16)), jnp.float32) for _ in range(2))
@@ -43,11 +43,11 @@ for t, spec, positional, name in cases:
 trimmed = context_parallel_attention(q, k, v, mesh=mesh, axis="seq", spec=spec, positional=positional)
 out["trimmed_ok"] = trimmed.shape == (1, 1000, 2, 16)
 try:
-    context_parallel_attention(q, k, v, mesh=mesh, axis="seq", spec=AttentionSpec.vanilla())
+    context_parallel_attention(q, k, v, mesh=mesh, axis="seq", spec=Vanilla())
 except ValueError as e:
     out["vanilla_error"] = str(e)
 # a NaN key and value (in another device's chunk, in a sink) reach only the rows that attend them
-t, spec = 64, AttentionSpec.lm_infinite(2, 12)
+t, spec = 64, LMInfinite(2, 12)
 q = jnp.asarray(rng.standard_normal((2, t, 2, 16)), jnp.float32)
 k, v = (jnp.asarray(rng.standard_normal((2, t, 1, 16)), jnp.float32) for _ in range(2))
 cp = jax.jit(lambda q, k, v: context_parallel_attention(q, k, v, mesh=mesh, axis="seq", spec=spec,
@@ -60,10 +60,10 @@ out["nan_ok"] = bool(np.array_equal(got[~sees], clean[~sees]) and np.isnan(got[s
                      and not np.isnan(clean).any())
 # sinks and a window far beyond the sequence: nothing is sized by G or L
 huge = jax.jit(lambda q, k, v: context_parallel_attention(q, k, v, mesh=mesh, axis="seq",
-                                                          spec=AttentionSpec.lm_infinite(10**8, 10**9)))
+                                                          spec=LMInfinite(10**8, 10**9)))
 out["huge_temp_bytes"] = huge.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
 p = jnp.arange(t)
-vanilla = attention(q, k, v, q_positions=p, k_positions=p, spec=AttentionSpec.vanilla(), implementation="reference")
+vanilla = attention(q, k, v, q_positions=p, k_positions=p, spec=Vanilla(), implementation="reference")
 out["huge_rel_err"] = float(jnp.linalg.norm(huge(q, k, v) - vanilla) / jnp.linalg.norm(vanilla))
 print("RESULT " + json.dumps(out))
 """

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import random_model
 
-from lminf_jax import AttentionSpec, Sampling
+from lminf_jax import LMInfinite, Sampling, Vanilla
 from lminf_jax.decoding import generate, left_pad
 from models.common import AttentionCall
 
@@ -17,7 +17,7 @@ G, L = 2, 8
 @pytest.fixture(scope="module")
 def llama():
     family, cfg, params = random_model("llama_gqa", seed=3)
-    return family.model(cfg, AttentionCall(AttentionSpec.lm_infinite(G, L))), params
+    return family.model(cfg, AttentionCall(LMInfinite(G, L))), params
 
 
 def _prompts(lengths, seed=0):
@@ -87,8 +87,8 @@ def test_on_tokens_streams_every_step_in_order(llama):
 def test_full_cache_generation_equals_lambda_cache_when_the_window_covers_everything():
     family, cfg, params = random_model("mpt_biases_qk_ln", seed=1)
     prompts = _prompts([5, 9], seed=6)
-    wide = family.model(cfg, AttentionCall(AttentionSpec.lm_infinite(G, 64)))
-    vanilla = family.model(cfg, AttentionCall(AttentionSpec.vanilla()))
+    wide = family.model(cfg, AttentionCall(LMInfinite(G, 64)))
+    vanilla = family.model(cfg, AttentionCall(Vanilla()))
     a = generate(wide, params, prompts, wide.init_cache(2), max_new_tokens=20)
     b = generate(vanilla, params, prompts, vanilla.init_cache(2, capacity=29), max_new_tokens=20)
     np.testing.assert_array_equal(a.tokens, b.tokens)
@@ -114,7 +114,7 @@ def test_generate_rejects_bad_arguments(llama):
                  model.init_cache(2))[1]
     with pytest.raises(ValueError, match="must be empty"):
         generate(model, params, prompts, used, max_new_tokens=2)
-    vanilla = type(model)(model.build, model.config, AttentionCall(AttentionSpec.vanilla()))
+    vanilla = type(model)(model.build, model.config, AttentionCall(Vanilla()))
     with pytest.raises(ValueError, match="holds 8 positions"):
         generate(vanilla, params, prompts, vanilla.init_cache(2, capacity=8), max_new_tokens=4)
 

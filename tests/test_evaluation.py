@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import random_model
 
-from lminf_jax import AttentionSpec, PositionBuckets
+from lminf_jax import LMInfinite, PositionBuckets, Vanilla
 from lminf_jax.evaluation import (
     bos_sequences, length_point, position_buckets, prefix_ppl, sequence_nll, text_segments, tile_segments,
 )
@@ -58,7 +58,7 @@ def test_bos_sequences_are_whole_segments_behind_a_bos():
     np.testing.assert_array_equal(bos_sequences(stream, 3, 21), text_segments(stream, 3, 21))
 
 
-@pytest.mark.parametrize("spec", [AttentionSpec.vanilla(), AttentionSpec.lm_infinite(2, 8)])
+@pytest.mark.parametrize("spec", [Vanilla(), LMInfinite(2, 8)])
 def test_scores_match_a_float64_log_softmax_and_a_prefix_alone(spec):
     family, cfg, params = random_model("llama_gqa", seed=3)
     model = family.model(cfg, AttentionCall(spec, block_q=8, block_k=8))

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from experiments import benchmark
-from lminf_jax import AttentionSpec
+from lminf_jax import LMInfinite, SlidingWindow, Vanilla
 
 
 @pytest.mark.parametrize("window,sinks", [(None, 0), (7, 0), (7, 3), (40, 3)])
 def test_attended_pairs_count_the_mask(window, sinks):
     t = 30
-    spec = (AttentionSpec.vanilla() if window is None else AttentionSpec.sliding_window(window) if not sinks
-            else AttentionSpec.lm_infinite(sinks, window))
+    spec = (Vanilla() if window is None else SlidingWindow(window) if not sinks
+            else LMInfinite(sinks, window))
     local, far = spec.classify(np.arange(t)[:, None], np.arange(t)[None, :])
     assert benchmark.attended_pairs(t, window, sinks) == int(np.sum(np.asarray(local | far)))
 

@@ -14,7 +14,7 @@ from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 
 from experiments import generate as cli
 from experiments.loading import load_model, load_tokenizer_from
-from lminf_jax import AttentionSpec, Sampling, TopK
+from lminf_jax import AttentionSpec, DistanceLimit, LMInfinite, LambdaMask, Sampling, SlidingWindow, StreamingLLM, TopK, Vanilla
 from lminf_jax.decoding import generate
 from models.common import AttentionCall
 
@@ -51,7 +51,7 @@ def test_one_prompt_streams_the_greedy_continuation(model_dir, tmp_path, capsys,
                      "--prefill-chunk", "4", "--json", str(tmp_path / "out.json")]) == 0
     captured = capsys.readouterr()
     record = json.loads((tmp_path / "out.json").read_text())
-    tok, ids, rows = direct(model_dir, [prompt], AttentionSpec.lm_infinite(2, 8), 24, prefill_chunk=4)
+    tok, ids, rows = direct(model_dir, [prompt], LMInfinite(2, 8), 24, prefill_chunk=4)
     assert record["prompt_ids"] == ids and record["generated_ids"] == rows
     text = cli.continuation_text(tok, ids[0], rows[0])
     assert text.strip() and record["continuations"] == [text]
@@ -96,7 +96,7 @@ def test_batch_of_prompts_with_sampling_stop_string_and_defaults(model_dir, tmp_
     record = json.loads((tmp_path / "out.json").read_text())
     tok = load_tokenizer_from(model_dir)
     (fox,), (lion,) = tok.encode("fox"), tok.encode("lion")
-    spec = AttentionSpec.lm_infinite(10, 64)  # the defaults: G = 10, L = the model's max_position_embeddings
+    spec = LMInfinite(10, 64)  # the defaults: G = 10, L = the model's max_position_embeddings
     assert record["settings"]["attention"]["describe"] == spec.describe()
     _, ids, rows = direct(model_dir, prompts, spec, 12, sampling=Sampling(0.9, 20, 0.95), seed=7,
                           stop_tokens=[tok.eos_id, fox, lion, fox])
@@ -118,8 +118,8 @@ def test_top_k_middle_tokens_use_a_full_cache_and_a_plain_prefill(model_dir, tmp
     family, cfg, params = load_model(model_dir)
     tok = load_tokenizer_from(model_dir)
     ids = tok.encode(prompt)
-    plain = family.model(cfg, AttentionCall(AttentionSpec.lm_infinite(2, 8)))
-    with_k = family.model(cfg, AttentionCall(AttentionSpec.lm_infinite(2, 8, top_k=TopK(3, 4, from_layer=1))))
+    plain = family.model(cfg, AttentionCall(LMInfinite(2, 8)))
+    with_k = family.model(cfg, AttentionCall(LMInfinite(2, 8, top_k=TopK(3, 4, from_layer=1))))
     out = generate(with_k, params, [ids], with_k.init_cache(1, capacity=len(ids) + 6), max_new_tokens=6,
                    prefill_chunk=8, prefill_step=plain)
     assert record["prompt_ids"] == [ids] and record["generated_ids"] == [out.row(0)]
@@ -220,17 +220,17 @@ def test_attention_options_and_their_defaults():
     from models.mpt import MPTConfig
 
     llama = {"max_position_embeddings": 4096}
-    assert _spec([], llama) == AttentionSpec.lm_infinite(10, 4096, 4096)
-    assert _spec(["-G", "3", "-L", "8", "-D", "5"], llama) == AttentionSpec.lm_infinite(3, 8, 5)
-    assert _spec(["--method", "vanilla"], None) == AttentionSpec.vanilla()
-    assert _spec(["--method", "lambda_mask", "-L", "16"], None) == AttentionSpec.lambda_mask(10, 16)
-    assert _spec(["--method", "streaming_llm"], llama) == AttentionSpec.streaming_llm(4, 4096)
-    assert _spec(["--method", "sliding_window"], llama) == AttentionSpec.sliding_window(4096)
-    assert _spec(["--method", "distance_limit"], llama) == AttentionSpec.distance_limit(4096)
-    assert _spec(["--method", "distance_limit", "-D", "7"], None) == AttentionSpec.distance_limit(7)
-    assert _spec(["--top-k-middle", "5"], llama) == AttentionSpec.lm_infinite(10, 4096, top_k=TopK(5, 2048, 4))
+    assert _spec([], llama) == LMInfinite(10, 4096, 4096)
+    assert _spec(["-G", "3", "-L", "8", "-D", "5"], llama) == LMInfinite(3, 8, 5)
+    assert _spec(["--method", "vanilla"], None) == Vanilla()
+    assert _spec(["--method", "lambda_mask", "-L", "16"], None) == LambdaMask(10, 16)
+    assert _spec(["--method", "streaming_llm"], llama) == StreamingLLM(4, 4096)
+    assert _spec(["--method", "sliding_window"], llama) == SlidingWindow(4096)
+    assert _spec(["--method", "distance_limit"], llama) == DistanceLimit(4096)
+    assert _spec(["--method", "distance_limit", "-D", "7"], None) == DistanceLimit(7)
+    assert _spec(["--top-k-middle", "5"], llama) == LMInfinite(10, 4096, top_k=TopK(5, 2048, 4))
     assert _spec(["--method", "streaming_llm", "-L", "32", "--top-k-middle", "2", "--top-k-insert-at", "9",
-                  "--top-k-from-layer", "0"], None) == AttentionSpec.streaming_llm(4, 32, top_k=TopK(2, 9, 0))
+                  "--top-k-from-layer", "0"], None) == StreamingLLM(4, 32, top_k=TopK(2, 9, 0))
     # L defaults to the pretraining length, whatever the family calls it
     gptj = GPTJConfig.from_hf({"model_type": "gptj", "vocab_size": 9, "n_embd": 8, "n_layer": 1, "n_head": 2,
                                "n_positions": 1024})

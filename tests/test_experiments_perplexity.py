@@ -19,7 +19,8 @@ import lminf_jax.evaluation as evaluation
 from converters.store import load_converted, save_converted
 from experiments import perplexity as cli
 from experiments.loading import load_model, load_tokenizer_from
-from lminf_jax import AttentionSpec
+from lminf_jax import AttentionSpec, LMInfinite, StreamingLLM, Vanilla
+from lminf_jax.spec import KINDS
 from models.common import AttentionCall
 
 
@@ -108,9 +109,9 @@ def test_every_length_scores_the_same_text(model_dir, text_file, tmp_path, capsy
     longest = 4 * PRETRAIN
     segments = evaluation.text_segments(stream, 2, longest - 1)
     assert record["settings"]["text_tokens"] == stream.size and record["settings"]["segment_tokens"] == longest - 1
-    assert list(record["methods"]) == list(cli.METHODS)
-    specs = {"vanilla": AttentionSpec.vanilla(), "lm_infinite": AttentionSpec.lm_infinite(2, PRETRAIN),
-             "streaming_llm": AttentionSpec.streaming_llm(2, PRETRAIN)}
+    assert list(record["methods"]) == list(KINDS)
+    specs = {"vanilla": Vanilla(), "lm_infinite": LMInfinite(2, PRETRAIN),
+             "streaming_llm": StreamingLLM(2, PRETRAIN)}
     for name, spec in specs.items():
         res = record["methods"][name]
         assert res["attention"]["describe"] == spec.describe()

@@ -15,7 +15,7 @@ from tiny_checkpoint import make_model_dir, random_text
 
 from experiments import stream_nll as cli
 from experiments.loading import load_model, load_tokenizer_from
-from lminf_jax import AttentionSpec, PositionBuckets
+from lminf_jax import AttentionSpec, LMInfinite, PositionBuckets, SlidingWindow
 from models.common import AttentionCall
 
 G, L = 4, 16
@@ -75,7 +75,7 @@ def test_text_stream_matches_one_forward_pass(model_dir, text_file, tmp_path, ca
     assert ids.dtype == np.int32 and ids.tolist() == [tok.bos_id, *tok.encode(text_file.read_text())]
     assert len(ids) > 300 and record["settings"]["source"] == {"text": [str(text_file)], "token_file": str(cached)}
 
-    nll = direct_nll(model_dir, ids[:300], AttentionSpec.lm_infinite(G, L))
+    nll = direct_nll(model_dir, ids[:300], LMInfinite(G, L))
     assert record["tokens"] == 299 and record["complete"] and record["length"] == 300
     assert record["nll"] == pytest.approx(nll.mean(), abs=2e-5)
     got = [(b["lo"], b["hi"], b["count"], b["nll"]) for b in record["buckets"]]
@@ -115,7 +115,7 @@ def test_side_by_side_streams_from_a_npy(model_dir, tmp_path, capsys):
     assert code == 0, stderr
     record = json.loads(out.read_text())
     streams = tokens[:200].reshape(2, 100)
-    nll = direct_nll(model_dir, streams, AttentionSpec.sliding_window(8))
+    nll = direct_nll(model_dir, streams, SlidingWindow(8))
     assert record["streams"] == 2 and record["length"] == 100 and record["settings"]["dropped_tokens"] == 1
     np.testing.assert_allclose(record["stream_nll"], nll.mean(axis=1), atol=2e-5)
     assert record["nll"] == pytest.approx(nll.mean(), abs=2e-5)

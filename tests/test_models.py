@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import TINY_MODELS, random_model, rel_err
 
-from lminf_jax import AttentionSpec, TopK
+from lminf_jax import LMInfinite, TopK, Vanilla
 from models import registry
 from models.common import AttentionCall, count_params
 
@@ -40,15 +40,15 @@ def test_eval_shape_of_real_configs_gives_published_parameter_counts(config, pub
 def test_lm_infinite_forward_matches_dense_reference_forward(name):
     family, cfg, params = random_model(name)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 70)), jnp.int32)
-    spec = AttentionSpec.lm_infinite(3, 16)  # T = 70 > 2 x 16
+    spec = LMInfinite(3, 16)  # T = 70 > 2 x 16
     run = lambda impl, s=spec: family.forward(params, tokens, config=cfg, call=AttentionCall(  # noqa: E731
         s, implementation=impl, block_q=16, block_k=16))
     fast, ref = run("blockwise"), run("reference")
     assert rel_err(fast, ref) <= 1e-5
-    vanilla = run("blockwise", AttentionSpec.vanilla())
-    assert rel_err(run("blockwise", AttentionSpec.lm_infinite(3, 70)), vanilla) <= 1e-6
+    vanilla = run("blockwise", Vanilla())
+    assert rel_err(run("blockwise", LMInfinite(3, 70)), vanilla) <= 1e-6
     assert rel_err(fast, vanilla) > 1e-3  # the spec reaches the attention
-    top_k = AttentionSpec.lm_infinite(3, 16, top_k=TopK(2, 8, from_layer=1))
+    top_k = LMInfinite(3, 16, top_k=TopK(2, 8, from_layer=1))
     assert rel_err(run("blockwise", top_k), run("reference", top_k)) <= 1e-5
     assert rel_err(run("blockwise", top_k)[:, -1], fast[:, -1]) > 1e-4  # layer 1 of 2 uses top-k
 
@@ -59,7 +59,7 @@ def test_left_padding_rows_equal_unpadded_rows():
     tokens = rng.integers(0, 97, (1, 40))
     padded = np.concatenate([np.zeros((1, 7), int), tokens], axis=1)
     positions = (np.arange(47) - 7)[None]
-    call = AttentionCall(AttentionSpec.lm_infinite(2, 12), implementation="blockwise", block_q=8, block_k=8)
+    call = AttentionCall(LMInfinite(2, 12), implementation="blockwise", block_q=8, block_k=8)
     a = family.forward(params, jnp.asarray(tokens, jnp.int32), config=cfg, call=call)
     b = family.forward(params, jnp.asarray(padded, jnp.int32), jnp.asarray(positions, jnp.int32), config=cfg,
                        call=call)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import TINY_MODELS, random_model, rel_err
 
-from lminf_jax import AttentionSpec, TopK
+from lminf_jax import LMInfinite, SelfExtend, StreamingLLM, TopK, Vanilla
 from lminf_jax.cache import KVCache
 from models import registry
 from models.common import AttentionCall
@@ -37,15 +37,22 @@ def _incremental_logits(model, params, tokens, positions, cache, chunks=PREFILL_
     return jnp.concatenate(outs, axis=1), cache
 
 
-@pytest.mark.parametrize("spec_name", ["lm_infinite", "vanilla"])
-@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+SPECS = {"lm_infinite": LMInfinite(G, L), "vanilla": Vanilla(),
+         # fractional global positions (g = 3 does not divide W) under each positional encoding
+         "self_extend": SelfExtend(3, L)}
+
+
+@pytest.mark.parametrize("name,spec_name", [
+    *((name, spec) for name in sorted(TINY_MODELS) for spec in ("lm_infinite", "vanilla")),
+    ("gptj", "self_extend"), ("mpt_biases_qk_ln", "self_extend"),
+])
 def test_prefill_plus_decoding_equals_one_forward(name, spec_name):
     family, cfg, params = random_model(name)
-    spec = AttentionSpec.lm_infinite(G, L) if spec_name == "lm_infinite" else AttentionSpec.vanilla()
+    spec = SPECS[spec_name]
     model = family.model(cfg, AttentionCall(spec))
     tokens, positions = _tokens_and_positions()
     cache = model.init_cache(2, capacity=T)
-    assert cache.bounded == (spec_name == "lm_infinite")
+    assert cache.bounded == spec.bounded
     got, cache = _incremental_logits(model, params, tokens, positions, cache)
     want = model.forward(params, tokens, positions)
     valid = np.asarray(positions) >= 0
@@ -56,7 +63,7 @@ def test_prefill_plus_decoding_equals_one_forward(name, spec_name):
 
 def test_blockwise_prefill_chunks_equal_one_forward():
     family, cfg, params = random_model("llama_gqa")
-    call = AttentionCall(AttentionSpec.streaming_llm(G, L), implementation="blockwise", block_q=4, block_k=4)
+    call = AttentionCall(StreamingLLM(G, L), implementation="blockwise", block_q=4, block_k=4)
     model = family.model(cfg, call)
     tokens, positions = _tokens_and_positions()
     got, _ = _incremental_logits(model, params, tokens, positions, model.init_cache(2), chunks=(9, 20, 3, 17))
@@ -69,7 +76,7 @@ def test_top_k_applied_at_the_prompt_end_equals_one_forward():
     """Chunks before the last run without top-k (as `generate`'s prefill_step does), so the
     prompt's last position gets the middle tokens exactly as in one forward over the prompt."""
     family, cfg, params = random_model("gptj")
-    spec = AttentionSpec.lm_infinite(G, L, top_k=TopK(k=2, insert_distance=L // 2, from_layer=1))
+    spec = LMInfinite(G, L, top_k=TopK(k=2, insert_distance=L // 2, from_layer=1))
     with_top_k = family.model(cfg, AttentionCall(spec))
     without = family.model(cfg, AttentionCall(dataclasses.replace(spec, top_k=None)))
     tokens, positions = _tokens_and_positions(batch=1, pad=0)
@@ -84,7 +91,7 @@ def test_top_k_applied_at_the_prompt_end_equals_one_forward():
 
 def test_lambda_cache_has_the_same_size_after_10_and_10000_tokens():
     family, cfg, params = random_model("mpt_biases_qk_ln")
-    model = family.model(cfg, AttentionCall(AttentionSpec.lm_infinite(G, L)))
+    model = family.model(cfg, AttentionCall(LMInfinite(G, L)))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 97, (1, 10_000)), jnp.int32)
     positions = jnp.arange(10_000, dtype=jnp.int32)[None]
     short = model(params, tokens[:, :10], positions[:, :10], model.init_cache(1))[1]
@@ -100,7 +107,7 @@ def test_lambda_cache_has_the_same_size_after_10_and_10000_tokens():
 
 def test_step_rejects_bad_positions_and_caches():
     family, cfg, params = random_model("llama_gqa")
-    model = family.model(cfg, AttentionCall(AttentionSpec.vanilla()))
+    model = family.model(cfg, AttentionCall(Vanilla()))
     tokens, positions = _tokens_and_positions(batch=1, pad=0)
     cache = model.init_cache(1, capacity=16)
     _, cache = model(params, tokens[:, :8], positions[:, :8], cache)
@@ -121,7 +128,7 @@ def test_step_rejects_bad_positions_and_caches():
 def test_positions_beyond_int32_are_refused_not_wrapped_into_padding():
     family = registry.family_for_config(TINY_MODELS["llama_gqa"])
     cfg = family.config_from_hf(TINY_MODELS["llama_gqa"])
-    model = family.model(cfg, AttentionCall(AttentionSpec.lm_infinite(G, L)))
+    model = family.model(cfg, AttentionCall(LMInfinite(G, L)))
     tokens, _ = _tokens_and_positions(batch=1, pad=0)
     far = np.asarray([[2**31 - 2, 2**31 - 1, 2**31]], np.int64)
     params = None  # refused before any parameter is read
@@ -136,7 +143,7 @@ def test_dynamic_rope_scaling_is_refused_for_cached_decoding():
                   max_position_embeddings=32)
     family = registry.family_for_config(config)
     cfg = family.config_from_hf(config)
-    model = family.model(cfg, AttentionCall(AttentionSpec.lm_infinite(G, L)))
+    model = family.model(cfg, AttentionCall(LMInfinite(G, L)))
     with pytest.raises(ValueError, match="dynamic"):
         model.init_cache(1)
 
@@ -145,7 +152,7 @@ def test_dynamic_rope_scaling_is_refused_for_cached_decoding():
 def test_probe_records_rows_of_every_layer_during_one_forward(name):
     family, cfg, params = random_model(name, seed=4)
     g, window = 2, 6
-    model = family.model(cfg, AttentionCall(AttentionSpec.lm_infinite(g, window), block_q=8, block_k=8))
+    model = family.model(cfg, AttentionCall(LMInfinite(g, window), block_q=8, block_k=8))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 29)), jnp.int32)
     rows = [0, 5, 6, 7, 28]
     probe = model.probe(params, tokens, rows)

@@ -12,7 +12,7 @@ from converters.convert import load_params
 from converters.families import layout_for
 from models import registry
 from models.common import AttentionCall
-from lminf_jax import AttentionSpec
+from lminf_jax import LMInfinite
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -75,8 +75,8 @@ def test_logits_match_transformers(name, tmp_path):
                              call=AttentionCall(implementation=impl, block_q=16, block_k=8))
         assert float(np.max(np.abs(np.asarray(got) - want))) <= 1e-4, impl
     lm_inf = family.forward(params, jnp.asarray(tokens, jnp.int32), config=cfg,
-                            call=AttentionCall(AttentionSpec.lm_infinite(4, T)))
+                            call=AttentionCall(LMInfinite(4, T)))
     assert float(np.max(np.abs(np.asarray(lm_inf) - want))) <= 1e-4
     windowed = family.forward(params, jnp.asarray(tokens, jnp.int32), config=cfg,
-                              call=AttentionCall(AttentionSpec.lm_infinite(4, WINDOW)))
+                              call=AttentionCall(LMInfinite(4, WINDOW)))
     assert float(np.max(np.abs(np.asarray(windowed) - want))) > 1e-3

@@ -12,7 +12,7 @@ SCRIPT = r"""
 import json, re
 import jax, jax.numpy as jnp, numpy as np
 from flax import traverse_util
-from lminf_jax import AttentionSpec
+from lminf_jax import LMInfinite, Vanilla
 from lminf_jax.sharding import ShardingPlan, make_mesh
 from models import registry
 from models.common import AttentionCall
@@ -47,7 +47,7 @@ for name, hf in CONFIGS.items():
     params = jax.tree.map(lambda x: x + 0.1 * jnp.asarray(rng.standard_normal(x.shape), x.dtype),
                           fam.init_params(cfg, jax.random.key(1)))
     tokens = jnp.asarray(rng.integers(0, 96, (2, 50)), jnp.int32)  # 50: not a multiple of the seq axis
-    runs = ((AttentionSpec.lm_infinite(3, 12), MESHES), (AttentionSpec.vanilla(), VANILLA_MESHES))
+    runs = ((LMInfinite(3, 12), MESHES), (Vanilla(), VANILLA_MESHES))
     for spec, meshes in runs if name == "llama" else runs[:1]:
         meshes = meshes if name == "llama" else FAMILY_MESHES
         call = AttentionCall(spec, block_q=8, block_k=8)
@@ -71,7 +71,7 @@ for name, hf in CONFIGS.items():
                         "q_split": [list(wanted[n].spec) for n in wanted if re.search(r"q_proj\.weight|Wqkv\.weight", n)]})
 
     # cached decoding: a sharded cache gives the single-device logits and keeps its shardings
-    for spec in (AttentionSpec.lm_infinite(3, 12), AttentionSpec.vanilla())[:2 if name == "llama" else 1]:
+    for spec in (LMInfinite(3, 12), Vanilla())[:2 if name == "llama" else 1]:
         plan = ShardingPlan(make_mesh(data=2, model=4))
         plain_model = fam.model(cfg, AttentionCall(spec, block_q=8, block_k=8))
         model = fam.model(cfg, AttentionCall(spec, block_q=8, block_k=8), jnp.float32, plan)
@@ -92,7 +92,7 @@ for name, hf in CONFIGS.items():
 fam = registry.family_for_config(CONFIGS["llama"])
 cfg = fam.config_from_hf(CONFIGS["llama"])
 plan = ShardingPlan(make_mesh(seq=8))
-model = fam.model(cfg, AttentionCall(AttentionSpec.lm_infinite(3, 12), block_q=8, block_k=8), jnp.float32, plan)
+model = fam.model(cfg, AttentionCall(LMInfinite(3, 12), block_q=8, block_k=8), jnp.float32, plan)
 params = fam.init_params(cfg, jax.random.key(0), plan=plan)
 long_tokens = jnp.asarray(rng.integers(0, 96, (1, 512)), jnp.int32)
 out["cp_collectives"] = collectives(jax.jit(model.forward), params, long_tokens)

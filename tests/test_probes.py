@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import assert_nan_stays_in_its_rows, attended_slots, make_positional, random_qkv
 
-from lminf_jax import AttentionSpec, TopK, attention_probe
+from lminf_jax import DistanceLimit, LMInfinite, LambdaMask, SlidingWindow, StreamingLLM, TopK, Vanilla, attention_probe
 from lminf_jax.probes import (
     bucket_table, distance_bucket, distance_bucket_bounds, num_distance_buckets, probe_rows,
 )
@@ -27,8 +27,8 @@ def test_distance_buckets_are_exact_half_octaves():
     assert num_distance_buckets(5) == 5 and bucket_table(5).tolist() == [[0, 1], [1, 2], [2, 3], [3, 4], [4, 6]]
 
 
-SPECS = [AttentionSpec.vanilla(), AttentionSpec.lm_infinite(3, 40), AttentionSpec.lambda_mask(3, 40),
-         AttentionSpec.distance_limit(50), AttentionSpec.sliding_window(40), AttentionSpec.streaming_llm(2, 40)]
+SPECS = [Vanilla(), LMInfinite(3, 40), LambdaMask(3, 40),
+         DistanceLimit(50), SlidingWindow(40), StreamingLLM(2, 40)]
 
 
 @pytest.mark.parametrize("positional", ["rope_half", "rope_interleaved_partial", "alibi", "none"])
@@ -71,23 +71,23 @@ def test_row_statistics_match_the_dense_probe(spec, positional):
 def test_far_distances_are_counted_in_the_last_bucket_and_bad_input_is_refused():
     q, k, _ = random_qkv(1, 1, 100, 100, 2, 2, 8)
     p = jnp.arange(100, dtype=jnp.int32)[None]
-    got = probe_rows(jnp.asarray(q[:, -1:]), jnp.asarray(k), p[:, -1:], p, spec=AttentionSpec.vanilla(), num_buckets=3)
+    got = probe_rows(jnp.asarray(q[:, -1:]), jnp.asarray(k), p[:, -1:], p, spec=Vanilla(), num_buckets=3)
     np.testing.assert_allclose(np.asarray(got.bucket_mass).sum(-1), 1.0, atol=1e-6)
     assert float(got.attended[0, 0, 0]) == 100
     with pytest.raises(ValueError, match="top-k"):
         probe_rows(jnp.asarray(q[:, -1:]), jnp.asarray(k), p[:, -1:], p, num_buckets=3,
-                   spec=AttentionSpec.lm_infinite(2, 10, top_k=TopK(2, 5, 0)))
+                   spec=LMInfinite(2, 10, top_k=TopK(2, 5, 0)))
     with pytest.raises(ValueError, match="positions must be"):
-        probe_rows(jnp.asarray(q[:, -1:]), jnp.asarray(k), p, p, spec=AttentionSpec.vanilla(), num_buckets=3)
+        probe_rows(jnp.asarray(q[:, -1:]), jnp.asarray(k), p, p, spec=Vanilla(), num_buckets=3)
     with pytest.raises(ValueError, match="num_buckets"):
-        probe_rows(jnp.asarray(q[:, -1:]), jnp.asarray(k), p[:, -1:], p, spec=AttentionSpec.vanilla(), num_buckets=0)
+        probe_rows(jnp.asarray(q[:, -1:]), jnp.asarray(k), p[:, -1:], p, spec=Vanilla(), num_buckets=0)
 
 
 @pytest.mark.parametrize("which", ["probe_rows", "attention_probe"])
 def test_a_nan_reaches_only_the_rows_that_attend_it(which):
     """A NaN key (probe_rows reads no values) and a NaN value: statistics, logits and probabilities
     of rows that do not attend them are unchanged."""
-    t, spec = 16, AttentionSpec.lm_infinite(2, 4)
+    t, spec = 16, LMInfinite(2, 4)
     pos = np.broadcast_to(np.arange(t, dtype=np.int32), (2, t))
     q, k, v = random_qkv(6, 2, t, t, 4, 2, 8)
     rope = make_positional("rope_half", 8, 4)

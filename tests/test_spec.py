@@ -1,39 +1,52 @@
-"""AttentionSpec: legal ranges, the classification table, and hashability."""
+"""Attention methods: legal ranges, the classification table, global positions, hashability."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lminf_jax import AttentionSpec, TopK
+from lminf_jax import (
+    METHODS,
+    AttentionSpec,
+    DistanceLimit,
+    LambdaMask,
+    LMInfinite,
+    SelfExtend,
+    SlidingWindow,
+    StreamingLLM,
+    TopK,
+    Vanilla,
+)
 
 
 @pytest.mark.parametrize(
     "make,field",
     [
-        (lambda: AttentionSpec.lm_infinite(-1, 8), "global_branch"),
-        (lambda: AttentionSpec.lm_infinite(2, 0), "local_branch"),
-        (lambda: AttentionSpec.lm_infinite(2, 8, 0), "limit_distance"),
-        (lambda: AttentionSpec.distance_limit(0), "limit_distance"),
-        (lambda: AttentionSpec.sliding_window(0), "local_branch"),
-        (lambda: AttentionSpec("vanilla", global_branch=3), "global_branch"),
-        (lambda: AttentionSpec("vanilla", local_branch=3), "local_branch"),
-        (lambda: AttentionSpec("sliding_window", local_branch=4, limit_distance=4), "limit_distance"),
-        (lambda: AttentionSpec("bogus"), "kind"),
-        (lambda: AttentionSpec.lm_infinite(2, 8.0), "local_branch"),
-        (lambda: AttentionSpec("vanilla", top_k=TopK()), "top_k"),
-        (lambda: AttentionSpec.distance_limit(8).__class__("distance_limit", limit_distance=8, top_k=TopK()), "top_k"),
+        (lambda: LMInfinite(-1, 8), "global_branch"),
+        (lambda: LMInfinite(2, 0), "local_branch"),
+        (lambda: LMInfinite(2, 8, 0), "limit_distance"),
+        (lambda: DistanceLimit(0), "limit_distance"),
+        (lambda: SlidingWindow(0), "local_branch"),
+        (lambda: LMInfinite(2, 8.0), "local_branch"),
+        (lambda: Vanilla(top_k=TopK()), "top_k"),
+        (lambda: DistanceLimit(8, top_k=TopK()), "top_k"),
+        (lambda: SelfExtend(4, 16, top_k=TopK()), "top_k"),
+        (lambda: SelfExtend(0, 16), "group_size"),
+        (lambda: SelfExtend(4, 0), "local_branch"),
         (lambda: TopK(k=0), "top_k.k"),
         (lambda: TopK(insert_distance=-1), "top_k.insert_distance"),
         (lambda: TopK(from_layer=4, to_layer=4), "top_k.to_layer"),
         # every integer that reaches int32 arithmetic fits it (a wider one would wrap silently)
-        (lambda: AttentionSpec.lm_infinite(10, 512, 2**32 + 512), "limit_distance"),
-        (lambda: AttentionSpec.lm_infinite(10, 512, 10**30), "limit_distance"),
-        (lambda: AttentionSpec.distance_limit(2**31), "limit_distance"),
-        (lambda: AttentionSpec.lm_infinite(2, 2**40), "local_branch"),
-        (lambda: AttentionSpec.lm_infinite(2**31, 8), "global_branch"),
-        (lambda: AttentionSpec.streaming_llm(2**30, 2**30 + 1), "global_branch \\+ local_branch - 1"),
+        (lambda: LMInfinite(10, 512, 2**32 + 512), "limit_distance"),
+        (lambda: LMInfinite(10, 512, 10**30), "limit_distance"),
+        (lambda: DistanceLimit(2**31), "limit_distance"),
+        (lambda: LMInfinite(2, 2**40), "local_branch"),
+        (lambda: LMInfinite(2**31, 8), "global_branch"),
+        (lambda: StreamingLLM(2**30, 2**30 + 1), "global_branch \\+ local_branch - 1"),
+        (lambda: SelfExtend(3, 2**30), "grouped query offset"),
         (lambda: TopK(insert_distance=2**31), "top_k.insert_distance"),
         (lambda: TopK(from_layer=2**31), "top_k.from_layer"),
         (lambda: TopK(to_layer=2**31), "top_k.to_layer"),
@@ -45,18 +58,28 @@ def test_invalid_specs_name_the_field(make, field):
         make()
 
 
+def test_the_base_class_is_not_a_method():
+    with pytest.raises(TypeError, match="base of the methods"):
+        AttentionSpec()
+
+
 def test_int32_extremes_are_accepted():
     big = 2**31 - 1
-    assert AttentionSpec.lm_infinite(big, big, big).limit_distance == big
-    assert AttentionSpec.streaming_llm(2**30, 2**30).local_branch == 2**30
+    assert LMInfinite(big, big, big).limit_distance == big
+    assert StreamingLLM(2**30, 2**30).local_branch == 2**30
     assert TopK(k=big, insert_distance=big, from_layer=big - 1, to_layer=big).to_layer == big
 
 
 def test_default_limit_distance_is_local_branch_and_specs_hash():
-    spec = AttentionSpec.lm_infinite(10, 4096)
+    spec = LMInfinite(10, 4096)
     assert spec.limit_distance == 4096
-    assert hash(spec) == hash(AttentionSpec.lm_infinite(10, 4096, 4096))
+    assert hash(spec) == hash(LMInfinite(10, 4096, 4096))
     assert spec.describe() == "lm_infinite(G=10, L=4096, D=4096)"
+    # the method is part of its identity: equal parameters of two methods are two specs
+    assert LambdaMask(3, 4) != StreamingLLM(3, 4) and dataclasses.asdict(LambdaMask(3, 4))["kind"] == "lambda_mask"
+    assert set(METHODS) == {"vanilla", "lm_infinite", "lambda_mask", "distance_limit", "sliding_window",
+                            "streaming_llm", "self_extend"}
+    assert all(METHODS[name]().kind == name for name in METHODS)
 
 
 def _classes(spec: AttentionSpec, i: int, n: int):
@@ -66,20 +89,45 @@ def _classes(spec: AttentionSpec, i: int, n: int):
 
 def test_classification_table():
     # query at 12, keys 0..14; G=3, L=4, D=4
-    assert _classes(AttentionSpec.lm_infinite(3, 4), 12, 15) == ([9, 10, 11, 12], [0, 1, 2])
-    assert _classes(AttentionSpec.lambda_mask(3, 4), 12, 15) == ([9, 10, 11, 12], [0, 1, 2])
-    assert _classes(AttentionSpec.streaming_llm(3, 4), 12, 15) == ([9, 10, 11, 12], [0, 1, 2])
-    assert _classes(AttentionSpec.sliding_window(4), 12, 15) == ([9, 10, 11, 12], [])
-    assert _classes(AttentionSpec.distance_limit(4), 12, 15) == ([9, 10, 11, 12], list(range(9)))
-    assert _classes(AttentionSpec.vanilla(), 12, 15) == (list(range(13)), [])
+    assert _classes(LMInfinite(3, 4), 12, 15) == ([9, 10, 11, 12], [0, 1, 2])
+    assert _classes(LambdaMask(3, 4), 12, 15) == ([9, 10, 11, 12], [0, 1, 2])
+    assert _classes(StreamingLLM(3, 4), 12, 15) == ([9, 10, 11, 12], [0, 1, 2])
+    assert _classes(SlidingWindow(4), 12, 15) == ([9, 10, 11, 12], [])
+    assert _classes(DistanceLimit(4), 12, 15) == ([9, 10, 11, 12], list(range(9)))
+    assert _classes(Vanilla(), 12, 15) == (list(range(13)), [])
+    assert _classes(SelfExtend(2, 4), 12, 15) == ([9, 10, 11, 12], list(range(9)))
     # a sink inside the window is counted once, as local
-    assert _classes(AttentionSpec.lm_infinite(3, 4), 4, 6) == ([1, 2, 3, 4], [0])
+    assert _classes(LMInfinite(3, 4), 4, 6) == ([1, 2, 3, 4], [0])
     # empty query / key slots
-    assert _classes(AttentionSpec.vanilla(), -1, 4) == ([], [])
+    assert _classes(Vanilla(), -1, 4) == ([], [])
 
 
 def test_global_query_positions():
     i = jnp.arange(0, 40, 7)
-    np.testing.assert_array_equal(AttentionSpec.lm_infinite(3, 8, 6).global_query_position(i), 6)
-    np.testing.assert_array_equal(AttentionSpec.streaming_llm(3, 8).global_query_position(i), np.minimum(i, 10))
-    np.testing.assert_array_equal(AttentionSpec.lambda_mask(3, 8).global_query_position(i), i)
+    np.testing.assert_array_equal(LMInfinite(3, 8, 6).global_query_position(i), 6)
+    np.testing.assert_array_equal(StreamingLLM(3, 8).global_query_position(i), np.minimum(i, 10))
+    np.testing.assert_array_equal(LambdaMask(3, 8).global_query_position(i), i)
+
+
+@pytest.mark.parametrize("g,w", [(4, 8), (4, 10), (3, 7), (8, 1)])
+def test_self_extend_positions_are_the_official_formula(g, w):
+    """Grouped positions as numerators over `position_scale`: the official code's query position
+    ``i // g + W - W / g`` (a true division) and key position ``j // g``, exactly."""
+    spec = SelfExtend(g, w)
+    i = np.arange(0, 200)
+    scale = spec.position_scale
+    assert np.array_equal(np.asarray(spec.global_query_position(jnp.asarray(i))) * g,
+                          (i // g + w) * g * scale - w * scale)  # (i // g + w - w / g) * g * scale
+    assert np.array_equal(np.asarray(spec.global_key_position(jnp.asarray(i))), i // g * scale)
+    assert scale == g // np.gcd(g, w)
+
+
+def test_every_method_builds_from_its_options_with_defaults():
+    l_train = lambda parameter: 64  # noqa: E731
+    assert METHODS["lm_infinite"].from_options(l_train) == LMInfinite(10, 64, 64)
+    assert METHODS["streaming_llm"].from_options(l_train, local_branch=8) == StreamingLLM(4, 8)
+    assert METHODS["self_extend"].from_options(l_train) == SelfExtend(8, 16)
+    assert METHODS["distance_limit"].from_options(l_train) == DistanceLimit(64)
+    for name, cls in METHODS.items():
+        spec = cls.from_options(l_train)
+        assert set(cls.OPTIONS) == {f.name for f in dataclasses.fields(spec) if f.name not in ("kind", "top_k")}, name
