@@ -9,8 +9,8 @@
 * `add_attention_args(parser)` / `spec_from_args(args, config)`: one set of command-line
   options for the attention method, turned into an `AttentionSpec`::
 
-      --method lm_infinite|vanilla|lambda_mask|distance_limit|sliding_window|streaming_llm|self_extend
-      -G/--global-branch  -L/--local-branch  -D/--limit-distance  --group-size
+      --method lm_infinite|vanilla|lambda_mask|distance_limit|sliding_window|streaming_llm|self_extend|leaky_rerope
+      -G/--global-branch  -L/--local-branch  -D/--limit-distance  --group-size  --leak
       --top-k-middle K  --top-k-insert-at N  --top-k-from-layer H
 
   The options are the methods' own (`lminf_jax.spec.METHODS`, each class's ``OPTIONS``, with their

@@ -29,8 +29,9 @@ paper-style prefix perplexity of those sequences.
 Methods (``lminf_jax.spec.METHODS``): ``vanilla``, ``lm_infinite`` (Λ-mask + distance limit),
 ``lambda_mask`` (Λ-mask only), ``distance_limit`` (only distances capped at D: ReRoPE),
 ``sliding_window`` (the last L tokens, no sinks), ``streaming_llm`` (sinks at their position
-inside a G + L cache), ``self_extend`` (grouped positions beyond a neighbour window); default
-``vanilla lm_infinite``, ``all`` for every method. Each method option (-G/-L/-D, --group-size) applies to the
+inside a G + L cache), ``self_extend`` (grouped positions beyond a neighbour window),
+``leaky_rerope`` (distances beyond a window grow k times slower); default ``vanilla lm_infinite``,
+``all`` for every method. Each method option (-G/-L/-D, --group-size, --leak) applies to the
 methods that take it; defaults as in ``--help`` (L and D from L_train).
 
 Devices: with more than one, every sequence is split over all of them (``--mesh seq=-1``;

@@ -27,6 +27,7 @@ distance_limit     delta < D                always                (D, 0): ReRoPE
 sliding_window     delta < L                never                 -
 streaming_llm      delta < L                j < G                 (min(i, G + L - 1), j)
 self_extend        delta < W (= L)          always                (i // g + W - W / g, j // g)
+leaky_rerope       delta < w (= D)          always                (w + (i - w) / k, j / k)
 =================  =======================  ====================  ==========================================
 
 A sink inside the window is local (counted once); both classes share one softmax. ``streaming_llm``
@@ -34,9 +35,9 @@ reproduces StreamingLLM's positions inside its cache (once the cache is full the
 ``G + L - 1`` and sink ``j`` at ``j``). ``self_extend`` follows the official code
 (datamllab/LongLM, ``self_extend_patch/Llama.py``): its query offset ``W - W / g`` is a true division
 (the paper's floor form when g divides W), and while every query position is below W every key is a
-neighbour, as there.
+neighbour, as there. ``leaky_rerope``'s relative distance beyond w is ``w + (delta - w) / k``.
 
-Legal ranges (checked on construction, ValueError naming the field): G >= 0, L, D, g >= 1, each
+Legal ranges (checked on construction, ValueError naming the field): G >= 0, L, D, g, k >= 1, each
 (and every top-k field) at most ``2**31 - 1``, as is every global position numerator a method can form
 (`max_query_position` bounds the query positions that keep it so): positions and distances are int32,
 and a wider integer would wrap silently. `int32_positions` checks position arrays.
@@ -449,10 +450,51 @@ class SelfExtend(AttentionSpec):
                    _pretraining_default(pretraining_length, "local_branch", local_branch, 4))
 
 
+@dataclasses.dataclass(frozen=True)
+class LeakyReRoPE(AttentionSpec):
+    """Leaky ReRoPE (Su 2023): true distances below w; beyond, the distance grows k times slower,
+    ``w + (delta - w) / k`` (the query at ``w + (i - w) / k``, the key at ``j / k``)."""
+
+    kind: str = dataclasses.field(default="leaky_rerope", init=False)
+    limit_distance: int = 2048
+    leak: int = 16
+
+    far: ClassVar[FarKeys] = "all"
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "limit_distance": Option("D", 1, "Leaky ReRoPE's window w (default: L_train / 2)"),
+        "leak": Option("k", 1, "Leaky ReRoPE's slope 1/k beyond the window (default: 16)")}
+
+    def _check(self) -> None:
+        if self.limit_distance * (self.leak - 1) > INT32_MAX:
+            raise ValueError(f"limit_distance * (leak - 1), the query's position offset, must be <= {INT32_MAX}, "
+                             f"got {self.limit_distance} * ({self.leak} - 1)")
+
+    @property
+    def window(self) -> int:
+        return self.limit_distance
+
+    @property
+    def position_scale(self) -> int:
+        return self.leak
+
+    @property
+    def max_query_position(self) -> int:
+        return INT32_MAX - self.limit_distance * (self.leak - 1)
+
+    def global_query_position(self, q_positions: jnp.ndarray) -> jnp.ndarray:
+        return q_positions + self.limit_distance * (self.leak - 1)
+
+    @classmethod
+    def from_options(cls, pretraining_length: PretrainingLength, limit_distance: int | None = None,
+                     leak: int | None = None) -> LeakyReRoPE:
+        return cls(_pretraining_default(pretraining_length, "limit_distance", limit_distance, 2),
+                   16 if leak is None else leak)
+
+
 #: Every method by its ``kind``.
 METHODS: dict[str, type[AttentionSpec]] = {
     cls.__dataclass_fields__["kind"].default: cls
-    for cls in (Vanilla, LMInfinite, LambdaMask, DistanceLimit, SlidingWindow, StreamingLLM, SelfExtend)
+    for cls in (Vanilla, LMInfinite, LambdaMask, DistanceLimit, SlidingWindow, StreamingLLM, SelfExtend, LeakyReRoPE)
 }
 KINDS: tuple[str, ...] = tuple(METHODS)
 #: Every method parameter by name (the methods' `OPTIONS` together: one command-line flag each).

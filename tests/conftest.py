@@ -43,6 +43,7 @@ from lminf_jax import (
     AttentionSpec,
     DistanceLimit,
     LambdaMask,
+    LeakyReRoPE,
     LMInfinite,
     Rotary,
     SelfExtend,
@@ -132,12 +133,13 @@ SPEC_FACTORIES = {
     "streaming_llm": lambda G, L: StreamingLLM(G, L),
     "self_extend": lambda G, L: SelfExtend(3, L),  # g = 3 divides no power of two: fractional positions
     "self_extend_g_divides_w": lambda G, L: SelfExtend(2, L),
+    "leaky_rerope": lambda G, L: LeakyReRoPE(L, 3),
 }
 
 
 def naive_spec_kwargs(spec: AttentionSpec) -> dict:
     """The oracle's description of ``spec``: its kind and parameters (names from the papers)."""
-    names = {"global_branch": "G", "local_branch": "L", "limit_distance": "D", "group_size": "group"}
+    names = {"global_branch": "G", "local_branch": "L", "limit_distance": "D", "group_size": "group", "leak": "leak"}
     return {"kind": spec.kind, **{short: getattr(spec, name) for name, short in names.items() if hasattr(spec, name)}}
 
 

@@ -24,13 +24,13 @@ def rotate(x: np.ndarray, position: int, inv_freq, layout: str, scaling: float) 
     return x
 
 
-def naive_attention(q, k, v, q_pos, k_pos, *, kind, G=0, L=None, D=None, group=None, rope=None, slopes=None,
-                    scale, top_k=None, top_k_active=False, return_lse=False):
+def naive_attention(q, k, v, q_pos, k_pos, *, kind, G=0, L=None, D=None, group=None, leak=None, rope=None,
+                    slopes=None, scale, top_k=None, top_k_active=False, return_lse=False):
     """Return (B, Tq, Hq, dv) float64, and with ``return_lse`` the log-sum-exp of each row's
     attended logits (B, Tq, Hq) (-inf where none).
 
     kind: vanilla | lm_infinite | lambda_mask | distance_limit | sliding_window | streaming_llm |
-    self_extend (neighbour window L, group). Positions may be fractions.
+    self_extend (neighbour window L, group) | leaky_rerope (window D, leak). Positions may be fractions.
     rope: None or (inv_freq, layout, attention_scaling). slopes: None or per-query-head slopes.
     top_k: None or (k, insert_distance); applied to the last query slot when top_k_active.
     """
@@ -80,6 +80,9 @@ def naive_attention(q, k, v, q_pos, k_pos, *, kind, G=0, L=None, D=None, group=N
                     elif kind == "self_extend":  # Jin et al. 2024, as in LongLM's self_extend_patch/Llama.py
                         logits.append(score(qv, kv, i, j, h) if delta < L else
                                       score(qv, kv, i // group + L - L / group, j // group, h))
+                    elif kind == "leaky_rerope":  # distance w + (delta - w) / k beyond the window w
+                        logits.append(score(qv, kv, i, j, h) if delta < D else
+                                      score(qv, kv, D + (i - D) / leak, j / leak, h))
                     elif kind == "distance_limit":
                         logits.append(score(qv, kv, i, j, h) if delta < D else score(qv, kv, D, None, h))
                     elif kind == "sliding_window":
@@ -114,12 +117,12 @@ def naive_attention(q, k, v, q_pos, k_pos, *, kind, G=0, L=None, D=None, group=N
     return (out, lse) if return_lse else out
 
 
-def allowed_keys(i: int, k_pos: np.ndarray, *, kind, G=0, L=None, D=None, group=None) -> np.ndarray:
+def allowed_keys(i: int, k_pos: np.ndarray, *, kind, G=0, L=None, D=None, group=None, leak=None) -> np.ndarray:
     """Boolean mask over key slots that query position i attends (no top-k)."""
     j = np.asarray(k_pos)
     ok = (j >= 0) & (j <= i)
     delta = i - j
-    if kind in ("vanilla", "distance_limit", "self_extend"):
+    if kind in ("vanilla", "distance_limit", "self_extend", "leaky_rerope"):
         return ok
     if kind == "sliding_window":
         return ok & (delta < L)

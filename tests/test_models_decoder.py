@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import TINY_MODELS, random_model, rel_err
 
-from lminf_jax import LMInfinite, SelfExtend, StreamingLLM, TopK, Vanilla
+from lminf_jax import LeakyReRoPE, LMInfinite, SelfExtend, StreamingLLM, TopK, Vanilla
 from lminf_jax.cache import KVCache
 from models import registry
 from models.common import AttentionCall
@@ -38,13 +38,13 @@ def _incremental_logits(model, params, tokens, positions, cache, chunks=PREFILL_
 
 
 SPECS = {"lm_infinite": LMInfinite(G, L), "vanilla": Vanilla(),
-         # fractional global positions (g = 3 does not divide W) under each positional encoding
-         "self_extend": SelfExtend(3, L)}
+         # fractional global positions (g = 3 does not divide W; leak 3) under each positional encoding
+         "self_extend": SelfExtend(3, L), "leaky_rerope": LeakyReRoPE(L, 3)}
 
 
 @pytest.mark.parametrize("name,spec_name", [
     *((name, spec) for name in sorted(TINY_MODELS) for spec in ("lm_infinite", "vanilla")),
-    ("gptj", "self_extend"), ("mpt_biases_qk_ln", "self_extend"),
+    ("gptj", "self_extend"), ("mpt_biases_qk_ln", "self_extend"), ("llama_gqa", "leaky_rerope"),
 ])
 def test_prefill_plus_decoding_equals_one_forward(name, spec_name):
     family, cfg, params = random_model(name)

@@ -13,6 +13,7 @@ from lminf_jax import (
     AttentionSpec,
     DistanceLimit,
     LambdaMask,
+    LeakyReRoPE,
     LMInfinite,
     SelfExtend,
     SlidingWindow,
@@ -34,8 +35,11 @@ from lminf_jax import (
         (lambda: Vanilla(top_k=TopK()), "top_k"),
         (lambda: DistanceLimit(8, top_k=TopK()), "top_k"),
         (lambda: SelfExtend(4, 16, top_k=TopK()), "top_k"),
+        (lambda: LeakyReRoPE(8, 4, top_k=TopK()), "top_k"),
         (lambda: SelfExtend(0, 16), "group_size"),
         (lambda: SelfExtend(4, 0), "local_branch"),
+        (lambda: LeakyReRoPE(8, 0), "leak"),
+        (lambda: LeakyReRoPE(0, 4), "limit_distance"),
         (lambda: TopK(k=0), "top_k.k"),
         (lambda: TopK(insert_distance=-1), "top_k.insert_distance"),
         (lambda: TopK(from_layer=4, to_layer=4), "top_k.to_layer"),
@@ -47,6 +51,7 @@ from lminf_jax import (
         (lambda: LMInfinite(2**31, 8), "global_branch"),
         (lambda: StreamingLLM(2**30, 2**30 + 1), "global_branch \\+ local_branch - 1"),
         (lambda: SelfExtend(3, 2**30), "grouped query offset"),
+        (lambda: LeakyReRoPE(2**16, 2**16), "limit_distance \\* \\(leak - 1\\)"),
         (lambda: TopK(insert_distance=2**31), "top_k.insert_distance"),
         (lambda: TopK(from_layer=2**31), "top_k.from_layer"),
         (lambda: TopK(to_layer=2**31), "top_k.to_layer"),
@@ -78,7 +83,7 @@ def test_default_limit_distance_is_local_branch_and_specs_hash():
     # the method is part of its identity: equal parameters of two methods are two specs
     assert LambdaMask(3, 4) != StreamingLLM(3, 4) and dataclasses.asdict(LambdaMask(3, 4))["kind"] == "lambda_mask"
     assert set(METHODS) == {"vanilla", "lm_infinite", "lambda_mask", "distance_limit", "sliding_window",
-                            "streaming_llm", "self_extend"}
+                            "streaming_llm", "self_extend", "leaky_rerope"}
     assert all(METHODS[name]().kind == name for name in METHODS)
 
 
@@ -96,6 +101,7 @@ def test_classification_table():
     assert _classes(DistanceLimit(4), 12, 15) == ([9, 10, 11, 12], list(range(9)))
     assert _classes(Vanilla(), 12, 15) == (list(range(13)), [])
     assert _classes(SelfExtend(2, 4), 12, 15) == ([9, 10, 11, 12], list(range(9)))
+    assert _classes(LeakyReRoPE(4, 3), 12, 15) == ([9, 10, 11, 12], list(range(9)))
     # a sink inside the window is counted once, as local
     assert _classes(LMInfinite(3, 4), 4, 6) == ([1, 2, 3, 4], [0])
     # empty query / key slots
@@ -122,11 +128,22 @@ def test_self_extend_positions_are_the_official_formula(g, w):
     assert scale == g // np.gcd(g, w)
 
 
+def test_leaky_rerope_positions():
+    spec = LeakyReRoPE(6, 4)
+    i = np.arange(0, 50)
+    # distance beyond w: w + (delta - w) / k
+    gq, gk = np.asarray(spec.global_query_position(jnp.asarray(i))), np.asarray(spec.global_key_position(jnp.asarray(i)))
+    assert spec.position_scale == 4
+    np.testing.assert_array_equal((gq[:, None] - gk[None, :]) / 4, 6 + (i[:, None] - i[None, :] - 6) / 4)
+    assert spec.max_query_position == 2**31 - 1 - 18
+
+
 def test_every_method_builds_from_its_options_with_defaults():
     l_train = lambda parameter: 64  # noqa: E731
     assert METHODS["lm_infinite"].from_options(l_train) == LMInfinite(10, 64, 64)
     assert METHODS["streaming_llm"].from_options(l_train, local_branch=8) == StreamingLLM(4, 8)
     assert METHODS["self_extend"].from_options(l_train) == SelfExtend(8, 16)
+    assert METHODS["leaky_rerope"].from_options(l_train, leak=2) == LeakyReRoPE(32, 2)
     assert METHODS["distance_limit"].from_options(l_train) == DistanceLimit(64)
     for name, cls in METHODS.items():
         spec = cls.from_options(l_train)
