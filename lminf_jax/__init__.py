@@ -7,7 +7,9 @@ entry point (dense reference and jitted blockwise implementation).
 from lminf_jax.alibi import Alibi, alibi_bias, alibi_slopes
 from lminf_jax.attention import attention, attention_probe
 from lminf_jax.attention_reference import AttentionProbe
-from lminf_jax.rope import RopeScaling, Rotary, apply_rope, rope_angles, rope_frequencies
+from lminf_jax.rope import (
+    FREQUENCY_METHODS, RopeScaling, RopeScheme, Rotary, apply_rope, frequency_method, rope_angles, rope_frequencies,
+)
 from lminf_jax.sampling import Sampling, filter_logits, sample
 from lminf_jax.spec import (
     METHODS,
@@ -34,7 +36,9 @@ __all__ = [
     "LeakyReRoPE",
     "METHODS",
     "PositionBuckets",
+    "FREQUENCY_METHODS",
     "RopeScaling",
+    "RopeScheme",
     "SelfExtend",
     "SlidingWindow",
     "StreamingLLM",
@@ -46,6 +50,7 @@ __all__ = [
     "alibi_bias",
     "alibi_slopes",
     "apply_rope",
+    "frequency_method",
     "attention",
     "attention_probe",
     "filter_logits",

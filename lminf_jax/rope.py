@@ -16,7 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_KINDS = ("linear", "dynamic", "yarn", "llama3")
+#: Hugging Face's `rope_type`s that a checkpoint may carry, plus "ntk" (static NTK-aware scaling, which
+#: Hugging Face has no type for) for call-time use.
+_HF_KINDS = ("linear", "dynamic", "yarn", "llama3")
+_KINDS = (*_HF_KINDS, "ntk")
 _NEEDS_ORIGINAL_MAX = ("yarn", "llama3")
 _LAYOUTS = ("half", "interleaved")
 # Keys of a HF rope dict that map onto RopeScaling fields, and keys that are handled elsewhere.
@@ -65,8 +68,8 @@ class RopeScaling:
         if d is None:
             return None
         rope_type = d.get("rope_type", d.get("type", "default"))
-        if rope_type != "default" and rope_type not in _KINDS:
-            raise ValueError(f"unsupported `rope_type` {rope_type!r}; supported: default, {', '.join(_KINDS)}")
+        if rope_type != "default" and rope_type not in _HF_KINDS:
+            raise ValueError(f"unsupported `rope_type` {rope_type!r}; supported: default, {', '.join(_HF_KINDS)}")
         unknown = sorted(set(d) - _HF_FIELDS - _HF_IGNORED)
         if unknown:
             raise ValueError(f"unsupported RoPE parameter {unknown[0]!r} (rope_type {rope_type!r}) would change the math")
@@ -95,10 +98,14 @@ def _dynamic_theta(rotary_dim: int, theta: float, scaling: RopeScaling,
     if max_pos is None:
         raise ValueError("dynamic RoPE scaling requires `max_position_embeddings`")
     seq = max_pos if seq_len is None else max(seq_len, max_pos)
+    return _ntk_theta(rotary_dim, theta, scaling.factor * seq / max_pos - (scaling.factor - 1))
+
+
+def _ntk_theta(rotary_dim: int, theta: float, factor: float) -> float:
+    """NTK-aware base (bloc97, 2023; `length-extension.md`): theta * s ** (d / (d - 2)), d the rotary dims."""
     if rotary_dim == 2:  # the single frequency theta**0 does not depend on the base
         return theta
-    ratio = scaling.factor * seq / max_pos - (scaling.factor - 1)
-    return theta * ratio ** (rotary_dim / (rotary_dim - 2))
+    return theta * factor ** (rotary_dim / (rotary_dim - 2))
 
 
 def _llama3_inv_freq(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
@@ -159,6 +166,8 @@ def rope_frequencies(rotary_dim: int, theta: float = 10000.0, scaling: RopeScali
     attention_scaling = 1.0
     if kind == "dynamic":
         theta = _dynamic_theta(rotary_dim, theta, scaling, max_position_embeddings, seq_len)
+    elif kind == "ntk":
+        theta = _ntk_theta(rotary_dim, theta, scaling.factor)
     inv_freq = _base_inv_freq(rotary_dim, theta)
     if kind == "linear":
         inv_freq = inv_freq / scaling.factor
@@ -203,6 +212,52 @@ class Rotary:
             rotary_dim, theta, scaling, max_position_embeddings=max_position_embeddings, seq_len=seq_len
         )
         return cls(tuple(inv_freq.tolist()), layout, attention_scaling)
+
+
+#: Call-time frequency methods (`length-extension.md`): name -> `RopeScaling` kind. "pi" is position
+#: interpolation (Chen et al. 2023), "ntk" static NTK-aware scaling, "dynamic_ntk" Hugging Face's
+#: "dynamic" (the NTK factor follows the sequence length), "yarn" YaRN (Peng et al. 2023).
+FREQUENCY_METHODS = {"pi": "linear", "ntk": "ntk", "dynamic_ntk": "dynamic", "yarn": "yarn"}
+
+
+def frequency_method(name: str, factor: float, pretraining_length: int) -> RopeScaling:
+    """The `RopeScaling` of frequency method ``name`` (a key of `FREQUENCY_METHODS`) at extension
+    factor ``factor`` (target length / L_train) for a model pretrained on ``pretraining_length`` tokens."""
+    if name not in FREQUENCY_METHODS:
+        raise ValueError(f"unknown frequency method {name!r}; choose from {', '.join(FREQUENCY_METHODS)}")
+    if isinstance(pretraining_length, bool) or not isinstance(pretraining_length, int) or pretraining_length < 1:
+        raise ValueError(f"`pretraining_length` must be an int >= 1, got {pretraining_length!r}")
+    return RopeScaling(FREQUENCY_METHODS[name], float(factor), original_max_position_embeddings=pretraining_length)
+
+
+@dataclass(frozen=True)
+class RopeScheme:
+    """A model's RoPE as its family declares it, before a sequence or a frequency method is known.
+
+    ``scaling`` is the checkpoint's own (its config's ``rope_scaling``); `rotary` resolves the scheme."""
+
+    head_dim: int
+    pretraining_length: int
+    theta: float = 10000.0
+    rotary_dim: int | None = None
+    layout: str = "half"
+    scaling: RopeScaling | None = None
+
+    def rotary(self, frequencies: RopeScaling | None = None, seq_len: int | None = None) -> Rotary:
+        """The `Rotary` under the call-time frequency method ``frequencies`` (None: the checkpoint's
+        own scaling) for a sequence of ``seq_len`` tokens (None: cached decoding, whose length is
+        unknown, so length-dependent scaling is refused there)."""
+        if frequencies is not None and not isinstance(frequencies, RopeScaling):
+            raise ValueError(f"frequencies must be a RopeScaling or None, got {type(frequencies).__name__}")
+        if frequencies is not None and self.scaling is not None:
+            raise ValueError(f"this checkpoint already scales RoPE (rope_scaling kind {self.scaling.kind!r}); a "
+                             f"call-time frequency method ({frequencies.kind!r}) would silently replace it")
+        scaling = self.scaling if frequencies is None else frequencies
+        if seq_len is None and scaling is not None and scaling.kind == "dynamic":
+            raise ValueError("dynamic NTK scaling rescales RoPE with the sequence length, which cached decoding "
+                             "does not follow yet; use a whole-sequence forward, or a static method (pi, ntk, yarn)")
+        return Rotary.create(self.head_dim, theta=self.theta, rotary_dim=self.rotary_dim, layout=self.layout,
+                             scaling=scaling, max_position_embeddings=self.pretraining_length, seq_len=seq_len)
 
 
 def _leading_bits(c: np.ndarray, bits: int) -> np.ndarray:

@@ -1,8 +1,8 @@
 """A family's forward pass in pieces, and the two drivers that compose them.
 
-Each family module provides ``decoder(config, dtype, seq_len) -> Decoder``: embedding,
-one transformer layer (which calls an ``attend`` function it is handed), the head, and
-its attention geometry. `LanguageModel` drives it:
+Each family module provides ``decoder(config, dtype) -> Decoder``: embedding, one
+transformer layer (which calls an ``attend`` function it is handed), the head, and its
+attention geometry and positional scheme. `LanguageModel` drives it:
 
 * ``forward``: one pass over a whole sequence (no cache);
 * ``__call__`` (the *step*): new tokens against a `KVCache`, returning their logits and
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lminf_jax import Alibi, AttentionProbe, attention, attention_probe
+from lminf_jax import Alibi, AttentionProbe, RopeScheme, attention, attention_probe
 from lminf_jax.cache import KVCache, cached_attention, needs_full_cache
 from lminf_jax.context_parallel import context_parallel_attention
 from lminf_jax.probes import RowProbe, num_distance_buckets, probe_rows
@@ -49,7 +49,9 @@ class Decoder:
 
     ``embed(params, tokens) -> h``; ``layer(layer_params, h, attend) -> (h, aux)`` passes
     on whatever ``attend`` returned as aux; ``head(params, h) -> float32 logits``;
-    ``layer_params(params)`` the stacked per-layer tree.
+    ``layer_params(params)`` the stacked per-layer tree. ``positional`` is an `Alibi` or the
+    family's `RopeScheme`, which `LanguageModel.decoder` resolves to a `Rotary` for the call's
+    frequency method and sequence length.
     """
 
     embed: Callable[[Params, jax.Array], jax.Array]
@@ -60,7 +62,7 @@ class Decoder:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    positional: Positional
+    positional: Positional | RopeScheme
     scale: float | None = None
 
 
@@ -85,6 +87,18 @@ class LanguageModel:
         if self.sharding is not None and not isinstance(self.sharding, ShardingPlan):
             raise ValueError(f"sharding must be a ShardingPlan or None, got {type(self.sharding).__name__}")
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        self.decoder(1)  # a frequency method on an ALiBi model, or over a checkpoint's own scaling, fails here
+
+    def decoder(self, seq_len: int | None) -> Decoder:
+        """The family's decoder with its positions resolved: RoPE under the call's frequency method
+        for a sequence of ``seq_len`` tokens (None: cached decoding, of unknown length)."""
+        dec = self.build(self.config, self.dtype)
+        if isinstance(dec.positional, RopeScheme):
+            return dataclasses.replace(dec, positional=dec.positional.rotary(self.call.frequencies, seq_len))
+        if self.call.frequencies is not None:
+            raise ValueError(f"the frequency method {self.call.frequencies.kind!r} rescales RoPE, but this model's "
+                             f"positions are {type(dec.positional).__name__}")
+        return dec
 
     @property
     def spec(self):
@@ -154,7 +168,7 @@ class LanguageModel:
         bounded, else a full cache of ``capacity`` slots. ``dtype`` defaults to the compute dtype.
         With a sharding plan it is created directly in its shards (batch over ``data``, KV heads
         over ``model``)."""
-        dec = self.build(self.config, self.dtype, None)
+        dec = self.decoder(None)
 
         def make() -> KVCache:
             return KVCache.for_spec(self.spec, dec.num_layers, batch, dec.num_kv_heads, dec.head_dim,
@@ -169,7 +183,7 @@ class LanguageModel:
         if not isinstance(cache, KVCache):
             raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
         cache.check_spec(self.spec)
-        dec = self.build(self.config, self.dtype, None)
+        dec = self.decoder(None)
         expected = (dec.num_layers, cache.keys.shape[1], cache.slots, dec.num_kv_heads, dec.head_dim)
         if cache.keys.shape != expected:
             raise ValueError(f"cache keys have shape {cache.keys.shape}; this model needs {expected} "
@@ -278,7 +292,7 @@ def _heads(x: jax.Array, n: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _jit_forward(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    dec = model.build(model.config, model.dtype, tokens.shape[1])
+    dec = model.decoder(tokens.shape[1])
     call, plan = model.call, model.sharding
 
     def make_attend(index):
@@ -294,7 +308,7 @@ def _jit_forward(model: LanguageModel, params: Params, tokens: jax.Array, positi
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _jit_probe(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, rows: jax.Array,
                num_buckets: int, full_rows: bool) -> ModelProbe:
-    dec = model.build(model.config, model.dtype, tokens.shape[1])
+    dec = model.decoder(tokens.shape[1])
     call, plan = model.call, model.sharding
     row_positions = jnp.take(positions, rows, axis=1)
 
@@ -329,7 +343,7 @@ def _jit_probe(model: LanguageModel, params: Params, tokens: jax.Array, position
 @functools.partial(jax.jit, static_argnums=0)
 def _jit_step(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache
               ) -> tuple[jax.Array, KVCache]:
-    dec = model.build(model.config, model.dtype, None)
+    dec = model.decoder(None)
     call, plan = model.call, model.sharding
     update = cache.plan(positions)
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from lminf_jax import Rotary
+from lminf_jax import RopeScheme
 from models import common
 from models.common import AttentionCall, Params
 from models.decoder import Attend, Decoder, LanguageModel
@@ -72,9 +72,9 @@ class GPTJConfig:
             max_position_embeddings=int(d.get("n_positions", 2048)),
         )
 
-    def rotary(self) -> Rotary:
+    def rope(self) -> RopeScheme:
         """Interleaved (rotate_every_two) RoPE on the first rotary_dim dims of each head."""
-        return Rotary.create(self.head_dim, rotary_dim=self.rotary_dim, layout="interleaved")
+        return RopeScheme(self.head_dim, self.max_position_embeddings, rotary_dim=self.rotary_dim, layout="interleaved")
 
 
 def param_shapes(c: GPTJConfig) -> dict[str, tuple[int, ...]]:
@@ -122,7 +122,7 @@ def forward(
     return LanguageModel(decoder, config, call, dtype).forward(params, tokens, positions)
 
 
-def decoder(c: GPTJConfig, dtype, seq_len: int | None = None) -> Decoder:
+def decoder(c: GPTJConfig, dtype) -> Decoder:
     """The forward pass in pieces (see `models.decoder`)."""
     act = common.activation(c.activation_function)
 
@@ -142,5 +142,5 @@ def decoder(c: GPTJConfig, dtype, seq_len: int | None = None) -> Decoder:
         embed=lambda params, tokens: common.embed(params["transformer"]["wte"]["weight"], tokens, dtype),
         layer=layer, head=head, layer_params=lambda params: params["transformer"]["h"],
         num_layers=c.n_layer, num_heads=c.n_head, num_kv_heads=c.n_head, head_dim=c.head_dim,
-        positional=c.rotary(),
+        positional=c.rope(),
     )

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from lminf_jax import RopeScaling, Rotary
+from lminf_jax import RopeScaling, RopeScheme
 from models import common
 from models.common import AttentionCall, Params
 from models.decoder import Attend, Decoder, LanguageModel
@@ -90,10 +90,9 @@ class LlamaConfig:
             hidden_act=d.get("hidden_act", "silu"),
         )
 
-    def rotary(self, seq_len: int | None = None) -> Rotary:
-        """The RoPE scheme (``seq_len`` matters only for dynamic NTK scaling)."""
-        return Rotary.create(self.head_dim, theta=self.rope_theta, scaling=self.rope_scaling,
-                             max_position_embeddings=self.max_position_embeddings, seq_len=seq_len)
+    def rope(self) -> RopeScheme:
+        """Half-layout RoPE on every head dim, with the checkpoint's own scaling."""
+        return RopeScheme(self.head_dim, self.max_position_embeddings, self.rope_theta, scaling=self.rope_scaling)
 
 
 def param_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -153,11 +152,8 @@ def forward(
     return LanguageModel(decoder, config, call, dtype).forward(params, tokens, positions)
 
 
-def decoder(c: LlamaConfig, dtype, seq_len: int | None) -> Decoder:
-    """The forward pass in pieces (see `models.decoder`); ``seq_len`` None means cached decoding."""
-    if seq_len is None and c.rope_scaling is not None and c.rope_scaling.kind == "dynamic":
-        raise ValueError("rope_scaling 'dynamic' rescales RoPE with the sequence length, which a cache "
-                         "cannot follow; cached decoding does not support it")
+def decoder(c: LlamaConfig, dtype) -> Decoder:
+    """The forward pass in pieces (see `models.decoder`)."""
     act = common.activation(c.hidden_act)
 
     def layer(p: Params, h: jax.Array, attend: Attend):
@@ -179,5 +175,5 @@ def decoder(c: LlamaConfig, dtype, seq_len: int | None) -> Decoder:
         embed=lambda params, tokens: common.embed(params["model"]["embed_tokens"]["weight"], tokens, dtype),
         layer=layer, head=head, layer_params=lambda params: params["model"]["layers"],
         num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
-        head_dim=c.head_dim, positional=c.rotary(seq_len=seq_len),
+        head_dim=c.head_dim, positional=c.rope(),
     )

@@ -128,7 +128,7 @@ def forward(
     return LanguageModel(decoder, config, call, dtype).forward(params, tokens, positions)
 
 
-def decoder(c: MPTConfig, dtype, seq_len: int | None = None) -> Decoder:
+def decoder(c: MPTConfig, dtype) -> Decoder:
     """The forward pass in pieces (see `models.decoder`)."""
     eps = c.layer_norm_epsilon
 

@@ -54,7 +54,7 @@ class Family:
     def param_shardings(self, config, plan: ShardingPlan) -> dict[str, NamedSharding]:
         """Flat parameter name -> its sharding under ``plan`` (by the family's ``PARAM_AXES``):
         what `init_params` and the converters' loaders take to place parameters."""
-        dec = self.module.decoder(config, jnp.float32, 1)
+        dec = self.module.decoder(config, jnp.float32)
         units = {"heads": dec.num_heads, "kv_heads": dec.num_kv_heads}
         return plan.param_shardings(self.param_shapes(config), self.module.PARAM_AXES, units)
 

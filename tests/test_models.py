@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY_MODELS, random_model, rel_err
 
-from lminf_jax import LMInfinite, TopK, Vanilla
+from lminf_jax import LMInfinite, TopK, Vanilla, frequency_method
 from models import registry
 from models.common import AttentionCall, count_params
 
@@ -51,6 +53,51 @@ def test_lm_infinite_forward_matches_dense_reference_forward(name):
     top_k = LMInfinite(3, 16, top_k=TopK(2, 8, from_layer=1))
     assert rel_err(run("blockwise", top_k), run("reference", top_k)) <= 1e-5
     assert rel_err(run("blockwise", top_k)[:, -1], fast[:, -1]) > 1e-4  # layer 1 of 2 uses top-k
+
+
+@pytest.mark.parametrize("name,hf", [
+    ("pi", {"rope_type": "linear", "factor": 3.0}),
+    ("dynamic_ntk", {"rope_type": "dynamic", "factor": 3.0}),
+    ("yarn", {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 16}),
+])
+def test_call_time_frequency_method_equals_the_checkpoint_carrying_it(name, hf):
+    """A frequency method chosen at call time gives the logits of the same weights whose config says
+    `rope_scaling` = that method (the path `transformers` parity is tested on)."""
+    family, cfg, params = random_model("llama_gqa")
+    cfg = dataclasses.replace(cfg, max_position_embeddings=16)
+    scaled_cfg = family.config_from_hf(dict(TINY_MODELS["llama_gqa"], max_position_embeddings=16, rope_scaling=hf))
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 97, (2, 50)), jnp.int32)
+    call = AttentionCall(LMInfinite(2, 12), frequencies=frequency_method(name, 3.0, 16))
+    got = family.forward(params, tokens, config=cfg, call=call)
+    want = family.forward(params, tokens, config=scaled_cfg, call=AttentionCall(LMInfinite(2, 12)))
+    plain = family.forward(params, tokens, config=cfg, call=AttentionCall(LMInfinite(2, 12)))
+    assert rel_err(got, want) <= 1e-6
+    assert rel_err(got, plain) > 1e-3  # the method reaches the attention
+
+
+def test_frequency_methods_run_on_gptj_and_compose_with_any_mask():
+    family, cfg, params = random_model("gptj")
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 97, (1, 40)), jnp.int32)
+    run = lambda spec, freq=None: family.forward(params, tokens, config=cfg, call=AttentionCall(  # noqa: E731
+        spec, frequencies=freq))
+    yarn = frequency_method("yarn", 4.0, cfg.max_position_embeddings)
+    assert rel_err(run(Vanilla(), yarn), run(Vanilla())) > 1e-3
+    assert rel_err(run(LMInfinite(2, 8), yarn), run(Vanilla(), yarn)) > 1e-3
+    # at factor 1 every static method is the model's own RoPE
+    for name in ("pi", "ntk", "yarn"):
+        assert rel_err(run(LMInfinite(2, 8), frequency_method(name, 1.0, 2048)), run(LMInfinite(2, 8))) <= 1e-6
+
+
+def test_frequency_method_errors_name_the_conflict():
+    family, cfg, params = random_model("mpt_biases_qk_ln")
+    with pytest.raises(ValueError, match="rescales RoPE, but this model's positions are Alibi"):
+        family.model(cfg, AttentionCall(Vanilla(), frequencies=frequency_method("pi", 2.0, 2048)))
+    family = registry.family_for_config(TINY_MODELS["llama_gqa"])
+    scaled = family.config_from_hf(dict(TINY_MODELS["llama_gqa"], rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    with pytest.raises(ValueError, match="already scales RoPE"):
+        family.model(scaled, AttentionCall(Vanilla(), frequencies=frequency_method("yarn", 2.0, 2048)))
+    with pytest.raises(ValueError, match="frequencies must be a RopeScaling"):
+        AttentionCall(Vanilla(), frequencies="yarn")
 
 
 def test_left_padding_rows_equal_unpadded_rows():

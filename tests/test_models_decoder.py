@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import TINY_MODELS, random_model, rel_err
 
-from lminf_jax import LeakyReRoPE, LMInfinite, SelfExtend, StreamingLLM, TopK, Vanilla
+from lminf_jax import LeakyReRoPE, LMInfinite, SelfExtend, StreamingLLM, TopK, Vanilla, frequency_method
 from lminf_jax.cache import KVCache
 from models import registry
 from models.common import AttentionCall
@@ -59,6 +59,20 @@ def test_prefill_plus_decoding_equals_one_forward(name, spec_name):
     got, want = np.asarray(got)[valid], np.asarray(want)[valid]
     assert np.max(np.abs(got - want)) <= 1e-4
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("name,spec_name,method", [
+    ("gptj", "lm_infinite", "yarn"), ("gptj", "vanilla", "pi"), ("llama_gqa", "self_extend", "ntk"),
+    ("llama_gqa", "vanilla", "yarn"),
+])
+def test_static_frequency_methods_decode_as_one_forward(name, spec_name, method):
+    family, cfg, params = random_model(name)
+    model = family.model(cfg, AttentionCall(SPECS[spec_name], frequencies=frequency_method(method, 4.0, 16)))
+    tokens, positions = _tokens_and_positions()
+    got, _ = _incremental_logits(model, params, tokens, positions, model.init_cache(2, capacity=T))
+    want = model.forward(params, tokens, positions)
+    valid = np.asarray(positions) >= 0
+    assert rel_err(np.asarray(got)[valid], np.asarray(want)[valid]) < 1e-5
 
 
 def test_blockwise_prefill_chunks_equal_one_forward():
@@ -146,6 +160,10 @@ def test_dynamic_rope_scaling_is_refused_for_cached_decoding():
     model = family.model(cfg, AttentionCall(LMInfinite(G, L)))
     with pytest.raises(ValueError, match="dynamic"):
         model.init_cache(1)
+    family, cfg, _ = random_model("gptj")
+    model = family.model(cfg, AttentionCall(Vanilla(), frequencies=frequency_method("dynamic_ntk", 2.0, 16)))
+    with pytest.raises(ValueError, match="dynamic"):
+        model.init_cache(1)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
@@ -156,7 +174,7 @@ def test_probe_records_rows_of_every_layer_during_one_forward(name):
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 29)), jnp.int32)
     rows = [0, 5, 6, 7, 28]
     probe = model.probe(params, tokens, rows)
-    dec = model.build(cfg, model.dtype, 29)
+    dec = model.decoder(29)
     assert rel_err(probe.logits, model.forward(params, tokens)) < 1e-6
     assert probe.hidden.shape == (dec.num_layers + 1, 2, len(rows), probe.hidden.shape[-1])
     np.testing.assert_allclose(probe.hidden[0], np.asarray(dec.embed(params, tokens), np.float32)[:, rows], atol=1e-6)

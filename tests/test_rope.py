@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lminf_jax.rope import RopeScaling, Rotary, apply_rope, rope_angles, rope_frequencies
+from lminf_jax.rope import (FREQUENCY_METHODS, RopeScaling, RopeScheme, Rotary, apply_rope, frequency_method,
+                            rope_angles, rope_frequencies)
 
 # 1 / (2 pi) to 60 digits: an exact-enough rational reference for angle reduction.
 INV_2PI = Fraction("0.159154943091895335768883763372514362034459645740456448747667")
@@ -273,7 +274,7 @@ def test_rotary_dim_larger_than_head_dim_in_apply():
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"kind": "ntk", "factor": 2.0}, "kind"),
+        ({"kind": "longrope", "factor": 2.0}, "kind"),
         ({"kind": "linear", "factor": 0.5}, "factor"),
         ({"kind": "yarn", "factor": 2.0}, "original_max_position_embeddings"),
         ({"kind": "llama3", "factor": 2.0}, "original_max_position_embeddings"),
@@ -310,3 +311,55 @@ def test_other_argument_errors():
         rope_frequencies(8, theta=-1.0)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         rope_frequencies(8, scaling=RopeScaling("dynamic", 2.0))
+
+
+# ---------------------------------------------------------------- call-time frequency methods
+
+
+@pytest.mark.parametrize("rotary_dim", [128, 24, 2])
+def test_static_ntk_raises_the_base_by_s_to_the_d_over_d_minus_2(rotary_dim):
+    s, theta = 6.0, 10000.0
+    ours, att = rope_frequencies(rotary_dim, theta, frequency_method("ntk", s, 512))
+    base = theta * s ** (rotary_dim / (rotary_dim - 2)) if rotary_dim > 2 else theta
+    want = 1.0 / base ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+    np.testing.assert_allclose(ours, want.astype(np.float32), rtol=1e-7)
+    assert att == 1.0
+
+
+def test_dynamic_ntk_at_factor_1_is_static_ntk_at_the_length_ratio():
+    # Hugging Face's dynamic base uses s * T / L - (s - 1): at s = 1 that is T / L, the static NTK factor.
+    dynamic = frequency_method("dynamic_ntk", 1.0, 512)
+    for seq_len in (512, 1300, 8192):
+        got, _ = rope_frequencies(64, 500.0, dynamic, max_position_embeddings=512, seq_len=seq_len)
+        want, _ = rope_frequencies(64, 500.0, frequency_method("ntk", seq_len / 512, 512))
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name,hf", [("pi", {"rope_type": "linear", "factor": 4.0}),
+                                     ("dynamic_ntk", {"rope_type": "dynamic", "factor": 4.0}),
+                                     ("yarn", {"rope_type": "yarn", "factor": 4.0,
+                                               "original_max_position_embeddings": 512})])
+def test_frequency_methods_are_the_hf_kinds_at_the_pretraining_length(name, hf):
+    """A call-time method resolves exactly as a checkpoint with that `rope_scaling` (whose HF parity is above)."""
+    call_time = RopeScheme(64, 512, theta=500.0).rotary(frequency_method(name, 4.0, 512), seq_len=3000)
+    checkpoint = RopeScheme(64, 512, theta=500.0, scaling=RopeScaling.from_hf(hf)).rotary(seq_len=3000)
+    assert call_time == checkpoint
+    assert FREQUENCY_METHODS[name] == hf["rope_type"]
+
+
+def test_rope_scheme_resolution_and_its_errors():
+    plain = RopeScheme(24, 256, theta=1e4, rotary_dim=8, layout="interleaved")
+    assert plain.rotary() == Rotary.create(24, theta=1e4, rotary_dim=8, layout="interleaved")
+    assert plain.rotary(frequency_method("pi", 2.0, 256)).inv_freq == tuple(f / 2 for f in plain.rotary().inv_freq)
+    with pytest.raises(ValueError, match="already scales RoPE"):
+        RopeScheme(24, 256, scaling=RopeScaling("linear", 2.0)).rotary(frequency_method("yarn", 2.0, 256))
+    with pytest.raises(ValueError, match="cached decoding"):
+        plain.rotary(frequency_method("dynamic_ntk", 2.0, 256))
+    with pytest.raises(ValueError, match="RopeScaling"):
+        plain.rotary("yarn")
+    with pytest.raises(ValueError, match="unknown frequency method 'ntk_by_parts'"):
+        frequency_method("ntk_by_parts", 2.0, 256)
+    with pytest.raises(ValueError, match="pretraining_length"):
+        frequency_method("pi", 2.0, 0)
+    with pytest.raises(ValueError, match="factor"):
+        frequency_method("pi", 0.5, 256)
