@@ -2,7 +2,7 @@
 
     python -m experiments.factors [MODEL_DIR] [--factors logits entropy sinks] [--sequences S]
         [--multiple M] [--source stdlib|FOLDER|FILE.jsonl | --tokens F.npy | --text FILE ...]
-        [--dtype fp32] [--block N] [--out-dir results/factors] [--no-plot]
+        [--methods M [M ...]] [--dtype fp32] [--block N] [--out-dir results/factors] [--no-plot]
 
 MODEL_DIR defaults to the shipped LLaMA-style model; L is its pretraining length. The text is S
 held-out segments of ``T = M x L`` tokens (default 2 x 16 L), each BOS + tokens, as in
@@ -23,6 +23,10 @@ per layer, head and probed query, computed blockwise over the keys (no T x T arr
    with G = 0, 1, 4, 10, 100 sink tokens (the paper's starting-token ablation; G = 0 is the sliding
    window) and vanilla.
 
+``--methods`` measures factors 1 and 2 under other methods instead (any `experiments.perplexity`
+method, e.g. ``pi yarn self_extend``; a frequency method without ``@`` at factor T / L), to see
+what each length-extension method shows the model at unseen distances and lengths.
+
 Each factor writes ``OUT_DIR/factorK_NAME.json`` and ``.png`` and prints a table.
 """
 
@@ -38,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.loading import (
-    DTYPES, load_config, load_model, method_spec, params_dtype, pretraining_length, resolve_dtype, run_cli,
+    DTYPES, MethodChoice, load_config, load_model, method_spec, params_dtype, pretraining_length, resolve_dtype,
+    run_cli,
 )
 from experiments.options import int_option, output_dir
 from experiments.perplexity import SHIPPED_MODEL
@@ -58,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_text_args(p)
     p.add_argument("--sequences", type=int_option(1), default=2, metavar="S", help="held-out segments (default 2)")
     p.add_argument("--multiple", type=int_option(1), default=16, metavar="M", help="segment length T = M x L (default 16)")
+    p.add_argument("--methods", nargs="+", metavar="METHOD", help="methods for factors 1 and 2, as in "
+                   "experiments.perplexity (default: vanilla and lm_infinite; entropy also lambda_mask)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the stored weights' dtype)")
     p.add_argument("--block", type=int_option(1), default=512, metavar="N", help="blockwise attention block size")
     p.add_argument("--out-dir", default="results/factors", type=output_dir, metavar="DIR", help="where the JSON and PNG go")
@@ -77,19 +84,42 @@ class Setup:
         family, config = load_config(args.model_dir)
         self.l_train = pretraining_length(config)
         self.length = args.multiple * self.l_train
+        self.block = args.block
+        self.methods = None
+        if args.methods is not None:
+            if not {"logits", "entropy"} & set(args.factors):
+                raise ValueError("--methods applies to the factors logits and entropy, and none of them is measured")
+            try:
+                self.methods = [MethodChoice.parse(m) for m in args.methods]
+            except ValueError as e:
+                raise ValueError(f"--methods: {e}") from None
+            if len({c.name for c in self.methods}) != len(self.methods):
+                raise ValueError(f"--methods: a method is listed twice: {args.methods}")
+            for choice in self.methods:  # a method that cannot apply fails before any work
+                self._build(family, config, choice, jnp.float32)
         stream, self.source = token_stream(args)
         check_ids(stream, config.vocab_size)
         self.bos = bos_id(args.model_dir)
         self.tokens = bos_sequences(stream, args.sequences, self.length, self.bos)
         self.family, self.config, self.params = load_model(args.model_dir, args.dtype)
         self.dtype = resolve_dtype(args.dtype) or params_dtype(self.params)
-        self.block = args.block
 
-    def model(self, method: str, **options):
+    def model(self, method: str | MethodChoice, **options):
+        """The model under ``method`` (a mask method's name with its ``options``, or a `MethodChoice`)."""
+        choice = method if isinstance(method, MethodChoice) else MethodChoice(method)
+        return self._build(self.family, self.config, choice, self.dtype, **options)
+
+    def _build(self, family, config, choice: MethodChoice, dtype, **options):
         from models.common import AttentionCall
 
-        spec = method_spec(method, self.config, **options)
-        return self.family.model(self.config, AttentionCall(spec, block_q=self.block, block_k=self.block), self.dtype)
+        spec = method_spec(choice.mask, config, **options)
+        call = AttentionCall(spec, block_q=self.block, block_k=self.block,
+                             frequencies=choice.frequencies(self.length, self.l_train))
+        return family.model(config, call, dtype)
+
+    def compared(self, default: tuple[str, ...]) -> list[MethodChoice]:
+        """``--methods``, else the factor's own ``default`` methods."""
+        return self.methods or [MethodChoice(m) for m in default]
 
     def settings(self) -> dict:
         return {"family": self.family.name, "l_train": self.l_train, "segments": int(self.tokens.shape[0]),
@@ -106,15 +136,15 @@ def max_logit_by_distance(setup: Setup) -> dict:
     rows = np.unique(np.linspace(t - 1 - setup.l_train // 2, t - 1, PROBED_QUERIES).astype(int))
     bounds = bucket_table(t - 1)
     out = {"rows": rows.tolist(), "bucket_bounds": bounds.tolist(), "methods": {}}
-    for method in ("vanilla", "lm_infinite"):
-        model = setup.model(method)
+    for choice in setup.compared(("vanilla", "lm_infinite")):
+        model, method = setup.model(choice), choice.name
         per_layer = []
         for seq in setup.tokens:
             probe = model.probe(setup.params, jnp.asarray(seq[None]), rows)
             per_layer.append(np.asarray(probe.attention.bucket_max)[:, 0].max(axis=1))  # (layers, R, nb)
         x = np.concatenate(per_layer, axis=1)  # (layers, S*R, nb); -inf where a bucket has no key
         out["methods"][method] = {
-            "attention": model.spec.describe(),
+            "attention": _describe(model),
             "max_over_layers": _finite_mean(x.max(axis=0)),
             "per_layer": [_finite_mean(layer) for layer in x],
         }
@@ -131,8 +161,8 @@ def entropy_by_length(setup: Setup) -> dict:
         n *= 2
     rows = np.asarray(lengths) - 1
     out = {"lengths": lengths, "methods": {}}
-    for method in ("vanilla", "lambda_mask", "lm_infinite"):
-        model = setup.model(method)
+    for choice in setup.compared(("vanilla", "lambda_mask", "lm_infinite")):
+        model, method = setup.model(choice), choice.name
         entropy, attended = [], []
         for seq in setup.tokens:
             probe = model.probe(setup.params, jnp.asarray(seq[None]), rows)
@@ -140,7 +170,7 @@ def entropy_by_length(setup: Setup) -> dict:
             attended.append(np.asarray(probe.attention.attended)[:, 0, 0, :])  # (layers, R)
         e = np.stack(entropy)  # (S, layers, H, R)
         out["methods"][method] = {
-            "attention": model.spec.describe(),
+            "attention": _describe(model),
             "entropy": e.mean(axis=(0, 1, 2)).tolist(),
             "per_layer": e.mean(axis=(0, 2)).tolist(),
             "max_head": e.mean(axis=0).max(axis=1).max(axis=0).tolist(),
@@ -176,6 +206,11 @@ def starting_tokens(setup: Setup) -> dict:
     return {"positions": n, "first_tokens": first, "layers": layers, "ablation": ablation}
 
 
+def _describe(model) -> str:
+    scaling = model.call.frequencies
+    return model.spec.describe() + ("" if scaling is None else f" + RoPE {scaling.kind} x{scaling.factor:g}")
+
+
 def _nll_summary(nll: np.ndarray, l_train: int) -> dict:
     x = np.asarray(nll, np.float64)
     return {"nll": float(x.mean()), "nll_beyond_l_train": float(x[:, l_train:].mean()) if x.shape[1] > l_train
@@ -193,20 +228,26 @@ def _finite_mean(x: np.ndarray) -> list:
 
 
 def logits_table(result: dict) -> str:
-    lines = [f"{'distance':>15}" + "".join(f"{m:>14}" for m in result["methods"])]
+    w = _column_width(result)
+    lines = [f"{'distance':>15}" + "".join(f"{m:>{w}}" for m in result["methods"])]
     for i, (lo, hi) in enumerate(result["bucket_bounds"]):
         values = [result["methods"][m]["max_over_layers"][i] for m in result["methods"]]
         if all(v is None for v in values):
             continue
         span = f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}"
-        lines.append(f"{span:>15}" + "".join(f"{'-' if v is None else f'{v:.2f}':>14}" for v in values))
+        lines.append(f"{span:>15}" + "".join(f"{'-' if v is None else f'{v:.2f}':>{w}}" for v in values))
     return "\n".join(lines)
 
 
+def _column_width(result: dict) -> int:
+    return max(14, *(len(m) + 2 for m in result["methods"]))
+
+
 def entropy_table(result: dict) -> str:
-    lines = [f"{'length':>8}" + "".join(f"{m:>14}" for m in result["methods"]) + f"{'log(n)':>10}"]
+    w = _column_width(result)
+    lines = [f"{'length':>8}" + "".join(f"{m:>{w}}" for m in result["methods"]) + f"{'log(n)':>10}"]
     for i, n in enumerate(result["lengths"]):
-        lines.append(f"{n:>8,}" + "".join(f"{result['methods'][m]['entropy'][i]:>14.3f}" for m in result["methods"])
+        lines.append(f"{n:>8,}" + "".join(f"{result['methods'][m]['entropy'][i]:>{w}.3f}" for m in result["methods"])
                      + f"{math.log(n):>10.3f}")
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 
 from converters.reader import read_json_object
 from experiments.options import int_option
-from lminf_jax import AttentionSpec, TopK
+from lminf_jax import FREQUENCY_METHODS, AttentionSpec, RopeScaling, TopK, frequency_method
 from lminf_jax.spec import KINDS, METHODS, PARAMETERS
 
 #: ``--dtype`` names, as in ``python -m converters``.
@@ -289,6 +290,63 @@ def method_spec(method: str, config=None, **options: int | None) -> AttentionSpe
     args = argparse.Namespace(method=method, top_k_middle=None, top_k_insert_at=None, top_k_from_layer=None,
                               **{p: (options.get(p) if p in METHODS[method].OPTIONS else None) for p in PARAMETERS})
     return spec_from_args(args, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodChoice:
+    """One method of a comparison: a mask method (`KINDS`) and, optionally, a frequency method
+    (`lminf_jax.FREQUENCY_METHODS`) at a fixed extension ``factor`` or, when ``factor`` is None, at the
+    factor each length n needs: ``max(1, n / L_train)`` (``dynamic_ntk``: 1, since its base already
+    follows the sequence length; in one forward over n tokens it then equals ``ntk`` at n / L_train).
+
+    Written ``MASK``, ``FREQ[@FACTOR]`` (the vanilla mask) or ``MASK+FREQ[@FACTOR]``, e.g.
+    ``lm_infinite``, ``yarn``, ``pi@32``, ``self_extend+ntk``."""
+
+    mask: str
+    frequency: str | None = None
+    factor: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> MethodChoice:
+        """The choice written as ``text``; a ValueError names the part that is not a method."""
+        mask, _, rest = text.rpartition("+") if "+" in text else ("", "", text)
+        if not rest:
+            raise ValueError(f"method {text!r}: nothing after '+'")
+        if not mask and rest in KINDS:
+            return cls(rest)
+        name, at, factor_text = rest.partition("@")
+        if name not in FREQUENCY_METHODS:
+            known = f"a mask method ({', '.join(KINDS)})" if not mask and not at else ""
+            raise ValueError(f"method {text!r}: {name!r} is not {known + ' or ' if known else ''}a frequency method "
+                             f"({', '.join(FREQUENCY_METHODS)})")
+        if mask and mask not in KINDS:
+            raise ValueError(f"method {text!r}: {mask!r} is not a mask method ({', '.join(KINDS)})")
+        factor = None
+        if at:
+            try:
+                factor = float(factor_text)
+            except ValueError:
+                factor = math.nan
+            if not (math.isfinite(factor) and factor >= 1):
+                raise ValueError(f"method {text!r}: the factor after '@' must be a number >= 1, got {factor_text!r}")
+        return cls(mask or "vanilla", name, factor)
+
+    @property
+    def name(self) -> str:
+        """The choice as written in its canonical form (``vanilla+`` left out)."""
+        if self.frequency is None:
+            return self.mask
+        freq = self.frequency if self.factor is None else f"{self.frequency}@{self.factor:g}"
+        return freq if self.mask == "vanilla" else f"{self.mask}+{freq}"
+
+    def frequencies(self, length: int, l_train: int) -> RopeScaling | None:
+        """The RoPE scaling for sequences of ``length`` tokens of a model pretrained on ``l_train``."""
+        if self.frequency is None:
+            return None
+        factor = self.factor
+        if factor is None:
+            factor = 1.0 if self.frequency == "dynamic_ntk" else max(1.0, length / l_train)
+        return frequency_method(self.frequency, factor, l_train)
 
 
 def spec_settings(spec: AttentionSpec) -> dict:

@@ -26,21 +26,28 @@ their positions differ. The table shows exp(mean NLL) per length; the JSON adds 
 error, each segment's perplexity, the NLL by query position of the longest sequences and the
 paper-style prefix perplexity of those sequences.
 
-Methods (``lminf_jax.spec.METHODS``): ``vanilla``, ``lm_infinite`` (Λ-mask + distance limit),
-``lambda_mask`` (Λ-mask only), ``distance_limit`` (only distances capped at D: ReRoPE),
-``sliding_window`` (the last L tokens, no sinks), ``streaming_llm`` (sinks at their position
-inside a G + L cache), ``self_extend`` (grouped positions beyond a neighbour window),
-``leaky_rerope`` (distances beyond a window grow k times slower); default ``vanilla lm_infinite``,
-``all`` for every method. Each method option (-G/-L/-D, --group-size, --leak) applies to the
-methods that take it; defaults as in ``--help`` (L and D from L_train).
+Methods: a mask method (``lminf_jax.spec.METHODS``): ``vanilla``, ``lm_infinite`` (Λ-mask +
+distance limit), ``lambda_mask`` (Λ-mask only), ``distance_limit`` (only distances capped at D:
+ReRoPE), ``sliding_window`` (the last L tokens, no sinks), ``streaming_llm`` (sinks at their
+position inside a G + L cache), ``self_extend`` (grouped positions beyond a neighbour window),
+``leaky_rerope`` (distances beyond a window grow k times slower); or a RoPE frequency method
+(``lminf_jax.FREQUENCY_METHODS``: ``pi``, ``ntk``, ``dynamic_ntk``, ``yarn``) written
+``[MASK+]FREQ[@FACTOR]`` (`experiments.loading.MethodChoice`): without ``@`` the factor each length
+n needs, n / L_train (at least 1), e.g. ``yarn``, ``pi@32``, ``lm_infinite+ntk``. Default
+``vanilla lm_infinite``; ``all`` is every mask method, then ``pi ntk yarn`` at the factor each length
+needs and at the one the longest length needs (``pi@M ntk@M yarn@M``), then ``dynamic_ntk`` (RoPE
+models only). Each method option (-G/-L/-D, --group-size, --leak) applies to the methods that take
+it; defaults as in ``--help`` (L and D from L_train).
 
 Devices: with more than one, every sequence is split over all of them (``--mesh seq=-1``;
 context-parallel LM-Infinite, `lminf_jax.context_parallel`); ``--mesh``/``--fsdp`` choose
 another layout (`lminf_jax.sharding`).
 
-Output: a table (perplexity per method and length) on stdout, ``--out`` JSON (settings; per
-method and length: tiles, tokens, NLL, its standard error, perplexity, per-segment perplexity;
-per method: NLL by position and prefix perplexity; time) and ``--plot`` PNG (log-scale
+Output: a table (perplexity per method and length, then what each method costs at the longest
+length) on stdout, ``--out`` JSON (settings; per method and length: tiles, tokens, NLL, its standard
+error, perplexity, per-segment perplexity, the RoPE scaling used, keys attended per query (the mask's,
+mean over the scored queries) and the bytes of the KV cache a decoder holds at that length, in total
+and per token; per method: NLL by position and prefix perplexity; time) and ``--plot`` PNG (log-scale
 perplexity vs length, one line per method, the spread across segments shaded, next to NLL vs
 position). Completed work survives an interrupted run: the scores of each batch are saved as
 they are computed in ``OUT.parts/KEY/NAME.SHA.npy``, KEY a hash of the model (its params'
@@ -67,11 +74,12 @@ from pathlib import Path
 import numpy as np
 
 from experiments.loading import (
-    DTYPES, KINDS, add_mesh_args, add_method_options, hf_config, load_config, load_model, method_options, method_spec,
-    model_kind, params_dtype, pretraining_length, resolve_dtype, run_cli, sharding_plan, spec_settings,
+    DTYPES, KINDS, MethodChoice, add_mesh_args, add_method_options, hf_config, load_config, load_model, method_options,
+    method_spec, model_kind, params_dtype, pretraining_length, resolve_dtype, run_cli, sharding_plan, spec_settings,
 )
 from experiments.options import int_option, output_file
 from experiments.text import add_text_args, bos_id, check_ids, token_stream
+from lminf_jax import FREQUENCY_METHODS
 from lminf_jax.fingerprint import tree_fingerprint
 from lminf_jax.sharding import ShardingPlan
 from lminf_jax.streaming import finite_or_none
@@ -95,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequences", type=int_option(1), default=DEFAULT_SEQUENCES, metavar="S",
                    help=f"segments of the longest length, evenly spaced over the text (default {DEFAULT_SEQUENCES})")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
-                   help=f"any of {', '.join(KINDS)}, or 'all' (default: {' '.join(DEFAULT_METHODS)})")
+                   help=f"any of {', '.join(KINDS)}, or [MASK+]FREQ[@FACTOR] with FREQ one of "
+                        f"{', '.join(FREQUENCY_METHODS)} (no @: the factor each length needs), or 'all' "
+                        f"(default: {' '.join(DEFAULT_METHODS)})")
     add_method_options(p.add_argument_group("method options (applied to the methods that take them)"))
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the stored weights' dtype)")
     p.add_argument("--batch-tokens", type=int_option(1), default=16384, metavar="N",
@@ -186,9 +196,25 @@ def format_table(record: dict) -> str:
     width = max(9, *(len(f"{n:,}") + 1 for n in lengths))
     lines = [f"{'method':<16}" + "".join(f"{n:>{width},}" for n in lengths),
              f"{'(x L_train)':<16}" + "".join(f"{n / l_train:>{width}g}" for n in lengths)]
+    name_width = max(16, *(len(name) + 2 for name in record["methods"]))
+    lines = [f"{line[:16]:<{name_width}}{line[16:]}" for line in lines]
     for name, res in record["methods"].items():
-        lines.append(f"{name:<16}" + "".join(f"{_short(p['ppl']):>{width}}" for p in res["lengths"]))
+        lines.append(f"{name:<{name_width}}" + "".join(f"{_short(p['ppl']):>{width}}" for p in res["lengths"]))
+    costs = [(name, res["lengths"][-1]) for name, res in record["methods"].items()
+             if "attended_keys" in res["lengths"][-1]]
+    if costs:
+        lines += ["", f"{f'at {lengths[-1]:,} tokens':<{name_width}}{'keys/query':>12}{'cache bytes/token':>19}"
+                      f"{'KV cache':>12}"]
+        lines += [f"{name:<{name_width}}{p['attended_keys']:>12,.0f}{p['cache_bytes_per_token']:>19,.0f}"
+                  f"{_bytes(p['cache_bytes']):>12}" for name, p in costs]
     return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def _short(value: float | None) -> str:
@@ -219,19 +245,22 @@ def plot(record: dict, path: Path) -> bool:
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    settings = record["settings"]
-    fig = Figure(figsize=(12, 4.4))
+    settings, methods = record["settings"], record["methods"]
+    fig = Figure(figsize=(12, 4.4) if len(methods) <= 6 else (14, 5.2))
     left, right = fig.subplots(1, 2)
-    for i, (name, res) in enumerate(record["methods"].items()):
-        color, points = f"C{i}", [p for p in res["lengths"] if p["ppl"] is not None]
+    for i, (name, res) in enumerate(methods.items()):
+        color, points = _color(i, len(methods)), [p for p in res["lengths"] if p["ppl"] is not None]
+        style = _line_style(res["attention"])
         lengths = [p["length"] for p in points]
-        left.plot(lengths, [p["ppl"] for p in points], marker="o", color=color, label=name)
+        left.plot(lengths, [p["ppl"] for p in points], marker="o", markersize=3, color=color, linestyle=style,
+                  label=name)
         sem = [p["nll_sem"] or 0.0 for p in points]
         left.fill_between(lengths, [math.exp(p["nll"] - 2 * e) for p, e in zip(points, sem)],
-                          [math.exp(p["nll"] + 2 * e) for p, e in zip(points, sem)], color=color, alpha=0.15)
+                          [math.exp(p["nll"] + 2 * e) for p, e in zip(points, sem)], color=color,
+                          alpha=0.15 if len(methods) <= 6 else 0.05)
         rows = [r for r in res["buckets"] if r["nll"] is not None]
         right.plot([math.sqrt((r["lo"] + 1) * r["hi"]) for r in rows], [r["nll"] for r in rows], color=color,
-                   label=name, linewidth=1.2)
+                   linestyle=style, label=name, linewidth=1.2)
     for ax in (left, right):
         ax.set_xscale("log", base=2)
         ax.axvline(settings["l_train"], color="gray", linestyle="--", linewidth=0.8)
@@ -239,7 +268,7 @@ def plot(record: dict, path: Path) -> bool:
     left.set_yscale("log")
     left.set_xlabel("sequence length (tokens); shaded: exp(NLL +- 2 s.e.)")
     left.set_ylabel("perplexity (log scale)")
-    left.legend(fontsize=8)
+    left.legend(fontsize=7, ncol=1 if len(methods) <= 8 else 2)
     right.set_xlabel("tokens seen by the query (position + 1), longest sequences")
     right.set_ylabel("mean NLL (nats / token)")
     fig.suptitle(f"{settings['family']} ({Path(settings['model']).name}), L_train {settings['l_train']:,}: "
@@ -250,6 +279,21 @@ def plot(record: dict, path: Path) -> bool:
     return True
 
 
+def _color(i: int, count: int):
+    if count <= 10:
+        return f"C{i}"
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](i % 20)
+
+
+def _line_style(attention: dict) -> str:
+    """Solid: a mask method; dashed: a frequency method at each length's factor; dotted: at a fixed one."""
+    if attention.get("frequency") is None:
+        return "-"
+    return "--" if attention.get("factor") == "per length" else ":"
+
+
 # ----- the command ------------------------------------------------------------------------------
 
 
@@ -257,15 +301,51 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(build_parser(), run, argv)
 
 
-def _methods(names: list[str]) -> list[str]:
+def all_methods(longest_multiple: int, rope: bool) -> list[MethodChoice]:
+    """``--methods all``: every mask method; on a RoPE model also pi / ntk / yarn at the factor each
+    length needs and at ``longest_multiple``, and dynamic NTK."""
+    masks = [MethodChoice(kind) for kind in KINDS]
+    if not rope:
+        return masks
+    static = ("pi", "ntk", "yarn")
+    return [*masks, *(MethodChoice("vanilla", f) for f in static),
+            *(MethodChoice("vanilla", f, float(longest_multiple)) for f in static), MethodChoice("vanilla", "dynamic_ntk")]
+
+
+def _methods(names: list[str], longest_multiple: int, rope: bool) -> list[MethodChoice]:
     if names == ["all"]:
-        return list(KINDS)
-    for name in names:
-        if name not in KINDS:
-            raise ValueError(f"--methods: unknown method {name!r}; choose from {', '.join(KINDS)} or 'all'")
-    if len(set(names)) != len(names):
+        return all_methods(longest_multiple, rope)
+    try:
+        choices = [MethodChoice.parse(name) for name in names]
+    except ValueError as e:
+        raise ValueError(f"--methods: {e}") from None
+    canonical = [c.name for c in choices]
+    if len(set(canonical)) != len(canonical):
         raise ValueError(f"--methods: a method is listed twice: {names}")
-    return names
+    return choices
+
+
+def method_settings(choice: MethodChoice, spec) -> dict:
+    """A method's settings for the result file: its mask's spec and its frequency method."""
+    return {**spec_settings(spec), "frequency": choice.frequency,
+            "factor": "per length" if choice.frequency is not None and choice.factor is None else choice.factor}
+
+
+def _asdict(scaling) -> dict | None:
+    return None if scaling is None else dataclasses.asdict(scaling)
+
+
+def cache_bytes(model, length: int) -> int:
+    """Bytes of the KV cache (keys, values, positions) ``model`` decodes a ``length``-token sequence
+    with (batch 1): a Λ-cache for a bounded method, else a full cache of ``length`` slots. Its layout
+    does not depend on the RoPE frequencies, so they are left out (dynamic NTK has no cache yet)."""
+    import jax
+
+    from models.common import AttentionCall
+
+    plain = dataclasses.replace(model, call=AttentionCall(model.call.spec))
+    shapes = jax.eval_shape(lambda: plain.init_cache(1, capacity=length))
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
 
 
 def show_saved(path: str, png: str | None) -> int:
@@ -291,15 +371,26 @@ def run(args: argparse.Namespace) -> int:
     from lminf_jax.evaluation import length_point, position_buckets, prefix_ppl, text_segments, tile_segments
     from lminf_jax.progress import Progress
     from lminf_jax.streaming import PositionBuckets
+    from lminf_jax import Rotary
     from models.common import AttentionCall
 
     if len(set(args.multiples)) != len(args.multiples):
         raise ValueError(f"--multiples must be distinct, got {args.multiples}")
-    methods = _methods(args.methods)
     family, config = load_config(args.model_dir)  # validate the options before reading weights
+    rope = isinstance(family.model(config).decoder(1).positional, Rotary)
+    methods = _methods(args.methods, max(args.multiples), rope)
     l_train = pretraining_length(config)
     lengths = [m * l_train for m in sorted(args.multiples)]
-    specs = {m: method_spec(m, config, **method_options(args)) for m in methods}
+    specs = {c.name: method_spec(c.mask, config, **method_options(args)) for c in methods}
+    choices = {c.name: c for c in methods}
+
+    def call(name: str, n: int) -> AttentionCall:
+        return AttentionCall(specs[name], block_q=args.block, block_k=args.block,
+                             frequencies=choices[name].frequencies(n, l_train))
+
+    for name in specs:  # a method that cannot apply to this model fails here, before any work
+        for n in lengths:
+            family.model(config, call(name, n))
 
     stream, source = token_stream(args)
     check_ids(stream, config.vocab_size)
@@ -318,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
         "config": hf_config(args.model_dir), "params": tree_fingerprint(params), "params_dtype": stored.name,
         "compute_dtype": dtype.name,
         "l_train": l_train, "bos_id": bos, "batch_tokens": args.batch_tokens, "block": args.block,
-        "attention": {m: spec_settings(spec) for m, spec in specs.items()},
+        "attention": {m: method_settings(choices[m], spec) for m, spec in specs.items()},
         "devices": "1 device" if plan is None else plan.describe(family.param_shardings(config, plan)),
     }
     out_path = Path(args.out)
@@ -327,19 +418,22 @@ def run(args: argparse.Namespace) -> int:
     s, seg_tokens = segments.shape
     print(f"{family.name} from {args.model_dir} (L_train {l_train:,}): {s} segment(s) x {seg_tokens:,} tokens of "
           f"{source.get('source', 'the given text')} ({stream.size:,} tokens); lengths {lengths[0]:,}.."
-          f"{lengths[-1]:,}; methods {', '.join(methods)}", file=sys.stderr)
+          f"{lengths[-1]:,}; methods {', '.join(specs)}", file=sys.stderr)
 
     results = {}
     total = len(methods) * sum(t.size for t in tiles.values())
     with Progress(total, "tokens", "perplexity", rate=True, enabled=not args.no_progress) as bar:
         for name, spec in specs.items():
-            model = family.model(config, AttentionCall(spec, block_q=args.block, block_k=args.block), dtype, plan)
             t0, points = time.perf_counter(), []
             for n in lengths:
+                model = family.model(config, call(name, n), dtype, plan)
                 bar.postfix = f"{name} at {n:,}"
                 batch = rows_per_call(args.batch_tokens, tiles[n].shape[0], n, plan)
                 nll = score(model.forward, params, tiles[n], batch, parts, f"{name}-{n}", bar)
-                points.append(length_point(nll, s))
+                costs = cache_bytes(model, n)
+                points.append({**length_point(nll, s).to_json(), "rope_scaling": _asdict(model.call.frequencies),
+                               "attended_keys": float(np.mean(spec.attended_keys(np.arange(n - 1)))),
+                               "cache_bytes": costs, "cache_bytes_per_token": costs / n})
             results[name] = {"spec": spec, "seconds": time.perf_counter() - t0, "points": points,
                              "prefix_ppl": prefix_ppl(nll, lengths), "buckets": position_buckets(nll, PositionBuckets(2))}
 
@@ -347,8 +441,8 @@ def run(args: argparse.Namespace) -> int:
         "settings": {**settings, "source": source, "text_tokens": int(stream.size), "segments": s,
                      "segment_tokens": seg_tokens, "lengths": lengths,
                      "multiples": sorted(args.multiples), "load_s": load_s},
-        "methods": {name: {"attention": spec_settings(res["spec"]), "seconds": res["seconds"],
-                           "lengths": [p.to_json() for p in res["points"]],
+        "methods": {name: {"attention": method_settings(choices[name], res["spec"]), "seconds": res["seconds"],
+                           "lengths": res["points"],
                            "prefix_ppl": finite_or_none(list(res["prefix_ppl"])),
                            "buckets": [dataclasses.asdict(r) for r in res["buckets"]]}
                     for name, res in results.items()},

@@ -242,6 +242,20 @@ class AttentionSpec:
         local, far = self.classify(q_positions, k_positions)
         return valid & ~local & ~far
 
+    def attended_keys(self, positions: np.ndarray) -> np.ndarray:
+        """How many keys ``0..i`` the mask lets a query at each position ``i >= 0`` of ``positions``
+        attend, local and global together (top-k middle tokens, chosen per layer, are not counted)."""
+        i = np.asarray(positions, np.int64)
+        if np.any(i < 0):
+            raise ValueError("attended_keys counts keys of queries at positions >= 0")
+        if self.window is None:
+            return i + 1
+        local = np.minimum(i + 1, self.window)
+        if not self.has_global:
+            return local
+        far = np.maximum(i - self.window + 1, 0)  # keys j <= i - window
+        return local + (np.minimum(far, self.sinks) if self.global_keys_bounded else far)
+
     def describe(self) -> str:
         """Short human-readable summary, e.g. ``lm_infinite(G=10, L=4096, D=4096)``."""
         parts = [f"{option.symbol}={getattr(self, name)}" for name, option in self.OPTIONS.items()]

@@ -70,3 +70,21 @@ def test_starting_tokens(outputs):
     for row in r["ablation"].values():
         assert row["nll"] > 0 and row["nll_beyond_l_train"] > 0
     assert r["ablation"]["G=0"]["nll"] != r["ablation"]["G=10"]["nll"]
+
+
+def test_factors_under_other_methods(tmp_path):
+    model_dir = make_model_dir(tmp_path / "model")
+    (tmp_path / "held.txt").write_text(random_text(9, 120))
+    argv = [str(model_dir), "--text", str(tmp_path / "held.txt"), "--multiple", "4", "--sequences", "1",
+            "--block", "16", "--no-plot", "--out-dir", str(tmp_path / "out")]
+    assert cli.main(argv + ["--factors", "logits", "entropy", "--methods", "vanilla", "pi@4", "yarn",
+                            "self_extend"]) == 0
+    logits = json.loads((tmp_path / "out" / "factor1_logits.json").read_text())["methods"]
+    entropy = json.loads((tmp_path / "out" / "factor2_entropy.json").read_text())
+    assert list(logits) == list(entropy["methods"]) == ["vanilla", "pi@4", "yarn", "self_extend"]
+    assert logits["yarn"]["attention"] == "vanilla() + RoPE yarn x4"  # the factor T / L_train needs
+    assert logits["pi@4"]["max_over_layers"] != logits["vanilla"]["max_over_layers"]
+    for name in ("pi@4", "yarn", "self_extend"):  # no mask hides a key: every method attends all n
+        assert entropy["methods"][name]["attended"] == entropy["lengths"]
+    assert cli.main(argv + ["--factors", "sinks", "--methods", "yarn"]) == 1
+    assert cli.main(argv + ["--factors", "logits", "--methods", "yarn@0"]) == 1

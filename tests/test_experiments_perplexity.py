@@ -19,7 +19,7 @@ import lminf_jax.evaluation as evaluation
 from converters.store import load_converted, save_converted
 from experiments import perplexity as cli
 from experiments.loading import load_model, load_tokenizer_from
-from lminf_jax import AttentionSpec, LMInfinite, StreamingLLM, Vanilla
+from lminf_jax import AttentionSpec, LMInfinite, StreamingLLM, Vanilla, frequency_method
 from lminf_jax.spec import KINDS
 from models.common import AttentionCall
 
@@ -87,10 +87,10 @@ def test_a_forward_pass_holds_no_more_rows_than_the_length_has():
     assert cli.rows_per_call(16384, 5, 512, data4) == 8 and cli.rows_per_call(1024, 5, 512, data4) == 2
 
 
-def direct_nll(model_dir: Path, tokens: np.ndarray, spec: AttentionSpec) -> np.ndarray:
+def direct_nll(model_dir: Path, tokens: np.ndarray, spec: AttentionSpec, frequencies=None) -> np.ndarray:
     """Scores ``(R, n - 1)`` from one forward pass per row and a float64 log-softmax."""
     family, cfg, params = load_model(model_dir)
-    model = family.model(cfg, AttentionCall(spec))
+    model = family.model(cfg, AttentionCall(spec, frequencies=frequencies))
     logits = np.asarray(model.forward(params, jnp.asarray(tokens, jnp.int32)), np.float64)[:, :-1]
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -99,8 +99,9 @@ def direct_nll(model_dir: Path, tokens: np.ndarray, spec: AttentionSpec) -> np.n
 
 def test_every_length_scores_the_same_text(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "ppl.json"
+    methods = [*KINDS, "yarn", "lm_infinite+pi@4", "ntk", "dynamic_ntk"]
     code, stdout, stderr = run([str(model_dir), "--text", str(text_file), "--multiples", "1", "4",
-                                "--sequences", "2", "--methods", "all", "-G", "2", "--batch-tokens", "200",
+                                "--sequences", "2", "--methods", *methods, "-G", "2", "--batch-tokens", "200",
                                 "--block", "16", "--out", str(out), "--no-plot", "--no-progress"], capsys)
     assert code == 0, stderr
     record = json.loads(out.read_text())
@@ -109,10 +110,13 @@ def test_every_length_scores_the_same_text(model_dir, text_file, tmp_path, capsy
     longest = 4 * PRETRAIN
     segments = evaluation.text_segments(stream, 2, longest - 1)
     assert record["settings"]["text_tokens"] == stream.size and record["settings"]["segment_tokens"] == longest - 1
-    assert list(record["methods"]) == list(KINDS)
-    specs = {"vanilla": Vanilla(), "lm_infinite": LMInfinite(2, PRETRAIN),
-             "streaming_llm": StreamingLLM(2, PRETRAIN)}
-    for name, spec in specs.items():
+    assert list(record["methods"]) == methods
+    specs = {"vanilla": (Vanilla(), None), "lm_infinite": (LMInfinite(2, PRETRAIN), None),
+             "streaming_llm": (StreamingLLM(2, PRETRAIN), None),
+             # the factor each length needs: 4 at the longest length (and 1, the model's own RoPE, at L_train)
+             "yarn": (Vanilla(), frequency_method("yarn", 4.0, PRETRAIN)),
+             "lm_infinite+pi@4": (LMInfinite(2, PRETRAIN), frequency_method("pi", 4.0, PRETRAIN))}
+    for name, (spec, frequencies) in specs.items():
         res = record["methods"][name]
         assert res["attention"]["describe"] == spec.describe()
         assert [point["length"] for point in res["lengths"]] == [PRETRAIN, longest]
@@ -120,10 +124,27 @@ def test_every_length_scores_the_same_text(model_dir, text_file, tmp_path, capsy
             if name != "lm_infinite" and n != longest:
                 continue  # every length of one method, every method at one length: each forward compiles anew
             tiles = evaluation.tile_segments(segments, n, tok.bos_id)
-            nll = direct_nll(model_dir, tiles, spec)
+            nll = direct_nll(model_dir, tiles, spec, frequencies)
             assert point["length"] == n and point["sequences"] == tiles.shape[0] and point["tokens"] == nll.size
             assert point["nll"] == pytest.approx(nll.mean(), abs=2e-5)
             assert point["segment_ppl"] == pytest.approx([math.exp(v) for v in nll.reshape(2, -1).mean(1)], rel=1e-4)
+    assert record["methods"]["yarn"]["lengths"][0]["rope_scaling"]["factor"] == 1.0
+    assert record["methods"]["yarn"]["attention"]["factor"] == "per length"
+    assert record["methods"]["lm_infinite+pi@4"]["attention"]["factor"] == 4.0
+    # dynamic NTK (factor 1) in one forward over n tokens is static NTK at n / L_train
+    assert record["methods"]["dynamic_ntk"]["lengths"][1]["nll"] == record["methods"]["ntk"]["lengths"][1]["nll"]
+    # costs at the longest length (4 x 64 = 256 tokens, queries at positions 0..254), counted by hand
+    at = {name: res["lengths"][1] for name, res in record["methods"].items()}
+    assert at["vanilla"]["attended_keys"] == 128.0  # mean of i + 1
+    assert at["lm_infinite"]["attended_keys"] == (sum(range(1, 65)) + 65 + 66 * 190) / 255
+    assert at["sliding_window"]["attended_keys"] == (sum(range(1, 65)) + 64 * 191) / 255
+    cfg = json.loads((model_dir / "converted.json").read_text())["config"]
+    kv_dims = cfg["num_key_value_heads"] * cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_slot = cfg["num_hidden_layers"] * kv_dims * 2 * 4 + 4  # fp32 keys + values, int32 position
+    assert at["vanilla"]["cache_bytes"] == per_slot * longest and at["yarn"]["cache_bytes_per_token"] == per_slot
+    assert at["lm_infinite"]["cache_bytes"] == per_slot * (2 + PRETRAIN)
+    assert f"{per_slot * (2 + PRETRAIN) / longest:,.0f}" in next(
+        line for line in stdout.splitlines()[4 + len(methods):] if line.startswith("lm_infinite "))
     # the table's rows are the JSON's numbers
     row = next(line for line in stdout.splitlines() if line.startswith("lm_infinite"))
     assert [float(v) for v in row.split()[1:]] == pytest.approx(
@@ -161,7 +182,12 @@ def test_an_interrupted_run_resumes_without_recomputing(model_dir, text_file, tm
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--methods", "vanilla", "nope"], "unknown method 'nope'"),
+    (["--methods", "vanilla", "nope"], "'nope' is not a mask method (vanilla, lm_infinite"),
+    (["--methods", "lm_infinite+ntk_by_parts"], "'ntk_by_parts' is not a frequency method (pi, ntk"),
+    (["--methods", "windowed+yarn"], "'windowed' is not a mask method"),
+    (["--methods", "yarn@0.5"], "the factor after '@' must be a number >= 1, got '0.5'"),
+    (["--methods", "pi@nan"], "the factor after '@' must be a number >= 1"),
+    (["--methods", "yarn@4", "vanilla+yarn@4.0"], "listed twice"),
     (["--methods", "vanilla", "vanilla"], "listed twice"),
     (["--sequences", "50"], "50 segment(s) of 255 tokens need"),
     (["--multiples", "1", "1"], "--multiples must be distinct"),

@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SPEC_FACTORIES, attended_slots
 
 from lminf_jax import (
     METHODS,
@@ -106,6 +107,17 @@ def test_classification_table():
     assert _classes(LMInfinite(3, 4), 4, 6) == ([1, 2, 3, 4], [0])
     # empty query / key slots
     assert _classes(Vanilla(), -1, 4) == ([], [])
+
+
+@pytest.mark.parametrize("spec_name", sorted(SPEC_FACTORIES))
+@pytest.mark.parametrize("G,L", [(3, 5), (7, 4), (0, 6)])
+def test_attended_keys_count_the_oracles_mask(spec_name, G, L):
+    spec = SPEC_FACTORIES[spec_name](G, L)
+    positions = np.arange(41)
+    want = attended_slots(positions[None], positions[None], spec)[0].sum(axis=-1)
+    np.testing.assert_array_equal(spec.attended_keys(positions), want)
+    with pytest.raises(ValueError, match="positions >= 0"):
+        spec.attended_keys(np.array([-1]))
 
 
 def test_global_query_positions():
