@@ -4,13 +4,14 @@
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
         [--stop TEXT ...] [--ignore-eos] [--dtype bf16|fp16|fp32] [--prefill-chunk C] [--no-bos]
         [--json OUT] [--method METHOD] [-G G] [-L L] [-D D]
-        [--top-k-middle K] [--top-k-insert-at N] [--top-k-from-layer H]
+        [--top-k-middle K] [--top-k-insert-at N] [--top-k-from-layer H] [--rope-scaling FREQ@FACTOR]
 
 MODEL_DIR is a converted directory (``python -m converters``) or a Hugging Face directory
 (converted in memory); its tokenizer is read from the same directory. All prompts run as
 one left-padded batch inside one jitted call (`lminf_jax.decoding.generate`): with a
 bounded method the cache is a Λ-cache of G + L slots whatever the prompt length; vanilla,
 distance_limit and top-k middle tokens use a full cache of (longest prompt + N) slots.
+``--rope-scaling`` adds a static RoPE frequency method (e.g. ``yarn@4``) to any method.
 
 With one prompt the continuation is printed on stdout as it is generated; with several
 (repeat ``--prompt``, or ``--prompt-file`` with one prompt per line, blank lines skipped)
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from experiments.loading import (
     DTYPES, add_attention_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype, run_cli,
-    resolve_dtype, spec_from_args, spec_settings,
+    frequencies_from_args, resolve_dtype, spec_from_args, spec_settings,
 )
 from experiments.options import int_option, output_file
 from experiments.text import read_text_file
@@ -145,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     family, config = load_config(args.model_dir)  # validate the options before reading weights
     spec = spec_from_args(args, config)
-    family.check_spec(config, spec)
+    frequencies = frequencies_from_args(args, config)
+    family.model(config, AttentionCall(spec, frequencies=frequencies))  # the spec, and RoPE scaling, apply here
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     tokenizer = load_tokenizer_from(args.model_dir)
     bos = [] if args.no_bos or tokenizer.bos_id is None else [tokenizer.bos_id]
@@ -163,10 +165,11 @@ def run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - began
     stored = params_dtype(params)
     compute = resolve_dtype(args.dtype) or stored
-    model = family.model(config, AttentionCall(spec), compute)
+    model = family.model(config, AttentionCall(spec, frequencies=frequencies), compute)
     prefill_step = None
     if spec.top_k is not None:  # top-k middle tokens only at the prompt's end, as in one forward pass
-        prefill_step = family.model(config, AttentionCall(dataclasses.replace(spec, top_k=None)), compute)
+        prefill_step = family.model(config, AttentionCall(dataclasses.replace(spec, top_k=None),
+                                                          frequencies=frequencies), compute)
     longest = max(len(ids) for ids in prompt_ids)
     cache = model.init_cache(len(prompts), capacity=longest + args.max_new_tokens)
 
@@ -210,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
             "stopped": [bool(s) for s in out.stopped],
             "settings": {
                 "attention": spec_settings(spec),
+                "rope_scaling": None if frequencies is None else dataclasses.asdict(frequencies),
                 "sampling": dataclasses.asdict(sampling),
                 "seed": args.seed,
                 "max_new_tokens": args.max_new_tokens,

@@ -11,7 +11,7 @@
 
       --method lm_infinite|vanilla|lambda_mask|distance_limit|sliding_window|streaming_llm|self_extend|leaky_rerope
       -G/--global-branch  -L/--local-branch  -D/--limit-distance  --group-size  --leak
-      --top-k-middle K  --top-k-insert-at N  --top-k-from-layer H
+      --top-k-middle K  --top-k-insert-at N  --top-k-from-layer H  --rope-scaling FREQ@FACTOR
 
   The options are the methods' own (`lminf_jax.spec.METHODS`, each class's ``OPTIONS``, with their
   defaults in its ``from_options``): ``lm_infinite`` by default, L from the model's pretraining length
@@ -247,6 +247,10 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
                        help="distance the top-k middle tokens are scored at (default: L / 2)")
     group.add_argument("--top-k-from-layer", type=int_option(0), metavar="H",
                        help="first layer using top-k middle tokens (default: 4)")
+    group.add_argument("--rope-scaling", metavar="FREQ@FACTOR",
+                       help=f"also rescale RoPE with a frequency method, one of "
+                            f"{', '.join(m for m in FREQUENCY_METHODS if m != 'dynamic_ntk')}, at an extension factor "
+                            "(target length / L_train), e.g. yarn@4 (default: the checkpoint's own RoPE)")
 
 
 def spec_from_args(args: argparse.Namespace, config=None) -> AttentionSpec:
@@ -277,6 +281,28 @@ def spec_from_args(args: argparse.Namespace, config=None) -> AttentionSpec:
             k=args.top_k_middle, insert_distance=insert_at,
             from_layer=4 if args.top_k_from_layer is None else args.top_k_from_layer))
     return spec
+
+
+def frequencies_from_args(args: argparse.Namespace, config) -> RopeScaling | None:
+    """The `RopeScaling` of ``--rope-scaling FREQ@FACTOR`` (None when not given) for a model whose
+    ``config`` gives L_train. Cached decoding needs frequencies that do not change with the length,
+    so ``dynamic_ntk`` is refused here."""
+    text = getattr(args, "rope_scaling", None)
+    if text is None:
+        return None
+    try:
+        choice = MethodChoice.parse(text)
+    except ValueError as e:
+        raise ValueError(f"--rope-scaling: {e}") from None
+    if choice.frequency is None or choice.mask != "vanilla" or "+" in text:
+        raise ValueError(f"--rope-scaling takes FREQ@FACTOR (the mask is --method), got {text!r}")
+    if choice.factor is None:
+        raise ValueError(f"--rope-scaling {text}: give the extension factor, e.g. {choice.frequency}@4 (the length "
+                         "a decoding run reaches is not known in advance)")
+    if choice.frequency == "dynamic_ntk":
+        raise ValueError("--rope-scaling dynamic_ntk: its frequencies change with every token, and cached decoding "
+                         "under it is not built yet (experiments.perplexity scores it with whole-sequence forwards)")
+    return choice.frequencies(0, pretraining_length(config))
 
 
 def method_spec(method: str, config=None, **options: int | None) -> AttentionSpec:

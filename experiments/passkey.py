@@ -16,7 +16,10 @@ tokens, vanilla), ``lm_infinite`` (Λ-cache, G sinks, L = D = L_train), ``lm_inf
 (LM-Infinite plus the top-k middle tokens for the last query of each call in layers
 ``--top-k-from-layer`` <= layer < ``--top-k-to-layer``, scored at ``--top-k-insert-at``; full cache;
 the paper: k = 5, layers >= 4,
-distance L/2).
+distance L/2); and every method of `experiments.perplexity`'s grammar ``[MASK+]FREQ[@FACTOR]``
+(`experiments.loading.MethodChoice`, their own defaults, -G for those with sinks; a frequency
+method without ``@`` at the factor each length needs, n / L_train), except ``dynamic_ntk``, which has
+no cached decoding yet. ``all``: `ALL_METHODS`.
 
 A small model does not follow the instruction unless taught: `training_windows` makes
 fine-tuning windows (a passkey prompt of at most L_train tokens plus its answer, then corpus
@@ -39,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.loading import (
-    load_config, load_model, load_tokenizer_from, method_spec, params_dtype, pretraining_length, run_cli,
+    MethodChoice, load_config, load_model, load_tokenizer_from, method_spec, params_dtype, pretraining_length, run_cli,
     save_result,
 )
 from experiments.options import int_option, output_file
@@ -52,6 +55,8 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 KEY = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 METHODS = ("vanilla", "truncation", "lm_infinite", "lm_infinite_top_k")
+#: ``--methods all``: the four above, the other mask methods that decode, and the static frequency methods.
+ALL_METHODS = (*METHODS, "streaming_llm", "distance_limit", "self_extend", "leaky_rerope", "pi", "ntk", "yarn")
 NEW_TOKENS = 8
 
 
@@ -138,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt lengths as multiples of L_train (default 1 2 4 8 16)")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="F")
     p.add_argument("--samples", type=int_option(1), default=4, help="prompts per length and depth (default 4)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
+                   help=f"{', '.join(METHODS)}, any [MASK+]FREQ[@FACTOR] of experiments.perplexity, or 'all' "
+                        f"(default: {' '.join(METHODS)})")
     p.add_argument("-G", "--global-branch", type=int_option(0), default=10, metavar="G", help="sinks (default 10)")
     p.add_argument("--top-k", type=int_option(1), default=5, metavar="K", help="middle tokens (default 5)")
     p.add_argument("--top-k-from-layer", type=int_option(0), metavar="H", help="first layer with top-k (default: layer 1)")
@@ -151,13 +158,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def method_names(names: list[str]) -> list[str]:
+    """``--methods`` checked (a ValueError names a bad one) and ``all`` expanded."""
+    if names == ["all"]:
+        return list(ALL_METHODS)
+    if len(set(names)) != len(names):
+        raise ValueError(f"--methods: a method is listed twice: {names}")
+    for name in names:
+        if name not in METHODS:
+            try:
+                choice = MethodChoice.parse(name)
+            except ValueError as e:
+                raise ValueError(f"--methods: {e}") from None
+            if choice.frequency == "dynamic_ntk":
+                raise ValueError(f"--methods {name}: dynamic NTK has no cached decoding yet (its frequencies change "
+                                 "with every token)")
+    return names
+
+
+def frequencies(name: str, length: int, l_train: int):
+    """The RoPE scaling of method ``name`` for prompts of ``length`` tokens (None: the model's own)."""
+    return None if name in METHODS else MethodChoice.parse(name).frequencies(length, l_train)
+
+
 def method_specs(config, name: str, args, l_train: int) -> tuple[AttentionSpec, AttentionSpec | None]:
     """``(spec, prefill spec)`` of a method; the prefill spec (the same without top-k) only for
     the top-k method, whose middle tokens join at the prompt's last token."""
     if name in ("vanilla", "truncation"):
         spec = method_spec("vanilla", config)
-    else:
+    elif name in METHODS:
         spec = method_spec("lm_infinite", config, global_branch=args.global_branch)
+    else:
+        spec = method_spec(MethodChoice.parse(name).mask, config, global_branch=args.global_branch)
     if name != "lm_infinite_top_k":
         return spec, None
     top_k = TopK(k=args.top_k, insert_distance=l_train // 2 if args.top_k_insert_at is None else args.top_k_insert_at,
@@ -200,9 +232,10 @@ def run(args: argparse.Namespace) -> int:
     if lengths[0] < builder.minimum_length:
         raise ValueError(f"prompts need at least {builder.minimum_length} tokens; L_train x "
                          f"{min(args.multiples)} = {lengths[0]}")
-    specs = {name: method_specs(config, name, args, l_train) for name in args.methods}
-    for spec, _ in specs.values():
-        family.check_spec(config, spec)
+    specs = {name: method_specs(config, name, args, l_train) for name in method_names(args.methods)}
+    for name, (spec, _) in specs.items():  # a method that cannot apply to this model fails here
+        for n in lengths:
+            family.model(config, AttentionCall(spec, frequencies=frequencies(name, n, l_train)))
     rng = np.random.default_rng(args.seed)
     prompts = {n: [builder.prompt(n, d, random_key(rng)) for d in args.depths for _ in range(args.samples)]
                for n in lengths}
@@ -210,15 +243,19 @@ def run(args: argparse.Namespace) -> int:
     dtype = params_dtype(params)
     results = {}
     for name, (spec, prefill_spec) in specs.items():
-        model = family.model(config, AttentionCall(spec), dtype)
-        prefill = None if prefill_spec is None else family.model(config, AttentionCall(prefill_spec), dtype)
         t0 = time.perf_counter()
-        cells = {}
+        cells, scaling = {}, {}
         for n in lengths:
+            call = AttentionCall(spec, frequencies=frequencies(name, n, l_train))
+            model = family.model(config, call, dtype)
+            prefill = None if prefill_spec is None else family.model(
+                config, dataclasses.replace(call, spec=prefill_spec), dtype)
             cells[str(n)] = evaluate_cell(model, prefill, params, prompts[n], name, l_train, tokenizer)
+            scaling[str(n)] = None if call.frequencies is None else dataclasses.asdict(call.frequencies)
             acc = np.mean([r["correct"] for r in cells[str(n)]])
             print(f"{name} at {n:,}: accuracy {acc:.2f}", file=sys.stderr)
-        results[name] = {"attention": model.spec.describe(), "seconds": time.perf_counter() - t0, "cells": cells}
+        results[name] = {"attention": spec.describe(), "rope_scaling": scaling, "seconds": time.perf_counter() - t0,
+                         "cells": cells}
     record = {"settings": {"model": str(args.model_dir), "family": family.name, "l_train": l_train,
                            "lengths": lengths, "depths": list(args.depths), "samples": args.samples,
                            "seed": args.seed, "new_tokens": NEW_TOKENS},
@@ -253,8 +290,12 @@ def plot(record: dict, path: Path) -> None:
 
     lengths, depths = record["settings"]["lengths"], record["settings"]["depths"]
     methods = list(record["accuracy"])
-    fig = Figure(figsize=(3.4 * len(methods), 3.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(methods)))
+    cols = min(len(methods), 4)
+    rows = -(-len(methods) // cols)
+    fig = Figure(figsize=(3.4 * cols, 3.6 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes[len(methods):]:
+        ax.set_visible(False)
     for ax, name in zip(axes, methods):
         grid = np.asarray([[record["accuracy"][name][str(n)][f"{d:g}"] for n in lengths] for d in depths], float)
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
@@ -262,8 +303,9 @@ def plot(record: dict, path: Path) -> None:
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("prompt length (tokens)", fontsize=8)
-    axes[0].set_ylabel("depth of the key", fontsize=8)
-    fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="accuracy")
+    for ax in axes[::cols]:
+        ax.set_ylabel("depth of the key", fontsize=8)
+    fig.colorbar(image, ax=axes[:len(methods)].tolist(), shrink=0.8, label="accuracy")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
 

@@ -4,12 +4,14 @@
         [--max-tokens N] [--streams B] [--chunk C] [--capacity N] [--dtype bf16|fp16|fp32]
         [--per-octave K] [--checkpoint-dir DIR] [--checkpoint-every N] [--max-chunks N]
         [--out results/stream_nll.json] [--plot results/stream_nll.png | --no-plot] [--no-progress]
-        [--method METHOD] [-G G] [-L L] [-D D] [--mesh AXES] [--fsdp]
+        [--method METHOD] [-G G] [-L L] [-D D] [--rope-scaling FREQ@FACTOR] [--mesh AXES] [--fsdp]
 
 The stream runs through the model chunk by chunk (`lminf_jax.streaming.streaming_nll`),
 carrying a Λ-cache of G + L slots, so device memory does not depend on its length. Methods
 that attend unboundedly many keys (vanilla, distance_limit) need a full cache of the
-stream's length (``--capacity`` bounds it: a longer stream is an error).
+stream's length (``--capacity`` bounds it: a longer stream is an error). ``--rope-scaling``
+adds a static RoPE frequency method (``pi``, ``ntk`` or ``yarn`` at a factor, e.g. ``yarn@4``) to
+any of them.
 
 Input: ``--tokens`` memory-maps a 1-D integer ``.npy``; ``--text`` tokenizes text files with
 the model directory's tokenizer (each file encoded on its own, the ids concatenated, BOS
@@ -46,7 +48,7 @@ import numpy as np
 
 from experiments.loading import (
     DTYPES, add_attention_args, add_mesh_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype,
-    run_cli, pretraining_length, resolve_dtype, sharding_plan, spec_from_args, spec_settings,
+    run_cli, frequencies_from_args, pretraining_length, resolve_dtype, sharding_plan, spec_from_args, spec_settings,
 )
 from experiments.options import int_option, output_dir, output_file
 from experiments.text import check_ids, npy_tokens, read_text_file
@@ -189,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
     if spec.top_k is not None:
         raise ValueError("--top-k-middle applies to the last query of each model call; it has no meaning for "
                          "streaming NLL (use it with experiments.generate)")
+    call = AttentionCall(spec, frequencies=frequencies_from_args(args, config))
+    family.model(config, call)  # --rope-scaling on an ALiBi model fails here
     out_path = Path(args.out)
 
     if args.tokens is not None:
@@ -214,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     family, config, params = load_model(args.model_dir, args.dtype, progress=sys.stderr.isatty(), plan=plan)
     load_s = time.perf_counter() - began
     stored = params_dtype(params)
-    model = family.model(config, AttentionCall(spec), resolve_dtype(args.dtype) or stored, plan)
+    model = family.model(config, call, resolve_dtype(args.dtype) or stored, plan)
     if needs_full_cache(spec):
         capacity = length if args.capacity is None else args.capacity
         if capacity < length:
@@ -253,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
         "model_kind": model_kind(args.model_dir),
         "family": family.name,
         "attention": spec_settings(spec),
+        "rope_scaling": None if call.frequencies is None else dataclasses.asdict(call.frequencies),
         "source": source,
         "source_tokens": int(total),
         "max_tokens": args.max_tokens,

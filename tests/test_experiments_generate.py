@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 
 from experiments import generate as cli
 from experiments.loading import load_model, load_tokenizer_from
-from lminf_jax import AttentionSpec, DistanceLimit, LMInfinite, LambdaMask, Sampling, SlidingWindow, StreamingLLM, TopK, Vanilla
+from lminf_jax import AttentionSpec, DistanceLimit, LMInfinite, LambdaMask, Sampling, SlidingWindow, StreamingLLM, TopK, Vanilla, frequency_method
 from lminf_jax.decoding import generate
 from models.common import AttentionCall
 
@@ -23,12 +24,12 @@ def model_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("generate"))
 
 
-def direct(model_dir: Path, prompts: list[str], spec: AttentionSpec, max_new_tokens: int, **kw):
+def direct(model_dir: Path, prompts: list[str], spec: AttentionSpec, max_new_tokens: int, frequencies=None, **kw):
     """What generate() gives when called directly (BOS prepended, EOS stops)."""
     family, cfg, params = load_model(model_dir)
     tok = load_tokenizer_from(model_dir)
     ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
-    model = family.model(cfg, AttentionCall(spec))
+    model = family.model(cfg, AttentionCall(spec, frequencies=frequencies))
     longest = max(map(len, ids))
     kw.setdefault("stop_tokens", [tok.eos_id])
     out = generate(model, params, ids, model.init_cache(len(ids), capacity=longest + max_new_tokens),
@@ -67,6 +68,19 @@ def test_one_prompt_streams_the_greedy_continuation(model_dir, tmp_path, capsys,
     err = captured.err
     assert "attention: lm_infinite(G=2, L=8, D=8)" in err and "cache: lambda(G=2, L=8)" in err
     assert f"generated tokens: {len(rows[0])}" in err and "tokens/s" in err and "includes compilation" in err
+
+
+def test_rope_scaling_reaches_the_decoding(model_dir, tmp_path, capsys):
+    prompt = "the quick brown fox jumps over the lazy dog " * 6
+    assert cli.main([str(model_dir), "--prompt", prompt, "--max-new-tokens", "12", "--method", "vanilla",
+                     "--rope-scaling", "yarn@2", "--ignore-eos", "--json", str(tmp_path / "out.json")]) == 0
+    record = json.loads((tmp_path / "out.json").read_text())
+    yarn = frequency_method("yarn", 2.0, PRETRAIN)
+    _, _, rows = direct(model_dir, [prompt], Vanilla(), 12, yarn, stop_tokens=())
+    _, _, plain = direct(model_dir, [prompt], Vanilla(), 12, stop_tokens=())
+    assert record["generated_ids"] == rows and rows != plain
+    assert record["settings"]["rope_scaling"] == dataclasses.asdict(yarn)
+    capsys.readouterr()
 
 
 def test_text_streamer_holds_back_incomplete_characters():
@@ -140,6 +154,7 @@ def test_top_k_middle_tokens_use_a_full_cache_and_a_plain_prefill(model_dir, tmp
     (["{model}", "--prompt", "x", "--top-k-middle", "2", "--top-k-from-layer", "2"],
      "top_k.from_layer is 2, but the model has 2 layers (0..1)"),
     (["{model}", "--prompt-file", "{latin1}"], "--prompt-file {latin1}: not UTF-8 text (byte 3"),
+    (["{model}", "--prompt", "x", "--rope-scaling", "ntk"], "--rope-scaling ntk: give the extension factor"),
 ])
 def test_bad_arguments_say_what_is_wrong(model_dir, tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()

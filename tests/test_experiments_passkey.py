@@ -71,13 +71,15 @@ def test_the_evaluation_runs_every_method_and_writes_answers(tmp_path, capsys):
     multiples = [m for m in (1, 2, 4) if m * PRETRAIN >= b.minimum_length][:2]
     assert multiples, "the tiny tokenizer makes prompts longer than the tiny model's window"
     out = tmp_path / "pk.json"
+    methods = [*cli.METHODS, "yarn", "self_extend+pi@2"]
     code = cli.main([str(model_dir), "--multiples", *map(str, multiples), "--depths", "0", "1", "--samples", "2",
-                     "-G", "2", "--top-k", "2", "--top-k-to-layer", "2", "--out", str(out), "--plot", str(tmp_path / "pk.png")])
+                     "-G", "2", "--top-k", "2", "--top-k-to-layer", "2", "--methods", *methods,
+                     "--out", str(out), "--plot", str(tmp_path / "pk.png")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     record = json.loads(out.read_text())
     lengths = [m * PRETRAIN for m in multiples]
-    assert record["settings"]["lengths"] == lengths and list(record["methods"]) == list(cli.METHODS)
+    assert record["settings"]["lengths"] == lengths and list(record["methods"]) == methods
     for name, res in record["methods"].items():
         for n in lengths:
             rows = res["cells"][str(n)]
@@ -89,6 +91,9 @@ def test_the_evaluation_runs_every_method_and_writes_answers(tmp_path, capsys):
             assert acc["all"] == np.mean([r["correct"] for r in rows]) and set(acc) == {"all", "0", "1"}
     assert record["methods"]["lm_infinite_top_k"]["attention"].endswith(f"top_k=2@{PRETRAIN // 2} layers[1,2))")
     assert record["methods"]["truncation"]["attention"] == "vanilla()"
+    assert [record["methods"]["yarn"]["rope_scaling"][str(n)]["factor"] for n in lengths] == multiples
+    assert {s["factor"] for s in record["methods"]["self_extend+pi@2"]["rope_scaling"].values()} == {2.0}
+    assert record["methods"]["self_extend+pi@2"]["attention"].startswith("self_extend(")
     assert captured.out.splitlines()[0].split()[0] == "method" and (tmp_path / "pk.png").stat().st_size > 0
 
 
@@ -101,6 +106,18 @@ def test_the_evaluation_runs_every_method_and_writes_answers(tmp_path, capsys):
 def test_bad_options_fail_while_parsing(tmp_path, capsys, argv, message):
     assert cli.main([str(tmp_path / "no-model"), *argv]) == 2  # before the model directory is looked at
     assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_methods_are_checked_before_the_weights_are_read(tmp_path, capsys, monkeypatch):
+    from experiments.perplexity import SHIPPED_MODEL
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
+    for methods, message in ((["dynamic_ntk"], "dynamic NTK has no cached decoding yet"),
+                             (["vanilla", "nope"], "'nope' is not a mask method"),
+                             (["yarn", "yarn"], "listed twice")):
+        assert cli.main([str(SHIPPED_MODEL), "--methods", *methods, "--out", str(tmp_path / "pk.json")]) == 1
+        assert message in capsys.readouterr().err
+    assert cli.method_names(["all"]) == list(cli.ALL_METHODS)
 
 
 def test_top_k_from_a_layer_the_model_lacks_fails_before_the_weights_are_read(tmp_path, capsys, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -11,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from multidevice import run_on_devices
-from tiny_checkpoint import make_model_dir, random_text
+from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 
 from experiments import stream_nll as cli
 from experiments.loading import load_model, load_tokenizer_from
-from lminf_jax import AttentionSpec, LMInfinite, PositionBuckets, SlidingWindow
+from lminf_jax import AttentionSpec, LMInfinite, PositionBuckets, SlidingWindow, frequency_method
 from models.common import AttentionCall
 
 G, L = 4, 16
@@ -34,10 +35,10 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
-def direct_nll(model_dir: Path, tokens: np.ndarray, spec: AttentionSpec) -> np.ndarray:
+def direct_nll(model_dir: Path, tokens: np.ndarray, spec: AttentionSpec, frequencies=None) -> np.ndarray:
     """Per-position NLL ``(B, N - 1)`` from one full forward pass and a float64 log-softmax."""
     family, cfg, params = load_model(model_dir)
-    model = family.model(cfg, AttentionCall(spec))
+    model = family.model(cfg, AttentionCall(spec, frequencies=frequencies))
     logits = np.asarray(model.forward(params, jnp.asarray(np.atleast_2d(tokens), jnp.int32)), np.float64)
     top = logits.max(axis=-1, keepdims=True)
     logp = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
@@ -148,6 +149,10 @@ def test_resume_from_a_checkpoint_gives_the_same_numbers(model_dir, text_file, t
     (["--top-k-middle", "3"], "--top-k-middle applies to the last query"),
     (["-D", "4", "--method", "sliding_window"], "-D/--limit-distance is not used by --method sliding_window"),
     (["--streams", "200"], "300 tokens cannot make 200 streams"),
+    (["--rope-scaling", "yarn"], "--rope-scaling yarn: give the extension factor, e.g. yarn@4"),
+    (["--rope-scaling", "dynamic_ntk@2"], "--rope-scaling dynamic_ntk: its frequencies change with every token"),
+    (["--rope-scaling", "lm_infinite+pi@2"], "--rope-scaling takes FREQ@FACTOR (the mask is --method)"),
+    (["--rope-scaling", "longrope@2"], "--rope-scaling: method 'longrope@2': 'longrope' is not a frequency method"),
 ])
 def test_bad_arguments_say_what_is_wrong(model_dir, tmp_path, capsys, extra, message):
     np.save(tmp_path / "t.npy", np.arange(300) % 97)
@@ -281,3 +286,22 @@ def test_damaged_checkpoints_give_one_error_line(model_dir, tmp_path, capsys):
     assert len(errors) == 1 and errors[0].startswith(f"error: no intact saved state: {ckpt}/state-000000000002: "
                                                      "FileNotFoundError: "), stderr
     assert f"{ckpt}/state-000000000001: " in errors[0] and errors[0].endswith("to start afresh)")
+
+
+def test_rope_scaling_streams_as_one_forward_and_is_part_of_the_checkpoint(model_dir, tmp_path, capsys):
+    tokens = np.random.default_rng(3).integers(0, 97, 300).astype(np.int32)
+    np.save(tmp_path / "t.npy", tokens)
+    ckpt = tmp_path / "ckpt"
+    common = [str(model_dir), "--tokens", str(tmp_path / "t.npy"), "--chunk", "32", "-L", str(L), "-G", str(G),
+              "--checkpoint-dir", str(ckpt), "--no-plot", "--no-progress", "--out", str(tmp_path / "o.json")]
+    code, _, stderr = run(common + ["--rope-scaling", "yarn@4", "--max-chunks", "2"], capsys)
+    assert code == 0, stderr
+    code, _, stderr = run(common + ["--rope-scaling", "pi@4"], capsys)  # another frequency method: refused
+    assert code == 1 and "model.attention.frequencies.kind: checkpoint has yarn, run asks linear" in stderr, stderr
+    code, _, stderr = run(common + ["--rope-scaling", "yarn@4"], capsys)  # resumed
+    assert code == 0, stderr
+    record = json.loads((tmp_path / "o.json").read_text())
+    yarn = frequency_method("yarn", 4.0, PRETRAIN)
+    assert record["complete"] and record["settings"]["rope_scaling"] == dataclasses.asdict(yarn)
+    assert record["nll"] == pytest.approx(direct_nll(model_dir, tokens, LMInfinite(G, L), yarn).mean(), abs=2e-5)
+    assert abs(record["nll"] - direct_nll(model_dir, tokens, LMInfinite(G, L)).mean()) > 1e-3
