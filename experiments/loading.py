@@ -248,9 +248,9 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k-from-layer", type=int_option(0), metavar="H",
                        help="first layer using top-k middle tokens (default: 4)")
     group.add_argument("--rope-scaling", metavar="FREQ@FACTOR",
-                       help=f"also rescale RoPE with a frequency method, one of "
-                            f"{', '.join(m for m in FREQUENCY_METHODS if m != 'dynamic_ntk')}, at an extension factor "
-                            "(target length / L_train), e.g. yarn@4 (default: the checkpoint's own RoPE)")
+                       help=f"also rescale RoPE with a frequency method, one of {', '.join(FREQUENCY_METHODS)}, at an "
+                            "extension factor (target length / L_train; dynamic_ntk: its factor s), e.g. yarn@4 "
+                            "(default: the checkpoint's own RoPE)")
 
 
 def spec_from_args(args: argparse.Namespace, config=None) -> AttentionSpec:
@@ -285,8 +285,7 @@ def spec_from_args(args: argparse.Namespace, config=None) -> AttentionSpec:
 
 def frequencies_from_args(args: argparse.Namespace, config) -> RopeScaling | None:
     """The `RopeScaling` of ``--rope-scaling FREQ@FACTOR`` (None when not given) for a model whose
-    ``config`` gives L_train. Cached decoding needs frequencies that do not change with the length,
-    so ``dynamic_ntk`` is refused here."""
+    ``config`` gives L_train."""
     text = getattr(args, "rope_scaling", None)
     if text is None:
         return None
@@ -299,9 +298,6 @@ def frequencies_from_args(args: argparse.Namespace, config) -> RopeScaling | Non
     if choice.factor is None:
         raise ValueError(f"--rope-scaling {text}: give the extension factor, e.g. {choice.frequency}@4 (the length "
                          "a decoding run reaches is not known in advance)")
-    if choice.frequency == "dynamic_ntk":
-        raise ValueError("--rope-scaling dynamic_ntk: its frequencies change with every token, and cached decoding "
-                         "under it is not built yet (experiments.perplexity scores it with whole-sequence forwards)")
     return choice.frequencies(0, pretraining_length(config))
 
 

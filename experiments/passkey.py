@@ -18,8 +18,8 @@ tokens, vanilla), ``lm_infinite`` (Λ-cache, G sinks, L = D = L_train), ``lm_inf
 the paper: k = 5, layers >= 4,
 distance L/2); and every method of `experiments.perplexity`'s grammar ``[MASK+]FREQ[@FACTOR]``
 (`experiments.loading.MethodChoice`, their own defaults, -G for those with sinks; a frequency
-method without ``@`` at the factor each length needs, n / L_train), except ``dynamic_ntk``, which has
-no cached decoding yet. ``all``: `ALL_METHODS`.
+method without ``@`` at the factor each length needs, n / L_train; ``dynamic_ntk`` follows the
+length by itself). ``all``: `ALL_METHODS`.
 
 A small model does not follow the instruction unless taught: `training_windows` makes
 fine-tuning windows (a passkey prompt of at most L_train tokens plus its answer, then corpus
@@ -56,7 +56,8 @@ KEY = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 METHODS = ("vanilla", "truncation", "lm_infinite", "lm_infinite_top_k")
 #: ``--methods all``: the four above, the other mask methods that decode, and the static frequency methods.
-ALL_METHODS = (*METHODS, "streaming_llm", "distance_limit", "self_extend", "leaky_rerope", "pi", "ntk", "yarn")
+ALL_METHODS = (*METHODS, "streaming_llm", "distance_limit", "self_extend", "leaky_rerope", "pi", "ntk", "yarn",
+               "dynamic_ntk")
 NEW_TOKENS = 8
 
 
@@ -167,12 +168,9 @@ def method_names(names: list[str]) -> list[str]:
     for name in names:
         if name not in METHODS:
             try:
-                choice = MethodChoice.parse(name)
+                MethodChoice.parse(name)
             except ValueError as e:
                 raise ValueError(f"--methods: {e}") from None
-            if choice.frequency == "dynamic_ntk":
-                raise ValueError(f"--methods {name}: dynamic NTK has no cached decoding yet (its frequencies change "
-                                 "with every token)")
     return names
 
 

@@ -337,8 +337,8 @@ def _asdict(scaling) -> dict | None:
 
 def cache_bytes(model, length: int) -> int:
     """Bytes of the KV cache (keys, values, positions) ``model`` decodes a ``length``-token sequence
-    with (batch 1): a Λ-cache for a bounded method, else a full cache of ``length`` slots. Its layout
-    does not depend on the RoPE frequencies, so they are left out (dynamic NTK has no cache yet)."""
+    with (batch 1): a Λ-cache for a bounded method, else a full cache of ``length`` slots (its layout
+    does not depend on the RoPE frequencies)."""
     import jax
 
     from models.common import AttentionCall
@@ -377,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
     if len(set(args.multiples)) != len(args.multiples):
         raise ValueError(f"--multiples must be distinct, got {args.multiples}")
     family, config = load_config(args.model_dir)  # validate the options before reading weights
-    rope = isinstance(family.model(config).decoder(1).positional, Rotary)
+    rope = isinstance(family.model(config).decoder().positional, Rotary)
     methods = _methods(args.methods, max(args.multiples), rope)
     l_train = pretraining_length(config)
     lengths = [m * l_train for m in sorted(args.multiples)]

@@ -8,7 +8,8 @@ from lminf_jax.alibi import Alibi, alibi_bias, alibi_slopes
 from lminf_jax.attention import attention, attention_probe
 from lminf_jax.attention_reference import AttentionProbe
 from lminf_jax.rope import (
-    FREQUENCY_METHODS, RopeScaling, RopeScheme, Rotary, apply_rope, frequency_method, rope_angles, rope_frequencies,
+    FREQUENCY_METHODS, LengthRule, RopeScaling, RopeScheme, Rotary, apply_rope, frequency_method, rope_angles,
+    rope_frequencies,
 )
 from lminf_jax.sampling import Sampling, filter_logits, sample
 from lminf_jax.spec import (
@@ -39,6 +40,7 @@ __all__ = [
     "FREQUENCY_METHODS",
     "RopeScaling",
     "RopeScheme",
+    "LengthRule",
     "SelfExtend",
     "SlidingWindow",
     "StreamingLLM",

@@ -39,6 +39,7 @@ from lminf_jax.scores import (
     masked_scores,
     matmul_precision,
     middle_scores,
+    last_key_position,
     prepare_keys,
     prepare_queries,
 )
@@ -105,7 +106,8 @@ def blockwise_attention(
 
     qg = _pad_time(q.reshape(b, tq, hkv, g, d), nq * bq, 0)
     qpos = _pad_time(q_positions, nq * bq, -1)
-    k_local, k_global = prepare_keys(k, k_positions, spec, positional)
+    last = last_key_position(k_positions, positional)
+    k_local, k_global = prepare_keys(k, k_positions, spec, positional, last)
     k_local, k_global, v_pad = (_pad_time(x, tk_pad, 0) for x in (k_local, k_global, v))
     v_pad, bad = finite_values(v_pad)
     kpos = _pad_time(k_positions, tk_pad, -1)
@@ -125,7 +127,7 @@ def blockwise_attention(
     def query_block(_, i):
         qb = lax.dynamic_slice_in_dim(qg, i * bq, bq, axis=1)
         qp = lax.dynamic_slice_in_dim(qpos, i * bq, bq, axis=1)
-        q_local, q_global = prepare_queries(qb, qp, spec, positional)
+        q_local, q_global = prepare_queries(qb, qp, spec, positional, last)
         state = softmax_init((b, hkv, g, bq), dv)
         if sinks is not None:
             sk, sv, sp, sb = sinks

@@ -31,7 +31,9 @@ import numpy as np
 
 from lminf_jax.alibi import Alibi
 from lminf_jax.rope import Rotary, apply_rope
-from lminf_jax.scores import NEG_INF, Positional, global_positional, masked_softmax, matmul_precision
+from lminf_jax.scores import (
+    NEG_INF, Positional, global_positional, last_key_position, masked_softmax, matmul_precision,
+)
 from lminf_jax.spec import AttentionSpec
 
 
@@ -52,15 +54,15 @@ def effective_key_positions(q_positions: jax.Array, k_positions: jax.Array, spec
 
 
 def _scores(q: jax.Array, q_positions: jax.Array, k: jax.Array, k_positions: jax.Array, positional: Positional,
-            scale: float, distance_scale: int = 1) -> jax.Array:
+            scale: float, last: jax.Array | None, distance_scale: int = 1) -> jax.Array:
     """float32 scores ``(B, Hkv, G, S)`` of ``q (B, 1, Hq, d)`` (float32, un-rotated) placed at
     ``q_positions (B, 1)`` against ``k (B, S, Hkv, d)`` at ``k_positions (B, S)``; ALiBi distances are
-    divided by ``distance_scale``."""
+    divided by ``distance_scale``; ``last``: the call's `last_key_position`."""
     b, _, hq, d = q.shape
     hkv, dtype = k.shape[2], k.dtype
     if isinstance(positional, Rotary):
-        q = apply_rope(q, q_positions, positional)
-        k = apply_rope(k, k_positions, positional)
+        q = apply_rope(q, q_positions, positional, last)
+        k = apply_rope(k, k_positions, positional, last)
     grouped = q.astype(dtype).reshape(b, hkv, hq // hkv, d)
     scores = jnp.einsum("bhgd,bkhd->bhgk", grouped, k, preferred_element_type=jnp.float32,
                         precision=matmul_precision(dtype)) * scale
@@ -88,16 +90,17 @@ def single_query_attention(
     validated by `lminf_jax.attention`; no top-k. Returns ``(B, 1, Hq, dv)`` in q's dtype."""
     b, _, hq, _ = q.shape
     q32 = q.astype(jnp.float32)
+    last = last_key_position(k_positions, positional)
     if spec.position_scale == 1:
         effective, attended = effective_key_positions(q_positions[:, 0], k_positions, spec)
-        scores = _scores(q32, q_positions, k, effective, positional, scale)
+        scores = _scores(q32, q_positions, k, effective, positional, scale, last)
     else:
         local, far = spec.classify(q_positions, k_positions)
         attended = local | far
         scores = jnp.where(far[:, None, None, :],
                            _scores(q32, spec.global_query_position(q_positions), k, spec.global_key_position(k_positions),
-                                   global_positional(spec, positional), scale, spec.position_scale),
-                           _scores(q32, q_positions, k, k_positions, positional, scale))
+                                   global_positional(spec, positional), scale, last, spec.position_scale),
+                           _scores(q32, q_positions, k, k_positions, positional, scale, last))
     probs = masked_softmax(jnp.where(attended[:, None, None, :], scores, NEG_INF))
     v = jnp.where(attended[:, :, None, None], v, jnp.zeros((), v.dtype))  # a slot not attended adds an exact 0
     out = jnp.einsum("bhgk,bkhd->bhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32,

@@ -35,7 +35,9 @@ from jax.experimental import pallas as pl
 
 from lminf_jax.alibi import Alibi
 from lminf_jax.online_softmax import softmax_finish, softmax_init, softmax_update
-from lminf_jax.scores import NEG_INF, Positional, global_distance, prepare_keys, prepare_queries
+from lminf_jax.scores import (
+    NEG_INF, Positional, global_distance, last_key_position, prepare_keys, prepare_queries,
+)
 from lminf_jax.spec import AttentionSpec
 
 def kernel_supports(spec: AttentionSpec) -> bool:
@@ -78,9 +80,10 @@ def lambda_attention(
     if not interpret:
         check_triton_shapes(d, dv, block_q, block_k)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    last = last_key_position(positions, positional)
     q_local, q_global = (x.reshape(b, t, hq, d).astype(q.dtype)
-                         for x in prepare_queries(q.reshape(b, t, hkv, group, d), positions, spec, positional))
-    k_local, k_global = (x.astype(k.dtype) for x in prepare_keys(k, positions, spec, positional))
+                         for x in prepare_queries(q.reshape(b, t, hkv, group, d), positions, spec, positional, last))
+    k_local, k_global = (x.astype(k.dtype) for x in prepare_keys(k, positions, spec, positional, last))
 
     padded = -(-t // max(block_q, block_k)) * max(block_q, block_k)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0)))  # noqa: E731

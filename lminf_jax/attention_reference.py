@@ -20,6 +20,7 @@ from lminf_jax.scores import (
     masked_scores,
     masked_softmax,
     middle_scores,
+    last_key_position,
     prepare_keys,
     prepare_queries,
     top_k_active,
@@ -84,8 +85,9 @@ def _dense(q, k, v, q_positions, k_positions, *, spec, positional, scale, layer,
     q = q.astype(jnp.float32).reshape(b, tq, hkv, hq // hkv, d)
     k = k.astype(jnp.float32)
     v = v.astype(jnp.float32)
-    q_local, q_global = prepare_queries(q, q_positions, spec, positional)
-    k_local, k_global = prepare_keys(k, k_positions, spec, positional)
+    last = last_key_position(k_positions, positional)
+    q_local, q_global = prepare_queries(q, q_positions, spec, positional, last)
+    k_local, k_global = prepare_keys(k, k_positions, spec, positional, last)
     scores, attended = masked_scores(
         q_local, q_global, k_local, k_global, q_positions, k_positions, spec=spec, positional=positional, scale=scale
     )

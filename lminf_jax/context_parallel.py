@@ -27,6 +27,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from lminf_jax.alibi import Alibi
 from lminf_jax.attention import attention
+from lminf_jax.rope import Rotary
 from lminf_jax.scores import Positional
 from lminf_jax.spec import AttentionSpec
 
@@ -65,6 +66,9 @@ def context_parallel_attention(
     if not spec.bounded:
         raise ValueError(f"context parallelism needs a bounded window and sinks, without top-k; "
                          f"{spec.describe()} attends unboundedly many keys")
+    if isinstance(positional, Rotary) and positional.length_rule is not None:
+        raise ValueError("context parallelism does not split RoPE that follows the sequence length (dynamic NTK): "
+                         "every device would need the whole sequence's last position; run it on one device")
     for name, value in (("axis", axis), ("batch_axis", batch_axis), ("head_axis", head_axis)):
         if value is not None and value not in mesh.axis_names:
             raise ValueError(f"{name}: mesh has no axis {value!r}; its axes are {mesh.axis_names}")

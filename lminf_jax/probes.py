@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 
 from lminf_jax.online_softmax import softmax_finish, softmax_init, softmax_update
-from lminf_jax.scores import Positional, masked_scores, prepare_keys, prepare_queries
+from lminf_jax.scores import Positional, last_key_position, masked_scores, prepare_keys, prepare_queries
 from lminf_jax.spec import AttentionSpec, int32_positions, require_int32
 
 __all__ = ["RowProbe", "bucket_table", "distance_bucket", "distance_bucket_bounds", "num_distance_buckets", "probe_rows"]
@@ -110,8 +110,9 @@ def probe_rows(
     qpos = int32_positions("q_positions", q_positions)
     kpos = jnp.pad(int32_positions("k_positions", k_positions), ((0, 0), (0, padded - t)), constant_values=-1)
     kf = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, padded - t), (0, 0), (0, 0)))
-    q_local, q_global = prepare_queries(q.astype(jnp.float32).reshape(b, r, hkv, g, d), qpos, spec, positional)
-    k_local, k_global = prepare_keys(kf, kpos, spec, positional)
+    last = last_key_position(kpos, positional)
+    q_local, q_global = prepare_queries(q.astype(jnp.float32).reshape(b, r, hkv, g, d), qpos, spec, positional, last)
+    k_local, k_global = prepare_keys(kf, kpos, spec, positional, last)
 
     neg = jnp.float32(-jnp.inf)
     # the softmax state's weighted sums: column 0 sum(p * logit) (for the entropy), then the mass per bucket

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -180,12 +181,46 @@ def rope_frequencies(rotary_dim: int, theta: float = 10000.0, scaling: RopeScali
 
 
 @dataclass(frozen=True)
+class LengthRule:
+    """Frequencies that follow the sequence length T (Hugging Face's dynamic NTK): those of
+    `rope_frequencies` ``(rotary_dim, theta, scaling, max_position_embeddings, seq_len=T)``, divided by
+    ``divisor`` (a spec's ``position_scale``). T is the largest key position of the attention call
+    + 1 (traced), so a cached decoding step scores exactly as one forward over the tokens so far: the
+    cache holds un-rotated keys, and every step rotates them with the current frequencies."""
+
+    rotary_dim: int
+    theta: float
+    scaling: RopeScaling
+    max_position_embeddings: int
+    divisor: int = 1
+
+    def turn_constants(self, last_key_position: jax.Array) -> tuple[jax.Array, ...]:
+        """`rope_angles`' six float32 constant arrays at T = ``last_key_position`` + 1, computed in
+        float64 on the host (a `jax.pure_callback`) exactly as for a length known in advance."""
+        n = self.rotary_dim // 2
+
+        def host(last: np.ndarray) -> np.ndarray:
+            inv_freq, _ = rope_frequencies(self.rotary_dim, self.theta, self.scaling,
+                                           max_position_embeddings=self.max_position_embeddings,
+                                           seq_len=int(last) + 1)
+            return np.stack(_turn_constants(tuple((inv_freq / self.divisor).tolist())))
+
+        table = jax.pure_callback(host, jax.ShapeDtypeStruct((6, n), jnp.float32),
+                                  jnp.asarray(last_key_position, jnp.int32))
+        return tuple(table[i] for i in range(6))
+
+
+@dataclass(frozen=True)
 class Rotary:
-    """A resolved RoPE scheme: what the attention code needs. Hashable (usable as a jit static arg)."""
+    """A resolved RoPE scheme: what the attention code needs. Hashable (usable as a jit static arg).
+
+    With a ``length_rule`` the frequencies follow the sequence length (`LengthRule`); ``inv_freq``
+    then holds those of sequences up to the pretraining length."""
 
     inv_freq: tuple[float, ...]
     layout: str = "half"
     attention_scaling: float = 1.0
+    length_rule: LengthRule | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inv_freq", tuple(float(f) for f in self.inv_freq))
@@ -194,6 +229,16 @@ class Rotary:
             raise ValueError(f"unknown RoPE `layout` {self.layout!r}; legal values: {', '.join(_LAYOUTS)}")
         if not self.inv_freq:
             raise ValueError("`inv_freq` must be non-empty")
+        if self.length_rule is not None and self.length_rule.rotary_dim != self.rotary_dim:
+            raise ValueError(f"length_rule.rotary_dim ({self.length_rule.rotary_dim}) must equal the rotary dims "
+                             f"of inv_freq ({self.rotary_dim})")
+
+    def divided(self, divisor: int) -> Rotary:
+        """The same rotation at positions divided by ``divisor`` (every frequency divided by it)."""
+        rule = self.length_rule
+        return dataclasses.replace(
+            self, inv_freq=tuple(f / divisor for f in self.inv_freq),
+            length_rule=None if rule is None else dataclasses.replace(rule, divisor=rule.divisor * divisor))
 
     @property
     def rotary_dim(self) -> int:
@@ -243,21 +288,21 @@ class RopeScheme:
     layout: str = "half"
     scaling: RopeScaling | None = None
 
-    def rotary(self, frequencies: RopeScaling | None = None, seq_len: int | None = None) -> Rotary:
+    def rotary(self, frequencies: RopeScaling | None = None) -> Rotary:
         """The `Rotary` under the call-time frequency method ``frequencies`` (None: the checkpoint's
-        own scaling) for a sequence of ``seq_len`` tokens (None: cached decoding, whose length is
-        unknown, so length-dependent scaling is refused there)."""
+        own scaling); dynamic NTK gives one whose frequencies follow the sequence (`LengthRule`)."""
         if frequencies is not None and not isinstance(frequencies, RopeScaling):
             raise ValueError(f"frequencies must be a RopeScaling or None, got {type(frequencies).__name__}")
         if frequencies is not None and self.scaling is not None:
             raise ValueError(f"this checkpoint already scales RoPE (rope_scaling kind {self.scaling.kind!r}); a "
                              f"call-time frequency method ({frequencies.kind!r}) would silently replace it")
         scaling = self.scaling if frequencies is None else frequencies
-        if seq_len is None and scaling is not None and scaling.kind == "dynamic":
-            raise ValueError("dynamic NTK scaling rescales RoPE with the sequence length, which cached decoding "
-                             "does not follow yet; use a whole-sequence forward, or a static method (pi, ntk, yarn)")
-        return Rotary.create(self.head_dim, theta=self.theta, rotary_dim=self.rotary_dim, layout=self.layout,
-                             scaling=scaling, max_position_embeddings=self.pretraining_length, seq_len=seq_len)
+        rotary = Rotary.create(self.head_dim, theta=self.theta, rotary_dim=self.rotary_dim, layout=self.layout,
+                               scaling=scaling, max_position_embeddings=self.pretraining_length)
+        if scaling is None or scaling.kind != "dynamic":
+            return rotary
+        rule = LengthRule(rotary.rotary_dim, float(self.theta), scaling, self.pretraining_length)
+        return dataclasses.replace(rotary, length_rule=rule)
 
 
 def _leading_bits(c: np.ndarray, bits: int) -> np.ndarray:
@@ -295,13 +340,17 @@ def _integer_positions(positions: jax.Array) -> jax.Array:
     return positions.astype(jnp.int32)
 
 
-def rope_angles(positions: jax.Array, inv_freq: Sequence[float] | np.ndarray) -> jax.Array:
-    """float32 angles (*positions.shape, len(inv_freq)) in [-pi, pi], accurate to ~3e-6 rad for any int32."""
+def rope_angles(positions: jax.Array, inv_freq: Sequence[float] | np.ndarray,
+                constants: Sequence[jax.Array] | None = None) -> jax.Array:
+    """float32 angles (*positions.shape, len(inv_freq)) in [-pi, pi], accurate to ~3e-6 rad for any int32.
+
+    ``constants``: the six turn constants of the frequencies when they are traced (`LengthRule`);
+    by default they are computed from ``inv_freq``."""
     p = _integer_positions(positions)[..., None]
     freqs = np.asarray(inv_freq, np.float64)
     if freqs.ndim != 1 or freqs.size == 0:
         raise ValueError(f"`inv_freq` must be a non-empty 1-D sequence, got shape {freqs.shape}")
-    u1, u2, u3, t1, t2, t3 = _turn_constants(tuple(freqs.tolist()))
+    u1, u2, u3, t1, t2, t3 = _turn_constants(tuple(freqs.tolist())) if constants is None else constants
     a = (p >> 16).astype(jnp.float32)  # |a| <= 2**15: exact, and a * (9-bit constant) is exact
     b = (p & 0xFFFF).astype(jnp.float32)  # 0 <= b < 2**16: exact, and b * (8-bit constant) is exact
     s = _wrap(a * u1)
@@ -326,12 +375,21 @@ def _merge_pairs(x1: jax.Array, x2: jax.Array, layout: str) -> jax.Array:
     return jnp.stack([x1, x2], axis=-1).reshape(*x1.shape[:-1], 2 * x1.shape[-1])
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, rotary: Rotary) -> jax.Array:
-    """Rotate x (..., T, H, head_dim) at integer positions (..., T); dims past rotary_dim pass through."""
+def apply_rope(x: jax.Array, positions: jax.Array, rotary: Rotary, last_key_position: jax.Array | None = None
+               ) -> jax.Array:
+    """Rotate x (..., T, H, head_dim) at integer positions (..., T); dims past rotary_dim pass through.
+
+    A rotary with a `LengthRule` needs ``last_key_position``, the largest key position of the
+    attention call (its frequencies are those of a sequence of that many tokens + 1)."""
     rotary_dim = rotary.rotary_dim
     if rotary_dim > x.shape[-1]:
         raise ValueError(f"`rotary_dim` ({rotary_dim}) must be <= head_dim ({x.shape[-1]})")
-    angles = rope_angles(positions, rotary.inv_freq)[..., None, :]  # (..., T, 1, rotary_dim // 2)
+    constants = None
+    if rotary.length_rule is not None:
+        if last_key_position is None:
+            raise ValueError("this RoPE follows the sequence length (dynamic NTK): pass last_key_position")
+        constants = rotary.length_rule.turn_constants(last_key_position)
+    angles = rope_angles(positions, rotary.inv_freq, constants)[..., None, :]  # (..., T, 1, rotary_dim // 2)
     cos = jnp.cos(angles) * np.float32(rotary.attention_scaling)
     sin = jnp.sin(angles) * np.float32(rotary.attention_scaling)
     x1, x2 = _split_pairs(x[..., :rotary_dim].astype(jnp.float32), rotary.layout)

@@ -12,7 +12,6 @@ replaced (selected, never multiplied) by ``-inf``, and the values of other keys 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Union
 
 import jax
@@ -40,7 +39,16 @@ def global_positional(spec: AttentionSpec, positional: Positional) -> Positional
     scale = spec.position_scale
     if scale == 1 or not isinstance(positional, Rotary):
         return positional
-    return dataclasses.replace(positional, inv_freq=tuple(f / scale for f in positional.inv_freq))
+    return positional.divided(scale)
+
+
+def last_key_position(k_positions: jax.Array, positional: Positional) -> jax.Array | None:
+    """The largest key position of an attention call when RoPE follows the sequence length (its
+    frequencies are those of that many tokens + 1, `lminf_jax.rope.LengthRule`), else None. Taken over
+    every key of the call, which includes the newest token, so it must see all ``k_positions``."""
+    if isinstance(positional, Rotary) and positional.length_rule is not None:
+        return jnp.max(k_positions)
+    return None
 
 
 def global_distance(spec: AttentionSpec, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
@@ -50,32 +58,37 @@ def global_distance(spec: AttentionSpec, q_positions: jax.Array, k_positions: ja
 
 
 def prepare_keys(
-    k: jax.Array, k_positions: jax.Array, spec: AttentionSpec, positional: Positional
+    k: jax.Array, k_positions: jax.Array, spec: AttentionSpec, positional: Positional,
+    last: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Keys for local scores (rotated at their positions) and for global scores."""
+    """Keys for local scores (rotated at their positions) and for global scores; ``last``: the
+    call's `last_key_position`."""
     if not isinstance(positional, Rotary):
         return k, k
-    k_local = apply_rope(k, k_positions, positional)
+    k_local = apply_rope(k, k_positions, positional, last)
     if spec.keys_rotated_in_global or not spec.has_global:
         return k_local, k_local
-    return k_local, apply_rope(k, spec.global_key_position(k_positions), global_positional(spec, positional))
+    return k_local, apply_rope(k, spec.global_key_position(k_positions), global_positional(spec, positional), last)
 
 
 def prepare_queries(
-    q: jax.Array, q_positions: jax.Array, spec: AttentionSpec, positional: Positional
+    q: jax.Array, q_positions: jax.Array, spec: AttentionSpec, positional: Positional,
+    last: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Grouped queries ``(B, Tq, Hkv, G, d)`` rotated for local and for global scores."""
+    """Grouped queries ``(B, Tq, Hkv, G, d)`` rotated for local and for global scores; ``last``: the
+    call's `last_key_position`."""
     if not isinstance(positional, Rotary):
         return q, q
-    q_local = _rope_grouped(q, q_positions, positional)
+    q_local = _rope_grouped(q, q_positions, positional, last)
     if not spec.has_global or spec.global_scores_equal_local:
         return q_local, q_local
-    return q_local, _rope_grouped(q, spec.global_query_position(q_positions), global_positional(spec, positional))
+    return q_local, _rope_grouped(q, spec.global_query_position(q_positions), global_positional(spec, positional),
+                                  last)
 
 
-def _rope_grouped(q: jax.Array, positions: jax.Array, rotary: Rotary) -> jax.Array:
+def _rope_grouped(q: jax.Array, positions: jax.Array, rotary: Rotary, last: jax.Array | None) -> jax.Array:
     b, t, hkv, g, d = q.shape
-    return apply_rope(q.reshape(b, t, hkv * g, d), positions, rotary).reshape(q.shape)
+    return apply_rope(q.reshape(b, t, hkv * g, d), positions, rotary, last).reshape(q.shape)
 
 
 def dot_scores(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -182,7 +195,8 @@ def middle_scores(
     """
     distance = spec.top_k.insert_distance
     if isinstance(positional, Rotary):
-        q_last = _rope_grouped(q_last, jnp.full_like(q_last_positions, distance), positional)
+        q_last = _rope_grouped(q_last, jnp.full_like(q_last_positions, distance), positional,
+                               last_key_position(k_positions, positional))
     s = dot_scores(q_last, k) * scale
     if isinstance(positional, Alibi):
         s = s - _grouped_slopes(positional, q_last.shape[2], q_last.shape[3]) * float(distance)

@@ -87,14 +87,14 @@ class LanguageModel:
         if self.sharding is not None and not isinstance(self.sharding, ShardingPlan):
             raise ValueError(f"sharding must be a ShardingPlan or None, got {type(self.sharding).__name__}")
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
-        self.decoder(1)  # a frequency method on an ALiBi model, or over a checkpoint's own scaling, fails here
+        self.decoder()  # a frequency method on an ALiBi model, or over a checkpoint's own scaling, fails here
 
-    def decoder(self, seq_len: int | None) -> Decoder:
+    def decoder(self) -> Decoder:
         """The family's decoder with its positions resolved: RoPE under the call's frequency method
-        for a sequence of ``seq_len`` tokens (None: cached decoding, of unknown length)."""
+        (dynamic NTK's follows each call's sequence length, `lminf_jax.rope.LengthRule`)."""
         dec = self.build(self.config, self.dtype)
         if isinstance(dec.positional, RopeScheme):
-            return dataclasses.replace(dec, positional=dec.positional.rotary(self.call.frequencies, seq_len))
+            return dataclasses.replace(dec, positional=dec.positional.rotary(self.call.frequencies))
         if self.call.frequencies is not None:
             raise ValueError(f"the frequency method {self.call.frequencies.kind!r} rescales RoPE, but this model's "
                              f"positions are {type(dec.positional).__name__}")
@@ -168,7 +168,7 @@ class LanguageModel:
         bounded, else a full cache of ``capacity`` slots. ``dtype`` defaults to the compute dtype.
         With a sharding plan it is created directly in its shards (batch over ``data``, KV heads
         over ``model``)."""
-        dec = self.decoder(None)
+        dec = self.decoder()
 
         def make() -> KVCache:
             return KVCache.for_spec(self.spec, dec.num_layers, batch, dec.num_kv_heads, dec.head_dim,
@@ -183,7 +183,7 @@ class LanguageModel:
         if not isinstance(cache, KVCache):
             raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
         cache.check_spec(self.spec)
-        dec = self.decoder(None)
+        dec = self.decoder()
         expected = (dec.num_layers, cache.keys.shape[1], cache.slots, dec.num_kv_heads, dec.head_dim)
         if cache.keys.shape != expected:
             raise ValueError(f"cache keys have shape {cache.keys.shape}; this model needs {expected} "
@@ -292,7 +292,7 @@ def _heads(x: jax.Array, n: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _jit_forward(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    dec = model.decoder(tokens.shape[1])
+    dec = model.decoder()
     call, plan = model.call, model.sharding
 
     def make_attend(index):
@@ -308,7 +308,7 @@ def _jit_forward(model: LanguageModel, params: Params, tokens: jax.Array, positi
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _jit_probe(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, rows: jax.Array,
                num_buckets: int, full_rows: bool) -> ModelProbe:
-    dec = model.decoder(tokens.shape[1])
+    dec = model.decoder()
     call, plan = model.call, model.sharding
     row_positions = jnp.take(positions, rows, axis=1)
 
@@ -343,7 +343,7 @@ def _jit_probe(model: LanguageModel, params: Params, tokens: jax.Array, position
 @functools.partial(jax.jit, static_argnums=0)
 def _jit_step(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache
               ) -> tuple[jax.Array, KVCache]:
-    dec = model.decoder(None)
+    dec = model.decoder()
     call, plan = model.call, model.sharding
     update = cache.plan(positions)
 

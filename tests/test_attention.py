@@ -15,12 +15,15 @@ from lminf_jax import (
     DistanceLimit,
     LMInfinite,
     RopeScaling,
+    RopeScheme,
     Rotary,
     SelfExtend,
     TopK,
     Vanilla,
+    apply_rope,
     attention,
     attention_probe,
+    frequency_method,
 )
 
 Q, K, V = random_qkv(0, 2, 8, 8, 4, 2, 16)
@@ -185,6 +188,38 @@ def test_a_key_scored_at_position_zero_gets_the_rotary_scaling_in_every_path(spe
     for impl in ("reference", "blockwise") + (("pallas",) if spec.bounded else ()):
         assert rel_err(run(slice(None), impl), want) < 1e-5, impl
     assert rel_err(run(slice(t - 1, t), "single_query"), want[:, -1:]) < 1e-5
+
+
+@pytest.mark.parametrize("spec", [Vanilla(), LMInfinite(3, 8), SelfExtend(3, 8)], ids=lambda s: s.kind)
+@pytest.mark.parametrize("layout,rotary_dim", [("half", 16), ("interleaved", 6)])
+def test_rope_that_follows_the_length_takes_it_from_the_keys_in_every_path(spec, layout, rotary_dim):
+    """Dynamic NTK (a `Rotary` with a `LengthRule`) rotates queries and keys with the frequencies of
+    T = the call's largest key position + 1 (over the batch), whatever the queries: the oracle with
+    the frequencies resolved for that T, in every implementation."""
+    scheme = RopeScheme(16, 4, theta=100.0, rotary_dim=rotary_dim, layout=layout)
+    dynamic = scheme.rotary(frequency_method("dynamic_ntk", 2.0, 4))
+    t = 40
+    q, k, v = random_qkv(case_seed("length rule", spec.kind, layout), 2, t, t, 4, 2, 16)
+    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (2, t)).copy()
+    pos[1] = np.arange(t) - 3  # the second row left-padded: T comes from the first
+    static = Rotary.create(16, theta=100.0, rotary_dim=rotary_dim, layout=layout, scaling=RopeScaling("dynamic", 2.0),
+                           max_position_embeddings=4, seq_len=t)
+    assert static.inv_freq != dynamic.inv_freq  # what a length of 4 gives
+    want = naive_attention(q, k, v, pos, pos, scale=0.25, **naive_spec_kwargs(spec), **naive_positional_kwargs(static))
+    run = lambda qs, impl: attention(q[:, qs], k, v, q_positions=pos[:, qs], k_positions=pos, spec=spec,  # noqa: E731
+                                     positional=dynamic, implementation=impl, block_q=8, block_k=8)
+    valid = pos >= 0
+    for impl in ("reference", "blockwise") + (("pallas",) if spec.bounded else ()):
+        rows = slice(t - 10, t - 5)  # queries short of the last key: T comes from the keys
+        if impl == "pallas":
+            got = attention(q[:1], k[:1], v[:1], q_positions=pos[0], k_positions=pos[0], spec=spec,
+                            positional=dynamic, implementation="pallas", block_q=8, block_k=8)
+            assert rel_err(got, want[:1]) < 1e-5
+            continue
+        assert rel_err(np.asarray(run(rows, impl))[valid[:, rows]], want[:, rows][valid[:, rows]]) < 1e-5, impl
+    assert rel_err(run(slice(t - 1, t), "single_query"), want[:, -1:]) < 1e-5
+    with pytest.raises(ValueError, match="last_key_position"):
+        apply_rope(q, pos, dynamic)
 
 
 def _self_extend_official(q, k, v, inv_freq, g, w, decode):

@@ -112,7 +112,7 @@ def test_methods_are_checked_before_the_weights_are_read(tmp_path, capsys, monke
     from experiments.perplexity import SHIPPED_MODEL
 
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
-    for methods, message in ((["dynamic_ntk"], "dynamic NTK has no cached decoding yet"),
+    for methods, message in ((["dynamic_ntk@0.5"], "the factor after '@' must be a number >= 1"),
                              (["vanilla", "nope"], "'nope' is not a mask method"),
                              (["yarn", "yarn"], "listed twice")):
         assert cli.main([str(SHIPPED_MODEL), "--methods", *methods, "--out", str(tmp_path / "pk.json")]) == 1

@@ -150,7 +150,6 @@ def test_resume_from_a_checkpoint_gives_the_same_numbers(model_dir, text_file, t
     (["-D", "4", "--method", "sliding_window"], "-D/--limit-distance is not used by --method sliding_window"),
     (["--streams", "200"], "300 tokens cannot make 200 streams"),
     (["--rope-scaling", "yarn"], "--rope-scaling yarn: give the extension factor, e.g. yarn@4"),
-    (["--rope-scaling", "dynamic_ntk@2"], "--rope-scaling dynamic_ntk: its frequencies change with every token"),
     (["--rope-scaling", "lm_infinite+pi@2"], "--rope-scaling takes FREQ@FACTOR (the mask is --method)"),
     (["--rope-scaling", "longrope@2"], "--rope-scaling: method 'longrope@2': 'longrope' is not a frequency method"),
 ])

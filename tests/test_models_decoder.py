@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_MODELS, random_model, rel_err
+from conftest import TINY_MODELS, _perturbed, random_model, rel_err
 
 from lminf_jax import LeakyReRoPE, LMInfinite, SelfExtend, StreamingLLM, TopK, Vanilla, frequency_method
 from lminf_jax.cache import KVCache
@@ -152,18 +152,37 @@ def test_positions_beyond_int32_are_refused_not_wrapped_into_padding():
         model.forward(params, tokens[:, :3], far)
 
 
-def test_dynamic_rope_scaling_is_refused_for_cached_decoding():
-    config = dict(TINY_MODELS["llama_gqa"], rope_scaling={"rope_type": "dynamic", "factor": 2.0},
-                  max_position_embeddings=32)
+@pytest.mark.parametrize("name,spec_name,how", [("llama_gqa", "vanilla", "checkpoint"),
+                                                 ("gptj", "lm_infinite", "call"), ("llama_gqa", "self_extend", "call")])
+def test_dynamic_ntk_rotates_every_cached_key_with_the_current_length(name, spec_name, how):
+    """Dynamic NTK's frequencies follow the length T (largest position + 1 over the batch, as Hugging
+    Face's). Every cached call rotates all its keys, cached ones included (they are stored un-rotated),
+    with the frequencies of its own T. In one layer, keys and values do not depend on the frequencies,
+    so each call then equals one forward over the tokens up to its last one (Hugging Face's cache keeps
+    each key at the rotation of the step that wrote it, and cannot). Deeper layers' cached keys come from
+    hidden states computed at earlier lengths, as in any cached decoding."""
+    lengths = {"num_hidden_layers": 1, "max_position_embeddings": 4} if name == "llama_gqa" else \
+        {"n_layer": 1, "n_positions": 4}  # L_train 4: every call is past it, by up to 16x
+    config = dict(TINY_MODELS[name], **lengths)
+    frequencies = frequency_method("dynamic_ntk", 2.0, 4)
+    if how == "checkpoint":
+        config["rope_scaling"], frequencies = {"rope_type": "dynamic", "factor": 2.0}, None
     family = registry.family_for_config(config)
     cfg = family.config_from_hf(config)
-    model = family.model(cfg, AttentionCall(LMInfinite(G, L)))
-    with pytest.raises(ValueError, match="dynamic"):
-        model.init_cache(1)
-    family, cfg, _ = random_model("gptj")
-    model = family.model(cfg, AttentionCall(Vanilla(), frequencies=frequency_method("dynamic_ntk", 2.0, 16)))
-    with pytest.raises(ValueError, match="dynamic"):
-        model.init_cache(1)
+    params = _perturbed(family.init_params(cfg, jax.random.key(3)), jax.random.key(3))
+    model = family.model(cfg, AttentionCall(SPECS[spec_name], frequencies=frequencies))
+    tokens, positions = _tokens_and_positions()
+    got, _ = _incremental_logits(model, params, tokens, positions, model.init_cache(2, capacity=T))
+    valid = np.asarray(positions) >= 0
+    ends = {4: 0, 17: 5, 23: 18, 24: 24, 40: 40, 63: 63}  # last token of a call -> its first token (PREFILL_CHUNKS)
+    for end, start in ends.items():
+        want = model.forward(params, tokens[:, :end + 1], positions[:, :end + 1])[:, start:]
+        rows = valid[:, start:end + 1]
+        assert rel_err(np.asarray(got[:, start:end + 1])[rows], np.asarray(want)[rows]) < 1e-5, end
+    if name == "llama_gqa":  # (the tiny GPT-J's logits hardly depend on its 6 rotary dims)
+        # the frequencies do change with the length: a forward over all 64 tokens scores token 23 otherwise
+        whole = model.forward(params, tokens, positions)
+        assert rel_err(np.asarray(got[:, 23])[valid[:, 23]], np.asarray(whole[:, 23])[valid[:, 23]]) > 1e-3
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
@@ -174,7 +193,7 @@ def test_probe_records_rows_of_every_layer_during_one_forward(name):
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 29)), jnp.int32)
     rows = [0, 5, 6, 7, 28]
     probe = model.probe(params, tokens, rows)
-    dec = model.decoder(29)
+    dec = model.decoder()
     assert rel_err(probe.logits, model.forward(params, tokens)) < 1e-6
     assert probe.hidden.shape == (dec.num_layers + 1, 2, len(rows), probe.hidden.shape[-1])
     np.testing.assert_allclose(probe.hidden[0], np.asarray(dec.embed(params, tokens), np.float32)[:, rows], atol=1e-6)

@@ -12,7 +12,7 @@ SCRIPT = r"""
 import json, re
 import jax, jax.numpy as jnp, numpy as np
 from flax import traverse_util
-from lminf_jax import LMInfinite, Vanilla
+from lminf_jax import LMInfinite, Vanilla, frequency_method
 from lminf_jax.sharding import ShardingPlan, make_mesh
 from models import registry
 from models.common import AttentionCall
@@ -100,6 +100,30 @@ try:
     model.forward(params, long_tokens, jnp.arange(512))
 except ValueError as e:
     out["positions_error"] = str(e)
+
+# dynamic NTK (frequencies follow each call's length through a host callback) under a plan
+hf = dict(CONFIGS["llama"], max_position_embeddings=8)
+cfg = fam.config_from_hf(hf)
+params = jax.tree.map(lambda x: x + 0.1 * jnp.asarray(rng.standard_normal(x.shape), x.dtype),
+                      fam.init_params(cfg, jax.random.key(1)))
+call = AttentionCall(LMInfinite(3, 12), block_q=8, block_k=8, frequencies=frequency_method("dynamic_ntk", 2.0, 8))
+plain, plan = fam.model(cfg, call), ShardingPlan(make_mesh(data=2, model=4))
+model = fam.model(cfg, call, jnp.float32, plan)
+placed = jax.device_put(params, traverse_util.unflatten_dict(fam.param_shardings(cfg, plan), sep="."))
+tokens = tokens[:, :40]
+errs = [rel(model.forward(placed, tokens), plain.forward(params, tokens))]
+caches = [plain.init_cache(2), model.init_cache(2)]
+for start, length in ((0, 20), (20, 1), (21, 9)):
+    toks = tokens[:, start:start + length]
+    pos = jnp.broadcast_to(jnp.arange(start, start + length, dtype=jnp.int32), toks.shape)
+    (a, caches[0]), (b, caches[1]) = plain(params, toks, pos, caches[0]), model(placed, toks, pos, caches[1])
+    errs.append(rel(b, a))
+out["dynamic_ntk"] = errs
+try:
+    cp = fam.model(cfg, call, jnp.float32, ShardingPlan(make_mesh(seq=8)))
+    cp.forward(fam.init_params(cfg, jax.random.key(0), plan=cp.sharding), long_tokens)
+except ValueError as e:
+    out["dynamic_ntk_cp_error"] = str(e)
 print("RESULT " + json.dumps(out))
 """
 
@@ -136,3 +160,8 @@ def test_sharded_cache_decoding_equals_one_device(result):
 def test_context_parallel_model_moves_only_halos_and_sinks(result):
     assert result["cp_collectives"] == ["all-reduce", "collective-permute"], result["cp_collectives"]
     assert "positions cannot be given" in result["positions_error"]
+
+
+def test_dynamic_ntk_runs_sharded_and_is_refused_context_parallel(result):
+    assert len(result["dynamic_ntk"]) == 4 and max(result["dynamic_ntk"]) <= 1e-5, result["dynamic_ntk"]
+    assert "does not split RoPE that follows the sequence length" in result["dynamic_ntk_cp_error"]

@@ -1,5 +1,6 @@
 """Tests for lminf_jax.rope: closed form, exactness at huge positions, HF parity, errors."""
 
+import dataclasses
 import math
 from fractions import Fraction
 
@@ -8,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lminf_jax.rope import (FREQUENCY_METHODS, RopeScaling, RopeScheme, Rotary, apply_rope, frequency_method,
-                            rope_angles, rope_frequencies)
+from lminf_jax.rope import (FREQUENCY_METHODS, RopeScaling, RopeScheme, Rotary, _turn_constants, apply_rope,
+                            frequency_method, rope_angles, rope_frequencies)
 
 # 1 / (2 pi) to 60 digits: an exact-enough rational reference for angle reduction.
 INV_2PI = Fraction("0.159154943091895335768883763372514362034459645740456448747667")
@@ -341,10 +342,32 @@ def test_dynamic_ntk_at_factor_1_is_static_ntk_at_the_length_ratio():
                                                "original_max_position_embeddings": 512})])
 def test_frequency_methods_are_the_hf_kinds_at_the_pretraining_length(name, hf):
     """A call-time method resolves exactly as a checkpoint with that `rope_scaling` (whose HF parity is above)."""
-    call_time = RopeScheme(64, 512, theta=500.0).rotary(frequency_method(name, 4.0, 512), seq_len=3000)
-    checkpoint = RopeScheme(64, 512, theta=500.0, scaling=RopeScaling.from_hf(hf)).rotary(seq_len=3000)
-    assert call_time == checkpoint
+    call_time = RopeScheme(64, 512, theta=500.0).rotary(frequency_method(name, 4.0, 512))
+    checkpoint = RopeScheme(64, 512, theta=500.0, scaling=RopeScaling.from_hf(hf)).rotary()
     assert FREQUENCY_METHODS[name] == hf["rope_type"]
+    if name != "dynamic_ntk":
+        assert call_time == checkpoint and call_time.length_rule is None
+        return
+    for rotary in (call_time, checkpoint):  # the frequencies follow the length, the same for both
+        rule = rotary.length_rule
+        got, _ = rope_frequencies(rule.rotary_dim, rule.theta, rule.scaling,
+                                  max_position_embeddings=rule.max_position_embeddings, seq_len=3000)
+        want, _ = rope_frequencies(64, 500.0, RopeScaling("dynamic", 4.0), max_position_embeddings=512, seq_len=3000)
+        np.testing.assert_array_equal(got, want)
+        assert rotary.inv_freq == tuple(rope_frequencies(64, 500.0)[0])  # up to L_train: the plain frequencies
+
+
+@pytest.mark.parametrize("last", [0, 511, 4095, 2**31 - 1])
+def test_length_rule_constants_are_the_host_ones_at_the_traced_length(last):
+    rule = RopeScheme(24, 512, theta=1e4, rotary_dim=8).rotary(frequency_method("dynamic_ntk", 2.0, 512)).length_rule
+    got = jax.jit(rule.turn_constants)(jnp.int32(last))
+    inv_freq, _ = rope_frequencies(8, 1e4, RopeScaling("dynamic", 2.0), max_position_embeddings=512,
+                                   seq_len=last + 1)  # 2**31 for the last: no int32 wrap
+    for g, w in zip(got, _turn_constants(tuple(inv_freq.tolist()))):
+        np.testing.assert_array_equal(np.asarray(g), w)
+    halved = dataclasses.replace(rule, divisor=2).turn_constants(jnp.int32(last))
+    for g, w in zip(halved, _turn_constants(tuple((inv_freq / 2).tolist()))):
+        np.testing.assert_array_equal(np.asarray(g), w)
 
 
 def test_rope_scheme_resolution_and_its_errors():
@@ -353,8 +376,9 @@ def test_rope_scheme_resolution_and_its_errors():
     assert plain.rotary(frequency_method("pi", 2.0, 256)).inv_freq == tuple(f / 2 for f in plain.rotary().inv_freq)
     with pytest.raises(ValueError, match="already scales RoPE"):
         RopeScheme(24, 256, scaling=RopeScaling("linear", 2.0)).rotary(frequency_method("yarn", 2.0, 256))
-    with pytest.raises(ValueError, match="cached decoding"):
-        plain.rotary(frequency_method("dynamic_ntk", 2.0, 256))
+    assert plain.rotary(frequency_method("dynamic_ntk", 2.0, 256)).length_rule.max_position_embeddings == 256
+    with pytest.raises(ValueError, match="length_rule.rotary_dim"):
+        Rotary((1.0, 0.1), length_rule=plain.rotary(frequency_method("dynamic_ntk", 2.0, 256)).length_rule)
     with pytest.raises(ValueError, match="RopeScaling"):
         plain.rotary("yarn")
     with pytest.raises(ValueError, match="unknown frequency method 'ntk_by_parts'"):
