@@ -1,6 +1,6 @@
 """Passkey retrieval (the paper's downstream test): data at any length and depth, and evaluation.
 
-    python -m experiments.passkey MODEL_DIR [--multiples 1 2 4 8 16] [--depths 0 0.25 0.5 0.75 1]
+    python -m experiments.passkey [MODEL_DIR] [--multiples 1 2 4 8 16] [--depths 0 0.25 0.5 0.75 1]
         [--samples 4] [--methods vanilla truncation lm_infinite lm_infinite_top_k] [-G 10]
         [--top-k 5] [--top-k-from-layer H] [--top-k-to-layer H2] [--top-k-insert-at N] [--seed 0]
         [--out results/passkey.json] [--plot results/passkey.png]
@@ -23,7 +23,9 @@ length by itself). ``all``: `ALL_METHODS`.
 
 A small model does not follow the instruction unless taught: `training_windows` makes
 fine-tuning windows (a passkey prompt of at most L_train tokens plus its answer, then corpus
-text), used by ``python -m experiments.train --init MODEL_DIR --passkey-fraction F``.
+text), used by ``python -m experiments.train --init MODEL_DIR --passkey-fraction F``. MODEL_DIR
+defaults to `SHIPPED_PASSKEY_MODEL`, the shipped LLaMA-style model fine-tuned that way (its model
+card and training log are beside it).
 
 Output: accuracy per method, length and depth (a table on stdout), JSON with every answer, and a
 PNG heat map per method (length x depth).
@@ -55,6 +57,8 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 KEY = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 METHODS = ("vanilla", "truncation", "lm_infinite", "lm_infinite_top_k")
+#: The shipped LLaMA-style model fine-tuned on passkey windows (``experiments/shipped/``).
+SHIPPED_PASSKEY_MODEL = Path(__file__).resolve().parent / "shipped" / "llama-small-stdlib-passkey"
 #: ``--methods all``: the four above, the other mask methods that decode, and the static frequency methods.
 ALL_METHODS = (*METHODS, "streaming_llm", "distance_limit", "self_extend", "leaky_rerope", "pi", "ntk", "yarn",
                "dynamic_ntk")
@@ -139,7 +143,8 @@ def training_windows(builder: PasskeyBuilder, rows: int, seq_len: int, rng: np.r
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.passkey", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", help="converted or Hugging Face model directory (fine-tuned on passkeys)")
+    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_PASSKEY_MODEL),
+                   help="converted or Hugging Face model directory fine-tuned on passkeys (default: the shipped one)")
     p.add_argument("--multiples", type=int_option(1), nargs="+", default=[1, 2, 4, 8, 16], metavar="M",
                    help="prompt lengths as multiples of L_train (default 1 2 4 8 16)")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="F")

@@ -130,3 +130,16 @@ def test_top_k_from_a_layer_the_model_lacks_fails_before_the_weights_are_read(tm
     code = cli.main([str(SHIPPED_MODEL), "--top-k-from-layer", "99", "--out", str(tmp_path / "pk.json")])
     assert code == 1
     assert "error: top_k.from_layer is 99, but the model has 4 layers (0..3)" in capsys.readouterr().err
+
+
+def test_the_shipped_passkey_model_is_the_shipped_model_fine_tuned():
+    from experiments.loading import load_config
+    from experiments.perplexity import SHIPPED_MODEL
+
+    tuned, base = cli.SHIPPED_PASSKEY_MODEL, SHIPPED_MODEL
+    assert load_config(tuned)[1] == load_config(base)[1]
+    assert (tuned / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
+    run = json.loads((tuned / "training" / "run.json").read_text())["identity"]
+    assert run["passkey_fraction"] == 0.5 and run["steps"] == 200
+    assert "Fine-tuning: started from `experiments/shipped/llama-small-stdlib`" in (tuned / "model_card.md").read_text()
+    assert cli.build_parser().parse_args([]).model_dir == str(tuned)
