@@ -337,14 +337,10 @@ def _asdict(scaling) -> dict | None:
 
 def cache_bytes(model, length: int) -> int:
     """Bytes of the KV cache (keys, values, positions) ``model`` decodes a ``length``-token sequence
-    with (batch 1): a Λ-cache for a bounded method, else a full cache of ``length`` slots (its layout
-    does not depend on the RoPE frequencies)."""
+    with (batch 1): a Λ-cache for a bounded method, else a full cache of ``length`` slots."""
     import jax
 
-    from models.common import AttentionCall
-
-    plain = dataclasses.replace(model, call=AttentionCall(model.call.spec))
-    shapes = jax.eval_shape(lambda: plain.init_cache(1, capacity=length))
+    shapes = jax.eval_shape(lambda: model.init_cache(1, capacity=length))
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
 
 
