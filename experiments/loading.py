@@ -314,19 +314,31 @@ def method_spec(method: str, config=None, **options: int | None) -> AttentionSpe
     return spec_from_args(args, config)
 
 
+#: ``MASK@cover``: the mask method's `AttentionSpec.STRETCH` parameter chosen per length (`AttentionSpec.covering`).
+COVER = "cover"
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodChoice:
-    """One method of a comparison: a mask method (`KINDS`) and, optionally, a frequency method
-    (`lminf_jax.FREQUENCY_METHODS`) at a fixed extension ``factor`` or, when ``factor`` is None, at the
-    factor each length n needs: ``max(1, n / L_train)`` (``dynamic_ntk``: 1, since its base already
-    follows the sequence length; in one forward over n tokens it then equals ``ntk`` at n / L_train).
+    """One method of a comparison: a mask method (`KINDS`), its `AttentionSpec.STRETCH` parameter fixed
+    or, with ``cover``, chosen per length so that no distance reaches L_train (`AttentionSpec.covering`),
+    and, optionally, a frequency method (`lminf_jax.FREQUENCY_METHODS`) at a fixed extension ``factor``
+    or, when ``factor`` is None, at the factor each length n needs: ``max(1, n / L_train)``
+    (``dynamic_ntk``: 1, since its base already follows the sequence length; in one forward over n
+    tokens it then equals ``ntk`` at n / L_train).
 
-    Written ``MASK``, ``FREQ[@FACTOR]`` (the vanilla mask) or ``MASK+FREQ[@FACTOR]``, e.g.
-    ``lm_infinite``, ``yarn``, ``pi@32``, ``self_extend+ntk``."""
+    Written ``MASK[@cover]``, ``FREQ[@FACTOR]`` (the vanilla mask) or ``MASK[@cover]+FREQ[@FACTOR]``,
+    e.g. ``lm_infinite``, ``self_extend@cover``, ``yarn``, ``pi@32``, ``self_extend+ntk``."""
 
     mask: str
     frequency: str | None = None
     factor: float | None = None
+    cover: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cover and METHODS[self.mask].STRETCH is None:
+            raise ValueError(f"method {self.name!r}: {self.mask} has no parameter to choose per length "
+                             f"(@{COVER} applies to {', '.join(k for k, m in METHODS.items() if m.STRETCH)})")
 
     @classmethod
     def parse(cls, text: str) -> MethodChoice:
@@ -334,15 +346,21 @@ class MethodChoice:
         mask, _, rest = text.rpartition("+") if "+" in text else ("", "", text)
         if not rest:
             raise ValueError(f"method {text!r}: nothing after '+'")
-        if not mask and rest in KINDS:
-            return cls(rest)
+        if not mask and rest.partition("@")[0] in KINDS:
+            mask, rest = rest, ""
+        mask, at_mask, cover = mask.partition("@")
+        if at_mask and cover != COVER:
+            raise ValueError(f"method {text!r}: a mask method takes only '@{COVER}' (its parameter per length), "
+                             f"got '@{cover}'")
+        if mask and mask not in KINDS:
+            raise ValueError(f"method {text!r}: {mask!r} is not a mask method ({', '.join(KINDS)})")
+        if not rest:
+            return cls(mask, cover=bool(at_mask))
         name, at, factor_text = rest.partition("@")
         if name not in FREQUENCY_METHODS:
             known = f"a mask method ({', '.join(KINDS)})" if not mask and not at else ""
             raise ValueError(f"method {text!r}: {name!r} is not {known + ' or ' if known else ''}a frequency method "
                              f"({', '.join(FREQUENCY_METHODS)})")
-        if mask and mask not in KINDS:
-            raise ValueError(f"method {text!r}: {mask!r} is not a mask method ({', '.join(KINDS)})")
         factor = None
         if at:
             try:
@@ -351,15 +369,20 @@ class MethodChoice:
                 factor = math.nan
             if not (math.isfinite(factor) and factor >= 1):
                 raise ValueError(f"method {text!r}: the factor after '@' must be a number >= 1, got {factor_text!r}")
-        return cls(mask or "vanilla", name, factor)
+        return cls(mask or "vanilla", name, factor, bool(at_mask))
 
     @property
     def name(self) -> str:
         """The choice as written in its canonical form (``vanilla+`` left out)."""
+        mask = f"{self.mask}@{COVER}" if self.cover else self.mask
         if self.frequency is None:
-            return self.mask
+            return mask
         freq = self.frequency if self.factor is None else f"{self.frequency}@{self.factor:g}"
-        return freq if self.mask == "vanilla" else f"{self.mask}+{freq}"
+        return freq if mask == "vanilla" else f"{mask}+{freq}"
+
+    def spec(self, spec: AttentionSpec, length: int, l_train: int) -> AttentionSpec:
+        """The mask method (``spec``, built from the options) for sequences of ``length`` tokens."""
+        return spec.covering(length, l_train) if self.cover else spec
 
     def frequencies(self, length: int, l_train: int) -> RopeScaling | None:
         """The RoPE scaling for sequences of ``length`` tokens of a model pretrained on ``l_train``."""

@@ -19,7 +19,8 @@ the paper: k = 5, layers >= 4,
 distance L/2); and every method of `experiments.perplexity`'s grammar ``[MASK+]FREQ[@FACTOR]``
 (`experiments.loading.MethodChoice`, their own defaults, -G for those with sinks; a frequency
 method without ``@`` at the factor each length needs, n / L_train; ``dynamic_ntk`` follows the
-length by itself). ``all``: `ALL_METHODS`.
+length by itself; ``self_extend@cover`` / ``leaky_rerope@cover``: the group size / leak each length
+needs). ``all``: `ALL_METHODS`.
 
 A small model does not follow the instruction unless taught: `training_windows` makes
 fine-tuning windows (a passkey prompt of at most L_train tokens plus its answer, then corpus
@@ -59,9 +60,10 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 METHODS = ("vanilla", "truncation", "lm_infinite", "lm_infinite_top_k")
 #: The shipped LLaMA-style model fine-tuned on passkey windows (``experiments/shipped/``).
 SHIPPED_PASSKEY_MODEL = Path(__file__).resolve().parent / "shipped" / "llama-small-stdlib-passkey"
-#: ``--methods all``: the four above, the other mask methods that decode, and the static frequency methods.
+#: ``--methods all``: the four above, the other mask methods that decode, the frequency methods, and the
+#: methods whose parameter is chosen per length.
 ALL_METHODS = (*METHODS, "streaming_llm", "distance_limit", "self_extend", "leaky_rerope", "pi", "ntk", "yarn",
-               "dynamic_ntk")
+               "dynamic_ntk", "self_extend@cover", "leaky_rerope@cover")
 NEW_TOKENS = 8
 
 
@@ -179,9 +181,13 @@ def method_names(names: list[str]) -> list[str]:
     return names
 
 
-def frequencies(name: str, length: int, l_train: int):
-    """The RoPE scaling of method ``name`` for prompts of ``length`` tokens (None: the model's own)."""
-    return None if name in METHODS else MethodChoice.parse(name).frequencies(length, l_train)
+def attention_call(name: str, spec: AttentionSpec, length: int, l_train: int) -> AttentionCall:
+    """Method ``name`` (its mask method ``spec``) for prompts of ``length`` tokens: the mask's parameter
+    chosen for the length with ``@cover``, the RoPE scaling of a frequency method (else the model's own)."""
+    if name in METHODS:
+        return AttentionCall(spec)
+    choice = MethodChoice.parse(name)
+    return AttentionCall(choice.spec(spec, length, l_train), frequencies=choice.frequencies(length, l_train))
 
 
 def method_specs(config, name: str, args, l_train: int) -> tuple[AttentionSpec, AttentionSpec | None]:
@@ -238,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     specs = {name: method_specs(config, name, args, l_train) for name in method_names(args.methods)}
     for name, (spec, _) in specs.items():  # a method that cannot apply to this model fails here
         for n in lengths:
-            family.model(config, AttentionCall(spec, frequencies=frequencies(name, n, l_train)))
+            family.model(config, attention_call(name, spec, n, l_train))
     rng = np.random.default_rng(args.seed)
     prompts = {n: [builder.prompt(n, d, random_key(rng)) for d in args.depths for _ in range(args.samples)]
                for n in lengths}
@@ -247,17 +253,18 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for name, (spec, prefill_spec) in specs.items():
         t0 = time.perf_counter()
-        cells, scaling = {}, {}
+        cells, scaling, attention = {}, {}, {}
         for n in lengths:
-            call = AttentionCall(spec, frequencies=frequencies(name, n, l_train))
+            call = attention_call(name, spec, n, l_train)
             model = family.model(config, call, dtype)
             prefill = None if prefill_spec is None else family.model(
                 config, dataclasses.replace(call, spec=prefill_spec), dtype)
             cells[str(n)] = evaluate_cell(model, prefill, params, prompts[n], name, l_train, tokenizer)
             scaling[str(n)] = None if call.frequencies is None else dataclasses.asdict(call.frequencies)
+            attention[str(n)] = call.spec.describe()
             acc = np.mean([r["correct"] for r in cells[str(n)]])
             print(f"{name} at {n:,}: accuracy {acc:.2f}", file=sys.stderr)
-        results[name] = {"attention": spec.describe(), "rope_scaling": scaling, "seconds": time.perf_counter() - t0,
+        results[name] = {"attention": attention, "rope_scaling": scaling, "seconds": time.perf_counter() - t0,
                          "cells": cells}
     record = {"settings": {"model": str(args.model_dir), "family": family.name, "l_train": l_train,
                            "lengths": lengths, "depths": list(args.depths), "samples": args.samples,

@@ -33,7 +33,9 @@ position inside a G + L cache), ``self_extend`` (grouped positions beyond a neig
 ``leaky_rerope`` (distances beyond a window grow k times slower); or a RoPE frequency method
 (``lminf_jax.FREQUENCY_METHODS``: ``pi``, ``ntk``, ``dynamic_ntk``, ``yarn``) written
 ``[MASK+]FREQ[@FACTOR]`` (`experiments.loading.MethodChoice`): without ``@`` the factor each length
-n needs, n / L_train (at least 1), e.g. ``yarn``, ``pi@32``, ``lm_infinite+ntk``. Default
+n needs, n / L_train (at least 1), e.g. ``yarn``, ``pi@32``, ``lm_infinite+ntk``. ``MASK@cover``
+chooses Self-Extend's group size or Leaky ReRoPE's leak per length, the smallest that keeps every
+scored distance below L_train (`lminf_jax.AttentionSpec.covering`), e.g. ``self_extend@cover``. Default
 ``vanilla lm_infinite``; ``all`` is every mask method, then ``pi ntk yarn`` at the factor each length
 needs and at the one the longest length needs (``pi@M ntk@M yarn@M``), then ``dynamic_ntk`` (RoPE
 models only). Each method option (-G/-L/-D, --group-size, --leak) applies to the methods that take
@@ -45,8 +47,8 @@ another layout (`lminf_jax.sharding`).
 
 Output: a table (perplexity per method and length, then what each method costs at the longest
 length) on stdout, ``--out`` JSON (settings; per method and length: tiles, tokens, NLL, its standard
-error, perplexity, per-segment perplexity, the RoPE scaling used, keys attended per query (the mask's,
-mean over the scored queries) and the bytes of the KV cache a decoder holds at that length, in total
+error, perplexity, per-segment perplexity, the attention method and RoPE scaling used, the farthest
+distance a query scores a key at, keys attended per query (the mask's, mean over the scored queries) and the bytes of the KV cache a decoder holds at that length, in total
 and per token; per method: NLL by position and prefix perplexity; time) and ``--plot`` PNG (log-scale
 perplexity vs length, one line per method, the spread across segments shaded, next to NLL vs
 position). Completed work survives an interrupted run: the scores of each batch are saved as
@@ -326,8 +328,9 @@ def _methods(names: list[str], longest_multiple: int, rope: bool) -> list[Method
 
 
 def method_settings(choice: MethodChoice, spec) -> dict:
-    """A method's settings for the result file: its mask's spec and its frequency method."""
-    return {**spec_settings(spec), "frequency": choice.frequency,
+    """A method's settings for the result file: its mask's spec (with ``cover``, the value of its
+    `AttentionSpec.STRETCH` parameter at each length is in the length's ``attention``) and its frequency method."""
+    return {**spec_settings(spec), "cover": choice.cover, "frequency": choice.frequency,
             "factor": "per length" if choice.frequency is not None and choice.factor is None else choice.factor}
 
 
@@ -381,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
     choices = {c.name: c for c in methods}
 
     def call(name: str, n: int) -> AttentionCall:
-        return AttentionCall(specs[name], block_q=args.block, block_k=args.block,
+        return AttentionCall(choices[name].spec(specs[name], n, l_train), block_q=args.block, block_k=args.block,
                              frequencies=choices[name].frequencies(n, l_train))
 
     for name in specs:  # a method that cannot apply to this model fails here, before any work
@@ -426,9 +429,10 @@ def run(args: argparse.Namespace) -> int:
                 bar.postfix = f"{name} at {n:,}"
                 batch = rows_per_call(args.batch_tokens, tiles[n].shape[0], n, plan)
                 nll = score(model.forward, params, tiles[n], batch, parts, f"{name}-{n}", bar)
-                costs = cache_bytes(model, n)
+                costs, at_n = cache_bytes(model, n), model.call.spec
                 points.append({**length_point(nll, s).to_json(), "rope_scaling": _asdict(model.call.frequencies),
-                               "attended_keys": float(np.mean(spec.attended_keys(np.arange(n - 1)))),
+                               "attention": at_n.describe(), "farthest_distance": float(at_n.farthest_distance(n)),
+                               "attended_keys": float(np.mean(at_n.attended_keys(np.arange(n - 1)))),
                                "cache_bytes": costs, "cache_bytes_per_token": costs / n})
             results[name] = {"spec": spec, "seconds": time.perf_counter() - t0, "points": points,
                              "prefix_ppl": prefix_ppl(nll, lengths), "buckets": position_buckets(nll, PositionBuckets(2))}

@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from fractions import Fraction
 from typing import ClassVar, Literal, NamedTuple
 
 import jax
@@ -139,6 +140,9 @@ class AttentionSpec:
     keys_rotated_in_global: ClassVar[bool] = False
     #: Every parameter (an int field) of the method: what the command line sets and each is checked against.
     OPTIONS: ClassVar[dict[str, Option]] = {}
+    #: The parameter (one of `OPTIONS`) that compresses the global positions, a larger value scoring far keys
+    #: at shorter distances, or None: what `covering` chooses per length.
+    STRETCH: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         if type(self) is AttentionSpec:
@@ -255,6 +259,48 @@ class AttentionSpec:
             return local
         far = np.maximum(i - self.window + 1, 0)  # keys j <= i - window
         return local + (np.minimum(far, self.sinks) if self.global_keys_bounded else far)
+
+    def farthest_distance(self, length: int) -> Fraction:
+        """The largest distance (query position minus key position, after `position_scale`) at which a
+        query of a ``length``-token sequence (positions ``0..length-1``) scores a key it attends: what
+        must stay below the pretraining length for the model to see only distances it was trained on.
+        Global positions never decrease with the position (true of every method), so the farthest
+        global score is the last query's on key 0."""
+        require_int32("length", length, 1)
+        last = length - 1
+        farthest = Fraction(last if self.window is None else min(last, self.window - 1))
+        if self.has_global and last >= self.window:
+            numerator = (int(self.global_query_position(np.asarray(last, np.int64)))
+                         - int(self.global_key_position(np.asarray(0, np.int64))))
+            farthest = max(farthest, Fraction(numerator, self.position_scale))
+        return farthest
+
+    def covering(self, length: int, pretraining_length: int) -> AttentionSpec:
+        """The method with its `STRETCH` parameter at the smallest legal value for which no query of a
+        ``length``-token sequence scores a key farther than ``pretraining_length - 1`` (its other
+        parameters kept): Self-Extend's group size or Leaky ReRoPE's leak chosen for the target length,
+        as their papers advise. A ValueError when the method has no such parameter or none covers."""
+        require_int32("pretraining_length", pretraining_length, 1)
+        name = self.STRETCH
+        if name is None:
+            raise ValueError(f"{self.kind} has no parameter that compresses its positions to cover a length")
+        limit = pretraining_length - 1
+
+        def covers(value: int) -> AttentionSpec | None:
+            try:
+                spec = dataclasses.replace(self, **{name: value})
+            except ValueError:  # a value whose positions leave int32
+                return None
+            return spec if spec.farthest_distance(length) <= limit else None
+
+        # at `length` a group (or leak) spans the whole sequence: the most compressed placement
+        if covers(max(length, self.OPTIONS[name].minimum)) is None:
+            raise ValueError(f"{self.describe()}: no {name} keeps every distance of {length:,} tokens below "
+                             f"{pretraining_length:,} (its other parameters alone reach farther)")
+        value = self.OPTIONS[name].minimum
+        while (spec := covers(value)) is None:
+            value += 1
+        return spec
 
     def describe(self) -> str:
         """Short human-readable summary, e.g. ``lm_infinite(G=10, L=4096, D=4096)``."""
@@ -420,6 +466,7 @@ class SelfExtend(AttentionSpec):
     local_branch: int = 1024
 
     far: ClassVar[FarKeys] = "all"
+    STRETCH: ClassVar[str] = "group_size"
     OPTIONS: ClassVar[dict[str, Option]] = {
         "group_size": Option("g", 1, "Self-Extend's group size g (default: 8)"),
         "local_branch": Option("L", 1, "Self-Extend's neighbour window W (default: L_train / 4)")}
@@ -474,6 +521,7 @@ class LeakyReRoPE(AttentionSpec):
     leak: int = 16
 
     far: ClassVar[FarKeys] = "all"
+    STRETCH: ClassVar[str] = "leak"
     OPTIONS: ClassVar[dict[str, Option]] = {
         "limit_distance": Option("D", 1, "Leaky ReRoPE's window w (default: L_train / 2)"),
         "leak": Option("k", 1, "Leaky ReRoPE's slope 1/k beyond the window (default: 16)")}

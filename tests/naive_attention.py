@@ -73,37 +73,12 @@ def naive_attention(q, k, v, q_pos, k_pos, *, kind, G=0, L=None, D=None, group=N
                     j = int(k_pos[b, s_])
                     if j < 0 or j > i:
                         continue
-                    delta = i - j
                     qv, kv = (b, t, h), (b, s_, kh)
-                    if kind == "vanilla":
-                        logits.append(score(qv, kv, i, j, h))
-                    elif kind == "self_extend":  # Jin et al. 2024, as in LongLM's self_extend_patch/Llama.py
-                        logits.append(score(qv, kv, i, j, h) if delta < L else
-                                      score(qv, kv, i // group + L - L / group, j // group, h))
-                    elif kind == "leaky_rerope":  # distance w + (delta - w) / k beyond the window w
-                        logits.append(score(qv, kv, i, j, h) if delta < D else
-                                      score(qv, kv, D + (i - D) / leak, j / leak, h))
-                    elif kind == "distance_limit":
-                        logits.append(score(qv, kv, i, j, h) if delta < D else score(qv, kv, D, None, h))
-                    elif kind == "sliding_window":
-                        if delta < L:
-                            logits.append(score(qv, kv, i, j, h))
-                        else:
-                            middle.append((s_, score(qv, kv, top_k[1], None, h) if top_k else 0.0))
-                            continue
-                    else:  # lm_infinite, lambda_mask, streaming_llm
-                        if delta < L:
-                            logits.append(score(qv, kv, i, j, h))
-                        elif j < G:
-                            if kind == "lm_infinite":
-                                logits.append(score(qv, kv, D, None, h))
-                            elif kind == "lambda_mask":
-                                logits.append(score(qv, kv, i, j, h))
-                            else:
-                                logits.append(score(qv, kv, min(i, G + L - 1), j, h))
-                        else:
-                            middle.append((s_, score(qv, kv, top_k[1], None, h) if top_k else 0.0))
-                            continue
+                    placed = placement(i, j, kind=kind, G=G, L=L, D=D, group=group, leak=leak)
+                    if placed is None:
+                        middle.append((s_, score(qv, kv, top_k[1], None, h) if top_k else 0.0))
+                        continue
+                    logits.append(score(qv, kv, *placed, h))
                     values.append(v[b, s_, kh])
                 if top_k is not None and top_k_active and t == tq - 1 and middle:
                     for s_, sc in sorted(middle, key=lambda m: -m[1])[: top_k[0]]:
@@ -117,13 +92,27 @@ def naive_attention(q, k, v, q_pos, k_pos, *, kind, G=0, L=None, D=None, group=N
     return (out, lse) if return_lse else out
 
 
-def allowed_keys(i: int, k_pos: np.ndarray, *, kind, G=0, L=None, D=None, group=None, leak=None) -> np.ndarray:
-    """Boolean mask over key slots that query position i attends (no top-k)."""
-    j = np.asarray(k_pos)
-    ok = (j >= 0) & (j <= i)
+def placement(i: int, j: int, *, kind, G=0, L=None, D=None, group=None, leak=None) -> tuple | None:
+    """The (query, key) positions at which query position i scores key position j <= i, or None
+    when the method hides the key (a middle token). A key position None: the key unrotated, at 0."""
     delta = i - j
-    if kind in ("vanilla", "distance_limit", "self_extend", "leaky_rerope"):
-        return ok
-    if kind == "sliding_window":
-        return ok & (delta < L)
-    return ok & ((delta < L) | (j < G))
+    if kind == "vanilla":
+        return i, j
+    if kind == "self_extend":  # Jin et al. 2024, as in LongLM's self_extend_patch/Llama.py
+        return (i, j) if delta < L else (i // group + L - L / group, j // group)
+    if kind == "leaky_rerope":  # distance w + (delta - w) / k beyond the window w
+        return (i, j) if delta < D else (D + (i - D) / leak, j / leak)
+    if kind == "distance_limit":
+        return (i, j) if delta < D else (D, None)
+    if delta < L:
+        return i, j
+    if kind == "sliding_window" or j >= G:
+        return None
+    # lm_infinite, lambda_mask, streaming_llm: a sink beyond the window
+    return {"lm_infinite": (D, None), "lambda_mask": (i, j), "streaming_llm": (min(i, G + L - 1), j)}[kind]
+
+
+def allowed_keys(i: int, k_pos: np.ndarray, *, kind, **params) -> np.ndarray:
+    """Boolean mask over key slots that query position i attends (no top-k)."""
+    return np.array([0 <= j <= i and placement(i, int(j), kind=kind, **params) is not None for j in np.asarray(k_pos)],
+                    bool)

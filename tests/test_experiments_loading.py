@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from experiments.loading import MethodChoice
-from lminf_jax import frequency_method
+from lminf_jax import SelfExtend, frequency_method
 from lminf_jax.spec import KINDS
 
 
@@ -16,6 +16,8 @@ from lminf_jax.spec import KINDS
     ("pi@32", MethodChoice("vanilla", "pi", 32.0), "pi@32"),
     ("self_extend+ntk@2.5", MethodChoice("self_extend", "ntk", 2.5), "self_extend+ntk@2.5"),
     ("streaming_llm+dynamic_ntk", MethodChoice("streaming_llm", "dynamic_ntk"), "streaming_llm+dynamic_ntk"),
+    ("self_extend@cover", MethodChoice("self_extend", cover=True), "self_extend@cover"),
+    ("leaky_rerope@cover+yarn@4", MethodChoice("leaky_rerope", "yarn", 4.0, cover=True), "leaky_rerope@cover+yarn@4"),
 ])
 def test_method_grammar_round_trips(text, choice, name):
     assert MethodChoice.parse(text) == choice and choice.name == name
@@ -24,6 +26,12 @@ def test_method_grammar_round_trips(text, choice, name):
 
 def test_every_mask_method_parses_alone():
     assert [MethodChoice.parse(kind) for kind in KINDS] == [MethodChoice(kind) for kind in KINDS]
+
+
+def test_cover_chooses_the_mask_parameter_per_length():
+    base = SelfExtend(8, 128)
+    assert MethodChoice.parse("self_extend@cover").spec(base, 4096, 512) == base.covering(4096, 512) == SelfExtend(11, 128)
+    assert MethodChoice.parse("self_extend+pi").spec(base, 4096, 512) == base
 
 
 def test_factor_per_length_and_fixed():
@@ -47,6 +55,10 @@ def test_factor_per_length_and_fixed():
     ("yarn@0.9", "got '0.9'"),
     ("pi@inf", "got 'inf'"),
     ("pi@x2", "got 'x2'"),
+    ("self_extend@4", "a mask method takes only '@cover'"),
+    ("lm_infinite@cover", "lm_infinite has no parameter to choose per length (@cover applies to self_extend, "
+                          "leaky_rerope)"),
+    ("nope@cover+pi", "'nope' is not a mask method"),
 ])
 def test_bad_methods_name_the_bad_part(text, message):
     with pytest.raises(ValueError) as e:

@@ -10,6 +10,7 @@ from tiny_checkpoint import PRETRAIN, make_model_dir
 
 from experiments import passkey as cli
 from experiments.loading import load_tokenizer_from
+from lminf_jax import SelfExtend
 
 
 class Chars:
@@ -71,7 +72,7 @@ def test_the_evaluation_runs_every_method_and_writes_answers(tmp_path, capsys):
     multiples = [m for m in (1, 2, 4) if m * PRETRAIN >= b.minimum_length][:2]
     assert multiples, "the tiny tokenizer makes prompts longer than the tiny model's window"
     out = tmp_path / "pk.json"
-    methods = [*cli.METHODS, "yarn", "self_extend+pi@2"]
+    methods = [*cli.METHODS, "yarn", "self_extend@cover+pi@2"]
     code = cli.main([str(model_dir), "--multiples", *map(str, multiples), "--depths", "0", "1", "--samples", "2",
                      "-G", "2", "--top-k", "2", "--top-k-to-layer", "2", "--methods", *methods,
                      "--out", str(out), "--plot", str(tmp_path / "pk.png")])
@@ -89,11 +90,14 @@ def test_the_evaluation_runs_every_method_and_writes_answers(tmp_path, capsys):
                 assert r["answer"] is None or r["answer"].isdigit()
             acc = record["accuracy"][name][str(n)]
             assert acc["all"] == np.mean([r["correct"] for r in rows]) and set(acc) == {"all", "0", "1"}
-    assert record["methods"]["lm_infinite_top_k"]["attention"].endswith(f"top_k=2@{PRETRAIN // 2} layers[1,2))")
-    assert record["methods"]["truncation"]["attention"] == "vanilla()"
+    attention = {name: res["attention"] for name, res in record["methods"].items()}
+    assert all(a.endswith(f"top_k=2@{PRETRAIN // 2} layers[1,2))") for a in attention["lm_infinite_top_k"].values())
+    assert set(attention["truncation"].values()) == {"vanilla()"}
     assert [record["methods"]["yarn"]["rope_scaling"][str(n)]["factor"] for n in lengths] == multiples
-    assert {s["factor"] for s in record["methods"]["self_extend+pi@2"]["rope_scaling"].values()} == {2.0}
-    assert record["methods"]["self_extend+pi@2"]["attention"].startswith("self_extend(")
+    assert {s["factor"] for s in record["methods"]["self_extend@cover+pi@2"]["rope_scaling"].values()} == {2.0}
+    # the group size each length needs (the neighbour window its default, L_train / 4)
+    assert attention["self_extend@cover+pi@2"] == {
+        str(n): SelfExtend(8, PRETRAIN // 4).covering(n, PRETRAIN).describe() for n in lengths}
     assert captured.out.splitlines()[0].split()[0] == "method" and (tmp_path / "pk.png").stat().st_size > 0
 
 

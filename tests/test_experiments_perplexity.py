@@ -19,7 +19,7 @@ import lminf_jax.evaluation as evaluation
 from converters.store import load_converted, save_converted
 from experiments import perplexity as cli
 from experiments.loading import load_model, load_tokenizer_from
-from lminf_jax import AttentionSpec, LMInfinite, StreamingLLM, Vanilla, frequency_method
+from lminf_jax import AttentionSpec, LMInfinite, SelfExtend, StreamingLLM, Vanilla, frequency_method
 from lminf_jax.spec import KINDS
 from models.common import AttentionCall
 
@@ -99,7 +99,7 @@ def direct_nll(model_dir: Path, tokens: np.ndarray, spec: AttentionSpec, frequen
 
 def test_every_length_scores_the_same_text(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "ppl.json"
-    methods = [*KINDS, "yarn", "lm_infinite+pi@4", "ntk", "dynamic_ntk"]
+    methods = [*KINDS, "yarn", "lm_infinite+pi@4", "ntk", "dynamic_ntk", "self_extend@cover"]
     code, stdout, stderr = run([str(model_dir), "--text", str(text_file), "--multiples", "1", "4",
                                 "--sequences", "2", "--methods", *methods, "-G", "2", "--batch-tokens", "200",
                                 "--block", "16", "--out", str(out), "--no-plot", "--no-progress"], capsys)
@@ -115,10 +115,12 @@ def test_every_length_scores_the_same_text(model_dir, text_file, tmp_path, capsy
              "streaming_llm": (StreamingLLM(2, PRETRAIN), None),
              # the factor each length needs: 4 at the longest length (and 1, the model's own RoPE, at L_train)
              "yarn": (Vanilla(), frequency_method("yarn", 4.0, PRETRAIN)),
-             "lm_infinite+pi@4": (LMInfinite(2, PRETRAIN), frequency_method("pi", 4.0, PRETRAIN))}
+             "lm_infinite+pi@4": (LMInfinite(2, PRETRAIN), frequency_method("pi", 4.0, PRETRAIN)),
+             # the smallest group size keeping every distance below L_train at the longest length
+             "self_extend@cover": (SelfExtend(8, PRETRAIN // 4).covering(longest, PRETRAIN), None)}
     for name, (spec, frequencies) in specs.items():
         res = record["methods"][name]
-        assert res["attention"]["describe"] == spec.describe()
+        assert res["lengths"][1]["attention"] == spec.describe() and res["attention"]["cover"] == name.endswith("@cover")
         assert [point["length"] for point in res["lengths"]] == [PRETRAIN, longest]
         for point, n in zip(res["lengths"], (PRETRAIN, longest)):
             if name != "lm_infinite" and n != longest:
@@ -138,6 +140,9 @@ def test_every_length_scores_the_same_text(model_dir, text_file, tmp_path, capsy
     assert at["vanilla"]["attended_keys"] == 128.0  # mean of i + 1
     assert at["lm_infinite"]["attended_keys"] == (sum(range(1, 65)) + 65 + 66 * 190) / 255
     assert at["sliding_window"]["attended_keys"] == (sum(range(1, 65)) + 64 * 191) / 255
+    # the farthest distance scored: 255 unbounded, D = 64 for the sinks, (255 // g + W - W / g) grouped
+    farthest = {name: p["farthest_distance"] for name, p in at.items()}
+    assert (farthest["vanilla"], farthest["lm_infinite"], farthest["self_extend"]) == (255, 64, 255 // 8 + 16 - 2)
     cfg = json.loads((model_dir / "converted.json").read_text())["config"]
     kv_dims = cfg["num_key_value_heads"] * cfg["hidden_size"] // cfg["num_attention_heads"]
     per_slot = cfg["num_hidden_layers"] * kv_dims * 2 * 4 + 4  # fp32 keys + values, int32 position

@@ -7,7 +7,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SPEC_FACTORIES, attended_slots
+from conftest import SPEC_FACTORIES, attended_slots, naive_spec_kwargs
+from naive_attention import placement
 
 from lminf_jax import (
     METHODS,
@@ -160,3 +161,41 @@ def test_every_method_builds_from_its_options_with_defaults():
     for name, cls in METHODS.items():
         spec = cls.from_options(l_train)
         assert set(cls.OPTIONS) == {f.name for f in dataclasses.fields(spec) if f.name not in ("kind", "top_k")}, name
+
+
+@pytest.mark.parametrize("spec_name", sorted(SPEC_FACTORIES))
+@pytest.mark.parametrize("G,L", [(3, 5), (2, 12)])
+def test_farthest_distance_is_the_oracles_largest_scored_distance(spec_name, G, L):
+    spec = SPEC_FACTORIES[spec_name](G, L)
+    kwargs = naive_spec_kwargs(spec)
+    for n in (1, 4, L, L + 1, 3 * L + 2, 60):
+        placed = [placement(i, j, **kwargs) for i in range(n) for j in range(i + 1)]
+        want = max(qp - (0 if kp is None else kp) for qp, kp in (p for p in placed if p is not None))
+        assert float(spec.farthest_distance(n)) == pytest.approx(want, rel=1e-12), n
+    with pytest.raises(ValueError, match="length"):
+        spec.farthest_distance(0)
+
+
+@pytest.mark.parametrize("spec", [SelfExtend(8, 32), SelfExtend(3, 10), LeakyReRoPE(64, 16), LeakyReRoPE(5, 1)],
+                         ids=str)
+@pytest.mark.parametrize("length", [100, 128, 129, 1000, 16_384])
+def test_covering_picks_the_smallest_stretch_that_keeps_distances_below_l_train(spec, length):
+    l_train = 128
+    name = spec.STRETCH
+    covered = spec.covering(length, l_train)
+    assert {f: getattr(covered, f) for f in spec.OPTIONS if f != name} == {
+        f: getattr(spec, f) for f in spec.OPTIONS if f != name}
+    assert covered.farthest_distance(length) <= l_train - 1
+    for smaller in range(1, getattr(covered, name)):  # every smaller value reaches l_train or beyond
+        assert dataclasses.replace(spec, **{name: smaller}).farthest_distance(length) > l_train - 1
+
+
+def test_covering_fails_clearly():
+    with pytest.raises(ValueError, match="lm_infinite has no parameter"):
+        LMInfinite(4, 64).covering(1000, 64)
+    # neighbours alone reach the pretraining length: no group size can help
+    with pytest.raises(ValueError, match="no group_size keeps every distance of 1,000 tokens below 64"):
+        SelfExtend(4, 64).covering(1000, 64)
+    with pytest.raises(ValueError, match="no leak keeps"):
+        LeakyReRoPE(64, 4).covering(1000, 64)
+    assert SelfExtend(4, 16).covering(64, 64) == SelfExtend(1, 16)  # within L_train: no grouping needed
