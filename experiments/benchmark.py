@@ -250,25 +250,30 @@ def run(args: argparse.Namespace) -> int:
                            "host": platform.node(), "jax": jax.__version__, "repeats": args.repeats}}
     print(f"benchmark: preset {args.preset}, {record['settings']['dtype']}, {record['settings']['device']}",
           file=sys.stderr)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def finish(section: str) -> None:
+        """Save the JSON after each section (its rows are printed as measured): a run stopped by a time
+        limit keeps what it measured."""
+        print(f"({section} saved in {out})", file=sys.stderr)
+        out.write_text(json.dumps(record, indent=1))
+
     if "attention" in args.sections:
         record["attention"] = attention_section(cfg, dtype, window, sinks, args.attention_lengths or attention_lengths,
                                                 args.repeats)
+        finish("attention")
     if {"encode", "decode"} & set(args.sections):
         params = llama.init_params(cfg, jax.random.key(0), dtype)
         if "encode" in args.sections:
             record["encode"] = encode_section(cfg, dtype, params, window, sinks, args.encode_lengths or encode_lengths,
                                               args.repeats)
+            finish("encode")
         if "decode" in args.sections:
             record["decode"], record["read_bandwidth_gb_s"] = decode_section(
                 cfg, dtype, params, window, sinks, args.positions or positions, args.batches, args.steps, args.repeats)
             record["read_bandwidth_gb_s"] /= 1e9
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    for section in ("attention", "encode", "decode"):
-        if record.get(section):
-            key = "position" if section == "decode" else "T"
-            print(f"\n{section}\n" + "\n".join(format_row(r, key) for r in record[section]))
+            finish("decode")
     drawn = plot(record, Path(args.plot))
     print(f"wrote {out}" + (f" and {args.plot}" if drawn else " (no plot: matplotlib is not installed)"))
     return 0

@@ -1,10 +1,12 @@
-"""The fused Pallas Λ-attention kernel (interpreted on CPU) against the float64 oracle: every
-bounded spec, RoPE (half and interleaved partial), ALiBi and none, GQA, a length that is no
-multiple of the blocks, float32 and bfloat16; its contract errors; a model run through it."""
+"""The fused Pallas Λ-attention kernel (interpreted on CPU, compiled with Triton on a GPU: the
+device check runs this module there) against the float64 oracle: every bounded spec, RoPE (half
+and interleaved partial), ALiBi and none, GQA, a length that is no multiple of the blocks, float32
+and bfloat16; its contract errors; a model run through it."""
 
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,9 @@ from naive_attention import naive_attention
 from lminf_jax import LMInfinite, LambdaMask, SlidingWindow, StreamingLLM, Vanilla, attention
 from lminf_jax.attention_pallas import check_triton_shapes, lambda_attention
 from models.common import AttentionCall
+
+#: Off GPU the kernel body runs through XLA; on a GPU the same tests compile it.
+INTERPRET = jax.default_backend() != "gpu"
 
 SPECS = {
     "lm_infinite": LMInfinite(3, 40),
@@ -37,7 +42,7 @@ def test_kernel_matches_naive_oracle(spec_name, positional_name):
     want, want_lse = naive_attention(q, k, v, pos, pos, scale=d**-0.5, **naive_spec_kwargs(spec),
                                      **naive_positional_kwargs(positional), return_lse=True)
     got, lse = lambda_attention(q, k, v, spec=spec, positional=positional, scale=d**-0.5, block_q=32, block_k=16,
-                                interpret=True)
+                                interpret=INTERPRET)
     assert got.shape == (b, t, hq, d) and rel_err(got, want) < 1e-5
     assert lse.shape == (b, t, hq) and np.max(np.abs(np.asarray(lse) - want_lse)) < 1e-4
 
@@ -53,6 +58,11 @@ def test_kernel_lowers_to_triton_for_the_gpu(positional_name):
         positional_name, d, hq), scale=d**-0.5, block_q=64, block_k=64, interpret=False)
     lowered = jax.jit(kernel).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
     assert "custom_call @__gpu$xla.gpu.triton" in lowered
+    # float32 tiles multiply in float32, not Triton's default TF32
+    f32 = jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(kv.shape, jnp.float32)
+    dots = str(jax.make_jaxpr(kernel)(f32[0], f32[1], f32[1])).split("dot_general[")[1:]
+    precisions = [re.search(r"precision=([^\n]*)", d).group(1) for d in dots]
+    assert len(dots) == 4 and all(p.startswith("(Precision.HIGHEST, Precision.HIGHEST)") for p in precisions), dots
 
 
 def test_kernel_in_bfloat16_and_through_attention():
