@@ -40,6 +40,7 @@ from lminf_jax.scores import (
     matmul_precision,
     middle_scores,
     last_key_position,
+    local_scores,
     prepare_keys,
     prepare_queries,
 )
@@ -58,9 +59,9 @@ def _pad_time(x: jax.Array, length: int, value) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _rows(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
-    """Per-row slice ``x[b, start[b] : start[b] + size]`` (start clamped to fit)."""
-    return jax.vmap(lambda row, s: lax.dynamic_slice_in_dim(row, s, size, axis=0))(x, start)
+def _rows(x: jax.Array, start: jax.Array, size: int, axis: int) -> jax.Array:
+    """Per batch row ``b``, ``size`` entries of ``x[b]`` along its ``axis`` from ``start[b]`` (clamped to fit)."""
+    return jax.vmap(lambda row, s: lax.dynamic_slice_in_dim(row, s, size, axis=axis))(x, start)
 
 
 def _first_at_least(k_positions: jax.Array, target: jax.Array) -> jax.Array:
@@ -68,14 +69,19 @@ def _first_at_least(k_positions: jax.Array, target: jax.Array) -> jax.Array:
     return jax.vmap(lambda row, t: jnp.searchsorted(row, t, side="left"))(k_positions, target).astype(jnp.int32)
 
 
+def _weighted(p: jax.Array, v: jax.Array) -> jax.Array:
+    """``p (B, Hkv, G, bq, n) @ v (B, Hkv, n, dv)`` in float32."""
+    return jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                      precision=matmul_precision(v.dtype))
+
+
 def _fold(state: SoftmaxState, scores: jax.Array, attended: jax.Array, v: jax.Array, bad: jax.Array) -> SoftmaxState:
     """Fold float32 ``scores (B, Hkv, G, bq, n)`` of the keys ``attended (B, 1, 1, bq, n)`` into the
-    state, against finite ``v (B, n, Hkv, dv)`` whose rows ``bad (B, n, Hkv)`` were not (`finite_values`)."""
-    def weighted(p: jax.Array) -> jax.Array:
-        return jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
-                          precision=matmul_precision(v.dtype))
-
-    return softmax_update(state, scores, weighted, attends_non_finite(attended, bad))
+    state, against finite ``v (B, Hkv, n, dv)`` whose rows ``bad (B, Hkv, n)`` were not (`finite_values`)."""
+    poisoned = lax.cond(  # rare: skip the pass over every pair
+        jnp.any(bad), lambda: jnp.broadcast_to(attends_non_finite(attended, bad, heads_first=True), state.m.shape),
+        lambda: jnp.zeros(state.m.shape, bool))
+    return softmax_update(state, scores, functools.partial(_weighted, v=v), poisoned)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "positional", "scale", "block_q", "block_k"))
@@ -104,20 +110,25 @@ def blockwise_attention(
     bq, bk = min(block_q, tq), min(block_k, tk)
     nq, tk_pad = -(-tq // bq), _round_up(tk, bk)
 
-    qg = _pad_time(q.reshape(b, tq, hkv, g, d), nq * bq, 0)
+    # rotate every query and key once, then lay them out heads first: each tile's products are
+    # then plain batched matrix products over contiguous rows (B, Hkv[, G], T, d)
     qpos = _pad_time(q_positions, nq * bq, -1)
     last = last_key_position(k_positions, positional)
+    queries = prepare_queries(_pad_time(q.reshape(b, tq, hkv, g, d), nq * bq, 0), qpos, spec, positional, last)
+    q_local, q_global = (x.transpose(0, 2, 3, 1, 4) for x in queries)
     k_local, k_global = prepare_keys(k, k_positions, spec, positional, last)
-    k_local, k_global, v_pad = (_pad_time(x, tk_pad, 0) for x in (k_local, k_global, v))
-    v_pad, bad = finite_values(v_pad)
+    v_pad, bad = finite_values(_pad_time(v, tk_pad, 0))
+    k_local, k_global, v_pad = (_pad_time(x, tk_pad, 0).transpose(0, 2, 1, 3) for x in (k_local, k_global, v_pad))
+    bad = bad.transpose(0, 2, 1)
     kpos = _pad_time(k_positions, tk_pad, -1)
-    score = functools.partial(masked_scores, spec=spec, positional=positional, scale=scale)
+    score = functools.partial(masked_scores, spec=spec, positional=positional, scale=scale, heads_first=True)
 
     sinks = None
     if spec.sinks:
         n_sink = min(spec.sinks, tk_pad)
         first_valid = _first_at_least(k_positions, jnp.zeros((b,), jnp.int32))
-        sinks = tuple(_rows(x, first_valid, n_sink) for x in (k_global, v_pad, kpos, bad))
+        sinks = (*(_rows(x, first_valid, n_sink, axis=1) for x in (k_global, v_pad, bad)),
+                 _rows(kpos, first_valid, n_sink, axis=0))
 
     span_all = spec.window is None or not spec.global_keys_bounded
     width = tk_pad if span_all else min(_round_up(bq + spec.window - 1, bk), tk_pad)
@@ -125,42 +136,57 @@ def blockwise_attention(
     window_global = span_all and spec.has_global
 
     def query_block(_, i):
-        qb = lax.dynamic_slice_in_dim(qg, i * bq, bq, axis=1)
+        ql, qg = (lax.dynamic_slice_in_dim(x, i * bq, bq, axis=3) for x in (q_local, q_global))
         qp = lax.dynamic_slice_in_dim(qpos, i * bq, bq, axis=1)
-        q_local, q_global = prepare_queries(qb, qp, spec, positional, last)
         state = softmax_init((b, hkv, g, bq), dv)
         if sinks is not None:
-            sk, sv, sp, sb = sinks
-            s, attended = score(q_local, q_global, sk, sk, qp, sp, include_local=False)
+            sk, sv, sb, sp = sinks
+            s, attended = score(ql, qg, sk, sk, qp, sp, include_local=False)
             state = _fold(state, s, attended, sv, sb)
 
-        keys = (k_local, k_global, v_pad, kpos, bad)
+        keys, kp_all = (k_local, k_global, v_pad, bad), kpos
         if gather_window:
             pmin = jnp.min(jnp.where(qp >= 0, qp, _INT_MAX), axis=1)
             start = _first_at_least(k_positions, jnp.maximum(pmin - (spec.window - 1), 0))
-            kl, vc, kp, kb = (_rows(x, start, width) for x in (k_local, v_pad, kpos, bad))
-            keys = (kl, kl, vc, kp, kb)
+            kl, vc, kb = (_rows(x, start, width, axis=1) for x in (k_local, v_pad, bad))
+            keys, kp_all = (kl, kl, vc, kb), _rows(kpos, start, width, axis=0)
+        valid_q = qp >= 0
+        q_lo, q_hi = jnp.min(jnp.where(valid_q, qp, _INT_MAX)), jnp.max(qp)
+        every_q_valid = jnp.all(valid_q)
 
         def key_chunk(state, c):
-            kl, kg, vc, kp, kb = (lax.dynamic_slice_in_dim(x, c * bk, bk, axis=1) for x in keys)
-            local, far = spec.classify(qp[:, :, None], kp[:, None, :])
-            any_attended = jnp.any(local | far) if window_global else jnp.any(local)
+            kl, kg, vc, kb = (lax.dynamic_slice_in_dim(x, c * bk, bk, axis=2) for x in keys)
+            kp = lax.dynamic_slice_in_dim(kp_all, c * bk, bk, axis=1)
+            k_lo, k_hi = jnp.min(jnp.where(kp >= 0, kp, _INT_MAX)), jnp.max(kp)
+            # from the position ranges alone (keys increase within a row): may any pair be attended,
+            # and is every pair local (then no mask is needed)?
+            reachable = k_hi >= 0
+            if not window_global and spec.window is not None:
+                reachable &= k_hi > q_lo - spec.window
+            maybe_attended = reachable & (k_lo <= q_hi)
+            all_local = every_q_valid & (jnp.min(kp) >= 0) & (k_hi <= q_lo)
+            if spec.window is not None:
+                all_local &= q_hi - k_lo < spec.window
 
-            def fold(st):
-                s, attended = score(q_local, q_global, kl, kg, qp, kp, include_global=window_global)
+            def masked(st):
+                s, attended = score(ql, qg, kl, kg, qp, kp, include_global=window_global)
                 return _fold(st, s, attended, vc, kb)
 
-            return lax.cond(any_attended, fold, lambda st: st, state), None
+            def unmasked(st):
+                s = local_scores(ql, kl, qp, kp, positional=positional, scale=scale, heads_first=True)
+                poisoned = jnp.broadcast_to(jnp.any(kb, axis=2)[:, :, None, None], st.m.shape)
+                return softmax_update(st, s, functools.partial(_weighted, v=vc), poisoned)
+
+            branch = jnp.where(all_local, 2, jnp.where(maybe_attended, 1, 0))
+            return lax.switch(branch, (lambda st: st, masked, unmasked), state), None
 
         state, _ = lax.scan(key_chunk, state, jnp.arange(width // bk))
         out, lse = softmax_finish(state)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, bq, hq, dv)
-        lse = lse.transpose(0, 3, 1, 2).reshape(b, bq, hq)
         return None, (out.astype(q.dtype), lse)
 
-    _, (out, lse) = lax.scan(query_block, None, jnp.arange(nq))
-    out = out.transpose(1, 0, 2, 3, 4).reshape(b, nq * bq, hq, dv)[:, :tq]
-    lse = lse.transpose(1, 0, 2, 3).reshape(b, nq * bq, hq)[:, :tq]
+    _, (out, lse) = lax.scan(query_block, None, jnp.arange(nq))  # (nq, B, Hkv, G, bq[, dv])
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, hq, dv)[:, :tq]
+    lse = lse.transpose(1, 0, 4, 2, 3).reshape(b, nq * bq, hq)[:, :tq]
     return out, lse
 
 

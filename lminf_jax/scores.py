@@ -91,11 +91,11 @@ def _rope_grouped(q: jax.Array, positions: jax.Array, rotary: Rotary, last: jax.
     return apply_rope(q.reshape(b, t, hkv * g, d), positions, rotary, last).reshape(q.shape)
 
 
-def dot_scores(q: jax.Array, k: jax.Array) -> jax.Array:
-    """``(B, Tq, Hkv, G, d) x (B, Tk, Hkv, d) -> (B, Hkv, G, Tq, Tk)`` in float32."""
-    return jnp.einsum(
-        "bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32, precision=matmul_precision(q.dtype)
-    )
+def dot_scores(q: jax.Array, k: jax.Array, heads_first: bool = False) -> jax.Array:
+    """``(B, Tq, Hkv, G, d) x (B, Tk, Hkv, d) -> (B, Hkv, G, Tq, Tk)`` in float32; with ``heads_first``
+    the inputs are ``(B, Hkv, G, Tq, d)`` and ``(B, Hkv, Tk, d)`` (the blockwise path's layout)."""
+    spec = "bhgqd,bhkd->bhgqk" if heads_first else "bqhgd,bkhd->bhgqk"
+    return jnp.einsum(spec, q, k, preferred_element_type=jnp.float32, precision=matmul_precision(q.dtype))
 
 
 def _grouped_slopes(alibi: Alibi, hkv: int, g: int) -> jax.Array:
@@ -120,12 +120,13 @@ def masked_scores(
     scale: float,
     include_local: bool = True,
     include_global: bool = True,
+    heads_first: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Scaled float32 scores with ``-inf`` outside the attended set, and that set.
 
     ``include_local`` / ``include_global`` restrict the result to one class, which
     lets the blockwise path score sinks and window separately without counting any
-    key twice. Positions are ``(B, Tq)`` and ``(B, Tk)``.
+    key twice. Positions are ``(B, Tq)`` and ``(B, Tk)``; ``heads_first``: the layout of `dot_scores`.
     """
     qp, kp = _pairs(q_positions, k_positions)
     local, far = spec.classify(qp, kp)
@@ -133,16 +134,16 @@ def masked_scores(
     global_is_local = not isinstance(positional, Rotary) or spec.global_scores_equal_local
     s_local = s_global = None
     if include_local or (needs_global and global_is_local):
-        s_local = s_global = dot_scores(q_local, k_local) * scale
+        s_local = s_global = dot_scores(q_local, k_local, heads_first) * scale
     if needs_global and not global_is_local:
-        s_global = dot_scores(q_global, k_global) * scale
-    if isinstance(positional, Alibi):
-        slopes = _grouped_slopes(positional, q_local.shape[2], q_local.shape[3])
-        if needs_global:
-            s_global = s_global - slopes * global_distance(spec, qp, kp)
-        if include_local:
-            s_local = s_local - slopes * (qp - kp).astype(jnp.float32)
+        s_global = dot_scores(q_global, k_global, heads_first) * scale
+    if isinstance(positional, Alibi) and needs_global:
+        s_global = s_global - _grouped_slopes(positional, *s_global.shape[1:3]) * global_distance(spec, qp, kp)
+    if include_local:
+        s_local = _local_bias(s_local, positional, qp, kp)
     b, tq, hkv, g, _ = q_local.shape
+    if heads_first:
+        b, hkv, g, tq, _ = q_local.shape
     scores = jnp.full((b, hkv, g, tq, k_positions.shape[1]), NEG_INF)
     attended = jnp.zeros_like(local)
     if needs_global:
@@ -154,6 +155,21 @@ def masked_scores(
     return scores, attended
 
 
+def local_scores(q_local: jax.Array, k_local: jax.Array, q_positions: jax.Array, k_positions: jax.Array, *,
+                 positional: Positional, scale: float, heads_first: bool = False) -> jax.Array:
+    """Scaled float32 scores of keys that every query attends in the local class (no mask to apply):
+    the fast path of a key chunk lying wholly inside every query's window."""
+    scores = dot_scores(q_local, k_local, heads_first) * scale
+    return _local_bias(scores, positional, *_pairs(q_positions, k_positions))
+
+
+def _local_bias(scores: jax.Array, positional: Positional, qp: jax.Array, kp: jax.Array) -> jax.Array:
+    """``scores (B, Hkv, G, Tq, Tk)`` with ALiBi's bias of the true distance (unchanged under RoPE or none)."""
+    if not isinstance(positional, Alibi):
+        return scores
+    return scores - _grouped_slopes(positional, *scores.shape[1:3]) * (qp - kp).astype(jnp.float32)
+
+
 def finite_values(v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``v (B, Tk, Hkv, dv)`` with its non-finite entries zeroed, and ``(B, Tk, Hkv)`` which key
     rows held one. A product ``p @ v`` over keys a row does not attend (``p = 0``) then never
@@ -162,10 +178,12 @@ def finite_values(v: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(finite, v, jnp.zeros((), v.dtype)), ~jnp.all(finite, axis=-1)
 
 
-def attends_non_finite(attended: jax.Array, bad: jax.Array) -> jax.Array:
+def attends_non_finite(attended: jax.Array, bad: jax.Array, heads_first: bool = False) -> jax.Array:
     """``(B, Hkv, G|1, Tq)``: the rows of ``attended (B, 1|Hkv, 1|G, Tq, Tk)`` that attend a key
-    whose value row is non-finite (``bad (B, Tk, Hkv)`` from `finite_values`); their output is NaN."""
-    return jnp.any(attended & jnp.swapaxes(bad, 1, 2)[:, :, None, None, :], axis=-1)
+    whose value row is non-finite (``bad (B, Tk, Hkv)`` from `finite_values`, ``(B, Hkv, Tk)`` with
+    ``heads_first``); their output is NaN."""
+    by_head = bad if heads_first else jnp.swapaxes(bad, 1, 2)
+    return jnp.any(attended & by_head[:, :, None, None, :], axis=-1)
 
 
 def masked_softmax(scores: jax.Array) -> jax.Array:
