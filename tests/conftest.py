@@ -63,7 +63,8 @@ LONGEST_MODULES = ("test_attention_blockwise", "test_experiments_perplexity", "t
                    "test_models_decoder", "test_experiments_train", "test_decoding", "test_cache",
                    "test_attention_pallas", "test_models", "test_experiments_stream_nll", "test_probes",
                    "test_context_parallel", "test_models_parity", "test_attention_decode",
-                   "test_experiments_continuation", "test_experiments_factors")
+                   "test_experiments_benchmark_peers", "test_multihost", "test_experiments_continuation",
+                   "test_experiments_factors")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
