@@ -156,3 +156,19 @@ def test_blockwise_never_builds_a_t_by_t_array(spec):
     # q/k/v themselves are t*h*d = 131072 elements; scores per block are h*128*128.
     assert biggest <= t * h * d
     assert biggest < t * t // 8
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("spec_name,positional_name", [("lm_infinite", "rope_half"), ("vanilla", "alibi"),
+                                                       ("self_extend", "rope_interleaved_partial")])
+def test_blockwise_lowers_for_gpu_and_tpu(platform, spec_name, positional_name):
+    """No accelerator needed: lowering for another platform runs that platform's lowering rules over
+    the whole program (bf16, GQA, every branch of the key-chunk switch)."""
+    spec, positional = SPEC_FACTORIES[spec_name](10, 64), make_positional(positional_name, 64, 4)
+    q = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    pos = jnp.arange(256, dtype=jnp.int32)
+    run = jax.jit(lambda q, k, v: attention(q, k, v, q_positions=pos, k_positions=pos, spec=spec,
+                                            positional=positional, implementation="blockwise", block_q=64, block_k=64))
+    lowered = run.trace(q, kv, kv).lower(lowering_platforms=(platform,)).as_text()
+    assert "stablehlo.while" in lowered and "bf16" in lowered

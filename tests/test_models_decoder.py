@@ -217,3 +217,19 @@ def test_probe_records_rows_of_every_layer_during_one_forward(name):
     np.testing.assert_allclose(np.asarray(full.logits).max(-1), np.asarray(stats.max_logit), atol=2e-5)
     with pytest.raises(ValueError, match=r"rows must be .* in \[0, 29\)"):
         model.probe(params, tokens, [29])
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_forward_and_cached_step_lower_for_gpu_and_tpu(platform):
+    """The whole model, its forward pass and a cached decoding step, lowered for an accelerator on
+    this CPU machine (a host callback, as dynamic NTK's, cannot be lowered for another platform than
+    the one present, so it is not among these)."""
+    family, cfg, params = random_model("llama_gqa")
+    tokens = jnp.zeros((2, 40), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
+    for spec in (LMInfinite(G, L), Vanilla()):
+        model = family.model(cfg, AttentionCall(spec, block_q=8, block_k=8))
+        cache = model.init_cache(2, capacity=48)
+        for fn, args in ((model.forward, (params, tokens)),
+                         (model.__call__, (params, tokens[:, :1], positions[:, :1], cache))):
+            assert "stablehlo" in jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
