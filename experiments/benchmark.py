@@ -70,15 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(build_parser(), run, argv)
 
 
-def best_seconds(fn, args, repeats: int) -> float:
-    """The fastest of ``repeats`` calls after a warm-up call."""
-    jax.block_until_ready(fn(*args))
+def best_of(run, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``run()`` (which waits for its result) after a
+    warm-up call."""
+    run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        run()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def best_seconds(fn, args, repeats: int) -> float:
+    """The fastest of ``repeats`` calls of the JAX function ``fn(*args)`` after a warm-up call."""
+    return best_of(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def attended_pairs(t: int, window: int | None, sinks: int = 0) -> int:

@@ -35,14 +35,13 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmark import attended_pairs
+from experiments.benchmark import attended_pairs, best_of
 from experiments.benchmark_decode import measure
 from experiments.loading import load_model, run_cli
 from experiments.options import int_option, output_file
@@ -75,17 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(build_parser(), run, argv)
-
-
-def best_of(fn, repeats: int) -> float:
-    """Seconds of the fastest of ``repeats`` calls of ``fn()`` after a warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def hf_model(args: argparse.Namespace, directory: Path):
