@@ -73,6 +73,19 @@ def test_blockwise_matches_reference_every_kind(spec_name, positional_name):
     assert rel_err(fast, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("spec_name", sorted(SPEC_FACTORIES))
+def test_chunks_wholly_inside_every_window_skip_the_mask_and_no_other(spec_name):
+    """One unpadded row, window 15, blocks of 8: many key chunks lie inside every query's window and
+    are scored without a mask, and some end exactly at the window's edge (last query - first key ==
+    15), which must keep it."""
+    t, hq, hkv, d = 64, 2, 1, 16
+    q, k, v = random_qkv(case_seed(spec_name, "mask-free"), 1, t, t, hq, hkv, d)
+    pos = np.arange(t, dtype=np.int32)[None]
+    spec = SPEC_FACTORIES[spec_name](4, 15)
+    fast, ref = _pair(q, k, v, pos, pos, spec, make_positional("alibi", d, hq), block_q=8, block_k=8)
+    assert rel_err(fast, ref) <= 1e-5
+
+
 @pytest.mark.parametrize("spec", [LMInfinite(4, 16, top_k=TopK(3, 8, from_layer=2)),
                                   SlidingWindow(16, top_k=TopK(2, 8, from_layer=0, to_layer=3))])
 def test_blockwise_top_k_matches_reference_with_traced_layer(spec):
