@@ -57,11 +57,10 @@ def cache_at(model: LanguageModel, position: int, capacity: int, key: jax.Array,
     else:
         held = np.arange(position)
     update = cache.plan(jnp.broadcast_to(jnp.asarray(held, jnp.int32), (batch, len(held))))
-    rows = jnp.arange(batch)[:, None]
-    fill = lambda x, k: x.at[:, rows, update.slot].set(  # noqa: E731
-        jax.random.normal(k, (x.shape[0], batch, len(held), *x.shape[3:]), x.dtype), mode="drop")
     k1, k2 = jax.random.split(key)
-    return cache.updated(fill(cache.keys, k1), fill(cache.values, k2), update)
+    random = lambda k, x: jax.random.normal(  # noqa: E731  (layers, batch, tokens, kv_heads, d)
+        k, (x.shape[0], batch, len(held), x.shape[2], x.shape[4]), x.dtype)
+    return cache.written(random(k1, cache.keys), random(k2, cache.values), update)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "steps"))

@@ -15,7 +15,7 @@ from lminf_jax.attention_decode import single_query_attention
 from lminf_jax.attention_pallas import kernel_supports, lambda_attention
 from lminf_jax.attention_reference import AttentionProbe, reference_attention
 from lminf_jax.rope import Rotary
-from lminf_jax.scores import Positional, top_k_active
+from lminf_jax.scores import Positional, default_scale, top_k_active
 from lminf_jax.spec import AttentionSpec, Vanilla, int32_positions
 
 Implementation = Literal["auto", "reference", "blockwise", "single_query", "pallas"]
@@ -150,7 +150,7 @@ def _validate(q, k, v, q_positions, k_positions, spec, positional, scale, layer,
     elif positional is not None:
         raise ValueError(f"positional must be a Rotary, an Alibi or None, got {type(positional).__name__}")
     if scale is None:
-        scale = 1.0 / math.sqrt(d)
+        scale = default_scale(d)
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if spec.top_k is not None and layer is None:

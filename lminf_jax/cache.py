@@ -1,9 +1,13 @@
 """Key/value caches for incremental decoding: the bounded Λ-cache and a full cache.
 
-A `KVCache` is a pytree of per-layer **un-rotated** keys and values plus, per slot, the
-absolute position of the token it holds (``-1`` = empty). Masks, RoPE rotations and
-ALiBi biases are computed from those stored positions at every call, so slot order
-never matters and RoPE stays exact at any int32 position (cached keys included).
+A `KVCache` is a pytree of per-layer keys and values, heads first (one head's keys are
+contiguous, as a decoding step reads them), plus, per slot, the absolute position of the token it
+holds (``-1`` = empty). Masks and ALiBi biases are computed from those stored positions at every
+call, so slot order never matters. Under RoPE with fixed frequencies the keys are stored
+**rotated** at their own positions (``rotated``; each rotation exact at any int32 position), so a
+decoding step reads each key once and rotates only what a method scores elsewhere: the query, per
+global key (`lminf_jax.attention_decode`). Under dynamic NTK (frequencies that follow the length),
+ALiBi or no positions the keys are stored as projected and rotated at every call.
 
 * **Λ-cache** (`KVCache.lambda_cache`): ``G`` sink slots for positions ``0..G-1`` and an
   ``L``-slot ring; position ``p >= G`` lives in slot ``G + (p - G) mod L``. It holds
@@ -12,17 +16,19 @@ never matters and RoPE stays exact at any int32 position (cached keys included).
 * **Full cache** (`KVCache.full`): slot = position, a fixed capacity; for vanilla
   decoding, the distance-limit ablation and the top-k middle-token variant.
 
-One model call with T new tokens is `KVCache.plan` (once, positions only) followed by
-`cached_attention` in every layer and `KVCache.updated` at the end:
+One model call with T new tokens is `KVCache.plan` (once, positions only), `cached_attention` in
+every layer (which reads its layer of the cache and returns the keys to store) and one
+`KVCache.written` after the last layer, which writes every layer's new keys and values into their
+slots (in place inside a jitted loop: a step never copies the cache):
 
-* ``T == 1`` (decoding): the token is written first and the query attends the cache
-  with the dense path, or in one pass with ``implementation="single_query"``
-  (`lminf_jax.attention_decode`). The slot it overwrites is outside every window the cache
-  admits, so nothing it could attend is lost.
-* ``T > 1`` (chunked prefill): the query chunk attends the cache, linearised in
-  position order, followed by the chunk's own keys, so the blockwise path applies;
-  then the chunk is written (in a ring only its last L tokens survive). Chunked
-  prefill therefore leaves the cache exactly as token-by-token decoding would.
+* ``T == 1`` (decoding): the query attends the cache as it was, plus its own key, in one softmax
+  (`lminf_jax.attention_decode`; the dense reference path for top-k middle tokens or when asked
+  for). The slot the token will overwrite holds a position outside every window the cache
+  admits, so attending the cache before the write loses nothing.
+* ``T > 1`` (chunked prefill): the query chunk attends the cache, linearised in position order
+  (and un-rotated), followed by the chunk's own keys, so the blockwise path applies; then the chunk
+  is written (in a ring only its last L tokens survive). Chunked prefill therefore leaves the cache
+  exactly as token-by-token decoding would.
 """
 
 from __future__ import annotations
@@ -34,14 +40,17 @@ import jax
 import jax.numpy as jnp
 
 from lminf_jax.attention import Implementation, attention
-from lminf_jax.scores import Positional
+from lminf_jax.attention_decode import decode_attention, rotates_keys
+from lminf_jax.rope import apply_rope, unrotate
+from lminf_jax.scores import Positional, default_scale
 from lminf_jax.spec import INT32_MAX, AttentionSpec, int32_positions, require_int32
 
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys/values ``(layers, B, S, Hkv, d)``, positions ``(B, S)``; static `sinks`/`ring`.
+    """Keys/values ``(layers, B, Hkv, S, d)``, positions ``(B, S)``; static `sinks`/`ring`/`rotated`.
 
-    ``ring is None`` marks a full cache (slot = position, ``S`` = capacity).
+    ``ring is None`` marks a full cache (slot = position, ``S`` = capacity). ``rotated``: keys are
+    stored rotated at their own positions (`lminf_jax.attention_decode.rotates_keys`).
     """
 
     keys: jax.Array
@@ -49,12 +58,13 @@ class KVCache:
     positions: jax.Array
     sinks: int = 0
     ring: int | None = None
+    rotated: bool = False
 
     # ----- construction ---------------------------------------------------------------
     @classmethod
     def lambda_cache(
         cls, num_layers: int, batch: int, kv_heads: int, head_dim: int, *, sinks: int, window: int,
-        dtype=jnp.float32, value_dim: int | None = None,
+        dtype=jnp.float32, value_dim: int | None = None, rotated: bool = False,
     ) -> KVCache:
         """An empty Λ-cache: ``sinks`` (G) sink slots plus a ring of ``window`` (L) slots."""
         require_int32("sinks", sinks, 0)
@@ -64,22 +74,22 @@ class KVCache:
                              f"{sinks} + {window}")
         driver = "the window L (local_branch)" if window >= sinks else "the sinks G (global_branch)"
         return cls._empty(num_layers, batch, sinks + window, kv_heads, head_dim, value_dim, dtype, sinks, window,
-                          f"Λ-cache of G + L = {sinks} + {window} slots", driver)
+                          rotated, f"Λ-cache of G + L = {sinks} + {window} slots", driver)
 
     @classmethod
     def full(
         cls, num_layers: int, batch: int, kv_heads: int, head_dim: int, *, capacity: int,
-        dtype=jnp.float32, value_dim: int | None = None,
+        dtype=jnp.float32, value_dim: int | None = None, rotated: bool = False,
     ) -> KVCache:
         """An empty full cache holding positions ``0..capacity-1``."""
         require_int32("capacity", capacity, 1)
-        return cls._empty(num_layers, batch, capacity, kv_heads, head_dim, value_dim, dtype, 0, None,
+        return cls._empty(num_layers, batch, capacity, kv_heads, head_dim, value_dim, dtype, 0, None, rotated,
                           f"full cache of capacity = {capacity} slots", "capacity (the longest sequence it must hold)")
 
     @classmethod
     def for_spec(
         cls, spec: AttentionSpec, num_layers: int, batch: int, kv_heads: int, head_dim: int, *,
-        capacity: int | None = None, dtype=jnp.float32, value_dim: int | None = None,
+        capacity: int | None = None, dtype=jnp.float32, value_dim: int | None = None, rotated: bool = False,
     ) -> KVCache:
         """The smallest cache that serves ``spec``: a Λ-cache when its attended set is bounded
         (``capacity``, the longest sequence to be held, is then not needed), else a full
@@ -88,13 +98,14 @@ class KVCache:
             if capacity is None:
                 raise ValueError(f"capacity is required: {spec.describe()} attends an unbounded number of keys "
                                  "and needs a full cache")
-            return cls.full(num_layers, batch, kv_heads, head_dim, capacity=capacity, dtype=dtype, value_dim=value_dim)
+            return cls.full(num_layers, batch, kv_heads, head_dim, capacity=capacity, dtype=dtype, value_dim=value_dim,
+                            rotated=rotated)
         return cls.lambda_cache(num_layers, batch, kv_heads, head_dim, sinks=spec.sinks, window=spec.window,
-                                dtype=dtype, value_dim=value_dim)
+                                dtype=dtype, value_dim=value_dim, rotated=rotated)
 
     @classmethod
-    def _empty(cls, num_layers, batch, slots, kv_heads, head_dim, value_dim, dtype, sinks, ring, what: str,
-               driver: str) -> KVCache:
+    def _empty(cls, num_layers, batch, slots, kv_heads, head_dim, value_dim, dtype, sinks, ring, rotated: bool,
+               what: str, driver: str) -> KVCache:
         """Zeroed keys/values and empty positions, after `check_cache_size`; ``what`` says how the
         slot count arises and ``driver`` what to lower when it is too large."""
         value_dim = head_dim if value_dim is None else value_dim
@@ -104,11 +115,12 @@ class KVCache:
         check_cache_size(num_layers, batch, slots, kv_heads, head_dim + value_dim, jnp.dtype(dtype).itemsize, what,
                          driver)
         return cls(
-            keys=jnp.zeros((num_layers, batch, slots, kv_heads, head_dim), dtype),
-            values=jnp.zeros((num_layers, batch, slots, kv_heads, value_dim), dtype),
+            keys=jnp.zeros((num_layers, batch, kv_heads, slots, head_dim), dtype),
+            values=jnp.zeros((num_layers, batch, kv_heads, slots, value_dim), dtype),
             positions=jnp.full((batch, slots), -1, jnp.int32),
             sinks=sinks,
             ring=ring,
+            rotated=bool(rotated),
         )
 
     # ----- properties -------------------------------------------------------------------
@@ -129,7 +141,7 @@ class KVCache:
 
     def describe(self) -> str:
         kind = f"lambda(G={self.sinks}, L={self.ring})" if self.bounded else f"full(capacity={self.slots})"
-        return f"{kind}, {self.nbytes / 2**20:.1f} MiB"
+        return f"{kind}{', rotated keys' if self.rotated else ''}, {self.nbytes / 2**20:.1f} MiB"
 
     def check_spec(self, spec: AttentionSpec) -> None:
         """Raise a ValueError when this cache cannot hold every key ``spec`` may attend."""
@@ -170,9 +182,17 @@ class KVCache:
         order = None if positions.shape[1] == 1 else jnp.argsort(self.positions, axis=1, stable=True)
         return CacheUpdate(slot=slot, old_positions=self.positions, new_positions=written, order=order)
 
-    def updated(self, keys: jax.Array, values: jax.Array, update: CacheUpdate) -> KVCache:
-        """This cache with every layer's new keys/values and the written positions."""
-        return dataclasses.replace(self, keys=keys, values=values, positions=update.new_positions)
+    def written(self, keys: jax.Array, values: jax.Array, update: CacheUpdate) -> KVCache:
+        """This cache with every layer's new tokens written: ``keys``/``values`` ``(layers, B, T, Hkv,
+        d|dv)`` as `cached_attention` returns them (keys as stored), at ``update.slot``."""
+        rows = jnp.arange(keys.shape[1])[:, None]
+
+        def write(cache: jax.Array, new: jax.Array) -> jax.Array:
+            # the two index arrays are apart, so the written block is (B, T, layers, Hkv, d)
+            return cache.at[:, rows, :, update.slot].set(jnp.moveaxis(new, 0, 2).astype(cache.dtype), mode="drop")
+
+        return dataclasses.replace(self, keys=write(self.keys, keys), values=write(self.values, values),
+                                   positions=update.new_positions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,39 +233,50 @@ def cached_attention(
     *,
     spec: AttentionSpec,
     positional: Positional,
+    rotated: bool,
     scale: float | None = None,
     layer: int | jax.Array | None = None,
     implementation: Implementation = "auto",
     block_q: int = 512,
     block_k: int = 512,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One layer's attention of new tokens over its cache plus themselves; writes them.
+) -> tuple[jax.Array, jax.Array]:
+    """One layer's attention of new tokens over its cache plus themselves.
 
     ``q (B, T, Hq, d)``, ``k``/``v (B, T, Hkv, d)`` un-rotated, ``positions (B, T)``;
-    ``cache_keys``/``cache_values (B, S, Hkv, d)`` this layer's slice of the cache and
-    ``update`` from `KVCache.plan`. Returns ``(out (B, T, Hq, dv), cache_keys, cache_values)``
-    with the new tokens written. Other arguments as in `lminf_jax.attention`.
+    ``cache_keys``/``cache_values (B, Hkv, S, d)`` this layer of the cache (not written here),
+    ``rotated`` its `KVCache.rotated`, and ``update`` from `KVCache.plan`. Returns ``(out (B, T, Hq,
+    dv), keys to store (B, T, Hkv, d))`` (rotated when the cache is); `KVCache.written` stores them.
+    Other arguments as in `lminf_jax.attention`.
     """
-    rows = jnp.arange(k.shape[0])[:, None]
-    new_keys = cache_keys.at[rows, update.slot].set(k.astype(cache_keys.dtype), mode="drop")
-    new_values = cache_values.at[rows, update.slot].set(v.astype(cache_values.dtype), mode="drop")
+    stored = k
+    if rotated:
+        if not rotates_keys(positional):
+            raise ValueError("a cache of rotated keys serves RoPE with fixed frequencies only")
+        stored = apply_rope(k, positions, positional).astype(cache_keys.dtype)
     common = dict(spec=spec, positional=positional, scale=scale, layer=layer)
-    if q.shape[1] == 1:
-        out = attention(q, new_keys, new_values, q_positions=positions, k_positions=update.new_positions,
-                        implementation="single_query" if implementation == "single_query" else "reference",
-                        **common)
-        return out, new_keys, new_values
-    order = update.order[:, :, None, None]
-    keys = jnp.concatenate([jnp.take_along_axis(cache_keys, order, axis=1), k.astype(cache_keys.dtype)], axis=1)
-    values = jnp.concatenate([jnp.take_along_axis(cache_values, order, axis=1), v.astype(cache_values.dtype)], axis=1)
-    key_positions = jnp.concatenate(
-        [jnp.take_along_axis(update.old_positions, update.order, axis=1), positions.astype(jnp.int32)], axis=1
-    )
+    if q.shape[1] == 1 and implementation != "reference" and spec.top_k is None:
+        scale = default_scale(q.shape[-1]) if scale is None else scale
+        # a cache holds position j < G in slot j, so only its first G slots can be global keys
+        far = spec.sinks if spec.global_keys_bounded else None
+        out = decode_attention(q, positions.astype(jnp.int32), (cache_keys, jnp.swapaxes(stored, 1, 2)),
+                               (cache_values, jnp.swapaxes(v.astype(cache_values.dtype), 1, 2)),
+                               (update.old_positions, positions.astype(jnp.int32)), spec=spec, positional=positional,
+                               scale=float(scale), rotated=rotated, far_slots=(far, 0))
+        return out, stored
+    order = update.order if update.order is not None else jnp.argsort(update.old_positions, axis=1, stable=True)
+    key_positions = jnp.take_along_axis(update.old_positions, order, axis=1)
+    linear = lambda x: jnp.swapaxes(jnp.take_along_axis(x, order[:, None, :, None], axis=2), 1, 2)  # noqa: E731
+    cached = linear(cache_keys)
+    if rotated:
+        cached = unrotate(cached, key_positions, positional)
+    keys = jnp.concatenate([cached, k.astype(cache_keys.dtype)], axis=1)
+    values = jnp.concatenate([linear(cache_values), v.astype(cache_values.dtype)], axis=1)
+    key_positions = jnp.concatenate([key_positions, positions.astype(jnp.int32)], axis=1)
     # the kernel serves whole sequences and single_query one query: a chunk runs blockwise
     chunked = "blockwise" if implementation in ("pallas", "single_query") else implementation
     out = attention(q, keys, values, q_positions=positions, k_positions=key_positions,
                     implementation=chunked, block_q=block_q, block_k=block_k, **common)
-    return out, new_keys, new_values
+    return out, stored
 
 
 def available_memory() -> tuple[int, str]:

@@ -186,7 +186,8 @@ class LengthRule:
     `rope_frequencies` ``(rotary_dim, theta, scaling, max_position_embeddings, seq_len=T)``, divided by
     ``divisor`` (a spec's ``position_scale``). T is the largest key position of the attention call
     + 1 (traced), so a cached decoding step scores exactly as one forward over the tokens so far: the
-    cache holds un-rotated keys, and every step rotates them with the current frequencies."""
+    cache then holds keys as projected (`lminf_jax.attention_decode.rotates_keys` is False), and every
+    step rotates them with the current frequencies."""
 
     rotary_dim: int
     theta: float
@@ -375,23 +376,59 @@ def _merge_pairs(x1: jax.Array, x2: jax.Array, layout: str) -> jax.Array:
     return jnp.stack([x1, x2], axis=-1).reshape(*x1.shape[:-1], 2 * x1.shape[-1])
 
 
+def rope_cos_sin(positions: jax.Array, rotary: Rotary, last_key_position: jax.Array | None = None,
+                 extra: tuple[jax.Array, Rotary] | None = None) -> tuple[jax.Array, jax.Array]:
+    """float32 ``(cos, sin)`` of shape ``(*positions.shape, rotary_dim // 2)``, each times the
+    rotary's ``attention_scaling``: the rotation `rotate` applies at integer ``positions``.
+
+    ``extra = (positions2, rotary2)`` adds the angles of a second rotation (same shape of positions,
+    e.g. other frequencies): rotations of one pair commute, so this is both in one. A rotary with a
+    `LengthRule` needs ``last_key_position`` (the largest key position of the attention call)."""
+    angles = _angles(positions, rotary, last_key_position)
+    if extra is not None:
+        angles = angles + _angles(extra[0], extra[1], last_key_position)
+    scaling = np.float32(rotary.attention_scaling)
+    return jnp.cos(angles) * scaling, jnp.sin(angles) * scaling
+
+
+def _angles(positions: jax.Array, rotary: Rotary, last_key_position: jax.Array | None) -> jax.Array:
+    constants = None
+    if rotary.length_rule is not None:
+        if last_key_position is None:
+            raise ValueError("this RoPE follows the sequence length (dynamic NTK): pass last_key_position")
+        constants = rotary.length_rule.turn_constants(last_key_position)
+    return rope_angles(positions, rotary.inv_freq, constants)
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, layout: str) -> jax.Array:
+    """``x (..., head_dim)`` rotated by ``cos``/``sin`` (``(..., rotary_dim // 2)``, from `rope_cos_sin`,
+    broadcast against x) in float32, returned in x's dtype; dims past rotary_dim pass through."""
+    rotary_dim = 2 * cos.shape[-1]
+    if rotary_dim > x.shape[-1]:
+        raise ValueError(f"`rotary_dim` ({rotary_dim}) must be <= head_dim ({x.shape[-1]})")
+    x1, x2 = _split_pairs(x[..., :rotary_dim].astype(jnp.float32), layout)
+    rotated = _merge_pairs(x1 * cos - x2 * sin, x2 * cos + x1 * sin, layout)
+    if rotary_dim == x.shape[-1]:
+        return rotated.astype(x.dtype)
+    rest = jnp.broadcast_to(x[..., rotary_dim:], (*rotated.shape[:-1], x.shape[-1] - rotary_dim))
+    return jnp.concatenate([rotated.astype(x.dtype), rest], axis=-1)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, rotary: Rotary, last_key_position: jax.Array | None = None
                ) -> jax.Array:
     """Rotate x (..., T, H, head_dim) at integer positions (..., T); dims past rotary_dim pass through.
 
     A rotary with a `LengthRule` needs ``last_key_position``, the largest key position of the
     attention call (its frequencies are those of a sequence of that many tokens + 1)."""
-    rotary_dim = rotary.rotary_dim
-    if rotary_dim > x.shape[-1]:
-        raise ValueError(f"`rotary_dim` ({rotary_dim}) must be <= head_dim ({x.shape[-1]})")
-    constants = None
-    if rotary.length_rule is not None:
-        if last_key_position is None:
-            raise ValueError("this RoPE follows the sequence length (dynamic NTK): pass last_key_position")
-        constants = rotary.length_rule.turn_constants(last_key_position)
-    angles = rope_angles(positions, rotary.inv_freq, constants)[..., None, :]  # (..., T, 1, rotary_dim // 2)
-    cos = jnp.cos(angles) * np.float32(rotary.attention_scaling)
-    sin = jnp.sin(angles) * np.float32(rotary.attention_scaling)
-    x1, x2 = _split_pairs(x[..., :rotary_dim].astype(jnp.float32), rotary.layout)
-    rotated = _merge_pairs(x1 * cos - x2 * sin, x2 * cos + x1 * sin, rotary.layout)
-    return jnp.concatenate([rotated.astype(x.dtype), x[..., rotary_dim:]], axis=-1)
+    if rotary.rotary_dim > x.shape[-1]:
+        raise ValueError(f"`rotary_dim` ({rotary.rotary_dim}) must be <= head_dim ({x.shape[-1]})")
+    cos, sin = rope_cos_sin(positions, rotary, last_key_position)
+    return rotate(x, cos[..., None, :], sin[..., None, :], rotary.layout)  # (..., T, 1, rotary_dim // 2)
+
+
+def unrotate(x: jax.Array, positions: jax.Array, rotary: Rotary) -> jax.Array:
+    """The inverse of `apply_rope` (fixed frequencies) on ``x (..., T, H, head_dim)`` rotated at
+    ``positions (..., T)``, attention scaling included: x as it was, to float32 rounding."""
+    cos, sin = rope_cos_sin(positions, rotary)
+    norm = np.float32(rotary.attention_scaling) ** 2
+    return rotate(x, (cos / norm)[..., None, :], (-sin / norm)[..., None, :], rotary.layout)

@@ -12,6 +12,8 @@ replaced (selected, never multiplied) by ``-inf``, and the values of other keys 
 
 from __future__ import annotations
 
+import math
+
 from typing import Union
 
 import jax
@@ -25,6 +27,11 @@ from lminf_jax.rope import Rotary, apply_rope
 from lminf_jax.spec import AttentionSpec
 
 Positional = Union[Rotary, Alibi, None]
+
+
+def default_scale(head_dim: int) -> float:
+    """The score scale when none is given: ``1 / sqrt(head_dim)``."""
+    return 1.0 / math.sqrt(head_dim)
 
 
 def matmul_precision(dtype: jnp.dtype) -> lax.Precision:

@@ -32,6 +32,7 @@ import numpy as np
 from jax import lax
 
 from lminf_jax import Alibi, AttentionProbe, RopeScheme, attention, attention_probe
+from lminf_jax.attention_decode import rotates_keys
 from lminf_jax.cache import KVCache, cached_attention, needs_full_cache
 from lminf_jax.context_parallel import context_parallel_attention
 from lminf_jax.probes import RowProbe, num_distance_buckets, probe_rows
@@ -172,7 +173,8 @@ class LanguageModel:
 
         def make() -> KVCache:
             return KVCache.for_spec(self.spec, dec.num_layers, batch, dec.num_kv_heads, dec.head_dim,
-                                    capacity=capacity, dtype=self.dtype if dtype is None else dtype)
+                                    capacity=capacity, dtype=self.dtype if dtype is None else dtype,
+                                    rotated=rotates_keys(dec.positional))
 
         if self.sharding is None:
             return make()
@@ -184,10 +186,13 @@ class LanguageModel:
             raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
         cache.check_spec(self.spec)
         dec = self.decoder()
-        expected = (dec.num_layers, cache.keys.shape[1], cache.slots, dec.num_kv_heads, dec.head_dim)
+        expected = (dec.num_layers, cache.keys.shape[1], dec.num_kv_heads, cache.slots, dec.head_dim)
         if cache.keys.shape != expected:
             raise ValueError(f"cache keys have shape {cache.keys.shape}; this model needs {expected} "
-                             "(layers, batch, slots, kv_heads, head_dim)")
+                             "(layers, batch, kv_heads, slots, head_dim)")
+        if cache.rotated != rotates_keys(dec.positional):
+            raise ValueError(f"cache.rotated is {cache.rotated} but this model's positions need "
+                             f"{rotates_keys(dec.positional)} (build the cache with init_cache)")
         if batch is not None and cache.keys.shape[1] != batch:
             raise ValueError(f"cache holds {cache.keys.shape[1]} rows but tokens have {batch}")
 
@@ -235,9 +240,9 @@ def _constrain(plan: ShardingPlan | None, dec: Decoder, x: jax.Array, *logical: 
 
 
 def _cache_shardings(plan: ShardingPlan, dec: Decoder, cache: KVCache) -> KVCache:
-    """The cache's shardings: keys/values ``(layers, batch, slots, kv_heads, d)``, positions
+    """The cache's shardings: keys/values ``(layers, batch, kv_heads, slots, d)``, positions
     ``(batch, slots)``."""
-    kv = ("layers", "batch", None, "kv_heads", "head_dim")
+    kv = ("layers", "batch", "kv_heads", None, "head_dim")
     return dataclasses.replace(cache, keys=plan.named(kv, cache.keys.shape, _units(dec)),
                                values=plan.named(kv, cache.values.shape, _units(dec)),
                                positions=plan.named(("batch", None), cache.positions.shape))
@@ -349,18 +354,19 @@ def _jit_step(model: LanguageModel, params: Params, tokens: jax.Array, positions
 
     def make_attend(index, layer_keys, layer_values):
         def attend(q, k, v):
-            out, new_keys, new_values = cached_attention(
-                *_split_heads(dec, q, k, v, plan, length=None), positions,
-                layer_keys, layer_values, update, spec=call.spec, positional=dec.positional, scale=dec.scale,
-                layer=index if call.spec.top_k is not None else None, implementation=call.implementation,
-                block_q=call.block_q, block_k=call.block_k,
+            qh, kh, vh = _split_heads(dec, q, k, v, plan, length=None)
+            out, stored = cached_attention(
+                qh, kh, vh, positions, layer_keys, layer_values, update, spec=call.spec, positional=dec.positional,
+                rotated=cache.rotated, scale=dec.scale, layer=index if call.spec.top_k is not None else None,
+                implementation=call.implementation, block_q=call.block_q, block_k=call.block_k,
             )
-            return out.reshape(*q.shape[:2], -1), (new_keys, new_values)
+            return out.reshape(*q.shape[:2], -1), (stored, vh)
         return attend
 
+    # the layers read the cache; every layer's new keys and values are written once, after them
     h, (keys, values) = _layer_scan(dec, params, dec.embed(params, tokens), make_attend, (cache.keys, cache.values),
                                     plan=plan, length=None)
-    cache = cache.updated(keys, values, update)
+    cache = cache.written(keys, values, update)
     if plan is not None:
         cache = jax.lax.with_sharding_constraint(cache, _cache_shardings(plan, dec, cache))
     return _constrain(plan, dec, dec.head(params, h), "batch", None, "vocab"), cache

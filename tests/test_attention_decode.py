@@ -1,6 +1,7 @@
-"""Single-query attention (one pass, sinks at effective positions) against the float64 oracle:
-every spec and positional encoding, keys in ring order with empty slots, far positions, GQA,
-float32 and bfloat16; cached decoding through it equals the dense path."""
+"""Single-query attention (each key read once, global keys scored by a query rotated per key)
+against the float64 oracle: every spec and positional encoding, keys in ring order with empty
+slots, stored rotated or not, far positions, GQA, float32 and bfloat16; cached decoding through it
+equals the dense path."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from conftest import (SPEC_FACTORIES, case_seed, make_positional, naive_position
 from naive_attention import naive_attention
 
 from lminf_jax import LMInfinite, Rotary, attention
-from lminf_jax.attention_decode import effective_key_positions
+from lminf_jax.attention_decode import decode_attention, rotates_keys
+from lminf_jax.rope import apply_rope
 from models.common import AttentionCall
 
 
@@ -44,14 +46,33 @@ def test_single_query_matches_naive_oracle(spec_name, positional_name):
     assert low.dtype == jnp.bfloat16 and rel_err(low.astype(jnp.float32), want) < 1e-2
 
 
-def test_sinks_are_scored_at_the_distance_limit():
-    spec = LMInfinite(2, 8, 5)
-    k_pos = np.array([[0, 1, 93, 94, 95, 96, 97, 98, 99, 100, -1]], np.int32)
-    effective, attended = effective_key_positions(jnp.array([100]), jnp.asarray(k_pos), spec)
-    assert effective.tolist() == [[95, 95, 93, 94, 95, 96, 97, 98, 99, 100, 0]]  # sinks at p - D
-    assert attended.tolist() == [[True] * 10 + [False]]
-    near = effective_key_positions(jnp.array([6]), jnp.asarray([[0, 1, 2, 6]], jnp.int32), spec)[0]
-    assert near.tolist() == [[0, 1, 2, 6]]  # inside the window every key keeps its position
+@pytest.mark.parametrize("positional_name", ["rope_half", "rope_interleaved_partial", "alibi", "none"])
+@pytest.mark.parametrize("spec_name", sorted(SPEC_FACTORIES))
+def test_a_cache_and_the_new_key_in_one_softmax_match_the_oracle(spec_name, positional_name):
+    """`decode_attention` as a cached step calls it: the cache's keys stored rotated (under RoPE),
+    sinks in their own slots and only there scored as global keys (``far_slots``), the ring
+    shuffled with empty slots, and the step's own key as a second set."""
+    b, s, hq, hkv, d, sinks = 2, 20, 4, 2, 8, 3
+    rng = np.random.default_rng(case_seed("sets", spec_name, positional_name))
+    q, k, v = random_qkv(int(rng.integers(2**31)), b, 1, s + 1, hq, hkv, d)
+    queries = np.array([41, 1_000_003])
+    k_pos = np.stack([np.concatenate([np.arange(sinks), rng.permutation(np.concatenate(
+        [np.arange(p - (s - sinks - empty), p), -np.ones(empty, np.int64)]))]) for p, empty in zip(queries, (0, 4))])
+    k_pos = np.concatenate([k_pos, queries[:, None]], axis=1).astype(np.int32)  # the new token's own key last
+    q_pos = queries[:, None].astype(np.int32)
+    spec = SPEC_FACTORIES[spec_name](sinks, 12)
+    positional = make_positional(positional_name, d, hq)
+    want = naive_attention(q, k, v, q_pos, k_pos, scale=d**-0.5, **naive_spec_kwargs(spec),
+                           **naive_positional_kwargs(positional))
+    rotated = rotates_keys(positional)
+    stored = apply_rope(jnp.asarray(k), jnp.asarray(k_pos), positional) if rotated else jnp.asarray(k)
+    heads_first = lambda x: jnp.swapaxes(jnp.asarray(x), 1, 2)  # noqa: E731
+    out = decode_attention(jnp.asarray(q), jnp.asarray(q_pos), (heads_first(stored[:, :s]), heads_first(stored[:, s:])),
+                           (heads_first(v[:, :s]), heads_first(v[:, s:])),
+                           (jnp.asarray(k_pos[:, :s]), jnp.asarray(k_pos[:, s:])), spec=spec, positional=positional,
+                           scale=d**-0.5, rotated=rotated,
+                           far_slots=(spec.sinks if spec.global_keys_bounded else None, 0))
+    assert rel_err(out, want) < 1e-5
 
 
 def test_cached_decoding_through_single_query_equals_the_dense_path():

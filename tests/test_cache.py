@@ -20,6 +20,7 @@ from naive_attention import naive_attention
 
 from lminf_jax import DistanceLimit, LMInfinite, SlidingWindow, StreamingLLM, TopK, Vanilla, attention
 from lminf_jax.cache import KVCache, cached_attention, needs_full_cache
+from lminf_jax.rope import apply_rope
 
 G, L = 3, 8
 HQ, HKV, D = 4, 2, 16
@@ -29,9 +30,9 @@ HQ, HKV, D = 4, 2, 16
 def _cached_step(cache: KVCache, q, k, v, positions, *, spec, positional, **kw) -> tuple[jax.Array, KVCache]:
     """One call of `cached_attention` on a one-layer cache, as a model step does it."""
     update = cache.plan(positions)
-    out, keys, values = cached_attention(q, k, v, positions, cache.keys[0], cache.values[0], update,
-                                         spec=spec, positional=positional, layer=5, **kw)
-    return out, cache.updated(keys[None], values[None], update)
+    out, stored = cached_attention(q, k, v, positions, cache.keys[0], cache.values[0], update, spec=spec,
+                                   positional=positional, rotated=cache.rotated, layer=5, **kw)
+    return out, cache.written(stored[None], v[None], update)
 
 
 def _run_chunks(cache: KVCache, q, k, v, positions, chunks, spec, positional, **kw):
@@ -54,12 +55,15 @@ def _chunks(total: int, seed: int) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("spec_name,positional_name,implementation", [
-    *((name, "rope_half", "blockwise") for name in sorted(SPEC_FACTORIES)),
-    ("lm_infinite", "rope_interleaved_partial", "auto"), ("lm_infinite", "alibi", "blockwise"),
-    ("streaming_llm", "alibi", "auto"), ("vanilla", "alibi", "auto"),
+@pytest.mark.parametrize("spec_name,positional_name,implementation,rotated", [
+    *((name, "rope_half", "blockwise", True) for name in sorted(SPEC_FACTORIES)),
+    ("lm_infinite", "rope_interleaved_partial", "auto", True), ("lm_infinite", "rope_half", "auto", False),
+    ("self_extend", "rope_interleaved_partial", "auto", False), ("lm_infinite", "rope_half", "reference", True),
+    ("lm_infinite", "alibi", "blockwise", False), ("streaming_llm", "alibi", "auto", False),
+    ("vanilla", "alibi", "auto", False),
 ])
-def test_chunked_cached_attention_equals_one_full_call(spec_name, positional_name, implementation):
+def test_chunked_cached_attention_equals_one_full_call(spec_name, positional_name, implementation, rotated):
+    """Every chunk size (1 included: the decoding path), stored keys rotated or as projected."""
     spec = SPEC_FACTORIES[spec_name](G, L)
     positional = make_positional(positional_name, D, HQ)
     b, t = 2, 8 * L
@@ -67,7 +71,7 @@ def test_chunked_cached_attention_equals_one_full_call(spec_name, positional_nam
     positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
     positions[1, :5] = -1  # row 1 is left-padded by 5: its real tokens sit at 0..t-6
     positions[1, 5:] = np.arange(t - 5)
-    cache = KVCache.for_spec(spec, 1, b, HKV, D, capacity=t)
+    cache = KVCache.for_spec(spec, 1, b, HKV, D, capacity=t, rotated=rotated)
     assert cache.bounded == spec.bounded
     got, cache = _run_chunks(cache, q, k, v, positions, _chunks(t, 3), spec, positional,
                              implementation=implementation, block_q=4, block_k=4)
@@ -109,17 +113,15 @@ def test_lambda_cache_holds_exactly_the_sinks_and_the_last_window(sinks, window)
         assert set(held[row].tolist()) == expected
         for slot, p in enumerate(held[row]):
             assert slot == (p if p < sinks else sinks + (p - sinks) % window)
-            np.testing.assert_array_equal(np.asarray(cache.keys[0, row, slot]), values[row, p])
+            np.testing.assert_array_equal(np.asarray(cache.keys[0, row, :, slot]), values[row, p])
 
 
 def test_lambda_cache_size_is_independent_of_stream_length():
     def fill(n):
         cache = KVCache.lambda_cache(2, 1, 2, 8, sinks=4, window=16, dtype=jnp.bfloat16)
         pos = jnp.arange(n, dtype=jnp.int32)[None]
-        update = cache.plan(pos)
-        kv = jnp.ones((1, n, 2, 8), jnp.bfloat16)
-        keys = jax.vmap(lambda c: c.at[jnp.arange(1)[:, None], update.slot].set(kv, mode="drop"))(cache.keys)
-        return cache.updated(keys, keys, update)
+        kv = jnp.ones((2, 1, n, 2, 8), jnp.bfloat16)
+        return cache.written(kv, kv, cache.plan(pos))
 
     a, b = fill(10), fill(10_000)
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
@@ -129,39 +131,46 @@ def test_lambda_cache_size_is_independent_of_stream_length():
     assert sorted(np.asarray(b.positions[0]).tolist()) == [0, 1, 2, 3, *range(10_000 - 16, 10_000)]
 
 
-def _filled(cache: KVCache, k, v, positions) -> KVCache:
-    """``cache`` (one layer) holding k/v at the given positions."""
-    update = cache.plan(jnp.asarray(positions))
-    rows = jnp.arange(k.shape[0])[:, None]
-    keys = cache.keys[0].at[rows, update.slot].set(jnp.asarray(k), mode="drop")
-    values = cache.values[0].at[rows, update.slot].set(jnp.asarray(v), mode="drop")
-    return cache.updated(keys[None], values[None], update)
+def _filled(cache: KVCache, k, v, positions, positional) -> KVCache:
+    """``cache`` (one layer) holding the projected k/v at the given positions (keys stored as the
+    cache stores them)."""
+    stored = apply_rope(jnp.asarray(k), jnp.asarray(positions), positional) if cache.rotated else jnp.asarray(k)
+    return cache.written(stored[None], jnp.asarray(v)[None], cache.plan(jnp.asarray(positions)))
 
 
-def test_cached_rope_is_exact_beyond_1e8():
+@pytest.mark.parametrize("rotated", [True, False])
+def test_cached_rope_is_exact_beyond_1e8(rotated):
     """Decoding at position ~1e8 (and near 2^31) with the same cache contents as at a small
-    position gives the same output (LM-Infinite sees only relative distances and un-rotated
-    sinks), and matches the float64 oracle there."""
+    position gives the same output (LM-Infinite sees only relative distances and its sinks at
+    p - D), and matches the float64 oracle there; keys stored rotated or as projected."""
     spec = LMInfinite(G, L)
     rope = make_positional("rope_half", D, HQ)
-    q, k, v = random_qkv(5, 1, 1, G + L, HQ, HKV, D)
+    q, k, v = random_qkv(5, 1, 2, G + L, HQ, HKV, D)
     outs = []
-    for newest in (G + L + 5, 100_000_000 + 12_345, 2**31 - 2):
+    for newest in (G + L + 5, 100_000_000 + 12_345, 2**31 - 3):
         key_pos = np.concatenate([np.arange(G), newest - L + 1 + np.arange(L)]).astype(np.int32)[None]
-        cache = _filled(KVCache.lambda_cache(1, 1, HKV, D, sinks=G, window=L), k, v, key_pos)
+        cache = _filled(KVCache.lambda_cache(1, 1, HKV, D, sinks=G, window=L, rotated=rotated), k, v, key_pos, rope)
         pos = jnp.asarray([[newest + 1]], jnp.int32)
-        update = cache.plan(pos)
-        slot = int(update.slot[0, 0])  # the new token evicts the oldest window key: give it the same k/v
-        new_k, new_v = cache.keys[0][:, slot:slot + 1], cache.values[0][:, slot:slot + 1]
-        out, keys, values = cached_attention(jnp.asarray(q), new_k, new_v, pos, cache.keys[0], cache.values[0],
-                                             update, spec=spec, positional=rope)
-        want = naive_attention(q, np.asarray(keys), np.asarray(values), np.asarray(pos),
-                               np.asarray(update.new_positions), scale=D ** -0.5, **naive_spec_kwargs(spec),
-                               **naive_positional_kwargs(rope))
+        out, _ = cached_attention(jnp.asarray(q[:, :1]), jnp.asarray(k[:, :1]), jnp.asarray(v[:, :1]), pos,
+                                  cache.keys[0], cache.values[0], cache.plan(pos), spec=spec, positional=rope,
+                                  rotated=rotated)
+        want = naive_attention(q[:, :1], np.concatenate([k, k[:, :1]], 1), np.concatenate([v, v[:, :1]], 1),
+                               np.asarray(pos), np.concatenate([key_pos, np.asarray(pos)], 1), scale=D ** -0.5,
+                               **naive_spec_kwargs(spec), **naive_positional_kwargs(rope))
         assert rel_err(out, want) < 2e-5, newest
         outs.append(np.asarray(out))
     for other in outs[1:]:
         assert rel_err(other, outs[0]) < 2e-5
+
+
+def test_a_rotated_cache_needs_fixed_rope_frequencies():
+    cache = KVCache.lambda_cache(1, 1, HKV, D, sinks=G, window=L, rotated=True)
+    q, k, v = (jnp.asarray(x) for x in random_qkv(1, 1, 1, 1, HQ, HKV, D))
+    pos = jnp.asarray([[0]], jnp.int32)
+    for positional in (None, make_positional("alibi", D, HQ)):
+        with pytest.raises(ValueError, match="fixed frequencies"):
+            cached_attention(q, k, v, pos, cache.keys[0], cache.values[0], cache.plan(pos), spec=LMInfinite(G, L),
+                             positional=positional, rotated=True)
 
 
 def test_cache_rejects_specs_it_cannot_serve():

@@ -156,7 +156,7 @@ def test_positions_beyond_int32_are_refused_not_wrapped_into_padding():
                                                  ("gptj", "lm_infinite", "call"), ("llama_gqa", "self_extend", "call")])
 def test_dynamic_ntk_rotates_every_cached_key_with_the_current_length(name, spec_name, how):
     """Dynamic NTK's frequencies follow the length T (largest position + 1 over the batch, as Hugging
-    Face's). Every cached call rotates all its keys, cached ones included (they are stored un-rotated),
+    Face's). Every cached call rotates all its keys, cached ones included (stored as projected),
     with the frequencies of its own T. In one layer, keys and values do not depend on the frequencies,
     so each call then equals one forward over the tokens up to its last one (Hugging Face's cache keeps
     each key at the rotation of the step that wrote it, and cannot). Deeper layers' cached keys come from

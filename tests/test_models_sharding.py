@@ -154,7 +154,7 @@ def test_sharded_cache_decoding_equals_one_device(result):
     assert len(result["decode"]) == 2 + 1 + 1
     for case in result["decode"]:
         assert case["rel_err"] <= 1e-5 and case["cache_sharding_kept"], case
-        assert case["cache_spec"] == [None, "data", None, "model", None], case
+        assert case["cache_spec"] == [None, "data", "model", None, None], case  # (layers, B, Hkv, S, d)
 
 
 def test_context_parallel_model_moves_only_halos_and_sinks(result):
