@@ -43,6 +43,7 @@ from lminf_jax.rope import apply_rope
 from models import llama
 from models.common import AttentionCall
 from models.decoder import LanguageModel
+from models.registry import FAMILIES
 
 SIZES = {  # (attention lengths, encode lengths, decode positions) per preset
     "llama2-7b": ([8192, 32768, 131072], [4096, 8192, 16384, 32768, 65536, 131072], [4096, 32768, 131072]),
@@ -270,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
                                                 args.repeats)
         finish("attention")
     if {"encode", "decode"} & set(args.sections):
-        params = llama.init_params(cfg, jax.random.key(0), dtype)
+        params = FAMILIES["llama"].init_params(cfg, jax.random.key(0), dtype)
         if "encode" in args.sections:
             record["encode"] = encode_section(cfg, dtype, params, window, sinks, args.encode_lengths or encode_lengths,
                                               args.repeats)

@@ -32,6 +32,7 @@ from lminf_jax.cache import KVCache
 from models import llama
 from models.common import AttentionCall
 from models.decoder import LanguageModel
+from models.registry import FAMILIES
 
 PRESETS = {
     # a small LLaMA for CPUs: 4 layers, 4 heads of 64, L = 2048
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     cfg, dtype = preset["config"], preset["dtype"]
     window = cfg.max_position_embeddings
-    params = llama.init_params(cfg, jax.random.key(0), dtype)
+    params = FAMILIES["llama"].init_params(cfg, jax.random.key(0), dtype)
     methods = {
         f"LM-Infinite, Λ-cache (G={preset['global_branch']}, L={window})":
             LMInfinite(preset["global_branch"], window),

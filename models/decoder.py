@@ -106,7 +106,7 @@ class LanguageModel:
         return self.call.spec
 
     def forward(self, params: Params, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """Logits ``(B, T, vocab)`` in float32 for a whole sequence (see `models.llama.forward`)."""
+        """Logits ``(B, T, vocab)`` in float32 for a whole sequence (see `models.registry.Family.forward`)."""
         check_tokens(tokens, self.config.vocab_size)
         if self.call.implementation == "pallas" and positions is not None:
             raise ValueError("implementation 'pallas' runs the tokens at positions 0..T-1; positions cannot be given")

@@ -6,30 +6,15 @@ import dataclasses
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 
 from lminf_jax import RopeScheme
 from models import common
-from models.common import AttentionCall, Params
-from models.decoder import Attend, Decoder, LanguageModel
+from models.common import Params
+from models.declaration import Param, linear, norm, table
+from models.decoder import Attend, Decoder
 
 MODEL_TYPES = ("gptj",)
 LAYER_PREFIX = "transformer.h."
-
-#: Logical axes of every parameter (`lminf_jax.sharding`): heads, MLP width and vocabulary split
-#: for tensor parallelism, ``embed`` for FSDP.
-PARAM_AXES = (
-    (r"transformer\.wte\.weight|lm_head\.weight", ("vocab", "embed")),
-    (r"lm_head\.bias", ("vocab",)),
-    (r"transformer\.h\.attn\.[qkv]_proj\.weight", ("layers", "heads", "embed")),
-    (r"transformer\.h\.attn\.out_proj\.weight", ("layers", "embed", "heads")),
-    (r"transformer\.h\.mlp\.fc_in\.weight", ("layers", "mlp", "embed")),
-    (r"transformer\.h\.mlp\.fc_in\.bias", ("layers", "mlp")),
-    (r"transformer\.h\.mlp\.fc_out\.weight", ("layers", "embed", "mlp")),
-    (r"transformer\.h\.[\w.]+\.(weight|bias)", ("layers", "hidden")),  # norms, output bias
-    (r"transformer\.ln_f\.(weight|bias)", ("hidden",)),
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class GPTJConfig:
@@ -56,6 +41,10 @@ class GPTJConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    num_layers = property(lambda self: self.n_layer)
+    num_heads = num_kv_heads = property(lambda self: self.n_head)
+    pretraining_length = property(lambda self: self.max_position_embeddings)
+
     @classmethod
     def from_hf(cls, d: Mapping) -> GPTJConfig:
         """From a parsed HF config.json (``model_type`` gptj)."""
@@ -77,49 +66,26 @@ class GPTJConfig:
         return RopeScheme(self.head_dim, self.max_position_embeddings, rotary_dim=self.rotary_dim, layout="interleaved")
 
 
-def param_shapes(c: GPTJConfig) -> dict[str, tuple[int, ...]]:
-    """Flat parameter names (HF names, layer index removed) and shapes."""
+def parameters(c: GPTJConfig) -> tuple[Param, ...]:
+    """Every parameter: HF name (layer index removed), shape, logical axes (`models.declaration`)."""
     n, h, i = c.n_layer, c.n_embd, c.n_inner
-    layer = "transformer.h."
-    shapes = {
-        "transformer.wte.weight": (c.vocab_size, h),
-        layer + "ln_1.weight": (n, h),
-        layer + "ln_1.bias": (n, h),
-        layer + "mlp.fc_in.weight": (n, i, h),
-        layer + "mlp.fc_in.bias": (n, i),
-        layer + "mlp.fc_out.weight": (n, h, i),
-        layer + "mlp.fc_out.bias": (n, h),
-        "transformer.ln_f.weight": (h,),
-        "transformer.ln_f.bias": (h,),
-        "lm_head.weight": (c.vocab_size, h),
-        "lm_head.bias": (c.vocab_size,),
-    }
-    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        shapes[f"{layer}attn.{name}.weight"] = (n, h, h)
-    return shapes
+    layer = LAYER_PREFIX
+    return table(
+        Param("transformer.wte.weight", (c.vocab_size, h), ("vocab", "embed")),
+        norm(layer + "ln_1", h, bias=True, layers=n),
+        (linear(layer + f"attn.{name}", h, h, axes=("heads", "embed"), bias=False, layers=n)[0]
+         for name in ("q_proj", "k_proj", "v_proj")),
+        linear(layer + "attn.out_proj", h, h, axes=("embed", "heads"), bias=False, layers=n),
+        linear(layer + "mlp.fc_in", i, h, axes=("mlp", "embed"), bias=True, layers=n),
+        linear(layer + "mlp.fc_out", h, i, axes=("embed", "mlp"), bias=True, layers=n),
+        norm("transformer.ln_f", h, bias=True),
+        linear("lm_head", c.vocab_size, h, axes=("vocab", "embed"), bias=True),
+    )
 
 
 def ignored_hf_tensors(c: GPTJConfig) -> tuple[str, ...]:
     """Causal-mask buffers that old GPT-J checkpoints carry."""
     return (r"transformer\.h\.\d+\.attn\.(masked_)?bias",)
-
-
-def init_params(c: GPTJConfig, key: jax.Array, dtype=jnp.float32, shardings=None) -> Params:
-    """Random parameters, optionally created in their shardings (see `models.common.init_from_shapes`)."""
-    return common.init_from_shapes(param_shapes(c), key, dtype, shardings)
-
-
-def forward(
-    params: Params,
-    tokens: jax.Array,
-    positions: jax.Array | None = None,
-    *,
-    config: GPTJConfig,
-    call: AttentionCall = AttentionCall(),
-    dtype=jnp.float32,
-) -> jax.Array:
-    """Logits ``(B, T, vocab)`` in float32; see `models.llama.forward` for the arguments."""
-    return LanguageModel(decoder, config, call, dtype).forward(params, tokens, positions)
 
 
 def decoder(c: GPTJConfig, dtype) -> Decoder:

@@ -6,32 +6,15 @@ import dataclasses
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 
 from lminf_jax import RopeScaling, RopeScheme
 from models import common
-from models.common import AttentionCall, Params
-from models.decoder import Attend, Decoder, LanguageModel
+from models.common import Params
+from models.declaration import Param, linear, norm, table
+from models.decoder import Attend, Decoder
 
 MODEL_TYPES = ("llama", "mistral")
 LAYER_PREFIX = "model.layers."
-
-#: Logical axes of every parameter (`lminf_jax.sharding`): heads, MLP width and vocabulary split
-#: for tensor parallelism, ``embed`` for FSDP.
-PARAM_AXES = (
-    (r"model\.embed_tokens\.weight|lm_head\.weight", ("vocab", "embed")),
-    (r"model\.layers\.self_attn\.q_proj\.weight", ("layers", "heads", "embed")),
-    (r"model\.layers\.self_attn\.q_proj\.bias", ("layers", "heads")),
-    (r"model\.layers\.self_attn\.[kv]_proj\.weight", ("layers", "kv_heads", "embed")),
-    (r"model\.layers\.self_attn\.[kv]_proj\.bias", ("layers", "kv_heads")),
-    (r"model\.layers\.self_attn\.o_proj\.weight", ("layers", "embed", "heads")),
-    (r"model\.layers\.mlp\.(gate|up)_proj\.weight", ("layers", "mlp", "embed")),
-    (r"model\.layers\.mlp\.(gate|up)_proj\.bias", ("layers", "mlp")),
-    (r"model\.layers\.mlp\.down_proj\.weight", ("layers", "embed", "mlp")),
-    (r"model\.layers\.[\w.]+\.(weight|bias)", ("layers", "hidden")),  # norms, output biases
-    (r"model\.norm\.weight", ("hidden",)),
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -90,66 +73,41 @@ class LlamaConfig:
             hidden_act=d.get("hidden_act", "silu"),
         )
 
+    num_layers = property(lambda self: self.num_hidden_layers)
+    num_heads = property(lambda self: self.num_attention_heads)
+    num_kv_heads = property(lambda self: self.num_key_value_heads)
+    pretraining_length = property(lambda self: self.max_position_embeddings)
+
     def rope(self) -> RopeScheme:
         """Half-layout RoPE on every head dim, with the checkpoint's own scaling."""
         return RopeScheme(self.head_dim, self.max_position_embeddings, self.rope_theta, scaling=self.rope_scaling)
 
 
-def param_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Flat parameter names (HF names, layer index removed) and shapes."""
+def parameters(c: LlamaConfig) -> tuple[Param, ...]:
+    """Every parameter: HF name (layer index removed), shape, logical axes (`models.declaration`)."""
     n, h, i = c.num_hidden_layers, c.hidden_size, c.intermediate_size
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    layer = "model.layers."
-    shapes = {
-        "model.embed_tokens.weight": (c.vocab_size, h),
-        layer + "input_layernorm.weight": (n, h),
-        layer + "post_attention_layernorm.weight": (n, h),
-        "model.norm.weight": (h,),
-    }
-    for name, out, inp, bias in (
-        ("self_attn.q_proj", q, h, c.attention_bias),
-        ("self_attn.k_proj", kv, h, c.attention_bias),
-        ("self_attn.v_proj", kv, h, c.attention_bias),
-        ("self_attn.o_proj", h, q, c.attention_bias),
-        ("mlp.gate_proj", i, h, c.mlp_bias),
-        ("mlp.up_proj", i, h, c.mlp_bias),
-        ("mlp.down_proj", h, i, c.mlp_bias),
-    ):
-        shapes[f"{layer}{name}.weight"] = (n, out, inp)
-        if bias:
-            shapes[f"{layer}{name}.bias"] = (n, out)
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, h)
-    return shapes
+    layer = LAYER_PREFIX
+    return table(
+        Param("model.embed_tokens.weight", (c.vocab_size, h), ("vocab", "embed")),
+        norm(layer + "input_layernorm", h, bias=False, layers=n),
+        norm(layer + "post_attention_layernorm", h, bias=False, layers=n),
+        linear(layer + "self_attn.q_proj", q, h, axes=("heads", "embed"), bias=c.attention_bias, layers=n),
+        linear(layer + "self_attn.k_proj", kv, h, axes=("kv_heads", "embed"), bias=c.attention_bias, layers=n),
+        linear(layer + "self_attn.v_proj", kv, h, axes=("kv_heads", "embed"), bias=c.attention_bias, layers=n),
+        linear(layer + "self_attn.o_proj", h, q, axes=("embed", "heads"), bias=c.attention_bias, layers=n),
+        linear(layer + "mlp.gate_proj", i, h, axes=("mlp", "embed"), bias=c.mlp_bias, layers=n),
+        linear(layer + "mlp.up_proj", i, h, axes=("mlp", "embed"), bias=c.mlp_bias, layers=n),
+        linear(layer + "mlp.down_proj", h, i, axes=("embed", "mlp"), bias=c.mlp_bias, layers=n),
+        norm("model.norm", h, bias=False),
+        () if c.tie_word_embeddings else Param("lm_head.weight", (c.vocab_size, h), ("vocab", "embed")),
+    )
 
 
 def ignored_hf_tensors(c: LlamaConfig) -> tuple[str, ...]:
     """Regexes of HF tensors that carry no parameters (buffers, tied copies)."""
     tied = (r"lm_head\.weight",) if c.tie_word_embeddings else ()
     return (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", *tied)
-
-
-def init_params(c: LlamaConfig, key: jax.Array, dtype=jnp.float32, shardings=None) -> Params:
-    """Random parameters, optionally created in their shardings (see `models.common.init_from_shapes`)."""
-    return common.init_from_shapes(param_shapes(c), key, dtype, shardings)
-
-
-def forward(
-    params: Params,
-    tokens: jax.Array,
-    positions: jax.Array | None = None,
-    *,
-    config: LlamaConfig,
-    call: AttentionCall = AttentionCall(),
-    dtype=jnp.float32,
-) -> jax.Array:
-    """Logits ``(B, T, vocab)`` in float32; compute in ``dtype`` (norms and softmax in float32).
-
-    ``positions`` (``(T,)`` or ``(B, T)``, default ``0..T-1``) may mark left padding with
-    negative values; ``call`` picks the attention spec (vanilla, LM-Infinite, ablations).
-    For cached decoding use ``LanguageModel(decoder, config, call, dtype)``.
-    """
-    return LanguageModel(decoder, config, call, dtype).forward(params, tokens, positions)
 
 
 def decoder(c: LlamaConfig, dtype) -> Decoder:

@@ -10,27 +10,12 @@ import jax.numpy as jnp
 
 from lminf_jax import Alibi
 from models import common
-from models.common import AttentionCall, Params
-from models.decoder import Attend, Decoder, LanguageModel
+from models.common import Params
+from models.declaration import Param, linear, norm, table
+from models.decoder import Attend, Decoder
 
 MODEL_TYPES = ("mpt",)
 LAYER_PREFIX = "transformer.blocks."
-
-#: Logical axes of every parameter (`lminf_jax.sharding`): heads, MLP width and vocabulary split
-#: for tensor parallelism, ``embed`` for FSDP. The fused ``Wqkv`` output (q, k and v side by
-#: side) is not split: a contiguous split would cut across q, k and v.
-PARAM_AXES = (
-    (r"transformer\.wte\.weight", ("vocab", "embed")),
-    (r"transformer\.blocks\.attn\.Wqkv\.weight", ("layers", None, "embed")),
-    (r"transformer\.blocks\.attn\.Wqkv\.bias", ("layers", None)),
-    (r"transformer\.blocks\.attn\.out_proj\.weight", ("layers", "embed", "heads")),
-    (r"transformer\.blocks\.ffn\.up_proj\.weight", ("layers", "mlp", "embed")),
-    (r"transformer\.blocks\.ffn\.up_proj\.bias", ("layers", "mlp")),
-    (r"transformer\.blocks\.ffn\.down_proj\.weight", ("layers", "embed", "mlp")),
-    (r"transformer\.blocks\.[\w.]+\.(weight|bias)", ("layers", "hidden")),  # norms, output biases
-    (r"transformer\.norm_f\.(weight|bias)", ("hidden",)),
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class MPTConfig:
@@ -80,52 +65,38 @@ class MPTConfig:
             max_seq_len=int(d.get("max_seq_len", 2048)),
         )
 
+    num_layers = property(lambda self: self.n_layers)
+    num_heads = num_kv_heads = property(lambda self: self.n_heads)
+    head_dim = property(lambda self: self.d_model // self.n_heads)
+    pretraining_length = property(lambda self: self.max_seq_len)
+
     def alibi(self) -> Alibi:
         """ALiBi slopes for the heads (MPT's rule)."""
         return Alibi.create(self.n_heads, self.alibi_bias_max)
 
 
-def param_shapes(c: MPTConfig) -> dict[str, tuple[int, ...]]:
-    """Flat parameter names (HF names, layer index removed) and shapes."""
-    n, h, e = c.n_layers, c.d_model, c.expansion_ratio * c.d_model
-    layer = "transformer.blocks."
-    weights = {
-        "norm_1": (h,), "norm_2": (h,), "attn.Wqkv": (3 * h, h), "attn.out_proj": (h, h),
-        "ffn.up_proj": (e, h), "ffn.down_proj": (h, e),
-    }
-    if c.qk_ln:
-        weights.update({"attn.q_ln": (h,), "attn.k_ln": (h,)})
-    shapes = {"transformer.wte.weight": (c.vocab_size, h), "transformer.norm_f.weight": (h,)}
-    if not c.no_bias:
-        shapes["transformer.norm_f.bias"] = (h,)
-    for name, shape in weights.items():
-        shapes[f"{layer}{name}.weight"] = (n, *shape)
-        if not c.no_bias:
-            shapes[f"{layer}{name}.bias"] = (n, shape[0])
-    return shapes
+def parameters(c: MPTConfig) -> tuple[Param, ...]:
+    """Every parameter: HF name (layer index removed), shape, logical axes (`models.declaration`).
+    The fused ``Wqkv`` output (q, k and v side by side) is not split: a contiguous split would cut
+    across q, k and v."""
+    n, h, e, bias = c.n_layers, c.d_model, c.expansion_ratio * c.d_model, not c.no_bias
+    layer = LAYER_PREFIX
+    return table(
+        Param("transformer.wte.weight", (c.vocab_size, h), ("vocab", "embed")),
+        norm(layer + "norm_1", h, bias=bias, layers=n),
+        linear(layer + "attn.Wqkv", 3 * h, h, axes=(None, "embed"), bias=bias, layers=n),
+        (p for name in ("q_ln", "k_ln") if c.qk_ln for p in norm(layer + f"attn.{name}", h, bias=bias, layers=n)),
+        linear(layer + "attn.out_proj", h, h, axes=("embed", "heads"), bias=bias, layers=n),
+        norm(layer + "norm_2", h, bias=bias, layers=n),
+        linear(layer + "ffn.up_proj", e, h, axes=("mlp", "embed"), bias=bias, layers=n),
+        linear(layer + "ffn.down_proj", h, e, axes=("embed", "mlp"), bias=bias, layers=n),
+        norm("transformer.norm_f", h, bias=bias),
+    )
 
 
 def ignored_hf_tensors(c: MPTConfig) -> tuple[str, ...]:
     """The output head is tied to the embedding; a saved copy is skipped."""
     return (r"lm_head\.weight",)
-
-
-def init_params(c: MPTConfig, key: jax.Array, dtype=jnp.float32, shardings=None) -> Params:
-    """Random parameters, optionally created in their shardings (see `models.common.init_from_shapes`)."""
-    return common.init_from_shapes(param_shapes(c), key, dtype, shardings)
-
-
-def forward(
-    params: Params,
-    tokens: jax.Array,
-    positions: jax.Array | None = None,
-    *,
-    config: MPTConfig,
-    call: AttentionCall = AttentionCall(),
-    dtype=jnp.float32,
-) -> jax.Array:
-    """Logits ``(B, T, vocab)`` in float32; see `models.llama.forward` for the arguments."""
-    return LanguageModel(decoder, config, call, dtype).forward(params, tokens, positions)
 
 
 def decoder(c: MPTConfig, dtype) -> Decoder:

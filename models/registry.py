@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +13,9 @@ from jax.sharding import NamedSharding
 from lminf_jax import AttentionSpec
 from lminf_jax.sharding import ShardingPlan
 
-from models import gptj, llama, mpt
-from models.common import AttentionCall
+from models import declaration, gptj, llama, mpt
+from models.common import AttentionCall, Params, init_from_shapes
+from models.declaration import ModelConfig, Param
 from models.decoder import LanguageModel
 
 
@@ -38,30 +39,40 @@ class Family:
     def config_from_hf(self, config: Mapping):
         return self.config_class.from_hf(config)
 
+    def parameters(self, config) -> tuple[Param, ...]:
+        """The family's parameter table for ``config`` (`models.declaration`)."""
+        return self.module.parameters(config)
+
     def param_shapes(self, config) -> dict[str, tuple[int, ...]]:
-        return self.module.param_shapes(config)
+        return declaration.shapes(self.parameters(config))
 
     def ignored_hf_tensors(self, config) -> tuple[str, ...]:
         return self.module.ignored_hf_tensors(config)
 
-    def num_layers(self, config) -> int:
-        return next(s[0] for n, s in self.param_shapes(config).items() if n.startswith(self.layer_prefix))
+    def num_layers(self, config: ModelConfig) -> int:
+        return config.num_layers
 
-    @property
-    def forward(self) -> Callable:
-        return self.module.forward
+    def param_shardings(self, config: ModelConfig, plan: ShardingPlan) -> dict[str, NamedSharding]:
+        """Flat parameter name -> its sharding under ``plan`` (by the axes of `parameters`): what
+        `init_params` and the converters' loaders take to place parameters."""
+        params = self.parameters(config)
+        units = {"heads": config.num_heads, "kv_heads": config.num_kv_heads}
+        return plan.param_shardings(declaration.shapes(params), declaration.sharding_rules(params), units)
 
-    def param_shardings(self, config, plan: ShardingPlan) -> dict[str, NamedSharding]:
-        """Flat parameter name -> its sharding under ``plan`` (by the family's ``PARAM_AXES``):
-        what `init_params` and the converters' loaders take to place parameters."""
-        dec = self.module.decoder(config, jnp.float32)
-        units = {"heads": dec.num_heads, "kv_heads": dec.num_kv_heads}
-        return plan.param_shardings(self.param_shapes(config), self.module.PARAM_AXES, units)
-
-    def init_params(self, config, key: jax.Array, dtype=jnp.float32, plan: ShardingPlan | None = None):
-        """Random parameters; with ``plan``, created directly in their shardings."""
+    def init_params(self, config, key: jax.Array, dtype=jnp.float32, plan: ShardingPlan | None = None) -> Params:
+        """Random parameters (`models.common.init_from_shapes`); with ``plan``, created directly in
+        their shardings."""
         shardings = None if plan is None else self.param_shardings(config, plan)
-        return self.module.init_params(config, key, dtype, shardings)
+        return init_from_shapes(self.param_shapes(config), key, dtype, shardings)
+
+    def forward(self, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *, config,
+                call: AttentionCall = AttentionCall(), dtype=jnp.float32) -> jax.Array:
+        """Logits ``(B, T, vocab)`` in float32, computed in ``dtype`` (norms and softmax in float32).
+
+        ``positions`` (``(T,)`` or ``(B, T)``, default ``0..T-1``) may mark left padding with
+        negative values; ``call`` picks the attention spec (vanilla, LM-Infinite, ablations).
+        For cached decoding use `model`."""
+        return self.model(config, call, dtype).forward(params, tokens, positions)
 
     def check_spec(self, config, spec: AttentionSpec) -> None:
         """Refuse a spec with an option that can never take effect in this model (a ValueError

@@ -1,0 +1,98 @@
+"""A family's parameters as one table, and the config protocol every family's config follows.
+
+Each family module declares ``parameters(config) -> tuple[Param, ...]``: every parameter's Hugging
+Face name (per-layer tensors without the layer index, stacked on a leading ``layers`` axis), its
+shape and its logical sharding axes (`lminf_jax.sharding`). Shapes for random initialisation and
+``jax.eval_shape``, the sharding rules and the converters' checkpoint template are all derived from
+that one table (`models.registry.Family`), so a parameter is named once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+from typing import Protocol
+
+Axes = tuple[str | None, ...]
+
+
+class ModelConfig(Protocol):
+    """What the registry, caches and experiments read from any family's config (without building
+    a model): the attention geometry and the pretraining length."""
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def num_heads(self) -> int: ...
+
+    @property
+    def num_kv_heads(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
+
+    @property
+    def pretraining_length(self) -> int: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One parameter: flat HF name (layer index removed), shape and logical axes (one per dim)."""
+
+    name: str
+    shape: tuple[int, ...]
+    axes: Axes
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != len(self.axes):
+            raise ValueError(f"parameter {self.name!r} has shape {self.shape} but {len(self.axes)} axes {self.axes}")
+
+
+def linear(name: str, out: int, inp: int, *, axes: tuple[str | None, str | None], bias: bool,
+           layers: int | None = None) -> tuple[Param, ...]:
+    """HF ``nn.Linear`` ``name``: ``weight (out, in)`` with logical ``axes`` (out, in) and, with
+    ``bias``, ``bias (out,)`` (on the out axis; ``hidden`` where that is ``embed``); stacked over
+    ``layers`` when given."""
+    lead, lead_axes = ((layers,), ("layers",)) if layers is not None else ((), ())
+    weight = Param(f"{name}.weight", (*lead, out, inp), (*lead_axes, *axes))
+    if not bias:
+        return (weight,)
+    bias_axis = "hidden" if axes[0] == "embed" else axes[0]  # a bias is never split for FSDP
+    return weight, Param(f"{name}.bias", (*lead, out), (*lead_axes, bias_axis))
+
+
+def norm(name: str, width: int, *, bias: bool, layers: int | None = None) -> tuple[Param, ...]:
+    """A norm's scale ``weight (width,)`` and, with ``bias``, ``bias (width,)`` (axis ``hidden``);
+    stacked over ``layers`` when given."""
+    lead, lead_axes = ((layers,), ("layers",)) if layers is not None else ((), ())
+    params = (Param(f"{name}.weight", (*lead, width), (*lead_axes, "hidden")),)
+    return params + ((Param(f"{name}.bias", (*lead, width), (*lead_axes, "hidden")),) if bias else ())
+
+
+def table(*groups: Param | Iterable[Param]) -> tuple[Param, ...]:
+    """The parameters of ``groups`` (single params or iterables of them) in order; a name given
+    twice raises."""
+    params: list[Param] = []
+    for group in groups:
+        params.extend([group] if isinstance(group, Param) else group)
+    strays = [p for p in params if not isinstance(p, Param)]
+    if strays:
+        raise ValueError(f"a parameter table holds {strays[0]!r}, not a Param")
+    names = [p.name for p in params]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"parameters declared twice: {repeated}")
+    return tuple(params)
+
+
+def shapes(params: Iterable[Param]) -> dict[str, tuple[int, ...]]:
+    """Flat name -> shape."""
+    return {p.name: p.shape for p in params}
+
+
+def sharding_rules(params: Iterable[Param]) -> tuple[tuple[str, Axes], ...]:
+    """The rules `lminf_jax.sharding.ShardingPlan.param_shardings` takes: one exact-name rule per
+    parameter."""
+    return tuple((re.escape(p.name), p.axes) for p in params)
