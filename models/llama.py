@@ -1,4 +1,5 @@
-"""The LLaMA family (LLaMA-1/2/3, Mistral-style GQA) in Hugging Face's layout."""
+"""The LLaMA architecture in Hugging Face's layout: LLaMA-1/2/3, Mistral (without its sliding window),
+Qwen2/2.5 (biases on q, k and v but not o) and Qwen3 (RMSNorm of each query and key head before RoPE)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from models.common import Params
 from models.declaration import Param, linear, norm, table
 from models.decoder import Attend, Decoder
 
-MODEL_TYPES = ("llama", "mistral")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 LAYER_PREFIX = "model.layers."
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,8 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
+    qkv_bias: bool = False  # Qwen2: biases on q, k, v only
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's dims of q and k, before RoPE
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -46,9 +49,13 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, d: Mapping) -> LlamaConfig:
-        """From a parsed HF config.json (``model_type`` llama or mistral)."""
-        common.reject(d, "sliding_window", lambda v: v is None, "Mistral's sliding window is not implemented; "
-                      "use AttentionSpec.sliding_window at call time instead")
+        """From a parsed HF config.json (``model_type`` llama, mistral, qwen2 or qwen3)."""
+        model_type = d.get("model_type")
+        if model_type in ("qwen2", "qwen3"):
+            _reject_sliding_layers(d)
+        else:
+            common.reject(d, "sliding_window", lambda v: v is None, "Mistral's sliding window is not implemented; "
+                          "use AttentionSpec.sliding_window at call time instead")
         common.reject(d, "pretraining_tp", lambda v: v in (None, 1), "tensor-parallel pretraining slices")
         heads = common.require(d, "num_attention_heads")
         hidden = common.require(d, "hidden_size")
@@ -71,6 +78,8 @@ class LlamaConfig:
             attention_bias=bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
             hidden_act=d.get("hidden_act", "silu"),
+            qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
         )
 
     num_layers = property(lambda self: self.num_hidden_layers)
@@ -87,21 +96,44 @@ def parameters(c: LlamaConfig) -> tuple[Param, ...]:
     """Every parameter: HF name (layer index removed), shape, logical axes (`models.declaration`)."""
     n, h, i = c.num_hidden_layers, c.hidden_size, c.intermediate_size
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    qkv_bias = c.attention_bias or c.qkv_bias
     layer = LAYER_PREFIX
     return table(
         Param("model.embed_tokens.weight", (c.vocab_size, h), ("vocab", "embed")),
         norm(layer + "input_layernorm", h, bias=False, layers=n),
         norm(layer + "post_attention_layernorm", h, bias=False, layers=n),
-        linear(layer + "self_attn.q_proj", q, h, axes=("heads", "embed"), bias=c.attention_bias, layers=n),
-        linear(layer + "self_attn.k_proj", kv, h, axes=("kv_heads", "embed"), bias=c.attention_bias, layers=n),
-        linear(layer + "self_attn.v_proj", kv, h, axes=("kv_heads", "embed"), bias=c.attention_bias, layers=n),
+        linear(layer + "self_attn.q_proj", q, h, axes=("heads", "embed"), bias=qkv_bias, layers=n),
+        linear(layer + "self_attn.k_proj", kv, h, axes=("kv_heads", "embed"), bias=qkv_bias, layers=n),
+        linear(layer + "self_attn.v_proj", kv, h, axes=("kv_heads", "embed"), bias=qkv_bias, layers=n),
         linear(layer + "self_attn.o_proj", h, q, axes=("embed", "heads"), bias=c.attention_bias, layers=n),
+        (p for name in ("q_norm", "k_norm") if c.qk_norm
+         for p in norm(layer + f"self_attn.{name}", c.head_dim, bias=False, layers=n)),
         linear(layer + "mlp.gate_proj", i, h, axes=("mlp", "embed"), bias=c.mlp_bias, layers=n),
         linear(layer + "mlp.up_proj", i, h, axes=("mlp", "embed"), bias=c.mlp_bias, layers=n),
         linear(layer + "mlp.down_proj", h, i, axes=("embed", "mlp"), bias=c.mlp_bias, layers=n),
         norm("model.norm", h, bias=False),
         () if c.tie_word_embeddings else Param("lm_head.weight", (c.vocab_size, h), ("vocab", "embed")),
     )
+
+
+def _reject_sliding_layers(d: Mapping) -> None:
+    """Qwen2/3 configs carry window fields; refuse one whose layers would slide (Hugging Face's rule:
+    ``layer_types``, or layers from ``max_window_layers`` on when ``use_sliding_window``)."""
+    types = d.get("layer_types")
+    if types is None and d.get("use_sliding_window") and d.get("sliding_window") is not None:
+        start = d.get("max_window_layers", 0)
+        types = ["sliding_attention" if i >= start else "full_attention" for i in range(d.get("num_hidden_layers", 0))]
+    sliding = [i for i, t in enumerate(types or ()) if t != "full_attention"]
+    if sliding:
+        raise ValueError(f"unsupported config: layers {sliding} are sliding-window layers (config fields "
+                         f"'use_sliding_window' / 'max_window_layers' / 'layer_types'); native sliding-window "
+                         f"layers are not implemented: use AttentionSpec.sliding_window at call time instead")
+
+
+def _head_norm(x: jax.Array, p: Params, c: LlamaConfig) -> jax.Array:
+    """RMSNorm over each head's dims of a projected ``(B, T, heads * head_dim)`` tensor."""
+    heads = x.reshape(*x.shape[:-1], -1, c.head_dim)
+    return common.rms_norm(heads, p, c.rms_norm_eps).reshape(x.shape)
 
 
 def ignored_hf_tensors(c: LlamaConfig) -> tuple[str, ...]:
@@ -117,8 +149,10 @@ def decoder(c: LlamaConfig, dtype) -> Decoder:
     def layer(p: Params, h: jax.Array, attend: Attend):
         x = common.rms_norm(h, p["input_layernorm"], c.rms_norm_eps)
         a = p["self_attn"]
-        attn, aux = attend(common.linear(x, a["q_proj"], dtype), common.linear(x, a["k_proj"], dtype),
-                           common.linear(x, a["v_proj"], dtype))
+        q, k = common.linear(x, a["q_proj"], dtype), common.linear(x, a["k_proj"], dtype)
+        if c.qk_norm:
+            q, k = _head_norm(q, a["q_norm"], c), _head_norm(k, a["k_norm"], c)
+        attn, aux = attend(q, k, common.linear(x, a["v_proj"], dtype))
         h = h + common.linear(attn, a["o_proj"], dtype)
         x = common.rms_norm(h, p["post_attention_layernorm"], c.rms_norm_eps)
         m = p["mlp"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,6 +40,12 @@ CASES = {
         vocab_size=101, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64),
     "gptj_full_rotary": lambda: transformers.GPTJConfig(
         vocab_size=101, n_embd=48, n_layer=2, n_head=3, rotary_dim=16, n_positions=64),
+    "qwen2_tied_gqa": lambda: transformers.Qwen2Config(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, max_window_layers=1),
+    "qwen3_head_dim_bias": lambda: transformers.Qwen3Config(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, attention_bias=True),
     "mpt_6_heads": lambda: transformers.MptConfig(vocab_size=101, d_model=60, n_layers=2, n_heads=6, max_seq_len=64),
     "mpt_clip_qkv": lambda: transformers.MptConfig(
         vocab_size=101, d_model=64, n_layers=2, n_heads=4, max_seq_len=64,
@@ -80,3 +87,56 @@ def test_logits_match_transformers(name, tmp_path):
     windowed = family.forward(params, jnp.asarray(tokens, jnp.int32), config=cfg,
                               call=AttentionCall(LMInfinite(4, WINDOW)))
     assert float(np.max(np.abs(np.asarray(windowed) - want))) > 1e-3
+    if name.startswith("qwen"):  # the families' own decoding tests use `TINY_MODELS`
+        model = family.model(cfg)
+        cache, prefill = model.init_cache(2, capacity=T), T - 4
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (2, T))
+        steps = [model(params, jnp.asarray(tokens[:, :prefill], jnp.int32), positions[:, :prefill], cache)]
+        for t in range(prefill, T):
+            steps.append(model(params, jnp.asarray(tokens[:, t:t + 1], jnp.int32), positions[:, t:t + 1],
+                               steps[-1][1]))
+        decoded = np.concatenate([np.asarray(logits) for logits, _ in steps], axis=1)
+        assert float(np.max(np.abs(decoded - want))) <= 1e-4
+
+
+# Real configs (no download): the parameter count of our table under jax.eval_shape must equal that of
+# transformers' own model built on the meta device.
+REAL_CONFIGS = {
+    "Qwen2.5-7B": {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+                   "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                   "max_position_embeddings": 131072, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 131072,
+                   "max_window_layers": 28},
+    "Qwen2.5-0.5B": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+                     "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                     "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                     "tie_word_embeddings": True, "use_sliding_window": False, "sliding_window": 32768,
+                     "max_window_layers": 24},
+    "Qwen3-8B": {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+                 "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                 "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                 "attention_bias": False, "tie_word_embeddings": False, "use_sliding_window": False,
+                 "sliding_window": None, "max_window_layers": 36},
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_eval_shape_parameter_counts_equal_transformers_on_the_meta_device(name):
+    config = REAL_CONFIGS[name]
+    family = registry.family_for_config(config)
+    cfg = family.config_from_hf(config)
+    shapes = jax.eval_shape(lambda: family.init_params(cfg, jax.random.key(0), jnp.bfloat16))
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+    hf_config = transformers.AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(hf_config).parameters())
+    assert ours == theirs, (ours, theirs)
+
+
+def test_qwen_sliding_window_layers_are_refused_naming_the_fields():
+    config = dict(REAL_CONFIGS["Qwen2.5-0.5B"], use_sliding_window=True, max_window_layers=21)
+    with pytest.raises(ValueError, match=r"layers \[21, 22, 23\] are sliding-window layers .*'use_sliding_window'"):
+        registry.family_for_config(config).config_from_hf(config)
+    layered = dict(REAL_CONFIGS["Qwen3-8B"], layer_types=["full_attention"] * 35 + ["sliding_attention"])
+    with pytest.raises(ValueError, match=r"layers \[35\]"):
+        registry.family_for_config(layered).config_from_hf(layered)
