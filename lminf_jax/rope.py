@@ -420,8 +420,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, rotary: Rotary, last_key_posi
 
     A rotary with a `LengthRule` needs ``last_key_position``, the largest key position of the
     attention call (its frequencies are those of a sequence of that many tokens + 1)."""
-    if rotary.rotary_dim > x.shape[-1]:
-        raise ValueError(f"`rotary_dim` ({rotary.rotary_dim}) must be <= head_dim ({x.shape[-1]})")
     cos, sin = rope_cos_sin(positions, rotary, last_key_position)
     return rotate(x, cos[..., None, :], sin[..., None, :], rotary.layout)  # (..., T, 1, rotary_dim // 2)
 

@@ -55,7 +55,7 @@ def linear(name: str, out: int, inp: int, *, axes: tuple[str | None, str | None]
     """HF ``nn.Linear`` ``name``: ``weight (out, in)`` with logical ``axes`` (out, in) and, with
     ``bias``, ``bias (out,)`` (on the out axis; ``hidden`` where that is ``embed``); stacked over
     ``layers`` when given."""
-    lead, lead_axes = ((layers,), ("layers",)) if layers is not None else ((), ())
+    lead, lead_axes = _stacked(layers)
     weight = Param(f"{name}.weight", (*lead, out, inp), (*lead_axes, *axes))
     if not bias:
         return (weight,)
@@ -66,9 +66,14 @@ def linear(name: str, out: int, inp: int, *, axes: tuple[str | None, str | None]
 def norm(name: str, width: int, *, bias: bool, layers: int | None = None) -> tuple[Param, ...]:
     """A norm's scale ``weight (width,)`` and, with ``bias``, ``bias (width,)`` (axis ``hidden``);
     stacked over ``layers`` when given."""
-    lead, lead_axes = ((layers,), ("layers",)) if layers is not None else ((), ())
+    lead, lead_axes = _stacked(layers)
     params = (Param(f"{name}.weight", (*lead, width), (*lead_axes, "hidden")),)
     return params + ((Param(f"{name}.bias", (*lead, width), (*lead_axes, "hidden")),) if bias else ())
+
+
+def _stacked(layers: int | None) -> tuple[tuple[int, ...], Axes]:
+    """The leading (shape, axes) of a parameter stacked over ``layers`` (none when None)."""
+    return ((layers,), ("layers",)) if layers is not None else ((), ())
 
 
 def table(*groups: Param | Iterable[Param]) -> tuple[Param, ...]:
