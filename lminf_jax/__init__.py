@@ -12,6 +12,7 @@ from lminf_jax.rope import (
     rope_frequencies,
 )
 from lminf_jax.sampling import Sampling, filter_logits, sample
+from lminf_jax.scores import Scaling
 from lminf_jax.spec import (
     METHODS,
     AttentionSpec,
@@ -46,6 +47,7 @@ __all__ = [
     "StreamingLLM",
     "Rotary",
     "Sampling",
+    "Scaling",
     "StreamResult",
     "TopK",
     "Vanilla",

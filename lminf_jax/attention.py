@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import jax
@@ -15,7 +14,7 @@ from lminf_jax.attention_decode import single_query_attention
 from lminf_jax.attention_pallas import kernel_supports, lambda_attention
 from lminf_jax.attention_reference import AttentionProbe, reference_attention
 from lminf_jax.rope import Rotary
-from lminf_jax.scores import Positional, default_scale, top_k_active
+from lminf_jax.scores import Positional, Scaling, scaling, top_k_active
 from lminf_jax.spec import AttentionSpec, Vanilla, int32_positions
 
 Implementation = Literal["auto", "reference", "blockwise", "single_query", "pallas"]
@@ -35,7 +34,7 @@ def attention(
     k_positions: jax.Array | np.ndarray,
     spec: AttentionSpec | None = None,
     positional: Positional = None,
-    scale: float | None = None,
+    scale: float | Scaling | None = None,
     layer: int | jax.Array | None = None,
     implementation: Implementation = "auto",
     block_q: int = 512,
@@ -50,7 +49,7 @@ def attention(
         an empty slot (padding). Masks and rotations come only from these.
       spec: `AttentionSpec` (default vanilla causal).
       positional: a `Rotary` (applied here, to q and k), an `Alibi`, or None.
-      scale: score scale, default ``1 / sqrt(d)``.
+      scale: score scale, a number or a `lminf_jax.scores.Scaling` (with a soft cap); default ``1 / sqrt(d)``.
       layer: layer index (int or traced); required when ``spec.top_k`` is set.
       implementation: "reference" (dense float32), "blockwise" (jitted, O(T(G+L))),
         "single_query" (one query per row, one pass over the keys: `lminf_jax.attention_decode`),
@@ -105,7 +104,7 @@ def attention_probe(
     k_positions: jax.Array | np.ndarray,
     spec: AttentionSpec | None = None,
     positional: Positional = None,
-    scale: float | None = None,
+    scale: float | Scaling | None = None,
     layer: int | jax.Array | None = None,
 ) -> tuple[jax.Array, AttentionProbe]:
     """Dense attention that also returns logits, probabilities and classes per head.
@@ -121,7 +120,7 @@ def attention_probe(
 
 
 def _validate(q, k, v, q_positions, k_positions, spec, positional, scale, layer, block_q, block_k):
-    """Check shapes, dtypes and parameters; return (B, T) int32 positions and the scale."""
+    """Check shapes, dtypes and parameters; return (B, T) int32 positions and the `Scaling`."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} must have shape (batch, time, heads, head_dim), got shape {getattr(x, 'shape', None)}")
@@ -149,10 +148,7 @@ def _validate(q, k, v, q_positions, k_positions, spec, positional, scale, layer,
             raise ValueError(f"positional (Alibi) has {len(positional.slopes)} slopes for {hq} query heads")
     elif positional is not None:
         raise ValueError(f"positional must be a Rotary, an Alibi or None, got {type(positional).__name__}")
-    if scale is None:
-        scale = default_scale(d)
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    scale = scaling(scale, d)
     if spec.top_k is not None and layer is None:
         raise ValueError("layer must be given when spec.top_k is set (top-k runs only in some layers)")
     for name, n in (("block_q", block_q), ("block_k", block_k)):
@@ -161,7 +157,7 @@ def _validate(q, k, v, q_positions, k_positions, spec, positional, scale, layer,
     qp = _positions("q_positions", q_positions, b, tq)
     spec.check_query_positions("q_positions", qp)
     kp = _positions("k_positions", k_positions, b, k.shape[1])
-    return qp, kp, float(scale)
+    return qp, kp, scale
 
 
 def _positions(name: str, positions, batch: int, length: int) -> jax.Array:

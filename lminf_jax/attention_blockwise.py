@@ -34,6 +34,8 @@ from lminf_jax.online_softmax import (
 from lminf_jax.scores import (
     NEG_INF,
     Positional,
+    Scaling,
+    scaling,
     attends_non_finite,
     finite_values,
     masked_scores,
@@ -94,7 +96,7 @@ def blockwise_attention(
     *,
     spec: AttentionSpec,
     positional: Positional,
-    scale: float,
+    scale: float | Scaling,
     block_q: int = 512,
     block_k: int = 512,
 ) -> tuple[jax.Array, jax.Array]:
@@ -107,6 +109,7 @@ def blockwise_attention(
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g, dv = hq // hkv, v.shape[-1]
+    scale = scaling(scale, d)
     bq, bk = min(block_q, tq), min(block_k, tk)
     nq, tk_pad = -(-tq // bq), _round_up(tk, bk)
 
@@ -203,7 +206,7 @@ def merge_top_k(
     *,
     spec: AttentionSpec,
     positional: Positional,
-    scale: float,
+    scale: Scaling,
 ) -> jax.Array:
     """Add the top-k middle keys to the last query slot of each row (where ``active``).
 

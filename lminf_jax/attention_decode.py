@@ -31,7 +31,8 @@ import numpy as np
 
 from lminf_jax.alibi import Alibi
 from lminf_jax.rope import Rotary, rope_cos_sin, rotate
-from lminf_jax.scores import NEG_INF, Positional, global_positional, last_key_position, masked_softmax, matmul_precision
+from lminf_jax.scores import (NEG_INF, Positional, Scaling, global_positional, last_key_position, masked_softmax,
+                              matmul_precision, scaling)
 from lminf_jax.spec import AttentionSpec
 
 
@@ -51,7 +52,7 @@ def decode_attention(
     *,
     spec: AttentionSpec,
     positional: Positional,
-    scale: float,
+    scale: float | Scaling,
     rotated: bool = False,
     far_slots: tuple[int | None, ...] | None = None,
 ) -> jax.Array:
@@ -64,6 +65,7 @@ def decode_attention(
     can hold a global key (None: any slot). Returns ``(B, 1, Hq, dv)`` in q's dtype."""
     b, _, hq, d = q.shape
     hkv = keys[0].shape[1]
+    scale = scaling(scale, d)
     if rotated and not rotates_keys(positional):
         raise ValueError("rotated keys need RoPE with fixed frequencies")
     far_slots = (None,) * len(keys) if far_slots is None else far_slots
@@ -93,14 +95,14 @@ def decode_attention(
     return out.reshape(b, 1, hq, values[0].shape[-1]).astype(q.dtype)
 
 
-def _set_scores(q32, q_local, q_positions, k, kp, spec: AttentionSpec, positional: Positional, scale: float,
+def _set_scores(q32, q_local, q_positions, k, kp, spec: AttentionSpec, positional: Positional, scale: Scaling,
                 last, n_far: int) -> tuple[jax.Array, jax.Array]:
     """float32 scores ``(B, Hkv, G, S)`` (``-inf`` where not attended) and ``attended (B, S)`` of one
     key set ``k (B, Hkv, S, d)`` (rotated at its positions under RoPE); global keys only among the
     first ``n_far`` slots."""
     dtype = k.dtype
-    scores = jnp.einsum("bhgd,bhkd->bhgk", q_local.astype(dtype), k, preferred_element_type=jnp.float32,
-                        precision=matmul_precision(dtype)) * scale
+    scores = scale(jnp.einsum("bhgd,bhkd->bhgk", q_local.astype(dtype), k, preferred_element_type=jnp.float32,
+                              precision=matmul_precision(dtype)))
     local, far = spec.classify(q_positions, kp)
     attended = local | far
     distance = (q_positions - kp).astype(jnp.float32)
@@ -111,7 +113,7 @@ def _set_scores(q32, q_local, q_positions, k, kp, spec: AttentionSpec, positiona
         if isinstance(positional, Rotary):
             cos, sin = rope_cos_sin(kp[:, :n_far], positional, last, extra=(gq - gk, global_positional(spec, positional)))
             q_far = rotate(q32[:, :, :, None], cos[:, None, None], sin[:, None, None], positional.layout)
-            glob = jnp.sum(q_far * k[:, :, None, :n_far].astype(jnp.float32), axis=-1) * scale
+            glob = scale(jnp.sum(q_far * k[:, :, None, :n_far].astype(jnp.float32), axis=-1))
             scores = scores.at[..., :n_far].set(jnp.where(far[:, None, None], glob, scores[..., :n_far]))
         global_distance = (gq - gk).astype(jnp.float32) / np.float32(spec.position_scale)
         distance = distance.at[:, :n_far].set(jnp.where(far, global_distance, distance[:, :n_far]))
@@ -131,7 +133,7 @@ def single_query_attention(
     *,
     spec: AttentionSpec,
     positional: Positional,
-    scale: float,
+    scale: Scaling,
 ) -> jax.Array:
     """`decode_attention` of ``q (B, 1, Hq, d)`` over un-rotated keys in `lminf_jax.attention`'s
     layout, ``k, v (B, S, Hkv, d|dv)`` at ``k_positions (B, S)``; inputs validated there."""

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from lminf_jax.alibi import Alibi
 from lminf_jax.online_softmax import softmax_finish, softmax_init, softmax_update
 from lminf_jax.scores import (
-    NEG_INF, Positional, global_distance, last_key_position, prepare_keys, prepare_queries,
+    NEG_INF, Positional, Scaling, global_distance, scaling, last_key_position, prepare_keys, prepare_queries,
 )
 from lminf_jax.spec import AttentionSpec
 
@@ -62,7 +62,7 @@ def lambda_attention(
     *,
     spec: AttentionSpec,
     positional: Positional,
-    scale: float,
+    scale: float | Scaling,
     block_q: int = 128,
     block_k: int = 64,
     interpret: bool = False,
@@ -77,6 +77,7 @@ def lambda_attention(
     b, t, hq, d = q.shape
     hkv, dv = k.shape[2], v.shape[-1]
     group = hq // hkv
+    scale = scaling(scale, d)
     if not interpret:
         check_triton_shapes(d, dv, block_q, block_k)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -122,7 +123,7 @@ _EXACT = lax.Precision.HIGHEST
 
 
 def _kernel(q_local_ref, q_global_ref, k_ref, v_ref, sink_k_ref, sink_v_ref, slopes_ref, out_ref, lse_ref, *,
-            spec: AttentionSpec, scale: float, length: int, sinks: int, block_q: int, block_k: int, alibi: bool):
+            spec: AttentionSpec, scale: Scaling, length: int, sinks: int, block_q: int, block_k: int, alibi: bool):
     """One block of queries of one head: the sink block, then the window's key blocks. Which keys a
     query attends, and where a global key is scored, come from the spec (`AttentionSpec.classify`,
     `global_distance` and the queries and keys `prepare_queries` / `prepare_keys` rotated), as in every
@@ -133,8 +134,8 @@ def _kernel(q_local_ref, q_global_ref, k_ref, v_ref, sink_k_ref, sink_v_ref, slo
     state = softmax_init((block_q,), out_ref.shape[-1], poisoned_dtype=jnp.float32)  # Triton reduces floats
 
     def fold(state, q, keys, values, attended, distance):
-        s = lax.dot_general(q, keys, (((1,), (1,)), ((), ())), precision=_EXACT,
-                            preferred_element_type=jnp.float32) * scale
+        s = scale(lax.dot_general(q, keys, (((1,), (1,)), ((), ())), precision=_EXACT,
+                                  preferred_element_type=jnp.float32))
         if alibi:
             s = s - slope * distance.astype(jnp.float32)
         s = jnp.where(attended, s, NEG_INF)

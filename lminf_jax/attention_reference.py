@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from lminf_jax.scores import (
     NEG_INF,
     Positional,
+    Scaling,
     attends_non_finite,
     finite_values,
     masked_scores,
@@ -61,7 +62,7 @@ def reference_attention(
     *,
     spec: AttentionSpec,
     positional: Positional,
-    scale: float,
+    scale: Scaling,
     layer: int | jax.Array | None = None,
     return_probe: bool = False,
 ) -> jax.Array | tuple[jax.Array, AttentionProbe]:

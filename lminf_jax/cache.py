@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 from lminf_jax.attention import Implementation, attention
 from lminf_jax.attention_decode import decode_attention, rotates_keys
 from lminf_jax.rope import apply_rope, unrotate
-from lminf_jax.scores import Positional, default_scale
+from lminf_jax.scores import Positional, Scaling, scaling
 from lminf_jax.spec import INT32_MAX, AttentionSpec, int32_positions, require_int32
 
 @dataclasses.dataclass(frozen=True)
@@ -94,14 +95,27 @@ class KVCache:
         """The smallest cache that serves ``spec``: a Λ-cache when its attended set is bounded
         (``capacity``, the longest sequence to be held, is then not needed), else a full
         cache of ``capacity`` slots."""
-        if needs_full_cache(spec):
+        return cls.for_specs([spec], num_layers, batch, kv_heads, head_dim, capacity=capacity, dtype=dtype,
+                             value_dim=value_dim, rotated=rotated)
+
+    @classmethod
+    def for_specs(
+        cls, specs: Sequence[AttentionSpec], num_layers: int, batch: int, kv_heads: int, head_dim: int, *,
+        capacity: int | None = None, dtype=jnp.float32, value_dim: int | None = None, rotated: bool = False,
+    ) -> KVCache:
+        """The smallest cache that serves every spec of ``specs`` (layers of different kinds, e.g. a
+        model's native sliding-window layers beside the method's): a Λ-cache of the most sinks and the
+        longest window when all are bounded, else a full cache of ``capacity`` slots."""
+        unbounded = [spec for spec in specs if needs_full_cache(spec)]
+        if unbounded:
             if capacity is None:
-                raise ValueError(f"capacity is required: {spec.describe()} attends an unbounded number of keys "
-                                 "and needs a full cache")
+                raise ValueError(f"capacity is required: {unbounded[0].describe()} attends an unbounded number of "
+                                 "keys and needs a full cache")
             return cls.full(num_layers, batch, kv_heads, head_dim, capacity=capacity, dtype=dtype, value_dim=value_dim,
                             rotated=rotated)
-        return cls.lambda_cache(num_layers, batch, kv_heads, head_dim, sinks=spec.sinks, window=spec.window,
-                                dtype=dtype, value_dim=value_dim, rotated=rotated)
+        return cls.lambda_cache(num_layers, batch, kv_heads, head_dim, sinks=max(spec.sinks for spec in specs),
+                                window=max(spec.window for spec in specs), dtype=dtype, value_dim=value_dim,
+                                rotated=rotated)
 
     @classmethod
     def _empty(cls, num_layers, batch, slots, kv_heads, head_dim, value_dim, dtype, sinks, ring, rotated: bool,
@@ -234,7 +248,7 @@ def cached_attention(
     spec: AttentionSpec,
     positional: Positional,
     rotated: bool,
-    scale: float | None = None,
+    scale: float | Scaling | None = None,
     layer: int | jax.Array | None = None,
     implementation: Implementation = "auto",
     block_q: int = 512,
@@ -255,13 +269,13 @@ def cached_attention(
         stored = apply_rope(k, positions, positional).astype(cache_keys.dtype)
     common = dict(spec=spec, positional=positional, scale=scale, layer=layer)
     if q.shape[1] == 1 and implementation != "reference" and spec.top_k is None:
-        scale = default_scale(q.shape[-1]) if scale is None else scale
         # a cache holds position j < G in slot j, so only its first G slots can be global keys
         far = spec.sinks if spec.global_keys_bounded else None
         out = decode_attention(q, positions.astype(jnp.int32), (cache_keys, jnp.swapaxes(stored, 1, 2)),
                                (cache_values, jnp.swapaxes(v.astype(cache_values.dtype), 1, 2)),
                                (update.old_positions, positions.astype(jnp.int32)), spec=spec, positional=positional,
-                               scale=float(scale), rotated=rotated, far_slots=(far, 0))
+                               scale=scaling(scale, q.shape[-1]), rotated=rotated,
+                               far_slots=(far, 0))
         return out, stored
     order = update.order if update.order is not None else jnp.argsort(update.old_positions, axis=1, stable=True)
     key_positions = jnp.take_along_axis(update.old_positions, order, axis=1)

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from lminf_jax.alibi import Alibi
 from lminf_jax.attention import attention
 from lminf_jax.rope import Rotary
-from lminf_jax.scores import Positional
+from lminf_jax.scores import Positional, Scaling
 from lminf_jax.spec import AttentionSpec
 
 __all__ = ["context_parallel_attention"]
@@ -43,7 +43,7 @@ def context_parallel_attention(
     axis: str,
     spec: AttentionSpec,
     positional: Positional = None,
-    scale: float | None = None,
+    scale: float | Scaling | None = None,
     block_q: int = 512,
     block_k: int = 512,
     keep_padding: bool = False,

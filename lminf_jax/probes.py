@@ -23,7 +23,8 @@ import numpy as np
 from jax import lax
 
 from lminf_jax.online_softmax import softmax_finish, softmax_init, softmax_update
-from lminf_jax.scores import Positional, last_key_position, masked_scores, prepare_keys, prepare_queries
+from lminf_jax.scores import (Positional, Scaling, last_key_position, masked_scores, prepare_keys, prepare_queries,
+                              scaling)
 from lminf_jax.spec import AttentionSpec, int32_positions, require_int32
 
 __all__ = ["RowProbe", "bucket_table", "distance_bucket", "distance_bucket_bounds", "num_distance_buckets", "probe_rows"]
@@ -84,7 +85,7 @@ def probe_rows(
     *,
     spec: AttentionSpec,
     positional: Positional = None,
-    scale: float | None = None,
+    scale: float | Scaling | None = None,
     num_buckets: int,
     block_k: int = 512,
 ) -> RowProbe:
@@ -103,7 +104,7 @@ def probe_rows(
                          f"{q_positions.shape} and {k_positions.shape}")
     if num_buckets < 1:
         raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
-    scale = d**-0.5 if scale is None else scale
+    scale = scaling(scale, d)
     g = hq // hkv
     chunk = min(block_k, t)
     padded = -(-t // chunk) * chunk

@@ -12,8 +12,8 @@ replaced (selected, never multiplied) by ``-inf``, and the values of other keys 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-
 from typing import Union
 
 import jax
@@ -32,6 +32,41 @@ Positional = Union[Rotary, Alibi, None]
 def default_scale(head_dim: int) -> float:
     """The score scale when none is given: ``1 / sqrt(head_dim)``."""
     return 1.0 / math.sqrt(head_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaling:
+    """How a query-key dot product becomes a score: times ``factor``, then, with a ``softcap`` c,
+    ``c * tanh(score / c)`` (Gemma-2's attention-logit soft-capping), before any ALiBi bias. Every path
+    (dense, blockwise, single-query, the Pallas kernel, top-k middle tokens, probes) scores through it.
+    Hashable: a valid ``jax.jit`` static argument."""
+
+    factor: float
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("factor", "softcap"):
+            value = getattr(self, name)
+            if name == "softcap" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"scale {name} must be a finite number > 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+
+    def __call__(self, dots: jax.Array) -> jax.Array:
+        """float32 scores of float32 dot products."""
+        scores = dots * self.factor
+        return scores if self.softcap is None else self.softcap * jnp.tanh(scores / self.softcap)
+
+
+def scaling(scale: float | Scaling | None, head_dim: int) -> Scaling:
+    """``scale`` as a `Scaling`: a number is the factor (no cap); None is `default_scale`. A ValueError
+    names a factor or cap that is not a finite number > 0."""
+    if isinstance(scale, Scaling):
+        return scale
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise ValueError(f"scale must be a number, a Scaling or None, got {scale!r}")
+    return Scaling(default_scale(head_dim) if scale is None else scale)
 
 
 def matmul_precision(dtype: jnp.dtype) -> lax.Precision:
@@ -124,7 +159,7 @@ def masked_scores(
     *,
     spec: AttentionSpec,
     positional: Positional,
-    scale: float,
+    scale: Scaling,
     include_local: bool = True,
     include_global: bool = True,
     heads_first: bool = False,
@@ -141,9 +176,9 @@ def masked_scores(
     global_is_local = not isinstance(positional, Rotary) or spec.global_scores_equal_local
     s_local = s_global = None
     if include_local or (needs_global and global_is_local):
-        s_local = s_global = dot_scores(q_local, k_local, heads_first) * scale
+        s_local = s_global = scale(dot_scores(q_local, k_local, heads_first))
     if needs_global and not global_is_local:
-        s_global = dot_scores(q_global, k_global, heads_first) * scale
+        s_global = scale(dot_scores(q_global, k_global, heads_first))
     if isinstance(positional, Alibi) and needs_global:
         s_global = s_global - _grouped_slopes(positional, *s_global.shape[1:3]) * global_distance(spec, qp, kp)
     if include_local:
@@ -163,10 +198,10 @@ def masked_scores(
 
 
 def local_scores(q_local: jax.Array, k_local: jax.Array, q_positions: jax.Array, k_positions: jax.Array, *,
-                 positional: Positional, scale: float, heads_first: bool = False) -> jax.Array:
+                 positional: Positional, scale: Scaling, heads_first: bool = False) -> jax.Array:
     """Scaled float32 scores of keys that every query attends in the local class (no mask to apply):
     the fast path of a key chunk lying wholly inside every query's window."""
-    scores = dot_scores(q_local, k_local, heads_first) * scale
+    scores = scale(dot_scores(q_local, k_local, heads_first))
     return _local_bias(scores, positional, *_pairs(q_positions, k_positions))
 
 
@@ -210,7 +245,7 @@ def middle_scores(
     *,
     spec: AttentionSpec,
     positional: Positional,
-    scale: float,
+    scale: Scaling,
 ) -> jax.Array:
     """Scores of the keys the mask hides, for the top-k middle-token variant.
 
@@ -222,7 +257,7 @@ def middle_scores(
     if isinstance(positional, Rotary):
         q_last = _rope_grouped(q_last, jnp.full_like(q_last_positions, distance), positional,
                                last_key_position(k_positions, positional))
-    s = dot_scores(q_last, k) * scale
+    s = scale(dot_scores(q_last, k))
     if isinstance(positional, Alibi):
         s = s - _grouped_slopes(positional, q_last.shape[2], q_last.shape[3]) * float(distance)
     middle = spec.middle(*_pairs(q_last_positions, k_positions))

@@ -25,13 +25,14 @@ def rotate(x: np.ndarray, position: int, inv_freq, layout: str, scaling: float) 
 
 
 def naive_attention(q, k, v, q_pos, k_pos, *, kind, G=0, L=None, D=None, group=None, leak=None, rope=None,
-                    slopes=None, scale, top_k=None, top_k_active=False, return_lse=False):
+                    slopes=None, scale, softcap=None, top_k=None, top_k_active=False, return_lse=False):
     """Return (B, Tq, Hq, dv) float64, and with ``return_lse`` the log-sum-exp of each row's
     attended logits (B, Tq, Hq) (-inf where none).
 
     kind: vanilla | lm_infinite | lambda_mask | distance_limit | sliding_window | streaming_llm |
     self_extend (neighbour window L, group) | leaky_rerope (window D, leak). Positions may be fractions.
     rope: None or (inv_freq, layout, attention_scaling). slopes: None or per-query-head slopes.
+    softcap: None or c, each scaled score becoming c * tanh(score / c).
     top_k: None or (k, insert_distance); applied to the last query slot when top_k_active.
     """
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
@@ -57,6 +58,8 @@ def naive_attention(q, k, v, q_pos, k_pos, *, kind, G=0, L=None, D=None, group=N
         else:
             qv, kv = q[qv], k[kv]
         s = float(qv @ kv) * scale
+        if softcap is not None:  # Gemma-2: cap * tanh(score / cap), before any bias
+            s = softcap * np.tanh(s / softcap)
         if slopes is not None:
             s -= slopes[h] * (qp - (0 if kp is None else kp))
         return s

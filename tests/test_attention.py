@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (assert_nan_stays_in_its_rows, attended_slots, case_seed, naive_positional_kwargs, naive_spec_kwargs,
-                      random_qkv, rel_err)
+from conftest import (assert_nan_stays_in_its_rows, attended_slots, case_seed, make_positional, naive_positional_kwargs,
+                      naive_spec_kwargs, random_qkv, rel_err)
 from naive_attention import naive_attention
 
 from lminf_jax import (
@@ -17,6 +17,7 @@ from lminf_jax import (
     RopeScaling,
     RopeScheme,
     Rotary,
+    Scaling,
     SelfExtend,
     TopK,
     Vanilla,
@@ -51,7 +52,7 @@ def _call(**overrides):
         ({"positional": Rotary.create(32)}, "rotary_dim"),
         ({"positional": Alibi.create(3)}, "slopes for 4 query heads"),
         ({"positional": "rope"}, "positional must be"),
-        ({"scale": -1.0}, "scale must be"),
+        ({"scale": -1.0}, "scale factor must be"),
         ({"implementation": "flash"}, "implementation must be"),
         ({"block_q": 0, "implementation": "blockwise"}, "block_q"),
         ({"spec": "lm_infinite"}, "spec must be"),
@@ -280,3 +281,41 @@ def test_methods_refuse_positions_whose_global_position_would_wrap():
     big = np.array([spec.max_query_position + 1], np.int32)
     with pytest.raises(ValueError, match="q_positions: self_extend.*serves positions up to"):
         attention(Q[:, :1], K[:, :1], V[:, :1], q_positions=big, k_positions=big, spec=spec)
+
+
+@pytest.mark.parametrize("spec", [Vanilla(), LMInfinite(3, 8), SelfExtend(3, 8), DistanceLimit(8)], ids=lambda s: s.kind)
+@pytest.mark.parametrize("positional", ["rope_half", "alibi"])
+def test_soft_capped_scores_match_the_oracle_in_every_path(spec, positional):
+    """Gemma-2's attention-logit soft-capping (`Scaling` with a cap: c * tanh(score / c), before any
+    ALiBi bias) in the dense, blockwise, Pallas, single-query and probe paths, against the oracle; the
+    cap binds (sharp inputs), so a path that skipped it would fail."""
+    t, cap = 40, 2.0
+    q, k, v = random_qkv(case_seed("softcap", spec.kind, positional), 1, t, t, 4, 2, 16)
+    q, k = 3 * q, 3 * k
+    pos = make_positional(positional, 16, 4)
+    p = np.arange(t, dtype=np.int32)
+    scale = Scaling(0.25, softcap=cap)
+    want = naive_attention(q, k, v, p[None], p[None], scale=0.25, softcap=cap, **naive_spec_kwargs(spec),
+                           **naive_positional_kwargs(pos))
+    uncapped = naive_attention(q, k, v, p[None], p[None], scale=0.25, **naive_spec_kwargs(spec),
+                               **naive_positional_kwargs(pos))
+    assert rel_err(uncapped, want) > 0.05
+    run = lambda qs, impl: attention(q[:, qs], k, v, q_positions=p[qs], k_positions=p, spec=spec,  # noqa: E731
+                                     positional=pos, scale=scale, implementation=impl, block_q=8, block_k=8)
+    for impl in ("reference", "blockwise") + (("pallas",) if spec.bounded else ()):
+        assert rel_err(run(slice(None), impl), want) < 1e-5, impl
+    assert rel_err(run(slice(t - 1, t), "single_query"), want[:, -1:]) < 1e-5
+    out, probe = attention_probe(q, k, v, q_positions=p, k_positions=p, spec=spec, positional=pos, scale=scale)
+    assert rel_err(out, want) < 1e-5
+    if positional == "rope_half":  # no bias: every logit is a capped score
+        logits = np.asarray(probe.logits)
+        assert np.abs(logits[np.isfinite(logits)]).max() <= cap
+
+
+def test_a_scale_must_be_a_finite_positive_factor_and_cap():
+    for bad in (dict(factor=0.0), dict(factor=float("nan")), dict(factor=1.0, softcap=-1.0),
+                dict(factor=1.0, softcap=float("inf"))):
+        with pytest.raises(ValueError, match="scale (factor|softcap) must be a finite number > 0"):
+            Scaling(**bad)
+    with pytest.raises(ValueError, match="scale must be a number, a Scaling or None"):
+        _call(scale="0.25")

@@ -18,7 +18,7 @@ from conftest import (
 )
 from naive_attention import naive_attention
 
-from lminf_jax import DistanceLimit, LMInfinite, SlidingWindow, StreamingLLM, TopK, Vanilla, attention
+from lminf_jax import DistanceLimit, LMInfinite, Scaling, SlidingWindow, StreamingLLM, TopK, Vanilla, attention
 from lminf_jax.cache import KVCache, cached_attention, needs_full_cache
 from lminf_jax.rope import apply_rope
 
@@ -26,7 +26,7 @@ G, L = 3, 8
 HQ, HKV, D = 4, 2, 16
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "positional", "implementation", "block_q", "block_k"))
+@functools.partial(jax.jit, static_argnames=("spec", "positional", "scale", "implementation", "block_q", "block_k"))
 def _cached_step(cache: KVCache, q, k, v, positions, *, spec, positional, **kw) -> tuple[jax.Array, KVCache]:
     """One call of `cached_attention` on a one-layer cache, as a model step does it."""
     update = cache.plan(positions)
@@ -57,13 +57,17 @@ def _chunks(total: int, seed: int) -> list[int]:
 
 @pytest.mark.parametrize("spec_name,positional_name,implementation,rotated", [
     *((name, "rope_half", "blockwise", True) for name in sorted(SPEC_FACTORIES)),
+    ("lm_infinite", "rope_half", "softcap", True), ("self_extend", "alibi", "softcap", False),
     ("lm_infinite", "rope_interleaved_partial", "auto", True), ("lm_infinite", "rope_half", "auto", False),
     ("self_extend", "rope_interleaved_partial", "auto", False), ("lm_infinite", "rope_half", "reference", True),
     ("lm_infinite", "alibi", "blockwise", False), ("streaming_llm", "alibi", "auto", False),
     ("vanilla", "alibi", "auto", False),
 ])
 def test_chunked_cached_attention_equals_one_full_call(spec_name, positional_name, implementation, rotated):
-    """Every chunk size (1 included: the decoding path), stored keys rotated or as projected."""
+    """Every chunk size (1 included: the decoding path), stored keys rotated or as projected;
+    "softcap": blockwise with Gemma-2's logit soft-capping (a cap that binds)."""
+    scale = Scaling(0.25, softcap=1.5) if implementation == "softcap" else None
+    implementation = "blockwise" if implementation == "softcap" else implementation
     spec = SPEC_FACTORIES[spec_name](G, L)
     positional = make_positional(positional_name, D, HQ)
     b, t = 2, 8 * L
@@ -73,10 +77,11 @@ def test_chunked_cached_attention_equals_one_full_call(spec_name, positional_nam
     positions[1, 5:] = np.arange(t - 5)
     cache = KVCache.for_spec(spec, 1, b, HKV, D, capacity=t, rotated=rotated)
     assert cache.bounded == spec.bounded
-    got, cache = _run_chunks(cache, q, k, v, positions, _chunks(t, 3), spec, positional,
+    got, cache = _run_chunks(cache, q, k, v, positions, _chunks(t, 3), spec, positional, scale=scale,
                              implementation=implementation, block_q=4, block_k=4)
     want = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_positions=jnp.asarray(positions),
-                     k_positions=jnp.asarray(positions), spec=spec, positional=positional, implementation="reference")
+                     k_positions=jnp.asarray(positions), spec=spec, positional=positional, scale=scale,
+                     implementation="reference")
     valid = positions >= 0
     assert rel_err(np.asarray(got)[valid], np.asarray(want)[valid]) < 1e-5
     np.testing.assert_array_equal(np.asarray(got)[~valid], 0.0)

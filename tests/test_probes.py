@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from conftest import assert_nan_stays_in_its_rows, attended_slots, make_positional, random_qkv
 
-from lminf_jax import DistanceLimit, LMInfinite, LambdaMask, SlidingWindow, StreamingLLM, TopK, Vanilla, attention_probe
+from lminf_jax import (DistanceLimit, LMInfinite, LambdaMask, Scaling, SlidingWindow, StreamingLLM, TopK, Vanilla,
+                       attention_probe)
 from lminf_jax.probes import (
     bucket_table, distance_bucket, distance_bucket_bounds, num_distance_buckets, probe_rows,
 )
@@ -31,9 +32,12 @@ SPECS = [Vanilla(), LMInfinite(3, 40), LambdaMask(3, 40),
          DistanceLimit(50), SlidingWindow(40), StreamingLLM(2, 40)]
 
 
-@pytest.mark.parametrize("positional", ["rope_half", "rope_interleaved_partial", "alibi", "none"])
+@pytest.mark.parametrize("positional", ["rope_half", "rope_interleaved_partial", "alibi", "none", "rope_softcap"])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.kind)
 def test_row_statistics_match_the_dense_probe(spec, positional):
+    """"rope_softcap": Gemma-2's logit soft-capping, a cap that binds, in both probes."""
+    scale = Scaling(0.25, softcap=1.5) if positional == "rope_softcap" else None
+    positional = "rope_half" if positional == "rope_softcap" else positional
     b, t, hq, hkv, d = 2, 203, 4, 2, 16
     q, k, v = random_qkv(sum(map(ord, spec.kind + positional)), b, t, t, hq, hkv, d)
     q, k = 2 * q, 2 * k  # sharper distributions
@@ -43,12 +47,14 @@ def test_row_statistics_match_the_dense_probe(spec, positional):
     rows = np.asarray([0, 3, 77, 202])
     qp = jnp.asarray(p[:, rows])
     _, dense = attention_probe(jnp.asarray(q[:, rows]), jnp.asarray(k), jnp.asarray(v), q_positions=qp,
-                               k_positions=jnp.asarray(p), spec=spec, positional=pos)
+                               k_positions=jnp.asarray(p), spec=spec, positional=pos, scale=scale)
     nb = num_distance_buckets(t)
     got = probe_rows(jnp.asarray(q[:, rows]), jnp.asarray(k), qp, jnp.asarray(p), spec=spec, positional=pos,
-                     num_buckets=nb, block_k=32)
+                     scale=scale, num_buckets=nb, block_k=32)
     logits = np.asarray(dense.logits, np.float64)
     probs = np.asarray(dense.probs, np.float64)
+    if scale is not None:
+        assert np.abs(logits[np.isfinite(logits)]).max() <= 1.5
     live = np.isfinite(logits).any(-1)
     sums = np.where(np.isfinite(logits), np.exp(logits), 0).sum(-1)
     lse = np.where(live, np.log(np.where(live, sums, 1.0)), -np.inf)
