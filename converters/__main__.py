@@ -29,7 +29,8 @@ from converters.store import save_converted, staged_output
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 
 #: Tokenizer files copied from HF_DIR into OUT_DIR (those that exist).
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
 
 
 def copy_tokenizer(hf_dir: str | Path, out_dir: str | Path) -> list[str]:

@@ -3,7 +3,7 @@
     python -m experiments.generate MODEL_DIR [--prompt TEXT ...] [--prompt-file F]  (at least one prompt)
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
         [--stop TEXT ...] [--ignore-eos] [--dtype bf16|fp16|fp32] [--prefill-chunk C] [--no-bos]
-        [--json OUT] [--method METHOD] [-G G] [-L L] [-D D]
+        [--chat [--system TEXT]] [--json OUT] [--method METHOD] [-G G] [-L L] [-D D]
         [--top-k-middle K] [--top-k-insert-at N] [--top-k-from-layer H] [--rope-scaling FREQ@FACTOR]
 
 MODEL_DIR is a converted directory (``python -m converters``) or a Hugging Face directory
@@ -16,10 +16,13 @@ distance_limit and top-k middle tokens use a full cache of (longest prompt + N) 
 With one prompt the continuation is printed on stdout as it is generated; with several
 (repeat ``--prompt``, or ``--prompt-file`` with one prompt per line, blank lines skipped)
 each continuation is printed at the end. BOS is prepended when the tokenizer has one
-(unless ``--no-bos``). Generation stops at EOS (unless ``--ignore-eos``) and at each
-``--stop`` string, which must encode to exactly one token; the stop token is part of the
-output. A summary goes to stderr; ``--json`` writes prompts, continuations, token ids,
-settings and timings.
+(unless ``--no-bos``). With ``--chat`` (an instruct checkpoint) each prompt becomes one user
+message, after ``--system``'s system message if given, rendered with the checkpoint's chat
+template (`converters.tokenizer.load_chat_template`) and encoded with
+`converters.tokenizer.encode_chat`: the template writes BOS itself, so none is prepended.
+Generation stops at EOS (unless ``--ignore-eos``) and at each ``--stop`` string, which must
+encode to exactly one token; the stop token is part of the output. A summary goes to stderr; ``--json`` writes prompts (and with ``--chat`` the rendered
+ones), continuations, token ids, settings and timings.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from converters.tokenizer import ChatTemplate, encode_chat, load_chat_template
 from experiments.loading import (
     DTYPES, add_attention_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype, run_cli,
     frequencies_from_args, resolve_dtype, spec_from_args, spec_settings,
@@ -107,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast floating params and compute in this dtype (default: the params' dtype)")
     p.add_argument("--prefill-chunk", type=int_option(1), default=512, metavar="C", help="prompt tokens per prefill call")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS")
+    p.add_argument("--chat", action="store_true",
+                   help="render each prompt as a user message with the checkpoint's chat template (instruct models)")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before each prompt")
     p.add_argument("--json", type=output_file, metavar="OUT",
                    help="write prompts, continuations, token ids, settings and timings")
     add_attention_args(p)
@@ -120,6 +127,20 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if not prompts:
         raise ValueError("no prompt: give --prompt TEXT or --prompt-file F")
     return prompts
+
+
+def chat_prompts(args: argparse.Namespace, prompts: list[str]) -> tuple[ChatTemplate | None, list[str] | None]:
+    """With ``--chat``: the checkpoint's chat template and each prompt rendered as a user message
+    (after ``--system``'s system message); else ``(None, None)``."""
+    if not args.chat:
+        if args.system is not None:
+            raise ValueError("--system needs --chat")
+        return None, None
+    if args.no_bos:
+        raise ValueError("--no-bos does not apply with --chat: the chat template decides where BOS goes")
+    template = load_chat_template(args.model_dir)
+    system = [] if args.system is None else [{"role": "system", "content": args.system}]
+    return template, [template.render([*system, {"role": "user", "content": text}]) for text in prompts]
 
 
 def stop_tokens(tokenizer, stops: list[str], use_eos: bool) -> list[int]:
@@ -145,13 +166,18 @@ def run(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args)
     family, config = load_config(args.model_dir)  # validate the options before reading weights
+    template, rendered = chat_prompts(args, prompts)
     spec = spec_from_args(args, config)
     frequencies = frequencies_from_args(args, config)
     family.model(config, AttentionCall(spec, frequencies=frequencies))  # the spec, and RoPE scaling, apply here
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     tokenizer = load_tokenizer_from(args.model_dir)
-    bos = [] if args.no_bos or tokenizer.bos_id is None else [tokenizer.bos_id]
-    prompt_ids = [bos + tokenizer.encode(text) for text in prompts]
+    if template is None:
+        bos = [] if args.no_bos or tokenizer.bos_id is None else [tokenizer.bos_id]
+        prompt_ids = [bos + tokenizer.encode(text) for text in prompts]
+    else:
+        bos = []  # the template wrote BOS, if the model takes one
+        prompt_ids = [encode_chat(tokenizer, text, template.bos_token) for text in rendered]
     for b, ids in enumerate(prompt_ids):
         if not ids:
             raise ValueError(f"prompt {b + 1} is empty (and no BOS is prepended): nothing to continue")
@@ -207,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
             "model": str(args.model_dir),
             "family": family.name,
             "prompts": prompts,
+            "rendered_prompts": rendered,
             "continuations": texts,
             "prompt_ids": prompt_ids,
             "generated_ids": generated,
@@ -220,6 +247,9 @@ def run(args: argparse.Namespace) -> int:
                 "stop": args.stop,
                 "stop_tokens": stops,
                 "bos": bool(bos),
+                "chat": args.chat,
+                "system": args.system,
+                "chat_template": None if template is None else template.source,
                 "params_dtype": stored.name,
                 "compute_dtype": model.dtype.name,
                 "prefill_chunk": args.prefill_chunk,

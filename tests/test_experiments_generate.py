@@ -155,6 +155,8 @@ def test_top_k_middle_tokens_use_a_full_cache_and_a_plain_prefill(model_dir, tmp
      "top_k.from_layer is 2, but the model has 2 layers (0..1)"),
     (["{model}", "--prompt-file", "{latin1}"], "--prompt-file {latin1}: not UTF-8 text (byte 3"),
     (["{model}", "--prompt", "x", "--rope-scaling", "ntk"], "--rope-scaling ntk: give the extension factor"),
+    (["{model}", "--prompt", "x", "--system", "be brief"], "--system needs --chat"),
+    (["{model}", "--prompt", "x", "--chat", "--no-bos"], "--no-bos does not apply with --chat"),
 ])
 def test_bad_arguments_say_what_is_wrong(model_dir, tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
@@ -186,6 +188,46 @@ def test_missing_tokenizer_names_the_directory(model_dir, tmp_path, capsys):
         (bare / name).symlink_to(model_dir / name)
     assert cli.main([str(bare), "--prompt", "x"]) == 1
     assert f"error: no tokenizer in {bare}" in capsys.readouterr().err
+
+
+#: A Llama-2-style chat template over the tiny tokenizer's words: BOS, then the messages.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}. "
+                 "{% else %}the {{ m['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %} and{% endif %}")
+
+
+def test_chat_renders_each_prompt_with_the_checkpoint_template(model_dir, tmp_path, capsys):
+    chat_dir = tmp_path / "chat"
+    chat_dir.mkdir()
+    for name in ("converted.json", "params", "tokenizer.model"):
+        (chat_dir / name).symlink_to(model_dir / name)
+    (chat_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": {"content": "<s>"}, "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))
+    prompts = ["quick brown fox", "lion"]
+    argv = [str(chat_dir), "--chat", "--system", "a lazy dog", "--max-new-tokens", "6", "--json",
+            str(tmp_path / "out.json")]
+    assert cli.main(argv + [a for p in prompts for a in ("--prompt", p)]) == 0
+    record = json.loads((tmp_path / "out.json").read_text())
+    rendered = [f"<s>a lazy dog. the {p} and" for p in prompts]
+    tok = load_tokenizer_from(model_dir)
+    ids = [[tok.bos_id, *tok.encode(text.removeprefix("<s>"))] for text in rendered]  # "<s>" -> BOS, once
+    assert record["prompts"] == prompts and record["rendered_prompts"] == rendered and record["prompt_ids"] == ids
+    settings = record["settings"]
+    assert settings["chat"] and settings["system"] == "a lazy dog" and not settings["bos"]
+    assert settings["chat_template"] == f"{chat_dir / 'tokenizer_config.json'}: chat_template"
+    family, cfg, params = load_model(model_dir)
+    model = family.model(cfg, AttentionCall(LMInfinite(10, PRETRAIN)))
+    out = generate(model, params, ids, model.init_cache(2, capacity=max(map(len, ids)) + 6), max_new_tokens=6,
+                   stop_tokens=[tok.eos_id])
+    assert record["generated_ids"] == [out.row(b) for b in range(2)]
+    capsys.readouterr()
+
+
+def test_chat_without_a_template_fails_before_loading_the_model(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli.main([str(model_dir), "--prompt", "x", "--chat"]) == 1
+    assert capsys.readouterr().err == (f"error: {model_dir} has no chat template (no chat_template.jinja, no "
+                                       "chat_template in tokenizer_config.json): the checkpoint is a base model, "
+                                       "not a chat/instruct one\n")
 
 
 def test_load_model_casts_and_reads_the_default_window(model_dir):
