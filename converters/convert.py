@@ -93,34 +93,35 @@ def load_params(
     time, in one host buffer of its final dtype (`dtype` for floating-point parameters when
     given, else the stored one), placed and its buffer dropped before the next, so the host
     never holds two copies of the model (on CPU, jax adopts the buffer without copying it).
-    `shardings` (flat name of every `layout.template` entry -> sharding) places each device's
+    A fused checkpoint tensor (`CheckpointLayout.splits`) is split into its parameters on the host.
+    `shardings` (flat name of every parameter, `CheckpointLayout.param_names`, -> sharding) places each device's
     shard straight from the buffer, so no device holds a whole sharded parameter (each
     process fills its addressable shards); without it, params go to the default device.
     `progress` reports tensors, MB read and MB/s on stderr.
     """
     reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
     if shardings is not None:
-        check_shardings(layout.template, shardings, f"the layout of {reader.path}")
+        check_shardings(layout.param_names, shardings, f"the layout of {reader.path}")
     plan = plan_params(reader, layout)
     flat = {}
     with Progress(sum(map(len, plan.values())), "tensors", "converting", enabled=progress) as bar:
         for name, sources in plan.items():
-            sharding = None if shardings is None else shardings[name]
-            flat[name] = _load_one(reader, sources, layout.is_stacked(name), dtype, sharding, bar)
+            stacked = layout.is_stacked(name)
+            host = _assemble(reader, sources, stacked, dtype, bar)
+            parts = layout.splits[name](host, stacked) if name in layout.splits else {name: host}
+            del host
+            for part, array in parts.items():
+                flat[part] = _place(array, None if shardings is None else shardings[part])
+            del parts
             # Where jax copies from the host buffer (accelerators), it lets go of the buffer in
             # a gc callback: run it now, or several parameters' buffers can pile up.
             gc.collect(0)
     return traverse_util.unflatten_dict(flat, sep=".")
 
 
-def _load_one(
-    reader: CheckpointReader,
-    sources: list[str],
-    stacked: bool,
-    dtype: jax.typing.DTypeLike | None,
-    sharding: jax.sharding.Sharding | None,
-    bar: Progress,
-) -> jax.Array:
+def _assemble(reader: CheckpointReader, sources: list[str], stacked: bool, dtype: jax.typing.DTypeLike | None,
+              bar: Progress) -> np.ndarray:
+    """One template entry in a host buffer of its final dtype, read one checkpoint tensor at a time."""
     first = sources[0]
     shape = (len(sources), *reader.shape(first)) if stacked else reader.shape(first)
     stored = numpy_dtype(reader.dtype(first), first)
@@ -130,6 +131,11 @@ def _load_one(
         source = reader.read(name)
         row[...] = source  # casts when `cast`, rounding to nearest even as XLA does
         bar.update(1, nbytes=source.nbytes)
+    return host
+
+
+def _place(host: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """``host`` on the default device, or each device's shard of it under ``sharding``."""
     if sharding is None:
         return jax.device_put(host).block_until_ready()
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index]).block_until_ready()

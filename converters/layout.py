@@ -13,9 +13,29 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import jax
+import numpy as np
 
 from converters.dtypes import numpy_dtype
 from converters.reader import CheckpointReader
+
+
+@dataclass(frozen=True)
+class Split:
+    """A checkpoint tensor that fills several parameters (`models.declaration.Fused`): along its first
+    axis after any layer axis it holds ``groups`` repeats of ``rows[i] // groups`` rows of each part in turn."""
+
+    parts: tuple[str, ...]
+    rows: tuple[int, ...]
+    groups: int = 1
+
+    def __call__(self, source: np.ndarray, stacked: bool) -> dict[str, np.ndarray]:
+        """Part name -> its (contiguous) array, from the loaded ``source``."""
+        lead = source.shape[:1] if stacked else ()
+        rest = source.shape[len(lead) + 1:]
+        grouped = source.reshape(*lead, self.groups, -1, *rest)
+        pieces = np.split(grouped, np.cumsum([r // self.groups for r in self.rows])[:-1], axis=len(lead) + 1)
+        return {name: np.ascontiguousarray(piece).reshape(*lead, rows, *rest)
+                for name, rows, piece in zip(self.parts, self.rows, pieces, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -28,6 +48,8 @@ class CheckpointLayout:
     ignored: regexes (re.fullmatch) of checkpoint names skipped silently.
     aliases: exact checkpoint name -> replacement name, applied before the layer index is
         removed (a per-layer rename lists every layer's name).
+    splits: template entry -> the parameters it fills when it holds several (a fused projection);
+        every other template entry is one parameter.
     """
 
     layer_prefix: str
@@ -35,14 +57,23 @@ class CheckpointLayout:
     template: Mapping[str, jax.ShapeDtypeStruct]
     ignored: tuple[str, ...] = ()
     aliases: Mapping[str, str] = field(default_factory=dict)
+    splits: Mapping[str, Split] = field(default_factory=dict)
 
     def __post_init__(self):
+        strays = sorted(set(self.splits) - set(self.template))
+        if strays:
+            raise ValueError(f"splits name tensors that are not in the template: {strays}")
         for name, spec in self.template.items():
             if self.is_stacked(name) and tuple(spec.shape[:1]) != (self.num_layers,):
                 raise ValueError(
                     f"template entry {name} is a layer tensor, so its leading axis must be "
                     f"num_layers={self.num_layers}; got shape {tuple(spec.shape)}"
                 )
+
+    @property
+    def param_names(self) -> list[str]:
+        """The flat names of the parameters this layout fills (a split tensor's parts in its place)."""
+        return [part for name in self.template for part in (self.splits[name].parts if name in self.splits else (name,))]
 
     def is_stacked(self, flat_name: str) -> bool:
         """Whether the flat parameter `flat_name` stacks one tensor per layer."""

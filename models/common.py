@@ -95,11 +95,12 @@ def linear(x: jax.Array, p: Mapping[str, jax.Array], dtype) -> jax.Array:
     return y
 
 
-def rms_norm(x: jax.Array, p: Mapping[str, jax.Array], eps: float) -> jax.Array:
-    """LLaMA RMSNorm in float32, result in x's dtype."""
+def rms_norm(x: jax.Array, p: Mapping[str, jax.Array], eps: float, *, unit_offset: bool = False) -> jax.Array:
+    """LLaMA RMSNorm in float32, result in x's dtype; ``unit_offset``: scaled by ``1 + weight`` (Gemma)."""
     x32 = x.astype(jnp.float32)
     y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * p["weight"].astype(jnp.float32)).astype(x.dtype)
+    weight = p["weight"].astype(jnp.float32)
+    return (y * (1.0 + weight if unit_offset else weight)).astype(x.dtype)
 
 
 def layer_norm(x: jax.Array, p: Mapping[str, jax.Array], eps: float) -> jax.Array:
@@ -117,6 +118,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-NeoX-20B: the same tanh formula
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
 }
@@ -190,6 +192,21 @@ def unembed(h: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
     if "bias" in p:
         logits = logits + p["bias"].astype(jnp.float32)
     return logits
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def window_layers(config: Mapping, num_layers: int, default: Callable[[int], bool]) -> tuple[bool, ...]:
+    """Which layers attend the model's native sliding window: Hugging Face's ``layer_types`` when the
+    config lists them (each "full_attention" or "sliding_attention", one per layer), else ``default(i)``."""
+    types = config.get("layer_types")
+    if types is None:
+        return tuple(bool(default(i)) for i in range(num_layers))
+    if not isinstance(types, (list, tuple)) or len(types) != num_layers or any(t not in LAYER_TYPES for t in types):
+        raise ValueError(f"config field 'layer_types' must list one of {LAYER_TYPES} per layer ({num_layers}), "
+                         f"got {types!r}")
+    return tuple(t == "sliding_attention" for t in types)
 
 
 def require(config: Mapping, field: str, kind: type | tuple[type, ...] = int):

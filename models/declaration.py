@@ -4,7 +4,10 @@ Each family module declares ``parameters(config) -> tuple[Param, ...]``: every p
 Face name (per-layer tensors without the layer index, stacked on a leading ``layers`` axis), its
 shape and its logical sharding axes (`lminf_jax.sharding`). Shapes for random initialisation and
 ``jax.eval_shape``, the sharding rules and the converters' checkpoint template are all derived from
-that one table (`models.registry.Family`), so a parameter is named once.
+that one table (`models.registry.Family`), so a parameter is named once. A checkpoint tensor that holds
+several declared parameters (GPT-NeoX's and BLOOM's per-head ``query_key_value``, Phi-3's ``qkv_proj``
+and ``gate_up_proj``) is a `Fused` entry of ``fused(config)``: the converters split it while loading,
+and the model only ever sees the separate parameters.
 """
 
 from __future__ import annotations
@@ -48,6 +51,32 @@ class Param:
     def __post_init__(self) -> None:
         if len(self.shape) != len(self.axes):
             raise ValueError(f"parameter {self.name!r} has shape {self.shape} but {len(self.axes)} axes {self.axes}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fused:
+    """A checkpoint tensor ``source`` (layer index removed) holding the declared parameters ``parts``
+    along its first axis after any layer axis: ``groups`` repeats of each part's rows in turn (one
+    group per head for a per-head interleaved q/k/v, one group for parts stored one after another)."""
+
+    source: str
+    parts: tuple[str, ...]
+    groups: int = 1
+
+    def shape(self, shapes: dict[str, tuple[int, ...]], stacked: bool) -> tuple[int, ...]:
+        """The source's shape, from the parts' ``shapes``; a ValueError when they cannot be fused so."""
+        lead = 1 if stacked else 0
+        part_shapes = [shapes[p] for p in self.parts]
+        tails = {s[:lead] + s[lead + 1:] for s in part_shapes}
+        uneven = [p for p, s in zip(self.parts, part_shapes) if s[lead] % self.groups]
+        if len(tails) != 1 or uneven:
+            raise ValueError(f"{self.source} cannot hold {self.parts} in {self.groups} groups: shapes {part_shapes}")
+        first = part_shapes[0]
+        return (*first[:lead], sum(s[lead] for s in part_shapes), *first[lead + 1:])
+
+    def rows(self, shapes: dict[str, tuple[int, ...]], stacked: bool) -> tuple[int, ...]:
+        """Each part's rows (its first axis after any layer axis)."""
+        return tuple(shapes[p][1 if stacked else 0] for p in self.parts)
 
 
 def linear(name: str, out: int, inp: int, *, axes: tuple[str | None, str | None], bias: bool,

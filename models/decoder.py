@@ -12,6 +12,13 @@ attention geometry and positional scheme. `LanguageModel` drives it:
 Both scan the stacked layers once (the step scans the cache's layer axis alongside),
 so compile time does not grow with depth.
 
+A model may have **native sliding-window layers** (`NativeWindow`: Mistral v0.1, Gemma-2/3, Phi-3,
+Qwen's window layers): the call's method (spec and frequency method) applies to the other, *global*
+layers, and each windowed layer keeps its own window, attending the keys ``i - j < window`` at their
+true positions with its own RoPE. A mixed stack picks each layer's attention with ``lax.cond`` inside
+the scan; one cache serves both kinds (`KVCache.for_specs`: a Λ-cache whose ring is the larger of
+the method's window and the native one, or a full cache when the method needs every key).
+
 With a `lminf_jax.sharding.ShardingPlan` the model runs SPMD over its mesh: activations are
 constrained to (batch over ``data``, time over ``seq``, heads over ``model``), the cache to (batch,
 KV heads), and when ``seq`` is larger than one a whole-sequence pass uses context-parallel
@@ -31,17 +38,44 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lminf_jax import Alibi, AttentionProbe, RopeScheme, attention, attention_probe
+from lminf_jax import (Alibi, AttentionProbe, AttentionSpec, RopeScheme, SlidingWindow, Vanilla, attention,
+                       attention_probe)
 from lminf_jax.attention_decode import rotates_keys
 from lminf_jax.cache import KVCache, cached_attention, needs_full_cache
 from lminf_jax.context_parallel import context_parallel_attention
 from lminf_jax.probes import RowProbe, num_distance_buckets, probe_rows
-from lminf_jax.scores import Positional
+from lminf_jax.scores import Positional, Scaling
 from lminf_jax.sharding import ShardingPlan
 from models.common import AttentionCall, Params, check_tokens, default_positions
 
 #: ``attend(q, k, v) -> (out, aux)`` on projected ``(B, T, heads * d)`` tensors.
 Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeWindow:
+    """A model's own sliding-window layers: ``layers[i]`` is True where layer ``i`` attends only the
+    keys ``i - j < window``; ``positional`` their positional encoding when it differs from the model's
+    (Gemma-3's local RoPE base), else None."""
+
+    window: int
+    layers: tuple[bool, ...]
+    positional: Positional | RopeScheme | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"a native sliding window must be an integer >= 1, got {self.window!r}")
+        object.__setattr__(self, "layers", tuple(bool(x) for x in self.layers))
+
+    @property
+    def spec(self) -> SlidingWindow:
+        return SlidingWindow(self.window)
+
+    @classmethod
+    def of(cls, window: int | None, layers: tuple[bool, ...], positional: Positional | RopeScheme | None = None
+           ) -> NativeWindow | None:
+        """The native window of a config (None when it has no window or no windowed layer)."""
+        return cls(window, layers, positional) if window is not None and any(layers) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +86,9 @@ class Decoder:
     on whatever ``attend`` returned as aux; ``head(params, h) -> float32 logits``;
     ``layer_params(params)`` the stacked per-layer tree. ``positional`` is an `Alibi` or the
     family's `RopeScheme`, which `LanguageModel.decoder` resolves to a `Rotary` for the call's
-    frequency method and sequence length.
+    frequency method and sequence length. ``scale``: the score scale (a number or a `Scaling` with
+    Gemma-2's soft cap; None: ``1 / sqrt(head_dim)``). ``native_window``: the model's own
+    sliding-window layers, if any.
     """
 
     embed: Callable[[Params, jax.Array], jax.Array]
@@ -64,7 +100,27 @@ class Decoder:
     num_kv_heads: int
     head_dim: int
     positional: Positional | RopeScheme
-    scale: float | None = None
+    scale: float | Scaling | None = None
+    native_window: NativeWindow | None = None
+
+    def layer_kinds(self, spec: AttentionSpec) -> tuple[tuple[AttentionSpec, Positional], ...]:
+        """The attention of each kind of layer, global first: ``(spec, positional)`` of the method's
+        layers and, with a `native_window`, of the windowed layers (one entry when all layers are of
+        one kind)."""
+        native = self.native_window
+        if native is None or not any(native.layers):
+            return ((spec, self.positional),)
+        local = (native.spec, self.positional if native.positional is None else native.positional)
+        return (local,) if all(native.layers) else ((spec, self.positional), local)
+
+    def per_layer(self, spec: AttentionSpec, index: jax.Array, attend: Callable[[AttentionSpec, Positional], Any]):
+        """``attend(spec, positional)`` for layer ``index`` (traced, inside the layer scan): the method's
+        on a global layer, the native window's on a windowed one (`lax.cond` when the stack mixes them)."""
+        kinds = self.layer_kinds(spec)
+        if len(kinds) == 1:
+            return attend(*kinds[0])
+        windowed = jnp.asarray(self.native_window.layers)[index]
+        return lax.cond(windowed, lambda: attend(*kinds[1]), lambda: attend(*kinds[0]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +144,24 @@ class LanguageModel:
         if self.sharding is not None and not isinstance(self.sharding, ShardingPlan):
             raise ValueError(f"sharding must be a ShardingPlan or None, got {type(self.sharding).__name__}")
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
-        self.decoder()  # a frequency method on an ALiBi model, or over a checkpoint's own scaling, fails here
+        dec = self.decoder()  # a frequency method on an ALiBi model, or over a checkpoint's own scaling, fails here
+        if dec.native_window is not None and all(dec.native_window.layers) and (
+                self.call.spec != Vanilla() or self.call.frequencies is not None):
+            method = self.call.spec.describe() if self.call.spec != Vanilla() else self.call.frequencies.kind
+            raise ValueError(f"every layer of this model attends only its native sliding window of "
+                             f"{dec.native_window.window} tokens (config field 'sliding_window'): {method} applies to "
+                             f"global layers, and there are none. To run the model without its window (full "
+                             f"attention), set 'sliding_window' to null in its config.json")
 
     def decoder(self) -> Decoder:
         """The family's decoder with its positions resolved: RoPE under the call's frequency method
         (dynamic NTK's follows each call's sequence length, `lminf_jax.rope.LengthRule`)."""
         dec = self.build(self.config, self.dtype)
+        native = dec.native_window
+        if native is not None:  # windowed layers keep the checkpoint's own positions
+            own = dec.positional if native.positional is None else native.positional
+            native = dataclasses.replace(native, positional=own.rotary(None) if isinstance(own, RopeScheme) else own)
+            dec = dataclasses.replace(dec, native_window=native)
         if isinstance(dec.positional, RopeScheme):
             return dataclasses.replace(dec, positional=dec.positional.rotary(self.call.frequencies))
         if self.call.frequencies is not None:
@@ -172,9 +240,9 @@ class LanguageModel:
         dec = self.decoder()
 
         def make() -> KVCache:
-            return KVCache.for_spec(self.spec, dec.num_layers, batch, dec.num_kv_heads, dec.head_dim,
-                                    capacity=capacity, dtype=self.dtype if dtype is None else dtype,
-                                    rotated=rotates_keys(dec.positional))
+            return KVCache.for_specs([spec for spec, _ in dec.layer_kinds(self.spec)], dec.num_layers, batch,
+                                     dec.num_kv_heads, dec.head_dim, capacity=capacity,
+                                     dtype=self.dtype if dtype is None else dtype, rotated=_rotated(dec, self.spec))
 
         if self.sharding is None:
             return make()
@@ -184,15 +252,16 @@ class LanguageModel:
         """Raise a ValueError naming what does not fit between ``cache`` and this model."""
         if not isinstance(cache, KVCache):
             raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
-        cache.check_spec(self.spec)
         dec = self.decoder()
+        for spec, _ in dec.layer_kinds(self.spec):
+            cache.check_spec(spec)
         expected = (dec.num_layers, cache.keys.shape[1], dec.num_kv_heads, cache.slots, dec.head_dim)
         if cache.keys.shape != expected:
             raise ValueError(f"cache keys have shape {cache.keys.shape}; this model needs {expected} "
                              "(layers, batch, kv_heads, slots, head_dim)")
-        if cache.rotated != rotates_keys(dec.positional):
+        if cache.rotated != _rotated(dec, self.spec):
             raise ValueError(f"cache.rotated is {cache.rotated} but this model's positions need "
-                             f"{rotates_keys(dec.positional)} (build the cache with init_cache)")
+                             f"{_rotated(dec, self.spec)} (build the cache with init_cache)")
         if batch is not None and cache.keys.shape[1] != batch:
             raise ValueError(f"cache holds {cache.keys.shape[1]} rows but tokens have {batch}")
 
@@ -228,6 +297,11 @@ def _check_step_positions(positions: np.ndarray, cached: np.ndarray, cache: KVCa
         b = int(bad[0])
         raise ValueError(f"positions must continue after the cache: row {b} starts at {first_new[b]} but the "
                          f"cache already holds position {newest_cached[b]}")
+
+
+def _rotated(dec: Decoder, spec: AttentionSpec) -> bool:
+    """Whether the model's cache stores keys rotated: when every kind of layer's positions allow it."""
+    return all(rotates_keys(positional) for _, positional in dec.layer_kinds(spec))
 
 
 def _units(dec: Decoder) -> dict[str, int]:
@@ -273,21 +347,22 @@ def _split_heads(dec: Decoder, q: jax.Array, k: jax.Array, v: jax.Array, plan: S
 
 def _self_attention(dec: Decoder, call: AttentionCall, qh, kh, vh, positions: jax.Array, index,
                     plan: ShardingPlan | None = None) -> jax.Array:
-    """Attention of a whole sequence over itself, merged back to ``(B, T, heads * dv)``: context
-    parallel under a plan with a ``seq`` axis and a bounded spec, else `lminf_jax.attention`."""
-    if plan is not None and plan.context_parallel and not needs_full_cache(call.spec):
-        heads_split = not isinstance(dec.positional, Alibi) and plan.spec(
-            ("kv_heads",), (dec.num_kv_heads,)) == jax.sharding.PartitionSpec("model")
-        out = context_parallel_attention(
-            qh, kh, vh, mesh=plan.mesh, axis="seq", spec=call.spec, positional=dec.positional, scale=dec.scale,
-            block_q=call.block_q, block_k=call.block_k, head_axis="model" if heads_split else None,
-            batch_axis="data" if plan.spec(("batch",), qh.shape[:1])[0] else None)
-    else:
-        out = attention(qh, kh, vh, q_positions=positions, k_positions=positions, spec=call.spec,
-                        positional=dec.positional, scale=dec.scale,
-                        layer=index if call.spec.top_k is not None else None,
-                        implementation=call.implementation, block_q=call.block_q, block_k=call.block_k)
-    return out.reshape(*qh.shape[:2], -1)
+    """Attention of a whole sequence over itself in layer ``index``, merged back to ``(B, T, heads *
+    dv)``: context parallel under a plan with a ``seq`` axis and a bounded spec, else `lminf_jax.attention`."""
+
+    def attend(spec: AttentionSpec, positional: Positional) -> jax.Array:
+        if plan is not None and plan.context_parallel and not needs_full_cache(spec):
+            heads_split = not isinstance(positional, Alibi) and plan.spec(
+                ("kv_heads",), (dec.num_kv_heads,)) == jax.sharding.PartitionSpec("model")
+            return context_parallel_attention(
+                qh, kh, vh, mesh=plan.mesh, axis="seq", spec=spec, positional=positional, scale=dec.scale,
+                block_q=call.block_q, block_k=call.block_k, head_axis="model" if heads_split else None,
+                batch_axis="data" if plan.spec(("batch",), qh.shape[:1])[0] else None)
+        return attention(qh, kh, vh, q_positions=positions, k_positions=positions, spec=spec, positional=positional,
+                         scale=dec.scale, layer=index if spec.top_k is not None else None,
+                         implementation=call.implementation, block_q=call.block_q, block_k=call.block_k)
+
+    return dec.per_layer(call.spec, index, attend).reshape(*qh.shape[:2], -1)
 
 
 def _heads(x: jax.Array, n: int) -> jax.Array:
@@ -322,13 +397,17 @@ def _jit_probe(model: LanguageModel, params: Params, tokens: jax.Array, position
             qh, kh, vh = _split_heads(dec, q, k, v, plan)
             out = _self_attention(dec, call, qh, kh, vh, positions, index, plan)
             q_rows = jnp.take(qh, rows, axis=1)
-            stats = probe_rows(q_rows, kh, row_positions, positions, spec=call.spec, positional=dec.positional,
-                               scale=dec.scale, num_buckets=num_buckets, block_k=call.block_k)
-            full = None
-            if full_rows:
-                full = attention_probe(q_rows, kh, vh, q_positions=row_positions, k_positions=positions,
-                                       spec=call.spec, positional=dec.positional, scale=dec.scale)[1]
-            return out, (stats, full)
+
+            def probe(spec: AttentionSpec, positional: Positional):
+                stats = probe_rows(q_rows, kh, row_positions, positions, spec=spec, positional=positional,
+                                   scale=dec.scale, num_buckets=num_buckets, block_k=call.block_k)
+                full = None
+                if full_rows:
+                    full = attention_probe(q_rows, kh, vh, q_positions=row_positions, k_positions=positions,
+                                           spec=spec, positional=positional, scale=dec.scale)[1]
+                return stats, full
+
+            return out, dec.per_layer(call.spec, index, probe)
         return attend
 
     layers = dec.layer_params(params)
@@ -355,11 +434,14 @@ def _jit_step(model: LanguageModel, params: Params, tokens: jax.Array, positions
     def make_attend(index, layer_keys, layer_values):
         def attend(q, k, v):
             qh, kh, vh = _split_heads(dec, q, k, v, plan, length=None)
-            out, stored = cached_attention(
-                qh, kh, vh, positions, layer_keys, layer_values, update, spec=call.spec, positional=dec.positional,
-                rotated=cache.rotated, scale=dec.scale, layer=index if call.spec.top_k is not None else None,
-                implementation=call.implementation, block_q=call.block_q, block_k=call.block_k,
-            )
+
+            def step(spec: AttentionSpec, positional: Positional) -> tuple[jax.Array, jax.Array]:
+                return cached_attention(
+                    qh, kh, vh, positions, layer_keys, layer_values, update, spec=spec, positional=positional,
+                    rotated=cache.rotated, scale=dec.scale, layer=index if spec.top_k is not None else None,
+                    implementation=call.implementation, block_q=call.block_q, block_k=call.block_k)
+
+            out, stored = dec.per_layer(call.spec, index, step)
             return out.reshape(*q.shape[:2], -1), (stored, vh)
         return attend
 

@@ -1,5 +1,7 @@
-"""The LLaMA architecture in Hugging Face's layout: LLaMA-1/2/3, Mistral (without its sliding window),
-Qwen2/2.5 (biases on q, k and v but not o) and Qwen3 (RMSNorm of each query and key head before RoPE)."""
+"""The LLaMA architecture in Hugging Face's layout: LLaMA-1/2/3, Mistral (with its native sliding window
+when the config sets one, as v0.1's does), Qwen2/2.5 (biases on q, k and v but not o) and Qwen3 (RMSNorm
+of each query and key head before RoPE); both Qwens with their sliding-window layers as configured; Phi-3
+/ Phi-3.5 (q/k/v and gate/up fused in the checkpoint, split by the converters; partial rotary)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,10 @@ import jax
 from lminf_jax import RopeScaling, RopeScheme
 from models import common
 from models.common import Params
-from models.declaration import Param, linear, norm, table
-from models.decoder import Attend, Decoder
+from models.declaration import Fused, Param, linear, norm, table
+from models.decoder import Attend, Decoder, NativeWindow
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 LAYER_PREFIX = "model.layers."
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,10 @@ class LlamaConfig:
     hidden_act: str = "silu"
     qkv_bias: bool = False  # Qwen2: biases on q, k, v only
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's dims of q and k, before RoPE
+    sliding_window: int | None = None  # the native window of the layers marked in window_layers
+    window_layers: tuple[bool, ...] = ()
+    rotary_dim: int | None = None  # RoPE on the first rotary_dim dims of each head (None: all)
+    fused_projections: bool = False  # Phi-3: checkpoints hold qkv_proj and gate_up_proj
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -51,25 +57,32 @@ class LlamaConfig:
     def from_hf(cls, d: Mapping) -> LlamaConfig:
         """From a parsed HF config.json (``model_type`` llama, mistral, qwen2 or qwen3)."""
         model_type = d.get("model_type")
-        if model_type in ("qwen2", "qwen3"):
-            _reject_sliding_layers(d)
-        else:
-            common.reject(d, "sliding_window", lambda v: v is None, "Mistral's sliding window is not implemented; "
-                          "use AttentionSpec.sliding_window at call time instead")
+        if model_type == "llama":
+            common.reject(d, "sliding_window", lambda v: v is None, "LLaMA has no sliding window (Mistral's does)")
         common.reject(d, "pretraining_tp", lambda v: v in (None, 1), "tensor-parallel pretraining slices")
         heads = common.require(d, "num_attention_heads")
         hidden = common.require(d, "hidden_size")
+        layers = common.require(d, "num_hidden_layers")
+        window, windowed = _native_window(d, model_type, layers)
         rope = d.get("rope_parameters") or {}
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        scaling = RopeScaling.from_hf(d.get("rope_scaling") or rope or None)
+        rope_dict = d.get("rope_scaling") or rope or {}
+        if rope_dict.get("rope_type", rope_dict.get("type")) in ("longrope", "su"):
+            raise ValueError("unsupported config field 'rope_scaling' (rope_type 'longrope'): Phi-3's LongRoPE (its 128k "
+                             "variants) is not implemented; the 4k models (no rope_scaling) are")
+        scaling = RopeScaling.from_hf({k: v for k, v in rope_dict.items() if k != "partial_rotary_factor"} or None)
+        head_dim = d.get("head_dim") or hidden // heads
+        partial = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+        if not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+            raise ValueError(f"config field 'partial_rotary_factor' must be in (0, 1], got {partial!r}")
         return cls(
             vocab_size=common.require(d, "vocab_size"),
             hidden_size=hidden,
             intermediate_size=common.require(d, "intermediate_size"),
-            num_hidden_layers=common.require(d, "num_hidden_layers"),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or hidden // heads,
+            head_dim=head_dim,
             rms_norm_eps=common.positive_float("rms_norm_eps", d.get("rms_norm_eps", 1e-6)),
             rope_theta=common.positive_float("rope_theta", theta),
             rope_scaling=scaling,
@@ -80,6 +93,10 @@ class LlamaConfig:
             hidden_act=d.get("hidden_act", "silu"),
             qkv_bias=model_type == "qwen2",
             qk_norm=model_type == "qwen3",
+            sliding_window=window,
+            window_layers=windowed,
+            rotary_dim=None if partial == 1 else int(head_dim * partial),
+            fused_projections=model_type == "phi3",
         )
 
     num_layers = property(lambda self: self.num_hidden_layers)
@@ -89,7 +106,8 @@ class LlamaConfig:
 
     def rope(self) -> RopeScheme:
         """Half-layout RoPE on every head dim, with the checkpoint's own scaling."""
-        return RopeScheme(self.head_dim, self.max_position_embeddings, self.rope_theta, scaling=self.rope_scaling)
+        return RopeScheme(self.head_dim, self.max_position_embeddings, self.rope_theta, rotary_dim=self.rotary_dim,
+                          scaling=self.rope_scaling)
 
 
 def parameters(c: LlamaConfig) -> tuple[Param, ...]:
@@ -116,18 +134,31 @@ def parameters(c: LlamaConfig) -> tuple[Param, ...]:
     )
 
 
-def _reject_sliding_layers(d: Mapping) -> None:
-    """Qwen2/3 configs carry window fields; refuse one whose layers would slide (Hugging Face's rule:
-    ``layer_types``, or layers from ``max_window_layers`` on when ``use_sliding_window``)."""
-    types = d.get("layer_types")
-    if types is None and d.get("use_sliding_window") and d.get("sliding_window") is not None:
-        start = d.get("max_window_layers", 0)
-        types = ["sliding_attention" if i >= start else "full_attention" for i in range(d.get("num_hidden_layers", 0))]
-    sliding = [i for i, t in enumerate(types or ()) if t != "full_attention"]
-    if sliding:
-        raise ValueError(f"unsupported config: layers {sliding} are sliding-window layers (config fields "
-                         f"'use_sliding_window' / 'max_window_layers' / 'layer_types'); native sliding-window "
-                         f"layers are not implemented: use AttentionSpec.sliding_window at call time instead")
+def fused(c: LlamaConfig) -> tuple[Fused, ...]:
+    """Phi-3's fused checkpoint tensors: ``qkv_proj`` (q, k, v rows one after another) and ``gate_up_proj``."""
+    if not c.fused_projections:
+        return ()
+    attn, mlp = LAYER_PREFIX + "self_attn.", LAYER_PREFIX + "mlp."
+    return (Fused(attn + "qkv_proj.weight", tuple(f"{attn}{x}_proj.weight" for x in "qkv")),
+            Fused(mlp + "gate_up_proj.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight")))
+
+
+def _native_window(d: Mapping, model_type: str, layers: int) -> tuple[int | None, tuple[bool, ...]]:
+    """The native window and the layers that use it, as Hugging Face reads them: Mistral's ``sliding_window``
+    on every layer; Qwen2/3's ``sliding_window`` only with ``use_sliding_window``, on ``layer_types``'
+    sliding layers (default: from ``max_window_layers`` on)."""
+    window = d.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return None, ()
+    window = common.require(d, "sliding_window")
+    if window < 1:
+        raise ValueError(f"config field 'sliding_window' must be >= 1, got {window}")
+    if model_type in ("qwen2", "qwen3"):
+        start = d.get("max_window_layers", 28)
+        return window, common.window_layers(d, layers, lambda i: i >= start)
+    return window, (True,) * layers
 
 
 def _head_norm(x: jax.Array, p: Params, c: LlamaConfig) -> jax.Array:
@@ -167,5 +198,5 @@ def decoder(c: LlamaConfig, dtype) -> Decoder:
         embed=lambda params, tokens: common.embed(params["model"]["embed_tokens"]["weight"], tokens, dtype),
         layer=layer, head=head, layer_params=lambda params: params["model"]["layers"],
         num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
-        head_dim=c.head_dim, positional=c.rope(),
+        head_dim=c.head_dim, positional=c.rope(), native_window=NativeWindow.of(c.sliding_window, c.window_layers),
     )

@@ -13,9 +13,9 @@ from jax.sharding import NamedSharding
 from lminf_jax import AttentionSpec
 from lminf_jax.sharding import ShardingPlan
 
-from models import declaration, gptj, llama, mpt
+from models import bloom, declaration, gemma, gptj, llama, mpt, neox
 from models.common import AttentionCall, Params, init_from_shapes
-from models.declaration import ModelConfig, Param
+from models.declaration import Fused, ModelConfig, Param
 from models.decoder import LanguageModel
 
 
@@ -42,6 +42,12 @@ class Family:
     def parameters(self, config) -> tuple[Param, ...]:
         """The family's parameter table for ``config`` (`models.declaration`)."""
         return self.module.parameters(config)
+
+    def fused(self, config) -> tuple[Fused, ...]:
+        """Checkpoint tensors that hold several of the family's parameters (none unless it declares
+        ``fused(config)``)."""
+        declared = getattr(self.module, "fused", None)
+        return () if declared is None else declared(config)
 
     def param_shapes(self, config) -> dict[str, tuple[int, ...]]:
         return declaration.shapes(self.parameters(config))
@@ -92,8 +98,11 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", llama, llama.LlamaConfig),
+    "gemma": Family("gemma", gemma, gemma.GemmaConfig),
     "gptj": Family("gptj", gptj, gptj.GPTJConfig),
     "mpt": Family("mpt", mpt, mpt.MPTConfig),
+    "bloom": Family("bloom", bloom, bloom.BloomConfig),
+    "neox": Family("neox", neox, neox.NeoXConfig),
 }
 
 

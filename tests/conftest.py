@@ -157,6 +157,17 @@ TINY_MODELS = {
     "gptj": {"model_type": "gptj", "vocab_size": 97, "n_embd": 48, "n_layer": 2, "n_head": 4, "rotary_dim": 6},
     "mpt_biases_qk_ln": {"model_type": "mpt", "vocab_size": 97, "d_model": 48, "n_layers": 2, "n_heads": 3,
                          "no_bias": False, "attn_config": {"alibi": True, "qk_ln": True, "clip_qkv": 4.0}},
+    # old field names (n_embed, num_attention_heads); width 36, not 48: `_perturbed` adds the same noise to the
+    # same-sized q, k and v weights, so q ~ k, and at 48 a probed self logit beat another attended key's by ~96,
+    # underflowing that key's probability to 0
+    "bloom": {"model_type": "bloom", "vocab_size": 97, "n_embed": 36, "n_layer": 2, "num_attention_heads": 6},
+    # three layers: 0 and 2 windowed (window 12, shorter than the tests' sequences), soft-capped scores
+    "gemma2_window": {"model_type": "gemma2", "vocab_size": 97, "hidden_size": 48, "intermediate_size": 80,
+                      "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                      "sliding_window": 12, "query_pre_attn_scalar": 20, "attn_logit_softcapping": 3.0,
+                      "final_logit_softcapping": 10.0, "rope_theta": 500.0},
+    "neox": {"model_type": "gpt_neox", "vocab_size": 97, "hidden_size": 48, "intermediate_size": 80,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "rotary_pct": 0.5, "rotary_emb_base": 500},
 }
 
 

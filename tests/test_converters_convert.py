@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from converters.convert import load_params, plan_params
 from converters.families import layout_for
-from converters.layout import CheckpointLayout, layout_from_checkpoint
+from converters.layout import CheckpointLayout, Split, layout_from_checkpoint
 from converters.reader import CheckpointReader
 from lminf_jax.progress import Progress
 
@@ -102,6 +102,23 @@ def test_locate_ignores_aliases_and_strips_layer_index():
 def test_layout_rejects_stacked_template_without_layer_axis():
     with pytest.raises(ValueError, match=r"model\.layers\.norm\.weight.*num_layers=2"):
         fake_layout(template={"model.layers.norm.weight": jax.ShapeDtypeStruct((3, H), jnp.float32)})
+
+
+def test_split_separates_per_head_interleaved_qkv():
+    layers, heads, d = 2, 3, 2  # rows per head: q, k, v in turn (GPT-NeoX's query_key_value)
+    q, k, v = (np.random.default_rng(i).standard_normal((layers, heads * d, H)) for i in range(3))
+    fused = np.concatenate([x[:, h * d:(h + 1) * d] for h in range(heads) for x in (q, k, v)], axis=1)
+    parts = Split(("q", "k", "v"), (heads * d,) * 3, groups=heads)(fused, stacked=True)
+    for name, want in zip("qkv", (q, k, v)):
+        np.testing.assert_array_equal(parts[name], want)
+        assert parts[name].flags.c_contiguous
+
+
+def test_split_one_group_of_unequal_parts():
+    bias = np.arange(12.0)  # q 8 rows, k and v 2 each, one after another
+    parts = Split(("q", "k", "v"), (8, 2, 2))(bias, stacked=False)
+    for name, want in zip("qkv", (bias[:8], bias[8:10], bias[10:])):
+        np.testing.assert_array_equal(parts[name], want)
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.float32, jnp.bfloat16])

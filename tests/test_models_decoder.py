@@ -199,13 +199,17 @@ def test_probe_records_rows_of_every_layer_during_one_forward(name):
     np.testing.assert_allclose(probe.hidden[0], np.asarray(dec.embed(params, tokens), np.float32)[:, rows], atol=1e-6)
     stats = probe.attention
     assert stats.lse.shape == (dec.num_layers, 2, dec.num_heads, len(rows))
-    # a row i attends min(i + 1, L) window keys plus the sinks j < G with i - j >= L
-    want = [min(i + 1, window) + max(0, min(g, i - window + 1)) for i in rows]
-    np.testing.assert_array_equal(np.asarray(stats.attended), np.broadcast_to(want, stats.attended.shape))
+    # a row i attends min(i + 1, L) window keys plus the sinks j < G with i - j >= L; a layer with a native
+    # window W (gemma2_window's layers 0 and 2) attends min(i + 1, W) keys
+    native = dec.native_window
+    want = np.asarray([[min(i + 1, native.window) if native is not None and native.layers[layer]
+                        else min(i + 1, window) + max(0, min(g, i - window + 1)) for i in rows]
+                       for layer in range(dec.num_layers)])
+    np.testing.assert_array_equal(np.asarray(stats.attended), np.broadcast_to(want[:, None, None], stats.attended.shape))
     entropy = np.asarray(stats.entropy)
-    assert (entropy >= -1e-6).all() and (entropy <= np.log(np.asarray(want)) + 1e-5).all()
+    assert (entropy >= -1e-6).all() and (entropy <= np.log(want[:, None, None]) + 1e-5).all()
     np.testing.assert_allclose(np.asarray(stats.bucket_mass).sum(-1), 1.0, atol=1e-5)
-    assert (np.asarray(stats.max_logit) >= np.asarray(stats.lse) - np.log(np.asarray(want)) - 1e-5).all()
+    assert (np.asarray(stats.max_logit) >= np.asarray(stats.lse) - np.log(want[:, None, None]) - 1e-5).all()
     assert probe.rows is None
     full = model.probe(params, tokens, rows, full_rows=True).rows  # whole rows: (layers, B, heads, R, T)
     assert full.probs.shape == (dec.num_layers, 2, dec.num_heads, len(rows), 29)

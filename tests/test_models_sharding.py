@@ -23,6 +23,13 @@ CONFIGS = {
  "gptj": {"model_type": "gptj", "vocab_size": 96, "n_embd": 64, "n_layer": 2, "n_head": 8, "rotary_dim": 4},
  "mpt": {"model_type": "mpt", "vocab_size": 96, "d_model": 64, "n_layers": 2, "n_heads": 8, "no_bias": False,
          "attn_config": {"alibi": True, "qk_ln": True}},
+ "bloom": {"model_type": "bloom", "vocab_size": 96, "hidden_size": 64, "n_layer": 2, "n_head": 8},
+ # native windows on layers 0 and 2 (lax.cond per layer, context parallel in both branches), soft-capped scores
+ "gemma2": {"model_type": "gemma2", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+            "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 8, "sliding_window": 12,
+            "attn_logit_softcapping": 5.0},
+ "neox": {"model_type": "gpt_neox", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96,
+          "num_hidden_layers": 2, "num_attention_heads": 8, "rotary_pct": 0.5},
 }
 MESHES = {"tp8": (dict(model=8), False), "dp2-tp4-fsdp": (dict(data=2, model=4), True),
           "dp2-cp4": (dict(data=2, seq=4), False), "cp2-tp4": (dict(seq=2, model=4), False), "cp8": (dict(seq=8), False)}
@@ -68,7 +75,7 @@ for name, hf in CONFIGS.items():
     wanted = fam.param_shardings(cfg, plan)
     out["init"].append({"family": name, "equal": all(np.array_equal(created[n], plain[n]) for n in plain),
                         "placed": all(created[n].sharding == wanted[n] for n in plain),
-                        "q_split": [list(wanted[n].spec) for n in wanted if re.search(r"q_proj\.weight|Wqkv\.weight", n)]})
+                        "q_split": [list(wanted[n].spec) for n in wanted if re.search(r"(q_proj|Wqkv|query)\.weight", n)]})
 
     # cached decoding: a sharded cache gives the single-device logits and keeps its shardings
     for spec in (LMInfinite(3, 12), Vanilla())[:2 if name == "llama" else 1]:
@@ -134,7 +141,7 @@ def result() -> dict:
 
 
 def test_sharded_forward_equals_one_device_for_every_family_and_mesh(result):
-    assert len(result["forward"]) == (5 + 2) + 2 * 2
+    assert len(result["forward"]) == (5 + 2) + 5 * 2
     assert {c["mesh"] for c in result["forward"] if c["family"] == "mpt"} == {"dp2-tp4-fsdp", "cp2-tp4"}
     for case in result["forward"]:
         assert case["rel_err"] <= 1e-5, case
@@ -146,12 +153,12 @@ def test_params_are_created_in_their_shards(result):
     for case in result["init"]:
         assert case["equal"] and case["placed"], case
     q = {c["family"]: c["q_split"] for c in result["init"]}
-    assert q["llama"] == [[None, "model", "data"]] and q["gptj"] == [[None, "model", "data"]]
+    assert q["llama"] == q["gptj"] == q["bloom"] == q["neox"] == q["gemma2"] == [[None, "model", "data"]]
     assert q["mpt"] == [[None, None, "data"]]  # the fused Wqkv output stays whole
 
 
 def test_sharded_cache_decoding_equals_one_device(result):
-    assert len(result["decode"]) == 2 + 1 + 1
+    assert len(result["decode"]) == 2 + 1 * 5
     for case in result["decode"]:
         assert case["rel_err"] <= 1e-5 and case["cache_sharding_kept"], case
         assert case["cache_spec"] == [None, "data", "model", None, None], case  # (layers, B, Hkv, S, d)
