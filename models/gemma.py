@@ -76,7 +76,11 @@ class GemmaConfig:
         global_rope, local_theta = _rope(d, generation)
         act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
         defaults = _DEFAULTS.get(generation, {})
-        pattern = d.get("sliding_window_pattern", defaults.get("pattern")) if generation == 3 else defaults.get("pattern")
+        pattern = defaults.get("pattern")
+        if generation == 3 and d.get("sliding_window_pattern") is not None:  # transformers' Gemma-3 reads it
+            pattern = common.require(d, "sliding_window_pattern")
+            if pattern < 1:
+                raise ValueError(f"config field 'sliding_window_pattern' must be >= 1, got {pattern}")
         window = d.get("sliding_window", defaults.get("sliding_window"))
         if window is not None:
             window = common.require(d, "sliding_window")

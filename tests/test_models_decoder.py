@@ -223,12 +223,14 @@ def test_probe_records_rows_of_every_layer_during_one_forward(name):
         model.probe(params, tokens, [29])
 
 
+@pytest.mark.parametrize("name", ["llama_gqa", "gemma2_window"])
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_forward_and_cached_step_lower_for_gpu_and_tpu(platform):
+def test_forward_and_cached_step_lower_for_gpu_and_tpu(platform, name):
     """The whole model, its forward pass and a cached decoding step, lowered for an accelerator on
     this CPU machine (a host callback, as dynamic NTK's, cannot be lowered for another platform than
-    the one present, so it is not among these)."""
-    family, cfg, params = random_model("llama_gqa")
+    the one present, so it is not among these); gemma2_window: window layers chosen by lax.cond and
+    soft-capped scores."""
+    family, cfg, params = random_model(name)
     tokens = jnp.zeros((2, 40), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
     for spec in (LMInfinite(G, L), Vanilla()):
