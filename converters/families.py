@@ -27,4 +27,5 @@ def layout_for(family: Family, config) -> CheckpointLayout:
         template={name: jax.ShapeDtypeStruct(shape, jnp.float32) for name, shape in template.items()},
         ignored=family.ignored_hf_tensors(config),
         splits=splits,
+        base_prefix=family.layer_prefix.split(".")[0] + ".",
     )

@@ -50,6 +50,9 @@ class CheckpointLayout:
         removed (a per-layer rename lists every layer's name).
     splits: template entry -> the parameters it fills when it holds several (a fused projection);
         every other template entry is one parameter.
+    base_prefix: the base model's name prefix (e.g. "transformer."): a checkpoint saved from the base
+        model alone (BLOOM's own, ``BloomModel``) names its tensors without it, and they are read as if
+        they had it, as transformers reads them.
     """
 
     layer_prefix: str
@@ -58,6 +61,7 @@ class CheckpointLayout:
     ignored: tuple[str, ...] = ()
     aliases: Mapping[str, str] = field(default_factory=dict)
     splits: Mapping[str, Split] = field(default_factory=dict)
+    base_prefix: str = ""
 
     def __post_init__(self):
         strays = sorted(set(self.splits) - set(self.template))
@@ -84,6 +88,8 @@ class CheckpointLayout:
         if any(re.fullmatch(pattern, name) for pattern in self.ignored):
             return None
         name = self.aliases.get(name, name)
+        if self.base_prefix and not name.startswith(self.base_prefix) and name not in self.template:
+            name = self.base_prefix + name
         match = re.fullmatch(re.escape(self.layer_prefix) + r"(\d+)\.(.+)", name)
         if match is None:
             return name, None

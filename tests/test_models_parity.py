@@ -267,3 +267,18 @@ def test_bad_layer_types_are_refused_naming_the_field():
     config = dict(REAL_CONFIGS["Qwen2.5-0.5B"], use_sliding_window=True, layer_types=["sliding_attention"] * 3)
     with pytest.raises(ValueError, match="'layer_types' must list one of .* per layer \\(24\\)"):
         registry.family_for_config(config).config_from_hf(config)
+
+
+def test_a_checkpoint_of_the_base_model_alone_loads_as_transformers_loads_it(tmp_path):
+    """BLOOM's own checkpoints were saved from ``BloomModel``: tensor names without ``transformer.``
+    (``h.0.…``, ``word_embeddings.weight``); with the tied head they hold every parameter."""
+    model = _save("bloom_6_heads", tmp_path / "full")
+    model.transformer.save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    family, cfg, params = _convert(tmp_path / "base")
+    tokens = np.random.default_rng(0).integers(0, 101, (2, T))
+    with torch.no_grad():
+        want = model(torch.tensor(tokens)).logits.numpy()
+    got = family.forward(params, jnp.asarray(tokens, jnp.int32), config=cfg)
+    assert float(np.max(np.abs(np.asarray(got) - want))) <= 1e-4
