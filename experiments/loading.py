@@ -27,7 +27,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,6 @@ DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 CONVERTED_FILE = "converted.json"
 HF_CONFIG_FILE = "config.json"
 
-#: Config attributes holding the pretraining length, in the order they are looked up.
-LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len")
 
 #: The paper's short flags; every other method parameter is ``--its-name``.
 _SHORT_FLAGS = {"global_branch": "-G", "local_branch": "-L", "limit_distance": "-D"}
@@ -209,12 +207,9 @@ def load_tokenizer_from(path: str | os.PathLike):
 
 
 def pretraining_length(config) -> int:
-    """The family config's pretraining length (the first of `LENGTH_FIELDS` it has)."""
-    for name in LENGTH_FIELDS:
-        value = config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return value
-    raise ValueError(f"the model config has none of {', '.join(LENGTH_FIELDS)}: pass -L/--local-branch")
+    """The family config's pretraining length (`models.declaration.ModelConfig`: each family says which
+    config field holds it, e.g. BLOOM's ``seq_length`` or 2048)."""
+    return config.pretraining_length
 
 
 def add_method_options(group: argparse._ArgumentGroup) -> None:
