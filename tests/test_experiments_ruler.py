@@ -21,7 +21,7 @@ TEXT = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text(encodin
 LENGTHS = {**{t: (256, 1000, 4096) for t in ruler.TASKS}, "vt": (512, 1000, 4096),
            "niah_multiquery": (512, 1000, 4096), "cwe": (1500, 4096)}
 NEEDLE = re.compile(r"One of the special magic \w+ for \S+ is: \S+\.\n?")
-VT_LINE = re.compile(r"VAR [A-Z]+ = (?:VAR [A-Z]+|\d+) ")
+VT_LINE = re.compile(r"VAR [A-Z]+ = (?:VAR [A-Z]+|\d+)")
 
 
 def make(task: str, length: int, depth: float | None = 0.5, seed: int = 0) -> ruler.Instance:
@@ -70,7 +70,7 @@ def test_needles_sit_at_the_requested_depth_of_the_haystack(task):
             before = sum(n_tokens(s) for s in inserted if context.index(s) < context.index(target))
             own = end - start - sum(n_tokens(s) for s in inserted)
             at = n_tokens(before_target) - before
-            assert abs(at - depth * own) <= 0.03 * own + unit / 2 + 6, (length, depth, at, own)
+            assert abs(at - depth * own) <= 0.01 * own + unit / 2 + 4, (length, depth, at, own)
             assert abs(inst.needle_positions[0] - start - n_tokens(before_target)) <= 1
 
 
@@ -80,9 +80,10 @@ def test_each_needle_position_points_at_its_output(task):
     tokens = ids(inst)
     assert len(inst.needle_positions) == len(inst.outputs)
     for pos, out in zip(inst.needle_positions, inst.outputs):
-        piece = TOKENIZER.decode(tokens[pos:pos + 40]).lstrip()
-        assert piece.startswith(f"VAR {out} = " if task == "vt" else "One of the special magic")
-        assert task == "vt" or out in piece.split("\n")[0]
+        piece = TOKENIZER.decode(tokens[pos:pos + 100])
+        needle = f"VAR {out} = " if task == "vt" else "One of the special magic"
+        assert 0 <= piece.find(needle) <= 2 and pos > 0 and needle not in TOKENIZER.decode(tokens[pos - 1:pos + 1])
+        assert task == "vt" or out in piece[piece.find(needle):].split("\n")[0]
 
 
 def test_niah_questions_and_answers_follow_ruler():
@@ -95,7 +96,7 @@ def test_niah_questions_and_answers_follow_ruler():
     assert re.fullmatch(r"\d{7}", single.outputs[0]) and "The grass is green. The sky is blue." in single.prompt
     uuids = make("niah_multikey_3", 1000)
     assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", uuids.outputs[0])
-    assert len(NEEDLE.findall(uuids.prompt)) > 10  # a haystack of distractor needles
+    assert len(NEEDLE.findall(uuids.prompt)) >= 8  # a haystack of distractor needles
     query = make("niah_multiquery", 1000)
     keys = re.search(r"numbers for (.+) mentioned in the provided text\?$", query.prompt).group(1)
     assert query.prompt.startswith("Some special magic numbers are hidden") and keys.count(", ") == 3
@@ -110,7 +111,7 @@ def test_vt_chain_resolves_to_the_expected_variables():
     main = inst.prompt[inst.prompt.rindex("Memorize and track"):]
     value = re.search(r"assigned the value (\d+) in", main).group(1)
     found = [re.search(rf"VAR (\w+) = {value} ", main).group(1)]
-    while m := re.search(rf"VAR (\w+) = VAR {found[-1]} ", main):
+    while m := re.search(rf"VAR (\w+) = VAR {found[-1]}\b", main):
         found.append(m.group(1))
     assert found == list(inst.outputs) and len(found) == ruler.VT_HOPS + 1
     assert f"{ruler.VT_HOPS + 1} variables are assgined the value {value}, they are: " in inst.answer_prefix
