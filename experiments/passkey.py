@@ -151,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt lengths as multiples of L_train (default 1 2 4 8 16)")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="F")
     p.add_argument("--samples", type=int_option(1), default=4, help="prompts per length and depth (default 4)")
+    add_method_args(p)
+    p.add_argument("--seed", type=int_option(0), default=0)
+    p.add_argument("--out", default="results/passkey.json", type=output_file, metavar="JSON")
+    p.add_argument("--plot", default="results/passkey.png", type=output_file, metavar="PNG")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """``--methods``, ``-G`` and the ``--top-k*`` options: the methods of this evaluation and of
+    `experiments.ruler`, which evaluates the same ones."""
     p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
                    help=f"{', '.join(METHODS)}, any [MASK+]FREQ[@FACTOR] of experiments.perplexity, or 'all' "
                         f"(default: {' '.join(METHODS)})")
@@ -159,11 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k-from-layer", type=int_option(0), metavar="H", help="first layer with top-k (default: layer 1)")
     p.add_argument("--top-k-to-layer", type=int_option(1), metavar="H2", help="layers < H2 only (default: to the last)")
     p.add_argument("--top-k-insert-at", type=int_option(0), metavar="N", help="their distance (default L_train / 2)")
-    p.add_argument("--seed", type=int_option(0), default=0)
-    p.add_argument("--out", default="results/passkey.json", type=output_file, metavar="JSON")
-    p.add_argument("--plot", default="results/passkey.png", type=output_file, metavar="PNG")
-    p.add_argument("--no-plot", action="store_true")
-    return p
 
 
 def method_names(names: list[str]) -> list[str]:

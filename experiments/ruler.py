@@ -35,20 +35,50 @@ lengths keep one word from containing another, which a substring metric would co
 Needles in ``noise`` go between its five short sentences (RULER: between whole repeats) and in
 ``text`` between words (RULER: between nltk sentences). vt's one-shot example has 10 noise
 sentences (RULER's: a whole 500-token instance).
+
+Evaluation (`main`)::
+
+    python -m experiments.ruler [MODEL_DIR] [--tasks T ...] [--lengths N ... | --multiples 4 8 16]
+        [--depths 0 0.25 0.5 0.75 1 | random] [--samples 2] [--seed 0] [--methods ... | all] [-G 10]
+        [--top-k 5] [--top-k-from-layer H] [--top-k-to-layer H2] [--top-k-insert-at N]
+        [--instances FILE.jsonl | --write-instances FILE.jsonl] [--batch 8]
+        [--out results/ruler.json] [--plot results/ruler.png | --no-plot]
+
+Instances are made with the model's tokenizer (or read from ``--instances``, whose grid they
+then define) before the model loads, and every method continues the same ones: greedy, left-padded
+batches, ``max_new_tokens`` per task, stopping at EOS. Methods, their defaults and MODEL_DIR's
+default are `experiments.passkey`'s (truncation keeps BOS + the last L_train - 1 - new tokens).
+Output: scores x 100 per task, method and length (a table on stdout), JSON (settings, instances
+without their prompts, every prediction and its score, scores per task, length and depth) and a
+PNG heat map (length x depth) per task and method. The JSON is saved after each task x length x
+method cell; a rerun with the same settings keeps the finished cells (methods may be added), and
+one with other settings is refused.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from experiments.loading import (
+    hf_config, load_config, load_model, load_tokenizer_from, params_dtype, pretraining_length, run_cli, save_result,
+)
+from experiments.options import int_option, output_file
+from experiments.passkey import (
+    SHIPPED_PASSKEY_MODEL, add_method_args, attention_call, method_names, method_specs,
+)
 
 VERSION = 1
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -490,3 +520,273 @@ def aggregate(instances: Sequence[Instance], predictions: Sequence[str]) -> dict
     for inst, pred in zip(instances, predictions):
         cells.setdefault((inst.task, inst.length, inst.depth), []).append(score(inst, pred))
     return {k: {"score": float(np.mean(v)), "n": len(v)} for k, v in cells.items()}
+
+
+# ----- evaluation -------------------------------------------------------------------------------
+
+DEFAULT_MULTIPLES, DEFAULT_DEPTHS, DEFAULT_SAMPLES = (4, 8, 16), (0.0, 0.25, 0.5, 0.75, 1.0), 2
+#: Options that choose the instances: not allowed with ``--instances``, whose grid the file defines.
+GRID_OPTIONS = ("tasks", "lengths", "multiples", "depths", "samples", "seed")
+
+
+def depth_option(text: str) -> float | None:
+    """An argparse type: a depth in [0, 1], or ``random`` (None: RULER's random depths)."""
+    if text == "random":
+        return None
+    try:
+        depth = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'random', got {text!r}") from None
+    if not 0.0 <= depth <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return depth
+
+
+def depth_label(depth: float | None) -> str:
+    """A depth as a JSON key: ``f"{depth:g}"``, ``"any"`` for None (random, or cwe and fwe)."""
+    return "any" if depth is None else f"{depth:g}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.ruler",
+                                description="RULER's synthetic tasks: every method on the same instances.")
+    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_PASSKEY_MODEL),
+                   help="converted or Hugging Face model directory (default: the shipped passkey model)")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, metavar="TASK", help=f"of {', '.join(TASKS)} (default: all)")
+    lengths = p.add_mutually_exclusive_group()
+    lengths.add_argument("--lengths", type=int_option(1), nargs="+", metavar="N", help="prompt lengths in tokens")
+    lengths.add_argument("--multiples", type=int_option(1), nargs="+", metavar="M",
+                         help=f"prompt lengths as multiples of L_train (default {' '.join(map(str, DEFAULT_MULTIPLES))})")
+    p.add_argument("--depths", type=depth_option, nargs="+", metavar="F",
+                   help=f"needle depths in [0, 1] or 'random' (default {' '.join(f'{d:g}' for d in DEFAULT_DEPTHS)})")
+    p.add_argument("--samples", type=int_option(1), help=f"instances per task, length and depth (default {DEFAULT_SAMPLES})")
+    p.add_argument("--seed", type=int_option(0), help="first instance seed (default 0)")
+    add_method_args(p)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--instances", metavar="JSONL", help="read the instances (write_jsonl's) instead of making them")
+    source.add_argument("--write-instances", type=output_file, metavar="JSONL", help="also write the instances made")
+    p.add_argument("--batch", type=int_option(1), default=8, metavar="B", help="prompts per generate call (default 8)")
+    p.add_argument("--out", default="results/ruler.json", type=output_file, metavar="JSON")
+    p.add_argument("--plot", default="results/ruler.png", type=output_file, metavar="PNG")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), run, argv)
+
+
+def make_instances(args: argparse.Namespace, tokenizer, l_train: int) -> tuple[list[Instance], dict]:
+    """The instances (generated, shortest lengths first so that a too short one fails at once, or read
+    from ``--instances`` and checked against this tokenizer) and where they came from."""
+    if args.instances is not None:
+        given = [f"--{o}" for o in GRID_OPTIONS if getattr(args, o) is not None]
+        if given:
+            raise ValueError(f"--instances defines the tasks, lengths and depths: drop {', '.join(given)}")
+        instances = read_jsonl(args.instances)
+        if not instances:
+            raise ValueError(f"{args.instances} holds no instances")
+        for i, inst in enumerate(instances):
+            if inst.task not in TASKS:
+                raise ValueError(f"{args.instances}:{i + 1}: unknown task {inst.task!r}")
+            if len(prompt_tokens(tokenizer, inst.prompt, inst.answer_prefix)) != inst.tokens:
+                raise ValueError(f"{args.instances}:{i + 1}: the prompt does not make {inst.tokens} tokens with "
+                                 f"{args.model_dir}'s tokenizer (made with another one?)")
+        return instances, {"file": str(args.instances)}
+    tasks = args.tasks or list(TASKS)
+    lengths = sorted(set(args.lengths or [m * l_train for m in args.multiples or DEFAULT_MULTIPLES]))
+    samples = DEFAULT_SAMPLES if args.samples is None else args.samples
+    seed = args.seed or 0
+    text = held_out_text() if set(tasks) & set(NEEDS_TEXT) else None
+    instances = []
+    for n in lengths:
+        for task in tasks:
+            try:
+                instances += generate_grid([task], tokenizer, [n], args.depths or DEFAULT_DEPTHS, samples, seed, text)
+            except ValueError as e:
+                raise ValueError(f"{task} at {n:,} tokens: {e}") from None
+    return instances, {"generated": {"samples": samples, "seed": seed, "text": "stdlib held-out" if text else None}}
+
+
+def instance_record(inst: Instance, tokens: list[int]) -> dict:
+    """An instance for the result file: its fields but the prompt, and the sha256 of its token ids."""
+    fields = {k: v for k, v in dataclasses.asdict(inst).items() if k not in ("prompt", "answer_prefix")}
+    return {**fields, "prompt_sha256": hashlib.sha256(np.asarray(tokens, np.int64).tobytes()).hexdigest()}
+
+
+def predict(model, prefill, params, tokenizer, prompts: list[list[int]], new_tokens: int, batch: int,
+            keep: int | None) -> list[dict]:
+    """Greedy continuations stopping at EOS, `batch` prompts per call (the last padded with copies of
+    its last prompt); ``keep``: truncate each prompt to its first token + its last `keep`."""
+    from lminf_jax.cache import needs_full_cache
+    from lminf_jax.decoding import generate
+
+    if keep is not None:
+        prompts = [t[:1] + t[-keep:] if len(t) > keep + 1 else t for t in prompts]
+    size = min(batch, len(prompts))
+    capacity = max(map(len, prompts)) + new_tokens if needs_full_cache(model.spec) else None
+    stops = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+    rows = []
+    for first in range(0, len(prompts), size):
+        chunk = prompts[first:first + size]
+        out = generate(model, params, chunk + [chunk[-1]] * (size - len(chunk)), model.init_cache(size, capacity=capacity),
+                       max_new_tokens=new_tokens, stop_tokens=stops, prefill_step=prefill)
+        for b in range(len(chunk)):
+            ids = out.row(b)[:out.lengths[b] - int(out.stopped[b])]
+            rows.append({"prediction": tokenizer.decode(ids), "new_tokens": len(ids), "stopped": bool(out.stopped[b])})
+    return rows
+
+
+def finished(path: str | os.PathLike, settings: dict) -> dict:
+    """The ``"methods"`` (finished cells) of the record at `path` when its settings are `settings`,
+    none when there is no file; a ValueError when it holds another run."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+        methods = old["methods"]
+        differ = [k for k in {**settings, **old["settings"]} if old["settings"].get(k) != settings.get(k)]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"--out {path} exists and is not a RULER result: pass another --out or remove it") from None
+    if differ:
+        raise ValueError(f"--out {path} holds a RULER run with other settings ({', '.join(differ)} differ): "
+                         "pass another --out or remove it")
+    print(f"resuming {path}", file=sys.stderr)
+    return methods
+
+
+def run(args: argparse.Namespace) -> int:
+    family, config = load_config(args.model_dir)
+    l_train = pretraining_length(config)
+    tokenizer = load_tokenizer_from(args.model_dir)
+    specs = {name: method_specs(config, name, args, l_train) for name in method_names(args.methods)}
+    instances, source = make_instances(args, tokenizer, l_train)
+    prompts = [prompt_tokens(tokenizer, i.prompt, i.answer_prefix) for i in instances]
+    tasks = list(dict.fromkeys(i.task for i in instances))
+    lengths = sorted({i.length for i in instances})
+    new_tokens = {t: next(i.max_new_tokens for i in instances if i.task == t) for t in tasks}
+    if "truncation" in specs and l_train - 1 - max(new_tokens.values()) < 1:
+        raise ValueError(f"truncation keeps L_train - 1 - new tokens = {l_train - 1 - max(new_tokens.values())} "
+                         f"prompt tokens: L_train {l_train} is too short for {max(new_tokens, key=new_tokens.get)}")
+    for name, (spec, _) in specs.items():  # a method that cannot apply to this model fails here
+        for n in lengths:
+            family.model(config, attention_call(name, spec, n, l_train))
+    if args.write_instances:
+        write_jsonl(instances, args.write_instances)
+    records = [instance_record(i, t) for i, t in zip(instances, prompts)]
+    settings = json.loads(json.dumps({
+        "model": str(Path(args.model_dir).resolve()), "family": family.name, "config": hf_config(args.model_dir),
+        "l_train": l_train, "eos_id": tokenizer.eos_id, "tasks": tasks, "lengths": lengths,
+        "depths": sorted({depth_label(i.depth) for i in instances}), "new_tokens": new_tokens,
+        "instances_sha256": hashlib.sha256(json.dumps(records).encode()).hexdigest(), "batch": args.batch,
+        "global_branch": args.global_branch, "top_k": [args.top_k, args.top_k_from_layer, args.top_k_to_layer,
+                                                       args.top_k_insert_at]}))
+    record = {"settings": settings, "source": source, "instances": records, "methods": finished(args.out, settings)}
+    cells = {(t, n): [k for k, i in enumerate(instances) if (i.task, i.length) == (t, n)] for t in tasks for n in lengths}
+    cells = {key: picked for key, picked in cells.items() if picked}
+    todo = [(name, n, t) for name in specs for n in lengths for t in tasks
+            if (t, n) in cells and f"{t}@{n}" not in record["methods"].get(name, {"cells": {}})["cells"]]
+    if todo:
+        _, config, params = load_model(args.model_dir)
+        dtype = params_dtype(params)
+    built: dict[tuple[str, int], tuple] = {}
+    for name, n, task in todo:
+        spec, prefill_spec = specs[name]
+        call = attention_call(name, spec, n, l_train)
+        if (name, n) not in built:
+            built = {(name, n): (family.model(config, call, dtype), None if prefill_spec is None else family.model(
+                config, dataclasses.replace(call, spec=prefill_spec), dtype))}
+        t0 = time.perf_counter()
+        keep = l_train - 1 - new_tokens[task] if name == "truncation" else None
+        rows = predict(*built[name, n], params, tokenizer, [prompts[k] for k in cells[task, n]], new_tokens[task],
+                       args.batch, keep)
+        for k, row in zip(cells[task, n], rows):
+            row.update(instance=k, score=score(instances[k], row["prediction"]))
+        record["methods"].setdefault(name, {"cells": {}})["cells"][f"{task}@{n}"] = {
+            "attention": call.spec.describe(), "seconds": time.perf_counter() - t0, "predictions": rows,
+            "rope_scaling": None if call.frequencies is None else dataclasses.asdict(call.frequencies)}
+        print(f"{name} {task} at {n:,}: {100 * np.mean([r['score'] for r in rows]):.1f} "
+              f"({len(rows)} instances, {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        record["scores"] = scores(record, instances)
+        _write_atomic(record, Path(args.out))
+    record["scores"] = scores(record, instances)
+    print(format_table(record))
+    save_result(record, args.out, plot, None if args.no_plot else args.plot)
+    return 0
+
+
+def _write_atomic(record: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)  # an interrupted run never leaves half a file
+
+
+def scores(record: dict, instances: Sequence[Instance]) -> dict:
+    """``{method: {task: {"<length>": {"all": mean, "<depth>": mean, ...}}}}`` (in [0, 1]) of the
+    finished cells, by `aggregate`."""
+    out: dict = {}
+    for name, res in record["methods"].items():
+        rows = [r for cell in res["cells"].values() for r in cell["predictions"]]
+        picked, predictions = [instances[r["instance"]] for r in rows], [r["prediction"] for r in rows]
+        by_task = out[name] = {}
+        for (task, n, depth), cell in aggregate(picked, predictions).items():
+            by_task.setdefault(task, {}).setdefault(str(n), {})[depth_label(depth)] = cell["score"]
+        for (task, n, _), cell in aggregate([dataclasses.replace(i, depth=None) for i in picked], predictions).items():
+            by_task[task][str(n)]["all"] = cell["score"]
+    return out
+
+
+def format_table(record: dict) -> str:
+    """Scores x 100 per task (blocks), method (rows) and length (columns), then their mean over tasks."""
+    lengths, tasks = record["settings"]["lengths"], record["settings"]["tasks"]
+    width = max(9, *(len(f"{n:,}") + 1 for n in lengths))
+    name_width = max(24, *(len(name) + 4 for name in record["methods"]))
+    lines = [f"{'task / method':<{name_width}}" + "".join(f"{n:>{width},}" for n in lengths)]
+
+    def cell(name: str, task: str, n: int) -> float | None:
+        got = record["scores"].get(name, {}).get(task, {}).get(str(n))
+        return None if got is None else 100 * got["all"]
+
+    for task in [*tasks, "average"]:
+        lines.append(task)
+        for name in record["methods"]:
+            values = [cell(name, task, n) if task != "average" else
+                      (None if None in (got := [cell(name, t, n) for t in tasks]) else float(np.mean(got)))
+                      for n in lengths]
+            lines.append(f"  {name:<{name_width - 2}}" + "".join(
+                f"{'-':>{width}}" if v is None else f"{v:>{width}.1f}" for v in values))
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: Path) -> None:
+    """A heat map (length x depth) of the score per task (rows) and method (columns)."""
+    from matplotlib.figure import Figure
+
+    lengths, tasks, methods = record["settings"]["lengths"], record["settings"]["tasks"], list(record["methods"])
+    fig = Figure(figsize=(2.6 * len(methods) + 1, 1.8 * len(tasks) + 0.6), layout="constrained")
+    axes = np.asarray(fig.subplots(len(tasks), len(methods), squeeze=False))
+    for row, task in zip(axes, tasks):
+        depths = sorted({d for by_length in (record["scores"].get(m, {}).get(task, {}) for m in methods)
+                         for by_depth in by_length.values() for d in by_depth if d != "all"},
+                        key=lambda d: (d == "any", 0.0 if d == "any" else float(d)))
+        for ax, name in zip(row, methods):
+            by_length = record["scores"].get(name, {}).get(task, {})
+            grid = np.asarray([[by_length.get(str(n), {}).get(d, np.nan) for n in lengths] for d in depths], float)
+            image = ax.imshow(grid.reshape(len(depths), len(lengths)), vmin=0, vmax=1, cmap="viridis", aspect="auto",
+                              origin="lower")
+            ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths], fontsize=6, rotation=45)
+            ax.set_yticks(range(len(depths)), depths, fontsize=6)
+            ax.set_title(f"{task}: {name}", fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("depth", fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("prompt length (tokens)", fontsize=7)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="score")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

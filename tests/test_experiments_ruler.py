@@ -13,6 +13,7 @@ import pytest
 
 from converters.tokenizer import load_tokenizer
 from experiments import ruler
+from experiments.loading import load_tokenizer_from
 
 TOKENIZER = load_tokenizer(Path(__file__).resolve().parents[1] / "experiments" / "shipped" / "llama-small-stdlib")
 TEXT = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text(encoding="utf-8")
@@ -198,3 +199,88 @@ def test_aggregate_averages_per_task_length_and_depth():
                      ("fwe", 300, None): {"score": 0.5, "n": 1}}
     with pytest.raises(ValueError, match="predictions"):
         ruler.aggregate(insts, ["A"])
+
+
+# ----- the command line -------------------------------------------------------------------------
+
+
+def test_the_cli_evaluates_every_method_on_the_same_instances_and_resumes(tmp_path, capsys, monkeypatch):
+    import lminf_jax.decoding
+    from tiny_checkpoint import make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "m")
+    seen: dict[str, list[tuple[int, ...]]] = collections.defaultdict(list)
+    generate = lminf_jax.decoding.generate
+
+    def spy(model, params, prompts, *args, **kwargs):
+        seen[model.spec.describe()] += [tuple(p) for p in prompts]
+        return generate(model, params, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(lminf_jax.decoding, "generate", spy)
+    methods = ["vanilla", "lm_infinite"]
+    common = [str(model_dir), "--methods", *methods, "-G", "2"]
+    argv = [*common, "--tasks", "niah_single_1", "fwe", "--lengths", "480", "560", "--depths", "0.5",
+            "--samples", "1", "--write-instances", str(tmp_path / "i.jsonl")]
+    assert ruler.main([*argv, "--out", str(tmp_path / "a.json"), "--plot", str(tmp_path / "a.png")]) == 0
+    table = capsys.readouterr().out
+    record = json.loads((tmp_path / "a.json").read_text())
+    instances = ruler.read_jsonl(tmp_path / "i.jsonl")
+    tokenizer = load_tokenizer_from(model_dir)
+    prompts = sorted(tuple(ruler.prompt_tokens(tokenizer, i.prompt, i.answer_prefix)) for i in instances)
+    assert len(instances) == 4 and {(i.task, i.length) for i in instances} == {
+        (t, n) for t in ("niah_single_1", "fwe") for n in (480, 560)}
+    assert [sorted(p) for p in seen.values()] == [prompts, prompts]  # one spec per method, the same prompts
+    assert record["settings"]["lengths"] == [480, 560] and list(record["methods"]) == methods
+    assert [r["prompt_sha256"] for r in record["instances"]] == [
+        ruler.instance_record(i, ruler.prompt_tokens(tokenizer, i.prompt, i.answer_prefix))["prompt_sha256"]
+        for i in instances]
+    predictions = {}
+    for name, res in record["methods"].items():
+        rows = sorted((r for cell in res["cells"].values() for r in cell["predictions"]), key=lambda r: r["instance"])
+        assert [r["instance"] for r in rows] == [0, 1, 2, 3]
+        for r in rows:
+            assert r["score"] == ruler.score(instances[r["instance"]], r["prediction"])
+            assert 1 <= r["new_tokens"] <= instances[r["instance"]].max_new_tokens
+        for (task, n, depth), cell in ruler.aggregate(instances, [r["prediction"] for r in rows]).items():
+            assert record["scores"][name][task][str(n)][ruler.depth_label(depth)] == cell["score"]
+        predictions[name] = [r["prediction"] for r in rows]
+    assert table.splitlines()[0].split() == ["task", "/", "method", "480", "560"]
+    assert (tmp_path / "a.png").stat().st_size > 0
+
+    # the instances file gives the same predictions; a rerun on a finished --out loads no model
+    assert ruler.main([*common, "--instances", str(tmp_path / "i.jsonl"), "--out", str(tmp_path / "b.json"),
+                       "--no-plot"]) == 0
+    again = json.loads((tmp_path / "b.json").read_text())
+    assert again["settings"] == record["settings"] and again["methods"].keys() == record["methods"].keys()
+    for name, res in again["methods"].items():
+        assert {k: c["predictions"] for k, c in res["cells"].items()} == {
+            k: c["predictions"] for k, c in record["methods"][name]["cells"].items()}
+    monkeypatch.setattr(ruler, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
+    assert ruler.main([*argv, "--out", str(tmp_path / "a.json"), "--no-plot"]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["methods"] == record["methods"]
+    capsys.readouterr()
+    assert ruler.main([*argv, "--seed", "1", "--out", str(tmp_path / "a.json"), "--no-plot"]) == 1
+    assert "holds a RULER run with other settings (instances_sha256 differ)" in capsys.readouterr().err
+
+
+def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ruler, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
+    inst = make("niah_single_1", 300)
+    ruler.write_jsonl([dataclasses.replace(inst, tokens=inst.tokens - 1)], tmp_path / "other.jsonl")
+    out = ["--out", str(tmp_path / "r.json")]
+    for argv, code, message in (
+        (["--tasks", "qa_1"], 2, "argument --tasks: invalid choice: 'qa_1'"),
+        (["--depths", "1.5"], 2, "argument --depths: must lie in [0, 1], got 1.5"),
+        (["--lengths", "1000", "--multiples", "2"], 2, "argument --multiples: not allowed with argument --lengths"),
+        (["--tasks", "niah_single_1", "cwe", "--lengths", "512"], 1,
+         "cwe at 512 tokens: length 512 is too short for cwe"),
+        (["--tasks", "vt", "--lengths", "300"], 1, "vt at 300 tokens: length 300 is too short"),
+        (["--methods", "vanilla", "nope"], 1, "'nope' is not a mask method"),
+        (["--instances", str(tmp_path / "other.jsonl"), "--tasks", "vt"], 1, "drop --tasks"),
+        (["--instances", str(tmp_path / "other.jsonl")], 1, "other.jsonl:1: the prompt does not make 299 tokens"),
+    ):
+        assert ruler.main([*argv, *out]) == code
+        assert message in capsys.readouterr().err
+    (tmp_path / "r.json").write_text("[]")
+    assert ruler.main(["--tasks", "niah_single_1", "--lengths", "300", "--samples", "1", *out]) == 1
+    assert "r.json exists and is not a RULER result" in capsys.readouterr().err

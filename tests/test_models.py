@@ -38,7 +38,9 @@ def test_eval_shape_of_real_configs_gives_published_parameter_counts(config, pub
     assert sum(int(np.prod(x.shape)) for x in leaves) == published == count_params(family.param_shapes(cfg))
 
 
-@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+# BLOOM and GPT-NeoX run these checks in their transformers parity tests (blockwise and reference
+# logits, LM-Infinite with L >= T, a shorter window) and their decoding tests; top-k is family-agnostic
+@pytest.mark.parametrize("name", sorted(set(TINY_MODELS) - {"bloom", "neox"}))
 def test_lm_infinite_forward_matches_dense_reference_forward(name):
     family, cfg, params = random_model(name)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 70)), jnp.int32)
