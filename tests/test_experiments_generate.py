@@ -17,7 +17,9 @@ from experiments import generate as cli
 from experiments.loading import load_model, load_tokenizer_from
 from lminf_jax import AttentionSpec, DistanceLimit, LMInfinite, LambdaMask, Sampling, SlidingWindow, StreamingLLM, TopK, Vanilla, frequency_method
 from lminf_jax.decoding import generate
+from models.bloom import BloomConfig
 from models.common import AttentionCall
+from models.llama import LlamaConfig
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
@@ -276,7 +278,8 @@ def test_attention_options_and_their_defaults():
     from models.gptj import GPTJConfig
     from models.mpt import MPTConfig
 
-    llama = {"max_position_embeddings": 4096}
+    llama = LlamaConfig.from_hf({"model_type": "llama", "vocab_size": 9, "hidden_size": 8, "intermediate_size": 8,
+                                 "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 4096})
     assert _spec([], llama) == LMInfinite(10, 4096, 4096)
     assert _spec(["-G", "3", "-L", "8", "-D", "5"], llama) == LMInfinite(3, 8, 5)
     assert _spec(["--method", "vanilla"], None) == Vanilla()
@@ -294,14 +297,15 @@ def test_attention_options_and_their_defaults():
     mpt = MPTConfig.from_hf({"model_type": "mpt", "vocab_size": 9, "d_model": 8, "n_layers": 1, "n_heads": 2,
                              "max_seq_len": 512})
     assert _spec([], gptj).local_branch == 1024 and _spec([], mpt).local_branch == 512
-    assert _spec([], {"n_positions": 300}).local_branch == 300
+    bloom = BloomConfig.from_hf({"model_type": "bloom", "vocab_size": 9, "hidden_size": 8, "n_layer": 1,
+                                 "n_head": 2})  # no length field: BLOOM's 2048
+    assert _spec([], bloom).local_branch == 2048
     errors = [
         (["--method", "vanilla", "-G", "2"], llama, "-G/--global-branch is not used by --method vanilla"),
         (["--method", "distance_limit", "-L", "2"], llama, "-L/--local-branch is not used by --method distance_limit"),
         (["--method", "vanilla", "--top-k-middle", "2"], llama, "--method vanilla hides none"),
         (["--top-k-insert-at", "2"], llama, "--top-k-insert-at needs --top-k-middle"),
         ([], None, "needs -L/--local-branch"),
-        ([], {}, "has none of max_position_embeddings, n_positions, max_seq_len"),
     ]
     for argv, config, message in errors:
         with pytest.raises(ValueError, match=message):
