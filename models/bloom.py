@@ -15,7 +15,7 @@ import jax
 from lminf_jax import Alibi
 from models import common
 from models.common import Params
-from models.declaration import Fused, Param, linear, norm, table
+from models.declaration import Fused, Param, fused_linear, linear, norm, table
 from models.decoder import Attend, Decoder
 
 MODEL_TYPES = ("bloom",)
@@ -98,9 +98,7 @@ def parameters(c: BloomConfig) -> tuple[Param, ...]:
 
 def fused(c: BloomConfig) -> tuple[Fused, ...]:
     """``query_key_value`` holds each head's query, key and value rows in turn: ``(heads, 3, head_dim)``."""
-    attn = LAYER_PREFIX + "self_attention."
-    return tuple(Fused(f"{attn}query_key_value.{kind}", tuple(f"{attn}{name}.{kind}" for name in QKV), c.n_head)
-                 for kind in ("weight", "bias"))
+    return fused_linear(LAYER_PREFIX + "self_attention.", "query_key_value", QKV, bias=True, groups=c.n_head)
 
 
 def ignored_hf_tensors(c: BloomConfig) -> tuple[str, ...]:

@@ -79,6 +79,16 @@ class Fused:
         return tuple(shapes[p][1 if stacked else 0] for p in self.parts)
 
 
+def fused_linear(prefix: str, source: str, parts: Iterable[str], *, bias: bool, groups: int = 1
+                 ) -> tuple[Fused, ...]:
+    """The `Fused` entries of a checkpoint ``nn.Linear`` ``prefix + source`` that holds the declared linears
+    ``prefix + part``: its weight and, with ``bias``, its bias, ``groups`` as in `Fused`."""
+    parts = tuple(parts)
+    kinds = ("weight", "bias") if bias else ("weight",)
+    return tuple(Fused(f"{prefix}{source}.{kind}", tuple(f"{prefix}{part}.{kind}" for part in parts), groups)
+                 for kind in kinds)
+
+
 def linear(name: str, out: int, inp: int, *, axes: tuple[str | None, str | None], bias: bool,
            layers: int | None = None) -> tuple[Param, ...]:
     """HF ``nn.Linear`` ``name``: ``weight (out, in)`` with logical ``axes`` (out, in) and, with

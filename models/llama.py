@@ -13,7 +13,7 @@ import jax
 from lminf_jax import RopeScaling, RopeScheme
 from models import common
 from models.common import Params
-from models.declaration import Fused, Param, linear, norm, table
+from models.declaration import Fused, Param, fused_linear, linear, norm, table
 from models.decoder import Attend, Decoder, NativeWindow
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -138,9 +138,8 @@ def fused(c: LlamaConfig) -> tuple[Fused, ...]:
     """Phi-3's fused checkpoint tensors: ``qkv_proj`` (q, k, v rows one after another) and ``gate_up_proj``."""
     if not c.fused_projections:
         return ()
-    attn, mlp = LAYER_PREFIX + "self_attn.", LAYER_PREFIX + "mlp."
-    return (Fused(attn + "qkv_proj.weight", tuple(f"{attn}{x}_proj.weight" for x in "qkv")),
-            Fused(mlp + "gate_up_proj.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight")))
+    return (*fused_linear(LAYER_PREFIX + "self_attn.", "qkv_proj", ("q_proj", "k_proj", "v_proj"), bias=False),
+            *fused_linear(LAYER_PREFIX + "mlp.", "gate_up_proj", ("gate_proj", "up_proj"), bias=False))
 
 
 def _native_window(d: Mapping, model_type: str, layers: int) -> tuple[int | None, tuple[bool, ...]]:

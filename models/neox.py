@@ -11,7 +11,7 @@ import jax
 from lminf_jax import RopeScaling, RopeScheme
 from models import common
 from models.common import Params
-from models.declaration import Fused, Param, linear, norm, table
+from models.declaration import Fused, Param, fused_linear, linear, norm, table
 from models.decoder import Attend, Decoder
 
 MODEL_TYPES = ("gpt_neox",)
@@ -126,10 +126,8 @@ def parameters(c: NeoXConfig) -> tuple[Param, ...]:
 
 def fused(c: NeoXConfig) -> tuple[Fused, ...]:
     """``query_key_value`` holds each head's query, key and value rows in turn: (heads, 3, head_dim)."""
-    kinds = ("weight", "bias") if c.attention_bias else ("weight",)
-    return tuple(Fused(f"{LAYER_PREFIX}attention.query_key_value.{kind}",
-                       tuple(f"{LAYER_PREFIX}attention.{name}.{kind}" for name in _QKV), groups=c.num_attention_heads)
-                 for kind in kinds)
+    return fused_linear(LAYER_PREFIX + "attention.", "query_key_value", _QKV, bias=c.attention_bias,
+                        groups=c.num_attention_heads)
 
 
 def ignored_hf_tensors(c: NeoXConfig) -> tuple[str, ...]:
