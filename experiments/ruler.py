@@ -46,13 +46,21 @@ Evaluation (`main`)::
 
 Instances are made with the model's tokenizer (or read from ``--instances``, whose grid they
 then define) before the model loads, and every method continues the same ones: greedy, left-padded
-batches, ``max_new_tokens`` per task, stopping at EOS. Methods, their defaults and MODEL_DIR's
-default are `experiments.passkey`'s (truncation keeps BOS + the last L_train - 1 - new tokens).
-Output: scores x 100 per task, method and length (a table on stdout), JSON (settings, instances
-without their prompts, every prediction and its score, scores per task, length and depth) and a
-PNG heat map (length x depth) per task and method. The JSON is saved after each task x length x
-method cell; a rerun with the same settings keeps the finished cells (methods may be added), and
-one with other settings is refused.
+batches, ``max_new_tokens`` per task, stopping at EOS. Methods and their defaults are
+`experiments.passkey`'s (truncation keeps BOS + the last L_train - 1 - new tokens); MODEL_DIR
+defaults to the shipped model fine-tuned on the mix below. A task too short for a length (cwe below
+about 1,000 tokens) is skipped there and listed in the JSON. Output: scores x 100 per task, method
+and length (a table on stdout, with the share of instances whose needles the mask lets the prompt's
+last token see), JSON (settings, instances without their prompts, every prediction, its score and
+whether its needles were visible, scores per task, length and depth) and a PNG heat map (length x
+depth) per task and method. The JSON is saved after each task x length x method cell; a rerun with
+the same settings keeps the finished cells (methods may be added), and one with other settings is
+refused.
+
+Fine-tuning (`TrainingMix`, ``python -m experiments.train ... --ruler-fraction F``): windows of
+L_train tokens holding an instance of a random task, length (up to what fits) and depth, its answer
+(`answer_text`), EOS, then BOS and training text. Text haystacks come from the training split, so
+evaluation haystacks (held-out text) stay unseen.
 """
 
 from __future__ import annotations
@@ -76,11 +84,11 @@ from experiments.loading import (
     hf_config, load_config, load_model, load_tokenizer_from, params_dtype, pretraining_length, run_cli, save_result,
 )
 from experiments.options import int_option, output_file
-from experiments.passkey import (
-    SHIPPED_PASSKEY_MODEL, add_method_args, attention_call, method_names, method_specs,
-)
+from experiments.passkey import add_method_args, attention_call, method_names, method_specs
 
 VERSION = 1
+#: The shipped LLaMA-style model fine-tuned on the `TrainingMix` (``experiments/shipped/``).
+SHIPPED_RULER_MODEL = Path(__file__).resolve().parent / "shipped" / "llama-small-stdlib-ruler"
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NIAH_TEMPLATE = ("Some special magic {type} are hidden within the following text. Make sure to memorize it. "
                  "I will quiz you about the {type} afterwards.\n{context}\n"
@@ -203,6 +211,10 @@ def _coded_words(rng: np.random.Generator, count: int) -> list[str]:
 # ----- haystacks and fitting --------------------------------------------------------------------
 
 
+class TooShort(ValueError):
+    """A task's shortest prompt is longer than the length asked for."""
+
+
 def _largest(fits: Callable[[int], bool], hi: int) -> int:
     """The largest n in [0, hi] with ``fits(n)`` (binary search; fits(0) is assumed)."""
     lo = 0
@@ -253,7 +265,7 @@ class _Layout:
     def fit(self, tokenizer, length: int, cut: bool = True) -> tuple[int, int]:
         """(units, chars of the next unit) of the longest prompt of at most `length` tokens."""
         if self.count(tokenizer, 0) > length:
-            raise ValueError(f"length {length} is too short: the prompt without haystack has "
+            raise TooShort(f"length {length} is too short: the prompt without haystack has "
                              f"{self.count(tokenizer, 0)} tokens")
         n = _largest(lambda m: self.count(tokenizer, m) <= length, len(self.units) - 1)
         if not cut:
@@ -373,7 +385,7 @@ def _cwe(tokenizer, length: int, rng: np.random.Generator) -> tuple[str, list[st
 
     settings = CWE_LONG if length >= 4096 and count(CWE_LONG, 0) <= length else CWE_SHORT
     if count(settings, 0) > length:
-        raise ValueError(f"length {length} is too short for cwe: its shortest prompt has "
+        raise TooShort(f"length {length} is too short for cwe: its shortest prompt has "
                          f"{count(settings, 0)} tokens")
     ucw = settings[-1]
     u = _largest(lambda m: count(settings, m) <= length, len(words) - settings[0] - 10 - ucw - 1)
@@ -405,7 +417,7 @@ def _fwe(tokenizer, length: int, rng: np.random.Generator) -> tuple[str, list[st
     n = _largest(fits, 4 * length)
     c = counts(n)
     if len(c) < 5 or not c[1] > c[2] > c[3] > c[4]:
-        raise ValueError(f"length {length} is too short for fwe: word counts {c[:5].tolist()} leave the "
+        raise TooShort(f"length {length} is too short for fwe: word counts {c[:5].tolist()} leave the "
                          f"three most frequent words ambiguous")
     return prompt(n, _largest(lambda d: fits(n, d), 64)), vocab[1:4]
 
@@ -417,7 +429,7 @@ def generate(task: str, tokenizer, length: int, depth: float | None, seed: int, 
     """One instance of `task` at `length` tokens (see the module docstring), reproducible from `seed`.
 
     `depth` in [0, 1] or None (RULER's random depths); None for cwe and fwe. `text`: the haystack
-    of the ``text`` tasks (`NEEDS_TEXT`). A ValueError says when `length` is too short."""
+    of the ``text`` tasks (`NEEDS_TEXT`). A `TooShort` error says when `length` is too short."""
     if task not in TASKS:
         raise ValueError(f"unknown RULER task {task!r}; known: {', '.join(TASKS)}")
     if task in ("cwe", "fwe") and depth is not None:
@@ -467,6 +479,106 @@ def held_out_text(source: str = "stdlib", held_out_percent: float | None = None)
     docs, _ = corpus.held_out_documents(
         source, corpus.DEFAULT_HELD_OUT_PERCENT if held_out_percent is None else held_out_percent)
     return "\n\n".join(d.text for d in docs)
+
+
+# ----- fine-tuning mix --------------------------------------------------------------------------
+
+
+def answer_text(instance: Instance) -> str:
+    """The continuation of `instance`'s answer prefix a model is fine-tuned on: its expected outputs
+    in the format of the task's prompt (vt's and cwe's one-shot examples; ``" a, b."`` for niah)."""
+    if instance.task == "vt":
+        return " ".join(instance.outputs)  # VT_ANSWER ends with a space, as in its example
+    if instance.task == "cwe":
+        return " " + _numbered(instance.outputs)
+    if instance.task == "fwe":
+        return " " + " ".join(instance.outputs)
+    return " " + ", ".join(instance.outputs) + "."
+
+
+class TrainingMix:
+    """Fine-tuning windows of RULER instances no longer than a training length (`windows`).
+
+    Every task of `tasks` whose shortest instance with its answer fits in `seq_len` takes part
+    (`included`; `excluded` says why the others do not, e.g. cwe, whose shortest prompt is about
+    1,000 tokens). Text haystacks are decoded from the training token stream, never held-out text."""
+
+    def __init__(self, tokenizer, seq_len: int, stream: np.ndarray, tasks: Sequence[str] = TASKS):
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown RULER task {unknown[0]!r}; known: {', '.join(TASKS)}")
+        if tokenizer.eos_id is None:
+            raise ValueError("the RULER fine-tuning mix ends each answer with EOS: the tokenizer has none")
+        self.tokenizer, self.seq_len, self.stream = tokenizer, seq_len, stream
+        self.shortest: dict[str, int] = {}
+        self.excluded: dict[str, str] = {}
+        text = self._text(np.random.default_rng(0))
+        for task in tasks:
+            fits = self._fits(task, text)
+            if fits is None:
+                self.excluded[task] = f"its shortest instance with its answer needs more than {seq_len} tokens"
+            else:
+                self.shortest[task] = fits
+        if not self.shortest:
+            raise ValueError(f"no RULER task of {', '.join(tasks)} fits in {seq_len} tokens: "
+                             + "; ".join(f"{t}: {why}" for t, why in self.excluded.items()))
+
+    @property
+    def included(self) -> tuple[str, ...]:
+        return tuple(self.shortest)
+
+    def _text(self, rng: np.random.Generator) -> str:
+        span = 4 * self.seq_len  # words enough for any haystack of seq_len tokens
+        start = int(rng.integers(0, max(1, self.stream.shape[0] - span)))
+        return self.tokenizer.decode([int(t) for t in self.stream[start:start + span]])
+
+    def _room(self, instance: Instance) -> int:
+        """Tokens left in a window after the prompt, its answer, EOS and BOS (negative: too long)."""
+        return self.seq_len - instance.tokens - len(self.tokenizer.encode(answer_text(instance))) - 2
+
+    def _fits(self, task: str, text: str) -> int | None:
+        """The shortest length (a multiple of 8) at which `task` makes an instance that fits, or None."""
+        for n in range(16, self.seq_len + 1, 8):
+            try:
+                instance = generate(task, self.tokenizer, n, None if task in ("cwe", "fwe") else 0.5, 0, text)
+            except TooShort:
+                continue
+            return n if self._room(instance) >= 0 else None
+        return None
+
+    def instance(self, rng: np.random.Generator) -> Instance:
+        """A random instance (task, length, depth, seed drawn from `rng`) that fits with its answer."""
+        task = self.included[int(rng.integers(len(self.included)))]
+        depth = None if task in ("cwe", "fwe") else float(rng.random())
+        seed = int(rng.integers(2**31))
+        text = self._text(rng) if task in NEEDS_TEXT else None
+        length = int(rng.integers(self.shortest[task], self.seq_len - 1))
+        for _ in range(16):  # the answer's tokens are known once the instance is made
+            try:
+                instance = generate(task, self.tokenizer, length, depth, seed, text)
+            except TooShort:  # this seed's shortest prompt is longer than the one `shortest` measured
+                length += 8
+                continue
+            except RuntimeError:  # needles moved by a unit changed the tokens at their seams: another seed
+                seed += 1
+                continue
+            room = self._room(instance)
+            if room >= 0:
+                return instance
+            length += room
+        raise RuntimeError(f"{task}: no instance of seed {seed} fits in {self.seq_len} tokens with its answer")
+
+    def windows(self, rows: int, rng: np.random.Generator, bos_id: int) -> np.ndarray:
+        """``(rows, seq_len)`` int32 windows: an instance's prompt, its answer (`answer_text`) and EOS,
+        then BOS and training tokens from a random offset to fill the window."""
+        out = np.empty((rows, self.seq_len), np.int32)
+        for r in range(rows):
+            instance = self.instance(rng)
+            head = (prompt_tokens(self.tokenizer, instance.prompt, instance.answer_prefix)
+                    + list(self.tokenizer.encode(answer_text(instance))) + [self.tokenizer.eos_id, bos_id])
+            start = int(rng.integers(0, self.stream.shape[0] - self.seq_len))
+            out[r] = np.concatenate([head, self.stream[start:start + self.seq_len - len(head)]]).astype(np.int32)
+        return out
 
 
 def write_jsonl(instances: Iterable[Instance], path: str | os.PathLike) -> None:
@@ -550,8 +662,9 @@ def depth_label(depth: float | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.ruler",
                                 description="RULER's synthetic tasks: every method on the same instances.")
-    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_PASSKEY_MODEL),
-                   help="converted or Hugging Face model directory (default: the shipped passkey model)")
+    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_RULER_MODEL),
+                   help="converted or Hugging Face model directory (default: the shipped model fine-tuned on RULER "
+                        "instances)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, metavar="TASK", help=f"of {', '.join(TASKS)} (default: all)")
     lengths = p.add_mutually_exclusive_group()
     lengths.add_argument("--lengths", type=int_option(1), nargs="+", metavar="N", help="prompt lengths in tokens")
@@ -577,8 +690,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def make_instances(args: argparse.Namespace, tokenizer, l_train: int) -> tuple[list[Instance], dict]:
-    """The instances (generated, shortest lengths first so that a too short one fails at once, or read
-    from ``--instances`` and checked against this tokenizer) and where they came from."""
+    """The instances (generated, or read from ``--instances`` and checked against this tokenizer) and
+    where they came from. A task whose shortest prompt is longer than a length is skipped there and
+    listed under ``"skipped"``; any other failure to make an instance stops the run."""
     if args.instances is not None:
         given = [f"--{o}" for o in GRID_OPTIONS if getattr(args, o) is not None]
         if given:
@@ -598,14 +712,21 @@ def make_instances(args: argparse.Namespace, tokenizer, l_train: int) -> tuple[l
     samples = DEFAULT_SAMPLES if args.samples is None else args.samples
     seed = args.seed or 0
     text = held_out_text() if set(tasks) & set(NEEDS_TEXT) else None
-    instances = []
+    instances, skipped = [], {}
     for n in lengths:
         for task in tasks:
             try:
                 instances += generate_grid([task], tokenizer, [n], args.depths or DEFAULT_DEPTHS, samples, seed, text)
+            except TooShort as e:  # e.g. cwe below about 1,000 tokens: that cell stays empty, said here and in the JSON
+                skipped[f"{task}@{n}"] = str(e)
+                print(f"skipping {task} at {n:,} tokens: {e}", file=sys.stderr)
             except ValueError as e:
                 raise ValueError(f"{task} at {n:,} tokens: {e}") from None
-    return instances, {"generated": {"samples": samples, "seed": seed, "text": "stdlib held-out" if text else None}}
+    if not instances:
+        raise ValueError(f"no task can be made at {', '.join(f'{n:,}' for n in lengths)} tokens: "
+                         + "; ".join(f"{cell}: {why}" for cell, why in skipped.items()))
+    return instances, {"generated": {"samples": samples, "seed": seed, "text": "stdlib held-out" if text else None,
+                                     "skipped": skipped}}
 
 
 def instance_record(inst: Instance, tokens: list[int]) -> dict:
@@ -635,6 +756,19 @@ def predict(model, prefill, params, tokenizer, prompts: list[list[int]], new_tok
             ids = out.row(b)[:out.lengths[b] - int(out.stopped[b])]
             rows.append({"prediction": tokenizer.decode(ids), "new_tokens": len(ids), "stopped": bool(out.stopped[b])})
     return rows
+
+
+def needles_visible(spec, instance: Instance, keep: int | None = None) -> bool | None:
+    """Whether the prompt's last token attends every needle of `instance` under the mask of `spec`
+    (top-k middle tokens, chosen per layer, aside), or, with ``keep``, whether truncation to the
+    first token + the last `keep` kept them all; None for tasks without needles (cwe, fwe)."""
+    if not instance.needle_positions:
+        return None
+    needles = np.asarray(instance.needle_positions)
+    if keep is not None:
+        return bool(instance.tokens <= keep + 1 or np.all(needles >= instance.tokens - keep))
+    last = np.full_like(needles, instance.tokens - 1)
+    return not bool(np.any(np.asarray(spec.middle(last, needles))))
 
 
 def finished(path: str | os.PathLike, settings: dict) -> dict:
@@ -702,7 +836,8 @@ def run(args: argparse.Namespace) -> int:
         rows = predict(*built[name, n], params, tokenizer, [prompts[k] for k in cells[task, n]], new_tokens[task],
                        args.batch, keep)
         for k, row in zip(cells[task, n], rows):
-            row.update(instance=k, score=score(instances[k], row["prediction"]))
+            row.update(instance=k, score=score(instances[k], row["prediction"]),
+                       needles_visible=needles_visible(call.spec, instances[k], keep))
         record["methods"].setdefault(name, {"cells": {}})["cells"][f"{task}@{n}"] = {
             "attention": call.spec.describe(), "seconds": time.perf_counter() - t0, "predictions": rows,
             "rope_scaling": None if call.frequencies is None else dataclasses.asdict(call.frequencies)}
@@ -711,6 +846,7 @@ def run(args: argparse.Namespace) -> int:
         record["scores"] = scores(record, instances)
         _write_atomic(record, Path(args.out))
     record["scores"] = scores(record, instances)
+    record["needles_visible"] = visibility(record)
     print(format_table(record))
     save_result(record, args.out, plot, None if args.no_plot else args.plot)
     return 0
@@ -738,9 +874,27 @@ def scores(record: dict, instances: Sequence[Instance]) -> dict:
     return out
 
 
+def visibility(record: dict) -> dict:
+    """``{method: {"<length>": share}}``: the share of the finished instances with needles (niah, vt)
+    whose needles all stay visible to the prompt's last token (`needles_visible`)."""
+    out: dict = {}
+    for name, res in record["methods"].items():
+        seen: dict[str, list[bool]] = {}
+        for cell in res["cells"].values():
+            for r in cell["predictions"]:
+                if r.get("needles_visible") is not None:
+                    seen.setdefault(str(record["instances"][r["instance"]]["length"]), []).append(r["needles_visible"])
+        out[name] = {n: float(np.mean(v)) for n, v in seen.items()}
+    return out
+
+
 def format_table(record: dict) -> str:
-    """Scores x 100 per task (blocks), method (rows) and length (columns), then their mean over tasks."""
+    """Scores x 100 per task (blocks), method (rows) and length (columns), then their mean over the
+    tasks made at every length (a task skipped at some length, e.g. cwe when too short, is left out)."""
     lengths, tasks = record["settings"]["lengths"], record["settings"]["tasks"]
+    made = {(i["task"], i["length"]) for i in record["instances"]}
+    everywhere = [t for t in tasks if all((t, n) in made for n in lengths)]
+    average = "average" if everywhere == tasks else f"average of {', '.join(everywhere)}"
     width = max(9, *(len(f"{n:,}") + 1 for n in lengths))
     name_width = max(24, *(len(name) + 4 for name in record["methods"]))
     lines = [f"{'task / method':<{name_width}}" + "".join(f"{n:>{width},}" for n in lengths)]
@@ -749,14 +903,19 @@ def format_table(record: dict) -> str:
         got = record["scores"].get(name, {}).get(task, {}).get(str(n))
         return None if got is None else 100 * got["all"]
 
-    for task in [*tasks, "average"]:
+    for task in [*tasks, average]:
         lines.append(task)
         for name in record["methods"]:
-            values = [cell(name, task, n) if task != "average" else
-                      (None if None in (got := [cell(name, t, n) for t in tasks]) else float(np.mean(got)))
+            values = [cell(name, task, n) if task != average else
+                      (None if None in (got := [cell(name, t, n) for t in everywhere]) else float(np.mean(got)))
                       for n in lengths]
             lines.append(f"  {name:<{name_width - 2}}" + "".join(
                 f"{'-':>{width}}" if v is None else f"{v:>{width}.1f}" for v in values))
+    lines.append("needles visible to the prompt's last token (% of niah and vt instances)")
+    for name, by_length in visibility(record).items():
+        values = [by_length.get(str(n)) for n in lengths]
+        lines.append(f"  {name:<{name_width - 2}}" + "".join(
+            f"{'-':>{width}}" if v is None else f"{100 * v:>{width}.1f}" for v in values))
     return "\n".join(lines)
 
 

@@ -29,13 +29,16 @@
 
 * Fine-tuning: ``--init MODEL_DIR`` starts from a converted model of the same preset and length;
   ``--passkey-fraction F`` makes that share of every batch passkey windows
-  (`experiments.passkey.training_windows`, drawn from ``numpy.random.default_rng([seed, step, 1])``).
+  (`experiments.passkey.training_windows`, drawn from ``numpy.random.default_rng([seed, step, 1])``);
+  ``--ruler-fraction F`` the next share RULER instances with their answers and EOS
+  (`experiments.ruler.TrainingMix`: every task that fits in ``--seq-len``; drawn from
+  ``numpy.random.default_rng([seed, step, 2])``).
 
 CLI::
 
     python -m experiments.train --data data/stdlib --preset llama-small --steps 2000 --batch 16 \\
         --seq-len 512 --out runs/llama-small [--dtype bf16] [--lr 1e-3]
-        [--init MODEL_DIR --passkey-fraction 0.5]
+        [--init MODEL_DIR --passkey-fraction 0.5 --ruler-fraction 0.5]
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from experiments import corpus as corpus_lib
 from experiments.loading import hf_config, load_tokenizer_from
 from experiments.options import output_dir
 from experiments.passkey import PasskeyBuilder, training_windows
+from experiments.ruler import TrainingMix
 from lminf_jax.fingerprint import check_identity, json_digest, newest_intact, tree_fingerprint
 from lminf_jax.progress import Progress
 from models import registry
@@ -132,6 +136,7 @@ class TrainConfig:
     save_dtype: str = "fp32"
     init: str | None = None  # a converted model directory to start from (fine-tuning)
     passkey_fraction: float = 0.0  # share of each batch made of passkey windows (experiments.passkey)
+    ruler_fraction: float = 0.0  # share of each batch made of RULER windows (experiments.ruler.TrainingMix)
 
     def check(self) -> None:
         if self.preset not in PRESETS:
@@ -146,11 +151,20 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.warmup is not None and not 0 <= self.warmup < self.steps:
             raise ValueError(f"warmup must lie in [0, steps={self.steps}), got {self.warmup}")
-        if not 0.0 <= self.passkey_fraction <= 1.0:
-            raise ValueError(f"passkey_fraction must lie in [0, 1], got {self.passkey_fraction}")
+        for name in ("passkey_fraction", "ruler_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.task_rows("passkey_fraction") + self.task_rows("ruler_fraction") > self.batch:
+            raise ValueError(f"passkey_fraction {self.passkey_fraction} and ruler_fraction {self.ruler_fraction} "
+                             f"together take more than the batch of {self.batch} rows")
         for name in ("dtype", "save_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+
+    def task_rows(self, fraction: str) -> int:
+        """Rows of each batch given to the task windows of `fraction` (at least one when it is > 0)."""
+        share = getattr(self, fraction)
+        return max(1, round(share * self.batch)) if share > 0 else 0
 
     @property
     def warmup_steps(self) -> int:
@@ -358,21 +372,27 @@ def _plot(log_path: Path, png: Path) -> str:
     return f"wrote {png}"
 
 
-def _fine_tuning(cfg: TrainConfig) -> str:
-    if cfg.init is None and cfg.passkey_fraction == 0:
+def _fine_tuning(cfg: TrainConfig, ruler: TrainingMix | None) -> str:
+    if cfg.init is None and cfg.passkey_fraction == 0 and ruler is None:
         return ""
     start = f"started from `{cfg.init}`" if cfg.init is not None else "trained from scratch"
-    return f"- Fine-tuning: {start}; {cfg.passkey_fraction:.0%} of each batch are passkey windows (experiments.passkey)\n"
+    shares = [f"{cfg.task_rows('passkey_fraction')} of {cfg.batch} rows of each batch are passkey windows "
+              "(experiments.passkey)"] if cfg.passkey_fraction else []
+    if ruler is not None:
+        shares.append(f"{cfg.task_rows('ruler_fraction')} of {cfg.batch} rows are RULER instances with their answers "
+                      f"(experiments.ruler.TrainingMix) of {', '.join(ruler.included)}"
+                      + "".join(f"; not {t}: {why}" for t, why in ruler.excluded.items()))
+    return f"- Fine-tuning: {start}" + "".join(f"; {s}" for s in shares) + "\n"
 
 
 def _model_card(cfg: TrainConfig, config: dict, manifest: dict, n_params: int, meta: dict, heldout: float,
-                n_eval: int, seconds: float) -> str:
+                n_eval: int, seconds: float, ruler: TrainingMix | None = None) -> str:
     family = registry.family_for_config(config).name
     positional = {"llama": "RoPE (half layout)", "gptj": f"interleaved partial RoPE (rotary_dim {config.get('rotary_dim')})",
                   "mpt": "ALiBi"}[family]
     tr = manifest["splits"]["train"]
     ho = manifest["splits"]["heldout"]
-    return f"""# {cfg.preset} (lminf_jax, trained from scratch)
+    return f"""# {cfg.preset} (lminf_jax, {'fine-tuned' if cfg.init is not None else 'trained from scratch'})
 
 - Architecture: {family}-style decoder, {positional}; config in `converted.json`:
   `{json.dumps({k: v for k, v in config.items() if k != 'architectures'})}`
@@ -387,7 +407,7 @@ def _model_card(cfg: TrainConfig, config: dict, manifest: dict, n_params: int, m
   ({meta['tokens_seen'] / max(tr['tokens'], 1):.2f} epochs); AdamW lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine to 10%),
   weight decay {cfg.weight_decay}, clip {cfg.clip}, compute dtype {cfg.dtype}, seed {cfg.seed};
   {seconds:.0f} s in the last session
-{_fine_tuning(cfg)}- Final train loss (mean of the last logged steps): {meta['last_loss']:.4f} nats/token
+{_fine_tuning(cfg, ruler)}- Final train loss (mean of the last logged steps): {meta['last_loss']:.4f} nats/token
 - Held-out loss at L_train ({n_eval} windows of {cfg.seq_len} tokens, BOS + held-out tokens at evenly spaced offsets):
   {heldout:.4f} nats/token, perplexity {math.exp(heldout):.3f} per token
   ({math.exp(heldout * 1 / ho['bytes_per_token']):.3f} per byte)
@@ -432,6 +452,9 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
         params = family.init_params(model.config, jax.random.PRNGKey(cfg.seed), jnp.float32)
     identity = run_identity(cfg, config, [train_stream, held_stream], params)
     passkeys = PasskeyBuilder(load_tokenizer_from(cfg.data)) if cfg.passkey_fraction > 0 else None
+    ruler = TrainingMix(load_tokenizer_from(cfg.data), cfg.seq_len, train_stream) if cfg.ruler_fraction > 0 else None
+    if ruler is not None:
+        log(f"RULER mix: {', '.join(ruler.included)}" + "".join(f"; not {t}: {why}" for t, why in ruler.excluded.items()))
     opt_state = opt.init(params)
     manager = _manager(out / "checkpoints")
     step, meta = 0, {"step": 0, "seed": cfg.seed, "tokens_seen": 0, "last_loss": float("nan"), "identity": identity}
@@ -455,10 +478,13 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
             enabled=progress, interval=1.0) as bar:
         while step < end:
             tokens = sample_windows(train_stream, cfg.batch, cfg.seq_len, cfg.seed, step)
+            rows = cfg.task_rows("passkey_fraction")
             if passkeys is not None:
-                rows = max(1, round(cfg.passkey_fraction * cfg.batch))
                 rng = np.random.default_rng([cfg.seed, step, 1])
                 tokens[:rows] = training_windows(passkeys, rows, cfg.seq_len, rng, train_stream, BOS_ID)
+            if ruler is not None:
+                tokens[rows:rows + cfg.task_rows("ruler_fraction")] = ruler.windows(
+                    cfg.task_rows("ruler_fraction"), np.random.default_rng([cfg.seed, step, 2]), BOS_ID)
             params, opt_state, loss, gnorm = train_step(params, opt_state, jnp.asarray(tokens))
             step += 1
             meta["tokens_seen"] = int(meta["tokens_seen"]) + tokens_per_step
@@ -494,7 +520,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
     save_converted(model_dir, save, config, family.name)
     shutil.copyfile(Path(cfg.data) / corpus_lib.TOKENIZER_FILE, model_dir / corpus_lib.TOKENIZER_FILE)
     (model_dir / "model_card.md").write_text(
-        _model_card(cfg, config, manifest, n_params, meta, held, len(final_windows), seconds))
+        _model_card(cfg, config, manifest, n_params, meta, held, len(final_windows), seconds, ruler))
     log(_plot(log_path, out / "loss.png"))
     log(f"final train loss {meta['last_loss']:.4f}, held-out loss {held:.4f} (perplexity {math.exp(held):.3f}) "
         f"at L_train {cfg.seq_len}; wrote {model_dir.absolute()}")
@@ -527,6 +553,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--init", metavar="MODEL_DIR", help="start from this converted model (fine-tuning)")
     parser.add_argument("--passkey-fraction", type=float, default=d.passkey_fraction, metavar="F",
                         help="share of each batch made of passkey windows (experiments.passkey; default 0)")
+    parser.add_argument("--ruler-fraction", type=float, default=d.ruler_fraction, metavar="F",
+                        help="share of each batch made of RULER instances with their answers, every task that fits "
+                             "in --seq-len (experiments.ruler.TrainingMix; default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     args = parser.parse_args(argv)
     cfg = TrainConfig(data=args.data, out=args.out, preset=args.preset, steps=args.steps, batch=args.batch,
@@ -534,7 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       clip=args.clip, dtype=args.dtype, seed=args.seed, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, eval_windows=args.eval_windows,
                       final_eval_windows=args.final_eval_windows, log_every=args.log_every,
-                      save_dtype=args.save_dtype, init=args.init, passkey_fraction=args.passkey_fraction)
+                      save_dtype=args.save_dtype, init=args.init, passkey_fraction=args.passkey_fraction,
+                      ruler_fraction=args.ruler_fraction)
     try:
         train(cfg, stop_after=args.stop_after, log=lambda m: print(m, file=sys.stderr), progress=not args.quiet)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import json
@@ -9,6 +10,7 @@ import re
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from converters.tokenizer import load_tokenizer
@@ -163,6 +165,81 @@ def test_too_short_lengths_and_bad_arguments_fail_clearly():
         ruler.generate("qa_1", TOKENIZER, 1000, 0.5, 0)
 
 
+def test_a_task_too_short_for_a_length_is_skipped_there_and_said_so(capsys):
+    args = argparse.Namespace(instances=None, tasks=["fwe", "cwe"], lengths=[300, 1500], multiples=None,
+                              depths=None, samples=1, seed=0)
+    instances, source = ruler.make_instances(args, TOKENIZER, 512)
+    assert sorted((i.task, i.length) for i in instances) == [("cwe", 1500), ("fwe", 300), ("fwe", 1500)]
+    assert list(source["generated"]["skipped"]) == ["cwe@300"]
+    assert "length 300 is too short for cwe" in source["generated"]["skipped"]["cwe@300"]
+    assert "skipping cwe at 300 tokens: length 300 is too short for cwe" in capsys.readouterr().err
+    record = {"settings": {"lengths": [300, 1500], "tasks": ["fwe", "cwe"]},
+              "instances": [{"task": i.task, "length": i.length} for i in instances],
+              "methods": {"vanilla": {}},
+              "scores": {"vanilla": {"fwe": {"300": {"all": 0.5}, "1500": {"all": 0.25}}, "cwe": {"1500": {"all": 1.0}}}}}
+    lines = ruler.format_table(record).splitlines()
+    assert lines[-2:] == ["average of fwe", "  vanilla" + " " * 15 + "     50.0     25.0"]
+    assert lines[lines.index("cwe") + 1].split() == ["vanilla", "-", "100.0"]
+    with pytest.raises(ValueError, match="no task can be made at 300 tokens: cwe@300: length 300 is too short"):
+        ruler.make_instances(argparse.Namespace(**{**vars(args), "tasks": ["cwe"], "lengths": [300]}), TOKENIZER, 512)
+
+
+@pytest.mark.parametrize("task", ruler.TASKS)
+def test_the_trained_answer_of_every_task_scores_full_marks(task):
+    inst = make(task, LENGTHS[task][0])
+    assert ruler.score(inst, ruler.answer_text(inst)) == 1.0
+    assert ruler.score(inst, ruler.answer_text(dataclasses.replace(inst, outputs=inst.outputs[1:]))) < 1.0 or (
+        len(inst.outputs) == 1)
+
+
+def test_training_mix_windows_hold_an_instance_its_answer_eos_then_training_tokens():
+    stream = np.asarray(TOKENIZER.encode(TEXT), np.int32)
+    mix = ruler.TrainingMix(TOKENIZER, 512, stream)
+    assert mix.included == tuple(t for t in ruler.TASKS if t != "cwe") and list(mix.excluded) == ["cwe"]
+    windows = mix.windows(8, np.random.default_rng(7), 1)
+    assert windows.shape == (8, 512) and windows.dtype == np.int32
+    assert np.array_equal(windows, mix.windows(8, np.random.default_rng(7), 1))  # seeded
+    replay = np.random.default_rng(7)
+    for row in windows:
+        inst = mix.instance(replay)
+        replay.integers(0, stream.shape[0] - 512)  # the row's offset in the stream
+        assert inst.length <= 512 and inst.task in mix.included
+        head = (ruler.prompt_tokens(TOKENIZER, inst.prompt, inst.answer_prefix)
+                + TOKENIZER.encode(ruler.answer_text(inst)) + [TOKENIZER.eos_id, 1])
+        assert row[:len(head)].tolist() == head
+        tail = row[len(head):]
+        starts = np.flatnonzero(stream[:stream.shape[0] - len(tail) + 1] == tail[0])
+        assert any(np.array_equal(stream[s:s + len(tail)], tail) for s in starts)  # a slice of the stream
+    assert len({ruler.TrainingMix.instance(mix, np.random.default_rng(s)).task for s in range(40)}) > 5
+
+
+def test_training_mix_refuses_what_cannot_work():
+    stream = np.asarray(TOKENIZER.encode(TEXT), np.int32)
+    with pytest.raises(ValueError, match="unknown RULER task 'qa_1'"):
+        ruler.TrainingMix(TOKENIZER, 512, stream, ["niah_single_1", "qa_1"])
+    with pytest.raises(ValueError, match="no RULER task of vt, cwe fits in 256 tokens: vt: its shortest"):
+        ruler.TrainingMix(TOKENIZER, 256, stream, ["vt", "cwe"])
+
+    class NoEos:
+        eos_id = None
+
+    with pytest.raises(ValueError, match="ends each answer with EOS: the tokenizer has none"):
+        ruler.TrainingMix(NoEos(), 512, stream)
+
+
+def test_needles_visible_follows_the_mask_and_truncation():
+    from lminf_jax.spec import LMInfinite, Vanilla
+
+    early, late = make("niah_single_1", 1000, depth=0.0), make("niah_single_1", 1000, depth=1.0)
+    window = LMInfinite(global_branch=4, local_branch=256)
+    assert ruler.needles_visible(Vanilla(), early) and ruler.needles_visible(Vanilla(), late)
+    assert not ruler.needles_visible(window, early) and ruler.needles_visible(window, late)
+    assert ruler.needles_visible(window, dataclasses.replace(early, needle_positions=(3,)))  # a sink
+    keep = late.tokens - late.needle_positions[0]
+    assert ruler.needles_visible(Vanilla(), late, keep) and not ruler.needles_visible(Vanilla(), late, keep - 1)
+    assert ruler.needles_visible(window, make("fwe", 300)) is None
+
+
 def test_jsonl_round_trips_and_checks_the_version(tmp_path):
     instances = ruler.generate_grid(["niah_single_1", "vt", "fwe"], TOKENIZER, [600], [0.0, None], samples=2, seed=7)
     assert len(instances) == 2 * 2 + 2 * 2 + 2 and {i.seed for i in instances} == {7, 8}
@@ -241,10 +318,18 @@ def test_the_cli_evaluates_every_method_on_the_same_instances_and_resumes(tmp_pa
         for r in rows:
             assert r["score"] == ruler.score(instances[r["instance"]], r["prediction"])
             assert 1 <= r["new_tokens"] <= instances[r["instance"]].max_new_tokens
+            # the needle (depth 0.5 of 480 or 560 tokens) is hidden by LM-Infinite's window, seen by vanilla
+            assert r["needles_visible"] == (None if instances[r["instance"]].task == "fwe" else name == "vanilla")
         for (task, n, depth), cell in ruler.aggregate(instances, [r["prediction"] for r in rows]).items():
             assert record["scores"][name][task][str(n)][ruler.depth_label(depth)] == cell["score"]
         predictions[name] = [r["prediction"] for r in rows]
     assert table.splitlines()[0].split() == ["task", "/", "method", "480", "560"]
+    assert record["needles_visible"] == {"vanilla": {"480": 1.0, "560": 1.0}, "lm_infinite": {"480": 0.0, "560": 0.0}}
+    lines = table.splitlines()
+    at = lines.index("needles visible to the prompt's last token (% of niah and vt instances)")
+    assert lines[at:at + 3] == ["needles visible to the prompt's last token (% of niah and vt instances)",
+                                       "  vanilla" + " " * 15 + "    100.0    100.0",
+                                       "  lm_infinite" + " " * 11 + "      0.0      0.0"]
     assert (tmp_path / "a.png").stat().st_size > 0
 
     # the instances file gives the same predictions; a rerun on a finished --out loads no model
@@ -272,9 +357,9 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys, monkeypatch
         (["--tasks", "qa_1"], 2, "argument --tasks: invalid choice: 'qa_1'"),
         (["--depths", "1.5"], 2, "argument --depths: must lie in [0, 1], got 1.5"),
         (["--lengths", "1000", "--multiples", "2"], 2, "argument --multiples: not allowed with argument --lengths"),
-        (["--tasks", "niah_single_1", "cwe", "--lengths", "512"], 1,
-         "cwe at 512 tokens: length 512 is too short for cwe"),
-        (["--tasks", "vt", "--lengths", "300"], 1, "vt at 300 tokens: length 300 is too short"),
+        (["--tasks", "cwe", "--lengths", "512"], 1,
+         "no task can be made at 512 tokens: cwe@512: length 512 is too short for cwe"),
+        (["--tasks", "vt", "--lengths", "300"], 1, "no task can be made at 300 tokens: vt@300: length 300 is too short"),
         (["--methods", "vanilla", "nope"], 1, "'nope' is not a mask method"),
         (["--instances", str(tmp_path / "other.jsonl"), "--tasks", "vt"], 1, "drop --tasks"),
         (["--instances", str(tmp_path / "other.jsonl")], 1, "other.jsonl:1: the prompt does not make 299 tokens"),

@@ -156,28 +156,40 @@ def test_bad_arguments(data, tmp_path, full_run, capsys):
     assert "steps must be >= 1" in capsys.readouterr().err
 
 
-def test_fine_tuning_starts_from_a_model_and_mixes_in_passkey_windows(data, tmp_path, monkeypatch):
+def test_fine_tuning_starts_from_a_model_and_mixes_in_passkey_and_ruler_windows(data, tmp_path, monkeypatch):
     quick = dict(steps=2, batch=2, seq_len=512, warmup=0, checkpoint_every=2, eval_every=2)
     base = tr.train(_cfg(data, tmp_path / "base", **quick), log=lambda m: None, progress=False)
-    batches = []
-    real_windows = tr.training_windows
+    batches, ruler_batches = [], []
+    real_windows, real_ruler = tr.training_windows, tr.TrainingMix.windows
 
     def spy(builder, rows, seq_len, rng, stream, bos_id):
-        out = real_windows(builder, rows, seq_len, rng, stream, bos_id)
-        batches.append(out)
-        return out
+        batches.append(real_windows(builder, rows, seq_len, rng, stream, bos_id))
+        return batches[-1]
+
+    def ruler_spy(mix, rows, rng, bos_id):
+        ruler_batches.append(real_ruler(mix, rows, rng, bos_id))
+        return ruler_batches[-1]
 
     monkeypatch.setattr(tr, "training_windows", spy)
-    tuned = tr.train(_cfg(data, tmp_path / "tuned", init=str(base), passkey_fraction=0.5, **quick),
+    monkeypatch.setattr(tr.TrainingMix, "windows", ruler_spy)
+    tuned = tr.train(_cfg(data, tmp_path / "tuned", init=str(base), passkey_fraction=0.5, ruler_fraction=0.5, **quick),
                      log=lambda m: None, progress=False)
-    assert len(batches) == 2 and all(b.shape == (1, 512) for b in batches)  # half of each batch of 2
+    assert len(batches) == 2 and all(b.shape == (1, 512) for b in batches)  # one row of each batch of 2
+    assert len(ruler_batches) == 2 and all(b.shape == (1, 512) for b in ruler_batches)
+    assert all(tr.corpus_lib.EOS_ID in b[0] for b in ruler_batches)
     card = (tuned / "model_card.md").read_text()
-    assert f"Fine-tuning: started from `{base}`; 50% of each batch are passkey windows" in card
+    assert (f"Fine-tuning: started from `{base}`; 1 of 2 rows of each batch are passkey windows (experiments.passkey); "
+            "1 of 2 rows are RULER instances with their answers (experiments.ruler.TrainingMix) of niah_single_1, ") in card
+    assert "; not cwe: its shortest instance with its answer needs more than 512 tokens" in card
     with pytest.raises(ValueError, match="is not a llama-tiny model"):
         tr.train(_cfg(data, tmp_path / "bad", init=str(base), **{**quick, "seq_len": 256}), log=lambda m: None,
                  progress=False)
     with pytest.raises(ValueError, match="passkey_fraction"):
         tr.train(_cfg(data, tmp_path / "bad2", passkey_fraction=1.5), log=lambda m: None, progress=False)
+    with pytest.raises(ValueError, match="passkey_fraction 0.5 and ruler_fraction 0.75 together take more than the "
+                                         "batch of 8 rows"):
+        tr.train(_cfg(data, tmp_path / "bad3", passkey_fraction=0.5, ruler_fraction=0.75), log=lambda m: None,
+                 progress=False)
 
 
 def _same_params(a_dir, b_dir) -> bool:
