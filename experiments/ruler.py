@@ -890,7 +890,8 @@ def visibility(record: dict) -> dict:
 
 def format_table(record: dict) -> str:
     """Scores x 100 per task (blocks), method (rows) and length (columns), then their mean over the
-    tasks made at every length (a task skipped at some length, e.g. cwe when too short, is left out)."""
+    tasks made at every length (a task skipped at some length, e.g. cwe when too short, is left out),
+    then, where instances have needles, the share each method lets the last prompt token see."""
     lengths, tasks = record["settings"]["lengths"], record["settings"]["tasks"]
     made = {(i["task"], i["length"]) for i in record["instances"]}
     everywhere = [t for t in tasks if all((t, n) in made for n in lengths)]
@@ -911,8 +912,11 @@ def format_table(record: dict) -> str:
                       for n in lengths]
             lines.append(f"  {name:<{name_width - 2}}" + "".join(
                 f"{'-':>{width}}" if v is None else f"{v:>{width}.1f}" for v in values))
+    visible = visibility(record)
+    if not any(visible.values()):  # only niah and vt instances have needles
+        return "\n".join(lines)
     lines.append("needles visible to the prompt's last token (% of niah and vt instances)")
-    for name, by_length in visibility(record).items():
+    for name, by_length in visible.items():
         values = [by_length.get(str(n)) for n in lengths]
         lines.append(f"  {name:<{name_width - 2}}" + "".join(
             f"{'-':>{width}}" if v is None else f"{100 * v:>{width}.1f}" for v in values))

@@ -175,7 +175,7 @@ def test_a_task_too_short_for_a_length_is_skipped_there_and_said_so(capsys):
     assert "skipping cwe at 300 tokens: length 300 is too short for cwe" in capsys.readouterr().err
     record = {"settings": {"lengths": [300, 1500], "tasks": ["fwe", "cwe"]},
               "instances": [{"task": i.task, "length": i.length} for i in instances],
-              "methods": {"vanilla": {}},
+              "methods": {"vanilla": {"cells": {}}},
               "scores": {"vanilla": {"fwe": {"300": {"all": 0.5}, "1500": {"all": 0.25}}, "cwe": {"1500": {"all": 1.0}}}}}
     lines = ruler.format_table(record).splitlines()
     assert lines[-2:] == ["average of fwe", "  vanilla" + " " * 15 + "     50.0     25.0"]
