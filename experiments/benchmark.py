@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 
 from experiments.benchmark_decode import PRESETS, measure
 from experiments.loading import run_cli
+from experiments.machine import machine
 from experiments.options import int_option, output_file
 from lminf_jax import LMInfinite, Rotary, Vanilla, attention
 from lminf_jax.rope import apply_rope
@@ -251,10 +251,8 @@ def run(args: argparse.Namespace) -> int:
     cfg, dtype, sinks = preset["config"], preset["dtype"], preset["global_branch"]
     window = cfg.max_position_embeddings
     attention_lengths, encode_lengths, positions = SIZES[args.preset]
-    device = jax.devices()[0]
     record = {"settings": {"preset": args.preset, "config": dataclasses.asdict(cfg), "dtype": jnp.dtype(dtype).name,
-                           "window": window, "sinks": sinks, "device": f"{device.platform} {device.device_kind}",
-                           "host": platform.node(), "jax": jax.__version__, "repeats": args.repeats}}
+                           "window": window, "sinks": sinks, **machine(), "repeats": args.repeats}}
     print(f"benchmark: preset {args.preset}, {record['settings']['dtype']}, {record['settings']['device']}",
           file=sys.stderr)
     out = Path(args.out)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.machine import machine
 from experiments.options import int_option, output_file
 from lminf_jax import LMInfinite, Rotary, Vanilla
 from lminf_jax.attention_blockwise import blockwise_attention
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['T']} | {r['variant']} | {shown} | {r['planned_bytes'] / 2**20:.1f} |")
     out = pathlib.Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": f"{device.platform} {device.device_kind}", "args": {k: str(v) for k, v in vars(args).items()}}
+    meta = {**machine(), "args": {k: str(v) for k, v in vars(args).items()}}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\nwrote {out}")
     return 0

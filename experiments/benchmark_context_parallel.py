@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import sys
 import time
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.loading import DTYPES, load_model, method_spec, pretraining_length, run_cli
+from experiments.machine import machine
 from experiments.options import int_option, output_file
 from experiments.perplexity import SHIPPED_MODEL
 from lminf_jax.sharding import ShardingPlan, make_mesh
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     record = {"settings": {"model": args.model_dir, "length": args.length, "dtype": args.dtype,
                            "attention": spec.describe(), "l_train": pretraining_length(config), "block": args.block,
                            "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
-                           "host": platform.node(), "jax": jax.__version__},
+                           **machine()},
               "rows": rows}
     print(format_table(record))
     out = Path(args.out)

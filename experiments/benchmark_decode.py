@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from experiments.machine import machine
 from experiments.options import int_option, output_file
 from lminf_jax import LMInfinite, Vanilla
 from lminf_jax.cache import KVCache
@@ -136,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "preset": args.preset, "config": dataclasses.asdict(cfg), "dtype": jnp.dtype(dtype).name,
-        "device": f"{device.platform} {device.device_kind}", "host": platform.node(), "steps": args.steps,
-        "repeats": args.repeats, "jax": jax.__version__, "rows": rows,
+        **machine(), "steps": args.steps, "repeats": args.repeats, "rows": rows,
     }, indent=2, default=str))
     print(f"wrote {out}")
     return 0

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -44,6 +42,7 @@ import numpy as np
 from experiments.benchmark import attended_pairs, best_of
 from experiments.benchmark_decode import measure
 from experiments.loading import load_model, run_cli
+from experiments.machine import machine
 from experiments.options import int_option, output_file
 from lminf_jax import LMInfinite, Vanilla, attention
 from models.common import AttentionCall
@@ -104,10 +103,11 @@ def ratio_row(name: str, ms: float, reference_ms: float, **extra) -> dict:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    record = {"settings": {**vars(args), "device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind}",
-                           "host": platform.node(), "cpus": os.cpu_count(), "jax": jax.__version__,
+    record = {"settings": {**vars(args), **machine(),
                            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                            "transformers": __import__("transformers").__version__}}
+    print(f"{record['settings']['cpu']}, {record['settings']['cpus']} cores: jax {jax.__version__}, torch "
+          f"{torch.__version__} ({torch.get_num_threads()} threads)", file=sys.stderr)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         peer = hf_model(args, Path(tmp))
