@@ -134,10 +134,14 @@ def training_windows(builder: PasskeyBuilder, rows: int, seq_len: int, rng: np.r
             raise ValueError(f"seq_len {seq_len} is too short for a passkey window (needs "
                              f"{builder.minimum_length + len(answer) + 2})")
         prompt = builder.prompt(int(rng.integers(builder.minimum_length, top + 1)), float(rng.random()), key)
-        head = list(prompt.tokens) + answer + [bos_id]
-        start = int(rng.integers(0, stream.shape[0] - seq_len))
-        out[r] = np.concatenate([head, np.asarray(stream[start:start + seq_len - len(head)])]).astype(np.int32)
+        out[r] = filled_window(list(prompt.tokens) + answer + [bos_id], stream, seq_len, rng)
     return out
+
+
+def filled_window(head: list[int], stream: np.ndarray, seq_len: int, rng: np.random.Generator) -> np.ndarray:
+    """``head`` followed by tokens of `stream` from a random offset: one int32 window of `seq_len`."""
+    start = int(rng.integers(0, stream.shape[0] - seq_len))
+    return np.concatenate([head, np.asarray(stream[start:start + seq_len - len(head)])]).astype(np.int32)
 
 
 # ----- evaluation -------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ from experiments.loading import (
     hf_config, load_config, load_model, load_tokenizer_from, params_dtype, pretraining_length, run_cli, save_result,
 )
 from experiments.options import int_option, output_file
-from experiments.passkey import add_method_args, attention_call, method_names, method_specs
+from experiments.passkey import add_method_args, attention_call, filled_window, method_names, method_specs
 
 VERSION = 1
 #: The shipped LLaMA-style model fine-tuned on the `TrainingMix` (``experiments/shipped/``).
@@ -527,6 +527,10 @@ class TrainingMix:
     def included(self) -> tuple[str, ...]:
         return tuple(self.shortest)
 
+    def describe(self) -> str:
+        """The tasks in the mix, then each one left out and why (for logs and model cards)."""
+        return ", ".join(self.included) + "".join(f"; not {t}: {why}" for t, why in self.excluded.items())
+
     def _text(self, rng: np.random.Generator) -> str:
         span = 4 * self.seq_len  # words enough for any haystack of seq_len tokens
         start = int(rng.integers(0, max(1, self.stream.shape[0] - span)))
@@ -576,8 +580,7 @@ class TrainingMix:
             instance = self.instance(rng)
             head = (prompt_tokens(self.tokenizer, instance.prompt, instance.answer_prefix)
                     + list(self.tokenizer.encode(answer_text(instance))) + [self.tokenizer.eos_id, bos_id])
-            start = int(rng.integers(0, self.stream.shape[0] - self.seq_len))
-            out[r] = np.concatenate([head, self.stream[start:start + self.seq_len - len(head)]]).astype(np.int32)
+            out[r] = filled_window(head, self.stream, self.seq_len, rng)
         return out
 
 

@@ -380,8 +380,7 @@ def _fine_tuning(cfg: TrainConfig, ruler: TrainingMix | None) -> str:
               "(experiments.passkey)"] if cfg.passkey_fraction else []
     if ruler is not None:
         shares.append(f"{cfg.task_rows('ruler_fraction')} of {cfg.batch} rows are RULER instances with their answers "
-                      f"(experiments.ruler.TrainingMix) of {', '.join(ruler.included)}"
-                      + "".join(f"; not {t}: {why}" for t, why in ruler.excluded.items()))
+                      f"(experiments.ruler.TrainingMix) of {ruler.describe()}")
     return f"- Fine-tuning: {start}" + "".join(f"; {s}" for s in shares) + "\n"
 
 
@@ -454,7 +453,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
     passkeys = PasskeyBuilder(load_tokenizer_from(cfg.data)) if cfg.passkey_fraction > 0 else None
     ruler = TrainingMix(load_tokenizer_from(cfg.data), cfg.seq_len, train_stream) if cfg.ruler_fraction > 0 else None
     if ruler is not None:
-        log(f"RULER mix: {', '.join(ruler.included)}" + "".join(f"; not {t}: {why}" for t, why in ruler.excluded.items()))
+        log(f"RULER mix: {ruler.describe()}")
     opt_state = opt.init(params)
     manager = _manager(out / "checkpoints")
     step, meta = 0, {"step": 0, "seed": cfg.seed, "tokens_seen": 0, "last_loss": float("nan"), "identity": identity}
