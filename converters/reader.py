@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from converters.json_object import read_json_object
 from converters.safetensors_file import SafetensorsFile
 from converters.torch_file import TorchFile
 
@@ -58,19 +58,6 @@ class CheckpointReader:
             return self._files[name]
         except KeyError:
             raise KeyError(f"no tensor {name!r} in {self.path}") from None
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON file holding an object; errors name the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return data
 
 
 def _open_weights(root: Path) -> dict[str, TensorFile]:

@@ -10,13 +10,13 @@ order, no overlap, no gap, nothing after the last), each spanning its shape's by
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from converters.dtypes import NUMPY_DTYPES, TensorInfo, numpy_dtype
+from converters.json_object import parse_json_object
 
 MAX_HEADER_BYTES = 100_000_000
 
@@ -60,14 +60,9 @@ class SafetensorsFile:
                 raise ValueError(f"{self.path}: bad header length {length} for a file of {size} bytes")
             raw = f.read(length)
         try:
-            header = json.loads(raw, object_pairs_hook=_without_duplicates)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{self.path}: header is not valid JSON ({e})") from None
+            return parse_json_object(raw, f"{self.path}: header", _without_duplicates), 8 + length
         except _DuplicateKey as e:
             raise ValueError(f"{self.path}: header names {e} twice") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{self.path}: header is not a JSON object")
-        return header, 8 + length
 
     def _add(self, name: str, entry: object, buffer_bytes: int) -> None:
         where = f"{self.path}: tensor {name!r}"

@@ -1,16 +1,19 @@
 """`load_tokenizer`: a checkpoint's tokenizer behind one small interface; `load_chat_template` /
-`render_chat` / `encode_chat`: an instruct checkpoint's chat template, rendered and encoded."""
+`render_chats` / `encode_chat`: an instruct checkpoint's chat template, rendered and encoded."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
+
+from converters import chat_render
+from converters.json_object import read_json_object
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -34,7 +37,10 @@ class SentencePieceTokenizer:
     def __init__(self, path: Path):
         import sentencepiece
 
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except RuntimeError as e:  # sentencepiece names no file
+            raise ValueError(f"{path}: not a readable sentencepiece model ({e})") from None
         self.bos_id = _optional_id(self._sp.bos_id())
         self.eos_id = _optional_id(self._sp.eos_id())
         self.vocab_size: int = self._sp.get_piece_size()
@@ -53,7 +59,10 @@ class HFTokenizer:
     def __init__(self, path: Path):
         import tokenizers
 
-        self._tok = tokenizers.Tokenizer.from_file(str(path))
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception that names no file
+            raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._special_id(path.parent, "bos")
         self.eos_id = self._special_id(path.parent, "eos")
@@ -86,10 +95,8 @@ def _optional_id(token_id: int) -> int | None:
 
 
 def _json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    return data if isinstance(data, dict) else {}
+    """`read_json_object` of an optional file: {} when it is absent."""
+    return read_json_object(path) if path.is_file() else {}
 
 
 def load_tokenizer(hf_dir: str | os.PathLike) -> Tokenizer:
@@ -107,53 +114,51 @@ def load_tokenizer(hf_dir: str | os.PathLike) -> Tokenizer:
 
 
 class ChatTemplateError(ValueError):
-    """A chat template that does not compile or render, or that rejected the messages."""
+    """A chat template that does not compile or render, exceeds its limits, or rejected the messages."""
 
 
-@functools.cache
-def _chat_environment():
-    """The jinja2 environment chat templates render in. It mirrors what transformers 5 gives them
-    (``transformers.utils.chat_template_utils._cached_compile_jinja_template``): an
-    ``ImmutableSandboxedEnvironment`` (templates are untrusted code) with ``trim_blocks`` and
-    ``lstrip_blocks``, the ``loopcontrols`` extension, a ``tojson`` filter that leaves non-ASCII and
-    HTML characters unescaped and takes ``ensure_ascii``/``indent``/``separators``/``sort_keys``,
-    and the globals ``raise_exception(message)`` and ``strftime_now(format)``. Not mirrored:
-    transformers' ``{% generation %}`` tag (assistant-token masks) and its hardened
-    ``dict``/``namespace`` globals (jinja2's own ``namespace`` is there)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str):
-        raise ChatTemplateError(f"the chat template rejected the messages: {message}")
-
-    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
-               sort_keys: bool = False) -> str:
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
-    return env
-
-
-def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *, bos_token: str | None,
-                eos_token: str | None, add_generation_prompt: bool = True, **extra: Any) -> str:
-    """The text chat `template` (jinja2) renders for `messages` (``{"role", "content"}`` dicts).
+def render_chats(template: str, conversations: Sequence[Sequence[Mapping[str, Any]]], *, bos_token: str | None,
+                 eos_token: str | None, add_generation_prompt: bool = True, **extra: Any) -> list[str]:
+    """The text chat `template` (jinja2) renders for each of `conversations` (lists of
+    ``{"role", "content"}`` dicts).
 
     The template sees what transformers' ``apply_chat_template(messages, tokenize=False)`` passes:
     ``messages``, ``add_generation_prompt``, ``tools`` and ``documents`` (None), the special tokens
-    that are set (a None one stays undefined, so it renders as ""), and `extra`. A template that
-    does not compile, fails or calls ``raise_exception`` raises `ChatTemplateError`.
+    that are set (a None one stays undefined, so it renders as ""), and `extra`: JSON data (a
+    ValueError says when they are not). It renders in a child process (`converters.chat_render`,
+    about 0.1 s to start), bounded in time, output and memory (its ``MAX_*`` limits). A template
+    that does not compile, fails, exceeds a limit or calls ``raise_exception`` raises
+    `ChatTemplateError`.
     """
-    import jinja2
-
     specials = {"bos_token": bos_token, "eos_token": eos_token}
-    context = {"tools": None, "documents": None, **{k: v for k, v in specials.items() if v is not None}, **extra,
-               "messages": [dict(m) for m in messages], "add_generation_prompt": add_generation_prompt}
+    contexts = [{"tools": None, "documents": None, **{k: v for k, v in specials.items() if v is not None}, **extra,
+                 "messages": [dict(m) for m in messages], "add_generation_prompt": add_generation_prompt}
+                for messages in conversations]
     try:
-        return _chat_environment().from_string(template).render(**context)
-    except jinja2.TemplateError as e:
-        raise ChatTemplateError(f"the chat template failed: {e}") from e
+        request = json.dumps({"template": template, "contexts": contexts}, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the chat template's variables must be JSON data: {e}") from None
+    if json.loads(request)["contexts"] != contexts:
+        raise ValueError("the chat template's variables must be JSON data (no tuples, no non-string keys)")
+    return _render_in_child(request)
+
+
+def _render_in_child(request: str) -> list[str]:
+    """The texts `converters.chat_render` renders for `request` in a child process, killed after
+    ``chat_render.MAX_SECONDS``."""
+    try:
+        done = subprocess.run([sys.executable, "-P", chat_render.__file__], input=request.encode(),
+                              capture_output=True, timeout=chat_render.MAX_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise ChatTemplateError(f"the chat template exceeded its limits: it ran for more than "
+                                f"{chat_render.MAX_SECONDS:g} s") from None
+    if done.returncode != 0:
+        raise ChatTemplateError(f"the chat template renderer {chat_render.__file__} exited with status "
+                                f"{done.returncode}: {done.stderr.decode(errors='replace')[-2000:]}")
+    reply = json.loads(done.stdout)
+    if "error" in reply:
+        raise ChatTemplateError(reply["error"])
+    return reply["texts"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,14 +170,19 @@ class ChatTemplate:
     bos_token: str | None = None
     eos_token: str | None = None
 
-    def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
-               **extra: Any) -> str:
-        """`render_chat` with this checkpoint's template and special tokens; errors name `source`."""
+    def render_each(self, conversations: Sequence[Sequence[Mapping[str, Any]]], *,
+                    add_generation_prompt: bool = True, **extra: Any) -> list[str]:
+        """`render_chats` with this checkpoint's template and special tokens (one child process for
+        all `conversations`); errors name `source`."""
         try:
-            return render_chat(self.template, messages, bos_token=self.bos_token, eos_token=self.eos_token,
-                               add_generation_prompt=add_generation_prompt, **extra)
+            return render_chats(self.template, conversations, bos_token=self.bos_token, eos_token=self.eos_token,
+                                add_generation_prompt=add_generation_prompt, **extra)
         except ChatTemplateError as e:
             raise ChatTemplateError(f"{self.source}: {e}") from e
+
+    def render(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> str:
+        """`render_each` of one conversation."""
+        return self.render_each([messages], **kwargs)[0]
 
 
 def load_chat_template(hf_dir: str | os.PathLike) -> ChatTemplate:

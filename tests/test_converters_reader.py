@@ -119,6 +119,19 @@ def test_missing_config_or_weights(tmp_path):
         CheckpointReader(tmp_path / "absent")
 
 
+@pytest.mark.parametrize("text, error", [
+    ("{x", "Expecting property name"),
+    ("[" * 100_000, "recursion"),
+    ('{"hidden_size": ' + "1" * 5000 + "}", "digits"),
+    (b"\xff{}", "decode"),
+], ids=["syntax", "deep", "integer", "encoding"])
+def test_malformed_config_json_is_a_value_error_naming_the_file(tmp_path, text, error):
+    config = tmp_path / "config.json"
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=f"^{re.escape(str(config))}: not valid JSON .*{error}"):
+        CheckpointReader(tmp_path)
+
+
 def corruptions(raw: bytes) -> dict[str, tuple[bytes, str, str | None]]:
     """Broken variants of a valid file: name -> (bytes, message regex, tensor named or None)."""
     n = int.from_bytes(raw[:8], "little")
@@ -137,6 +150,7 @@ def corruptions(raw: bytes) -> dict[str, tuple[bytes, str, str | None]]:
     shifted = {**header, last: {**header[last], "data_offsets": [o + 8 for o in header[last]["data_offsets"]]}}
     cut = header[last]["data_offsets"][0]
     twice = json.dumps(header)[:-1] + ', "a.f32": ' + json.dumps(header["a.f32"]) + "}"
+    huge = json.dumps({**header, "b.f16": {**header["b.f16"], "data_offsets": [0, "N"]}}).replace('"N"', "1" * 5000)
     return {
         "overlap": (edited("b.f16", data_offsets=[begin, begin + 8]), "'b.f16' and 'a.f32' overlap", "b.f16"),
         "gap": (with_header(shifted, data[:cut] + bytes(range(1, 9)) + data[cut:]), "belong to no tensor", last),
@@ -147,6 +161,8 @@ def corruptions(raw: bytes) -> dict[str, tuple[bytes, str, str | None]]:
         "header_length": ((len(raw) * 2).to_bytes(8, "little") + raw[8:], "bad header length", None),
         "header_json": (raw[:8] + b"x" + raw[9:], "not valid JSON", None),
         "header_list": (with_header([]), "not a JSON object", None),
+        "header_deep": (with_header(None, text="[" * 100_000), "not valid JSON .*recursion", None),
+        "header_integer": (with_header(None, text=huge), "not valid JSON .*digits", None),
         "truncated": (raw[:-3], "past the end", last),
         "shape": (edited("a.f32", shape=[5, 4]), "needs 80 bytes but data_offsets span 60", "a.f32"),
         "offsets": (edited("b.f16", data_offsets=[8, 0]), "invalid data_offsets", "b.f16"),
@@ -154,8 +170,8 @@ def corruptions(raw: bytes) -> dict[str, tuple[bytes, str, str | None]]:
     }
 
 
-CORRUPTIONS = ["short", "header_length", "header_json", "header_list", "truncated", "shape", "offsets", "dtype",
-               "overlap", "gap", "tail", "metadata", "duplicate"]
+CORRUPTIONS = ["short", "header_length", "header_json", "header_list", "header_deep", "header_integer", "truncated",
+               "shape", "offsets", "dtype", "overlap", "gap", "tail", "metadata", "duplicate"]
 
 
 @pytest.mark.parametrize("case", CORRUPTIONS)

@@ -4,11 +4,14 @@ rendered and encoded exactly as transformers' apply_chat_template does."""
 from __future__ import annotations
 
 import json
+import re
+import sys
+import time
 
 import numpy as np
 import pytest
 
-from converters.tokenizer import ChatTemplateError, encode_chat, load_chat_template, load_tokenizer, render_chat
+from converters.tokenizer import ChatTemplateError, encode_chat, load_chat_template, load_tokenizer, render_chats
 
 WORDS = (
     "the quick brown fox jumps over lazy dog lion tiger bear wolf river mountain cloud "
@@ -83,6 +86,20 @@ def test_tokenizer_json_special_ids_from_config(tmp_path):
 
 def test_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.model or tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name, content, error", [
+    ("tokenizer.json", "{x", "not a readable tokenizer.json"),
+    ("tokenizer.model", "garbage", "not a readable sentencepiece model"),
+    ("tokenizer_config.json", "{x", "not valid JSON"),
+    ("tokenizer_config.json", "[]", "not a JSON object"),
+    ("config.json", "[" * 100_000, "not valid JSON"),
+])
+def test_malformed_tokenizer_files_are_value_errors_naming_the_file(tmp_path, name, content, error):
+    write_word_level(tmp_path)  # no special tokens in tokenizer_config.json: config.json is read too
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / name))}: {error}"):
         load_tokenizer(tmp_path)
 
 
@@ -207,6 +224,8 @@ def test_chat_template_jinja_file_then_the_default_of_a_list(tmp_path):
     assert chat.template == QWEN25 and chat.source.endswith("tokenizer_config.json: chat_template['default']")
     assert chat.render(messages) == reference(tmp_path).apply_chat_template(messages, tokenize=False,
                                                                             add_generation_prompt=True)
+    assert chat.render_each([messages, CONVERSATIONS["turns"]]) == [chat.render(messages),
+                                                                    chat.render(CONVERSATIONS["turns"])]
 
 
 def test_chat_template_errors_name_the_file_and_field(tmp_path):
@@ -234,10 +253,53 @@ def test_raise_exception_and_broken_templates_are_clear_errors(tmp_path):
     with pytest.raises(ChatTemplateError, match=f"^{tmp_path / 'tokenizer_config.json'}: chat_template: the chat "
                                                 "template rejected the messages: Unknown role: robot$"):
         load_chat_template(tmp_path).render(messages)
-    with pytest.raises(ValueError, match="the chat template failed: .*'endfor'"):
-        render_chat("{% for m in messages %}{{ m }}", messages, bos_token=None, eos_token=None)
     with pytest.raises(ValueError, match="the chat template failed: .*unsafe"):  # the sandbox
-        render_chat("{{ messages.__class__.__mro__ }}", messages, bos_token=None, eos_token=None)
+        render_chats("{{ messages.__class__.__mro__ }}", [messages], bos_token=None, eos_token=None)
+
+
+def write_template(root, template):
+    """`template` as the chat_template of a tokenizer_config.json in `root`; the message prefix naming it."""
+    (root / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return re.escape(f"{root / 'tokenizer_config.json'}: chat_template: the chat template ")
+
+
+@pytest.mark.parametrize("template, error", [
+    ("{% for m in messages %}", "failed: TemplateSyntaxError: .*'endfor'"),
+    ("{{ 1/0 }}", "failed: ZeroDivisionError: division by zero$"),
+    ("{{ range(10**7) }}", "failed: OverflowError: Range too big"),
+    ('{{ "{0}".format_map({}) }}', "failed: IndexError: tuple index out of range$"),
+    ('{{ "x" * 10**12 }}', "exceeded its limits: it needs more than 2 GiB of memory$"),
+    ('{% for i in range(400) %}{{ "x" * 100000 }}{% endfor %}',
+     "exceeded its limits: its output is longer than 33,554,432 characters$"),
+], ids=["syntax", "division", "range", "format_map", "memory", "output"])
+def test_every_rendering_failure_is_a_chat_template_error_naming_the_file(tmp_path, template, error):
+    prefix = write_template(tmp_path, template)
+    with pytest.raises(ChatTemplateError, match=f"^{prefix}{error}"):
+        load_chat_template(tmp_path).render(CONVERSATIONS["user"])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the memory limit is enforced on Linux only")
+def test_a_template_cannot_take_more_than_its_memory(tmp_path):
+    prefix = write_template(tmp_path, '{{ ("x" * 3 * 2**30) | length }}')  # 3 GiB: within what the OS would give
+    with pytest.raises(ChatTemplateError, match=f"^{prefix}exceeded its limits: it needs more than 2 GiB of memory$"):
+        load_chat_template(tmp_path).render(CONVERSATIONS["user"])
+
+
+def test_a_runaway_template_stops_in_time_naming_its_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("converters.chat_render.MAX_SECONDS", 1.0)
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    began = time.monotonic()
+    with pytest.raises(ChatTemplateError, match=f"^{re.escape(str(tmp_path / 'chat_template.jinja'))}: the chat "
+                                                "template exceeded its limits: it ran for more than 1 s$"):
+        load_chat_template(tmp_path).render(CONVERSATIONS["user"])
+    assert time.monotonic() - began < 5
+
+
+def test_template_variables_must_be_json_data():
+    for value in [(1, 2), {1: "a"}, object()]:
+        with pytest.raises(ValueError, match="the chat template's variables must be JSON data"):
+            render_chats("{{ extra }}", [[]], bos_token=None, eos_token=None, extra=value)
 
 
 def test_template_environment_matches_transformers(tmp_path):
@@ -254,8 +316,8 @@ def test_template_environment_matches_transformers(tmp_path):
     messages = [{"role": "user", "content": "caf\u00e9 <b> & \"q\""}, {"role": "assistant", "content": "x"},
                 {"role": "user", "content": "never"}]
     expected = reference(tmp_path).apply_chat_template(messages, chat_template=template, tokenize=False, extra=7)
-    assert render_chat(template, messages, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                       add_generation_prompt=False, extra=7) == expected
+    assert render_chats(template, [messages], bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                        add_generation_prompt=False, extra=7) == [expected]
     assert "caf\u00e9 <b> &" in expected and "never" not in expected and expected.endswith("|7|TrueTrue")
 
 
