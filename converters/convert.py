@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,20 +13,27 @@ import numpy as np
 from flax import traverse_util
 
 from converters.dtypes import dtype_kind, numpy_dtype
-from converters.layout import CheckpointLayout
+from converters.layout import CheckpointLayout, check_layer_count
 from converters.placement import check_shardings
 from converters.reader import CheckpointReader
 from lminf_jax.progress import Progress
+
+#: How many items of each kind of problem a checkpoint error lists before it counts the rest.
+LISTED = 10
 
 
 def plan_params(reader: CheckpointReader, layout: CheckpointLayout) -> dict[str, list[str]]:
     """Flat parameter name -> the checkpoint tensors that fill it (one per layer if stacked).
 
-    Reads no tensor data. Raises one ValueError listing every missing, unexpected,
-    duplicated, mis-shaped and unsupported-dtype tensor, and every tensor whose dtype is of
-    the wrong kind for its parameter (float, integer or bool: e.g. a float weight
-    relabelled I32, whose bits would otherwise be converted as integers).
+    Reads no tensor data. First refuses a layout of another number of layers than the checkpoint
+    holds (`converters.layout.check_layer_count`), so that nothing is listed per layer of an absurd
+    config; then raises one ValueError counting every missing, unexpected, duplicated,
+    mis-shaped and unsupported-dtype tensor, and every tensor whose dtype is of the wrong kind
+    for its parameter (float, integer or bool: e.g. a float weight relabelled I32, whose bits
+    would otherwise be converted as integers), and listing the first `LISTED` of each kind.
     """
+    check_layer_count(layout.layers_field, layout.num_layers, layout.layers_held(reader.names()),
+                      f"checkpoint {reader.path}", f"tensors named '{layout.layer_prefix}<i>.*'")
     sources: dict[str, dict[int | None, str]] = {name: {} for name in layout.template}
     unexpected, duplicated, misshaped, bad_dtype, wrong_kind = [], [], [], [], []
     for name in reader.names():
@@ -60,22 +67,29 @@ def plan_params(reader: CheckpointReader, layout: CheckpointLayout) -> dict[str,
     for flat, found in sources.items():
         wanted = range(layout.num_layers) if layout.is_stacked(flat) else [None]
         missing += [flat if i is None else layout.layer_name(flat, i) for i in wanted if i not in found]
-    problems = {
+    raise_problems(f"checkpoint {reader.path} does not match the layout:", {
         "missing": missing,
         "unexpected": unexpected,
         "duplicated": duplicated,
         "mis-shaped": misshaped,
         "unsupported dtype": bad_dtype,
         "wrong kind of dtype": wrong_kind,
-    }
-    if any(problems.values()):
-        lines = [f"checkpoint {reader.path} does not match the layout:"]
-        for kind, items in problems.items():
-            if items:
-                lines.append(f"  {kind} ({len(items)}):")
-                lines += [f"    {item}" for item in items]
-        raise ValueError("\n".join(lines))
+    })
     return {flat: [found[i] for i in sorted(found)] for flat, found in sources.items()}
+
+
+def raise_problems(header: str, problems: Mapping[str, Sequence[str]]) -> None:
+    """One ValueError of ``header`` and each kind of problem found, with its count and first `LISTED`
+    items; nothing when there are none."""
+    if not any(problems.values()):
+        return
+    lines = [header]
+    for kind, items in problems.items():
+        if items:
+            lines.append(f"  {kind} ({len(items):,}):")
+            lines += [f"    {item}" for item in items[:LISTED]]
+            lines += [f"    ... and {len(items) - LISTED:,} more"] if len(items) > LISTED else []
+    raise ValueError("\n".join(lines))
 
 
 def load_params(

@@ -1,11 +1,16 @@
-"""Checkpoint layouts for the model families in `models.registry`."""
+"""Checkpoint layouts for the model families in `models.registry`, and the check of a converted
+checkpoint's params manifest against its config."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from converters.layout import CheckpointLayout, Split
+from converters.convert import raise_problems
+from converters.layout import CheckpointLayout, Split, check_layer_count
 from models.registry import Family
 
 
@@ -28,4 +33,31 @@ def layout_for(family: Family, config) -> CheckpointLayout:
         ignored=family.ignored_hf_tensors(config),
         splits=splits,
         base_prefix=family.layer_prefix.split(".")[0] + ".",
+        layers_field=family.layers_field,
     )
+
+
+def check_manifest(family: Family, config, manifest: object, source: Path) -> None:
+    """Refuse a converted checkpoint whose params manifest (converted.json's ``"params"``: flat name ->
+    ``{"shape": [...], ...}``, written by `converters.store.save_converted`) is not exactly the parameters
+    of its ``config``: the layer count first (`check_layer_count`), then every missing, unexpected and
+    mis-shaped parameter. ``source``: the converted.json file, named by the errors."""
+    if not (isinstance(manifest, Mapping) and all(map(_is_param_spec, manifest.values()))):
+        raise ValueError(f"{source} holds no params manifest (\"params\": name -> {{\"shape\": [...]}})")
+    held = {name: tuple(spec["shape"]) for name, spec in manifest.items()}
+    layers = next((shape[0] for name, shape in held.items() if name.startswith(family.layer_prefix) and shape), 0)
+    check_layer_count(family.layers_field, family.num_layers(config), layers, f"{source}'s params manifest",
+                      f"the leading axis of its '{family.layer_prefix}*' parameters")
+    wanted = family.param_shapes(config)
+    raise_problems(f"{source}'s params manifest does not hold the parameters of its config:", {
+        "missing": [name for name in wanted if name not in held],
+        "unexpected": [name for name in held if name not in wanted],
+        "mis-shaped": [f"{name}: the config gives {shape}, the manifest {held[name]}"
+                       for name, shape in wanted.items() if name in held and held[name] != shape],
+    })
+
+
+def _is_param_spec(spec: object) -> bool:
+    """Whether a manifest entry has a shape (a list of integers)."""
+    shape = spec.get("shape") if isinstance(spec, Mapping) else None
+    return isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape)

@@ -9,7 +9,7 @@ index removed (``model.layers.7.mlp.up_proj.weight`` is row 7 of
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import jax
@@ -53,6 +53,7 @@ class CheckpointLayout:
     base_prefix: the base model's name prefix (e.g. "transformer."): a checkpoint saved from the base
         model alone (BLOOM's own, ``BloomModel``) names its tensors without it, and they are read as if
         they had it, as transformers reads them.
+    layers_field: the config field num_layers comes from, named when a checkpoint holds another number.
     """
 
     layer_prefix: str
@@ -62,6 +63,7 @@ class CheckpointLayout:
     aliases: Mapping[str, str] = field(default_factory=dict)
     splits: Mapping[str, Split] = field(default_factory=dict)
     base_prefix: str = ""
+    layers_field: str = "num_layers"
 
     def __post_init__(self):
         strays = sorted(set(self.splits) - set(self.template))
@@ -98,6 +100,20 @@ class CheckpointLayout:
     def layer_name(self, flat_name: str, layer: int) -> str:
         """The checkpoint name of row `layer` of the stacked parameter `flat_name`."""
         return f"{self.layer_prefix}{layer}.{flat_name[len(self.layer_prefix) :]}"
+
+    def layers_held(self, names: Iterable[str]) -> int:
+        """How many layers the checkpoint tensors `names` hold: their distinct layer indices (ignored
+        tensors aside), counted rather than read off the highest, which one stray name could make huge."""
+        located = (self.locate(name) for name in names)
+        return len({found[1] for found in located if found is not None and found[1] is not None})
+
+
+def check_layer_count(field: str, configured: int, held: int, holder: str, counted: str) -> None:
+    """Refuse a config whose number of layers (config field `field`) is not the `held` layers of `holder`
+    (a checkpoint, `counted` saying how), before anything is built or listed per layer."""
+    if configured != held:
+        raise ValueError(f"config field {field!r} is {configured:,}, but {holder} holds {held:,} layers ({counted}): "
+                         "correct the config, or load the checkpoint it was written for")
 
 
 def layout_from_checkpoint(

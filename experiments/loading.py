@@ -100,20 +100,29 @@ def hf_config(path: str | os.PathLike) -> dict:
 
 
 def load_config(path: str | os.PathLike):
-    """``(family, config)`` of a model directory without reading its weights (fast: use it to
-    validate options before `load_model`)."""
+    """``(family, config)`` of a model directory, the config checked against the names and shapes of its
+    weights (converted.json's params manifest, or the Hugging Face checkpoint's headers) without reading
+    them (fast: use it to validate options before `load_model`)."""
+    from converters.convert import plan_params
+    from converters.families import check_manifest, layout_for
+    from converters.reader import CheckpointReader
     from models.registry import FAMILIES, family_for_config
 
     root = Path(path)
     config = hf_config(root)
     if model_kind(root) == "converted":
-        name = read_json_object(root / CONVERTED_FILE).get("family")
+        meta = read_json_object(root / CONVERTED_FILE)
+        name = meta.get("family")
         if name not in FAMILIES:
             raise ValueError(f"{root / CONVERTED_FILE}: unknown family {name!r}; known: {sorted(FAMILIES)}")
         family = FAMILIES[name]
+        parsed = family.config_from_hf(config)
+        check_manifest(family, parsed, meta.get("params"), root / CONVERTED_FILE)
     else:
         family = family_for_config(config)
-    return family, family.config_from_hf(config)
+        parsed = family.config_from_hf(config)
+        plan_params(CheckpointReader(root), layout_for(family, parsed))
+    return family, parsed
 
 
 def load_model(path: str | os.PathLike, dtype: Any = None, *, progress: bool = False, plan=None):

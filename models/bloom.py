@@ -20,6 +20,7 @@ from models.decoder import Attend, Decoder
 
 MODEL_TYPES = ("bloom",)
 LAYER_PREFIX = "transformer.h."
+LAYERS_FIELD = "n_layer"  # old configs name it num_hidden_layers
 QKV = ("query", "key", "value")
 
 @dataclasses.dataclass(frozen=True)

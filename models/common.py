@@ -197,16 +197,59 @@ def unembed(h: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
-def window_layers(config: Mapping, num_layers: int, default: Callable[[int], bool]) -> tuple[bool, ...]:
+@dataclasses.dataclass(frozen=True)
+class WindowLayers:
+    """Which layers attend a model's native sliding window, kept as the config states it, so that reading
+    a config builds nothing per layer: the listed ``layer_types`` (True: sliding) or, without them, every
+    layer from ``first`` on except each ``period``-th (layer i with ``(i + 1) % period == 0``; None: none)."""
+
+    listed: tuple[bool, ...] | None = None
+    first: int = 0
+    period: int | None = None
+
+    def flags(self, num_layers: int) -> tuple[bool, ...]:
+        """Per layer of ``num_layers``: whether it is windowed."""
+        if self.listed is not None:
+            return self.listed
+        return tuple(i >= self.first and (self.period is None or (i + 1) % self.period != 0)
+                     for i in range(num_layers))
+
+
+def window_layers(config: Mapping, num_layers: int, *, first: int = 0, period: int | None = None) -> WindowLayers:
     """Which layers attend the model's native sliding window: Hugging Face's ``layer_types`` when the
-    config lists them (each "full_attention" or "sliding_attention", one per layer), else ``default(i)``."""
+    config lists them (each "full_attention" or "sliding_attention", one per layer), else the rule of
+    ``first`` and ``period`` (`WindowLayers`)."""
     types = config.get("layer_types")
     if types is None:
-        return tuple(bool(default(i)) for i in range(num_layers))
+        return WindowLayers(first=first, period=period)
     if not isinstance(types, (list, tuple)) or len(types) != num_layers or any(t not in LAYER_TYPES for t in types):
         raise ValueError(f"config field 'layer_types' must list one of {LAYER_TYPES} per layer ({num_layers}), "
                          f"got {types!r}")
-    return tuple(t == "sliding_attention" for t in types)
+    return WindowLayers(tuple(t == "sliding_attention" for t in types))
+
+
+def window_flags(config) -> tuple[bool, ...]:
+    """Per layer of a config with a native window (``sliding_window``, ``window_rule``, ``num_layers``):
+    whether it attends the window; none without one."""
+    return () if config.sliding_window is None else config.window_rule.flags(config.num_layers)
+
+
+def rope_settings(config: Mapping) -> tuple[str, Mapping]:
+    """The config field holding its RoPE settings and their dict, as transformers reads them: ``rope_scaling``
+    (older configs) when set, else ``rope_parameters`` (transformers 5; {} when neither is set).
+
+    Both set and different is refused: transformers then reads ``rope_scaling`` alone (its ``rope_theta``
+    from the top-level field or the default), dropping what ``rope_parameters`` say, such as their theta."""
+    parameters, scaling = config.get("rope_parameters"), config.get("rope_scaling")
+    if parameters and scaling and parameters != scaling:
+        raise ValueError(f"config fields 'rope_parameters' and 'rope_scaling' differ ({parameters!r} and {scaling!r}): "
+                         "transformers reads 'rope_scaling' alone, so the config has no single RoPE; keep one: put the "
+                         "settings in 'rope_parameters' (transformers 5's field) and remove 'rope_scaling'")
+    field = "rope_scaling" if scaling else "rope_parameters"
+    settings = config.get(field) or {}
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"config field {field!r} must be a mapping, got {type(settings).__name__}")
+    return field, settings
 
 
 def require(config: Mapping, field: str, kind: type | tuple[type, ...] = int):

@@ -26,6 +26,7 @@ from models.decoder import Attend, Decoder, NativeWindow
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 LAYER_PREFIX = "model.layers."
+LAYERS_FIELD = "num_hidden_layers"
 #: Hugging Face's defaults per generation for fields a config may leave out; ``pattern``: layer i is
 #: windowed unless (i + 1) is a multiple of it.
 _DEFAULTS = {2: dict(sliding_window=4096, pattern=2, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
@@ -55,7 +56,7 @@ class GemmaConfig:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
-    window_layers: tuple[bool, ...] = ()
+    window_rule: common.WindowLayers = common.WindowLayers()
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -106,7 +107,8 @@ class GemmaConfig:
             query_pre_attn_scalar=(common.positive_float("query_pre_attn_scalar", d.get("query_pre_attn_scalar", 256))
                                    if defaults else None),
             sliding_window=window if defaults else None,
-            window_layers=(common.window_layers(d, layers, lambda i: (i + 1) % pattern) if defaults and window else ()),
+            window_rule=(common.window_layers(d, layers, period=pattern) if defaults and window
+                         else common.WindowLayers()),
             **capped,
         )
 
@@ -114,6 +116,7 @@ class GemmaConfig:
     num_heads = property(lambda self: self.num_attention_heads)
     num_kv_heads = property(lambda self: self.num_key_value_heads)
     pretraining_length = property(lambda self: self.max_position_embeddings)
+    window_layers = property(common.window_flags)
 
     def rope(self) -> RopeScheme:
         """Half-layout RoPE on every head dim (the global layers' on Gemma-3)."""
@@ -129,9 +132,10 @@ def _rope(d: Mapping, generation: int) -> tuple[dict, float | None]:
     """The global layers' RoPE parameters (``rope_theta`` and scaling, one dict) and, on Gemma-3, the
     windowed layers' base: from transformers 5's per-layer-type ``rope_parameters`` or the older
     ``rope_theta`` / ``rope_scaling`` / ``rope_local_base_freq`` fields."""
-    params = d.get("rope_parameters") or {}
+    _, rope = common.rope_settings(d)
     if generation < 3:
-        return {"rope_theta": d.get("rope_theta", 10000.0), **(d.get("rope_scaling") or params)}, None
+        return {"rope_theta": d.get("rope_theta", 10000.0), **rope}, None
+    params = d.get("rope_parameters") or {}
     if "full_attention" in params:
         full, local = dict(params["full_attention"]), dict(params.get("sliding_attention") or {})
         if RopeScaling.from_hf(local) is not None:

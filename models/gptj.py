@@ -15,6 +15,7 @@ from models.decoder import Attend, Decoder
 
 MODEL_TYPES = ("gptj",)
 LAYER_PREFIX = "transformer.h."
+LAYERS_FIELD = "n_layer"
 
 @dataclasses.dataclass(frozen=True)
 class GPTJConfig:

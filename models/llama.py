@@ -18,6 +18,7 @@ from models.decoder import Attend, Decoder, NativeWindow
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 LAYER_PREFIX = "model.layers."
+LAYERS_FIELD = "num_hidden_layers"
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -40,8 +41,8 @@ class LlamaConfig:
     hidden_act: str = "silu"
     qkv_bias: bool = False  # Qwen2: biases on q, k, v only
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's dims of q and k, before RoPE
-    sliding_window: int | None = None  # the native window of the layers marked in window_layers
-    window_layers: tuple[bool, ...] = ()
+    sliding_window: int | None = None  # the native window of the layers window_rule marks
+    window_rule: common.WindowLayers = common.WindowLayers()
     rotary_dim: int | None = None  # RoPE on the first rotary_dim dims of each head (None: all)
     fused_projections: bool = False  # Phi-3: checkpoints hold qkv_proj and gate_up_proj
 
@@ -63,14 +64,13 @@ class LlamaConfig:
         heads = common.require(d, "num_attention_heads")
         hidden = common.require(d, "hidden_size")
         layers = common.require(d, "num_hidden_layers")
-        window, windowed = _native_window(d, model_type, layers)
-        rope = d.get("rope_parameters") or {}
+        window, rule = _native_window(d, model_type, layers)
+        field, rope = common.rope_settings(d)
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        rope_dict = d.get("rope_scaling") or rope or {}
-        if rope_dict.get("rope_type", rope_dict.get("type")) in ("longrope", "su"):
-            raise ValueError("unsupported config field 'rope_scaling' (rope_type 'longrope'): Phi-3's LongRoPE (its 128k "
+        if rope.get("rope_type", rope.get("type")) in ("longrope", "su"):
+            raise ValueError(f"unsupported config field {field!r} (rope_type 'longrope'): Phi-3's LongRoPE (its 128k "
                              "variants) is not implemented; the 4k models (no rope_scaling) are")
-        scaling = RopeScaling.from_hf({k: v for k, v in rope_dict.items() if k != "partial_rotary_factor"} or None)
+        scaling = RopeScaling.from_hf({k: v for k, v in rope.items() if k != "partial_rotary_factor"} or None)
         head_dim = d.get("head_dim") or hidden // heads
         partial = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
         if not isinstance(partial, (int, float)) or not 0 < partial <= 1:
@@ -94,7 +94,7 @@ class LlamaConfig:
             qkv_bias=model_type == "qwen2",
             qk_norm=model_type == "qwen3",
             sliding_window=window,
-            window_layers=windowed,
+            window_rule=rule,
             rotary_dim=None if partial == 1 else int(head_dim * partial),
             fused_projections=model_type == "phi3",
         )
@@ -103,6 +103,7 @@ class LlamaConfig:
     num_heads = property(lambda self: self.num_attention_heads)
     num_kv_heads = property(lambda self: self.num_key_value_heads)
     pretraining_length = property(lambda self: self.max_position_embeddings)
+    window_layers = property(common.window_flags)
 
     def rope(self) -> RopeScheme:
         """Half-layout RoPE on every head dim, with the checkpoint's own scaling."""
@@ -142,7 +143,7 @@ def fused(c: LlamaConfig) -> tuple[Fused, ...]:
             *fused_linear(LAYER_PREFIX + "mlp.", "gate_up_proj", ("gate_proj", "up_proj"), bias=False))
 
 
-def _native_window(d: Mapping, model_type: str, layers: int) -> tuple[int | None, tuple[bool, ...]]:
+def _native_window(d: Mapping, model_type: str, layers: int) -> tuple[int | None, common.WindowLayers]:
     """The native window and the layers that use it, as Hugging Face reads them: Mistral's ``sliding_window``
     on every layer; Qwen2/3's ``sliding_window`` only with ``use_sliding_window``, on ``layer_types``'
     sliding layers (default: from ``max_window_layers`` on)."""
@@ -150,14 +151,14 @@ def _native_window(d: Mapping, model_type: str, layers: int) -> tuple[int | None
     if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
         window = None
     if window is None:
-        return None, ()
+        return None, common.WindowLayers()
     window = common.require(d, "sliding_window")
     if window < 1:
         raise ValueError(f"config field 'sliding_window' must be >= 1, got {window}")
     if model_type in ("qwen2", "qwen3"):
-        start = d.get("max_window_layers", 28)
-        return window, common.window_layers(d, layers, lambda i: i >= start)
-    return window, (True,) * layers
+        start = common.require(d, "max_window_layers") if d.get("max_window_layers") is not None else 28
+        return window, common.window_layers(d, layers, first=start)
+    return window, common.WindowLayers()
 
 
 def _head_norm(x: jax.Array, p: Params, c: LlamaConfig) -> jax.Array:

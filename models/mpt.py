@@ -1,8 +1,10 @@
-"""MPT in Hugging Face's layout: ALiBi, fused Wqkv, optional biases, clip_qkv, qk_ln."""
+"""MPT in Hugging Face's layout: ALiBi, fused Wqkv, optional biases, clip_qkv, qk_ln. ``attn_config.alibi_bias_max``
+scales the slopes as MosaicML's own code does; transformers ignores it, so a value other than 8 is warned about."""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 
 import jax
@@ -16,6 +18,7 @@ from models.decoder import Attend, Decoder
 
 MODEL_TYPES = ("mpt",)
 LAYER_PREFIX = "transformer.blocks."
+LAYERS_FIELD = "n_layers"
 
 @dataclasses.dataclass(frozen=True)
 class MPTConfig:
@@ -50,6 +53,11 @@ class MPTConfig:
         common.reject(d, "logit_scale", lambda v: v is None, "logit scaling is not implemented")
         common.reject(d, "norm_type", lambda v: v in (None, "low_precision_layernorm", "layernorm"),
                       "only LayerNorm is implemented")
+        bias_max = common.positive_float("attn_config.alibi_bias_max", attn.get("alibi_bias_max", 8))
+        if bias_max != 8:
+            warnings.warn(f"config field 'attn_config.alibi_bias_max' is {attn['alibi_bias_max']!r}, not 8: "
+                          "transformers ignores it (its MPT always uses 8); this library follows MosaicML's own code, "
+                          "which scales the ALiBi slopes by it, so its logits differ from transformers'", stacklevel=2)
         return cls(
             vocab_size=common.require(d, "vocab_size"),
             d_model=common.require(d, "d_model"),
@@ -58,7 +66,7 @@ class MPTConfig:
             expansion_ratio=int(d.get("expansion_ratio", 4)),
             layer_norm_epsilon=common.positive_float("layer_norm_epsilon", d.get("layer_norm_epsilon", 1e-5)),
             no_bias=bool(d.get("no_bias", True)),
-            alibi_bias_max=common.positive_float("attn_config.alibi_bias_max", attn.get("alibi_bias_max", 8)),
+            alibi_bias_max=bias_max,
             clip_qkv=attn.get("clip_qkv"),
             qk_ln=bool(attn.get("qk_ln", False)),
             softmax_scale=attn.get("softmax_scale"),

@@ -16,6 +16,7 @@ from models.decoder import Attend, Decoder
 
 MODEL_TYPES = ("gpt_neox",)
 LAYER_PREFIX = "gpt_neox.layers."
+LAYERS_FIELD = "num_hidden_layers"
 _QKV = ("query", "key", "value")
 
 
@@ -51,11 +52,9 @@ class NeoXConfig:
     @classmethod
     def from_hf(cls, d: Mapping) -> NeoXConfig:
         """From a parsed HF config.json (``model_type`` gpt_neox), read as transformers 5 reads it:
-        ``rope_scaling`` or else ``rope_parameters``, falling back to ``rotary_pct`` / ``rotary_emb_base``."""
-        field = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
-        rope = d.get(field) or {}
-        if not isinstance(rope, Mapping):
-            raise ValueError(f"config field {field!r} must be a mapping, got {type(rope).__name__}")
+        ``rope_scaling`` or else ``rope_parameters`` (both, differing: refused, `models.common.rope_settings`),
+        falling back to ``rotary_pct`` / ``rotary_emb_base``."""
+        field, rope = common.rope_settings(d)
         pct_field, pct = _rope_value(d, field, "partial_rotary_factor", "rotary_pct", 0.25)
         theta_field, theta = _rope_value(d, field, "rope_theta", "rotary_emb_base", 10000.0)
         for name, used, source in (("partial_rotary_factor", pct, pct_field), ("rope_theta", theta, theta_field)):

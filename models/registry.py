@@ -36,6 +36,11 @@ class Family:
         """HF name prefix of per-layer tensors (followed by the layer index)."""
         return self.module.LAYER_PREFIX
 
+    @property
+    def layers_field(self) -> str:
+        """The HF config field of the number of layers (named where it is checked against a checkpoint)."""
+        return self.module.LAYERS_FIELD
+
     def config_from_hf(self, config: Mapping):
         return self.config_class.from_hf(config)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import tracemalloc
 from itertools import zip_longest
 from pathlib import Path
@@ -23,6 +24,7 @@ from converters.families import layout_for
 from converters.layout import CheckpointLayout, Split, layout_from_checkpoint
 from converters.reader import CheckpointReader
 from lminf_jax.progress import Progress
+from models import registry
 
 V, H, OUT, L = 11, 6, 5, 2
 PREFIX = "model.layers."
@@ -160,7 +162,7 @@ def test_aliases_rename_before_stacking(tmp_path):
 def test_one_error_lists_every_problem_before_reading(tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
     tensors = fake_tensors(2)
-    del tensors["model.layers.1.attn.proj.weight"]
+    del tensors["model.layers.1.attn.proj.weight"], tensors["model.layers.1.norm.weight"]  # two layers still: 0 and 5
     del tensors["model.norm.weight"]
     tensors["model.layers.0.norm.weight"] = rng.standard_normal(H + 1).astype(np.float16)
     tensors["model.layers.5.norm.weight"] = rng.standard_normal(H).astype(np.float16)
@@ -181,7 +183,7 @@ def test_one_error_lists_every_problem_before_reading(tmp_path, monkeypatch):
             sections[line.strip().split(" (")[0]] = current = []
         else:
             current.append(line.strip())
-    assert sections["missing"] == ["model.layers.1.attn.proj.weight"]
+    assert sections["missing"] == ["model.layers.1.attn.proj.weight", "model.layers.1.norm.weight"]
     assert sorted(sections["unexpected"]) == ["lm_head.weight", "model.layers.5.norm.weight", "model.layers.extra"]
     assert sections["duplicated"] == ["old.norm and dup.norm both fill model.norm.weight"] or sections[
         "duplicated"
@@ -368,20 +370,27 @@ print("RESULT " + json.dumps(result))
 """
 
 
-def write_hf_llama(d: Path) -> None:
-    """A tiny random LLaMA checkpoint in Hugging Face naming (one tensor per layer)."""
-    family, cfg, params = random_model("llama_gqa")
+def hf_tensors(name: str) -> dict[str, np.ndarray]:
+    """The tensors of a tiny random `TINY_MODELS` model in Hugging Face naming (one per layer)."""
+    family, cfg, params = random_model(name)
     layout = layout_for(family, cfg)
     tensors = {}
-    for name, array in traverse_util.flatten_dict(params, sep=".").items():
-        rows = enumerate(np.asarray(array)) if layout.is_stacked(name) else [(None, np.asarray(array))]
-        tensors.update({name if i is None else layout.layer_name(name, i): row for i, row in rows})
-    write_checkpoint(d, tensors)
-    (d / "config.json").write_text(json.dumps(TINY_MODELS["llama_gqa"]))
+    for flat, array in traverse_util.flatten_dict(params, sep=".").items():
+        rows = enumerate(np.asarray(array)) if layout.is_stacked(flat) else [(None, np.asarray(array))]
+        tensors.update({flat if i is None else layout.layer_name(flat, i): row for i, row in rows})
+    return tensors
+
+
+def write_hf_checkpoint(d: Path, name: str = "llama_gqa", tensors: dict[str, np.ndarray] | None = None) -> Path:
+    """A Hugging Face checkpoint directory of `TINY_MODELS` model ``name``: its config and ``tensors``
+    (default: `hf_tensors`)."""
+    write_checkpoint(d, hf_tensors(name) if tensors is None else tensors)
+    (d / "config.json").write_text(json.dumps(TINY_MODELS[name]))
+    return d
 
 
 def test_load_params_and_load_converted_place_each_device_only_its_shard(tmp_path):
-    write_hf_llama(tmp_path / "hf")
+    write_hf_checkpoint(tmp_path / "hf")
     result = run_on_devices(SHARDED_SCRIPT, str(tmp_path / "hf"), str(tmp_path / "converted"), timeout=300)
     assert result["devices"] == 8
     for loader in ("load_params", "load_converted"):
@@ -392,3 +401,41 @@ def test_load_params_and_load_converted_place_each_device_only_its_shard(tmp_pat
             shard = tuple(d // MESH_AXES.get(axis, 1) for d, axis in zip_longest(p["shape"], p["spec"]))
             assert p["sharding_ok"] and p["equal"], (loader, name, p)
             assert p["shard_shapes"] == [list(shard)] and p["shard_devices"] == 8, (loader, name, p)
+
+
+@pytest.mark.parametrize("name,layers", [("llama_gqa", 10**5), ("gemma2_window", 10**8), ("llama_gqa", 10**9)])
+def test_a_config_of_another_layer_count_is_refused_before_anything_per_layer(tmp_path, name, layers):
+    """Checked against the layers the checkpoint's names hold, before any per-layer name is listed: fast,
+    and one short line however many layers the config claims."""
+    write_hf_checkpoint(tmp_path, name)
+    config = {**TINY_MODELS[name], "num_hidden_layers": layers}
+    family = registry.family_for_config(config)
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        load_params(tmp_path, layout_for(family, family.config_from_hf(config)), progress=False)
+    assert time.perf_counter() - start < 5  # 10**8+ layers built one by one would take minutes
+    assert str(info.value) == (
+        f"config field 'num_hidden_layers' is {layers:,}, but checkpoint {tmp_path} holds "
+        f"{TINY_MODELS[name]['num_hidden_layers']} layers (tensors named 'model.layers.<i>.*'): correct the config, "
+        "or load the checkpoint it was written for")
+
+
+def test_layers_are_counted_not_read_off_the_highest_index(tmp_path):
+    """A stray layer index as large as the config's count does not make a 2-layer checkpoint one of 10^9 layers."""
+    tensors = hf_tensors("llama_gqa")
+    tensors[f"model.layers.{10**9 - 1}.input_layernorm.weight"] = tensors["model.layers.0.input_layernorm.weight"]
+    config = {**TINY_MODELS["llama_gqa"], "num_hidden_layers": 10**9}
+    family = registry.family_for_config(config)
+    layout = layout_for(family, family.config_from_hf(config))
+    with pytest.raises(ValueError, match="'num_hidden_layers' is 1,000,000,000, but checkpoint .* holds 3 layers"):
+        plan_params(CheckpointReader(write_hf_checkpoint(tmp_path, tensors=tensors)), layout)
+
+
+def test_long_problem_lists_show_their_first_items_and_a_count(tmp_path):
+    full = fake_tensors(9, num_layers=30)
+    layout = layout_from_checkpoint(CheckpointReader(write_checkpoint(tmp_path / "full", full)), PREFIX, IGNORED)
+    gappy = {k: v for k, v in full.items() if ".attn.proj." not in k or k.startswith("model.layers.0.")}
+    with pytest.raises(ValueError) as info:
+        plan_params(CheckpointReader(write_checkpoint(tmp_path / "gappy", gappy)), layout)
+    assert str(info.value).splitlines()[1:] == [
+        "  missing (29):", *[f"    model.layers.{i}.attn.proj.weight" for i in range(1, 11)], "    ... and 19 more"]

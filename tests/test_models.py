@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import tracemalloc
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -151,3 +153,46 @@ def test_bad_tokens_raise():
         family.forward(params, jnp.asarray([[1, 200]], jnp.int32), config=cfg)
     with pytest.raises(ValueError, match="tokens must be an integer array"):
         family.forward(params, jnp.asarray([1, 2], jnp.int32), config=cfg)
+
+
+@pytest.mark.parametrize("config", [
+    {**LLAMA2_7B, "model_type": "mistral", "sliding_window": 4096},
+    {**LLAMA2_7B, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 4},
+    TINY_MODELS["gemma2_window"],
+], ids=["mistral", "qwen2", "gemma2"])
+def test_reading_a_config_builds_nothing_per_layer(config):
+    """Which layers are windowed is kept as the config states it: reading a config of 10^8 layers (refused
+    only once compared with its checkpoint) builds no per-layer tuple."""
+    family = registry.family_for_config(config)
+    tracemalloc.start()
+    try:
+        cfg = family.config_from_hf({**config, "num_hidden_layers": 10**8})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert cfg.num_layers == 10**8 and cfg.sliding_window is not None and peak < 100_000
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gemma2_window", "neox"])
+def test_rope_parameters_beside_a_different_rope_scaling_are_refused_naming_both(name):
+    """transformers reads `rope_scaling` alone when both are set (its theta then from `rope_theta` or the
+    default): a config whose `rope_parameters` say otherwise has no single reading."""
+    family = registry.family_for_config(TINY_MODELS[name])
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    both = {**TINY_MODELS[name], "rope_parameters": {"rope_type": "default", "rope_theta": 1000.0}, "rope_scaling": yarn}
+    with pytest.raises(ValueError, match="'rope_parameters' and 'rope_scaling' differ.*remove 'rope_scaling'"):
+        family.config_from_hf(both)
+    same = family.config_from_hf({**TINY_MODELS[name], "rope_parameters": yarn, "rope_scaling": dict(yarn)})
+    assert same == family.config_from_hf({**TINY_MODELS[name], "rope_scaling": yarn})
+
+
+def test_mpt_alibi_bias_max_other_than_8_is_honoured_with_a_warning():
+    """MosaicML's code scales the slopes by `attn_config.alibi_bias_max`; transformers always uses 8."""
+    family = registry.family_for_config(MPT_7B)
+    config = {**MPT_7B, "attn_config": {**MPT_7B["attn_config"], "alibi_bias_max": 4}}
+    with pytest.warns(UserWarning, match="'attn_config.alibi_bias_max' is 4.*transformers ignores it.*MosaicML"):
+        assert family.config_from_hf(config).alibi_bias_max == 4.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert family.config_from_hf(MPT_7B).alibi_bias_max == 8.0
+        assert family.config_from_hf({**MPT_7B, "attn_config": {"alibi": True}}).alibi_bias_max == 8.0
