@@ -6,8 +6,10 @@ The family is resolved from config.json's ``model_type`` by `models.registry`, a
 checkpoint layout by `converters.families.layout_for`. The tokenizer files of HF_DIR
 (`TOKENIZER_FILES`, whichever exist) are copied into OUT_DIR, so that a converted
 directory is self-contained (`experiments.generate` reads its tokenizer there). A non-empty
-OUT_DIR is refused unless ``--overwrite``; the output is written beside OUT_DIR and renamed into
-place only when complete, so a failed conversion leaves OUT_DIR as it was.
+OUT_DIR is refused, unless it is a converted checkpoint (its converted.json has this project's
+format) and ``--overwrite`` is given: it is then replaced whole, everything in it included. Both
+are checked before anything is read; the output is written beside OUT_DIR and renamed into place
+only when complete, so a failed conversion leaves OUT_DIR as it was.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="output directory for the converted checkpoint")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point params (default: keep)")
     parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR whole if it is a converted checkpoint (another non-empty one is refused)")
     args = parser.parse_args(argv)
 
     from converters.families import layout_for

@@ -84,7 +84,8 @@ def staged_output(
     write leaves it as it was.
 
     Before the block runs, refuses an `out_dir` that is not a directory, that is `source` (the
-    input) or holds it, or that is not empty unless `overwrite` (it is then replaced whole).
+    input), holds it or lies inside it, or that is not empty unless it is a converted checkpoint (its
+    converted.json has this project's format) and `overwrite` is set (it is then replaced whole).
     """
     out = Path(out_dir).absolute()
     _check_output_dir(out, overwrite, source)
@@ -104,7 +105,16 @@ def _check_output_dir(out: Path, overwrite: bool, source: str | os.PathLike | No
         raise NotADirectoryError(f"{out} exists and is not a directory")
     if source is not None and out.resolve() in (Path(source).resolve(), *Path(source).resolve().parents):
         raise ValueError(f"{out} is the checkpoint directory or holds it: choose another output directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if source is not None and Path(source).resolve() in out.resolve().parents:
+        raise ValueError(f"{out} lies inside the checkpoint directory {source}: choose an output directory outside it")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    try:
+        _read_meta(out)
+    except ValueError as e:
+        raise FileExistsError(f"{e}, and it is not empty: --overwrite replaces only a converted checkpoint; choose "
+                              "another output directory") from None
+    if not overwrite:
         raise FileExistsError(f"{out} is not empty: pass --overwrite to replace it")
 
 
@@ -128,6 +138,21 @@ def _sibling(out: Path, role: str) -> Path:
     return out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.{role}")
 
 
+def _read_meta(out: Path) -> dict:
+    """The converted.json of `out`; ValueError "OUT is not a converted checkpoint (what it lacks)"
+    unless it is a JSON object with this project's format."""
+    meta_path = out / META_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"{out} is not a converted checkpoint ({META_FILE} is missing)")
+    try:
+        meta = read_json_object(meta_path)
+    except ValueError as e:
+        raise ValueError(f"{out} is not a converted checkpoint ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{out} is not a converted checkpoint ({meta_path} has no format {FORMAT!r})")
+    return meta
+
+
 def load_converted(
     out_dir: str | os.PathLike, *, shardings: Mapping[str, jax.sharding.Sharding] | None = None
 ) -> tuple[dict, dict, str]:
@@ -137,12 +162,7 @@ def load_converted(
     each parameter straight into its shards; without it, params go to the default device.
     """
     out = Path(out_dir).absolute()
-    meta_path = out / META_FILE
-    if not meta_path.is_file():
-        raise ValueError(f"{out} is not a converted checkpoint ({META_FILE} is missing)")
-    meta = read_json_object(meta_path)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{out} is not a converted checkpoint ({meta_path} has no format {FORMAT!r})")
+    meta = _read_meta(out)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{out}: unsupported converted format version {meta.get('format_version')!r}")
     if shardings is None:

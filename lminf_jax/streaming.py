@@ -40,11 +40,22 @@ Checkpoints (``checkpoint_dir``), orbax, the two newest kept::
         stats/     JSON: chunks and positions done, float64 sums (exact), counts, and stream: a
                    sha256 over the token windows read so far (all of the stream scored so far)
         checksum/  JSON: `json_digest` of meta + stats, `tree_fingerprint` of the cache leaves
-    checkpoint_dir/tmp-000000000140-PID/  a save in progress (ignored, removed later)
+    checkpoint_dir/tmp-000000000140-PID/  a save in progress (orbax writes it as
+                                          tmp-000000000140-PID.orbax-checkpoint-tmp/ first)
 
 A save writes ``tmp-*`` completely, renames it to ``state-*`` (atomic), then deletes all but the
-two newest states. On start the newest state that reads back intact (both checksums verified) is
-resumed; a damaged newer one is removed with a warning on stderr (`newest_intact`). A state of
+two newest states and every ``tmp-*`` of the store (debris of saves killed half way). On start the
+newest state that reads back intact (both checksums verified) is resumed; a damaged newer one is
+removed with a warning on stderr (`newest_intact`).
+
+What the store deletes is only ever its own: an entry of ``checkpoint_dir`` is the store's when its
+name is ``state-<12 digits>`` or ``tmp-<12 digits>-<pid>`` (optionally followed by orbax's
+``.orbax-checkpoint-tmp...``) and it is a directory (not a link) holding nothing but what the store
+writes there (the items cache, meta, stats, checksum, orbax's _CHECKPOINT_METADATA and
+commit_success.txt, and orbax's ``.orbax-checkpoint-tmp`` forms of the items). Every other name
+(``tmp-mydata``, ``state-foo``...) is not the store's business and is never touched; an entry with
+one of the store's names that is not its own (a file, a link, a folder holding anything else) is
+refused with an error naming it, before any chunk runs (`check_checkpoint_dir`). A state of
 another run is refused with a `Mismatch` naming each field that differs, including the stream:
 the prefix the state scored is re-read and re-hashed on resume (the host hashes about 1 GB/s), so
 the state stays constant-size whatever the number of chunks (per-chunk hashes would grow with it),
@@ -74,8 +85,8 @@ from lminf_jax.fingerprint import check_identity, json_digest, newest_intact, tr
 from lminf_jax.progress import Progress
 from lminf_jax.spec import INT32_MAX
 
-__all__ = ["BucketRow", "PositionBuckets", "StreamResult", "chunk_nll", "streaming_nll", "finite_or_none",
-           "token_nll"]
+__all__ = ["BucketRow", "PositionBuckets", "StreamResult", "check_checkpoint_dir", "chunk_nll", "streaming_nll",
+           "finite_or_none", "token_nll"]
 
 STATE_FORMAT = "lminf_jax-streaming-nll"
 STATE_VERSION = 2
@@ -353,6 +364,7 @@ def streaming_nll(
     prefix = hashlib.sha256()  # of the windows read so far
     store = None
     if checkpoint_dir is not None:
+        check_checkpoint_dir(checkpoint_dir)  # before the params are hashed
         meta = _metadata(stream, chunk, buckets, cache, params, identity or {})
         store = _Store(Path(checkpoint_dir), meta, leaves, stream)
     try:
@@ -486,7 +498,45 @@ def _metadata(stream: np.ndarray, chunk: int, buckets: PositionBuckets, cache, p
 
 # ----- checkpoints ----------------------------------------------------------------------------
 
-_STATE = re.compile(r"state-(\d+)")
+_STATE = re.compile(r"state-(\d{12})")
+_TMP = re.compile(r"tmp-\d{12}-\d+(\.orbax-checkpoint-tmp.*)?")
+#: What the store (through orbax) writes in a state: its items (orbax's unfinished forms too) and orbax's files.
+_OWN_ENTRY = re.compile(r"(cache|meta|stats|checksum)(\.orbax-checkpoint-tmp.*)?"
+                        r"|_CHECKPOINT_METADATA|commit_success\.txt")
+
+
+def check_checkpoint_dir(directory: str | os.PathLike) -> list[Path]:
+    """The store's entries in `directory` (none if it does not exist): those named like a state
+    or a save in progress, each checked to be the store's own (see the module docstring).
+
+    Raises ValueError naming an entry that has one of the store's names but is not its own.
+    """
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _STATE.fullmatch(p.name) or _TMP.fullmatch(p.name)]
+    for path in found:
+        _check_own(path)
+    return found
+
+
+def _check_own(path: Path) -> None:
+    """Refuse (ValueError) `path` unless it is a directory, not a link, holding only `_OWN_ENTRY` names."""
+    if path.is_symlink() or not path.is_dir():
+        why = "it is not a directory"
+    else:
+        foreign = sorted(p.name for p in path.iterdir() if not _OWN_ENTRY.fullmatch(p.name))
+        if not foreign:
+            return
+        why = f"it holds {', '.join(foreign)}, which the store never writes"
+    raise ValueError(f"checkpoint_dir {path.parent}: {path.name} is named like an entry of the checkpoint store but "
+                     f"is not its own ({why}); move it out of {path.parent} or choose another checkpoint_dir")
+
+
+def _discard(path: Path) -> None:
+    """Delete one of the store's own entries, checked again: nothing else is ever deleted."""
+    _check_own(path)
+    shutil.rmtree(path)
 
 
 class _Store:
@@ -514,14 +564,13 @@ class _Store:
         self.checkpointer.close()
 
     def states(self) -> list[Path]:
-        """The ``state-*`` directories, newest first."""
-        states = [(int(m.group(1)), p) for p in self.directory.iterdir()
-                  if p.is_dir() and (m := _STATE.fullmatch(p.name))]
+        """The ``state-*`` directories, newest first (each checked to be the store's own)."""
+        states = [(int(m.group(1)), p) for p in check_checkpoint_dir(self.directory) if (m := _STATE.fullmatch(p.name))]
         return [p for _, p in sorted(states, reverse=True)]
 
     def restore(self, treedef) -> tuple[_Stats, Any, Any] | None:
         """``(stats, cache, prefix hash)`` of the newest intact state, or None when there is none."""
-        found = newest_intact(self.states(), self._read, lambda p: shutil.rmtree(p, ignore_errors=True))
+        found = newest_intact(self.states(), self._read, _discard)
         if found is None:
             return None
         stats, leaves, prefix = found[1]
@@ -557,7 +606,7 @@ class _Store:
             return
         tmp = self.directory / f"tmp-{stats.chunks:012d}-{os.getpid()}"
         if tmp.exists():
-            shutil.rmtree(tmp)
+            _discard(tmp)
         stats_json = {**stats.to_json(), "stream": "sha256:" + prefix.hexdigest()}
         leaves = dict(zip(self.names, jax.tree.leaves(cache)))
         checksum = {"json": json_digest({"meta": self.meta, "stats": stats_json}), "arrays": tree_fingerprint(leaves)}
@@ -569,10 +618,10 @@ class _Store:
         self.checkpointer.save(tmp, args=args.Composite(**items))
         os.rename(tmp, final)  # atomic: `final` appears complete or not at all
         for p in self.states()[2:]:  # keep the two newest states
-            shutil.rmtree(p, ignore_errors=True)
-        for p in self.directory.iterdir():
-            if p.name.startswith("tmp-"):
-                shutil.rmtree(p, ignore_errors=True)
+            _discard(p)
+        for p in check_checkpoint_dir(self.directory):
+            if _TMP.fullmatch(p.name):
+                _discard(p)
 
 
 # ----- small helpers --------------------------------------------------------------------------

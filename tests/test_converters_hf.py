@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -121,16 +122,20 @@ def test_cli_converts_through_the_registry(tmp_path, llama, capsys):
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, llama, capsys):
-    save(llama, tmp_path, "safetensors_sharded")
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    hf, out = tmp_path / "hf", tmp_path / "out"
+    save(llama, hf, "safetensors_sharded")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**9}))
     capsys.readouterr()
-    assert main([str(tmp_path), str(tmp_path / "out"), "--no-progress"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: checkpoint ") and "missing (9):" in err and "model.layers.2.mlp.up_proj.weight" in err
-    assert not (tmp_path / "out").exists()
-    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
-    assert main([str(tmp_path), str(tmp_path / "out"), "--no-progress"]) == 1
+    start = time.perf_counter()
+    assert main([str(hf), str(out), "--no-progress"]) == 1
+    assert time.perf_counter() - start < 5  # refused before anything is built per layer (10**9 of them: minutes)
+    assert capsys.readouterr().err == (
+        f"error: config field 'num_hidden_layers' is 1,000,000,000, but checkpoint {hf} holds 2 layers "
+        "(tensors named 'model.layers.<i>.*'): correct the config, or load the checkpoint it was written for\n")
+    assert not out.exists()
+    (hf / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    assert main([str(hf), str(out), "--no-progress"]) == 1
     assert "unsupported model_type 'bert'" in capsys.readouterr().err
 
 
@@ -155,14 +160,15 @@ def test_cli_copies_the_tokenizer_files(tmp_path, llama, capsys):
 
 
 def test_cli_refuses_a_config_no_model_can_be_built(tmp_path, llama, capsys):
-    save(llama, tmp_path, "safetensors")
-    config = json.loads((tmp_path / "config.json").read_text())
+    hf, out = tmp_path / "hf", tmp_path / "out"
+    save(llama, hf, "safetensors")
+    config = json.loads((hf / "config.json").read_text())
     rope = {**config["rope_parameters"], "rope_theta": float("nan")}
-    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
+    (hf / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
     capsys.readouterr()
-    assert main([str(tmp_path), str(tmp_path / "out"), "--no-progress"]) == 1
+    assert main([str(hf), str(out), "--no-progress"]) == 1
     assert capsys.readouterr().err == "error: config field 'rope_theta' must be a finite number > 0, got nan\n"
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()
 
 
 def test_cli_refuses_a_non_empty_out_dir_unless_overwrite(tmp_path, llama, capsys):
@@ -172,6 +178,7 @@ def test_cli_refuses_a_non_empty_out_dir_unless_overwrite(tmp_path, llama, capsy
     out.mkdir()
     (out / "tokenizer.model").write_bytes(b"old tokenizer")
     (out / "tokenizer_config.json").write_text('{"bos_token": "<old>"}')
+    (out / "converted.json").write_text('{"format": "lminf_jax-converted"}')  # an earlier conversion
     old = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
     assert main([str(tmp_path / "hf"), str(out), "--no-progress"]) == 1
@@ -179,6 +186,8 @@ def test_cli_refuses_a_non_empty_out_dir_unless_overwrite(tmp_path, llama, capsy
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old
     assert main([str(tmp_path / "hf"), str(tmp_path / "hf"), "--no-progress", "--overwrite"]) == 1
     assert "is the checkpoint directory or holds it" in capsys.readouterr().err
+    assert main([str(tmp_path / "hf"), str(tmp_path / "hf" / "converted"), "--no-progress"]) == 1
+    assert "lies inside the checkpoint directory" in capsys.readouterr().err
     assert main([str(tmp_path / "hf"), str(out), "--no-progress", "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["converted.json", "params", "tokenizer.model"]
     assert (out / "tokenizer.model").read_bytes() == b"new tokenizer"
@@ -190,10 +199,11 @@ def test_cli_overwrite_keeps_the_old_out_dir_when_conversion_fails(tmp_path, lla
     out = tmp_path / "out"
     out.mkdir()
     (out / "tokenizer.model").write_bytes(b"old tokenizer")
+    (out / "converted.json").write_text('{"format": "lminf_jax-converted"}')  # an earlier conversion
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     assert main([str(tmp_path / "hf"), str(out), "--no-progress", "--overwrite"]) == 1
-    assert "missing (9):" in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["tokenizer.model"]
+    assert "config field 'num_hidden_layers' is 3, but checkpoint " in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["converted.json", "tokenizer.model"]
     assert (out / "tokenizer.model").read_bytes() == b"old tokenizer"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from converters.store import META_FILE, load_converted, save_converted, staged_output
+from converters.__main__ import main
+from converters.store import FORMAT, META_FILE, load_converted, save_converted, staged_output
 
 
 def random_params(seed: int) -> dict:
@@ -54,7 +56,7 @@ def test_not_a_converted_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="not a converted checkpoint"):
         load_converted(tmp_path)
     (tmp_path / META_FILE).write_text("{broken")
-    with pytest.raises(ValueError, match="invalid JSON"):
+    with pytest.raises(ValueError, match="valid JSON"):
         load_converted(tmp_path)
 
 
@@ -76,15 +78,56 @@ def test_shardings_must_name_every_parameter(tmp_path):
 
 def test_staged_output_replaces_whole_only_on_success_with_the_usual_permissions(tmp_path):
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / META_FILE).write_text(json.dumps({"format": FORMAT}))  # what --overwrite may replace
     (tmp_path / "out" / "stale.json").write_text("{}")
     with pytest.raises(KeyError), staged_output(tmp_path / "out", overwrite=True) as staging:
         (staging / "half.json").write_text("{}")
         raise KeyError("failed half way")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["stale.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [META_FILE, "stale.json"]
     with staged_output(tmp_path / "out", overwrite=True) as staging:
         (staging / "new.json").write_text("{}")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     (tmp_path / "plain").mkdir()
     assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+@pytest.mark.parametrize("meta, lacks", [
+    (None, f"{META_FILE} is missing"),
+    ('{"format": "something-else"}', f"{META_FILE} has no format 'lminf_jax-converted'"),
+    ("{broken", "valid JSON"),
+])
+def test_overwrite_refuses_a_directory_that_is_not_a_converted_checkpoint(tmp_path, capsys, meta, lacks):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "precious.txt").write_text("precious")
+    if meta is not None:
+        (out / META_FILE).write_text(meta)
+    before = sorted((p.relative_to(out), p.read_bytes() if p.is_file() else None) for p in out.rglob("*"))
+    where, lacks = re.escape(str(out)), re.escape(lacks)
+    with pytest.raises(FileExistsError, match=rf"^{where} is not a converted checkpoint \(.*{lacks}.*\), and it is "
+                                              r"not empty: --overwrite replaces only a converted checkpoint; choose "
+                                              r"another output directory$"):
+        with staged_output(out, overwrite=True):
+            pytest.fail("the block ran")
+    capsys.readouterr()
+    assert main([str(tmp_path / "no-such-hf-dir"), str(out), "--no-progress", "--overwrite"]) == 1  # nothing read
+    assert capsys.readouterr().err.startswith(f"error: {out} is not a converted checkpoint (")
+    assert main([str(tmp_path / "no-such-hf-dir"), str(out), "--no-progress"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {out} is not a converted checkpoint (")
+    assert sorted((p.relative_to(out), p.read_bytes() if p.is_file() else None) for p in out.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left
+
+
+def test_overwrite_replaces_a_converted_checkpoint_of_any_version(tmp_path):
+    out = save_converted(tmp_path / "out", random_params(4), {}, "llama")
+    meta = json.loads((out / META_FILE).read_text())
+    (out / META_FILE).write_text(json.dumps({**meta, "format_version": 0}))  # an older converter's output
+    with pytest.raises(FileExistsError, match=rf"^{re.escape(str(out))} is not empty: pass --overwrite to replace it$"):
+        with staged_output(out):
+            pytest.fail("the block ran")
+    with staged_output(out, overwrite=True) as staging:
+        save_converted(staging, random_params(5), {}, "gptj")
+    assert load_converted(out)[2] == "gptj"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -6,6 +6,8 @@ import bisect
 import dataclasses
 import json
 import math
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -178,12 +180,60 @@ def test_kill_between_checkpoints_redoes_the_lost_work(tmp_path, monkeypatch):
         run(tokens, 16, checkpoint_dir=tmp_path, checkpoint_every=4)
     monkeypatch.setattr(streaming, "_read_window", real_read)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state-000000000004", "state-000000000008"]  # 11 ran
-    (tmp_path / "tmp-000000000012-1").mkdir()  # debris of a save killed half way
-    (tmp_path / "tmp-000000000012-1" / "junk").write_text("partial")
+    kill_a_save_half_way(tmp_path)
     rest = run(tokens, 16, checkpoint_dir=tmp_path, checkpoint_every=4)
     assert rest.resumed_tokens == 8 * 16
     same_science(rest, whole)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state-000000000016", "state-000000000019"]
+
+
+def kill_a_save_half_way(directory) -> None:
+    """The debris of saves killed half way: orbax still writing one, and one written but not renamed."""
+    orbax_tmp = directory / "tmp-000000000012-1.orbax-checkpoint-tmp" / "meta.orbax-checkpoint-tmp"
+    orbax_tmp.mkdir(parents=True)
+    (orbax_tmp / "metadata").write_text("partial")
+    shutil.copytree(directory / "state-000000000008", directory / "tmp-000000000012-2")
+
+
+def test_the_store_deletes_nothing_but_its_own_folders(tmp_path):
+    tokens = stream(120, seed=6)  # 8 chunks of 16
+    theirs = ["tmp-mydata", "state-foo", "state-5", "state-0000000000010", "tmp-000000000001-x"]
+    for name in theirs:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("precious")
+    run(tokens, 16, checkpoint_dir=tmp_path, checkpoint_every=1, max_chunks=3)
+    shutil.copytree(tmp_path / "state-000000000003", tmp_path / "state-000000000008")
+    damage(tmp_path / "state-000000000008", "delete stats")  # a damaged state of the store's own
+    kill_a_save_half_way(tmp_path)
+    rest = run(tokens, 16, checkpoint_dir=tmp_path, checkpoint_every=1)
+    assert rest.complete and rest.resumed_tokens == 3 * 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs + ["state-000000000007", "state-000000000008"])
+    assert all((tmp_path / name / "notes.txt").read_text() == "precious" for name in theirs)
+
+
+@pytest.mark.parametrize("name", ["state-000000000009", "tmp-000000000002-7",
+                                  "tmp-000000000002-7.orbax-checkpoint-tmp"])
+def test_a_folder_named_like_the_stores_but_not_its_own_is_refused_untouched(tmp_path, name):
+    tokens = stream(120, seed=6)
+    run(tokens, 16, checkpoint_dir=tmp_path, max_chunks=2)
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "meta").mkdir()
+    (tmp_path / name / "notes.txt").write_text("precious")
+    where = re.escape(f"checkpoint_dir {tmp_path}: {name}")
+    with pytest.raises(ValueError, match=rf"^{where} is named like an entry of the checkpoint store but is not its own "
+                                         r"\(it holds notes.txt, which the store never writes\); move it out of \S+ "
+                                         r"or choose another checkpoint_dir$"):
+        run(tokens, 16, checkpoint_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "state-000000000002"])
+    assert (tmp_path / name / "notes.txt").read_text() == "precious"
+    (tmp_path / name / "notes.txt").unlink()
+    (tmp_path / name / "meta").rmdir()
+    (tmp_path / name).rmdir()
+    (tmp_path / name).write_text("a file")
+    with pytest.raises(ValueError, match=rf"{re.escape(name)} is named like an entry of the checkpoint store but is "
+                                         r"not its own \(it is not a directory\)"):
+        run(tokens, 16, checkpoint_dir=tmp_path)
+    assert (tmp_path / name).read_text() == "a file"
 
 
 def test_resume_with_different_settings_names_what_differs(tmp_path):
