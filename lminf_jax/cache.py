@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -293,6 +293,16 @@ def cached_attention(
     return out, stored
 
 
+#: The narrowest float dtype a cache is kept in: a cache's size at this dtype is the least it needs
+#: while its dtype is not known yet (e.g. before the weights that set it are read).
+NARROWEST_DTYPE = jnp.bfloat16
+
+
+def host_memory() -> int:
+    """Bytes of the host's RAM."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def available_memory() -> tuple[int, str]:
     """Bytes a cache could occupy at most, and where: the memory of all local devices together
     where the backend reports it (a cache may be sharded over them), else the host's RAM."""
@@ -300,7 +310,7 @@ def available_memory() -> tuple[int, str]:
     limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
     if all(limits):
         return sum(limits), f"{len(devices)} {devices[0].platform} device(s)"
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
+    return host_memory(), "host memory"
 
 
 def check_cache_size(num_layers: int, batch: int, slots: int, kv_heads: int, key_value_dims: int, itemsize: int,
@@ -315,3 +325,13 @@ def check_cache_size(num_layers: int, batch: int, slots: int, kv_heads: int, key
             f"a {what} needs {needed:,} bytes ({num_layers} layers x batch {batch} x {slots} slots x "
             f"{kv_heads} kv heads x {key_value_dims} key + value dims x {itemsize} bytes, + positions), more than "
             f"the {available:,} bytes of {where}; lower {driver} or the batch")
+
+
+def check_cache_fits(init_cache: Callable[[], KVCache], cause: str) -> None:
+    """Run ``init_cache`` abstractly (`jax.eval_shape`: nothing is allocated), so that a cache too large
+    for memory is refused by `check_cache_size` before any work; its ValueError is prefixed with
+    ``cause``, the options that set the cache's size."""
+    try:
+        jax.eval_shape(init_cache)
+    except ValueError as e:
+        raise ValueError(f"{cause}: {e}") from None

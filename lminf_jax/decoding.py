@@ -1,4 +1,4 @@
-"""Generation inside one jitted call: chunked prefill, then a `lax.while_loop` over tokens.
+"""Generation: chunked prefill in one jitted call, then jitted calls of `DECODE_STEPS` tokens each.
 
 Model-agnostic: it drives a *step* with the contract
 
@@ -8,7 +8,8 @@ Model-agnostic: it drives a *step* with the contract
 Prompts of different lengths are left-padded (padding has negative positions, so it is
 never attended and never written to the cache); every row then continues at its own
 position. Each row samples with its own PRNG key, so a row's output does not depend on
-the other rows of the batch.
+the other rows of the batch. Decoding stops once every row has stopped: nothing is sized by
+``max_new_tokens``, so with a Λ-cache memory stays flat however many tokens are asked for.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,8 @@ from lminf_jax.sampling import Sampling, sample
 from lminf_jax.spec import INT32_MAX
 
 UINT32_MAX = 2**32 - 1
+#: Decoding steps per jitted call (one compiled program serves every call, the last one included).
+DECODE_STEPS = 128
 
 
 class Step(Protocol):
@@ -41,8 +44,9 @@ TokenCallback = Callable[[int, np.ndarray, np.ndarray], None]
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """Generated ``tokens (B, max_new_tokens)`` (``pad_id`` after a row stopped), per-row
-    ``lengths`` (stop token included) and whether each row ended on a stop token."""
+    """Generated ``tokens (B, steps)`` (``steps`` = the longest row, at most ``max_new_tokens``;
+    ``pad_id`` after a row stopped), per-row ``lengths`` (stop token included) and whether each
+    row ended on a stop token."""
 
     tokens: np.ndarray
     lengths: np.ndarray
@@ -86,7 +90,11 @@ def generate(
     pad_id: int = 0,
     on_tokens: TokenCallback | None = None,
 ) -> Generation:
-    """Continue each prompt by up to ``max_new_tokens`` tokens in one jitted call.
+    """Continue each prompt by up to ``max_new_tokens`` tokens.
+
+    The prompts run in one jitted call, then the decoding in calls of `DECODE_STEPS` steps until
+    every row stopped or ``max_new_tokens`` is reached: no buffer is sized by ``max_new_tokens``
+    (with a Λ-cache, memory does not grow with it) and one program serves every chunk.
 
     Args:
       step: the model step (see the module docstring); ``params`` its parameters.
@@ -109,21 +117,31 @@ def generate(
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
     longest = max((len(p) for p in prompts), default=0)
-    if longest + max_new_tokens - 1 > INT32_MAX:
-        raise ValueError(f"the longest prompt ({longest:,} tokens) plus max_new_tokens ({max_new_tokens:,}) reaches "
-                         f"position {longest + max_new_tokens - 1:,}, past the int32 positions' 2**31 - 1")
+    check_positions(longest, max_new_tokens)
     chunk = min(prefill_chunk, max(longest, 1))
     tokens, positions = left_pad(prompts, chunk, pad_id)
     batch = tokens.shape[0]
     _check_cache(cache, batch, longest + max_new_tokens)
     keys = _row_keys(seed, batch)
     stops = tuple(int(t) for t in stop_tokens)
-    out, lengths, stopped = _generate(
-        step, prefill_step or step, params, jnp.asarray(tokens), jnp.asarray(positions), cache, keys,
-        max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stops, chunk=chunk, pad_id=pad_id,
-        on_tokens=on_tokens,
-    )
-    return Generation(np.asarray(out), np.asarray(lengths), np.asarray(stopped))
+    state = _prefill(step, prefill_step or step, params, jnp.asarray(tokens), jnp.asarray(positions), cache,
+                     chunk=chunk)
+    pieces = []
+    for start in range(0, max_new_tokens, DECODE_STEPS):
+        out, state = _decode(step, params, keys, state, jnp.int32(start), jnp.int32(max_new_tokens),
+                             sampling=sampling, stop_tokens=stops, pad_id=pad_id, on_tokens=on_tokens)
+        pieces.append(out)
+        if bool(state.done.all()):
+            break
+    lengths, stopped = np.asarray(state.lengths), np.asarray(state.done)
+    return Generation(np.concatenate(pieces, axis=1)[:, :lengths.max()], lengths, stopped)
+
+
+def check_positions(longest: int, max_new_tokens: int) -> None:
+    """Raise a ValueError when the last generated token's position would pass int32."""
+    if longest + max_new_tokens - 1 > INT32_MAX:
+        raise ValueError(f"the longest prompt ({longest:,} tokens) plus max_new_tokens ({max_new_tokens:,}) reaches "
+                         f"position {longest + max_new_tokens - 1:,}, past the int32 positions' 2**31 - 1")
 
 
 def _check_cache(cache: KVCache, batch: int, needed: int) -> None:
@@ -151,10 +169,20 @@ def _row_keys(seed: int | Sequence[int], batch: int) -> jax.Array:
     return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "step", "prefill_step", "max_new_tokens", "sampling", "stop_tokens", "chunk", "pad_id", "on_tokens"))
-def _generate(step, prefill_step, params, tokens, positions, cache, keys, *, max_new_tokens, sampling,
-              stop_tokens, chunk, pad_id, on_tokens):
+class _Decoding(NamedTuple):
+    """What one decoding call hands the next: the cache, each row's last logits ``(B, V)``, next
+    position, length so far and whether it stopped."""
+
+    cache: KVCache
+    logits: jax.Array
+    next_pos: jax.Array
+    lengths: jax.Array
+    done: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("step", "prefill_step", "chunk"))
+def _prefill(step, prefill_step, params, tokens, positions, cache, *, chunk) -> _Decoding:
+    """The left-padded prompts through the model, ``chunk`` tokens per call (a `lax.scan`)."""
     batch, width = tokens.shape
     split = lambda x: x.reshape(batch, width // chunk, chunk).swapaxes(0, 1)  # noqa: E731
     chunks, chunk_positions = split(tokens), split(positions)
@@ -164,13 +192,23 @@ def _generate(step, prefill_step, params, tokens, positions, cache, keys, *, max
 
     cache, _ = lax.scan(prefill, cache, (chunks[:-1], chunk_positions[:-1]))
     logits, cache = step(params, chunks[-1], chunk_positions[-1], cache)
+    return _Decoding(cache, logits[:, -1], jnp.max(positions, axis=1) + 1, jnp.zeros((batch,), jnp.int32),
+                     jnp.zeros((batch,), bool))
+
+
+@functools.partial(jax.jit, static_argnames=("step", "sampling", "stop_tokens", "pad_id", "on_tokens"),
+                   donate_argnames="state")
+def _decode(step, params, keys, state, start, limit, *, sampling, stop_tokens, pad_id, on_tokens):
+    """Steps ``start .. start + DECODE_STEPS - 1`` (a `lax.while_loop`): ``(tokens (B, DECODE_STEPS), state)``.
+    Steps from ``limit`` (max_new_tokens) on, or after every row stopped, are not run (``pad_id``)."""
+    batch = keys.shape[0]
     stops = jnp.asarray(stop_tokens, jnp.int32)
 
-    def body(state):
-        i, cache, logits, next_pos, out, lengths, done = state
+    def body(carry):
+        i, out, (cache, logits, next_pos, lengths, done) = carry
         token = sample(logits, jax.vmap(jax.random.fold_in)(keys, jnp.full((batch,), i)), sampling)
         token = jnp.where(done, pad_id, token)
-        out = out.at[:, i].set(token)
+        out = out.at[:, i - start].set(token)
         lengths = jnp.where(done, lengths, i + 1)
         done = done | jnp.isin(token, stops)
         if on_tokens is not None:
@@ -180,18 +218,14 @@ def _generate(step, prefill_step, params, tokens, positions, cache, keys, *, max
             logits, cache = step(params, token[:, None], next_pos[:, None], cache)
             return logits[:, 0], cache
 
-        more = (i + 1 < max_new_tokens) & ~jnp.all(done)
+        more = (i + 1 < limit) & ~jnp.all(done)
         logits, cache = lax.cond(more, advance, lambda c: (logits, c), cache)
-        return i + 1, cache, logits, next_pos + 1, out, lengths, done
+        return i + 1, out, _Decoding(cache, logits, next_pos + 1, lengths, done)
 
-    def cond(state):
-        i, *_, done = state
-        return (i < max_new_tokens) & ~jnp.all(done)
+    def cond(carry):
+        i, _, state = carry
+        return (i - start < DECODE_STEPS) & (i < limit) & ~jnp.all(state.done)
 
-    state = (
-        jnp.int32(0), cache, logits[:, -1], jnp.max(positions, axis=1) + 1,
-        jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch,), jnp.int32),
-        jnp.zeros((batch,), bool),
-    )
-    _, _, _, _, out, lengths, done = lax.while_loop(cond, body, state)
-    return out, lengths, done
+    out = jnp.full((batch, DECODE_STEPS), pad_id, jnp.int32)
+    _, out, state = lax.while_loop(cond, body, (start, out, state))
+    return out, state

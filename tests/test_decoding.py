@@ -1,14 +1,20 @@
-"""generate: one jitted call, left-padded batches, sampling, stop tokens, streaming callback."""
+"""generate: left-padded batches, sampling, stop tokens, streaming, decoding in chunks (memory flat in N)."""
 
 from __future__ import annotations
 
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import random_model
 
 from lminf_jax import LMInfinite, Sampling, Vanilla
-from lminf_jax.decoding import generate, left_pad
+from lminf_jax.decoding import DECODE_STEPS, Generation, generate, left_pad
 from models.common import AttentionCall
 
 G, L = 2, 8
@@ -123,3 +129,43 @@ def test_left_pad_layout():
     tokens, positions = left_pad([[5, 6, 7], [8]], multiple=4, pad_id=9)
     assert tokens.tolist() == [[9, 5, 6, 7], [9, 9, 9, 8]]
     assert positions.tolist() == [[-1, 0, 1, 2], [-1, -1, -1, 0]]
+
+
+def _lowered(call: Callable[[], Generation]) -> tuple[Generation, dict[str, str]]:
+    """``call()``'s result and the StableHLO text of every program it compiles, by file name."""
+    with tempfile.TemporaryDirectory() as folder:
+        jax.config.update("jax_dump_ir_to", folder)
+        try:
+            result = call()
+        finally:
+            jax.config.update("jax_dump_ir_to", "")
+        return result, {p.name: p.read_text() for p in Path(folder).iterdir()}
+
+
+@pytest.mark.parametrize("n", [2**24, 2**31 - 1])
+def test_memory_does_not_grow_with_max_new_tokens(llama, n):
+    model, params = llama
+    first = generate(model, params, [[5]], model.init_cache(1), max_new_tokens=1).row(0)[0]
+    # a fresh callback compiles every program anew; the row stops at its first token
+    out, programs = _lowered(lambda: generate(model, params, [[5]], model.init_cache(1), max_new_tokens=n,
+                                              stop_tokens=[first], on_tokens=lambda *_: None))
+    dims = {int(d) for text in programs.values() for shape in re.findall(r"tensor<((?:\d+x)+)", text)
+            for d in shape.split("x") if d}
+    assert programs, "nothing was compiled"
+    assert max(dims) < n, sorted(programs)  # no array is sized by n
+    assert out.row(0) == [first] and out.stopped[0] and out.tokens.shape == (1, 1)
+
+
+def test_one_program_decodes_every_chunk_for_any_max_new_tokens(llama):
+    model, params = llama
+    seen = []
+    stream = lambda i, tokens, done: seen.append(int(i))  # noqa: E731
+    prompts = _prompts([3])
+    n = 2 * DECODE_STEPS + 3  # a last chunk of 3 steps
+    out, programs = _lowered(lambda: generate(model, params, prompts, model.init_cache(1), max_new_tokens=n,
+                                              on_tokens=stream))
+    assert sum("decode" in name for name in programs) == 1, sorted(programs)
+    assert seen == list(range(n)) and out.tokens.shape == (1, n) and out.lengths[0] == n
+    short, again = _lowered(lambda: generate(model, params, prompts, model.init_cache(1), max_new_tokens=5,
+                                             on_tokens=stream))
+    assert again == {} and short.row(0) == out.row(0)[:5]  # another max_new_tokens compiles nothing
