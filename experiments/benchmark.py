@@ -37,7 +37,7 @@ import numpy as np
 from experiments.benchmark_decode import PRESETS, measure
 from experiments.loading import run_cli
 from experiments.machine import machine
-from experiments.options import int_option, output_file
+from experiments.options import int_option, output_file, plot_file
 from lminf_jax import LMInfinite, Rotary, Vanilla, attention
 from lminf_jax.rope import apply_rope
 from models import llama
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int_option(1), default=16, help="tokens per timed decoding call")
     p.add_argument("--repeats", type=int_option(1), default=3, help="timed calls (the best is kept)")
     p.add_argument("--out", default="results/benchmark.json", type=output_file, metavar="JSON")
-    p.add_argument("--plot", default="results/benchmark.png", type=output_file, metavar="PNG")
+    p.add_argument("--plot", default="results/benchmark.png", type=plot_file, metavar="PNG")
     return p
 
 

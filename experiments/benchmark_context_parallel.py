@@ -31,7 +31,7 @@ import numpy as np
 
 from experiments.loading import DTYPES, load_model, method_spec, pretraining_length, run_cli
 from experiments.machine import machine
-from experiments.options import int_option, output_file
+from experiments.options import input_path, int_option, output_file
 from experiments.perplexity import SHIPPED_MODEL
 from lminf_jax.sharding import ShardingPlan, make_mesh
 from models.common import AttentionCall
@@ -40,7 +40,7 @@ from models.common import AttentionCall
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.benchmark_context_parallel",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL), help="model directory (default: shipped LLaMA)")
+    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL), type=input_path, help="model directory (default: shipped LLaMA)")
     p.add_argument("--devices", type=int_option(1), nargs="+", metavar="N", help="device counts (default: 1, 2, 4, ... all)")
     p.add_argument("--length", type=int_option(2), default=65536, metavar="T", help="tokens per sequence (default 65536)")
     p.add_argument("--repeats", type=int_option(1), default=2, metavar="R", help="timed calls per device count (default 2)")

@@ -37,7 +37,7 @@ from experiments.loading import (
     load_config, load_model, load_tokenizer_from, method_spec, params_dtype, pretraining_length, run_cli,
     save_result,
 )
-from experiments.options import int_option, output_file
+from experiments.options import input_path, int_option, output_file, plot_file
 from experiments.perplexity import SHIPPED_MODEL
 from experiments.text import add_text_args, bos_id, check_ids, token_stream
 from lminf_jax.metrics import bleu, rouge_l
@@ -47,7 +47,7 @@ METHODS = ("vanilla", "lm_infinite", "truncation")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.continuation", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL),
+    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL), type=input_path,
                    help="converted or Hugging Face model directory (default: the shipped LLaMA-style model)")
     add_text_args(p)
     p.add_argument("--multiples", type=int_option(1), nargs="+", default=[1, 4, 16], metavar="M",
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("-G", "--global-branch", type=int_option(0), default=10, metavar="G", help="sinks (default 10)")
     p.add_argument("--out", default="results/continuation.json", type=output_file, metavar="JSON")
-    p.add_argument("--plot", default="results/continuation.png", type=output_file, metavar="PNG")
+    p.add_argument("--plot", default="results/continuation.png", type=plot_file, metavar="PNG")
     p.add_argument("--no-plot", action="store_true")
     return p
 

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.options import int_option, output_dir
+from experiments.options import input_path, int_option, output_dir, parse_checked
 
 MAX_FILE_BYTES = 1_000_000
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
@@ -455,19 +455,19 @@ def summary(manifest: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.corpus", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=output_dir, help="output folder (tokenizer, token files, manifest)")
-    parser.add_argument("--source", default="stdlib", help="'stdlib' (default), a folder, or a .jsonl with 'text'")
+    parser.add_argument("--source", default="stdlib", type=input_path, help="'stdlib' (default), a folder, or a .jsonl with 'text'")
     parser.add_argument("--vocab-size", type=int_option(264), default=DEFAULT_VOCAB)
     parser.add_argument("--held-out-percent", type=float, default=DEFAULT_HELD_OUT_PERCENT)
     parser.add_argument("--tokenizer-sample-mb", type=float, default=8.0,
                         help="text sampled to train the tokenizer (MB)")
     parser.add_argument("--seed", type=int_option(0), default=0)
     encode = parser.add_argument_group("encoding with an existing tokenizer (no tokenizer training, no split files)")
-    encode.add_argument("--encode-with", metavar="TOKENIZER",
+    encode.add_argument("--encode-with", type=input_path, metavar="TOKENIZER",
                         help="tokenizer.model (or its folder): write OUT/stream.npy + stream.json instead")
     encode.add_argument("--split", choices=("heldout", "train", "all"), default="heldout",
                         help="documents to encode with --encode-with (default: heldout)")
     encode.add_argument("--max-tokens", type=int_option(1), metavar="N", help="keep the first N tokens (--encode-with)")
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv)
     if args.encode_with is not None:
         try:
             info = encode_source(args.out, args.source, args.encode_with, split=args.split,

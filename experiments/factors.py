@@ -45,7 +45,7 @@ from experiments.loading import (
     DTYPES, MethodChoice, load_config, load_model, method_spec, params_dtype, pretraining_length, resolve_dtype,
     run_cli,
 )
-from experiments.options import int_option, output_dir
+from experiments.options import input_path, int_option, output_dir
 from experiments.perplexity import SHIPPED_MODEL
 from experiments.text import add_text_args, bos_id, check_ids, token_stream
 from lminf_jax.streaming import finite_or_none
@@ -57,7 +57,7 @@ PROBED_QUERIES = 8
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.factors", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL),
+    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL), type=input_path,
                    help="converted or Hugging Face model directory (default: the shipped LLaMA-style model)")
     p.add_argument("--factors", nargs="+", choices=FACTORS, default=list(FACTORS), help="which to measure")
     add_text_args(p)

@@ -8,9 +8,11 @@
 
 MODEL_DIR is a converted directory (``python -m converters``) or a Hugging Face directory
 (converted in memory); its tokenizer is read from the same directory. All prompts run as
-one left-padded batch inside one jitted call (`lminf_jax.decoding.generate`): with a
+one left-padded batch (`lminf_jax.decoding.generate`: the prompts in one jitted call, then the tokens
+in calls of a fixed number of steps, so memory does not grow with N): with a
 bounded method the cache is a Λ-cache of G + L slots whatever the prompt length; vanilla,
-distance_limit and top-k middle tokens use a full cache of (longest prompt + N) slots.
+distance_limit and top-k middle tokens use a full cache of (longest prompt + N) slots (refused,
+with the bytes it needs, before the weights are read when it cannot fit).
 ``--rope-scaling`` adds a static RoPE frequency method (e.g. ``yarn@4``) to any method.
 
 With one prompt the continuation is printed on stdout as it is generated; with several
@@ -39,7 +41,7 @@ from experiments.loading import (
     DTYPES, add_attention_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype, run_cli,
     frequencies_from_args, resolve_dtype, spec_from_args, spec_settings,
 )
-from experiments.options import int_option, output_file
+from experiments.options import input_path, int_option, output_file
 from experiments.text import read_text_file
 
 #: Prompt tokens decoded before the generated ones, so the continuation keeps its leading space.
@@ -96,9 +98,9 @@ class TextStreamer:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", help="converted or Hugging Face model directory (with its tokenizer)")
+    p.add_argument("model_dir", type=input_path, help="converted or Hugging Face model directory (with its tokenizer)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeat for a batch)")
-    p.add_argument("--prompt-file", metavar="F", help="prompts, one per line (blank lines skipped)")
+    p.add_argument("--prompt-file", type=input_path, metavar="F", help="prompts, one per line (blank lines skipped)")
     p.add_argument("--max-new-tokens", type=int_option(1), default=128, metavar="N", help="default: 128")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
     p.add_argument("--top-k", type=int_option(1), metavar="K", help="sample among the K most likely tokens")
@@ -140,7 +142,7 @@ def chat_prompts(args: argparse.Namespace, prompts: list[str]) -> tuple[ChatTemp
         raise ValueError("--no-bos does not apply with --chat: the chat template decides where BOS goes")
     template = load_chat_template(args.model_dir)
     system = [] if args.system is None else [{"role": "system", "content": args.system}]
-    return template, [template.render([*system, {"role": "user", "content": text}]) for text in prompts]
+    return template, template.render_each([[*system, {"role": "user", "content": text}] for text in prompts])
 
 
 def stop_tokens(tokenizer, stops: list[str], use_eos: bool) -> list[int]:
@@ -160,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from lminf_jax import Sampling
-    from lminf_jax.cache import needs_full_cache
-    from lminf_jax.decoding import generate
+    from lminf_jax.cache import NARROWEST_DTYPE, check_cache_fits, needs_full_cache
+    from lminf_jax.decoding import check_positions, generate
     from models.common import AttentionCall
 
     prompts = read_prompts(args)
@@ -169,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     template, rendered = chat_prompts(args, prompts)
     spec = spec_from_args(args, config)
     frequencies = frequencies_from_args(args, config)
-    family.model(config, AttentionCall(spec, frequencies=frequencies))  # the spec, and RoPE scaling, apply here
+    model = family.model(config, AttentionCall(spec, frequencies=frequencies))  # the spec, and RoPE scaling, apply here
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     tokenizer = load_tokenizer_from(args.model_dir)
     if template is None:
@@ -185,6 +187,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"the tokenizer of {args.model_dir} produced token {max(ids)} but the model's "
                              f"vocabulary has {config.vocab_size} entries")
     stops = stop_tokens(tokenizer, args.stop, not args.ignore_eos)
+    longest = max(len(ids) for ids in prompt_ids)
+    check_positions(longest, args.max_new_tokens)
+    # a full cache that cannot fit is refused before the weights are read (which set its dtype without --dtype)
+    check_cache_fits(lambda: model.init_cache(len(prompts), capacity=longest + args.max_new_tokens,
+                                              dtype=resolve_dtype(args.dtype) or NARROWEST_DTYPE),
+                     f"--max-new-tokens {args.max_new_tokens:,} after the longest prompt ({longest:,} tokens)")
 
     began = time.perf_counter()
     family, config, params = load_model(args.model_dir, args.dtype, progress=sys.stderr.isatty())
@@ -196,7 +204,6 @@ def run(args: argparse.Namespace) -> int:
     if spec.top_k is not None:  # top-k middle tokens only at the prompt's end, as in one forward pass
         prefill_step = family.model(config, AttentionCall(dataclasses.replace(spec, top_k=None),
                                                           frequencies=frequencies), compute)
-    longest = max(len(ids) for ids in prompt_ids)
     cache = model.init_cache(len(prompts), capacity=longest + args.max_new_tokens)
 
     streamer = TextStreamer(tokenizer, prompt_ids[0]) if len(prompts) == 1 else None
@@ -225,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         f"generated tokens: {total} ({int(out.stopped.sum())}/{len(prompts)} ended on a stop token)\n"
         f"cache: {cache.describe()}\n"
         f"wall time {wall:.2f} s for generation (includes compilation on the first call; time to first token "
-        f"is not measurable inside one jitted call), {total / max(wall, 1e-9):.1f} tokens/s; loading {load_s:.2f} s",
+        f"is not measured), {total / max(wall, 1e-9):.1f} tokens/s; loading {load_s:.2f} s",
         file=sys.stderr,
     )
     if args.json is not None:

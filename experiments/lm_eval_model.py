@@ -45,9 +45,9 @@ and lengths rounded up to `bucket` sizes, so that a few shapes compile:
   constant memory on a Λ-cache, a full cache for unbounded methods), one document per call. That is
   lm-eval's rolling log-likelihood with one window as long as the document: the method, not a window,
   decides what each token sees, as in the project's perplexity.
-* ``generate_until``: the context continued in one jitted call (`lminf_jax.decoding.generate`:
-  chunked prefill, a Λ-cache for bounded methods, else a full cache; top-k middle tokens only at the
-  prompt's end, as ``experiments.generate``), greedy unless the task asks ``do_sample`` (then its
+* ``generate_until``: the context continued by `lminf_jax.decoding.generate` (chunked prefill,
+  a Λ-cache for bounded methods, else a full cache; top-k middle tokens only at the prompt's end,
+  as ``experiments.generate``), greedy unless the task asks ``do_sample`` (then its
   ``temperature``, ``top_k``, ``top_p``), up to ``max_gen_toks`` tokens (the task's, else the model
   argument, default 256), ending at EOS; the text (`experiments.generate.continuation_text`) is cut
   before the first ``until`` string (one that is a single token also ends the row).
@@ -93,7 +93,7 @@ from experiments.loading import (
     MethodChoice, load_config, load_model, load_tokenizer_from, params_dtype, pretraining_length, resolve_dtype,
     spec_from_args,
 )
-from experiments.options import int_option
+from experiments.options import check_outputs_apart, int_option
 from lminf_jax import Sampling
 from lminf_jax.cache import needs_full_cache
 from lminf_jax.decoding import generate, left_pad
@@ -413,13 +413,25 @@ if NAME not in model_registry:  # releases that read entry points hold a placeho
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """lm-eval's command line (``lm-eval [run] ARGS``) with ``lminf_jax`` registered."""
-    from lm_eval.__main__ import cli_evaluate
+    """lm-eval's command line (``lm-eval [run] ARGS``) with ``lminf_jax`` registered; an
+    ``--output_path`` that is or lies inside the ``pretrained`` model directory is refused."""
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
 
     saved = sys.argv
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
     try:
-        cli_evaluate()
+        setup_logging()
+        cli = HarnessCLI()
+        args = cli.parse_args()
+        pretrained = (getattr(args, "model_args", None) or {}).get("pretrained")
+        output = getattr(args, "output_path", None)
+        if pretrained is not None and output is not None:
+            try:
+                check_outputs_apart([("--output_path", output)], [("pretrained=", str(pretrained))])
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+        cli.execute(args)
     finally:
         sys.argv = saved
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from converters.reader import read_json_object
-from experiments.options import int_option
+from experiments.options import int_option, parse_checked
 from lminf_jax import FREQUENCY_METHODS, AttentionSpec, RopeScaling, TopK, frequency_method
 from lminf_jax.spec import KINDS, METHODS, PARAMETERS
 
@@ -170,6 +170,16 @@ def sharding_plan(args: argparse.Namespace, default: str):
     plan = ShardingPlan(parse_mesh(args.mesh or default), fsdp=args.fsdp)
     print(f"devices: {plan.describe()}", file=sys.stderr)
     return plan
+
+
+def nonfinite_params(params) -> dict[str, int]:
+    """``{flat parameter name: count}`` of the floating parameters holding NaN or infinite values."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(params, sep=".") if isinstance(params, dict) else {"params": params}
+    counts = {name: int(jnp.size(x) - jnp.isfinite(x).sum()) for name, x in flat.items()
+              if jnp.issubdtype(x.dtype, jnp.floating)}
+    return {name: n for name, n in counts.items() if n}
 
 
 def params_dtype(params) -> jnp.dtype:
@@ -409,10 +419,11 @@ def spec_settings(spec: AttentionSpec) -> dict:
 
 
 def parse_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
-    """``parser.parse_args(argv)``, or the exit code when argparse exits (it has printed the
-    usage and ``error: ...`` on stderr, or the help), so that ``main(argv)`` returns a code."""
+    """`experiments.options.parse_checked` (which also refuses an output where an input is), or the
+    exit code when argparse exits (it has printed the usage and ``error: ...`` on stderr, or the
+    help), so that ``main(argv)`` returns a code."""
     try:
-        return parser.parse_args(argv)
+        return parse_checked(parser, argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
 

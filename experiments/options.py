@@ -8,7 +8,13 @@ value that would fail there, or silently wrap:
 * `int_option(minimum)`: an integer in ``[minimum, 2**31 - 1]``. Every integer option of the
   experiment CLIs ends up in int32 device arithmetic (positions, counts, sizes) or bounds one.
 * `output_file`: a file path that can be written (not a directory; its folder exists or can be
-  created); `output_dir`: a folder that exists or can be created, and can be written into.
+  created); `output_dir`: a folder that exists or can be created, and can be written into;
+  `plot_file`: an `output_file` whose extension is a format matplotlib saves (checked before a
+  run, not after it has written its JSON).
+* `input_path`: a path the command reads (a model or checkpoint directory, a tokens, text,
+  prompts or instances file). It checks nothing by itself; it marks the option for
+  `parse_checked`, which refuses any output option whose path is an input's or lies inside an
+  existing input directory (symlinks and ``..`` resolved), so no run can overwrite what it reads.
 
 Writability is probed by creating (and removing) a temporary file in the nearest existing
 folder: permission bits say nothing for root or on a read-only file system.
@@ -19,7 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from lminf_jax.spec import INT32_MAX
@@ -74,3 +80,62 @@ def _check_creatable(folder: Path) -> None:
             pass
     except OSError as e:
         raise argparse.ArgumentTypeError(f"cannot write in {existing}: {e.strerror or e}") from None
+
+
+def plot_file(text: str) -> str:
+    """An argparse type: a writable file path (`output_file`) whose extension names a format
+    matplotlib saves (``FigureCanvasBase.get_supported_filetypes()``: png, pdf, svg, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    output_file(text)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = Path(text).suffix[1:].lower()
+    if extension not in formats:
+        what = f".{extension} files" if extension else "a file without an extension"
+        raise argparse.ArgumentTypeError(f"{text}: matplotlib cannot save {what}; use one of "
+                                         f"{', '.join(sorted(formats))}")
+    return text
+
+
+def input_path(text: str) -> str:
+    """An argparse type marking a path the command reads (see the module docstring); returns it as is."""
+    return text
+
+
+def check_outputs_apart(outputs: Iterable[tuple[str, str]], inputs: Iterable[tuple[str, str]]) -> None:
+    """Raise a ValueError naming both options when an output path (``(option, path)`` pairs) is an
+    existing input path or lies inside an existing input directory, after resolving symlinks and
+    ``..``. Inputs that do not exist hold nothing to lose (e.g. ``--source stdlib``, a keyword)."""
+    existing = [(option, path, Path(path).resolve()) for option, path in inputs if Path(path).exists()]
+    for out_option, out in outputs:
+        target = Path(out).resolve()
+        for in_option, path, source in existing:
+            if target == source or source in target.parents:
+                where = "is" if target == source else "lies inside"
+                raise ValueError(f"{out_option} {out} {where} the input {in_option} {path}: a run never writes "
+                                 "where it reads; choose an output outside it")
+
+
+def parsed_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list, list]:
+    """``(outputs, inputs)``: the ``(option, path)`` pairs of `args` whose options have type
+    `output_file` / `output_dir` / `plot_file`, or `input_path`."""
+    outputs, inputs = [], []
+    for action in parser._actions:  # argparse keeps every registered action here, groups included
+        value = getattr(args, action.dest, None)
+        if value is None or action.type not in (output_file, output_dir, plot_file, input_path):
+            continue
+        option = action.option_strings[-1] if action.option_strings else action.metavar or action.dest.upper()
+        pairs = [(option, str(v)) for v in (value if isinstance(value, list) else [value])]
+        (inputs if action.type is input_path else outputs).extend(pairs)
+    return outputs, inputs
+
+
+def parse_checked(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, then `check_outputs_apart` on its marked paths: a conflict is
+    an argparse error (usage, ``error: ...``, exit code 2) before any work."""
+    args = parser.parse_args(argv)
+    try:
+        check_outputs_apart(*parsed_paths(parser, args))
+    except ValueError as e:
+        parser.error(str(e))
+    return args

@@ -48,8 +48,10 @@ from experiments.loading import (
     MethodChoice, load_config, load_model, load_tokenizer_from, method_spec, params_dtype, pretraining_length, run_cli,
     save_result,
 )
-from experiments.options import int_option, output_file
+from experiments.options import input_path, int_option, output_file, plot_file
 from lminf_jax import AttentionSpec, TopK
+from lminf_jax.cache import NARROWEST_DTYPE, check_cache_fits, host_memory, needs_full_cache
+from lminf_jax.decoding import check_positions, generate
 from models.common import AttentionCall
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -65,6 +67,9 @@ SHIPPED_PASSKEY_MODEL = Path(__file__).resolve().parent / "shipped" / "llama-sma
 ALL_METHODS = (*METHODS, "streaming_llm", "distance_limit", "self_extend", "leaky_rerope", "pi", "ntk", "yarn",
                "dynamic_ntk", "self_extend@cover", "leaky_rerope@cover")
 NEW_TOKENS = 8
+#: Host bytes per prompt token: one pointer in its prompt's tuple of ids (every length is built up front)
+#: and, for the length being evaluated, one in its list plus its int32 token and position.
+HELD_TOKEN_BYTES, BATCH_TOKEN_BYTES = 8, 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +154,7 @@ def filled_window(head: list[int], stream: np.ndarray, seq_len: int, rng: np.ran
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.passkey", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_PASSKEY_MODEL),
+    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_PASSKEY_MODEL), type=input_path,
                    help="converted or Hugging Face model directory fine-tuned on passkeys (default: the shipped one)")
     p.add_argument("--multiples", type=int_option(1), nargs="+", default=[1, 2, 4, 8, 16], metavar="M",
                    help="prompt lengths as multiples of L_train (default 1 2 4 8 16)")
@@ -158,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_args(p)
     p.add_argument("--seed", type=int_option(0), default=0)
     p.add_argument("--out", default="results/passkey.json", type=output_file, metavar="JSON")
-    p.add_argument("--plot", default="results/passkey.png", type=output_file, metavar="PNG")
+    p.add_argument("--plot", default="results/passkey.png", type=plot_file, metavar="PNG")
     p.add_argument("--no-plot", action="store_true")
     return p
 
@@ -219,9 +224,6 @@ def method_specs(config, name: str, args, l_train: int) -> tuple[AttentionSpec, 
 
 def evaluate_cell(model, prefill, params, prompts: list[Prompt], name: str, l_train: int, tokenizer) -> list[dict]:
     """Greedy answers of one method for prompts of one length."""
-    from lminf_jax.cache import needs_full_cache
-    from lminf_jax.decoding import generate
-
     ids = [list(p.tokens) for p in prompts]
     if name == "truncation":
         keep = l_train - 1 - NEW_TOKENS
@@ -236,6 +238,30 @@ def evaluate_cell(model, prefill, params, prompts: list[Prompt], name: str, l_tr
         got = parse_answer(text)
         rows.append({"depth": p.depth, "key": p.key, "answer": got, "continuation": text, "correct": got == p.key})
     return rows
+
+
+def check_memory(family, config, specs: dict[str, tuple[AttentionSpec, AttentionSpec | None]], lengths: list[int],
+                 l_train: int, batch: int) -> None:
+    """Refuse, before any prompt is built or weight read, a longest length that cannot run: its prompts'
+    token ids must fit in host memory, its positions in int32 and each method's cache (at least 16-bit,
+    `lminf_jax.cache.check_cache_fits`) in memory; the ValueError names ``--multiples`` and the bytes."""
+    n = max(lengths)
+    cause = f"--multiples {n // l_train} (prompts of {n:,} tokens)"
+    needed, memory = batch * (HELD_TOKEN_BYTES * sum(set(lengths)) + BATCH_TOKEN_BYTES * n), host_memory()
+    if needed > memory:
+        raise ValueError(f"{cause}: the prompts' token ids need at least {needed:,} bytes ({batch} prompts per length, "
+                         f"{HELD_TOKEN_BYTES} bytes per token of every length and {BATCH_TOKEN_BYTES} more per token "
+                         f"of the longest), more than the {memory:,} bytes of host memory; lower --multiples, "
+                         "--samples or the number of --depths")
+    try:
+        check_positions(n, NEW_TOKENS)
+        for name, (spec, _) in specs.items():
+            if name != "truncation":  # truncation feeds the model at most L_train tokens
+                model = family.model(config, attention_call(name, spec, n, l_train))
+                check_cache_fits(lambda: model.init_cache(batch, capacity=n + NEW_TOKENS, dtype=NARROWEST_DTYPE),
+                                 f"method {name}")
+    except ValueError as e:
+        raise ValueError(f"{cause}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
     for name, (spec, _) in specs.items():  # a method that cannot apply to this model fails here
         for n in lengths:
             family.model(config, attention_call(name, spec, n, l_train))
+    check_memory(family, config, specs, lengths, l_train, len(args.depths) * args.samples)
     rng = np.random.default_rng(args.seed)
     prompts = {n: [builder.prompt(n, d, random_key(rng)) for d in args.depths for _ in range(args.samples)]
                for n in lengths}

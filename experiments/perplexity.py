@@ -47,9 +47,11 @@ another layout (`lminf_jax.sharding`).
 
 Output: a table (perplexity per method and length, then what each method costs at the longest
 length) on stdout, ``--out`` JSON (settings; per method and length: tiles, tokens, NLL, its standard
-error, perplexity, per-segment perplexity, the attention method and RoPE scaling used, the farthest
+error, perplexity (None when not finite: ``nan_scores`` counts the NaN token scores, and the table
+shows ``nan`` or ``inf``), per-segment perplexity, the attention method and RoPE scaling used, the farthest
 distance a query scores a key at, keys attended per query (the mask's, mean over the scored queries) and the bytes of the KV cache a decoder holds at that length, in total
-and per token; per method: NLL by position and prefix perplexity; time) and ``--plot`` PNG (log-scale
+and per token; per method: NLL by position and prefix perplexity; time; with NaN scores,
+``settings.nan_origin``: the weights' tensors that hold NaN or infinite values, or the forward pass) and ``--plot`` PNG (log-scale
 perplexity vs length, one line per method, the spread across segments shaded, next to NLL vs
 position). Completed work survives an interrupted run: the scores of each batch are saved as
 they are computed in ``OUT.parts/KEY/NAME.SHA.npy``, KEY a hash of the model (its params'
@@ -77,9 +79,10 @@ import numpy as np
 
 from experiments.loading import (
     DTYPES, KINDS, MethodChoice, add_mesh_args, add_method_options, hf_config, load_config, load_model, method_options,
-    method_spec, model_kind, params_dtype, pretraining_length, resolve_dtype, run_cli, sharding_plan, spec_settings,
+    method_spec, model_kind, nonfinite_params, params_dtype, pretraining_length, resolve_dtype, run_cli, sharding_plan,
+    spec_settings,
 )
-from experiments.options import int_option, output_file
+from experiments.options import input_path, int_option, output_file, plot_file
 from experiments.text import add_text_args, bos_id, check_ids, token_stream
 from lminf_jax import FREQUENCY_METHODS
 from lminf_jax.fingerprint import tree_fingerprint
@@ -97,7 +100,7 @@ PARTS_FORMAT = "lminf_jax-perplexity-parts-v2"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.perplexity", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL),
+    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL), type=input_path,
                    help="converted or Hugging Face model directory (default: the shipped LLaMA-style model)")
     add_text_args(p)
     p.add_argument("--multiples", type=int_option(1), nargs="+", default=list(DEFAULT_MULTIPLES), metavar="M",
@@ -114,10 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per forward pass: N // length sequences, at least one (default 16384)")
     p.add_argument("--block", type=int_option(1), default=512, metavar="N", help="blockwise attention block size (default 512)")
     p.add_argument("--out", default="results/perplexity.json", type=output_file, metavar="JSON", help="result file")
-    p.add_argument("--plot", default="results/perplexity.png", type=output_file, metavar="PNG", help="perplexity vs length plot")
+    p.add_argument("--plot", default="results/perplexity.png", type=plot_file, metavar="PNG", help="perplexity vs length plot")
     p.add_argument("--no-plot", action="store_true", help="do not draw the plot")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
-    p.add_argument("--from-json", metavar="JSON", help="evaluate nothing: print the table of a saved result and "
+    p.add_argument("--from-json", type=input_path, metavar="JSON", help="evaluate nothing: print the table of a saved result and "
                    "draw it again at --plot")
     add_mesh_args(p, "seq=-1: every sequence split over all devices, context-parallel LM-Infinite")
     return p
@@ -201,7 +204,7 @@ def format_table(record: dict) -> str:
     name_width = max(16, *(len(name) + 2 for name in record["methods"]))
     lines = [f"{line[:16]:<{name_width}}{line[16:]}" for line in lines]
     for name, res in record["methods"].items():
-        lines.append(f"{name:<{name_width}}" + "".join(f"{_short(p['ppl']):>{width}}" for p in res["lengths"]))
+        lines.append(f"{name:<{name_width}}" + "".join(f"{_ppl_text(p):>{width}}" for p in res["lengths"]))
     costs = [(name, res["lengths"][-1]) for name, res in record["methods"].items()
              if "attended_keys" in res["lengths"][-1]]
     if costs:
@@ -219,10 +222,31 @@ def _bytes(n: int) -> str:
         n /= 1024
 
 
-def _short(value: float | None) -> str:
-    if value is None:  # JSON's stand-in for inf / nan
-        return "inf"
+def _ppl_text(point: dict) -> str:
+    """A length point's perplexity for the table: ``nan`` when a score was NaN, ``inf`` when it
+    overflowed (JSON holds None for both; ``nan_scores`` tells them apart)."""
+    value = point["ppl"]
+    if value is None:
+        return "nan" if point.get("nan_scores") else "inf"
     return f"{value:.3g}" if value >= 1e4 else f"{value:.2f}"
+
+
+def nan_origin(record: dict, params) -> str | None:
+    """Where the NaN scores of a run came from (None when there are none): the weights, naming the
+    tensors that hold non-finite values, or else the forward pass."""
+    cells = [f"{name} at {p['length']:,}" for name, res in record["methods"].items() for p in res["lengths"]
+             if p.get("nan_scores")]
+    if not cells:
+        return None
+    bad = nonfinite_params(params)
+    if bad:
+        shown = ", ".join(f"{name} ({n:,} values)" for name, n in list(bad.items())[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        source = f"the weights hold NaN or infinite values: {shown}{more}"
+    else:
+        source = ("the weights are finite, so the forward pass made them (an overflow in the compute dtype "
+                  f"{record['settings']['compute_dtype']}? try --dtype fp32)")
+    return f"NaN perplexity for {', '.join(cells)}: {source}"
 
 
 def headline(record: dict) -> list[str]:
@@ -430,7 +454,8 @@ def run(args: argparse.Namespace) -> int:
                 batch = rows_per_call(args.batch_tokens, tiles[n].shape[0], n, plan)
                 nll = score(model.forward, params, tiles[n], batch, parts, f"{name}-{n}", bar)
                 costs, at_n = cache_bytes(model, n), model.call.spec
-                points.append({**length_point(nll, s).to_json(), "rope_scaling": _asdict(model.call.frequencies),
+                points.append({**length_point(nll, s).to_json(), "nan_scores": int(np.isnan(nll).sum()),
+                               "rope_scaling": _asdict(model.call.frequencies),
                                "attention": at_n.describe(), "farthest_distance": float(at_n.farthest_distance(n)),
                                "attended_keys": float(np.mean(at_n.attended_keys(np.arange(n - 1)))),
                                "cache_bytes": costs, "cache_bytes_per_token": costs / n})
@@ -448,9 +473,14 @@ def run(args: argparse.Namespace) -> int:
                     for name, res in results.items()},
     }
     record = finite_or_none(record)
+    origin = nan_origin(record, params)
+    if origin is not None:
+        record["settings"]["nan_origin"] = origin
     print(format_table(record))
     for line in headline(record):
         print(line)
+    if origin is not None:
+        print(f"warning: {origin}", file=sys.stderr)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(record, indent=1))
     shutil.rmtree(parts.parent)

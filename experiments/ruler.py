@@ -45,17 +45,19 @@ Evaluation (`main`)::
         [--out results/ruler.json] [--plot results/ruler.png | --no-plot]
 
 Instances are made with the model's tokenizer (or read from ``--instances``, whose grid they
-then define) before the model loads, and every method continues the same ones: greedy, left-padded
+then define, every line checked against what `generate` makes) before the model loads, after a
+check that they fit in host memory, and every method continues the same ones: greedy, left-padded
 batches, ``max_new_tokens`` per task, stopping at EOS. Methods and their defaults are
 `experiments.passkey`'s (truncation keeps BOS + the last L_train - 1 - new tokens); MODEL_DIR
 defaults to the shipped model fine-tuned on the mix below. A task too short for a length (cwe below
 about 1,000 tokens) is skipped there and listed in the JSON. Output: scores x 100 per task, method
 and length (a table on stdout, with the share of instances whose needles the mask lets the prompt's
 last token see), JSON (settings, instances without their prompts, every prediction, its score and
-whether its needles were visible, scores per task, length and depth) and a PNG heat map (length x
-depth) per task and method. The JSON is saved after each task x length x method cell; a rerun with
-the same settings keeps the finished cells (methods may be added), and one with other settings is
-refused.
+whether its needles were visible, scores per task, length and depth) and a heat map (length x
+depth; its format by --plot's extension: png, pdf, svg, ...) per task and method. The JSON is saved
+after each task x length x method cell; a rerun with the same settings and weights
+(``settings.params``: their `lminf_jax.fingerprint.tree_fingerprint`) keeps the finished cells
+(methods may be added), and one with other settings or weights is refused.
 
 Fine-tuning (`TrainingMix`, ``python -m experiments.train ... --ruler-fraction F``): windows of
 L_train tokens holding an instance of a random task, length (up to what fits) and depth, its answer
@@ -72,6 +74,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import sys
 import time
 import uuid
@@ -83,8 +86,10 @@ import numpy as np
 from experiments.loading import (
     hf_config, load_config, load_model, load_tokenizer_from, params_dtype, pretraining_length, run_cli, save_result,
 )
-from experiments.options import int_option, output_file
+from experiments.options import input_path, int_option, output_file, plot_file
 from experiments.passkey import add_method_args, attention_call, filled_window, method_names, method_specs
+from lminf_jax.cache import host_memory
+from lminf_jax.fingerprint import tree_fingerprint
 
 VERSION = 1
 #: The shipped LLaMA-style model fine-tuned on the `TrainingMix` (``experiments/shipped/``).
@@ -592,18 +597,83 @@ def write_jsonl(instances: Iterable[Instance], path: str | os.PathLike) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Instance]:
-    """The instances `write_jsonl` wrote (a ValueError on another version)."""
+    """The instances `write_jsonl` wrote, each line checked by `parse_instance` (a ValueError names
+    the file and line of the first bad one)."""
     out = []
     for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        if record.pop("version", None) != VERSION:
-            raise ValueError(f"{path}:{i + 1}: not a version {VERSION} RULER instance")
-        record["outputs"], record["needle_positions"] = tuple(record["outputs"]), tuple(record["needle_positions"])
-        record["haystack"] = tuple(record["haystack"])
-        out.append(Instance(**record))
+        if line.strip():
+            try:
+                out.append(parse_instance(line))
+            except ValueError as e:
+                raise ValueError(f"{path}:{i + 1}: {e}") from None
     return out
+
+
+def parse_instance(line: str) -> Instance:
+    """One `write_jsonl` line as an `Instance`, every field checked against what `generate` makes
+    (`instance_problem`); a ValueError says what is wrong."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e})") from None
+    if not isinstance(record, dict) or not _integer(record.get("version"), VERSION, VERSION):
+        raise ValueError(f"not a version {VERSION} RULER instance")
+    fields = [f.name for f in dataclasses.fields(Instance)]
+    missing = [k for k in fields if k not in record]
+    unknown = [k for k in record if k not in (*fields, "version")]
+    problems = [f"missing key(s): {', '.join(missing)}"] if missing else []
+    problems += [f"unknown key(s): {', '.join(unknown)}"] if unknown else []
+    problem = "; ".join(problems) or instance_problem(record)
+    if problem:
+        raise ValueError(problem)
+    tuples = {k: tuple(record[k]) for k in ("outputs", "needle_positions", "haystack")}
+    depth = None if record["depth"] is None else float(record["depth"])
+    return Instance(**{k: record[k] for k in fields} | tuples | {"depth": depth})
+
+
+def _integer(value: object, low: int, high: float = math.inf) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def instance_problem(record: dict) -> str | None:
+    """What in an instance's fields (all present) `generate` could not have made, or None: the
+    rule ``length - SLACK[task] <= tokens <= length``, needle positions inside the prompt, etc.
+    (That `tokens` is the prompt's count under a tokenizer is `make_instances`'s check.)"""
+    task, length, tokens, depth, seed = (record[k] for k in ("task", "length", "tokens", "depth", "seed"))
+    outputs, positions, haystack = record["outputs"], record["needle_positions"], record["haystack"]
+    needles = task not in ("cwe", "fwe")
+    if not isinstance(task, str) or task not in TASKS:
+        return f"task {reprlib.repr(task)} is not a RULER task; known: {', '.join(TASKS)}"
+    if not _integer(length, 1):
+        return f"length must be a positive integer, got {reprlib.repr(length)}"
+    if not _integer(tokens, length - SLACK[task], length):
+        return (f"length {length} and tokens {reprlib.repr(tokens)} disagree: {task} prompts have length - "
+                f"{SLACK[task]} <= tokens <= length")
+    if depth is not None and not needles:
+        return f"{task} has no needle: depth must be null, got {reprlib.repr(depth)}"
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1):
+        return f"depth must be a number in [0, 1] or null, got {reprlib.repr(depth)}"
+    if not _integer(seed, 0):
+        return f"seed must be a non-negative integer, got {reprlib.repr(seed)}"
+    if not isinstance(record["prompt"], str) or not record["prompt"]:
+        return "prompt must be a non-empty string"
+    if not isinstance(record["answer_prefix"], str):
+        return "answer_prefix must be a string"
+    if not (isinstance(outputs, list) and outputs and all(isinstance(o, str) and o for o in outputs)):
+        return f"outputs must be a non-empty list of non-empty strings, got {reprlib.repr(outputs)}"
+    wanted = len(outputs) if needles else 0
+    if not (isinstance(positions, list) and len(positions) == wanted
+            and all(_integer(p, 0, tokens - 1) for p in positions)):
+        what = f"{wanted} integer(s) in [0, {tokens - 1}] (one per output)" if needles else f"[] ({task} has no needle)"
+        return f"needle_positions must be {what}, got {reprlib.repr(positions)}"
+    if not (isinstance(haystack, list) and len(haystack) == 2 and _integer(haystack[0], 0)
+            and _integer(haystack[1], haystack[0], tokens)):
+        return (f"haystack must be [start, end] with 0 <= start <= end <= tokens = {tokens}, "
+                f"got {reprlib.repr(haystack)}")
+    new = record["max_new_tokens"]
+    if not _integer(new, MAX_NEW_TOKENS[task], MAX_NEW_TOKENS[task]):
+        return f"max_new_tokens must be {MAX_NEW_TOKENS[task]} (RULER's for {task}), got {reprlib.repr(new)}"
+    return None
 
 
 # ----- scoring ----------------------------------------------------------------------------------
@@ -642,6 +712,10 @@ def aggregate(instances: Sequence[Instance], predictions: Sequence[str]) -> dict
 DEFAULT_MULTIPLES, DEFAULT_DEPTHS, DEFAULT_SAMPLES = (4, 8, 16), (0.0, 0.25, 0.5, 0.75, 1.0), 2
 #: Options that choose the instances: not allowed with ``--instances``, whose grid the file defines.
 GRID_OPTIONS = ("tasks", "lengths", "multiples", "depths", "samples", "seed")
+#: Host memory per prompt token: while an instance is made (its haystack's units and their
+#: tokenizations: tracemalloc peaks of `generate` up to 1,166 over every task at 4,096, 16,384 and
+#: 65,536 tokens) and while it is held (its ids in a Python list: 36; its prompt: ~3).
+MAKE_BYTES_PER_TOKEN, HOLD_BYTES_PER_TOKEN = 1200, 40
 
 
 def depth_option(text: str) -> float | None:
@@ -665,7 +739,7 @@ def depth_label(depth: float | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.ruler",
                                 description="RULER's synthetic tasks: every method on the same instances.")
-    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_RULER_MODEL),
+    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_RULER_MODEL), type=input_path,
                    help="converted or Hugging Face model directory (default: the shipped model fine-tuned on RULER "
                         "instances)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, metavar="TASK", help=f"of {', '.join(TASKS)} (default: all)")
@@ -679,11 +753,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int_option(0), help="first instance seed (default 0)")
     add_method_args(p)
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--instances", metavar="JSONL", help="read the instances (write_jsonl's) instead of making them")
+    source.add_argument("--instances", type=input_path, metavar="JSONL", help="read the instances (write_jsonl's) instead of making them")
     source.add_argument("--write-instances", type=output_file, metavar="JSONL", help="also write the instances made")
     p.add_argument("--batch", type=int_option(1), default=8, metavar="B", help="prompts per generate call (default 8)")
     p.add_argument("--out", default="results/ruler.json", type=output_file, metavar="JSON")
-    p.add_argument("--plot", default="results/ruler.png", type=output_file, metavar="PNG")
+    p.add_argument("--plot", default="results/ruler.png", type=plot_file, metavar="PNG")
     p.add_argument("--no-plot", action="store_true")
     return p
 
@@ -703,9 +777,7 @@ def make_instances(args: argparse.Namespace, tokenizer, l_train: int) -> tuple[l
         instances = read_jsonl(args.instances)
         if not instances:
             raise ValueError(f"{args.instances} holds no instances")
-        for i, inst in enumerate(instances):
-            if inst.task not in TASKS:
-                raise ValueError(f"{args.instances}:{i + 1}: unknown task {inst.task!r}")
+        for i, inst in enumerate(instances):  # read_jsonl checked the rest
             if len(prompt_tokens(tokenizer, inst.prompt, inst.answer_prefix)) != inst.tokens:
                 raise ValueError(f"{args.instances}:{i + 1}: the prompt does not make {inst.tokens} tokens with "
                                  f"{args.model_dir}'s tokenizer (made with another one?)")
@@ -714,12 +786,15 @@ def make_instances(args: argparse.Namespace, tokenizer, l_train: int) -> tuple[l
     lengths = sorted(set(args.lengths or [m * l_train for m in args.multiples or DEFAULT_MULTIPLES]))
     samples = DEFAULT_SAMPLES if args.samples is None else args.samples
     seed = args.seed or 0
+    depths = args.depths or DEFAULT_DEPTHS
+    per_length = samples * sum(1 if task in ("cwe", "fwe") else len(depths) for task in tasks)
+    check_host_memory({n: per_length for n in lengths})
     text = held_out_text() if set(tasks) & set(NEEDS_TEXT) else None
     instances, skipped = [], {}
     for n in lengths:
         for task in tasks:
             try:
-                instances += generate_grid([task], tokenizer, [n], args.depths or DEFAULT_DEPTHS, samples, seed, text)
+                instances += generate_grid([task], tokenizer, [n], depths, samples, seed, text)
             except TooShort as e:  # e.g. cwe below about 1,000 tokens: that cell stays empty, said here and in the JSON
                 skipped[f"{task}@{n}"] = str(e)
                 print(f"skipping {task} at {n:,} tokens: {e}", file=sys.stderr)
@@ -730,6 +805,19 @@ def make_instances(args: argparse.Namespace, tokenizer, l_train: int) -> tuple[l
                          + "; ".join(f"{cell}: {why}" for cell, why in skipped.items()))
     return instances, {"generated": {"samples": samples, "seed": seed, "text": "stdlib held-out" if text else None,
                                      "skipped": skipped}}
+
+
+def check_host_memory(instances: dict[int, int]) -> None:
+    """Raise a ValueError, before any instance is made, when `instances` (how many per length)
+    would not fit in the host's memory: `MAKE_BYTES_PER_TOKEN` of the longest while it is made,
+    `HOLD_BYTES_PER_TOKEN` of every one while the run holds them."""
+    longest, count = max(instances), sum(instances.values())
+    need = longest * MAKE_BYTES_PER_TOKEN + sum(n * k for n, k in instances.items()) * HOLD_BYTES_PER_TOKEN
+    have = host_memory()
+    if need > have:
+        raise ValueError(f"{count:,} instances of up to {longest:,} tokens need about {need:,} bytes of host memory "
+                         f"({MAKE_BYTES_PER_TOKEN:,} per token to make the longest, {HOLD_BYTES_PER_TOKEN} per token "
+                         f"to hold them all), more than its {have:,}: lower --lengths, --multiples or --samples")
 
 
 def instance_record(inst: Instance, tokens: list[int]) -> dict:
@@ -774,23 +862,38 @@ def needles_visible(spec, instance: Instance, keep: int | None = None) -> bool |
     return not bool(np.any(np.asarray(spec.middle(last, needles))))
 
 
-def finished(path: str | os.PathLike, settings: dict) -> dict:
-    """The ``"methods"`` (finished cells) of the record at `path` when its settings are `settings`,
-    none when there is no file; a ValueError when it holds another run."""
+def previous_run(path: str | os.PathLike, settings: dict) -> dict | None:
+    """The record at `path` (None when there is no file) once its settings are `settings` in every
+    field but ``"params"``, the weights' fingerprint, which `finished` checks once they are loaded; a
+    ValueError when it holds another run."""
     path = Path(path)
     if not path.exists():
-        return {}
+        return None
     try:
         old = json.loads(path.read_text())
-        methods = old["methods"]
-        differ = [k for k in {**settings, **old["settings"]} if old["settings"].get(k) != settings.get(k)]
+        saved = old["settings"]
+        differ = [k for k in {**settings, **saved} if k != "params" and saved.get(k) != settings.get(k)]
+        ours = isinstance(old["methods"], dict)
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise ValueError(f"--out {path} exists and is not a RULER result: pass another --out or remove it") from None
+        ours = False
+    if not ours:
+        raise ValueError(f"--out {path} exists and is not a RULER result: pass another --out or remove it")
     if differ:
         raise ValueError(f"--out {path} holds a RULER run with other settings ({', '.join(differ)} differ): "
                          "pass another --out or remove it")
+    return old
+
+
+def finished(path: str | os.PathLike, old: dict | None, params: str) -> dict:
+    """The ``"methods"`` (finished cells) of `previous_run`'s record `old` (none when None) when its
+    weights' fingerprint is `params`; a ValueError when it holds a run of other weights."""
+    if old is None:
+        return {}
+    if old["settings"].get("params") != params:
+        raise ValueError(f"--out {path} holds a RULER run of other weights (settings.params: "
+                         f"{old['settings'].get('params')} there, {params} here): pass another --out or remove it")
     print(f"resuming {path}", file=sys.stderr)
-    return methods
+    return old["methods"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -819,14 +922,16 @@ def run(args: argparse.Namespace) -> int:
         "instances_sha256": hashlib.sha256(json.dumps(records).encode()).hexdigest(), "batch": args.batch,
         "global_branch": args.global_branch, "top_k": [args.top_k, args.top_k_from_layer, args.top_k_to_layer,
                                                        args.top_k_insert_at]}))
-    record = {"settings": settings, "source": source, "instances": records, "methods": finished(args.out, settings)}
+    old = previous_run(args.out, settings)
+    _, config, params = load_model(args.model_dir)
+    dtype = params_dtype(params)
+    settings["params"] = tree_fingerprint(params)
+    record = {"settings": settings, "source": source, "instances": records,
+              "methods": finished(args.out, old, settings["params"])}
     cells = {(t, n): [k for k, i in enumerate(instances) if (i.task, i.length) == (t, n)] for t in tasks for n in lengths}
     cells = {key: picked for key, picked in cells.items() if picked}
     todo = [(name, n, t) for name in specs for n in lengths for t in tasks
             if (t, n) in cells and f"{t}@{n}" not in record["methods"].get(name, {"cells": {}})["cells"]]
-    if todo:
-        _, config, params = load_model(args.model_dir)
-        dtype = params_dtype(params)
     built: dict[tuple[str, int], tuple] = {}
     for name, n, task in todo:
         spec, prefill_spec = specs[name]

@@ -50,7 +50,7 @@ from experiments.loading import (
     DTYPES, add_attention_args, add_mesh_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype,
     run_cli, frequencies_from_args, pretraining_length, resolve_dtype, sharding_plan, spec_from_args, spec_settings,
 )
-from experiments.options import int_option, output_dir, output_file
+from experiments.options import input_path, int_option, output_dir, output_file, plot_file
 from experiments.text import check_ids, npy_tokens, read_text_file
 
 TOKEN_CACHE_VERSION = 1
@@ -60,10 +60,10 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.stream_nll", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", help="converted or Hugging Face model directory")
+    p.add_argument("model_dir", type=input_path, help="converted or Hugging Face model directory")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--tokens", metavar="FILE.npy", help="a 1-D integer .npy of token ids (memory-mapped)")
-    source.add_argument("--text", nargs="+", metavar="FILE", help="text files, tokenized with the model's tokenizer")
+    source.add_argument("--tokens", type=input_path, metavar="FILE.npy", help="a 1-D integer .npy of token ids (memory-mapped)")
+    source.add_argument("--text", nargs="+", type=input_path, metavar="FILE", help="text files, tokenized with the model's tokenizer")
     p.add_argument("--max-tokens", type=int_option(2), metavar="N", help="use only the first N tokens")
     p.add_argument("--streams", type=int_option(1), default=1, metavar="B", help="equal contiguous streams side by side")
     p.add_argument("--chunk", type=int_option(1), default=512, metavar="C", help="tokens per model call (default: 512)")
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int_option(1), default=100, metavar="N", help="chunks between saves")
     p.add_argument("--max-chunks", type=int_option(0), metavar="N", help="stop after N chunks in this run")
     p.add_argument("--out", default="results/stream_nll.json", type=output_file, metavar="JSON", help="result file")
-    p.add_argument("--plot", default="results/stream_nll.png", type=output_file, metavar="PNG", help="NLL vs position plot")
+    p.add_argument("--plot", default="results/stream_nll.png", type=plot_file, metavar="PNG", help="NLL vs position plot")
     p.add_argument("--no-plot", action="store_true", help="do not draw the plot")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     add_attention_args(p)
@@ -183,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from lminf_jax.cache import needs_full_cache
-    from lminf_jax.streaming import PositionBuckets, streaming_nll
+    from lminf_jax.streaming import PositionBuckets, check_checkpoint_dir, streaming_nll
     from models.common import AttentionCall
 
+    if args.checkpoint_dir is not None:
+        check_checkpoint_dir(args.checkpoint_dir)  # a folder the store could not use, before any work
     family, config = load_config(args.model_dir)  # validate the options before reading weights
     spec = spec_from_args(args, config)
     if spec.top_k is not None:

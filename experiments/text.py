@@ -22,16 +22,17 @@ import numpy as np
 
 from experiments import corpus
 from experiments.loading import hf_config, load_tokenizer_from
+from experiments.options import input_path
 
 
 def add_text_args(parser: argparse.ArgumentParser) -> None:
     """Register the text options (see the module docstring) on `parser`."""
     group = parser.add_argument_group("text (one of)")
     text = group.add_mutually_exclusive_group()
-    text.add_argument("--source", default="stdlib",
+    text.add_argument("--source", default="stdlib", type=input_path,
                       help="held-out split of 'stdlib' (default), a folder or a .jsonl with 'text'")
-    text.add_argument("--tokens", metavar="FILE.npy", help="a 1-D integer .npy of token ids, used as is")
-    text.add_argument("--text", nargs="+", metavar="FILE", help="text files, each encoded as BOS + ids")
+    text.add_argument("--tokens", type=input_path, metavar="FILE.npy", help="a 1-D integer .npy of token ids, used as is")
+    text.add_argument("--text", nargs="+", type=input_path, metavar="FILE", help="text files, each encoded as BOS + ids")
     group.add_argument("--held-out-percent", type=float, default=corpus.DEFAULT_HELD_OUT_PERCENT, metavar="P",
                        help="the split of --source (default 5, as in experiments.corpus)")
 

@@ -65,7 +65,7 @@ import orbax.checkpoint as ocp
 from converters.store import load_converted, save_converted
 from experiments import corpus as corpus_lib
 from experiments.loading import hf_config, load_tokenizer_from
-from experiments.options import output_dir
+from experiments.options import input_path, output_dir, parse_checked
 from experiments.passkey import PasskeyBuilder, training_windows
 from experiments.ruler import TrainingMix
 from lminf_jax.fingerprint import check_identity, json_digest, newest_intact, tree_fingerprint
@@ -528,7 +528,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="folder written by python -m experiments.corpus")
+    parser.add_argument("--data", required=True, type=input_path, help="folder written by python -m experiments.corpus")
     parser.add_argument("--out", required=True, type=output_dir, help="run folder (checkpoints, logs, model/)")
     parser.add_argument("--preset", default="llama-small", choices=sorted(PRESETS))
     d = TrainConfig("", "")
@@ -549,14 +549,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, default=d.log_every)
     parser.add_argument("--stop-after", type=int, default=None,
                         help="checkpoint and stop after this step (a later run with the same arguments resumes)")
-    parser.add_argument("--init", metavar="MODEL_DIR", help="start from this converted model (fine-tuning)")
+    parser.add_argument("--init", type=input_path, metavar="MODEL_DIR", help="start from this converted model (fine-tuning)")
     parser.add_argument("--passkey-fraction", type=float, default=d.passkey_fraction, metavar="F",
                         help="share of each batch made of passkey windows (experiments.passkey; default 0)")
     parser.add_argument("--ruler-fraction", type=float, default=d.ruler_fraction, metavar="F",
                         help="share of each batch made of RULER instances with their answers, every task that fits "
                              "in --seq-len (experiments.ruler.TrainingMix; default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv)
     cfg = TrainConfig(data=args.data, out=args.out, preset=args.preset, steps=args.steps, batch=args.batch,
                       seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                       clip=args.clip, dtype=args.dtype, seed=args.seed, checkpoint_every=args.checkpoint_every,

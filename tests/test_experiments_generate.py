@@ -232,6 +232,21 @@ def test_chat_without_a_template_fails_before_loading_the_model(model_dir, capsy
                                        "not a chat/instruct one\n")
 
 
+def test_a_full_cache_too_large_for_memory_is_refused_before_loading_the_model(model_dir, capsys, monkeypatch):
+    import lminf_jax.cache
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(lminf_jax.cache, "available_memory", lambda: (10**9, "host memory"))
+    argv = [str(model_dir), "--prompt", "the fox", "--method", "vanilla", "--max-new-tokens", "2000000000",
+            "--dtype", "fp32"]
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err == (  # at --dtype's 4 bytes; without it, at least 2
+        "error: --max-new-tokens 2,000,000,000 after the longest prompt (3 tokens): a full cache of capacity = "
+        "2000000003 slots needs 520,000,000,780 bytes (2 layers x batch 1 x 2000000003 slots x 2 kv heads x 16 key "
+        "+ value dims x 4 bytes, + positions), more than the 1,000,000,000 bytes of host memory; lower capacity (the "
+        "longest sequence it must hold) or the batch\n")
+
+
 def test_load_model_casts_and_reads_the_default_window(model_dir):
     family, cfg, params = load_model(model_dir, "bf16")
     assert family.name == "llama" and cfg.max_position_embeddings == PRETRAIN

@@ -6,7 +6,9 @@ import argparse
 
 import pytest
 
-from experiments.options import int_option, output_dir, output_file
+from experiments.options import (
+    check_outputs_apart, input_path, int_option, output_dir, output_file, parse_checked, plot_file,
+)
 
 
 def parse(argv: list[str], **types) -> argparse.Namespace:
@@ -69,3 +71,113 @@ def test_output_dir_takes_existing_or_new_folders_and_refuses_a_file(tmp_path):
         parse(["--d", str(tmp_path / "file")], d=output_dir)
     with pytest.raises(argparse.ArgumentError, match="cannot write in /proc"):
         parse(["--d", "/proc/lminf-test"], d=output_dir)
+
+
+# ----- outputs apart from inputs (issue 31: a run never writes where it reads) --------------------
+
+
+def test_check_outputs_apart_refuses_the_input_itself_and_anything_inside_it(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    inputs = [("MODEL_DIR", str(model))]
+    for out, where in [(model / "config.json", "lies inside"), (model, "is"), (model / "new" / "r.json", "lies inside"),
+                       (tmp_path / "x" / ".." / "model" / "a.json", "lies inside")]:
+        with pytest.raises(ValueError, match=f"--out {out} {where} the input MODEL_DIR {model}"):
+            check_outputs_apart([("--out", str(out))], inputs)
+    check_outputs_apart([("--out", str(tmp_path / "model.json")), ("--plot", str(tmp_path / "modelx" / "p.png"))],
+                        inputs)  # beside it, and a name that merely starts like it: fine
+
+
+def test_check_outputs_apart_resolves_symlinks_and_ignores_inputs_that_do_not_exist(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (tmp_path / "link").symlink_to(model)
+    with pytest.raises(ValueError, match="lies inside the input"):
+        check_outputs_apart([("--json", str(tmp_path / "link" / "model.safetensors"))], [("M", str(model))])
+    with pytest.raises(ValueError, match="is the input --tokens"):
+        tokens = tmp_path / "t.npy"
+        tokens.write_bytes(b"x")
+        check_outputs_apart([("--out", str(tmp_path / "link" / ".." / "t.npy"))], [("--tokens", str(tokens))])
+    check_outputs_apart([("--out", str(tmp_path / "stdlib" / "r.json"))], [("--source", str(tmp_path / "stdlib"))])
+
+
+def test_parse_checked_finds_marked_options_and_fails_like_argparse(tmp_path, capsys):
+    model = tmp_path / "m"
+    model.mkdir()
+    parser = argparse.ArgumentParser(prog="x")
+    parser.add_argument("model_dir", type=input_path)
+    parser.add_argument("--text", nargs="+", type=input_path)
+    parser.add_argument("--out", type=output_file)
+    parser.add_argument("--other")  # unmarked: never compared
+    assert parse_checked(parser, [str(model), "--out", str(tmp_path / "r.json"), "--other", str(model)]).out
+    text = tmp_path / "a.txt"
+    text.write_text("x")
+    for argv in ([str(model), "--out", str(model / "r.json")], [str(model), "--text", str(text), "--out", str(text)]):
+        with pytest.raises(SystemExit) as e:
+            parse_checked(parser, argv)
+        assert e.value.code == 2 and "a run never writes where it reads" in capsys.readouterr().err
+
+
+def _model_dir(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model / name).write_text("precious")
+    return model
+
+
+#: Each command with an output inside (or equal to) one of its inputs: (module, argv).
+COMMANDS = {
+    "perplexity": ("experiments.perplexity", "{m} --out {m}/config.json"),
+    "perplexity-plot": ("experiments.perplexity", "{m} --plot {m}/../model/plot.png"),
+    "perplexity-from-json": ("experiments.perplexity", "{m} --from-json {m}/config.json --plot {m}/plot.png"),
+    "perplexity-tokens": ("experiments.perplexity", "{m} --tokens {m}/model.safetensors --out {m}/model.safetensors"),
+    "stream_nll": ("experiments.stream_nll", "{m} --tokens {m}/x.npy --checkpoint-dir {m}"),
+    "continuation": ("experiments.continuation", "{m} --out {m}/config.json"),
+    "factors": ("experiments.factors", "{m} --out-dir {m}"),
+    "benchmark_context_parallel": ("experiments.benchmark_context_parallel", "{m} --out {m}/config.json"),
+    "train": ("experiments.train", "--data {m} --out {m}/run"),
+    "train-init": ("experiments.train", "--data {m}/../data --init {m} --out {m}"),
+    "corpus": ("experiments.corpus", "--source {m} --out {m}"),
+    "generate": ("experiments.generate", "{m} --prompt abc --json {m}/model.safetensors"),
+    "generate-prompt-file": ("experiments.generate", "{m} --prompt-file {m}/config.json --json {m}/config.json"),
+    "passkey": ("experiments.passkey", "{m} --out {m}/config.json"),
+    "ruler": ("experiments.ruler", "{m} --plot {m}/plot.png"),
+    "ruler-instances": ("experiments.ruler", "--instances {m}/config.json --out {m}/../model/config.json"),
+}
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_refuses_to_write_into_what_it_reads(name, tmp_path, capsys):
+    import importlib
+
+    module, argv = COMMANDS[name]
+    model = _model_dir(tmp_path)
+    (tmp_path / "data").mkdir()
+    try:
+        code = importlib.import_module(module).main(argv.format(m=model).split())
+    except SystemExit as e:  # the commands that use argparse directly exit as argparse does
+        code = e.code
+    assert code == 2
+    assert "a run never writes where it reads" in capsys.readouterr().err
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
+    assert all(p.read_text() == "precious" for p in model.iterdir())
+
+
+def test_lm_eval_refuses_an_output_path_inside_the_model(tmp_path):
+    from experiments import lm_eval_model
+
+    model = _model_dir(tmp_path)
+    with pytest.raises(SystemExit, match="--output_path .* the input pretrained="):
+        lm_eval_model.main(["--model", "lminf_jax", "--model_args", f"pretrained={model}", "--tasks", "x",
+                            "--output_path", str(model)])
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_plot_file_takes_what_matplotlib_saves_and_refuses_the_rest(tmp_path):
+    assert parse(["--plot", str(tmp_path / "p.svg")], plot=plot_file).plot == str(tmp_path / "p.svg")
+    for name, message in [("p.xyz", "matplotlib cannot save .xyz files; use one of"),
+                          ("p", "matplotlib cannot save a file without an extension")]:
+        with pytest.raises(argparse.ArgumentError, match=message):
+            parse(["--plot", str(tmp_path / name)], plot=plot_file)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -147,3 +148,26 @@ def test_the_shipped_passkey_model_is_the_shipped_model_fine_tuned():
     assert run["passkey_fraction"] == 0.5 and run["steps"] == 200
     assert "Fine-tuning: started from `experiments/shipped/llama-small-stdlib`" in (tuned / "model_card.md").read_text()
     assert cli.build_parser().parse_args([]).model_dir == str(tuned)
+
+
+def test_a_length_too_large_for_memory_is_refused_before_prompts_or_weights(tmp_path, capsys, monkeypatch):
+    import lminf_jax.cache
+    from experiments.perplexity import SHIPPED_MODEL
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
+    monkeypatch.setattr(cli.PasskeyBuilder, "prompt", lambda *a, **k: pytest.fail("a prompt was built"))
+    out = ["--out", str(tmp_path / "pk.json")]
+    # the issue's run: the prompts alone would need ~5e17 bytes
+    assert cli.main([str(SHIPPED_MODEL), "--multiples", "1", str(2**31 - 1), *out]) == 1
+    assert re.search(r"^error: --multiples 2147483647 \(prompts of 1,099,511,627,264 tokens\): the prompts' token ids "
+                     r"need at least [\d,]+ bytes \(20 prompts per length, .*\), more than the [\d,]+ bytes of host "
+                     r"memory; lower --multiples, --samples or the number of --depths$", capsys.readouterr().err)
+    # prompts that fit, but not vanilla's full cache (4 layers x 4 kv heads x 128 key + value dims x 2 bytes at least)
+    monkeypatch.setattr(cli, "host_memory", lambda: 10**9)
+    monkeypatch.setattr(lminf_jax.cache, "available_memory", lambda: (10**9, "host memory"))
+    assert cli.main([str(SHIPPED_MODEL), "--multiples", "1000", "--samples", "1", "--depths", "0", *out]) == 1
+    assert capsys.readouterr().err == (
+        "error: --multiples 1000 (prompts of 512,000 tokens): method vanilla: a full cache of capacity = 512008 slots "
+        "needs 2,099,232,800 bytes (4 layers x batch 1 x 512008 slots x 4 kv heads x 128 key + value dims x 2 bytes, "
+        "+ positions), more than the 1,000,000,000 bytes of host memory; lower capacity (the longest sequence it must "
+        "hold) or the batch\n")

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from multidevice import run_on_devices
 from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 
@@ -306,3 +307,24 @@ def test_saved_parts_are_verified_and_tied_to_the_params(model_dir, text_file, t
     save_converted(model, jax.tree.map(lambda x: x * 1.5, params), config, family)
     rerun()
     assert len(calls) == 4  # nothing of the other params reused
+
+
+def test_nan_weights_show_nan_and_name_the_tensor(model_dir, text_file, tmp_path, capsys):
+    """NaN weights: the table says nan (not inf) and the warning names the tensor that holds them."""
+    params, config, family = load_converted(model_dir)
+    name = "model.layers.mlp.down_proj.weight"
+    flat = {k: np.array(v) for k, v in traverse_util.flatten_dict(params, sep=".").items()}
+    flat[name].flat[7] = np.nan
+    model = tmp_path / "nan-model"
+    save_converted(model, traverse_util.unflatten_dict(flat, sep="."), config, family)
+    shutil.copy(model_dir / "tokenizer.model", model / "tokenizer.model")
+    out = tmp_path / "r.json"
+    code, stdout, stderr = run([str(model), "--text", str(text_file), "--multiples", "1", "--sequences", "1",
+                                "--methods", "vanilla", "--no-plot", "--no-progress", "--out", str(out)], capsys)
+    assert code == 0, stderr
+    row = next(line for line in stdout.splitlines() if line.startswith("vanilla"))
+    assert row.split()[1:] == ["nan"]
+    record = json.loads(out.read_text())
+    assert record["methods"]["vanilla"]["lengths"][0]["nan_scores"] > 0
+    assert f"{name} (1 values)" in record["settings"]["nan_origin"] and record["settings"]["nan_origin"] in stderr
+    assert cli._ppl_text({"ppl": None, "nan_scores": 0}) == "inf"  # an overflow, not a NaN

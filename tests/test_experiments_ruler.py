@@ -254,6 +254,56 @@ def test_jsonl_round_trips_and_checks_the_version(tmp_path):
         ruler.read_jsonl(path)
 
 
+@pytest.mark.parametrize("line, message", [
+    ({"length": 10**6}, "length 1000000 and tokens 300 disagree: niah_single_1 prompts have length - 4 <= tokens"),
+    ({"tokens": 302}, "length 300 and tokens 302 disagree"),
+    ({"needle_positions": [10**9]},
+     "needle_positions must be 1 integer(s) in [0, 299] (one per output), got [1000000000]"),
+    ({"needle_positions": [-1]}, "needle_positions must be 1 integer(s) in [0, 299]"),
+    ({"needle_positions": [1.5]}, "needle_positions must be 1 integer(s) in [0, 299]"),
+    ({"needle_positions": [3, 4]}, "needle_positions must be 1 integer(s)"),
+    ({"outputs": []}, "outputs must be a non-empty list of non-empty strings, got []"),
+    ({"outputs": [""]}, "outputs must be a non-empty list of non-empty strings"),
+    ({"outputs": "1234567"}, "outputs must be a non-empty list of non-empty strings"),
+    ({"depth": 1.5}, "depth must be a number in [0, 1] or null, got 1.5"),
+    ({"depth": "0.5"}, "depth must be a number in [0, 1] or null, got '0.5'"),
+    ({"task": "qa_1"}, "task 'qa_1' is not a RULER task; known: niah_single_1"),
+    ({"length": "300"}, "length must be a positive integer, got '300'"),
+    ({"seed": -1}, "seed must be a non-negative integer, got -1"),
+    ({"prompt": ""}, "prompt must be a non-empty string"),
+    ({"answer_prefix": None}, "answer_prefix must be a string"),
+    ({"haystack": [0, 301]}, "haystack must be [start, end] with 0 <= start <= end <= tokens = 300, got [0, 301]"),
+    ({"haystack": [5]}, "haystack must be [start, end]"),
+    ({"max_new_tokens": 5}, "max_new_tokens must be 128 (RULER's for niah_single_1), got 5"),
+    ({"colour": "red"}, "unknown key(s): colour"),
+    ({"outputs": ..., "tokens": ...}, "missing key(s): outputs, tokens"),
+    ({"version": True}, "not a version 1 RULER instance"),
+    ("{", "not JSON"),
+    ("[1]", "not a version 1 RULER instance"),
+])
+def test_instances_files_are_checked_line_by_line(tmp_path, line, message):
+    inst = dataclasses.replace(make("niah_single_1", 300), tokens=300, haystack=(3, 290), needle_positions=(100,))
+    path = tmp_path / "i.jsonl"
+    ruler.write_jsonl([inst], path)
+    good = path.read_text()
+    if isinstance(line, dict):
+        line = json.dumps({k: v for k, v in {**json.loads(good), **line}.items() if v is not ...})  # ...: left out
+    path.write_text(good + line + "\n")
+    with pytest.raises(ValueError) as error:
+        ruler.read_jsonl(path)
+    assert str(error.value).startswith(f"{path}:2: ") and message in str(error.value)
+
+
+def test_instances_without_needles_must_say_so(tmp_path):
+    inst = make("fwe", 300)
+    path = tmp_path / "i.jsonl"
+    for change, message in (({"depth": 0.5}, "fwe has no needle: depth must be null, got 0.5"),
+                            ({"needle_positions": (3,)}, "needle_positions must be [] (fwe has no needle), got [3]")):
+        ruler.write_jsonl([dataclasses.replace(inst, **change)], path)
+        with pytest.raises(ValueError, match=re.escape(f"{path}:1: {message}")):
+            ruler.read_jsonl(path)
+
+
 def test_string_match_scores_follow_ruler():
     outputs = ["5532642", "Abc-Def", "1234567"]
     assert ruler.string_match_all(" 5532642, abc-def and 1234567.", outputs) == 1.0
@@ -281,11 +331,59 @@ def test_aggregate_averages_per_task_length_and_depth():
 # ----- the command line -------------------------------------------------------------------------
 
 
-def test_the_cli_evaluates_every_method_on_the_same_instances_and_resumes(tmp_path, capsys, monkeypatch):
-    import lminf_jax.decoding
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
     from tiny_checkpoint import make_model_dir
 
-    model_dir = make_model_dir(tmp_path / "m")
+    return make_model_dir(tmp_path_factory.mktemp("ruler") / "m")
+
+
+def test_a_resume_refuses_other_weights_of_the_same_config(model_dir, tmp_path, capsys, monkeypatch):
+    import jax
+
+    load_model, ran = ruler.load_model, []
+
+    def fake_predict(model, prefill, params, tokenizer, prompts, *args):
+        ran.append(len(prompts))
+        return [{"prediction": "", "new_tokens": 0, "stopped": False} for _ in prompts]
+
+    def other_weights(*args, **kwargs):
+        family, config, params = load_model(*args, **kwargs)
+        return family, config, jax.tree.map(lambda x: x * 1.01, params)
+
+    monkeypatch.setattr(ruler, "predict", fake_predict)
+    out = tmp_path / "r.json"
+    argv = [str(model_dir), "--tasks", "niah_single_1", "--lengths", "480", "--depths", "0.5",
+            "--samples", "1", "--out", str(out), "--no-plot", "--methods", "vanilla"]
+    assert ruler.main(argv) == 0 and ran == [1]
+    first = out.read_text()
+    monkeypatch.setattr(ruler, "load_model", other_weights)
+    capsys.readouterr()
+    assert ruler.main([*argv, "lm_infinite"]) == 1 and ran == [1] and out.read_text() == first
+    err = capsys.readouterr().err
+    saved = json.loads(first)["settings"]["params"]
+    assert f"--out {out} holds a RULER run of other weights (settings.params: {saved} there, sha256:" in err
+    assert "here): pass another --out or remove it" in err
+    monkeypatch.setattr(ruler, "load_model", load_model)
+    assert ruler.main([*argv, "lm_infinite"]) == 0 and ran == [1, 1]  # only the new method ran
+    assert f"resuming {out}" in capsys.readouterr().err
+    methods = json.loads(out.read_text())["methods"]
+    assert list(methods) == ["vanilla", "lm_infinite"] and methods["vanilla"] == json.loads(first)["methods"]["vanilla"]
+
+
+@pytest.mark.parametrize("option", ["--lengths", "--multiples"])
+def test_lengths_beyond_host_memory_fail_before_any_instance_is_made(option, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ruler, "generate", lambda *a, **k: pytest.fail("an instance was made"))
+    assert ruler.main([option, "2147483647", "--out", str(tmp_path / "r.json"), "--no-plot"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"error: 94 instances of up to [\d,]+ tokens need about [\d,]+ bytes of host memory \(1,200 per "
+                     r"token to make the longest, 40 per token to hold them all\), more than its [\d,]+: lower "
+                     r"--lengths, --multiples or --samples", err), err
+
+
+def test_the_cli_evaluates_every_method_on_the_same_instances_and_resumes(model_dir, tmp_path, capsys, monkeypatch):
+    import lminf_jax.decoding
+
     seen: dict[str, list[tuple[int, ...]]] = collections.defaultdict(list)
     generate = lminf_jax.decoding.generate
 
@@ -340,7 +438,7 @@ def test_the_cli_evaluates_every_method_on_the_same_instances_and_resumes(tmp_pa
     for name, res in again["methods"].items():
         assert {k: c["predictions"] for k, c in res["cells"].items()} == {
             k: c["predictions"] for k, c in record["methods"][name]["cells"].items()}
-    monkeypatch.setattr(ruler, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
+    monkeypatch.setattr(ruler, "predict", lambda *a, **k: pytest.fail("a finished cell was run again"))
     assert ruler.main([*argv, "--out", str(tmp_path / "a.json"), "--no-plot"]) == 0
     assert json.loads((tmp_path / "a.json").read_text())["methods"] == record["methods"]
     capsys.readouterr()
@@ -352,6 +450,10 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(ruler, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
     inst = make("niah_single_1", 300)
     ruler.write_jsonl([dataclasses.replace(inst, tokens=inst.tokens - 1)], tmp_path / "other.jsonl")
+    record = json.loads((tmp_path / "other.jsonl").read_text())
+    for name, change in (("missing", {"outputs": ...}), ("extra", {"colour": "red"}), ("empty", {"outputs": []})):
+        changed = {k: v for k, v in {**record, **change}.items() if v is not ...}  # ...: left out
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(changed))
     out = ["--out", str(tmp_path / "r.json")]
     for argv, code, message in (
         (["--tasks", "qa_1"], 2, "argument --tasks: invalid choice: 'qa_1'"),
@@ -363,9 +465,16 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys, monkeypatch
         (["--methods", "vanilla", "nope"], 1, "'nope' is not a mask method"),
         (["--instances", str(tmp_path / "other.jsonl"), "--tasks", "vt"], 1, "drop --tasks"),
         (["--instances", str(tmp_path / "other.jsonl")], 1, "other.jsonl:1: the prompt does not make 299 tokens"),
+        (["--instances", str(tmp_path / "missing.jsonl")], 1, "missing.jsonl:1: missing key(s): outputs"),
+        (["--instances", str(tmp_path / "extra.jsonl")], 1, "extra.jsonl:1: unknown key(s): colour"),
+        (["--instances", str(tmp_path / "empty.jsonl")], 1, "empty.jsonl:1: outputs must be a non-empty list"),
+        (["--plot", str(tmp_path / "r.xyz")], 2,
+         "argument --plot: {0}/r.xyz: matplotlib cannot save .xyz files; use one of "),
+        (["--plot", str(tmp_path / "r")], 2,
+         "argument --plot: {0}/r: matplotlib cannot save a file without an extension"),
     ):
         assert ruler.main([*argv, *out]) == code
-        assert message in capsys.readouterr().err
+        assert message.format(tmp_path) in capsys.readouterr().err
     (tmp_path / "r.json").write_text("[]")
     assert ruler.main(["--tasks", "niah_single_1", "--lengths", "300", "--samples", "1", *out]) == 1
     assert "r.json exists and is not a RULER result" in capsys.readouterr().err
