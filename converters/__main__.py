@@ -9,24 +9,25 @@ directory is self-contained (`experiments.generate` reads its tokenizer there). 
 OUT_DIR is refused, unless it is a converted checkpoint (its converted.json has this project's
 format) and ``--overwrite`` is given: it is then replaced whole, everything in it included. Both
 are checked before anything is read; the output is written beside OUT_DIR and renamed into place
-only when complete, so a failed conversion leaves OUT_DIR as it was.
+only when complete, so a failed conversion leaves OUT_DIR as it was. Each parameter file is written
+as the checkpoint is read, one checkpoint tensor at a time (`converters.convert.write_params`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 
-from converters.convert import load_params
+from converters.convert import write_params
 from converters.reader import CheckpointReader
-from converters.store import save_converted, staged_output
+from converters.store import ConvertedWriter, staged_output
 
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 
@@ -70,17 +71,19 @@ def main(argv: list[str] | None = None) -> int:
             reader = CheckpointReader(args.hf_dir)
             family = family_for_config(reader.config)
             layout = layout_for(family, family.config_from_hf(reader.config))
-            params = load_params(reader, layout, dtype=DTYPES.get(args.dtype), progress=not args.no_progress)
-            save_converted(staging, params, reader.config, family.name)
+            writer = ConvertedWriter(staging)
+            write_params(reader, layout, writer.param, dtype=DTYPES.get(args.dtype), progress=not args.no_progress)
+            writer.finish(reader.config, family.name)
             copied = copy_tokenizer(args.hf_dir, staging)
     except (OSError, ValueError, ImportError) as e:  # bad input: the message says what and where
         print(f"error: {e}", file=sys.stderr)
         return 1
     out = Path(args.out_dir).absolute()
-    leaves = jax.tree.leaves(params)
-    dtypes = sorted({jnp.dtype(leaf.dtype).name for leaf in leaves})
+    specs = writer.manifest.values()
+    dtypes = sorted({spec["dtype"] for spec in specs})
+    count = sum(math.prod(spec["shape"]) for spec in specs)
     print(
-        f"converted {family.name}: {sum(leaf.size for leaf in leaves):,} parameters in {len(leaves)} arrays, "
+        f"converted {family.name}: {count:,} parameters in {len(specs)} arrays, "
         f"dtype {'/'.join(dtypes)}, {time.perf_counter() - start:.1f} s, peak host RSS {_peak_rss_mb():.0f} MB\n"
         f"wrote {out}\n"
         + (f"copied tokenizer files: {', '.join(copied)}" if copied

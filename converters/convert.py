@@ -1,21 +1,22 @@
-"""`load_params`: a Hugging Face checkpoint -> a `models` params pytree of jax arrays."""
+"""A Hugging Face checkpoint -> a `models` params pytree of jax arrays (`load_params`), or
+parameter files written one checkpoint tensor at a time (`write_params`, the converter's)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
-import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from converters.dtypes import dtype_kind, numpy_dtype
 from converters.layout import CheckpointLayout, check_layer_count
-from converters.placement import check_shardings
+from converters.placement import aligned_empty, check_shardings, loaded_dtype, place
 from converters.reader import CheckpointReader
+from converters.safetensors_file import TensorWriter
 from lminf_jax.progress import Progress
 
 #: How many items of each kind of problem a checkpoint error lists before it counts the rest.
@@ -125,7 +126,7 @@ def load_params(
             parts = layout.splits[name](host, stacked) if name in layout.splits else {name: host}
             del host
             for part, array in parts.items():
-                flat[part] = _place(array, None if shardings is None else shardings[part])
+                flat[part] = place(array, None if shardings is None else shardings[part])
             del parts
             # Where jax copies from the host buffer (accelerators), it lets go of the buffer in
             # a gc callback: run it now, or several parameters' buffers can pile up.
@@ -138,27 +139,48 @@ def _assemble(reader: CheckpointReader, sources: list[str], stacked: bool, dtype
     """One template entry in a host buffer of its final dtype, read one checkpoint tensor at a time."""
     first = sources[0]
     shape = (len(sources), *reader.shape(first)) if stacked else reader.shape(first)
-    stored = numpy_dtype(reader.dtype(first), first)
-    cast = dtype is not None and jnp.issubdtype(stored, jnp.floating)
-    host = _aligned_empty(shape, np.dtype(dtype) if cast else stored)
+    host = aligned_empty(shape, loaded_dtype(numpy_dtype(reader.dtype(first), first), dtype))
     for row, name in zip(host if stacked else [host], sources, strict=True):
         source = reader.read(name)
-        row[...] = source  # casts when `cast`, rounding to nearest even as XLA does
+        row[...] = source  # casts when `dtype` applies, rounding to nearest even as XLA does
         bar.update(1, nbytes=source.nbytes)
     return host
 
 
-def _place(host: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
-    """``host`` on the default device, or each device's shard of it under ``sharding``."""
-    if sharding is None:
-        return jax.device_put(host).block_until_ready()
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index]).block_until_ready()
+#: Opens the file of one parameter: (flat name, shape, dtype) -> its writer.
+OpenParam = Callable[[str, tuple[int, ...], np.dtype], TensorWriter]
 
 
-def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
-    """An uninitialised array with `alignment`-byte aligned data: jax on CPU adopts such a
-    buffer without copying it."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + alignment, np.uint8)
-    start = -raw.ctypes.data % alignment
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
+def write_params(
+    source: CheckpointReader | str | os.PathLike,
+    layout: CheckpointLayout,
+    open_param: OpenParam,
+    *,
+    dtype: jax.typing.DTypeLike | None = None,
+    progress: bool = True,
+) -> None:
+    """Write the parameters of a checkpoint through `open_param`, as `load_params` would load them.
+
+    Validates the whole checkpoint first (`plan_params`). Then each checkpoint tensor in turn is read
+    (memory-mapped), cast (`dtype` for floating-point parameters when given), split if fused
+    (`CheckpointLayout.splits`) and appended to its parameters' files, a stacked parameter's row by
+    row, before the next is read: the host holds one checkpoint tensor (and its cast) at a time,
+    never a whole parameter. `progress` reports tensors, MB read and MB/s on stderr.
+    """
+    reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
+    plan = plan_params(reader, layout)
+    with Progress(sum(map(len, plan.values())), "tensors", "converting", enabled=progress) as bar:
+        for name, sources in plan.items():
+            stacked = layout.is_stacked(name)
+            with contextlib.ExitStack() as files:
+                writers: dict[str, TensorWriter] = {}
+                for tensor in sources:
+                    stored = reader.read(tensor)
+                    row = stored.astype(loaded_dtype(stored.dtype, dtype), copy=False)
+                    parts = layout.splits[name](row, False) if name in layout.splits else {name: row}
+                    for part, piece in parts.items():
+                        if part not in writers:
+                            shape = (len(sources), *piece.shape) if stacked else piece.shape
+                            writers[part] = files.enter_context(open_param(part, shape, piece.dtype))
+                        writers[part].write(piece)
+                    bar.update(1, nbytes=stored.nbytes)

@@ -1,4 +1,4 @@
-"""Validated, memory-mapped reading of one ``.safetensors`` file.
+"""Validated, memory-mapped reading of one ``.safetensors`` file, and writing one tensor as one.
 
 The header is parsed here rather than through the ``safetensors`` package so that a tensor
 is returned as a view of a mapping of its own bytes (bf16 as ``ml_dtypes.bfloat16``) that is
@@ -6,10 +6,16 @@ unmapped as soon as the caller drops it (the package's ``get_tensor`` copies). T
 validated as strictly as the package does: a JSON object without duplicate keys, string
 ``__metadata__``, and tensors whose ``data_offsets`` tile the data buffer exactly (in
 order, no overlap, no gap, nothing after the last), each spanning its shape's bytes.
+
+`TensorWriter` writes a file of one tensor, piece by piece, its data aligned in the file as asked
+(the header padded with spaces, as the format allows), e.g. as jax on CPU needs to adopt a mapping
+of it without a copy.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 
@@ -19,6 +25,7 @@ from converters.dtypes import NUMPY_DTYPES, TensorInfo, numpy_dtype
 from converters.json_object import parse_json_object
 
 MAX_HEADER_BYTES = 100_000_000
+_CODES = {dtype: code for code, dtype in NUMPY_DTYPES.items()}
 
 
 class SafetensorsFile:
@@ -113,6 +120,42 @@ class SafetensorsFile:
             raise ValueError(
                 f"{self.path}: data bytes [{covered}, {buffer_bytes}) at the end belong to no tensor"
             )
+
+
+class TensorWriter:
+    """Writes tensor `name` of `shape` and `dtype` as the ``.safetensors`` file `path` (which must not
+    exist), its data starting at a multiple of `alignment` bytes and given in C order by `write`, in
+    pieces of any shape; a context manager whose exit checks that every byte was written (ValueError
+    naming the file)."""
+
+    def __init__(self, path: str | os.PathLike, name: str, shape: tuple[int, ...], dtype: np.typing.DTypeLike,
+                 alignment: int = 8):
+        self.path, self.dtype = Path(path), np.dtype(dtype)
+        if self.dtype not in _CODES:
+            raise ValueError(f"{self.path}: tensor {name!r} has dtype {self.dtype}, which safetensors cannot hold")
+        self.nbytes, self.written = math.prod(shape) * self.dtype.itemsize, 0
+        entry = {"dtype": _CODES[self.dtype], "shape": list(shape), "data_offsets": [0, self.nbytes]}
+        header = json.dumps({name: entry}, separators=(",", ":")).encode()
+        header += b" " * (-(8 + len(header)) % alignment)
+        self._file = open(self.path, "xb")
+        self._file.write(len(header).to_bytes(8, "little") + header)
+
+    def write(self, piece: np.ndarray) -> None:
+        """Append `piece` (of the tensor's dtype) to the data."""
+        if piece.dtype != self.dtype:
+            raise ValueError(f"{self.path}: got {piece.dtype} data for a tensor of {self.dtype}")
+        if self.written + piece.nbytes > self.nbytes:
+            raise ValueError(f"{self.path}: more data than the tensor's {self.nbytes} bytes")
+        self._file.write(np.ascontiguousarray(piece).reshape(-1).view(np.uint8).data)
+        self.written += piece.nbytes
+
+    def __enter__(self) -> TensorWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self._file.close()
+        if error is None and self.written != self.nbytes:
+            raise ValueError(f"{self.path}: {self.written} bytes written of the tensor's {self.nbytes}")
 
 
 class _DuplicateKey(Exception):

@@ -142,10 +142,7 @@ def load_model(path: str | os.PathLike, dtype: Any = None, *, progress: bool = F
     family, config = load_config(root)
     shardings = None if plan is None else family.param_shardings(config, plan)
     if model_kind(root) == "converted":
-        params = load_converted(root, shardings=shardings)[0]
-        if target is not None:
-            params = jax.tree.map(
-                lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+        params = load_converted(root, shardings=shardings, dtype=target)[0]
     else:
         params = load_params(root, layout_for(family, config), dtype=target, progress=progress, shardings=shardings)
     return family, config, params

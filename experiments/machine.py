@@ -40,6 +40,23 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     return f"{name} ({details})" if details else name
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started: Linux's ``VmHWM`` (reset by ``exec``), else
+    ``getrusage``'s ``ru_maxrss``, which on Linux also counts the parent's pages a forked child held
+    before its ``exec`` (so a child of a large process would report at least the parent's size)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def machine() -> dict:
     """The first JAX device, the host name, its CPU count and model, and the jax version."""
     device = jax.devices()[0]

@@ -19,10 +19,11 @@ from multidevice import run_on_devices
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from converters.convert import load_params, plan_params
+from converters.convert import load_params, plan_params, write_params
 from converters.families import layout_for
 from converters.layout import CheckpointLayout, Split, layout_from_checkpoint
 from converters.reader import CheckpointReader
+from converters.store import ConvertedWriter, load_converted
 from lminf_jax.progress import Progress
 from models import registry
 
@@ -286,6 +287,49 @@ def test_host_memory_is_the_params_plus_little(tmp_path, dtype):
     assert peak - retained < 0.5 * param_bytes
     want = tensors["model.layers.2.w5"].astype(dtype or np.float32)
     np.testing.assert_array_equal(np.asarray(params["model"]["layers"]["w5"][2]), want)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_write_params_writes_what_load_params_loads(tmp_path, dtype):
+    """Floats cast, integers kept, a fused tensor split (row by row): the converter's files hold exactly
+    the params `load_params` gives."""
+    checkpoint = write_checkpoint(tmp_path / "hf", fake_tensors(10))
+    layout = fake_layout(splits={"model.layers.attn.proj.weight": Split(("model.layers.attn.q.weight",
+                                                                         "model.layers.attn.kv.weight"), (3, 2))})
+    (tmp_path / "out").mkdir()
+    writer = ConvertedWriter(tmp_path / "out")
+    write_params(checkpoint, layout, writer.param, dtype=dtype, progress=False)
+    writer.finish({}, "fake")
+    written = traverse_util.flatten_dict(load_converted(tmp_path / "out")[0], sep=".")
+    loaded = traverse_util.flatten_dict(load_params(checkpoint, layout, dtype=dtype, progress=False), sep=".")
+    assert sorted(written) == sorted(loaded) == sorted(layout.param_names)
+    for name, want in loaded.items():
+        assert written[name].dtype == want.dtype and written[name].shape == want.shape, name
+        np.testing.assert_array_equal(np.asarray(written[name]).view(np.uint8), np.asarray(want).view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_the_converter_holds_one_checkpoint_tensor_at_a_time(tmp_path, dtype):
+    """Each checkpoint tensor (one layer's row) is appended to its parameter's file before the next is
+    read: numpy never holds a whole stacked parameter (tracemalloc sees numpy's allocations)."""
+    rng = np.random.default_rng(11)
+    layers, rows, cols = 4, 128, 256  # a row 128 KiB in fp32, a stacked parameter 512 KiB
+    tensors = {f"model.layers.{i}.w{j}": rng.standard_normal((rows, cols)).astype(np.float32)
+               for i in range(layers) for j in range(3)}
+    template = {f"model.layers.w{j}": jax.ShapeDtypeStruct((layers, rows, cols), jnp.float32) for j in range(3)}
+    checkpoint = write_checkpoint(tmp_path / "hf", tensors)
+    (tmp_path / "out").mkdir()
+    writer = ConvertedWriter(tmp_path / "out")
+    tracemalloc.start()
+    try:
+        write_params(checkpoint, CheckpointLayout(PREFIX, layers, template), writer.param, dtype=dtype, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * layers * rows * cols * 4
+    writer.finish({}, "fake")
+    np.testing.assert_array_equal(np.asarray(load_converted(tmp_path / "out")[0]["model"]["layers"]["w2"][3]),
+                                  tensors["model.layers.3.w2"].astype(dtype or np.float32))
 
 
 def test_load_params_reports_progress_on_stderr(tmp_path, capsys):

@@ -1,17 +1,21 @@
-"""save_converted / load_converted round trip (orbax + JSON)."""
+"""save_converted / load_converted: round trip, format version 1 (orbax), damaged files, no copies."""
 
 from __future__ import annotations
 
 import json
 import re
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
+import converters.store
 from converters.__main__ import main
-from converters.store import FORMAT, META_FILE, load_converted, save_converted, staged_output
+from converters.safetensors_file import TensorWriter
+from converters.store import FORMAT, META_FILE, PARAMS_DIR, load_converted, save_converted, staged_output
 
 
 def random_params(seed: int) -> dict:
@@ -40,7 +44,81 @@ def test_round_trip_keeps_values_dtypes_config_and_family(tmp_path):
         np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))
     meta = json.loads((tmp_path / "conv" / META_FILE).read_text())
     assert meta["params"]["model.embed_tokens.weight"] == {"shape": [7, 4], "dtype": "bfloat16"}
-    assert meta["library_version"]
+    assert meta["library_version"] and meta["format_version"] == 2
+    files = sorted(p.name for p in (tmp_path / "conv" / PARAMS_DIR).iterdir())
+    assert files == sorted(f"{name}.safetensors" for name in meta["params"])
+
+
+def save_version_1(out, params: dict, config: dict, family: str) -> None:
+    """`out` as the converters before format version 2 wrote it: the params as one orbax tree."""
+    import orbax.checkpoint as ocp
+
+    out.mkdir()
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+        checkpointer.save(out / PARAMS_DIR, args=ocp.args.StandardSave(params))
+    manifest = {name: {"shape": list(a.shape), "dtype": jnp.dtype(a.dtype).name}
+                for name, a in traverse_util.flatten_dict(params, sep=".").items()}
+    (out / META_FILE).write_text(json.dumps({"format": FORMAT, "format_version": 1, "library_version": "0.1.0",
+                                             "family": family, "config": config, "params": manifest}))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_both_format_versions_load_cast_and_placed(tmp_path, version):
+    params = random_params(7)
+    (save_version_1 if version == 1 else save_converted)(tmp_path / "conv", params, {"a": 1}, "gptj")
+    names = json.loads((tmp_path / "conv" / META_FILE).read_text())["params"]
+    first, last = (jax.sharding.SingleDeviceSharding(d) for d in (jax.devices()[0], jax.devices()[-1]))
+    for dtype, shardings in ((None, None), (jnp.float32, dict.fromkeys(names, last))):
+        loaded, config, family = load_converted(tmp_path / "conv", dtype=dtype, shardings=shardings)
+        assert (config, family) == ({"a": 1}, "gptj")
+        for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+            assert got.dtype == (dtype or want.dtype) and got.sharding == (last if shardings else first)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want).astype(got.dtype))
+
+
+def replace_with_other_tensor(path) -> None:
+    path.unlink()
+    with TensorWriter(path, "model.norm.weight", (5,), np.float16) as file:
+        file.write(np.zeros(5, np.float16))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.unlink(), "is missing: .* lists parameter model.norm.weight"),
+    (lambda path: path.write_bytes(path.read_bytes()[:-1]), "run past the end of the file"),
+    (lambda path: path.write_bytes(b"\xff" * 8 + path.read_bytes()[8:]), "bad header length"),
+    (replace_with_other_tensor, "should hold just tensor 'model.norm.weight', float16 \\[4\\] as converted.json "
+                                "lists, but holds 'model.norm.weight' F16 \\[5\\]"),
+])
+def test_a_damaged_parameter_file_is_named_before_anything_is_loaded(tmp_path, monkeypatch, damage, message):
+    out = save_converted(tmp_path / "conv", random_params(8), {}, "llama")
+    path = out / PARAMS_DIR / "model.norm.weight.safetensors"
+    damage(path)
+    monkeypatch.setattr(converters.store, "place", lambda *a: pytest.fail("placed a parameter"))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}.*{message}"):
+        load_converted(out)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_parameters_are_the_mapped_files_or_cast_one_at_a_time(tmp_path, dtype):
+    """On CPU jax adopts each file's mapping as the parameter: numpy allocates nothing (tracemalloc sees
+    numpy's allocations). Cast, each parameter is one host buffer that jax adopts, so beyond the params
+    nothing as large as one may ever have existed."""
+    rng = np.random.default_rng(9)
+    params = {f"w{j}": rng.standard_normal((4, 128, 256)).astype(np.float32) for j in range(4)}  # 512 KiB each
+    out = save_converted(tmp_path / "conv", params, {}, "llama")
+    with jax.default_device(jax.devices("cpu")[0]):
+        load_converted(out, dtype=dtype)  # warm up
+        tracemalloc.start()
+        try:
+            loaded = load_converted(out, dtype=dtype)[0]
+            retained, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    cast_bytes = 0 if dtype is None else 4 * 4 * 128 * 256 * 2
+    assert 0.9 * cast_bytes <= retained <= cast_bytes + 64 * 1024
+    assert peak - retained < 0.25 * 4 * 128 * 256 * 4
+    for name, array in params.items():
+        np.testing.assert_array_equal(np.asarray(loaded[name]), array.astype(dtype or np.float32))
 
 
 def test_refuses_to_overwrite(tmp_path):

@@ -40,3 +40,19 @@ def test_machine_names_the_device_host_and_cpu():
     got = machine()
     assert got["device"].startswith(jax.devices()[0].platform) and got["jax"] == jax.__version__
     assert got["cpus"] >= 1 and got["cpu"] and got["host"] is not None
+
+
+def test_peak_rss_is_the_processs_own_not_its_parents():
+    """A child of a large process: ``ru_maxrss`` (as ``os.wait4`` reports it) counts the parent's pages the
+    child held before its exec; `peak_rss_bytes` is the child's own."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    ballast = np.ones(2 * 10**8 // 8)  # 200 MB, resident
+    child = subprocess.run([sys.executable, "-c", "import resource; from experiments.machine import peak_rss_bytes; "
+                            "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
+                           capture_output=True, text=True, check=True)
+    own, inherited = map(int, child.stdout.split())
+    assert ballast.sum() > 0 and own < inherited and own >= 10**6
