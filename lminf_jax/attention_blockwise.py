@@ -62,13 +62,37 @@ def _pad_time(x: jax.Array, length: int, value) -> jax.Array:
 
 
 def _rows(x: jax.Array, start: jax.Array, size: int, axis: int) -> jax.Array:
-    """Per batch row ``b``, ``size`` entries of ``x[b]`` along its ``axis`` from ``start[b]`` (clamped to fit)."""
+    """Per batch row ``b``, ``size`` entries of ``x[b]`` along its ``axis`` from ``start[b]`` (clamped to fit);
+    a scalar ``start`` is every row's."""
+    if jnp.ndim(start) == 0:
+        return lax.dynamic_slice_in_dim(x, start, size, axis=axis + 1)
     return jax.vmap(lambda row, s: lax.dynamic_slice_in_dim(row, s, size, axis=axis))(x, start)
+
+
+def _rows_first(x: jax.Array, start: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    """`_rows` of ``x (B, T, ...)`` along T, and ``x`` with those rows written back (unchanged). Whatever
+    reads the second comes after the gather, which XLA would otherwise be free to schedule last, keeping
+    ``x`` alive for it after its other readers."""
+    rows = _rows(x, start, size, axis=0)
+    return rows, jax.vmap(lambda row, r, s: lax.dynamic_update_slice_in_dim(row, r, s, axis=0))(x, rows, start)
 
 
 def _first_at_least(k_positions: jax.Array, target: jax.Array) -> jax.Array:
     """Per row, the index of the first key whose position is >= target[b]."""
     return jax.vmap(lambda row, t: jnp.searchsorted(row, t, side="left"))(k_positions, target).astype(jnp.int32)
+
+
+def _keys_heads_first(k: jax.Array, k_positions: jax.Array, *, spec: AttentionSpec, positional: Positional,
+                      last: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Keys ``(B, Tk, Hkv, d)`` rotated for local and for global scores, heads first ``(B, Hkv, Tk, d)``."""
+    return tuple(x.transpose(0, 2, 1, 3) for x in prepare_keys(k, k_positions, spec, positional, last))
+
+
+def _values_heads_first(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Values ``(B, Tk, Hkv, dv)`` cleaned by `finite_values` and their non-finite rows, heads first:
+    ``(B, Hkv, Tk, dv)`` and ``(B, Hkv, Tk)``."""
+    v, bad = finite_values(v)
+    return v.transpose(0, 2, 1, 3), bad.transpose(0, 2, 1)
 
 
 def _weighted(p: jax.Array, v: jax.Array) -> jax.Array:
@@ -113,53 +137,58 @@ def blockwise_attention(
     bq, bk = min(block_q, tq), min(block_k, tk)
     nq, tk_pad = -(-tq // bq), _round_up(tk, bk)
 
-    # rotate every query and key once, then lay them out heads first: each tile's products are
-    # then plain batched matrix products over contiguous rows (B, Hkv[, G], T, d)
+    # keys are rotated once, queries one block at a time (no rotated copy of every query, one per class),
+    # laid out heads first: each tile's products are then plain batched matrix products over contiguous
+    # rows (B, Hkv[, G], T, d). Keys are rotated for the global class only where they are scored so: every
+    # key when the window's chunks score it, else the sinks alone.
+    span_all = spec.window is None or not spec.global_keys_bounded
+    window_global = span_all and spec.has_global
     qpos = _pad_time(q_positions, nq * bq, -1)
     last = last_key_position(k_positions, positional)
-    queries = prepare_queries(_pad_time(q.reshape(b, tq, hkv, g, d), nq * bq, 0), qpos, spec, positional, last)
-    q_local, q_global = (x.transpose(0, 2, 3, 1, 4) for x in queries)
-    k_local, k_global = prepare_keys(k, k_positions, spec, positional, last)
-    v_pad, bad = finite_values(_pad_time(v, tk_pad, 0))
-    k_local, k_global, v_pad = (_pad_time(x, tk_pad, 0).transpose(0, 2, 1, 3) for x in (k_local, k_global, v_pad))
-    bad = bad.transpose(0, 2, 1)
-    kpos = _pad_time(k_positions, tk_pad, -1)
+    q_pad = _pad_time(q.reshape(b, tq, hkv, g, d), nq * bq, 0)
+    k_pad, v_pad, kpos = _pad_time(k, tk_pad, 0), _pad_time(v, tk_pad, 0), _pad_time(k_positions, tk_pad, -1)
+    keys = functools.partial(_keys_heads_first, spec=spec, positional=positional, last=last)
+    n_sink = min(spec.sinks, tk_pad)
+    if n_sink:
+        first_valid = _first_at_least(k_positions, jnp.zeros((b,), jnp.int32))
+        sink_positions = _rows(kpos, first_valid, n_sink, axis=0)
+        # taken before every key is rotated (XLA cannot delay it): the inputs die then, as without sinks
+        sink_keys, k_pad = _rows_first(k_pad, first_valid, n_sink)
+    k_local, k_global = keys(k_pad, kpos)
+    v_clean, bad = _values_heads_first(v_pad)
+    if not window_global:  # the chunks score local keys only
+        k_global = k_local
+    sinks = None
+    if n_sink:
+        sinks = (keys(sink_keys, sink_positions)[1], *(_rows(x, first_valid, n_sink, axis=1) for x in (v_clean, bad)),
+                 sink_positions)
     score = functools.partial(masked_scores, spec=spec, positional=positional, scale=scale, heads_first=True)
 
-    sinks = None
-    if spec.sinks:
-        n_sink = min(spec.sinks, tk_pad)
-        first_valid = _first_at_least(k_positions, jnp.zeros((b,), jnp.int32))
-        sinks = (*(_rows(x, first_valid, n_sink, axis=1) for x in (k_global, v_pad, bad)),
-                 _rows(kpos, first_valid, n_sink, axis=0))
-
-    span_all = spec.window is None or not spec.global_keys_bounded
     width = tk_pad if span_all else min(_round_up(bq + spec.window - 1, bk), tk_pad)
-    gather_window = width < tk_pad
-    window_global = span_all and spec.has_global
+    window_chunks = width < tk_pad
 
     def query_block(_, i):
-        ql, qg = (lax.dynamic_slice_in_dim(x, i * bq, bq, axis=3) for x in (q_local, q_global))
         qp = lax.dynamic_slice_in_dim(qpos, i * bq, bq, axis=1)
+        queries = prepare_queries(lax.dynamic_slice_in_dim(q_pad, i * bq, bq, axis=1), qp, spec, positional, last)
+        ql, qg = (x.transpose(0, 2, 3, 1, 4) for x in queries)
         state = softmax_init((b, hkv, g, bq), dv)
         if sinks is not None:
             sk, sv, sb, sp = sinks
             s, attended = score(ql, qg, sk, sk, qp, sp, include_local=False)
             state = _fold(state, s, attended, sv, sb)
 
-        keys, kp_all = (k_local, k_global, v_pad, bad), kpos
-        if gather_window:
+        start = jnp.int32(0)  # per row (B,) under a window: its first key chunk, read in place (no copy)
+        if window_chunks:
             pmin = jnp.min(jnp.where(qp >= 0, qp, _INT_MAX), axis=1)
-            start = _first_at_least(k_positions, jnp.maximum(pmin - (spec.window - 1), 0))
-            kl, vc, kb = (_rows(x, start, width, axis=1) for x in (k_local, v_pad, bad))
-            keys, kp_all = (kl, kl, vc, kb), _rows(kpos, start, width, axis=0)
+            first = _first_at_least(k_positions, jnp.maximum(pmin - (spec.window - 1), 0))
+            start = jnp.minimum(first, tk_pad - width)
         valid_q = qp >= 0
         q_lo, q_hi = jnp.min(jnp.where(valid_q, qp, _INT_MAX)), jnp.max(qp)
         every_q_valid = jnp.all(valid_q)
 
         def key_chunk(state, c):
-            kl, kg, vc, kb = (lax.dynamic_slice_in_dim(x, c * bk, bk, axis=2) for x in keys)
-            kp = lax.dynamic_slice_in_dim(kp_all, c * bk, bk, axis=1)
+            kl, kg, vc, kb = (_rows(x, start + c * bk, bk, axis=1) for x in (k_local, k_global, v_clean, bad))
+            kp = _rows(kpos, start + c * bk, bk, axis=0)
             k_lo, k_hi = jnp.min(jnp.where(kp >= 0, kp, _INT_MAX)), jnp.max(kp)
             # from the position ranges alone (keys increase within a row): may any pair be attended,
             # and is every pair local (then no mask is needed)?

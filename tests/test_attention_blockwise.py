@@ -171,6 +171,21 @@ def test_blockwise_never_builds_a_t_by_t_array(spec):
     assert biggest < t * t // 8
 
 
+def test_lm_infinite_plans_no_more_memory_than_vanilla():
+    # LM-Infinite attends fewer keys: no array of every query or key beyond vanilla's (rotated for the
+    # global class, or gathered per window) may be planned; its G sinks' rows take a few KiB
+    t, h, d = 4096, 2, 64
+    qkv = jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16)
+    pos = jax.ShapeDtypeStruct((1, t), jnp.int32)
+
+    def temp(spec) -> int:
+        lowered = blockwise_attention.lower(qkv, qkv, qkv, pos, pos, spec=spec, positional=make_positional(
+            "rope_half", d, h), scale=0.125, block_q=128, block_k=128)
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    assert temp(LMInfinite(10, 256)) <= temp(Vanilla()) + 64 * 1024
+
+
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 @pytest.mark.parametrize("spec_name,positional_name", [("lm_infinite", "rope_half"), ("vanilla", "alibi"),
                                                        ("self_extend", "rope_interleaved_partial")])
