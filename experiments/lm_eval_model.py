@@ -21,8 +21,7 @@ from the model's pretraining length), and so are the top-k middle tokens (``top_
 `experiments.loading.spec_from_args`). ``dtype``: cast the weights and compute in it (default: the
 stored one). ``batch_size``: rows per model call (lm-eval's ``--batch_size``, default 1; a number, not
 ``auto``). ``prefill_chunk``: tokens per model call of a prompt's prefill and of a rolling document
-(default 512; prompts longer than it compile once per multiple of it, and the last chunk's logits,
-batch x chunk x vocabulary floats, bound the memory of generation). A key that is neither lm-eval's
+(default 512; prompts longer than it compile once per multiple of it). A key that is neither lm-eval's
 nor this model's, a method that does not exist or a parameter the method does not use is a ValueError
 naming it, raised before any weight is read.
 
@@ -35,10 +34,10 @@ tokenizer merged a token across the boundary, e.g. ``import`` + `` sys`` into ``
 Requests, sorted longest first as HFLM does, ``batch_size`` rows per call (the last batch filled up)
 and lengths rounded up to `bucket` sizes, so that a few shapes compile:
 
-* ``loglikelihood``: context + continuation in one left-padded forward pass
-  (`models.decoder.LanguageModel.forward`, the perplexity CLI's call; its logits, batch x length x
-  vocabulary floats, bound the memory); the continuation's log-probabilities are summed, and it is
-  greedy when each of its tokens is the argmax.
+* ``loglikelihood``: context + continuation in one left-padded pass scoring each next token
+  (`models.decoder.LanguageModel.score`, the perplexity CLI's call: the head runs on a chunk of
+  positions at a time, no batch x length x vocabulary logits); the continuation's log-probabilities
+  are summed, and it is greedy when each of its tokens is the argmax.
 * ``loglikelihood_rolling``: a document is scored as one stream, BOS + its tokens, each token
   predicted once from every token before it under the method's own attention, in chunks of
   ``prefill_chunk`` tokens (`lminf_jax.streaming.streaming_nll`, what ``experiments.stream_nll`` runs:
@@ -66,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib
 import logging
 import sys
@@ -74,7 +72,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 try:
@@ -98,7 +95,7 @@ from lminf_jax import Sampling
 from lminf_jax.cache import needs_full_cache
 from lminf_jax.decoding import generate, left_pad
 from lminf_jax.spec import METHODS, PARAMETERS
-from lminf_jax.streaming import streaming_nll, token_nll
+from lminf_jax.streaming import streaming_nll
 from models.common import AttentionCall
 
 #: The name lm-eval knows this model by (``--model lminf_jax``).
@@ -128,14 +125,6 @@ def _int_arg(name: str, value: Any, minimum: int) -> int:
         return int_option(minimum)(str(value))
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"model_args {name}={value!r}: {e}") from None
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _next_token_scores(model, params, tokens: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(nll, greedy)`` ``(B, T - 1)`` of each next token: its NLL and whether it is the argmax."""
-    logits = model.forward(params, tokens, positions)[:, :-1]
-    targets = tokens[:, 1:]
-    return token_nll(logits, targets), jnp.argmax(logits, axis=-1) == targets
 
 
 def method_options(options: dict[str, Any]) -> tuple[dict[str, tuple[str, int]], dict[str, int | None]]:
@@ -300,10 +289,11 @@ class LminfJaxLM(TemplateLM):
                     rows.append(row)
                 width = bucket(max(map(len, rows)))
                 tokens, positions = left_pad(rows + rows[-1:] * (self.batch_size - len(rows)), width)
-                nll, greedy = map(np.asarray, _next_token_scores(self.model, self.params, tokens, positions))
+                scores = self.model.score(self.params, tokens, positions)
+                logprobs, greedy = np.asarray(scores.logprobs), np.asarray(scores.top1)
                 for b, (strings, _, continuation) in enumerate(batch):
                     first = width - 1 - len(continuation)  # its first score: every row ends at the last column
-                    answer = (-float(nll[b, first:].astype(np.float64).sum()), bool(greedy[b, first:].all()))
+                    answer = (float(logprobs[b, first:].astype(np.float64).sum()), bool(greedy[b, first:].all()))
                     out.append(answer)
                     if strings is not None:
                         self.cache_hook.add_partial("loglikelihood", strings, answer)

@@ -146,9 +146,10 @@ def rows_per_call(batch_tokens: int, rows: int, length: int, plan: ShardingPlan 
 
 
 def score(forward, params, sequences: np.ndarray, batch: int, parts: Path, key: str, bar) -> np.ndarray:
-    """NLL ``(R, n - 1)`` float32 of the rows of ``sequences (R, n)``, ``batch`` rows per call (the
-    last batch padded by repeating its last row, so one shape compiles). Each batch is saved in
-    ``parts`` as it completes and read back (verified) instead of recomputed."""
+    """NLL ``(R, n - 1)`` float32 of the rows of ``sequences (R, n)`` under ``forward`` (logits or scores,
+    `lminf_jax.evaluation.sequence_nll`; the CLI's is `models.decoder.LanguageModel.score`, no logits),
+    ``batch`` rows per call (the last batch padded by repeating its last row, so one shape compiles). Each
+    batch is saved in ``parts`` as it completes and read back (verified) instead of recomputed."""
     from lminf_jax.evaluation import sequence_nll
 
     out = []
@@ -452,7 +453,7 @@ def run(args: argparse.Namespace) -> int:
                 model = family.model(config, call(name, n), dtype, plan)
                 bar.postfix = f"{name} at {n:,}"
                 batch = rows_per_call(args.batch_tokens, tiles[n].shape[0], n, plan)
-                nll = score(model.forward, params, tiles[n], batch, parts, f"{name}-{n}", bar)
+                nll = score(model.score, params, tiles[n], batch, parts, f"{name}-{n}", bar)
                 costs, at_n = cache_bytes(model, n), model.call.spec
                 points.append({**length_point(nll, s).to_json(), "nan_scores": int(np.isnan(nll).sum()),
                                "rope_scaling": _asdict(model.call.frequencies),

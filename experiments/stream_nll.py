@@ -6,7 +6,8 @@
         [--out results/stream_nll.json] [--plot results/stream_nll.png | --no-plot] [--no-progress]
         [--method METHOD] [-G G] [-L L] [-D D] [--rope-scaling FREQ@FACTOR] [--mesh AXES] [--fsdp]
 
-The stream runs through the model chunk by chunk (`lminf_jax.streaming.streaming_nll`),
+The stream runs through the model chunk by chunk (`lminf_jax.streaming.streaming_nll`; each chunk
+scored by `models.decoder.LanguageModel.score_step`, without its chunk x vocabulary logits),
 carrying a Λ-cache of G + L slots, so device memory does not depend on its length. Methods
 that attend unboundedly many keys (vanilla, distance_limit) need a full cache of the
 stream's length (``--capacity`` bounds it: a longer stream is an error). ``--rope-scaling``

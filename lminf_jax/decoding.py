@@ -4,7 +4,10 @@ Model-agnostic: it drives a *step* with the contract
 
     step(params, tokens (B, T) int32, positions (B, T) int32, cache) -> (logits (B, T, V) float32, cache)
 
-(`models.decoder.LanguageModel` is one), which must be hashable (a jit static argument).
+(`models.decoder.LanguageModel` is one), which must be hashable (a jit static argument). A step
+may also offer ``step.last_logits(params, tokens, positions, cache) -> (logits (B, V), cache)``, the
+logits of each row's last token only: the prompt's last chunk then runs the head on one position per
+row instead of ``(B, T, V)`` (the other chunks' logits are unused, and XLA drops their head).
 Prompts of different lengths are left-padded (padding has negative positions, so it is
 never attended and never written to the cache); every row then continues at its own
 position. Each row samples with its own PRNG key, so a row's output does not depend on
@@ -191,9 +194,19 @@ def _prefill(step, prefill_step, params, tokens, positions, cache, *, chunk) -> 
         return prefill_step(params, xs[0], xs[1], cache)[1], None
 
     cache, _ = lax.scan(prefill, cache, (chunks[:-1], chunk_positions[:-1]))
-    logits, cache = step(params, chunks[-1], chunk_positions[-1], cache)
-    return _Decoding(cache, logits[:, -1], jnp.max(positions, axis=1) + 1, jnp.zeros((batch,), jnp.int32),
+    logits, cache = _last_logits(step, params, chunks[-1], chunk_positions[-1], cache)
+    return _Decoding(cache, logits, jnp.max(positions, axis=1) + 1, jnp.zeros((batch,), jnp.int32),
                      jnp.zeros((batch,), bool))
+
+
+def _last_logits(step, params, tokens, positions, cache) -> tuple[jax.Array, Any]:
+    """The logits ``(B, V)`` of each row's last token and the cache: by ``step.last_logits`` when the step
+    offers it, else the last column of the step's logits."""
+    last = getattr(step, "last_logits", None)
+    if last is not None:
+        return last(params, tokens, positions, cache)
+    logits, cache = step(params, tokens, positions, cache)
+    return logits[:, -1], cache
 
 
 @functools.partial(jax.jit, static_argnames=("step", "sampling", "stop_tokens", "pad_id", "on_tokens"),

@@ -19,7 +19,10 @@ The forward contract (the `models` package provides real ones)::
 
     forward(params, tokens) -> logits      tokens int32 (B, T), logits float (B, T, V)
 
-``forward`` must be hashable (it is a static argument of the jitted scoring function).
+or one that returns the next tokens' `lminf_jax.logprobs.Scores` ``(B, T - 1)`` instead
+(`models.decoder.LanguageModel.score`: the same numbers without the logits, which at 128k tokens
+and a 32k vocabulary would be 16.8 GB). ``forward`` must be hashable (it is a static argument of
+the jitted scoring function).
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lminf_jax.logprobs import Scores
 from lminf_jax.streaming import BucketRow, PositionBuckets, finite_or_none, token_nll
 
 __all__ = ["LengthPoint", "bos_sequences", "length_point", "position_buckets", "prefix_ppl", "sequence_nll", "text_segments",
            "tile_segments"]
 
-ForwardFn = Callable[[Any, jax.Array], jax.Array]
+ForwardFn = Callable[[Any, jax.Array], jax.Array | Scores]
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -93,11 +97,13 @@ def bos_sequences(stream: np.ndarray, count: int | None, length: int, bos_id: in
 
 @functools.partial(jax.jit, static_argnums=0)
 def _nll(forward: ForwardFn, params, tokens: jax.Array) -> jax.Array:
-    return token_nll(forward(params, tokens)[:, :-1], tokens[:, 1:])
+    out = forward(params, tokens)
+    return -out.logprobs if isinstance(out, Scores) else token_nll(out[:, :-1], tokens[:, 1:])
 
 
 def sequence_nll(forward: ForwardFn, params, tokens: np.ndarray | jax.Array) -> np.ndarray:
-    """NLL (float32, nats) of each next token: ``(B, T - 1)`` for integer tokens ``(B, T)``."""
+    """NLL (float32, nats) of each next token: ``(B, T - 1)`` for integer tokens ``(B, T)``, under a
+    ``forward`` that returns logits or `Scores` (module docstring)."""
     if getattr(tokens, "ndim", None) != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must have shape (batch, time >= 2), got {getattr(tokens, 'shape', None)}")
     try:

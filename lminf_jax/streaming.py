@@ -12,14 +12,19 @@ The step function contract (the `models` package provides real ones)::
 
 ``tokens``/``positions`` int32 ``(B, T)``, ``logits`` float ``(B, T, V)``, ``cache`` any pytree
 of arrays; ``step`` must be hashable (it is a static argument of the jitted chunk function).
-A position of ``-1`` marks an empty (padding) query slot; see "The last chunk" below.
+A position of ``-1`` marks an empty (padding) query slot; see "The last chunk" below. A step may
+also offer the scoring variant ``step.score_step(params, tokens, positions, cache, targets) ->
+(scores, new_cache)`` (`lminf_jax.logprobs.Scores` of ``targets (B, T)``, e.g.
+`models.decoder.LanguageModel.score_step`); it is then called instead, and the chunk's ``(B, T, V)``
+logits never exist (the model's head runs on a few positions at a time).
 
 What is scored: the query at position ``p`` (it has seen tokens ``0..p``) predicts the token at
 ``p + 1``; its NLL is ``logsumexp(logits[p]) - logits[p, token[p + 1]]`` in float32 on the
-device. A stream of N tokens gives N - 1 scores at query positions ``0..N-2``; the last token is
-only a target. Per-position statistics are bucketed by that query position (`PositionBuckets`,
-log-spaced), so "perplexity at length T" is the mean over the buckets below T of one long run,
-as in the paper's NLL-vs-position curves. Only the ``(B, C)`` NLLs leave the device.
+device (`lminf_jax.logprobs.token_scores`). A stream of N tokens gives N - 1 scores at query
+positions ``0..N-2``; the last token is only a target. Per-position statistics are bucketed by
+that query position (`PositionBuckets`, log-spaced), so "perplexity at length T" is the mean
+over the buckets below T of one long run, as in the paper's NLL-vs-position curves. Only the
+``(B, C)`` NLLs leave the device.
 
 Statistics are accumulated on the host in float64 in a fixed order, so a run is deterministic.
 
@@ -82,6 +87,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lminf_jax.fingerprint import check_identity, json_digest, newest_intact, tree_fingerprint
+from lminf_jax.logprobs import token_scores
 from lminf_jax.progress import Progress
 from lminf_jax.spec import INT32_MAX
 
@@ -191,19 +197,22 @@ def chunk_nll(step: StepFn, params, tokens: jax.Array, targets: jax.Array, start
     ``tokens``/``targets`` int32 ``(B, C)`` (targets = the next tokens), ``start`` the position
     of the chunk's first token and ``valid`` how many slots are real (int32 scalars, traced, so
     neither recompiles); slots ``>= valid`` run at position ``-1`` and their NLL is meaningless.
+    The step's ``score_step``, when it offers one, scores the targets without the chunk's logits.
     """
     b, c = tokens.shape
     offsets = jnp.arange(c, dtype=jnp.int32)
     positions = jnp.broadcast_to(jnp.where(offsets < valid, start + offsets, -1), (b, c))
+    score_step = getattr(step, "score_step", None)
+    if score_step is not None:
+        scores, new_cache = score_step(params, tokens, positions, cache, targets)
+        return -scores.logprobs, new_cache
     logits, new_cache = step(params, tokens, positions, cache)
     return token_nll(logits, targets), new_cache
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """``logsumexp(logits) - logits[target]`` in float32: logits ``(..., V)``, targets ``(...)``."""
-    logits = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - picked
+    return -token_scores(logits, targets).logprobs
 
 
 # ----- results --------------------------------------------------------------------------------

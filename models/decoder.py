@@ -7,9 +7,12 @@ attention geometry and positional scheme. `LanguageModel` drives it:
 * ``forward``: one pass over a whole sequence (no cache);
 * ``__call__`` (the *step*): new tokens against a `KVCache`, returning their logits and
   the updated cache. This is the ``step(params, tokens, positions, cache)`` contract of
-  `lminf_jax.decoding` and `lminf_jax.streaming`.
+  `lminf_jax.decoding` and `lminf_jax.streaming`;
+* ``score`` / ``score_step``: the same passes returning, per position, the log-probability of a
+  target token (`lminf_jax.logprobs.Scores`) with the head run on chunks of positions, never the
+  ``(B, T, vocab)`` logits; ``last_logits``: the step with the head on each row's last token only.
 
-Both scan the stacked layers once (the step scans the cache's layer axis alongside),
+Each scans the stacked layers once (the steps scan the cache's layer axis alongside),
 so compile time does not grow with depth.
 
 A model may have **native sliding-window layers** (`NativeWindow`: Mistral v0.1, Gemma-2/3, Phi-3,
@@ -43,6 +46,8 @@ from lminf_jax import (Alibi, AttentionProbe, AttentionSpec, RopeScheme, Sliding
 from lminf_jax.attention_decode import rotates_keys
 from lminf_jax.cache import KVCache, cached_attention, needs_full_cache
 from lminf_jax.context_parallel import context_parallel_attention
+from lminf_jax.logprobs import HEAD_CHUNK, Scores, head_scores
+from lminf_jax.loop_slice import loop_slice
 from lminf_jax.probes import RowProbe, num_distance_buckets, probe_rows
 from lminf_jax.scores import Positional, Scaling
 from lminf_jax.sharding import ShardingPlan
@@ -174,13 +179,44 @@ class LanguageModel:
         return self.call.spec
 
     def forward(self, params: Params, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """Logits ``(B, T, vocab)`` in float32 for a whole sequence (see `models.registry.Family.forward`)."""
+        """Logits ``(B, T, vocab)`` in float32 for a whole sequence (see `models.registry.Family.forward`).
+        To score tokens, `score` gives the same numbers without the logits."""
+        padded, positions, t = self._sequence_inputs(tokens, positions)
+        logits = _jit_forward(self, params, padded, positions)
+        return logits if padded.shape[1] == t else logits[:, :t]
+
+    def score(self, params: Params, tokens: jax.Array, positions: jax.Array | None = None, *,
+              targets: jax.Array | None = None, chunk: int = HEAD_CHUNK) -> Scores:
+        """`lminf_jax.logprobs.Scores` (log-probability, entropy, top-1) of each next token in one pass over
+        a whole sequence, without its logits: ``(B, T - 1)`` of ``tokens[:, 1:]``, or ``(B, T)`` of
+        ``targets (B, T)`` (position ``t`` predicting ``targets[:, t]``). ``positions`` as in `forward` (left
+        padding: negative, its scores meaningless). The head runs on about ``chunk`` tokens at a time
+        (`lminf_jax.logprobs.head_scores`): ``chunk x vocab`` float32 logits at once, never the
+        ``B x T x vocab`` of `forward`, whose logits it scores to float32 rounding."""
+        padded, positions, t = self._sequence_inputs(tokens, positions)
+        if targets is None:
+            given, targets = t - 1, padded[:, 1:]  # the last position predicts nothing: its score is dropped
+        else:
+            self._check_targets(targets, tokens.shape)
+            given = t
+        targets = jnp.pad(jnp.asarray(targets, jnp.int32), ((0, 0), (0, padded.shape[1] - targets.shape[1])))
+        scores = _jit_score(self, params, padded, positions, targets, chunk)
+        return jax.tree.map(lambda x: x[:, :given], scores)
+
+    def _check_targets(self, targets: jax.Array, shape: tuple[int, ...]) -> None:
+        """A ValueError unless ``targets`` are token ids of ``shape``."""
+        if getattr(targets, "shape", None) != shape:
+            raise ValueError(f"targets must have the tokens' shape {shape}, got {getattr(targets, 'shape', None)}")
+        check_tokens(targets, self.config.vocab_size)
+
+    def _sequence_inputs(self, tokens: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, jax.Array, int]:
+        """A whole sequence's checked tokens (padded for context parallelism, `_split_sequence`), their
+        positions ``(B, T')`` and T."""
         check_tokens(tokens, self.config.vocab_size)
         if self.call.implementation == "pallas" and positions is not None:
             raise ValueError("implementation 'pallas' runs the tokens at positions 0..T-1; positions cannot be given")
         padded, t = self._split_sequence(tokens, positions)
-        logits = _jit_forward(self, params, padded, default_positions(padded, positions, self.call.spec))
-        return logits if padded.shape[1] == t else logits[:, :t]
+        return padded, default_positions(padded, positions, self.call.spec), t
 
     def _split_sequence(self, tokens: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, int]:
         """Under context parallelism: tokens padded at the end to a multiple of the ``seq`` axis
@@ -201,12 +237,31 @@ class LanguageModel:
         Positions must exceed every position already in the row's cache. With concrete
         inputs this is checked, with the cache's capacity; inside jit the caller ensures it.
         """
+        return _jit_step(self, params, tokens, self._step_positions(tokens, positions, cache), cache)
+
+    def last_logits(self, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache
+                    ) -> tuple[jax.Array, KVCache]:
+        """The step (`__call__`) with the head on each row's last token only: its logits ``(B, vocab)``
+        and the cache (what a prompt's last prefill chunk needs, `lminf_jax.decoding.generate`)."""
+        return _jit_last_logits(self, params, tokens, self._step_positions(tokens, positions, cache), cache)
+
+    def score_step(self, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+                   targets: jax.Array, *, chunk: int = HEAD_CHUNK) -> tuple[Scores, KVCache]:
+        """The step (`__call__`) scoring ``targets (B, T)`` (what each new token's position predicts)
+        instead of returning logits: `lminf_jax.logprobs.Scores` ``(B, T)`` and the cache, the head on
+        about ``chunk`` tokens at a time as in `score` (the `lminf_jax.streaming` scoring step)."""
+        positions = self._step_positions(tokens, positions, cache)
+        self._check_targets(targets, tokens.shape)
+        return _jit_score_step(self, params, tokens, positions, cache, jnp.asarray(targets, jnp.int32), chunk)
+
+    def _step_positions(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> jax.Array:
+        """A step's positions ``(B, T)``, its tokens, positions and cache checked (see `__call__`)."""
         check_tokens(tokens, self.config.vocab_size)
         positions = default_positions(tokens, positions, self.call.spec)
         self.check_cache(cache, batch=tokens.shape[0])
         if not any(isinstance(x, jax.core.Tracer) for x in (positions, cache.positions)):
             _check_step_positions(np.asarray(positions), np.asarray(cache.positions), cache)
-        return _jit_step(self, params, tokens, positions, cache)
+        return positions
 
     def probe(self, params: Params, tokens: jax.Array, rows: np.ndarray | list[int], *,
               positions: jax.Array | None = None, max_distance: int | None = None,
@@ -326,15 +381,39 @@ def _layer_scan(dec: Decoder, params: Params, h: jax.Array, make_attend, extra_x
                 plan: ShardingPlan | None = None, length: str | None = "length"):
     """Scan ``dec.layer`` over the stacked layers; ``make_attend(index, *extra) -> attend``. The
     residual stream is kept at (batch, ``length``, hidden) under ``plan``."""
-    layers = dec.layer_params(params)
-    num_layers = jax.tree_util.tree_leaves(layers)[0].shape[0]
-
-    def body(h, xs):
-        p, index, *extra = xs
+    def body(h, index, xs):
+        p, *extra = xs
         h, aux = dec.layer(p, _constrain(plan, dec, h, "batch", length, "hidden"), make_attend(index, *extra))
         return _constrain(plan, dec, h, "batch", length, "hidden"), aux
 
-    return lax.scan(body, h, (layers, jnp.arange(num_layers), *extra_xs))
+    return _scan_stacked(body, h, (dec.layer_params(params), *extra_xs))
+
+
+def _scan_stacked(body: Callable[[Any, jax.Array, Any], tuple[Any, Any]], init: Any, stacked: Any):
+    """``lax.scan`` over the leading axis of ``stacked`` (a tree): step ``i`` is ``body(carry, i, stacked[i])``.
+
+    Each step's slice is taken again by `_pinned_slice` (`lminf_jax.loop_slice`), so that no conversion of a
+    whole stack can leave the loop: on XLA:CPU a float32 copy of every layer's weights (twice their bytes)."""
+    length = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+
+    def step(carry, xs):
+        sliced, index = xs
+        return body(carry, index, _pinned_slice(sliced, stacked, index))
+
+    return lax.scan(step, init, (stacked, jnp.arange(length)))
+
+
+@jax.custom_jvp
+def _pinned_slice(sliced, stacked, index: jax.Array):
+    """``sliced``, the scan's slice ``index`` of ``stacked``, taken again by `lminf_jax.loop_slice.loop_slice`
+    (XLA converts, if it must, only the slice, inside the loop, and drops the scan's own slice, which nothing
+    uses). Derivatives go through the scan's slice (``sliced``): the backward pass is a plain scan's."""
+    return loop_slice(stacked, index)
+
+
+@_pinned_slice.defjvp
+def _pinned_slice_jvp(primals, tangents):
+    return primals[0], tangents[0]  # the scan's slice: its residuals and transpose are a plain scan's
 
 
 def _split_heads(dec: Decoder, q: jax.Array, k: jax.Array, v: jax.Array, plan: ShardingPlan | None = None,
@@ -370,9 +449,9 @@ def _heads(x: jax.Array, n: int) -> jax.Array:
     return x.reshape(b, t, n, -1)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _jit_forward(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    dec = model.decoder()
+def _final_hidden(model: LanguageModel, dec: Decoder, params: Params, tokens: jax.Array, positions: jax.Array
+                  ) -> jax.Array:
+    """The hidden states ``(B, T, hidden)`` after the last layer of a whole-sequence pass (the head's input)."""
     call, plan = model.call, model.sharding
 
     def make_attend(index):
@@ -382,7 +461,14 @@ def _jit_forward(model: LanguageModel, params: Params, tokens: jax.Array, positi
 
     h, _ = _layer_scan(dec, params, dec.embed(params, _constrain(plan, dec, tokens, "batch", "length")), make_attend,
                        plan=plan)
-    return _constrain(plan, dec, dec.head(params, h), "batch", "length", "vocab")
+    return h
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_forward(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    dec = model.decoder()
+    h = _final_hidden(model, dec, params, tokens, positions)
+    return _constrain(model.sharding, dec, dec.head(params, h), "batch", "length", "vocab")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
@@ -410,24 +496,20 @@ def _jit_probe(model: LanguageModel, params: Params, tokens: jax.Array, position
             return out, dec.per_layer(call.spec, index, probe)
         return attend
 
-    layers = dec.layer_params(params)
-
-    def body(h, xs):
-        p, index = xs
+    def body(h, index, p):
         entering = jnp.take(h, rows, axis=1).astype(jnp.float32)
         h, (stats, full) = dec.layer(p, h, make_attend(index))
         return h, (stats, full, entering)
 
-    h0 = dec.embed(params, tokens)
-    h, (stats, full, entering) = lax.scan(body, h0, (layers, jnp.arange(dec.num_layers)))
+    h, (stats, full, entering) = _scan_stacked(body, dec.embed(params, tokens), dec.layer_params(params))
     hidden = jnp.concatenate([entering, jnp.take(h, rows, axis=1).astype(jnp.float32)[None]], axis=0)
     return ModelProbe(stats, hidden, dec.head(params, h), full)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _jit_step(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache
-              ) -> tuple[jax.Array, KVCache]:
-    dec = model.decoder()
+def _step_hidden(model: LanguageModel, dec: Decoder, params: Params, tokens: jax.Array, positions: jax.Array,
+                 cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """The step's hidden states ``(B, T, hidden)`` after the last layer (the head's input) and the cache
+    with the new tokens written."""
     call, plan = model.call, model.sharding
     update = cache.plan(positions)
 
@@ -451,4 +533,42 @@ def _jit_step(model: LanguageModel, params: Params, tokens: jax.Array, positions
     cache = cache.written(keys, values, update)
     if plan is not None:
         cache = jax.lax.with_sharding_constraint(cache, _cache_shardings(plan, dec, cache))
-    return _constrain(plan, dec, dec.head(params, h), "batch", None, "vocab"), cache
+    return h, cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_step(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache
+              ) -> tuple[jax.Array, KVCache]:
+    dec = model.decoder()
+    h, cache = _step_hidden(model, dec, params, tokens, positions, cache)
+    return _head(model, dec, params)(h), cache
+
+
+def _head(model: LanguageModel, dec: Decoder, params: Params) -> Callable[[jax.Array], jax.Array]:
+    """The head on hidden states ``(B, c, hidden)`` of a step or a chunk: logits ``(B, c, vocab)`` (vocab split
+    under a plan)."""
+    return lambda h: _constrain(model.sharding, dec, dec.head(params, h), "batch", None, "vocab")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _jit_score(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, targets: jax.Array,
+               chunk: int) -> Scores:
+    dec = model.decoder()
+    h = _final_hidden(model, dec, params, tokens, positions)
+    return head_scores(_head(model, dec, params), h, targets, chunk=chunk)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _jit_score_step(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+                    targets: jax.Array, chunk: int) -> tuple[Scores, KVCache]:
+    dec = model.decoder()
+    h, cache = _step_hidden(model, dec, params, tokens, positions, cache)
+    return head_scores(_head(model, dec, params), h, targets, chunk=chunk), cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_last_logits(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache
+                     ) -> tuple[jax.Array, KVCache]:
+    dec = model.decoder()
+    h, cache = _step_hidden(model, dec, params, tokens, positions, cache)
+    return _head(model, dec, params)(h[:, -1:])[:, 0], cache

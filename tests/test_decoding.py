@@ -14,7 +14,9 @@ import pytest
 from conftest import random_model
 
 from lminf_jax import LMInfinite, Sampling, Vanilla
+from lminf_jax import decoding
 from lminf_jax.decoding import DECODE_STEPS, Generation, generate, left_pad
+from models import registry
 from models.common import AttentionCall
 
 G, L = 2, 8
@@ -169,3 +171,17 @@ def test_one_program_decodes_every_chunk_for_any_max_new_tokens(llama):
     short, again = _lowered(lambda: generate(model, params, prompts, model.init_cache(1), max_new_tokens=5,
                                              on_tokens=stream))
     assert again == {} and short.row(0) == out.row(0)[:5]  # another max_new_tokens compiles nothing
+
+
+def test_the_prompt_end_runs_the_head_on_the_last_position_only():
+    """The prefill plans one row of logits per prompt, not the last chunk's ``B x chunk x vocab`` floats."""
+    family = registry.FAMILIES["llama"]
+    cfg = family.config_from_hf({"model_type": "llama", "vocab_size": 32000, "hidden_size": 64,
+                                 "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4})
+    params = jax.eval_shape(lambda: family.init_params(cfg, jax.random.key(0)))
+    model = family.model(cfg, AttentionCall(LMInfinite(G, 64)))
+    batch, chunk = 2, 256
+    tokens = jax.ShapeDtypeStruct((batch, 2 * chunk), jnp.int32)
+    prefill = decoding._prefill.lower(model, model, params, tokens, tokens, jax.eval_shape(lambda: model.init_cache(2)),
+                                      chunk=chunk)
+    assert prefill.compile().memory_analysis().temp_size_in_bytes < batch * chunk * cfg.vocab_size * 4 / 4

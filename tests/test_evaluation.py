@@ -75,6 +75,14 @@ def test_scores_match_a_float64_log_softmax_and_a_prefix_alone(spec):
     np.testing.assert_allclose(sequence_nll(model.forward, params, tokens[:, :17]), nll[:, :16], rtol=1e-5, atol=1e-5)
 
 
+def test_sequence_nll_of_a_scoring_forward_equals_that_of_the_logits():
+    family, cfg, params = random_model("gemma2_window", seed=3)  # a final logit soft cap
+    model = family.model(cfg, AttentionCall(LMInfinite(2, 8), block_q=8, block_k=8))
+    tokens = np.random.default_rng(8).integers(0, cfg.vocab_size, (2, 40)).astype(np.int32)
+    np.testing.assert_allclose(sequence_nll(model.score, params, tokens), sequence_nll(model.forward, params, tokens),
+                               rtol=0, atol=1e-5)
+
+
 def test_sequence_nll_rejects_bad_input():
     family, cfg, params = random_model("llama_gqa")
     model = family.model(cfg)

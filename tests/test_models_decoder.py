@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY_MODELS, _perturbed, random_model, rel_err
+from test_logprobs import numpy_scores
 
 from lminf_jax import LeakyReRoPE, LMInfinite, SelfExtend, StreamingLLM, TopK, Vanilla, frequency_method
 from lminf_jax.cache import KVCache
@@ -239,3 +240,61 @@ def test_forward_and_cached_step_lower_for_gpu_and_tpu(platform, name):
         for fn, args in ((model.forward, (params, tokens)),
                          (model.__call__, (params, tokens[:, :1], positions[:, :1], cache))):
             assert "stablehlo" in jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def _max_diffs(got, want, valid) -> tuple[float, float]:
+    """Max |difference| of log-probabilities and entropies on ``valid``; top-1 must agree exactly."""
+    np.testing.assert_array_equal(np.asarray(got.top1)[valid], want[2][valid])
+    return (float(np.abs(np.asarray(got.logprobs, np.float64) - want[0])[valid].max()),
+            float(np.abs(np.asarray(got.entropy, np.float64) - want[1])[valid].max()))
+
+
+# gemma2_window: windowed layers and a final logit soft cap; gptj: a head bias; llama_gqa: GQA, attention biases
+@pytest.mark.parametrize("name", ["llama_gqa", "gemma2_window", "gptj"])
+def test_score_equals_the_log_softmax_of_the_forward_logits(name):
+    family, cfg, params = random_model(name)
+    model = family.model(cfg, AttentionCall(LMInfinite(G, L)))
+    tokens, positions = _tokens_and_positions(seed=1)  # the last row left-padded
+    logits = np.asarray(model.forward(params, tokens, positions))
+    valid = np.asarray(positions) >= 0
+    got = model.score(params, tokens, positions, chunk=2 * 24)  # 24 positions per head call: the last overlaps
+    assert got.logprobs.shape == (2, T - 1) and got.logprobs.dtype == jnp.float32
+    assert max(_max_diffs(got, numpy_scores(logits[:, :-1], np.asarray(tokens)[:, 1:]), valid[:, :-1])) <= 1e-5
+    targets = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, T))
+    targets[0, ::3] = logits[0, ::3].argmax(-1)  # some top-1 hits
+    got = model.score(params, tokens, positions, targets=jnp.asarray(targets), chunk=2 * 24)
+    assert got.logprobs.shape == (2, T) and np.asarray(got.top1)[0, ::3].all()
+    assert max(_max_diffs(got, numpy_scores(logits, targets), valid)) <= 1e-5
+    with pytest.raises(ValueError, match="targets must have the tokens' shape"):
+        model.score(params, tokens, targets=tokens[:, 1:])
+
+
+def test_score_step_and_last_logits_equal_the_step():
+    family, cfg, params = random_model("gemma2_window")
+    model = family.model(cfg, AttentionCall(LMInfinite(G, L)))
+    tokens, positions = _tokens_and_positions()
+    cache = model.init_cache(2, capacity=T)
+    chunk, cols = (tokens[:, :24], positions[:, :24]), slice(1, 25)
+    logits, want = model(params, *chunk, cache)
+    scores, got = model.score_step(params, *chunk, cache, tokens[:, cols], chunk=20)
+    valid = np.asarray(positions[:, :24]) >= 0
+    assert max(_max_diffs(scores, numpy_scores(np.asarray(logits), np.asarray(tokens[:, cols])), valid)) <= 1e-5
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    last, got = model.last_logits(params, *chunk, cache)
+    np.testing.assert_allclose(last, logits[:, -1], rtol=1e-5, atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    with pytest.raises(ValueError, match="targets must have the tokens' shape"):
+        model.score_step(params, *chunk, cache, tokens[:, :23])
+
+
+def test_score_plans_no_sequence_of_logits():
+    """16k tokens at a 32k vocabulary: the logits would be 2.1 GB; the scoring pass plans a tenth of that."""
+    family = registry.FAMILIES["llama"]
+    cfg = family.config_from_hf({"model_type": "llama", "vocab_size": 32000, "hidden_size": 256,
+                                 "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4})
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16),
+                          jax.eval_shape(lambda: family.init_params(cfg, jax.random.key(0))))
+    model = family.model(cfg, AttentionCall(LMInfinite(4, 256)), jnp.bfloat16)
+    t = 16384
+    plan = jax.jit(model.score).lower(params, jax.ShapeDtypeStruct((1, t), jnp.int32)).compile().memory_analysis()
+    assert plan.output_size_in_bytes + plan.temp_size_in_bytes < t * cfg.vocab_size * 4 / 10, plan

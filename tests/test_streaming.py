@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from lminf_jax import streaming
+from lminf_jax.logprobs import token_scores
 from lminf_jax.streaming import PositionBuckets, StreamResult, streaming_nll
 
 V, D, F = 13, 6, 3
@@ -118,6 +119,24 @@ def test_matches_direct_computation_with_partial_last_chunk(batch):
         assert row.count == sel.size
         np.testing.assert_allclose(row.nll, sel.mean(), rtol=1e-5)
     assert sum(r.count for r in res.buckets) == res.tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringToyStep(ToyStep):
+    """`ToyStep` offering ``score_step``, and a logits step that must not run."""
+
+    def __call__(self, params, tokens, positions, cache):
+        raise AssertionError("streaming_nll ran the logits step of a step that scores")
+
+    def score_step(self, params, tokens, positions, cache, targets):
+        logits, cache = ToyStep.__call__(self, params, tokens, positions, cache)
+        return token_scores(logits, targets), cache
+
+
+def test_a_step_offering_score_step_is_scored_through_it_exactly():
+    tokens = stream(301, 2, seed=5)
+    scored = streaming_nll(ScoringToyStep(), toy_params(), tokens, empty_cache(2), chunk=32, progress=False)
+    same_science(scored, run(tokens, 32))
 
 
 def test_independent_of_chunk_size_and_memmap_input(tmp_path):
