@@ -88,11 +88,15 @@ def count_params(shapes: Mapping[str, tuple[int, ...]]) -> int:
 
 
 def linear(x: jax.Array, p: Mapping[str, jax.Array], dtype) -> jax.Array:
-    """HF ``nn.Linear``: ``x @ weight.T (+ bias)`` with weight ``(out, in)``; computed in dtype."""
-    y = jnp.einsum("...i,oi->...o", x.astype(dtype), p["weight"].astype(dtype), precision=_precision(dtype))
+    """HF ``nn.Linear``: ``x @ weight.T (+ bias)`` with weight ``(out, in)``: operands in dtype, the
+    product accumulated (and the bias added) in float32, the result rounded to dtype once. Asking for
+    the float32 product is also what lets XLA:CPU multiply bfloat16 natively (AMX / AVX512-BF16: 3.7x
+    faster on a 4096 x 2048 x 5632 product than the bfloat16-out dot, which it computes in float32)."""
+    y = jnp.einsum("...i,oi->...o", x.astype(dtype), p["weight"].astype(dtype), preferred_element_type=jnp.float32,
+                   precision=_precision(dtype))
     if "bias" in p:
-        y = y + p["bias"].astype(dtype)
-    return y
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(dtype)
 
 
 def rms_norm(x: jax.Array, p: Mapping[str, jax.Array], eps: float, *, unit_offset: bool = False) -> jax.Array:
