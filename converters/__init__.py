@@ -9,8 +9,12 @@
 * `converters.convert.load_params`: validate a checkpoint against a layout (one error
   listing every problem), then build the params pytree one parameter at a time, each placed
   straight into its sharding when ``shardings`` is given.
-* `converters.store.save_converted` / `load_converted`: orbax params + converted.json
-  (restored into given shardings the same way).
+* `converters.store.save_converted` / `load_converted`: one aligned safetensors file per
+  parameter under ``params/`` (format 2; orbax format-1 directories are still read) +
+  converted.json; each file memory-mapped and placed into its sharding in turn.
+* `converters.convert.write_params`: the converter's streaming writer (one checkpoint row at a time).
+* `converters.chat_render` (a chat template rendered in a bounded child process) and
+  `converters.json_object` (the one JSON-object reader: every error names its file).
 * `converters.tokenizer.load_tokenizer`: sentencepiece tokenizer.model or tokenizer.json.
 * ``python -m converters HF_DIR OUT_DIR [--dtype bf16|fp32|fp16] [--no-progress] [--overwrite]``.
 """
