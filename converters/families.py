@@ -37,14 +37,10 @@ def layout_for(family: Family, config) -> CheckpointLayout:
     )
 
 
-def check_manifest(family: Family, config, manifest: object, source: Path) -> None:
-    """Refuse a converted checkpoint whose params manifest (converted.json's ``"params"``: flat name ->
-    ``{"shape": [...], ...}``, written by `converters.store.save_converted`) is not exactly the parameters
-    of its ``config``: the layer count first (`check_layer_count`), then every missing, unexpected and
-    mis-shaped parameter. ``source``: the converted.json file, named by the errors."""
-    if not (isinstance(manifest, Mapping) and all(map(_is_param_spec, manifest.values()))):
-        raise ValueError(f"{source} holds no params manifest (\"params\": name -> {{\"shape\": [...]}})")
-    held = {name: tuple(spec["shape"]) for name, spec in manifest.items()}
+def check_manifest(family: Family, config, held: Mapping[str, tuple[int, ...]], source: Path) -> None:
+    """Refuse a converted checkpoint whose params manifest (flat name -> shape, `converters.store.read_manifest`)
+    is not exactly the parameters of its ``config``: the layer count first (`check_layer_count`), then every
+    missing, unexpected and mis-shaped parameter. ``source``: the converted.json file, named by the errors."""
     layers = next((shape[0] for name, shape in held.items() if name.startswith(family.layer_prefix) and shape), 0)
     check_layer_count(family.layers_field, family.num_layers(config), layers, f"{source}'s params manifest",
                       f"the leading axis of its '{family.layer_prefix}*' parameters")
@@ -56,8 +52,3 @@ def check_manifest(family: Family, config, manifest: object, source: Path) -> No
                        for name, shape in wanted.items() if name in held and held[name] != shape],
     })
 
-
-def _is_param_spec(spec: object) -> bool:
-    """Whether a manifest entry has a shape (a list of integers)."""
-    shape = spec.get("shape") if isinstance(spec, Mapping) else None
-    return isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape)

@@ -215,14 +215,25 @@ def load_converted(
     return traverse_util.unflatten_dict(load(out, manifest, shardings, dtype), sep="."), meta["config"], meta["family"]
 
 
+def read_manifest(out_dir: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
+    """The params manifest of a converted directory (flat name -> shape and dtype), read without any
+    parameter: what `converters.families.check_manifest` compares with the config."""
+    out = Path(out_dir).absolute()
+    return _manifest(_read_meta(out), out / META_FILE)
+
+
 def _manifest(meta: dict, where: Path) -> dict[str, jax.ShapeDtypeStruct]:
     """The params manifest of converted.json (`where`): flat name -> shape and dtype."""
     manifest = meta.get("params")
     try:
-        return {name: jax.ShapeDtypeStruct(tuple(spec["shape"]), jnp.dtype(spec["dtype"]))
-                for name, spec in manifest.items()}
+        specs = {name: (spec["shape"], jnp.dtype(spec["dtype"])) for name, spec in manifest.items()}
     except (AttributeError, KeyError, TypeError) as e:
         raise ValueError(f"{where} holds no valid params manifest (name -> shape and dtype): {e!r}") from None
+    for name, (shape, _) in specs.items():
+        if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                for n in shape)):
+            raise ValueError(f"{where}: the params manifest's shape of {name} must be a list of sizes, got {shape!r}")
+    return {name: jax.ShapeDtypeStruct(tuple(shape), dtype) for name, (shape, dtype) in specs.items()}
 
 
 def _load_files(out: Path, manifest: Mapping[str, jax.ShapeDtypeStruct],

@@ -106,6 +106,7 @@ def load_config(path: str | os.PathLike):
     from converters.convert import plan_params
     from converters.families import check_manifest, layout_for
     from converters.reader import CheckpointReader
+    from converters.store import read_manifest
     from models.registry import FAMILIES, family_for_config
 
     root = Path(path)
@@ -117,7 +118,8 @@ def load_config(path: str | os.PathLike):
             raise ValueError(f"{root / CONVERTED_FILE}: unknown family {name!r}; known: {sorted(FAMILIES)}")
         family = FAMILIES[name]
         parsed = family.config_from_hf(config)
-        check_manifest(family, parsed, meta.get("params"), root / CONVERTED_FILE)
+        held = {name: spec.shape for name, spec in read_manifest(root).items()}
+        check_manifest(family, parsed, held, root / CONVERTED_FILE)
     else:
         family = family_for_config(config)
         parsed = family.config_from_hf(config)

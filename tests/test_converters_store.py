@@ -15,7 +15,7 @@ from flax import traverse_util
 import converters.store
 from converters.__main__ import main
 from converters.safetensors_file import TensorWriter
-from converters.store import FORMAT, META_FILE, PARAMS_DIR, load_converted, save_converted, staged_output
+from converters.store import FORMAT, META_FILE, PARAMS_DIR, load_converted, read_manifest, save_converted, staged_output
 
 
 def random_params(seed: int) -> dict:
@@ -209,3 +209,19 @@ def test_overwrite_replaces_a_converted_checkpoint_of_any_version(tmp_path):
         save_converted(staging, random_params(5), {}, "gptj")
     assert load_converted(out)[2] == "gptj"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"shape": ["4"], "dtype": "float32"}, "must be a list of sizes"),
+    ({"shape": [-1], "dtype": "float32"}, "must be a list of sizes"),
+    ({"dtype": "float32"}, "holds no valid params manifest"),
+])
+def test_a_malformed_manifest_is_refused_naming_the_file(tmp_path, spec, message):
+    out = tmp_path / "conv"
+    save_converted(out, random_params(3), {"a": 1}, "gptj")
+    meta = json.loads((out / META_FILE).read_text())
+    meta["params"][next(iter(meta["params"]))] = spec
+    (out / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=message) as info:
+        read_manifest(out)
+    assert str(out / META_FILE) in str(info.value)
