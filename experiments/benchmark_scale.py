@@ -96,13 +96,16 @@ def hf_config(shape: str) -> dict:
 
 def make_checkpoint(shape: str, directory: Path) -> Path:
     """A seeded random bf16 LLaMA of ``shape`` saved by transformers in ``directory`` (kept when
-    it already holds one of that shape)."""
+    it already holds one of that shape; a non-empty directory without config.json is refused)."""
     if (directory / "config.json").is_file():
         held = json.loads((directory / "config.json").read_text())
         differ = sorted(k for k, v in hf_config(shape).items() if k in SHAPES[shape] and held.get(k) != v)
         if differ:
             raise ValueError(f"--hf-dir {directory} holds another shape than {shape} ({', '.join(differ)} differ)")
         return directory
+    if directory.exists() and any(directory.iterdir()):
+        raise ValueError(f"--hf-dir {directory} is neither empty nor a checkpoint this script made "
+                         "(no config.json): refusing to write the checkpoint among other files")
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

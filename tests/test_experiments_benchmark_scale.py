@@ -32,3 +32,13 @@ def test_plans_prefill_and_decoding_are_measured_side_by_side(tmp_path, capsys):
     assert "| lm_infinite | 128 |" in printed and "| tiny | 256 | vanilla | score |" in printed
     assert cli.main(["--shape", "tinyllama-1.1b", "--hf-dir", str(hf), "--sections", "prefill", "--out", str(out)]) == 1
     assert "holds another shape" in capsys.readouterr().err  # never measured on the wrong checkpoint
+
+
+def test_a_folder_of_other_files_is_never_written_into(tmp_path, capsys):
+    hf = tmp_path / "mine"
+    hf.mkdir()
+    (hf / "notes.txt").write_text("a user's file")
+    argv = ["--shape", "tiny", "--hf-dir", str(hf), "--sections", "prefill", "--out", str(tmp_path / "s.json")]
+    assert cli.main(argv) == 1
+    assert "neither empty nor a checkpoint" in capsys.readouterr().err
+    assert [p.name for p in hf.iterdir()] == ["notes.txt"]
