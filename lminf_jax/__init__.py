@@ -5,7 +5,7 @@ entry point (dense reference and jitted blockwise implementation).
 """
 
 from lminf_jax.alibi import Alibi, alibi_bias, alibi_slopes
-from lminf_jax.attention import attention, attention_probe
+from lminf_jax.attention import attention, attention_probe, attention_route
 from lminf_jax.attention_reference import AttentionProbe
 from lminf_jax.rope import (
     FREQUENCY_METHODS, LengthRule, RopeScaling, RopeScheme, Rotary, apply_rope, frequency_method, rope_angles,
@@ -57,6 +57,7 @@ __all__ = [
     "frequency_method",
     "attention",
     "attention_probe",
+    "attention_route",
     "filter_logits",
     "rope_angles",
     "rope_frequencies",

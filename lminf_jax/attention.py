@@ -1,24 +1,33 @@
-"""The single attention entry point: validation, then the dense or blockwise path."""
+"""The single attention entry point: validation, then the path each platform takes (`attention_route`)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from lminf_jax.alibi import Alibi
 from lminf_jax.attention_blockwise import blockwise_attention, merge_top_k
 from lminf_jax.attention_decode import single_query_attention
 from lminf_jax.attention_pallas import kernel_supports, lambda_attention
 from lminf_jax.attention_reference import AttentionProbe, reference_attention
+from lminf_jax.attention_vendor import SIXTEEN_BIT, Route, unsupported, window_sink_attention
 from lminf_jax.rope import Rotary
 from lminf_jax.scores import Positional, Scaling, scaling, top_k_active
 from lminf_jax.spec import AttentionSpec, Vanilla, int32_positions
 
-Implementation = Literal["auto", "reference", "blockwise", "single_query", "pallas"]
-IMPLEMENTATIONS = ("auto", "reference", "blockwise", "single_query", "pallas")
+Implementation = Literal["auto", "reference", "blockwise", "single_query", "pallas", "cudnn", "splash", "window_xla"]
+IMPLEMENTATIONS = ("auto", "reference", "blockwise", "single_query", "pallas", "cudnn", "splash", "window_xla")
+#: The explicit implementations that run a fused window kernel (`lminf_jax.attention_vendor`) and theirs.
+WINDOW_ROUTES = {"cudnn": "cudnn", "splash": "splash", "window_xla": "xla"}
+#: The implementations of self-attention at positions 0..T-1 only (fused kernels).
+FUSED_IMPLEMENTATIONS = ("pallas", *WINDOW_ROUTES)
+#: The platforms "auto" routes for by `lax.platform_dependent`; any other platform lowers as "cpu".
+PLATFORMS = ("cpu", "cuda", "tpu")
 #: The Pallas kernel's largest tiles (queries x keys per program step).
 PALLAS_MAX_BLOCKS = (128, 64)
 #: "auto" uses the dense path up to this many scores per head (and for single queries).
@@ -30,8 +39,8 @@ def attention(
     k: jax.Array,
     v: jax.Array,
     *,
-    q_positions: jax.Array | np.ndarray,
-    k_positions: jax.Array | np.ndarray,
+    q_positions: jax.Array | np.ndarray | None = None,
+    k_positions: jax.Array | np.ndarray | None = None,
     spec: AttentionSpec | None = None,
     positional: Positional = None,
     scale: float | Scaling | None = None,
@@ -46,42 +55,113 @@ def attention(
       q: ``(B, Tq, Hq, d)`` un-rotated queries; k: ``(B, Tk, Hkv, d)`` un-rotated keys;
         v: ``(B, Tk, Hkv, dv)``. ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA).
       q_positions, k_positions: integer positions ``(T,)`` or ``(B, T)``; negative marks
-        an empty slot (padding). Masks and rotations come only from these.
+        an empty slot (padding). Masks and rotations come only from these. Both None:
+        self-attention of one sequence at positions ``0..T-1`` in every row, a fact known
+        when tracing, which the fused kernels need.
       spec: `AttentionSpec` (default vanilla causal).
       positional: a `Rotary` (applied here, to q and k), an `Alibi`, or None.
       scale: score scale, a number or a `lminf_jax.scores.Scaling` (with a soft cap); default ``1 / sqrt(d)``.
       layer: layer index (int or traced); required when ``spec.top_k`` is set.
       implementation: "reference" (dense float32), "blockwise" (jitted, O(T(G+L))),
         "single_query" (one query per row, one pass over the keys: `lminf_jax.attention_decode`),
-        "pallas" (the fused kernel of `lminf_jax.attention_pallas` for self-attention at
-        positions 0..T-1 in every row under a bounded spec; tiles of at most
-        `PALLAS_MAX_BLOCKS`; interpreted off GPU), or "auto": dense for single queries or at
-        most `DENSE_MAX_SCORES` scores per head, blockwise otherwise.
+        "pallas" (the fused kernel of `lminf_jax.attention_pallas`; tiles of at most
+        `PALLAS_MAX_BLOCKS`; interpreted off GPU), "cudnn", "splash" (the vendor's window kernel
+        plus a sink branch, `lminf_jax.attention_vendor`; splash interpreted off TPU),
+        "window_xla" (that route with jax's dense XLA attention for the window: cuDNN's call,
+        runnable anywhere), or "auto": `attention_route` per platform (`PLATFORMS`), chosen when
+        the program is lowered (`lax.platform_dependent`). The fused kernels take
+        self-attention at positions ``0..T-1`` (positions None, or concrete and equal to those).
       block_q, block_k: query block and key chunk sizes of the blockwise path.
 
     Returns ``(B, Tq, Hq, dv)`` in q's dtype; scores and softmax are float32.
     """
     spec = Vanilla() if spec is None else spec
+    contiguous = _contiguous(q, k, q_positions, k_positions)
+    if implementation in FUSED_IMPLEMENTATIONS and not contiguous:
+        _check_self_attention(implementation, q_positions, k_positions)
+    if contiguous:
+        q_positions = k_positions = np.arange(q.shape[1], dtype=np.int32)
     qp, kp, scale = _validate(q, k, v, q_positions, k_positions, spec, positional, scale, layer, block_q, block_k)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    run = functools.partial(_run, qp=qp, kp=kp, spec=spec, positional=positional, scale=scale, layer=layer,
+                            block_q=block_q, block_k=block_k)
+    if implementation != "auto":
+        _check_explicit(implementation, q, v, spec, positional, scale)
+        interpret = (implementation == "pallas" and jax.default_backend() != "gpu") or (
+            implementation == "splash" and jax.default_backend() != "tpu")
+        return run(implementation, q, k, v, interpret=interpret)
+    routes = {platform: _route(q, k, v, contiguous, spec, positional, scale, platform).implementation
+              for platform in PLATFORMS}
+    if len(set(routes.values())) == 1:
+        return run(routes["cpu"], q, k, v)
+    branch = {name: functools.partial(run, name) for name in set(routes.values())}  # one per implementation
+    return lax.platform_dependent(q, k, v, cuda=branch[routes["cuda"]], tpu=branch[routes["tpu"]],
+                                  default=branch[routes["cpu"]])
+
+
+def attention_route(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_positions: jax.Array | np.ndarray | None = None,
+    k_positions: jax.Array | np.ndarray | None = None,
+    spec: AttentionSpec | None = None,
+    positional: Positional = None,
+    scale: float | Scaling | None = None,
+    implementation: Implementation = "auto",
+    platform: str | None = None,
+) -> Route:
+    """Which implementation `attention` with these arguments runs when lowered for ``platform`` (one of
+    `PLATFORMS`; default: this process's backend, "gpu" read as "cuda"), and why. Only shapes and dtypes
+    of q, k and v are read (``jax.ShapeDtypeStruct`` will do)."""
+    spec = Vanilla() if spec is None else spec
+    platform = platform or {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
+    if platform not in PLATFORMS:
+        platform = "cpu"
+    contiguous = _contiguous(q, k, q_positions, k_positions)
+    scale = scaling(scale, q.shape[-1])
+    if implementation != "auto":
+        return Route(implementation, "chosen by the caller")
+    return _route(q, k, v, contiguous, spec, positional, scale, platform)
+
+
+def _route(q, k, v, contiguous: bool, spec: AttentionSpec, positional: Positional, scale: Scaling,
+           platform: str) -> Route:
+    """The routing table of "auto" (see `attention_route`)."""
     tq, tk = q.shape[1], k.shape[1]
+    if tq == 1:
+        return Route("reference", "one query per row: dense")
+    if tq * tk <= DENSE_MAX_SCORES:
+        return Route("reference", f"at most {DENSE_MAX_SCORES:,} scores per head: dense")
+    kernel = {"cuda": "cudnn", "tpu": "splash"}.get(platform)
+    if kernel is None:
+        return Route("blockwise", f"{platform}: no fused kernel")
+    if not contiguous:
+        return Route("blockwise", "positions given: the fused kernels need self-attention at 0..T-1 known when tracing")
+    if jnp.dtype(q.dtype) not in SIXTEEN_BIT:
+        return Route("blockwise", f"{jnp.dtype(q.dtype).name} inputs: full-precision products")
+    why = unsupported(kernel, spec, positional, scale, q.dtype, q.shape[-1], v.shape[-1])
+    if why is not None:
+        return Route("blockwise", why)
+    sinks = " plus the sink branch" if spec.has_global else ""
+    return Route(kernel, f"{kernel}'s fused {'causal' if spec.window is None else 'window'} kernel{sinks}")
+
+
+def _run(implementation: str, q, k, v, *, qp, kp, spec, positional, scale, layer, block_q, block_k,
+         interpret: bool = False) -> jax.Array:
+    """The attention output through ``implementation`` (inputs validated and, for an explicit choice, checked)."""
     if implementation == "pallas":
-        if not kernel_supports(spec):
-            raise ValueError(f"implementation 'pallas' serves a window with bounded sinks and no top-k; "
-                             f"{spec.describe()} needs 'blockwise'")
-        _check_self_attention(qp, kp)
         return lambda_attention(q, k, v, spec=spec, positional=positional, scale=scale,
                                 block_q=min(block_q, PALLAS_MAX_BLOCKS[0]), block_k=min(block_k, PALLAS_MAX_BLOCKS[1]),
-                                interpret=jax.default_backend() != "gpu")[0]
+                                interpret=interpret)[0]
+    if implementation in WINDOW_ROUTES:
+        return window_sink_attention(q, k, v, spec=spec, positional=positional, scale=scale,
+                                     kernel=WINDOW_ROUTES[implementation], interpret=interpret)[0]
     if implementation == "single_query":
-        if tq != 1 or spec.top_k is not None:
-            raise ValueError(f"implementation 'single_query' takes one query per row and no top-k; got {tq} "
-                             f"queries, top_k {spec.top_k}")
         return single_query_attention(q, k, v, qp, kp, spec=spec, positional=positional, scale=scale)
-    if implementation == "reference" or (
-        implementation == "auto" and (tq == 1 or tq * tk <= DENSE_MAX_SCORES)
-    ):
+    if implementation == "reference":
         return reference_attention(q, k, v, qp, kp, spec=spec, positional=positional, scale=scale, layer=layer)
     _check_blockwise_contract(qp, kp)
     out, lse = blockwise_attention(
@@ -93,6 +173,32 @@ def attention(
     return merge_top_k(
         out, lse, q, k, v, qp, kp, jnp.asarray(active), spec=spec, positional=positional, scale=scale
     )
+
+
+def _check_explicit(implementation: str, q, v, spec: AttentionSpec, positional: Positional, scale: Scaling) -> None:
+    """A ValueError naming what an explicitly chosen implementation cannot take."""
+    tq = q.shape[1]
+    if implementation == "single_query" and (tq != 1 or spec.top_k is not None):
+        raise ValueError(f"implementation 'single_query' takes one query per row and no top-k; got {tq} "
+                         f"queries, top_k {spec.top_k}")
+    if implementation == "pallas" and not kernel_supports(spec):
+        raise ValueError(f"implementation 'pallas' serves a window with bounded sinks and no top-k; "
+                         f"{spec.describe()} needs 'blockwise'")
+    if implementation in WINDOW_ROUTES:
+        why = unsupported(WINDOW_ROUTES[implementation], spec, positional, scale, q.dtype, q.shape[-1], v.shape[-1])
+        if why is not None:
+            raise ValueError(f"implementation {implementation!r} cannot take {spec.describe()} here: {why}; "
+                             "use 'blockwise'")
+
+
+def _contiguous(q, k, q_positions, k_positions) -> bool:
+    """Whether a call is self-attention at positions 0..T-1 by construction (both positions None)."""
+    if (q_positions is None) != (k_positions is None):
+        raise ValueError("give both q_positions and k_positions, or neither (self-attention at 0..T-1)")
+    if q_positions is None and q.shape[1] != k.shape[1]:
+        raise ValueError(f"without positions attention is self-attention at 0..T-1: q and k need the same length, "
+                         f"got {q.shape[1]} and {k.shape[1]}")
+    return q_positions is None
 
 
 def attention_probe(
@@ -169,18 +275,17 @@ def _positions(name: str, positions, batch: int, length: int) -> jax.Array:
     return positions
 
 
-def _check_self_attention(q_positions: jax.Array, k_positions: jax.Array) -> None:
-    """The kernel's contract: queries and keys both at 0..T-1 in every row (checked when concrete)."""
-    if q_positions.shape != k_positions.shape:
-        raise ValueError(f"implementation 'pallas' is self-attention: q and k need the same length, got "
-                         f"{q_positions.shape[1]} and {k_positions.shape[1]}")
+def _check_self_attention(implementation: str, q_positions, k_positions) -> None:
+    """The fused kernels' contract for given positions: queries and keys both at 0..T-1 in every row,
+    checked on the concrete values (traced positions cannot be checked, so they are refused)."""
     if isinstance(q_positions, jax.core.Tracer) or isinstance(k_positions, jax.core.Tracer):
-        return
-    expected = np.arange(q_positions.shape[1])
-    if not (np.array_equal(np.asarray(q_positions), np.broadcast_to(expected, q_positions.shape))
-            and np.array_equal(np.asarray(k_positions), np.broadcast_to(expected, k_positions.shape))):
-        raise ValueError("implementation 'pallas' needs q and k at positions 0..T-1 in every row (no padding); "
-                         "use 'blockwise' for other positions")
+        raise ValueError(f"implementation {implementation!r} takes self-attention at positions 0..T-1: pass "
+                         "q_positions=k_positions=None (traced positions cannot be checked)")
+    qp, kp = np.asarray(q_positions), np.asarray(k_positions)
+    if not (qp.ndim in (1, 2) and kp.ndim in (1, 2) and qp.shape[-1] == kp.shape[-1]
+            and all(np.array_equal(p, np.broadcast_to(np.arange(p.shape[-1]), p.shape)) for p in (qp, kp))):
+        raise ValueError(f"implementation {implementation!r} needs q and k at positions 0..T-1 in every row (no "
+                         "padding, same length); use 'blockwise' for other positions")
 
 
 def _check_blockwise_contract(q_positions: jax.Array, k_positions: jax.Array) -> None:

@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from lminf_jax.attention import Implementation, attention
+from lminf_jax.attention import FUSED_IMPLEMENTATIONS, Implementation, attention
 from lminf_jax.attention_decode import decode_attention, rotates_keys
 from lminf_jax.rope import apply_rope, unrotate
 from lminf_jax.scores import Positional, Scaling, scaling
@@ -286,8 +286,8 @@ def cached_attention(
     keys = jnp.concatenate([cached, k.astype(cache_keys.dtype)], axis=1)
     values = jnp.concatenate([linear(cache_values), v.astype(cache_values.dtype)], axis=1)
     key_positions = jnp.concatenate([key_positions, positions.astype(jnp.int32)], axis=1)
-    # the kernel serves whole sequences and single_query one query: a chunk runs blockwise
-    chunked = "blockwise" if implementation in ("pallas", "single_query") else implementation
+    # the fused kernels serve whole sequences and single_query one query: a chunk runs blockwise
+    chunked = "blockwise" if implementation in (*FUSED_IMPLEMENTATIONS, "single_query") else implementation
     out = attention(q, keys, values, q_positions=positions, k_positions=key_positions,
                     implementation=chunked, block_q=block_q, block_k=block_k, **common)
     return out, stored

@@ -43,6 +43,7 @@ from jax import lax
 
 from lminf_jax import (Alibi, AttentionProbe, AttentionSpec, RopeScheme, SlidingWindow, Vanilla, attention,
                        attention_probe)
+from lminf_jax.attention import FUSED_IMPLEMENTATIONS
 from lminf_jax.attention_decode import rotates_keys
 from lminf_jax.cache import KVCache, cached_attention, needs_full_cache
 from lminf_jax.context_parallel import context_parallel_attention
@@ -209,14 +210,17 @@ class LanguageModel:
             raise ValueError(f"targets must have the tokens' shape {shape}, got {getattr(targets, 'shape', None)}")
         check_tokens(targets, self.config.vocab_size)
 
-    def _sequence_inputs(self, tokens: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, jax.Array, int]:
+    def _sequence_inputs(self, tokens: jax.Array, positions: jax.Array | None
+                         ) -> tuple[jax.Array, jax.Array | None, int]:
         """A whole sequence's checked tokens (padded for context parallelism, `_split_sequence`), their
-        positions ``(B, T')`` and T."""
+        checked positions ``(B, T')`` or None (every row at 0..T'-1: self-attention the fused kernels
+        take, `lminf_jax.attention`), and T."""
         check_tokens(tokens, self.config.vocab_size)
-        if self.call.implementation == "pallas" and positions is not None:
-            raise ValueError("implementation 'pallas' runs the tokens at positions 0..T-1; positions cannot be given")
+        if self.call.implementation in FUSED_IMPLEMENTATIONS and positions is not None:
+            raise ValueError(f"implementation {self.call.implementation!r} runs the tokens at positions 0..T-1; "
+                             "positions cannot be given")
         padded, t = self._split_sequence(tokens, positions)
-        return padded, default_positions(padded, positions, self.call.spec), t
+        return padded, None if positions is None else default_positions(padded, positions, self.call.spec), t
 
     def _split_sequence(self, tokens: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, int]:
         """Under context parallelism: tokens padded at the end to a multiple of the ``seq`` axis
@@ -424,10 +428,11 @@ def _split_heads(dec: Decoder, q: jax.Array, k: jax.Array, v: jax.Array, plan: S
             _constrain(plan, dec, _heads(v, dec.num_kv_heads), "batch", length, "kv_heads", "head_dim"))
 
 
-def _self_attention(dec: Decoder, call: AttentionCall, qh, kh, vh, positions: jax.Array, index,
+def _self_attention(dec: Decoder, call: AttentionCall, qh, kh, vh, positions: jax.Array | None, index,
                     plan: ShardingPlan | None = None) -> jax.Array:
     """Attention of a whole sequence over itself in layer ``index``, merged back to ``(B, T, heads *
-    dv)``: context parallel under a plan with a ``seq`` axis and a bounded spec, else `lminf_jax.attention`."""
+    dv)``: context parallel under a plan with a ``seq`` axis and a bounded spec, else `lminf_jax.attention`
+    (``positions`` None: every row at 0..T-1)."""
 
     def attend(spec: AttentionSpec, positional: Positional) -> jax.Array:
         if plan is not None and plan.context_parallel and not needs_full_cache(spec):
