@@ -25,9 +25,9 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from converters.convert import write_params
-from converters.reader import CheckpointReader
-from converters.store import ConvertedWriter, staged_output
+from lminf_jax.converters.convert import write_params
+from lminf_jax.converters.reader import CheckpointReader
+from lminf_jax.converters.store import ConvertedWriter, staged_output
 
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace OUT_DIR whole if it is a converted checkpoint (another non-empty one is refused)")
     args = parser.parse_args(argv)
 
-    from converters.families import layout_for
-    from models.registry import family_for_config
+    from lminf_jax.converters.families import layout_for
+    from lminf_jax.models.registry import family_for_config
 
     start = time.perf_counter()
     try:

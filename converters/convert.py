@@ -12,11 +12,11 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from converters.dtypes import dtype_kind, numpy_dtype
-from converters.layout import CheckpointLayout, check_layer_count
-from converters.placement import aligned_empty, check_shardings, loaded_dtype, place
-from converters.reader import CheckpointReader
-from converters.safetensors_file import TensorWriter
+from lminf_jax.converters.dtypes import dtype_kind, numpy_dtype
+from lminf_jax.converters.layout import CheckpointLayout, check_layer_count
+from lminf_jax.converters.placement import aligned_empty, check_shardings, loaded_dtype, place
+from lminf_jax.converters.reader import CheckpointReader
+from lminf_jax.converters.safetensors_file import TensorWriter
 from lminf_jax.progress import Progress
 
 #: How many items of each kind of problem a checkpoint error lists before it counts the rest.

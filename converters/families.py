@@ -9,9 +9,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from converters.convert import raise_problems
-from converters.layout import CheckpointLayout, Split, check_layer_count
-from models.registry import Family
+from lminf_jax.converters.convert import raise_problems
+from lminf_jax.converters.layout import CheckpointLayout, Split, check_layer_count
+from lminf_jax.models.registry import Family
 
 
 def layout_for(family: Family, config) -> CheckpointLayout:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
-from converters.dtypes import numpy_dtype
-from converters.reader import CheckpointReader
+from lminf_jax.converters.dtypes import numpy_dtype
+from lminf_jax.converters.reader import CheckpointReader
 
 
 @dataclass(frozen=True)

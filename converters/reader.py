@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.json_object import read_json_object
-from converters.safetensors_file import SafetensorsFile
-from converters.torch_file import TorchFile
+from lminf_jax.converters.json_object import read_json_object
+from lminf_jax.converters.safetensors_file import SafetensorsFile
+from lminf_jax.converters.torch_file import TorchFile
 
 # In Hugging Face's order of preference.
 WEIGHT_FILES = (

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.dtypes import NUMPY_DTYPES, TensorInfo, numpy_dtype
-from converters.json_object import parse_json_object
+from lminf_jax.converters.dtypes import NUMPY_DTYPES, TensorInfo, numpy_dtype
+from lminf_jax.converters.json_object import parse_json_object
 
 MAX_HEADER_BYTES = 100_000_000
 _CODES = {dtype: code for code, dtype in NUMPY_DTYPES.items()}

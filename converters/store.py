@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from converters.dtypes import NUMPY_DTYPES
-from converters.placement import ALIGNMENT, aligned_empty, check_shardings, loaded_dtype, place
-from converters.reader import read_json_object
-from converters.safetensors_file import SafetensorsFile, TensorWriter
+from lminf_jax.converters.dtypes import NUMPY_DTYPES
+from lminf_jax.converters.placement import ALIGNMENT, aligned_empty, check_shardings, loaded_dtype, place
+from lminf_jax.converters.reader import read_json_object
+from lminf_jax.converters.safetensors_file import SafetensorsFile, TensorWriter
 
 FORMAT = "lminf_jax-converted"
 FORMAT_VERSION = 2

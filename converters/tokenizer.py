@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from converters import chat_render
-from converters.json_object import read_json_object
+from lminf_jax.converters import chat_render
+from lminf_jax.converters.json_object import read_json_object
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.dtypes import TensorInfo, numpy_dtype
+from lminf_jax.converters.dtypes import TensorInfo, numpy_dtype
 
 _CODES = {
     "bool": "BOOL",

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.options import int_option, output_file
+from lminf_jax.experiments.options import int_option, output_file
 from lminf_jax import LMInfinite, Rotary
 from lminf_jax.attention_blockwise import blockwise_attention
 from lminf_jax.attention_reference import reference_attention

@@ -52,17 +52,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmark_decode import PRESETS, measure
-from experiments.loading import run_cli
-from experiments.machine import machine
-from experiments.options import int_option, output_file, plot_file
+from lminf_jax.experiments.benchmark_decode import PRESETS, measure
+from lminf_jax.experiments.loading import run_cli
+from lminf_jax.experiments.machine import machine
+from lminf_jax.experiments.options import int_option, output_file, plot_file
 from lminf_jax import LMInfinite, Rotary, Vanilla, attention
 from lminf_jax.attention import attention_route
 from lminf_jax.rope import apply_rope
-from models import llama
-from models.common import AttentionCall
-from models.decoder import LanguageModel
-from models.registry import FAMILIES
+from lminf_jax.models import llama
+from lminf_jax.models.common import AttentionCall
+from lminf_jax.models.decoder import LanguageModel
+from lminf_jax.models.registry import FAMILIES
 
 SIZES = {  # (attention lengths, encode lengths, decode positions) per preset
     "llama2-7b": ([8192, 32768, 131072], [4096, 8192, 16384, 32768, 65536, 131072], [4096, 32768, 131072]),

@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.loading import DTYPES, load_model, method_spec, pretraining_length, run_cli
-from experiments.machine import machine
-from experiments.options import input_path, int_option, output_file
-from experiments.perplexity import SHIPPED_MODEL
+from lminf_jax.experiments.loading import DTYPES, load_model, method_spec, pretraining_length, run_cli
+from lminf_jax.experiments.machine import machine
+from lminf_jax.experiments.options import input_path, int_option, output_file
+from lminf_jax.experiments.perplexity import SHIPPED_MODEL
 from lminf_jax.sharding import ShardingPlan, make_mesh
-from models.common import AttentionCall
+from lminf_jax.models.common import AttentionCall
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from experiments.options import int_option, output_file
+from lminf_jax.experiments.options import int_option, output_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             "--shard-size",
             args.shard_size,
         ]
-        writer = ["-m", "experiments.benchmark_convert", "--write-checkpoint", str(hf_dir), *map(str, sizes)]
+        writer = ["-m", "lminf_jax.experiments.benchmark_convert", "--write-checkpoint", str(hf_dir), *map(str, sizes)]
         num_params = int(run_child(writer)[2].split()[-1])
         shards = sorted(hf_dir.glob("*.safetensors"))
         ckpt_mb = sum(f.stat().st_size for f in shards) / 1e6
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         _, base_mb, _ = run_child(["-c", "import converters.__main__, converters.families"])
         runs = []
         for k in range(args.repeats):
-            cli = ["-m", "converters", str(hf_dir), str(out_dir / str(k)), "--no-progress"]
+            cli = ["-m", "lminf_jax.converters", str(hf_dir), str(out_dir / str(k)), "--no-progress"]
             seconds, rss_mb, out = run_child(cli + (["--dtype", args.dtype] if args.dtype else []))
             runs.append({"seconds": round(seconds, 2), "peak_rss_mb": round(rss_mb, 1)})
             print(out.strip(), flush=True)

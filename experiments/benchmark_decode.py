@@ -25,14 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from experiments.machine import machine
-from experiments.options import int_option, output_file
+from lminf_jax.experiments.machine import machine
+from lminf_jax.experiments.options import int_option, output_file
 from lminf_jax import LMInfinite, Vanilla
 from lminf_jax.cache import KVCache
-from models import llama
-from models.common import AttentionCall
-from models.decoder import LanguageModel
-from models.registry import FAMILIES
+from lminf_jax.models import llama
+from lminf_jax.models.common import AttentionCall
+from lminf_jax.models.decoder import LanguageModel
+from lminf_jax.models.registry import FAMILIES
 
 PRESETS = {
     # a small LLaMA for CPUs: 4 layers, 4 heads of 64, L = 2048

@@ -40,7 +40,7 @@ _IMPORTS = {
 
 
 def _peak_rss_mb() -> float:
-    from experiments.machine import peak_rss_bytes
+    from lminf_jax.experiments.machine import peak_rss_bytes
 
     return peak_rss_bytes() / 1e6
 
@@ -50,11 +50,11 @@ def _load(loader: str, source: str, out: str | None) -> object:
     if loader in ("hf", "converted"):
         import jax
 
-        from experiments.loading import load_model
+        from lminf_jax.experiments.loading import load_model
 
         return jax.block_until_ready(load_model(source)[2])
     if loader == "convert":
-        from converters.__main__ import main
+        from lminf_jax.converters.__main__ import main
 
         if main([source, out, "--no-progress"]):
             raise RuntimeError(f"converting {source} failed")
@@ -100,7 +100,7 @@ _CHILD = ("import json, sys; from experiments.benchmark_load import run_loader; 
 def measure(loader: str, source: str | pathlib.Path, out: str | pathlib.Path | None = None) -> dict:
     """`run_loader`'s record, from a fresh subprocess (its own peak RSS, `experiments.machine.peak_rss_bytes`:
     the rusage ``os.wait4`` reports would count this process's pages the child held before its exec)."""
-    from experiments.benchmark_convert import run_child
+    from lminf_jax.experiments.benchmark_convert import run_child
 
     stdout = run_child(["-c", _CHILD, loader, str(source)] + ([str(out)] if out else []))[2]
     return json.loads(stdout.strip().splitlines()[-1])
@@ -108,8 +108,8 @@ def measure(loader: str, source: str | pathlib.Path, out: str | pathlib.Path | N
 
 def weight_bytes(hf_dir: str | pathlib.Path) -> int:
     """The bytes of every tensor of a Hugging Face checkpoint (from its headers)."""
-    from converters.dtypes import numpy_dtype
-    from converters.reader import CheckpointReader
+    from lminf_jax.converters.dtypes import numpy_dtype
+    from lminf_jax.converters.reader import CheckpointReader
 
     reader = CheckpointReader(hf_dir)
     return sum(math.prod(reader.shape(n)) * numpy_dtype(reader.dtype(n), n).itemsize for n in reader.names())
@@ -164,7 +164,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.options import input_path, int_option, output_dir, output_file, parse_checked
+    from lminf_jax.experiments.options import input_path, int_option, output_dir, output_file, parse_checked
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("hf_dir", type=input_path, help="Hugging Face checkpoint directory (config.json + safetensors)")
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder for the converted directory (default: the system's temporary folder)")
     p.add_argument("--out", default="results/benchmark_load.json", type=output_file, metavar="JSON")
     args = parse_checked(p, argv)
-    from experiments.machine import machine
+    from lminf_jax.experiments.machine import machine
 
     rows = benchmark(pathlib.Path(args.hf_dir), args.repeats, args.work)
     print(f"median times and largest RSS of {args.repeats} run(s) of each loader, each a fresh process")

@@ -39,13 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmark import attended_pairs, best_of
-from experiments.benchmark_decode import measure
-from experiments.loading import load_model, run_cli
-from experiments.machine import machine
-from experiments.options import int_option, output_file
+from lminf_jax.experiments.benchmark import attended_pairs, best_of
+from lminf_jax.experiments.benchmark_decode import measure
+from lminf_jax.experiments.loading import load_model, run_cli
+from lminf_jax.experiments.machine import machine
+from lminf_jax.experiments.options import int_option, output_file
 from lminf_jax import LMInfinite, Vanilla, attention
-from models.common import AttentionCall
+from lminf_jax.models.common import AttentionCall
 
 SINKS = 10
 PARITY_TOKENS = 128

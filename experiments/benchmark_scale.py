@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from experiments.options import input_path, int_option, output_file, plot_file
+from lminf_jax.experiments.options import input_path, int_option, output_file, plot_file
 
 #: Model shapes (Hugging Face LlamaConfig fields) and their LM-Infinite window L.
 SHAPES = {
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.loading import run_cli
+    from lminf_jax.experiments.loading import run_cli
 
     return run_cli(build_parser(), run, argv)
 
@@ -129,7 +129,7 @@ def weight_bytes(shape: str) -> int:
 
 
 def _family(shape: str):
-    from models.registry import family_for_config
+    from lminf_jax.models.registry import family_for_config
 
     family = family_for_config(hf_config(shape))
     return family, family.config_from_hf(hf_config(shape))
@@ -139,7 +139,7 @@ def _model(shape: str, method: str, family=None, config=None):
     import jax.numpy as jnp
 
     from lminf_jax import LMInfinite, Vanilla
-    from models.common import AttentionCall
+    from lminf_jax.models.common import AttentionCall
 
     if family is None:
         family, config = _family(shape)
@@ -182,10 +182,10 @@ def plan_rows(shape: str, lengths: list[int]) -> list[dict]:
 def in_child(task: dict) -> dict:
     """Run one measurement (`child`) in a fresh Python process: its result with the process's peak RSS,
     or the error it ended with (out of memory, say), recorded rather than dropped."""
-    from experiments.benchmark_convert import run_child
+    from lminf_jax.experiments.benchmark_convert import run_child
 
     try:
-        stdout = run_child(["-m", "experiments.benchmark_scale", "--child", json.dumps(task)])[2]
+        stdout = run_child(["-m", "lminf_jax.experiments.benchmark_scale", "--child", json.dumps(task)])[2]
     except RuntimeError as e:
         return {**task, "error": str(e).splitlines()[0]}
     return json.loads(stdout.strip().splitlines()[-1])
@@ -198,7 +198,7 @@ def child(task: dict) -> dict:
     rng = np.random.default_rng(0)
     kind, shape, directory = task["kind"], task["shape"], Path(task["hf_dir"])
     tokens = rng.integers(0, SHAPES[shape]["vocab_size"], (1, task["T"] if kind == "prefill" else task["position"]))
-    from experiments.machine import peak_rss_bytes
+    from lminf_jax.experiments.machine import peak_rss_bytes
 
     run = _torch_child if task["impl"] == "transformers" else _jax_child
     return {**task, **run(kind, shape, directory, task, tokens), "peak_rss_bytes": peak_rss_bytes()}
@@ -208,8 +208,8 @@ def _jax_child(kind: str, shape: str, directory: Path, task: dict, tokens) -> di
     import jax
     import jax.numpy as jnp
 
-    from experiments.benchmark_decode import measure
-    from experiments.loading import load_model
+    from lminf_jax.experiments.benchmark_decode import measure
+    from lminf_jax.experiments.loading import load_model
 
     family, config, params = load_model(directory, "bf16")
     model = _model(shape, task["impl"], family, config)
@@ -286,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     if args.child is not None:
         print(json.dumps(child(json.loads(args.child))))
         return 0
-    from experiments.machine import machine
+    from lminf_jax.experiments.machine import machine
 
     record = {"settings": {**{k: v for k, v in vars(args).items() if k != "child"}, **machine(),
                            "weight_bytes": weight_bytes(args.shape)}}
@@ -298,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
             record["plan"] = [*plan_rows(args.shape, args.plan_lengths),
                               *(plan_rows(args.plan_shape, args.plan_lengths) if args.plan_shape != args.shape else [])]
         if "load" in args.sections:
-            from experiments.benchmark_load import benchmark
+            from lminf_jax.experiments.benchmark_load import benchmark
 
             record["load"] = benchmark(directory, repeats=1, work=tmp)
         if "prefill" in args.sections:
@@ -338,7 +338,7 @@ def format_tables(record: dict) -> str:
                   (f"failed: {r['error']} | |" if "error" in r else
                    f"{r['ms_per_token']:,.1f} | {_gb(r['peak_rss_bytes'])} |") for r in record["decode"]]
     if "load" in record:
-        from experiments.benchmark_load import table
+        from lminf_jax.experiments.benchmark_load import table
 
         lines += ["", table(record["load"])]
     return "\n".join(lines)

@@ -33,13 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.loading import (
+from lminf_jax.experiments.loading import (
     load_config, load_model, load_tokenizer_from, method_spec, params_dtype, pretraining_length, run_cli,
     save_result,
 )
-from experiments.options import input_path, int_option, output_file, plot_file
-from experiments.perplexity import SHIPPED_MODEL
-from experiments.text import add_text_args, bos_id, check_ids, token_stream
+from lminf_jax.experiments.options import input_path, int_option, output_file, plot_file
+from lminf_jax.experiments.perplexity import SHIPPED_MODEL
+from lminf_jax.experiments.text import add_text_args, bos_id, check_ids, token_stream
 from lminf_jax.metrics import bleu, rouge_l
 
 METHODS = ("vanilla", "lm_infinite", "truncation")
@@ -90,7 +90,7 @@ def continue_with(name: str, family, config, params, dtype, prompts: np.ndarray,
     prompt's prefill (``t(1)``) is not spread over the new tokens."""
     from lminf_jax.cache import needs_full_cache
     from lminf_jax.decoding import generate
-    from models.common import AttentionCall
+    from lminf_jax.models.common import AttentionCall
 
     if name == "truncation":
         model = family.model(config, AttentionCall(method_spec("vanilla", config)), dtype)

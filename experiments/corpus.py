@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.options import input_path, int_option, output_dir, parse_checked
+from lminf_jax.experiments.options import input_path, int_option, output_dir, parse_checked
 
 MAX_FILE_BYTES = 1_000_000
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")

@@ -41,13 +41,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.loading import (
+from lminf_jax.experiments.loading import (
     DTYPES, MethodChoice, load_config, load_model, method_spec, params_dtype, pretraining_length, resolve_dtype,
     run_cli,
 )
-from experiments.options import input_path, int_option, output_dir
-from experiments.perplexity import SHIPPED_MODEL
-from experiments.text import add_text_args, bos_id, check_ids, token_stream
+from lminf_jax.experiments.options import input_path, int_option, output_dir
+from lminf_jax.experiments.perplexity import SHIPPED_MODEL
+from lminf_jax.experiments.text import add_text_args, bos_id, check_ids, token_stream
 from lminf_jax.streaming import finite_or_none
 
 FACTORS = ("logits", "entropy", "sinks")
@@ -110,7 +110,7 @@ class Setup:
         return self._build(self.family, self.config, choice, self.dtype, **options)
 
     def _build(self, family, config, choice: MethodChoice, dtype, **options):
-        from models.common import AttentionCall
+        from lminf_jax.models.common import AttentionCall
 
         spec = method_spec(choice.mask, config, **options)
         call = AttentionCall(spec, block_q=self.block, block_k=self.block,

@@ -36,13 +36,13 @@ import sys
 import time
 from pathlib import Path
 
-from converters.tokenizer import ChatTemplate, encode_chat, load_chat_template
-from experiments.loading import (
+from lminf_jax.converters.tokenizer import ChatTemplate, encode_chat, load_chat_template
+from lminf_jax.experiments.loading import (
     DTYPES, add_attention_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype, run_cli,
     frequencies_from_args, resolve_dtype, spec_from_args, spec_settings,
 )
-from experiments.options import input_path, int_option, output_file
-from experiments.text import read_text_file
+from lminf_jax.experiments.options import input_path, int_option, output_file
+from lminf_jax.experiments.text import read_text_file
 
 #: Prompt tokens decoded before the generated ones, so the continuation keeps its leading space.
 CONTEXT_TOKENS = 16
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     from lminf_jax import Sampling
     from lminf_jax.cache import NARROWEST_DTYPE, check_cache_fits, needs_full_cache
     from lminf_jax.decoding import check_positions, generate
-    from models.common import AttentionCall
+    from lminf_jax.models.common import AttentionCall
 
     prompts = read_prompts(args)
     family, config = load_config(args.model_dir)  # validate the options before reading weights

@@ -85,18 +85,18 @@ except ImportError as e:
     raise ImportError(f"experiments.lm_eval_model needs lm-eval: pip install -e '.[eval]' ({e})") from None
 from tqdm import tqdm
 
-from experiments.generate import continuation_text
-from experiments.loading import (
+from lminf_jax.experiments.generate import continuation_text
+from lminf_jax.experiments.loading import (
     MethodChoice, load_config, load_model, load_tokenizer_from, params_dtype, pretraining_length, resolve_dtype,
     spec_from_args,
 )
-from experiments.options import check_outputs_apart, int_option
+from lminf_jax.experiments.options import check_outputs_apart, int_option
 from lminf_jax import Sampling
 from lminf_jax.cache import needs_full_cache
 from lminf_jax.decoding import generate, left_pad
 from lminf_jax.spec import METHODS, PARAMETERS
 from lminf_jax.streaming import streaming_nll
-from models.common import AttentionCall
+from lminf_jax.models.common import AttentionCall
 
 #: The name lm-eval knows this model by (``--model lminf_jax``).
 NAME = "lminf_jax"

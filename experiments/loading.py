@@ -34,8 +34,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from converters.reader import read_json_object
-from experiments.options import int_option, parse_checked
+from lminf_jax.converters.reader import read_json_object
+from lminf_jax.experiments.options import int_option, parse_checked
 from lminf_jax import FREQUENCY_METHODS, AttentionSpec, RopeScaling, TopK, frequency_method
 from lminf_jax.spec import KINDS, METHODS, PARAMETERS
 
@@ -103,11 +103,11 @@ def load_config(path: str | os.PathLike):
     """``(family, config)`` of a model directory, the config checked against the names and shapes of its
     weights (converted.json's params manifest, or the Hugging Face checkpoint's headers) without reading
     them (fast: use it to validate options before `load_model`)."""
-    from converters.convert import plan_params
-    from converters.families import check_manifest, layout_for
-    from converters.reader import CheckpointReader
-    from converters.store import read_manifest
-    from models.registry import FAMILIES, family_for_config
+    from lminf_jax.converters.convert import plan_params
+    from lminf_jax.converters.families import check_manifest, layout_for
+    from lminf_jax.converters.reader import CheckpointReader
+    from lminf_jax.converters.store import read_manifest
+    from lminf_jax.models.registry import FAMILIES, family_for_config
 
     root = Path(path)
     config = hf_config(root)
@@ -135,9 +135,9 @@ def load_model(path: str | os.PathLike, dtype: Any = None, *, progress: bool = F
     written); ``progress`` shows that conversion's progress line. ``plan`` (a
     `lminf_jax.sharding.ShardingPlan`) places every parameter straight into its shards.
     """
-    from converters.convert import load_params
-    from converters.families import layout_for
-    from converters.store import load_converted
+    from lminf_jax.converters.convert import load_params
+    from lminf_jax.converters.families import layout_for
+    from lminf_jax.converters.store import load_converted
 
     root = Path(path)
     target = resolve_dtype(dtype)
@@ -200,7 +200,7 @@ def load_tokenizer_from(path: str | os.PathLike):
     config's ``bos_token_id``/``eos_token_id`` are used (as for a Hugging Face directory;
     a converted directory keeps its config in ``converted.json``).
     """
-    from converters.tokenizer import HFTokenizer, load_tokenizer
+    from lminf_jax.converters.tokenizer import HFTokenizer, load_tokenizer
 
     root = Path(path)
     if not root.is_dir():

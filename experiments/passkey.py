@@ -44,15 +44,15 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.loading import (
+from lminf_jax.experiments.loading import (
     MethodChoice, load_config, load_model, load_tokenizer_from, method_spec, params_dtype, pretraining_length, run_cli,
     save_result,
 )
-from experiments.options import input_path, int_option, output_file, plot_file
+from lminf_jax.experiments.options import input_path, int_option, output_file, plot_file
 from lminf_jax import AttentionSpec, TopK
 from lminf_jax.cache import NARROWEST_DTYPE, check_cache_fits, host_memory, needs_full_cache
 from lminf_jax.decoding import check_positions, generate
-from models.common import AttentionCall
+from lminf_jax.models.common import AttentionCall
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")

@@ -77,13 +77,13 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.loading import (
+from lminf_jax.experiments.loading import (
     DTYPES, KINDS, MethodChoice, add_mesh_args, add_method_options, hf_config, load_config, load_model, method_options,
     method_spec, model_kind, nonfinite_params, params_dtype, pretraining_length, resolve_dtype, run_cli, sharding_plan,
     spec_settings,
 )
-from experiments.options import input_path, int_option, output_file, plot_file
-from experiments.text import add_text_args, bos_id, check_ids, token_stream
+from lminf_jax.experiments.options import input_path, int_option, output_file, plot_file
+from lminf_jax.experiments.text import add_text_args, bos_id, check_ids, token_stream
 from lminf_jax import FREQUENCY_METHODS
 from lminf_jax.fingerprint import tree_fingerprint
 from lminf_jax.sharding import ShardingPlan
@@ -374,7 +374,7 @@ def cache_bytes(model, length: int) -> int:
 
 def show_saved(path: str, png: str | None) -> int:
     """Table (and plot at `png`) of a saved result."""
-    from converters.reader import read_json_object
+    from lminf_jax.converters.reader import read_json_object
 
     record = read_json_object(Path(path))
     if not isinstance(record.get("settings"), dict) or not isinstance(record.get("methods"), dict):
@@ -396,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
     from lminf_jax.progress import Progress
     from lminf_jax.streaming import PositionBuckets
     from lminf_jax import Rotary
-    from models.common import AttentionCall
+    from lminf_jax.models.common import AttentionCall
 
     if len(set(args.multiples)) != len(args.multiples):
         raise ValueError(f"--multiples must be distinct, got {args.multiples}")

@@ -83,11 +83,11 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.loading import (
+from lminf_jax.experiments.loading import (
     hf_config, load_config, load_model, load_tokenizer_from, params_dtype, pretraining_length, run_cli, save_result,
 )
-from experiments.options import input_path, int_option, output_file, plot_file
-from experiments.passkey import add_method_args, attention_call, filled_window, method_names, method_specs
+from lminf_jax.experiments.options import input_path, int_option, output_file, plot_file
+from lminf_jax.experiments.passkey import add_method_args, attention_call, filled_window, method_names, method_specs
 from lminf_jax.cache import host_memory
 from lminf_jax.fingerprint import tree_fingerprint
 
@@ -479,7 +479,7 @@ def generate_grid(tasks: Sequence[str], tokenizer, lengths: Sequence[int], depth
 def held_out_text(source: str = "stdlib", held_out_percent: float | None = None) -> str:
     """The held-out documents of `source` (`experiments.corpus`'s split), joined by blank lines: a
     haystack no model trained here has seen."""
-    from experiments import corpus
+    from lminf_jax.experiments import corpus
 
     docs, _ = corpus.held_out_documents(
         source, corpus.DEFAULT_HELD_OUT_PERCENT if held_out_percent is None else held_out_percent)

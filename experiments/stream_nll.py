@@ -47,12 +47,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments.loading import (
+from lminf_jax.experiments.loading import (
     DTYPES, add_attention_args, add_mesh_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype,
     run_cli, frequencies_from_args, pretraining_length, resolve_dtype, sharding_plan, spec_from_args, spec_settings,
 )
-from experiments.options import input_path, int_option, output_dir, output_file, plot_file
-from experiments.text import check_ids, npy_tokens, read_text_file
+from lminf_jax.experiments.options import input_path, int_option, output_dir, output_file, plot_file
+from lminf_jax.experiments.text import check_ids, npy_tokens, read_text_file
 
 TOKEN_CACHE_VERSION = 1
 #: Tokenizer files whose bytes identify the tokenization (in the token-cache hash).
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from lminf_jax.cache import needs_full_cache
     from lminf_jax.streaming import PositionBuckets, check_checkpoint_dir, streaming_nll
-    from models.common import AttentionCall
+    from lminf_jax.models.common import AttentionCall
 
     if args.checkpoint_dir is not None:
         check_checkpoint_dir(args.checkpoint_dir)  # a folder the store could not use, before any work

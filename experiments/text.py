@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import corpus
-from experiments.loading import hf_config, load_tokenizer_from
-from experiments.options import input_path
+from lminf_jax.experiments import corpus
+from lminf_jax.experiments.loading import hf_config, load_tokenizer_from
+from lminf_jax.experiments.options import input_path
 
 
 def add_text_args(parser: argparse.ArgumentParser) -> None:

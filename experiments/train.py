@@ -62,16 +62,16 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from converters.store import load_converted, save_converted
-from experiments import corpus as corpus_lib
-from experiments.loading import hf_config, load_tokenizer_from
-from experiments.options import input_path, output_dir, parse_checked
-from experiments.passkey import PasskeyBuilder, training_windows
-from experiments.ruler import TrainingMix
+from lminf_jax.converters.store import load_converted, save_converted
+from lminf_jax.experiments import corpus as corpus_lib
+from lminf_jax.experiments.loading import hf_config, load_tokenizer_from
+from lminf_jax.experiments.options import input_path, output_dir, parse_checked
+from lminf_jax.experiments.passkey import PasskeyBuilder, training_windows
+from lminf_jax.experiments.ruler import TrainingMix
 from lminf_jax.fingerprint import check_identity, json_digest, newest_intact, tree_fingerprint
 from lminf_jax.progress import Progress
-from models import registry
-from models.common import count_params
+from lminf_jax.models import registry
+from lminf_jax.models.common import count_params
 
 BOS_ID = corpus_lib.BOS_ID
 _norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm

@@ -1,8 +1,20 @@
 """lminf_jax: LM-Infinite attention (Λ-shaped mask + distance limit) in JAX.
 
 Model-family agnostic pieces: positional encodings, attention methods (`METHODS`), the attention
-entry point (dense reference and jitted blockwise implementation).
+entry point (dense reference, jitted blockwise implementation, the vendors' fused kernels).
+
+The project's other rooms are its subpackages by name: `lminf_jax.models` (the families),
+`lminf_jax.converters` (Hugging Face checkpoints) and `lminf_jax.experiments` (the commands). Their
+folders sit beside this one (``models/``, ``converters/``, ``experiments/``); an install maps them
+here (pyproject's ``package-dir``), and in a source tree run in place (``PYTHONPATH=.``) this
+package's search path reaches them. The core imports none of them.
 """
+
+from pathlib import Path as _Path
+
+_TREE = _Path(__file__).resolve().parent.parent
+if (_TREE / "pyproject.toml").is_file() and not (_Path(__file__).parent / "models").exists():
+    __path__.append(str(_TREE))  # noqa: F821 - a package's own __path__: lminf_jax.models is ../models
 
 from lminf_jax.alibi import Alibi, alibi_bias, alibi_slopes
 from lminf_jax.attention import attention, attention_probe, attention_route

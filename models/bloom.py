@@ -13,10 +13,10 @@ from collections.abc import Mapping
 import jax
 
 from lminf_jax import Alibi
-from models import common
-from models.common import Params
-from models.declaration import Fused, Param, fused_linear, linear, norm, table
-from models.decoder import Attend, Decoder
+from lminf_jax.models import common
+from lminf_jax.models.common import Params
+from lminf_jax.models.declaration import Fused, Param, fused_linear, linear, norm, table
+from lminf_jax.models.decoder import Attend, Decoder
 
 MODEL_TYPES = ("bloom",)
 LAYER_PREFIX = "transformer.h."

@@ -52,7 +52,7 @@ from lminf_jax.loop_slice import loop_slice
 from lminf_jax.probes import RowProbe, num_distance_buckets, probe_rows
 from lminf_jax.scores import Positional, Scaling
 from lminf_jax.sharding import ShardingPlan
-from models.common import AttentionCall, Params, check_tokens, default_positions
+from lminf_jax.models.common import AttentionCall, Params, check_tokens, default_positions
 
 #: ``attend(q, k, v) -> (out, aux)`` on projected ``(B, T, heads * d)`` tensors.
 Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from lminf_jax import RopeScaling, RopeScheme, Scaling
-from models import common
-from models.common import Params
-from models.declaration import Param, linear, norm, table
-from models.decoder import Attend, Decoder, NativeWindow
+from lminf_jax.models import common
+from lminf_jax.models.common import Params
+from lminf_jax.models.declaration import Param, linear, norm, table
+from lminf_jax.models.decoder import Attend, Decoder, NativeWindow
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 LAYER_PREFIX = "model.layers."

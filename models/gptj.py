@@ -8,10 +8,10 @@ from collections.abc import Mapping
 import jax
 
 from lminf_jax import RopeScheme
-from models import common
-from models.common import Params
-from models.declaration import Param, linear, norm, table
-from models.decoder import Attend, Decoder
+from lminf_jax.models import common
+from lminf_jax.models.common import Params
+from lminf_jax.models.declaration import Param, linear, norm, table
+from lminf_jax.models.decoder import Attend, Decoder
 
 MODEL_TYPES = ("gptj",)
 LAYER_PREFIX = "transformer.h."

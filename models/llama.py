@@ -11,10 +11,10 @@ from collections.abc import Mapping
 import jax
 
 from lminf_jax import RopeScaling, RopeScheme
-from models import common
-from models.common import Params
-from models.declaration import Fused, Param, fused_linear, linear, norm, table
-from models.decoder import Attend, Decoder, NativeWindow
+from lminf_jax.models import common
+from lminf_jax.models.common import Params
+from lminf_jax.models.declaration import Fused, Param, fused_linear, linear, norm, table
+from lminf_jax.models.decoder import Attend, Decoder, NativeWindow
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 LAYER_PREFIX = "model.layers."

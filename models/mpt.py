@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 
 from lminf_jax import Alibi
-from models import common
-from models.common import Params
-from models.declaration import Param, linear, norm, table
-from models.decoder import Attend, Decoder
+from lminf_jax.models import common
+from lminf_jax.models.common import Params
+from lminf_jax.models.declaration import Param, linear, norm, table
+from lminf_jax.models.decoder import Attend, Decoder
 
 MODEL_TYPES = ("mpt",)
 LAYER_PREFIX = "transformer.blocks."

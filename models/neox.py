@@ -9,10 +9,10 @@ from collections.abc import Mapping
 import jax
 
 from lminf_jax import RopeScaling, RopeScheme
-from models import common
-from models.common import Params
-from models.declaration import Fused, Param, fused_linear, linear, norm, table
-from models.decoder import Attend, Decoder
+from lminf_jax.models import common
+from lminf_jax.models.common import Params
+from lminf_jax.models.declaration import Fused, Param, fused_linear, linear, norm, table
+from lminf_jax.models.decoder import Attend, Decoder
 
 MODEL_TYPES = ("gpt_neox",)
 LAYER_PREFIX = "gpt_neox.layers."

@@ -13,10 +13,10 @@ from jax.sharding import NamedSharding
 from lminf_jax import AttentionSpec
 from lminf_jax.sharding import ShardingPlan
 
-from models import bloom, declaration, gemma, gptj, llama, mpt, neox
-from models.common import AttentionCall, Params, init_from_shapes
-from models.declaration import Fused, ModelConfig, Param
-from models.decoder import LanguageModel
+from lminf_jax.models import bloom, declaration, gemma, gptj, llama, mpt, neox
+from lminf_jax.models.common import AttentionCall, Params, init_from_shapes
+from lminf_jax.models.declaration import Fused, ModelConfig, Param
+from lminf_jax.models.decoder import LanguageModel
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,7 +51,7 @@ from lminf_jax import (
     StreamingLLM,
     Vanilla,
 )
-from models import registry
+from lminf_jax.models import registry
 
 
 #: The modules that take longest (seconds on 2 cores, measured with --durations and a JUnit report),

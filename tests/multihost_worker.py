@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lminf_jax import LMInfinite
-from models.common import AttentionCall
+from lminf_jax.models.common import AttentionCall
 
 HF = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96,
       "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4}
@@ -36,7 +36,7 @@ def main(port: str, process_id: int) -> None:
     from jax.experimental import multihost_utils
 
     from lminf_jax.sharding import ShardingPlan, make_mesh
-    from models import registry
+    from lminf_jax.models import registry
 
     family = registry.family_for_config(HF)
     config = family.config_from_hf(HF)

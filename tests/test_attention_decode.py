@@ -15,7 +15,7 @@ from naive_attention import naive_attention
 from lminf_jax import LMInfinite, Rotary, attention
 from lminf_jax.attention_decode import decode_attention, rotates_keys
 from lminf_jax.rope import apply_rope
-from models.common import AttentionCall
+from lminf_jax.models.common import AttentionCall
 
 
 def _ring_positions(rng, query: int, slots: int, empty: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from naive_attention import naive_attention
 
 from lminf_jax import LMInfinite, LambdaMask, SlidingWindow, StreamingLLM, Vanilla, attention
 from lminf_jax.attention_pallas import check_triton_shapes, lambda_attention
-from models.common import AttentionCall
+from lminf_jax.models.common import AttentionCall
 
 #: Off GPU the kernel body runs through XLA; on a GPU the same tests compile it.
 INTERPRET = jax.default_backend() != "gpu"

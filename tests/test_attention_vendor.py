@@ -26,7 +26,7 @@ from lminf_jax import (Alibi, DistanceLimit, LambdaMask, LMInfinite, Rotary, Sca
                        TopK, Vanilla, attention)
 from lminf_jax.attention import DENSE_MAX_SCORES, attention_route
 from lminf_jax.attention_vendor import window_sink_attention
-from models.common import AttentionCall
+from lminf_jax.models.common import AttentionCall
 
 GPU = jax.default_backend() == "gpu"
 #: The kernels checked here: cuDNN itself only where there is one.

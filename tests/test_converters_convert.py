@@ -19,13 +19,13 @@ from multidevice import run_on_devices
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from converters.convert import load_params, plan_params, write_params
-from converters.families import layout_for
-from converters.layout import CheckpointLayout, Split, layout_from_checkpoint
-from converters.reader import CheckpointReader
-from converters.store import ConvertedWriter, load_converted
+from lminf_jax.converters.convert import load_params, plan_params, write_params
+from lminf_jax.converters.families import layout_for
+from lminf_jax.converters.layout import CheckpointLayout, Split, layout_from_checkpoint
+from lminf_jax.converters.reader import CheckpointReader
+from lminf_jax.converters.store import ConvertedWriter, load_converted
 from lminf_jax.progress import Progress
-from models import registry
+from lminf_jax.models import registry
 
 V, H, OUT, L = 11, 6, 5, 2
 PREFIX = "model.layers."
@@ -379,11 +379,11 @@ import json, sys
 import jax, numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from converters.convert import load_params
-from converters.families import layout_for
-from converters.reader import CheckpointReader
-from converters.store import load_converted, save_converted
-from models import registry
+from lminf_jax.converters.convert import load_params
+from lminf_jax.converters.families import layout_for
+from lminf_jax.converters.reader import CheckpointReader
+from lminf_jax.converters.store import load_converted, save_converted
+from lminf_jax.models import registry
 
 checkpoint, out_dir = sys.argv[1:]
 mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))

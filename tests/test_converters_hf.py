@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from converters.__main__ import main
-from converters.convert import load_params
-from converters.layout import CheckpointLayout
-from converters.store import load_converted
+from lminf_jax.converters.__main__ import main
+from lminf_jax.converters.convert import load_params
+from lminf_jax.converters.layout import CheckpointLayout
+from lminf_jax.converters.store import load_converted
 
 torch = pytest.importorskip("torch")  # the Hugging Face models that write the checkpoints
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402

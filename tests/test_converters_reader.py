@@ -10,8 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from converters.reader import CheckpointReader
-from converters.safetensors_file import SafetensorsFile
+from lminf_jax.converters.reader import CheckpointReader
+from lminf_jax.converters.safetensors_file import SafetensorsFile
 
 torch = pytest.importorskip("torch")  # writes the fixtures and is the oracle for their values
 from safetensors.torch import save_file  # noqa: E402

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from converters.safetensors_file import SafetensorsFile, TensorWriter
+from lminf_jax.converters.safetensors_file import SafetensorsFile, TensorWriter
 
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.int64, np.bool_])

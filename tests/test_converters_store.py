@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-import converters.store
-from converters.__main__ import main
-from converters.safetensors_file import TensorWriter
-from converters.store import FORMAT, META_FILE, PARAMS_DIR, load_converted, read_manifest, save_converted, staged_output
+import lminf_jax.converters.store as store_module
+from lminf_jax.converters.__main__ import main
+from lminf_jax.converters.safetensors_file import TensorWriter
+from lminf_jax.converters.store import FORMAT, META_FILE, PARAMS_DIR, load_converted, read_manifest, save_converted, staged_output
 
 
 def random_params(seed: int) -> dict:
@@ -93,7 +93,7 @@ def test_a_damaged_parameter_file_is_named_before_anything_is_loaded(tmp_path, m
     out = save_converted(tmp_path / "conv", random_params(8), {}, "llama")
     path = out / PARAMS_DIR / "model.norm.weight.safetensors"
     damage(path)
-    monkeypatch.setattr(converters.store, "place", lambda *a: pytest.fail("placed a parameter"))
+    monkeypatch.setattr(store_module, "place", lambda *a: pytest.fail("placed a parameter"))
     with pytest.raises(ValueError, match=f"^{re.escape(str(path))}.*{message}"):
         load_converted(out)
 

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from converters.tokenizer import ChatTemplateError, encode_chat, load_chat_template, load_tokenizer, render_chats
+from lminf_jax.converters.tokenizer import ChatTemplateError, encode_chat, load_chat_template, load_tokenizer, render_chats
 
 WORDS = (
     "the quick brown fox jumps over lazy dog lion tiger bear wolf river mountain cloud "
@@ -286,7 +286,7 @@ def test_a_template_cannot_take_more_than_its_memory(tmp_path):
 
 
 def test_a_runaway_template_stops_in_time_naming_its_file(tmp_path, monkeypatch):
-    monkeypatch.setattr("converters.chat_render.MAX_SECONDS", 1.0)
+    monkeypatch.setattr("lminf_jax.converters.chat_render.MAX_SECONDS", 1.0)
     (tmp_path / "chat_template.jinja").write_text(
         "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
     began = time.monotonic()

@@ -16,8 +16,8 @@ from conftest import random_model
 from lminf_jax import LMInfinite, Sampling, Vanilla
 from lminf_jax import decoding
 from lminf_jax.decoding import DECODE_STEPS, Generation, generate, left_pad
-from models import registry
-from models.common import AttentionCall
+from lminf_jax.models import registry
+from lminf_jax.models.common import AttentionCall
 
 G, L = 2, 8
 

@@ -13,7 +13,7 @@ from lminf_jax import LMInfinite, PositionBuckets, Vanilla
 from lminf_jax.evaluation import (
     bos_sequences, length_point, position_buckets, prefix_ppl, sequence_nll, text_segments, tile_segments,
 )
-from models.common import AttentionCall
+from lminf_jax.models.common import AttentionCall
 
 
 def test_segments_are_evenly_spaced_disjoint_slices_of_the_stream():

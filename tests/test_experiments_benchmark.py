@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import benchmark
+from lminf_jax.experiments import benchmark
 from lminf_jax import LMInfinite, SlidingWindow, Vanilla
 from lminf_jax import attention_vendor as vendor
 

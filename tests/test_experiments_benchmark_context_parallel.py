@@ -9,7 +9,7 @@ from multidevice import run_on_devices
 
 SCRIPT = r"""
 import json, sys
-from experiments import benchmark_context_parallel
+from lminf_jax.experiments import benchmark_context_parallel
 code = benchmark_context_parallel.main(sys.argv[1:])
 print("RESULT " + json.dumps({"code": code}))
 """

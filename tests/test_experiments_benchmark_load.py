@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_converters_convert import hf_tensors, write_hf_checkpoint
 
-from experiments import benchmark_load as cli
+from lminf_jax.experiments import benchmark_load as cli
 
 RECORD = {"seconds", "read_seconds", "import_rss_mb", "load_rss_mb", "peak_rss_mb"}
 

@@ -8,7 +8,7 @@ import jax
 import pytest
 
 pytest.importorskip("transformers")
-from experiments import benchmark_peers as cli  # noqa: E402
+from lminf_jax.experiments import benchmark_peers as cli  # noqa: E402
 
 TINY = ["--hidden", "64", "--heads", "1", "--layers", "1", "--vocab", "256", "--forward-length", "128",
         "--window", "32", "--prompt", "64", "--positions", "64", "256", "--steps", "2", "--attention-lengths", "128",

@@ -7,7 +7,7 @@ import json
 import pytest
 
 pytest.importorskip("transformers")
-from experiments import benchmark_scale as cli  # noqa: E402
+from lminf_jax.experiments import benchmark_scale as cli  # noqa: E402
 
 
 def test_plans_prefill_and_decoding_are_measured_side_by_side(tmp_path, capsys):

@@ -7,8 +7,8 @@ import json
 import numpy as np
 from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 
-from experiments import continuation as cli
-from experiments.loading import load_tokenizer_from
+from lminf_jax.experiments import continuation as cli
+from lminf_jax.experiments.loading import load_tokenizer_from
 
 
 def test_continuations_are_scored_and_timed(tmp_path, capsys):

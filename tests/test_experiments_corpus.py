@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import corpus
+from lminf_jax.experiments import corpus
 
 
 def _folder(tmp_path):

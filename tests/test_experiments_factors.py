@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 
-from experiments import factors as cli
+from lminf_jax.experiments import factors as cli
 
 
 @pytest.fixture(scope="module")

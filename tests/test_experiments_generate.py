@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 
-from experiments import generate as cli
-from experiments.loading import load_model, load_tokenizer_from
+from lminf_jax.experiments import generate as cli
+from lminf_jax.experiments.loading import load_model, load_tokenizer_from
 from lminf_jax import AttentionSpec, DistanceLimit, LMInfinite, LambdaMask, Sampling, SlidingWindow, StreamingLLM, TopK, Vanilla, frequency_method
 from lminf_jax.decoding import generate
-from models.bloom import BloomConfig
-from models.common import AttentionCall
-from models.llama import LlamaConfig
+from lminf_jax.models.bloom import BloomConfig
+from lminf_jax.models.common import AttentionCall
+from lminf_jax.models.llama import LlamaConfig
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
@@ -282,7 +282,7 @@ def test_hugging_face_directory_is_converted_on_the_fly(model_dir, tmp_path):
 def _spec(argv, config):
     import argparse
 
-    from experiments.loading import add_attention_args, spec_from_args
+    from lminf_jax.experiments.loading import add_attention_args, spec_from_args
 
     parser = argparse.ArgumentParser()
     add_attention_args(parser)
@@ -290,8 +290,8 @@ def _spec(argv, config):
 
 
 def test_attention_options_and_their_defaults():
-    from models.gptj import GPTJConfig
-    from models.mpt import MPTConfig
+    from lminf_jax.models.gptj import GPTJConfig
+    from lminf_jax.models.mpt import MPTConfig
 
     llama = LlamaConfig.from_hf({"model_type": "llama", "vocab_size": 9, "hidden_size": 8, "intermediate_size": 8,
                                  "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 4096})

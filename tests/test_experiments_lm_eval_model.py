@@ -17,9 +17,9 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
-from experiments import lm_eval_model  # noqa: E402
-from experiments.generate import continuation_text  # noqa: E402
-from experiments.perplexity import SHIPPED_MODEL  # noqa: E402
+from lminf_jax.experiments import lm_eval_model  # noqa: E402
+from lminf_jax.experiments.generate import continuation_text  # noqa: E402
+from lminf_jax.experiments.perplexity import SHIPPED_MODEL  # noqa: E402
 from lminf_jax.decoding import generate  # noqa: E402
 from lminf_jax.evaluation import sequence_nll  # noqa: E402
 

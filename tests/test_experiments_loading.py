@@ -10,8 +10,8 @@ import pytest
 from conftest import TINY_MODELS, random_model
 from test_converters_convert import write_hf_checkpoint
 
-from converters.store import save_converted
-from experiments.loading import MethodChoice, load_config
+from lminf_jax.converters.store import save_converted
+from lminf_jax.experiments.loading import MethodChoice, load_config
 from lminf_jax import SelfExtend, frequency_method
 from lminf_jax.spec import KINDS
 

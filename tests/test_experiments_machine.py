@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import pytest
 
-from experiments.machine import cpu_model, machine
+from lminf_jax.experiments.machine import cpu_model, machine
 
 X86 = """processor\t: 0
 vendor_id\t: AuthenticAMD

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from experiments.options import (
+from lminf_jax.experiments.options import (
     check_outputs_apart, input_path, int_option, output_dir, output_file, parse_checked, plot_file,
 )
 
@@ -129,22 +129,22 @@ def _model_dir(tmp_path):
 
 #: Each command with an output inside (or equal to) one of its inputs: (module, argv).
 COMMANDS = {
-    "perplexity": ("experiments.perplexity", "{m} --out {m}/config.json"),
-    "perplexity-plot": ("experiments.perplexity", "{m} --plot {m}/../model/plot.png"),
-    "perplexity-from-json": ("experiments.perplexity", "{m} --from-json {m}/config.json --plot {m}/plot.png"),
-    "perplexity-tokens": ("experiments.perplexity", "{m} --tokens {m}/model.safetensors --out {m}/model.safetensors"),
-    "stream_nll": ("experiments.stream_nll", "{m} --tokens {m}/x.npy --checkpoint-dir {m}"),
-    "continuation": ("experiments.continuation", "{m} --out {m}/config.json"),
-    "factors": ("experiments.factors", "{m} --out-dir {m}"),
-    "benchmark_context_parallel": ("experiments.benchmark_context_parallel", "{m} --out {m}/config.json"),
-    "train": ("experiments.train", "--data {m} --out {m}/run"),
-    "train-init": ("experiments.train", "--data {m}/../data --init {m} --out {m}"),
-    "corpus": ("experiments.corpus", "--source {m} --out {m}"),
-    "generate": ("experiments.generate", "{m} --prompt abc --json {m}/model.safetensors"),
-    "generate-prompt-file": ("experiments.generate", "{m} --prompt-file {m}/config.json --json {m}/config.json"),
-    "passkey": ("experiments.passkey", "{m} --out {m}/config.json"),
-    "ruler": ("experiments.ruler", "{m} --plot {m}/plot.png"),
-    "ruler-instances": ("experiments.ruler", "--instances {m}/config.json --out {m}/../model/config.json"),
+    "perplexity": ("lminf_jax.experiments.perplexity", "{m} --out {m}/config.json"),
+    "perplexity-plot": ("lminf_jax.experiments.perplexity", "{m} --plot {m}/../model/plot.png"),
+    "perplexity-from-json": ("lminf_jax.experiments.perplexity", "{m} --from-json {m}/config.json --plot {m}/plot.png"),
+    "perplexity-tokens": ("lminf_jax.experiments.perplexity", "{m} --tokens {m}/model.safetensors --out {m}/model.safetensors"),
+    "stream_nll": ("lminf_jax.experiments.stream_nll", "{m} --tokens {m}/x.npy --checkpoint-dir {m}"),
+    "continuation": ("lminf_jax.experiments.continuation", "{m} --out {m}/config.json"),
+    "factors": ("lminf_jax.experiments.factors", "{m} --out-dir {m}"),
+    "benchmark_context_parallel": ("lminf_jax.experiments.benchmark_context_parallel", "{m} --out {m}/config.json"),
+    "train": ("lminf_jax.experiments.train", "--data {m} --out {m}/run"),
+    "train-init": ("lminf_jax.experiments.train", "--data {m}/../data --init {m} --out {m}"),
+    "corpus": ("lminf_jax.experiments.corpus", "--source {m} --out {m}"),
+    "generate": ("lminf_jax.experiments.generate", "{m} --prompt abc --json {m}/model.safetensors"),
+    "generate-prompt-file": ("lminf_jax.experiments.generate", "{m} --prompt-file {m}/config.json --json {m}/config.json"),
+    "passkey": ("lminf_jax.experiments.passkey", "{m} --out {m}/config.json"),
+    "ruler": ("lminf_jax.experiments.ruler", "{m} --plot {m}/plot.png"),
+    "ruler-instances": ("lminf_jax.experiments.ruler", "--instances {m}/config.json --out {m}/../model/config.json"),
 }
 
 
@@ -166,7 +166,7 @@ def test_every_command_refuses_to_write_into_what_it_reads(name, tmp_path, capsy
 
 
 def test_lm_eval_refuses_an_output_path_inside_the_model(tmp_path):
-    from experiments import lm_eval_model
+    from lminf_jax.experiments import lm_eval_model
 
     model = _model_dir(tmp_path)
     with pytest.raises(SystemExit, match="--output_path .* the input pretrained="):

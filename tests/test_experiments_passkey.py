@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from tiny_checkpoint import PRETRAIN, make_model_dir
 
-from experiments import passkey as cli
-from experiments.loading import load_tokenizer_from
+from lminf_jax.experiments import passkey as cli
+from lminf_jax.experiments.loading import load_tokenizer_from
 from lminf_jax import SelfExtend
 
 
@@ -114,7 +114,7 @@ def test_bad_options_fail_while_parsing(tmp_path, capsys, argv, message):
 
 
 def test_methods_are_checked_before_the_weights_are_read(tmp_path, capsys, monkeypatch):
-    from experiments.perplexity import SHIPPED_MODEL
+    from lminf_jax.experiments.perplexity import SHIPPED_MODEL
 
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
     for methods, message in ((["dynamic_ntk@0.5"], "the factor after '@' must be a number >= 1"),
@@ -126,7 +126,7 @@ def test_methods_are_checked_before_the_weights_are_read(tmp_path, capsys, monke
 
 
 def test_top_k_from_a_layer_the_model_lacks_fails_before_the_weights_are_read(tmp_path, capsys, monkeypatch):
-    from experiments.perplexity import SHIPPED_MODEL
+    from lminf_jax.experiments.perplexity import SHIPPED_MODEL
 
     def no_weights(*args, **kwargs):
         raise AssertionError("the weights were read before the options were checked")
@@ -138,8 +138,8 @@ def test_top_k_from_a_layer_the_model_lacks_fails_before_the_weights_are_read(tm
 
 
 def test_the_shipped_passkey_model_is_the_shipped_model_fine_tuned():
-    from experiments.loading import load_config
-    from experiments.perplexity import SHIPPED_MODEL
+    from lminf_jax.experiments.loading import load_config
+    from lminf_jax.experiments.perplexity import SHIPPED_MODEL
 
     tuned, base = cli.SHIPPED_PASSKEY_MODEL, SHIPPED_MODEL
     assert load_config(tuned)[1] == load_config(base)[1]
@@ -152,7 +152,7 @@ def test_the_shipped_passkey_model_is_the_shipped_model_fine_tuned():
 
 def test_a_length_too_large_for_memory_is_refused_before_prompts_or_weights(tmp_path, capsys, monkeypatch):
     import lminf_jax.cache
-    from experiments.perplexity import SHIPPED_MODEL
+    from lminf_jax.experiments.perplexity import SHIPPED_MODEL
 
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
     monkeypatch.setattr(cli.PasskeyBuilder, "prompt", lambda *a, **k: pytest.fail("a prompt was built"))

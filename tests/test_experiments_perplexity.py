@@ -17,12 +17,12 @@ from multidevice import run_on_devices
 from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 
 import lminf_jax.evaluation as evaluation
-from converters.store import load_converted, save_converted
-from experiments import perplexity as cli
-from experiments.loading import load_model, load_tokenizer_from
+from lminf_jax.converters.store import load_converted, save_converted
+from lminf_jax.experiments import perplexity as cli
+from lminf_jax.experiments.loading import load_model, load_tokenizer_from
 from lminf_jax import AttentionSpec, LMInfinite, SelfExtend, StreamingLLM, Vanilla, frequency_method
 from lminf_jax.spec import KINDS
-from models.common import AttentionCall
+from lminf_jax.models.common import AttentionCall
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +240,7 @@ def test_a_saved_result_is_shown_and_drawn_again(model_dir, text_file, tmp_path,
 
 SHARDED_SCRIPT = r"""
 import json, sys
-from experiments import perplexity
+from lminf_jax.experiments import perplexity
 code = perplexity.main(sys.argv[1:])
 print("RESULT " + json.dumps({"code": code}))
 """

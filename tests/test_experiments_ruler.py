@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.tokenizer import load_tokenizer
-from experiments import ruler
-from experiments.loading import load_tokenizer_from
+from lminf_jax.converters.tokenizer import load_tokenizer
+from lminf_jax.experiments import ruler
+from lminf_jax.experiments.loading import load_tokenizer_from
 
 TOKENIZER = load_tokenizer(Path(__file__).resolve().parents[1] / "experiments" / "shipped" / "llama-small-stdlib")
 TEXT = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text(encoding="utf-8")

@@ -14,10 +14,10 @@ import pytest
 from multidevice import run_on_devices
 from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 
-from experiments import stream_nll as cli
-from experiments.loading import load_model, load_tokenizer_from
+from lminf_jax.experiments import stream_nll as cli
+from lminf_jax.experiments.loading import load_model, load_tokenizer_from
 from lminf_jax import AttentionSpec, LMInfinite, PositionBuckets, SlidingWindow, frequency_method
-from models.common import AttentionCall
+from lminf_jax.models.common import AttentionCall
 
 G, L = 4, 16
 NUMBERS = ("tokens", "nll", "ppl", "buckets", "stream_nll", "complete", "positions", "length", "streams")
@@ -206,7 +206,7 @@ def test_plot_is_skipped_without_matplotlib(model_dir, tmp_path, capsys, monkeyp
 
 SHARDED_SCRIPT = r"""
 import json, sys
-from experiments import stream_nll
+from lminf_jax.experiments import stream_nll
 code = stream_nll.main(sys.argv[1:])
 print("RESULT " + json.dumps({"code": code}))
 """
@@ -231,7 +231,7 @@ def other_model(model_dir: Path, root: Path) -> Path:
     """The same model with other params (same shapes, same tokenizer)."""
     import jax
 
-    from converters.store import load_converted, save_converted
+    from lminf_jax.converters.store import load_converted, save_converted
 
     params, config, family = load_converted(model_dir)
     out = save_converted(root / "other", jax.tree.map(lambda x: x * 1.5, params), config, family)

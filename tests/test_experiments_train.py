@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from converters.store import load_converted
-from converters.tokenizer import load_tokenizer
-from experiments import corpus
-from experiments import train as tr
-from models import registry
+from lminf_jax.converters.store import load_converted
+from lminf_jax.converters.tokenizer import load_tokenizer
+from lminf_jax.experiments import corpus
+from lminf_jax.experiments import train as tr
+from lminf_jax.models import registry
 
 SEQ = 32
 STEPS = 30
@@ -112,7 +112,7 @@ def test_other_families_train_step_and_store(preset, tmp_path):
     assert np.isfinite(float(loss)) and float(gnorm) > 0
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new))  # master params stay float32
     save = jax.tree.map(lambda a: a.astype(jnp.bfloat16), new)
-    from converters.store import save_converted
+    from lminf_jax.converters.store import save_converted
     save_converted(tmp_path / "m", save, config, family.name)
     loaded, config2, name = load_converted(tmp_path / "m")
     assert name == family.name and config2 == config

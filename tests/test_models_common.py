@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.common import linear, unembed
+from lminf_jax.models.common import linear, unembed
 
 
 @pytest.fixture

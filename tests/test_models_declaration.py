@@ -9,10 +9,10 @@ import jax
 import pytest
 from conftest import TINY_MODELS
 
-from models import declaration
-from models.common import flatten
-from models.declaration import Param, linear, norm, table
-from models.registry import family_for_config
+from lminf_jax.models import declaration
+from lminf_jax.models.common import flatten
+from lminf_jax.models.declaration import Param, linear, norm, table
+from lminf_jax.models.registry import family_for_config
 
 
 def test_a_table_refuses_a_name_twice_a_stray_entry_and_axes_of_the_wrong_rank():

@@ -13,8 +13,8 @@ from test_logprobs import numpy_scores
 
 from lminf_jax import LeakyReRoPE, LMInfinite, SelfExtend, StreamingLLM, TopK, Vanilla, frequency_method
 from lminf_jax.cache import KVCache
-from models import registry
-from models.common import AttentionCall
+from lminf_jax.models import registry
+from lminf_jax.models.common import AttentionCall
 
 G, L = 3, 8
 T = 8 * L

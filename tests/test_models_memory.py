@@ -10,9 +10,9 @@ import pytest
 
 from lminf_jax import LMInfinite, Vanilla
 from lminf_jax.probes import num_distance_buckets
-from models import registry
-from models.common import AttentionCall
-from models.decoder import _jit_probe
+from lminf_jax.models import registry
+from lminf_jax.models.common import AttentionCall
+from lminf_jax.models.decoder import _jit_probe
 
 # the layers' weights dominate: 16 layers of 0.95M parameters (30 MB in bfloat16)
 WIDE = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 16,

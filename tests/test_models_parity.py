@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from converters.convert import load_params
-from converters.families import layout_for
-from models import registry
-from models.common import AttentionCall
+from lminf_jax.converters.convert import load_params
+from lminf_jax.converters.families import layout_for
+from lminf_jax.models import registry
+from lminf_jax.models.common import AttentionCall
 from lminf_jax import LMInfinite
 
 torch = pytest.importorskip("torch")

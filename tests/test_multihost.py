@@ -17,7 +17,7 @@ from conftest import rel_err
 from multidevice import ROOT
 from multihost_worker import CALL, HF, MESHES, inputs
 
-from models import registry
+from lminf_jax.models import registry
 
 
 def _free_port() -> int:

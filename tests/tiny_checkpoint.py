@@ -8,8 +8,8 @@ import jax
 import numpy as np
 from conftest import TINY_MODELS
 
-from converters.store import save_converted
-from models import registry
+from lminf_jax.converters.store import save_converted
+from lminf_jax.models import registry
 
 WORDS = (
     "the a of and to in is was he she it they we you that this with for on at by from as "
