@@ -16,29 +16,31 @@ _TREE = _Path(__file__).resolve().parent.parent
 if (_TREE / "pyproject.toml").is_file() and not (_Path(__file__).parent / "models").exists():
     __path__.append(str(_TREE))  # noqa: F821 - a package's own __path__: lminf_jax.models is ../models
 
-from lminf_jax.alibi import Alibi, alibi_bias, alibi_slopes
-from lminf_jax.attention import attention, attention_probe, attention_route
-from lminf_jax.attention_reference import AttentionProbe
-from lminf_jax.rope import (
-    FREQUENCY_METHODS, LengthRule, RopeScaling, RopeScheme, Rotary, apply_rope, frequency_method, rope_angles,
-    rope_frequencies,
-)
-from lminf_jax.sampling import Sampling, filter_logits, sample
-from lminf_jax.scores import Scaling
-from lminf_jax.spec import (
-    METHODS,
-    AttentionSpec,
-    DistanceLimit,
-    LambdaMask,
-    LeakyReRoPE,
-    LMInfinite,
-    SelfExtend,
-    SlidingWindow,
-    StreamingLLM,
-    TopK,
-    Vanilla,
-)
-from lminf_jax.streaming import PositionBuckets, StreamResult, streaming_nll
+#: Each public name's submodule, imported on first use (PEP 562), so that reading a declaration (e.g.
+#: `lminf_jax.spec.METHODS` for a command's --help) does not import jax.
+_EXPORTS = {
+    **dict.fromkeys(("Alibi", "alibi_bias", "alibi_slopes"), "alibi"),
+    **dict.fromkeys(("attention", "attention_probe", "attention_route"), "attention"),
+    "AttentionProbe": "attention_reference",
+    **dict.fromkeys(("FREQUENCY_METHODS", "LengthRule", "RopeScaling", "RopeScheme", "Rotary", "apply_rope",
+                     "frequency_method", "rope_angles", "rope_frequencies"), "rope"),
+    **dict.fromkeys(("Sampling", "filter_logits", "sample"), "sampling"),
+    "Scaling": "scores",
+    **dict.fromkeys(("METHODS", "AttentionSpec", "DistanceLimit", "LambdaMask", "LeakyReRoPE", "LMInfinite",
+                     "SelfExtend", "SlidingWindow", "StreamingLLM", "TopK", "Vanilla"), "spec"),
+    **dict.fromkeys(("PositionBuckets", "StreamResult", "streaming_nll"), "streaming"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lminf_jax' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"lminf_jax.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Alibi",

@@ -13,9 +13,11 @@ from collections.abc import Sequence
 import dataclasses
 from dataclasses import dataclass
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+from lminf_jax.lazy import LazyModule
+
+jax, jnp = LazyModule("jax"), LazyModule("jax.numpy")  # imported on first use: the declarations need neither
 
 #: Hugging Face's `rope_type`s that a checkpoint may carry, plus "ntk" (static NTK-aware scaling, which
 #: Hugging Face has no type for) for call-time use.

@@ -51,9 +51,11 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import ClassVar, Literal, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+from lminf_jax.lazy import LazyModule
+
+jax, jnp = LazyModule("jax"), LazyModule("jax.numpy")  # imported on first use: the declarations need neither
 
 #: Positions, distances and every integer that reaches them are int32.
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
