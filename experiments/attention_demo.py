@@ -16,18 +16,15 @@ import pathlib
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lminf_jax.experiments.options import int_option, output_file
-from lminf_jax import LMInfinite, Rotary
-from lminf_jax.attention_blockwise import blockwise_attention
-from lminf_jax.attention_reference import reference_attention
+from lminf_jax.experiments.options import command_parser, int_option, output_file, parse_checked
 
 
 def _timed(fn, *args, repeats: int = 3) -> tuple[float, float, object]:
     """(first call incl. compile, best steady-state call) in seconds, and the result."""
+    import jax
+
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     first = time.perf_counter() - t0
@@ -45,18 +42,30 @@ def planned_bytes(fn, *args) -> int:
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = command_parser("attention_demo", __doc__)
     p.add_argument("--window", type=int_option(1), default=512, help="local branch L (and distance limit D)")
     p.add_argument("--sinks", type=int_option(0), default=10, help="global branch G")
     p.add_argument("--multiple", type=int_option(1), default=8, help="sequence length T = multiple * L")
-    p.add_argument("--heads", type=int_option(1), default=8)
-    p.add_argument("--kv-heads", type=int_option(1), default=2)
-    p.add_argument("--head-dim", type=int_option(1), default=64)
+    p.add_argument("--heads", type=int_option(1), default=8, help="query heads")
+    p.add_argument("--kv-heads", type=int_option(1), default=2, help="key / value heads")
+    p.add_argument("--head-dim", type=int_option(1), default=64, help="head dimension")
     p.add_argument("--block", type=int_option(1), default=512, help="query block and key chunk size")
-    p.add_argument("--seed", type=int_option(0), default=0)
-    p.add_argument("--json", type=output_file, default="results/attention_demo.json")
-    args = p.parse_args(argv)
+    p.add_argument("--seed", type=int_option(0), default=0, help="seed of the random inputs")
+    p.add_argument("--out", type=output_file, default="results/attention_demo.json", metavar="JSON",
+                   help="the result (JSON)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_checked(build_parser(), argv)
+    import jax
+    import jax.numpy as jnp
+
+    from lminf_jax.attention_blockwise import blockwise_attention
+    from lminf_jax.attention_reference import reference_attention
+    from lminf_jax.rope import Rotary
+    from lminf_jax.spec import LMInfinite
 
     t = args.multiple * args.window
     spec = LMInfinite(args.sinks, args.window)
@@ -95,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
           f"XLA plan {result['blockwise_planned_bytes'] / 2**20:8.1f} MiB")
     print(f"  dense    : {d_best * 1e3:9.1f} ms per call ({d_first:.2f} s first call incl. compile), "
           f"XLA plan {result['dense_planned_bytes'] / 2**20:8.1f} MiB")
-    out = pathlib.Path(args.json)
+    out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"  wrote {out}")

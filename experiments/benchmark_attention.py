@@ -19,18 +19,15 @@ import pathlib
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lminf_jax.experiments.machine import machine
-from lminf_jax.experiments.options import int_option, output_file
-from lminf_jax import LMInfinite, Rotary, Vanilla
-from lminf_jax.attention_blockwise import blockwise_attention
-from lminf_jax.attention_reference import reference_attention
+from lminf_jax.experiments.options import command_parser, int_option, output_file, parse_checked
 
 
 def _steady_seconds(fn, args, repeats: int) -> float:
+    import jax
+
     jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(repeats):
@@ -41,24 +38,39 @@ def _steady_seconds(fn, args, repeats: int) -> float:
 
 
 def _device_peak_bytes() -> int | None:
+    import jax
+
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int_option(1), nargs="+", default=[2048, 8192, 32768])
+def build_parser() -> argparse.ArgumentParser:
+    p = command_parser("benchmark_attention", __doc__)
+    p.add_argument("--lengths", type=int_option(1), nargs="+", default=[2048, 8192, 32768], metavar="T",
+                   help="sequence lengths")
     p.add_argument("--window", type=int_option(1), default=2048, help="L = D")
     p.add_argument("--sinks", type=int_option(0), default=10, help="G")
-    p.add_argument("--heads", type=int_option(1), default=4)
-    p.add_argument("--kv-heads", type=int_option(1), default=4)
-    p.add_argument("--head-dim", type=int_option(1), default=64)
-    p.add_argument("--block", type=int_option(1), default=512)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--repeats", type=int_option(1), default=3)
-    p.add_argument("--max-dense-gib", type=float, default=8.0)
-    p.add_argument("--json", type=output_file, default="results/benchmark_attention.json")
-    args = p.parse_args(argv)
+    p.add_argument("--heads", type=int_option(1), default=4, help="query heads")
+    p.add_argument("--kv-heads", type=int_option(1), default=4, help="key / value heads")
+    p.add_argument("--head-dim", type=int_option(1), default=64, help="head dimension")
+    p.add_argument("--block", type=int_option(1), default=512, help="blockwise attention block size")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the inputs")
+    p.add_argument("--repeats", type=int_option(1), default=3, help="timed calls (the best is kept)")
+    p.add_argument("--max-dense-gib", type=float, default=8.0, help="skip a dense run planned above this many GiB")
+    p.add_argument("--out", type=output_file, default="results/benchmark_attention.json", metavar="JSON",
+                   help="the result (JSON)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_checked(build_parser(), argv)
+    import jax
+    import jax.numpy as jnp
+
+    from lminf_jax.attention_blockwise import blockwise_attention
+    from lminf_jax.attention_reference import reference_attention
+    from lminf_jax.rope import Rotary
+    from lminf_jax.spec import LMInfinite, Vanilla
 
     dtype = jnp.dtype(args.dtype)
     rope = Rotary.create(args.head_dim)
@@ -101,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         shown = f"{r['seconds'] * 1e3:.1f}" if r["seconds"] is not None else "not run (OOM plan)"
         print(f"| {r['T']} | {r['variant']} | {shown} | {r['planned_bytes'] / 2**20:.1f} |")
-    out = pathlib.Path(args.json)
+    out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {**machine(), "args": {k: str(v) for k, v in vars(args).items()}}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -25,21 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lminf_jax.experiments.loading import DTYPES, load_model, method_spec, pretraining_length, run_cli
 from lminf_jax.experiments.machine import machine
-from lminf_jax.experiments.options import input_path, int_option, output_file
+from lminf_jax.experiments.options import command_parser, input_path, int_option, output_file
 from lminf_jax.experiments.perplexity import SHIPPED_MODEL
-from lminf_jax.sharding import ShardingPlan, make_mesh
-from lminf_jax.models.common import AttentionCall
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.benchmark_context_parallel",
-                                description=__doc__.split("\n\n")[0])
+    p = command_parser("benchmark_context_parallel", __doc__)
     p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL), type=input_path, help="model directory (default: shipped LLaMA)")
     p.add_argument("--devices", type=int_option(1), nargs="+", metavar="N", help="device counts (default: 1, 2, 4, ... all)")
     p.add_argument("--length", type=int_option(2), default=65536, metavar="T", help="tokens per sequence (default 65536)")
@@ -55,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from lminf_jax.models.common import AttentionCall
+    from lminf_jax.sharding import ShardingPlan, make_mesh
+
     available = jax.device_count()
     counts = args.devices or [2**i for i in range(available.bit_length()) if 2**i <= available]
     if any(n < 1 or n > available for n in counts):
@@ -97,7 +98,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def params_dtype(args: argparse.Namespace) -> jnp.dtype:
+def params_dtype(args: argparse.Namespace):
+    """The `jnp.dtype` of ``--dtype``."""
+    import jax.numpy as jnp
+
     return jnp.dtype(DTYPES[args.dtype])
 
 

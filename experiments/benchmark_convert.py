@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from lminf_jax.experiments.options import int_option, output_file
+from lminf_jax.experiments.options import command_parser, int_option, output_file, parse_checked
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -61,19 +61,24 @@ def save_checkpoint(d: pathlib.Path, args: argparse.Namespace) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int_option(1), default=1024)
-    p.add_argument("--intermediate", type=int_option(1), default=2048)
-    p.add_argument("--layers", type=int_option(1), default=8)
-    p.add_argument("--heads", type=int_option(1), default=16)
-    p.add_argument("--vocab", type=int_option(1), default=32000)
-    p.add_argument("--shard-size", default="100MB")
+def build_parser() -> argparse.ArgumentParser:
+    p = command_parser("benchmark_convert", __doc__)
+    p.add_argument("--hidden", type=int_option(1), default=1024, help="hidden size of the random LLaMA")
+    p.add_argument("--intermediate", type=int_option(1), default=2048, help="its MLP size")
+    p.add_argument("--layers", type=int_option(1), default=8, help="its layers")
+    p.add_argument("--heads", type=int_option(1), default=16, help="its attention heads")
+    p.add_argument("--vocab", type=int_option(1), default=32000, help="its vocabulary size")
+    p.add_argument("--shard-size", default="100MB", help="the Hugging Face checkpoint's shard size")
     p.add_argument("--repeats", type=int_option(1), default=3, help="conversions to run (peak RSS varies with orbax's threads)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="passed to the converter (default: keep)")
-    p.add_argument("--json", type=output_file, default=str(ROOT / "results" / "benchmark_convert.json"))
+    p.add_argument("--out", type=output_file, default=str(ROOT / "results" / "benchmark_convert.json"), metavar="JSON",
+                   help="the result (JSON)")
     p.add_argument("--write-checkpoint", type=pathlib.Path, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_checked(build_parser(), argv)
     if args.write_checkpoint:
         print(save_checkpoint(args.write_checkpoint, args))
         return 0
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| {row['peak_rss_over_checkpoint']:.2f} | {row['baseline_rss_mb']:.0f} "
         f"| {row['above_baseline_over_checkpoint']:.2f} |"
     )
-    out = pathlib.Path(args.json)
+    out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"args": {k: str(v) for k, v in vars(args).items()}, "cpu_count": os.cpu_count(), "cli_output": out.strip()}
     out.write_text(json.dumps({"meta": meta, "rows": [row], "runs": runs}, indent=2))

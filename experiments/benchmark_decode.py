@@ -20,37 +20,55 @@ import json
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
+from typing import TYPE_CHECKING
+
 import numpy as np
-from jax import lax
 
 from lminf_jax.experiments.machine import machine
-from lminf_jax.experiments.options import int_option, output_file
-from lminf_jax import LMInfinite, Vanilla
-from lminf_jax.cache import KVCache
-from lminf_jax.models import llama
-from lminf_jax.models.common import AttentionCall
-from lminf_jax.models.decoder import LanguageModel
-from lminf_jax.models.registry import FAMILIES
+from lminf_jax.experiments.options import command_parser, int_option, output_file, parse_checked
 
-PRESETS = {
+if TYPE_CHECKING:
+    import jax
+
+    from lminf_jax.cache import KVCache
+    from lminf_jax.models.decoder import LanguageModel
+
+#: The presets as plain data (`PRESETS` builds them): a LLaMA config's fields, the dtype and G.
+PRESET_SHAPES = {
     # a small LLaMA for CPUs: 4 layers, 4 heads of 64, L = 2048
-    "tiny": dict(config=llama.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688,
-                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                                          head_dim=64, max_position_embeddings=2048),
-                 dtype=jnp.float32, global_branch=10),
+    "tiny": (dict(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=64, max_position_embeddings=2048), "float32", 10),
     # Llama-2-7B's shape (random bf16 weights), L = 4096 as the paper uses it
-    "llama2-7b": dict(config=llama.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                                               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                                               head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=4096),
-                      dtype=jnp.bfloat16, global_branch=10),
+    "llama2-7b": (dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, head_dim=128, rms_norm_eps=1e-5,
+                       max_position_embeddings=4096), "bfloat16", 10),
 }
+
+
+@functools.cache
+def _presets() -> dict[str, dict]:
+    import jax.numpy as jnp
+
+    from lminf_jax.models import llama
+
+    return {name: dict(config=llama.LlamaConfig(**fields), dtype=getattr(jnp, dtype), global_branch=g)
+            for name, (fields, dtype, g) in PRESET_SHAPES.items()}
+
+
+def __getattr__(name: str):
+    """``PRESETS``: each preset's ``config`` (a `LlamaConfig`), ``dtype`` and ``global_branch``, built on
+    first use (they need jax)."""
+    if name == "PRESETS":
+        return _presets()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cache_at(model: LanguageModel, position: int, capacity: int, key: jax.Array, batch: int = 1) -> KVCache:
     """The model's empty cache for ``batch`` rows filled with random keys/values for positions
     ``0..position-1`` (only the slots decoding would have kept)."""
+    import jax
+    import jax.numpy as jnp
+
     cache = model.init_cache(batch, capacity=capacity)
     if cache.bounded:
         held = np.concatenate([np.arange(min(cache.sinks, position)),
@@ -64,25 +82,35 @@ def cache_at(model: LanguageModel, position: int, capacity: int, key: jax.Array,
     return cache.written(random(k1, cache.keys), random(k2, cache.values), update)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps"))
-def decode(model: LanguageModel, params, token, position, cache, *, steps: int):
-    """Greedy decoding of ``steps`` tokens from ``token`` at ``position`` (one scan)."""
-    def body(carry, _):
-        token, position, cache = carry
-        logits, cache = model(params, token, position, cache)
-        return (jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32), position + 1, cache), token[:, 0]
+@functools.cache
+def _decode():
+    """The jitted greedy decoding of ``steps`` tokens from ``token`` at ``position`` (one scan), built on
+    first use."""
+    import jax
+    import jax.numpy as jnp
 
-    (_, _, cache), tokens = lax.scan(body, (token, position, cache), None, length=steps)
-    return tokens, cache
+    def decode(model: LanguageModel, params, token, position, cache, *, steps: int):
+        def body(carry, _):
+            token, position, cache = carry
+            logits, cache = model(params, token, position, cache)
+            return (jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32), position + 1, cache), token[:, 0]
+
+        (_, _, cache), tokens = jax.lax.scan(body, (token, position, cache), None, length=steps)
+        return tokens, cache
+
+    return jax.jit(decode, static_argnames=("model", "steps"))
 
 
 def measure(model, params, position: int, steps: int, repeats: int, batch: int = 1) -> dict:
     """ms per decoded token from ``position`` (``batch`` rows): a warm-up call, then ``repeats``
     timed calls, each continuing from the cache the previous one left."""
+    import jax
+    import jax.numpy as jnp
+
     cache = cache_at(model, position, position + steps * (repeats + 1), jax.random.key(position), batch)
     described, nbytes = cache.describe(), cache.nbytes
     token = jnp.ones((batch, 1), jnp.int32)
-    compiled = decode.lower(model, params, token, jnp.full((batch, 1), position, jnp.int32), cache,
+    compiled = _decode().lower(model, params, token, jnp.full((batch, 1), position, jnp.int32), cache,
                             steps=steps).compile()
     mem = compiled.memory_analysis()
     planned = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -100,16 +128,30 @@ def measure(model, params, position: int, steps: int, repeats: int, batch: int =
             "planned_bytes": planned}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.benchmark_decode", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--positions", type=int_option(0), nargs="+", default=[1024, 8192, 65536])
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("benchmark_decode", __doc__)
+    parser.add_argument("--preset", choices=sorted(PRESET_SHAPES), default="tiny", help="model shape")
+    parser.add_argument("--positions", type=int_option(0), nargs="+", default=[1024, 8192, 65536], metavar="P",
+                        help="positions decoding starts from")
     parser.add_argument("--steps", type=int_option(1), default=32, help="tokens decoded per timed call")
-    parser.add_argument("--repeats", type=int_option(1), default=3)
-    parser.add_argument("--out", default="results/benchmark_decode.json", type=output_file)
-    args = parser.parse_args(argv)
+    parser.add_argument("--repeats", type=int_option(1), default=3, help="timed calls (the best is kept)")
+    parser.add_argument("--out", default="results/benchmark_decode.json", type=output_file, metavar="JSON",
+                        help="the result (JSON)")
+    return parser
 
-    preset = PRESETS[args.preset]
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_checked(build_parser(), argv)
+    import jax
+    import jax.numpy as jnp
+
+    from lminf_jax.models import llama
+    from lminf_jax.models.common import AttentionCall
+    from lminf_jax.models.decoder import LanguageModel
+    from lminf_jax.models.registry import FAMILIES
+    from lminf_jax.spec import LMInfinite, Vanilla
+
+    preset = _presets()[args.preset]
     cfg, dtype = preset["config"], preset["dtype"]
     window = cfg.max_position_embeddings
     params = FAMILIES["llama"].init_params(cfg, jax.random.key(0), dtype)

@@ -163,17 +163,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from lminf_jax.experiments.options import input_path, int_option, output_dir, output_file, parse_checked
+def build_parser() -> argparse.ArgumentParser:
+    from lminf_jax.experiments.options import command_parser, input_path, int_option, output_dir, output_file
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("benchmark_load", __doc__)
     p.add_argument("hf_dir", type=input_path, help="Hugging Face checkpoint directory (config.json + safetensors)")
     p.add_argument("--repeats", type=int_option(1), default=1, help="runs of each loader (default 1)")
     p.add_argument("--work", type=output_dir,
                    help="folder for the converted directory (default: the system's temporary folder)")
-    p.add_argument("--out", default="results/benchmark_load.json", type=output_file, metavar="JSON")
-    args = parse_checked(p, argv)
+    p.add_argument("--out", default="results/benchmark_load.json", type=output_file, metavar="JSON",
+                   help="the result (JSON)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
     from lminf_jax.experiments.machine import machine
+    from lminf_jax.experiments.options import parse_checked
+
+    args = parse_checked(build_parser(), argv)
 
     rows = benchmark(pathlib.Path(args.hf_dir), args.repeats, args.work)
     print(f"median times and largest RSS of {args.repeats} run(s) of each loader, each a fresh process")

@@ -35,17 +35,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lminf_jax.experiments.benchmark import attended_pairs, best_of
-from lminf_jax.experiments.benchmark_decode import measure
 from lminf_jax.experiments.loading import load_model, run_cli
 from lminf_jax.experiments.machine import machine
-from lminf_jax.experiments.options import int_option, output_file
-from lminf_jax import LMInfinite, Vanilla, attention
-from lminf_jax.models.common import AttentionCall
+from lminf_jax.experiments.options import command_parser, int_option, output_file
 
 SINKS = 10
 PARITY_TOKENS = 128
@@ -53,21 +47,25 @@ PARITY_TOLERANCE = 1e-3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.benchmark_peers", description=__doc__.split("\n\n")[0])
+    p = command_parser("benchmark_peers", __doc__)
     p.add_argument("--hidden", type=int_option(64), default=256, help="hidden size, a multiple of 64 (default 256)")
-    p.add_argument("--layers", type=int_option(1), default=4)
+    p.add_argument("--layers", type=int_option(1), default=4, help="layers of the random model")
     p.add_argument("--heads", type=int_option(1), default=4, help="attention heads of 64 (default 4)")
-    p.add_argument("--vocab", type=int_option(16), default=4096)
-    p.add_argument("--forward-length", type=int_option(PARITY_TOKENS), default=8192, metavar="T")
+    p.add_argument("--vocab", type=int_option(16), default=4096, help="vocabulary size of the random model")
+    p.add_argument("--forward-length", type=int_option(PARITY_TOKENS), default=8192, metavar="T",
+                   help="tokens of the timed forward pass")
     p.add_argument("--window", type=int_option(1), default=512, help="LM-Infinite's L in the model (default 512)")
     p.add_argument("--prompt", type=int_option(1), default=4096, help="prompt tokens before decoding (default 4096)")
     p.add_argument("--positions", type=int_option(1), nargs="+", default=[4096, 16384, 65536], metavar="P",
                    help="positions of the Λ-cache decoding (default 4096 16384 65536)")
     p.add_argument("--steps", type=int_option(1), default=32, help="tokens per timed decoding call (default 32)")
-    p.add_argument("--attention-lengths", type=int_option(1), nargs="+", default=[8192, 16384], metavar="T")
-    p.add_argument("--attention-window", type=int_option(1), default=2048, metavar="L")
-    p.add_argument("--repeats", type=int_option(1), default=3)
-    p.add_argument("--out", default="results/benchmark_peers.json", type=output_file, metavar="JSON")
+    p.add_argument("--attention-lengths", type=int_option(1), nargs="+", default=[8192, 16384], metavar="T",
+                   help="sequence lengths of the attention-only section")
+    p.add_argument("--attention-window", type=int_option(1), default=2048, metavar="L",
+                   help="LM-Infinite's L in the attention-only section")
+    p.add_argument("--repeats", type=int_option(1), default=3, help="timed calls (the best is kept)")
+    p.add_argument("--out", default="results/benchmark_peers.json", type=output_file, metavar="JSON",
+                   help="the result (JSON)")
     return p
 
 
@@ -101,7 +99,12 @@ def ratio_row(name: str, ms: float, reference_ms: float, **extra) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
     import torch
+
+    from lminf_jax.models.common import AttentionCall
+    from lminf_jax.spec import LMInfinite, Vanilla
 
     record = {"settings": {**vars(args), **machine(),
                            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -138,7 +141,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def forward_section(args, peer, ours, params, tokens: np.ndarray) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
     import torch
+
+    from lminf_jax.experiments.benchmark import best_of
 
     t = args.forward_length
     ids = torch.from_numpy(tokens)
@@ -157,6 +164,9 @@ def forward_section(args, peer, ours, params, tokens: np.ndarray) -> list[dict]:
 
 def decode_section(args, peer, ours, params, rng: np.random.Generator) -> list[dict]:
     import torch
+
+    from lminf_jax.experiments.benchmark import best_of
+    from lminf_jax.experiments.benchmark_decode import measure
 
     prompt = torch.from_numpy(rng.integers(0, args.vocab, (1, args.prompt)))
 
@@ -181,7 +191,13 @@ def decode_section(args, peer, ours, params, rng: np.random.Generator) -> list[d
 
 
 def attention_section(args, rng: np.random.Generator) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
     import torch
+
+    from lminf_jax import attention
+    from lminf_jax.experiments.benchmark import attended_pairs, best_of
+    from lminf_jax.spec import LMInfinite, Vanilla
 
     h, d = args.heads, 64
     rows = []

@@ -1,24 +1,29 @@
 """Generation quality beyond the pretraining length: continue held-out text and score it.
 
     python -m experiments.continuation [MODEL_DIR] [--multiples 1 4 16] [--sequences S] [--new-tokens N]
-        [-G 10] [--source stdlib|FOLDER|FILE.jsonl | --tokens F.npy | --text FILE ...]
-        [--out results/continuation.json] [--plot results/continuation.png]
+        [--methods vanilla lm_infinite truncation] [-G G] [-L L] [-D D] [--group-size g] [--leak k]
+        [--source stdlib|FOLDER|FILE.jsonl | --tokens F.npy | --text FILE ...] [--tokenizer DIR]
+        [--out results/continuation.json] [--plot PNG (default: --out with .png) | --no-plot]
 
 MODEL_DIR defaults to the shipped LLaMA-style model; L is its pretraining length. S held-out
 segments (`experiments.text` options, as in `experiments.perplexity`) of ``16 L + N`` tokens each,
 BOS first, are cut at position ``P = m x L`` for each multiple m: the model reads the first P tokens
 and greedily generates N more, which are compared with the N tokens that really follow, on
 whitespace-separated words of the decoded text (`lminf_jax.metrics`: BLEU-4 with smoothing,
-ROUGE-L F1). Methods:
+ROUGE-L F1); the decoded text needs the model's tokenizer (``--tokenizer DIR``: another
+directory's). Methods (default: these three):
 
 * ``vanilla``: the whole prefix, full KV cache (keys attended per new token: P + t);
-* ``lm_infinite``: G sinks + the last L tokens through a Λ-cache (G + L keys, constant);
+* ``lm_infinite``: G sinks + the last L tokens through a Λ-cache (G + L keys once the cache is full);
 * ``truncation``: repeated truncation, i.e. every new token re-encodes BOS + the last L - 1 tokens
-  from scratch with vanilla attention (L tokens through the model per new token).
+  from scratch with vanilla attention (L tokens through the model per new token);
+* any other method of the grammar ``MASK[@cover][+FREQ[@FACTOR]]`` (`experiments.loading.MethodChoice`),
+  at the length ``P + N`` (a frequency method without ``@``: factor ``(P + N) / L``).
 
+The method parameters (-G, -L, -D, --group-size, --leak) apply to every method that takes them.
 Compute per generated token: measured milliseconds per decoding step for the whole batch of S
 sequences, after compilation and without the prompt's prefill (reported apart), and the tokens
-run through the model and keys attended per new token.
+run through the model and keys attended per new token (the mask's, mean over the new tokens).
 """
 
 from __future__ import annotations
@@ -29,15 +34,13 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lminf_jax.experiments.loading import (
-    load_config, load_model, load_tokenizer_from, method_spec, params_dtype, pretraining_length, run_cli,
-    save_result,
+    MethodChoice, add_methods_arg, checked_methods, load_config, load_model, method_options, method_spec,
+    open_tokenizer, params_dtype, pretraining_length, run_cli, save_result,
 )
-from lminf_jax.experiments.options import input_path, int_option, output_file, plot_file
+from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option
 from lminf_jax.experiments.perplexity import SHIPPED_MODEL
 from lminf_jax.experiments.text import add_text_args, bos_id, check_ids, token_stream
 from lminf_jax.metrics import bleu, rouge_l
@@ -46,25 +49,33 @@ METHODS = ("vanilla", "lm_infinite", "truncation")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.continuation", description=__doc__.split("\n\n")[0])
+    p = command_parser("continuation", __doc__)
     p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL), type=input_path,
                    help="converted or Hugging Face model directory (default: the shipped LLaMA-style model)")
     add_text_args(p)
     p.add_argument("--multiples", type=int_option(1), nargs="+", default=[1, 4, 16], metavar="M",
-                   help="continue from position M x L_train (default 1 4 16)")
-    p.add_argument("--sequences", type=int_option(1), default=8, metavar="S", help="held-out segments (default 8)")
-    p.add_argument("--new-tokens", type=int_option(1), default=64, metavar="N", help="tokens generated (default 64)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("-G", "--global-branch", type=int_option(0), default=10, metavar="G", help="sinks (default 10)")
-    p.add_argument("--out", default="results/continuation.json", type=output_file, metavar="JSON")
-    p.add_argument("--plot", default="results/continuation.png", type=plot_file, metavar="PNG")
-    p.add_argument("--no-plot", action="store_true")
+                   help="continue from position M x L_train")
+    p.add_argument("--sequences", type=int_option(1), default=8, metavar="S", help="held-out segments")
+    p.add_argument("--new-tokens", type=int_option(1), default=64, metavar="N", help="tokens generated")
+    add_methods_arg(p, METHODS, {"truncation": "vanilla on BOS + the last L_train - 1 tokens, re-encoded for "
+                                               "every new token"})
+    add_output_args(p, "results/continuation.json", "the result (JSON: every continuation and its scores)",
+                    plot="plot of BLEU, ROUGE-L and ms per token")
     return p
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _next_token(model, params, window: jax.Array) -> jax.Array:
-    return jnp.argmax(model.forward(params, window)[:, -1], axis=-1).astype(jnp.int32)
+@functools.cache
+def _greedy_step():
+    """The jitted greedy next token of a forward pass (built on first use: jax is imported then)."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.jit(lambda model, params, window: jnp.argmax(model.forward(params, window)[:, -1], axis=-1)
+                   .astype(jnp.int32), static_argnums=0)
+
+
+def _next_token(model, params, window):
+    return _greedy_step()(model, params, window)
 
 
 def repeated_truncation(model, params, prompts: np.ndarray, new_tokens: int, l_train: int, bos: int | None
@@ -77,17 +88,27 @@ def repeated_truncation(model, params, prompts: np.ndarray, new_tokens: int, l_t
         window = ids[:, -keep:]
         if bos is not None:
             window = np.concatenate([np.full((ids.shape[0], 1), bos, np.int32), window], axis=1)
-        token = np.asarray(_next_token(model, params, jnp.asarray(window)))
+        token = np.asarray(_next_token(model, params, window))
         out.append(token)
         ids = np.concatenate([ids, token[:, None]], axis=1)
     return np.stack(out, axis=1)
 
 
+def attention(name: str, config, options: dict[str, int | None], length: int, l_train: int):
+    """The `AttentionCall` of method ``name`` (not truncation) with the method parameters ``options`` for
+    sequences of ``length`` tokens."""
+    from lminf_jax.models.common import AttentionCall
+
+    choice = MethodChoice.parse(name)
+    spec = choice.spec(method_spec(choice.mask, config, **options), length, l_train)
+    return AttentionCall(spec, frequencies=choice.frequencies(length, l_train))
+
+
 def continue_with(name: str, family, config, params, dtype, prompts: np.ndarray, new_tokens: int, l_train: int,
-                  bos: int | None, g: int) -> tuple[np.ndarray, float, float]:
-    """``(generated (S, N), ms per generated token, ms of the prompt)`` for one method, timed after a
-    compiling run. For cached decoding the per-token time is ``(t(N) - t(1)) / (N - 1)``, so the
-    prompt's prefill (``t(1)``) is not spread over the new tokens."""
+                  bos: int | None, options: dict[str, int | None]) -> tuple[np.ndarray, float, float]:
+    """``(generated (S, N), ms per generated token, ms of the prompt)`` for one method (its parameters
+    ``options``), timed after a compiling run. For cached decoding the per-token time is
+    ``(t(N) - t(1)) / (N - 1)``, so the prompt's prefill (``t(1)``) is not spread over the new tokens."""
     from lminf_jax.cache import needs_full_cache
     from lminf_jax.decoding import generate
     from lminf_jax.models.common import AttentionCall
@@ -98,9 +119,8 @@ def continue_with(name: str, family, config, params, dtype, prompts: np.ndarray,
         t0 = time.perf_counter()
         tokens = repeated_truncation(model, params, prompts, new_tokens, l_train, bos)
         return tokens, 1e3 * (time.perf_counter() - t0) / new_tokens, 0.0
-    spec = method_spec(name, config, **({"global_branch": g} if name == "lm_infinite" else {}))
-    model = family.model(config, AttentionCall(spec), dtype)
-    capacity = prompts.shape[1] + new_tokens if needs_full_cache(spec) else None
+    model = family.model(config, attention(name, config, options, prompts.shape[1] + new_tokens, l_train), dtype)
+    capacity = prompts.shape[1] + new_tokens if needs_full_cache(model.spec) else None
 
     def timed(n: int) -> tuple[np.ndarray, float]:
         cache = model.init_cache(prompts.shape[0], capacity=capacity)
@@ -115,13 +135,14 @@ def continue_with(name: str, family, config, params, dtype, prompts: np.ndarray,
     return tokens[:, :new_tokens], 1e3 * max(per_token, 0.0), 1e3 * prompt_only
 
 
-def work_per_token(name: str, position: int, new_tokens: int, l_train: int, g: int) -> dict:
-    """Tokens run through the model and keys attended (per layer and head) per generated token."""
-    if name == "vanilla":
-        return {"tokens_through_model": 1, "keys_attended": position + (new_tokens - 1) / 2}
-    if name == "lm_infinite":
-        return {"tokens_through_model": 1, "keys_attended": min(position, l_train) + g}
-    return {"tokens_through_model": l_train, "keys_attended": l_train * (l_train + 1) / 2}
+def work_per_token(name: str, position: int, new_tokens: int, l_train: int, spec=None) -> dict:
+    """Tokens run through the model and keys attended (per layer and head) per generated token: for
+    truncation L_train and its windows' keys, else one and the keys the mask of ``spec`` (an
+    `AttentionSpec`) lets the queries at ``position - 1 ... position + new_tokens - 2`` see, on average."""
+    if name == "truncation":
+        return {"tokens_through_model": l_train, "keys_attended": l_train * (l_train + 1) / 2}
+    keys = spec.attended_keys(np.arange(position - 1, position - 1 + new_tokens))
+    return {"tokens_through_model": 1, "keys_attended": float(np.mean(keys))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,22 +152,26 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from lminf_jax.evaluation import bos_sequences
 
+    methods = checked_methods(args.methods, everything=None)
     family, config = load_config(args.model_dir)
     l_train = pretraining_length(config)
     positions = [m * l_train for m in sorted(args.multiples)]
+    options = method_options(args)
+    specs = {name: {p: attention(name, config, options, p + args.new_tokens, l_train).spec for p in positions}
+             for name in methods if name != "truncation"}  # a method that cannot apply fails here
+    tokenizer = open_tokenizer(args.model_dir, args.tokenizer)
     stream, source = token_stream(args)
     check_ids(stream, config.vocab_size)
-    bos = bos_id(args.model_dir)
+    bos = bos_id(args.model_dir, args.tokenizer)
     body = bos_sequences(stream, args.sequences, positions[-1] + args.new_tokens, bos)
     _, config, params = load_model(args.model_dir)
     dtype = params_dtype(params)
-    tokenizer = load_tokenizer_from(args.model_dir)
     results = {}
-    for name in args.methods:
+    for name in methods:
         rows = {}
         for p in positions:
             generated, per_token, prompt_ms = continue_with(name, family, config, params, dtype, body[:, :p],
-                                                            args.new_tokens, l_train, bos, args.global_branch)
+                                                            args.new_tokens, l_train, bos, options)
             samples = []
             for s in range(body.shape[0]):
                 text = tokenizer.decode([int(t) for t in generated[s]])
@@ -157,14 +182,16 @@ def run(args: argparse.Namespace) -> int:
             rows[str(p)] = {"bleu": float(np.mean([x["bleu"] for x in samples])),
                             "rouge_l": float(np.mean([x["rouge_l"] for x in samples])),
                             "ms_per_token": per_token, "prompt_ms": prompt_ms,
-                            **work_per_token(name, p, args.new_tokens, l_train, args.global_branch),
+                            **work_per_token(name, p, args.new_tokens, l_train, specs.get(name, {}).get(p)),
                             "samples": samples}
             print(f"{name} from {p:,}: BLEU {rows[str(p)]['bleu']:.3f}, ROUGE-L {rows[str(p)]['rouge_l']:.3f}, "
                   f"{rows[str(p)]['ms_per_token']:.1f} ms/token", file=sys.stderr)
         results[name] = rows
     record = {"settings": {"model": str(args.model_dir), "family": family.name, "l_train": l_train,
                            "positions": positions, "sequences": int(body.shape[0]), "new_tokens": args.new_tokens,
-                           "global_branch": args.global_branch, "source": source, "metric_units": "words"},
+                           "method_options": options, "source": source, "metric_units": "words",
+                           "attention": {name: {str(p): spec.describe() for p, spec in by_position.items()}
+                                         for name, by_position in specs.items()}},
               "methods": results}
     print(format_table(record))
     save_result(record, args.out, plot, None if args.no_plot else args.plot)

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lminf_jax.experiments.options import input_path, int_option, output_dir, parse_checked
+from lminf_jax.experiments.options import command_parser, input_path, int_option, output_dir, parse_checked
 
 MAX_FILE_BYTES = 1_000_000
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
@@ -452,21 +452,28 @@ def summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.corpus", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("corpus", __doc__)
     parser.add_argument("--out", required=True, type=output_dir, help="output folder (tokenizer, token files, manifest)")
     parser.add_argument("--source", default="stdlib", type=input_path, help="'stdlib' (default), a folder, or a .jsonl with 'text'")
-    parser.add_argument("--vocab-size", type=int_option(264), default=DEFAULT_VOCAB)
-    parser.add_argument("--held-out-percent", type=float, default=DEFAULT_HELD_OUT_PERCENT)
+    parser.add_argument("--vocab-size", type=int_option(264), default=DEFAULT_VOCAB, help="BPE vocabulary size")
+    parser.add_argument("--held-out-percent", type=float, default=DEFAULT_HELD_OUT_PERCENT,
+                        help="share of the files held out, chosen by a hash of their path")
     parser.add_argument("--tokenizer-sample-mb", type=float, default=8.0,
                         help="text sampled to train the tokenizer (MB)")
-    parser.add_argument("--seed", type=int_option(0), default=0)
+    parser.add_argument("--seed", type=int_option(0), default=0, help="seed of the tokenizer's sample")
     encode = parser.add_argument_group("encoding with an existing tokenizer (no tokenizer training, no split files)")
     encode.add_argument("--encode-with", type=input_path, metavar="TOKENIZER",
                         help="tokenizer.model (or its folder): write OUT/stream.npy + stream.json instead")
     encode.add_argument("--split", choices=("heldout", "train", "all"), default="heldout",
                         help="documents to encode with --encode-with (default: heldout)")
-    encode.add_argument("--max-tokens", type=int_option(1), metavar="N", help="keep the first N tokens (--encode-with)")
+    encode.add_argument("--max-tokens", type=int_option(1), metavar="N",
+                        help="keep the first N tokens (--encode-with; default: all)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parse_checked(parser, argv)
     if args.encode_with is not None:
         try:

@@ -1,8 +1,9 @@
 """The paper's three out-of-distribution factors, measured on a model's attention and hidden states.
 
     python -m experiments.factors [MODEL_DIR] [--factors logits entropy sinks] [--sequences S]
-        [--multiple M] [--source stdlib|FOLDER|FILE.jsonl | --tokens F.npy | --text FILE ...]
-        [--methods M [M ...]] [--dtype fp32] [--block N] [--out-dir results/factors] [--no-plot]
+        [--multiple M] [--source stdlib|FOLDER|FILE.jsonl | --tokens F.npy | --text FILE ...] [--tokenizer DIR]
+        [--methods M [M ...]] [-G G] [-L L] [-D D] [--group-size g] [--leak k] [--dtype fp32] [--block N]
+        [--out results/factors] [--no-plot]
 
 MODEL_DIR defaults to the shipped LLaMA-style model; L is its pretraining length. The text is S
 held-out segments of ``T = M x L`` tokens (default 2 x 16 L), each BOS + tokens, as in
@@ -23,11 +24,13 @@ per layer, head and probed query, computed blockwise over the keys (no T x T arr
    with G = 0, 1, 4, 10, 100 sink tokens (the paper's starting-token ablation; G = 0 is the sliding
    window) and vanilla.
 
-``--methods`` measures factors 1 and 2 under other methods instead (any `experiments.perplexity`
-method, e.g. ``pi yarn self_extend``; a frequency method without ``@`` at factor T / L), to see
-what each length-extension method shows the model at unseen distances and lengths.
+``--methods`` measures factors 1 and 2 under other methods instead (any method of the grammar
+``MASK[@cover][+FREQ[@FACTOR]]``, e.g. ``pi yarn self_extend``; a frequency method without ``@`` at
+factor T / L), to see what each length-extension method shows the model at unseen distances and
+lengths. The method parameters (-G, -L, -D, --group-size, --leak) apply to every method that takes
+them (the sink ablation of factor 3 sets G itself).
 
-Each factor writes ``OUT_DIR/factorK_NAME.json`` and ``.png`` and prints a table.
+Each factor writes ``OUT/factorK_NAME.json`` and ``.png`` (``--out``, a folder) and prints a table.
 """
 
 from __future__ import annotations
@@ -38,17 +41,15 @@ import math
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from lminf_jax.experiments.loading import (
-    DTYPES, MethodChoice, load_config, load_model, method_spec, params_dtype, pretraining_length, resolve_dtype,
-    run_cli,
+    DTYPES, MethodChoice, add_methods_arg, checked_methods, load_config, load_model, method_options, method_spec,
+    params_dtype, pretraining_length, resolve_dtype, run_cli,
 )
-from lminf_jax.experiments.options import input_path, int_option, output_dir
+from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option
 from lminf_jax.experiments.perplexity import SHIPPED_MODEL
 from lminf_jax.experiments.text import add_text_args, bos_id, check_ids, token_stream
-from lminf_jax.streaming import finite_or_none
 
 FACTORS = ("logits", "entropy", "sinks")
 SINK_COUNTS = (0, 1, 4, 10, 100)
@@ -56,19 +57,18 @@ PROBED_QUERIES = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.factors", description=__doc__.split("\n\n")[0])
+    p = command_parser("factors", __doc__)
     p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL), type=input_path,
                    help="converted or Hugging Face model directory (default: the shipped LLaMA-style model)")
-    p.add_argument("--factors", nargs="+", choices=FACTORS, default=list(FACTORS), help="which to measure")
+    p.add_argument("--factors", nargs="+", choices=FACTORS, default=list(FACTORS), metavar="FACTOR",
+                   help=f"which to measure, of {', '.join(FACTORS)}")
     add_text_args(p)
-    p.add_argument("--sequences", type=int_option(1), default=2, metavar="S", help="held-out segments (default 2)")
-    p.add_argument("--multiple", type=int_option(1), default=16, metavar="M", help="segment length T = M x L (default 16)")
-    p.add_argument("--methods", nargs="+", metavar="METHOD", help="methods for factors 1 and 2, as in "
-                   "experiments.perplexity (default: vanilla and lm_infinite; entropy also lambda_mask)")
+    p.add_argument("--sequences", type=int_option(1), default=2, metavar="S", help="held-out segments")
+    p.add_argument("--multiple", type=int_option(1), default=16, metavar="M", help="segment length T = M x L")
+    add_methods_arg(p, None, unset="for logits vanilla lm_infinite, for entropy vanilla lambda_mask lm_infinite")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the stored weights' dtype)")
     p.add_argument("--block", type=int_option(1), default=512, metavar="N", help="blockwise attention block size")
-    p.add_argument("--out-dir", default="results/factors", type=output_dir, metavar="DIR", help="where the JSON and PNG go")
-    p.add_argument("--no-plot", action="store_true", help="do not draw the plots")
+    add_output_args(p, "results/factors", "the folder of each factor's JSON and plot", plot="plots", folder=True)
     return p
 
 
@@ -79,40 +79,39 @@ class Setup:
     """The model, its pretraining length and the held-out segments shared by the factors."""
 
     def __init__(self, args: argparse.Namespace):
+        import jax.numpy as jnp
+
         from lminf_jax.evaluation import bos_sequences
 
         family, config = load_config(args.model_dir)
         self.l_train = pretraining_length(config)
         self.length = args.multiple * self.l_train
         self.block = args.block
+        self.options = method_options(args)
         self.methods = None
         if args.methods is not None:
             if not {"logits", "entropy"} & set(args.factors):
                 raise ValueError("--methods applies to the factors logits and entropy, and none of them is measured")
-            try:
-                self.methods = [MethodChoice.parse(m) for m in args.methods]
-            except ValueError as e:
-                raise ValueError(f"--methods: {e}") from None
-            if len({c.name for c in self.methods}) != len(self.methods):
-                raise ValueError(f"--methods: a method is listed twice: {args.methods}")
+            self.methods = [MethodChoice.parse(m) for m in checked_methods(args.methods, everything=None)]
             for choice in self.methods:  # a method that cannot apply fails before any work
                 self._build(family, config, choice, jnp.float32)
         stream, self.source = token_stream(args)
         check_ids(stream, config.vocab_size)
-        self.bos = bos_id(args.model_dir)
+        self.bos = bos_id(args.model_dir, args.tokenizer)
         self.tokens = bos_sequences(stream, args.sequences, self.length, self.bos)
         self.family, self.config, self.params = load_model(args.model_dir, args.dtype)
         self.dtype = resolve_dtype(args.dtype) or params_dtype(self.params)
 
     def model(self, method: str | MethodChoice, **options):
-        """The model under ``method`` (a mask method's name with its ``options``, or a `MethodChoice`)."""
+        """The model under ``method`` (a mask method's name, or a `MethodChoice`), with the method
+        parameters given on the command line, and ``options`` over them."""
         choice = method if isinstance(method, MethodChoice) else MethodChoice(method)
         return self._build(self.family, self.config, choice, self.dtype, **options)
 
     def _build(self, family, config, choice: MethodChoice, dtype, **options):
         from lminf_jax.models.common import AttentionCall
 
-        spec = method_spec(choice.mask, config, **options)
+        spec = method_spec(choice.mask, config, **{**self.options, **options})
         call = AttentionCall(spec, block_q=self.block, block_k=self.block,
                              frequencies=choice.frequencies(self.length, self.l_train))
         return family.model(config, call, dtype)
@@ -124,12 +123,14 @@ class Setup:
     def settings(self) -> dict:
         return {"family": self.family.name, "l_train": self.l_train, "segments": int(self.tokens.shape[0]),
                 "segment_length": self.length, "bos_id": self.bos, "source": self.source,
-                "compute_dtype": jnp.dtype(self.dtype).name}
+                "compute_dtype": self.dtype.name, "method_options": self.options}
 
 
 def max_logit_by_distance(setup: Setup) -> dict:
     """Factor 1: per method, the max logit per distance bucket (max over heads; per layer and
     the max over layers), mean over the probed queries of every segment."""
+    import jax.numpy as jnp
+
     from lminf_jax.probes import bucket_table
 
     t = setup.length
@@ -154,6 +155,8 @@ def max_logit_by_distance(setup: Setup) -> dict:
 def entropy_by_length(setup: Setup) -> dict:
     """Factor 2: attention entropy of the query at n - 1, mean over layers and heads (and per
     layer), mean over segments, for n = L/8 ... T (doubling)."""
+    import jax.numpy as jnp
+
     lengths = []
     n = max(2, setup.l_train // 8)
     while n <= setup.length:
@@ -182,6 +185,8 @@ def entropy_by_length(setup: Setup) -> dict:
 def starting_tokens(setup: Setup) -> dict:
     """Factor 3: PCA of the hidden states of the first L positions per layer, the distance of the
     first tokens from the rest, and NLL with G = 0, 1, 4, 10, 100 sinks (and vanilla)."""
+    import jax.numpy as jnp
+
     from lminf_jax.evaluation import sequence_nll
 
     n = min(setup.l_train, setup.length)
@@ -342,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     setup = Setup(args)
-    out_dir = Path(args.out_dir)
+    from lminf_jax.streaming import finite_or_none
+
+    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"{setup.family.name} from {args.model_dir} (L_train {setup.l_train:,}): {setup.tokens.shape[0]} "
           f"segment(s) x {setup.length:,} tokens", file=sys.stderr)

@@ -1,19 +1,23 @@
 """Generate text with LM-Infinite attention (or an ablation): text in, text out.
 
     python -m experiments.generate MODEL_DIR [--prompt TEXT ...] [--prompt-file F]  (at least one prompt)
-        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+        [--tokenizer DIR] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
         [--stop TEXT ...] [--ignore-eos] [--dtype bf16|fp16|fp32] [--prefill-chunk C] [--no-bos]
-        [--chat [--system TEXT]] [--json OUT] [--method METHOD] [-G G] [-L L] [-D D]
-        [--top-k-middle K] [--top-k-insert-at N] [--top-k-from-layer H] [--rope-scaling FREQ@FACTOR]
+        [--chat [--system TEXT]] [--out JSON] [--method MASK[+FREQ@FACTOR]] [-G G] [-L L] [-D D]
+        [--group-size g] [--leak k] [--top-k-middle K] [--top-k-insert-at N] [--top-k-from-layer H]
+        [--top-k-to-layer H]
 
 MODEL_DIR is a converted directory (``python -m converters``) or a Hugging Face directory
-(converted in memory); its tokenizer is read from the same directory. All prompts run as
+(converted in memory); its tokenizer (and chat template) is read from the same directory, or from
+``--tokenizer DIR``. ``--top-k`` is sampling's (the K most likely tokens); ``--top-k-middle`` and the
+other ``--top-k-*`` options are LM-Infinite's middle tokens. All prompts run as
 one left-padded batch (`lminf_jax.decoding.generate`: the prompts in one jitted call, then the tokens
 in calls of a fixed number of steps, so memory does not grow with N): with a
 bounded method the cache is a Λ-cache of G + L slots whatever the prompt length; vanilla,
 distance_limit and top-k middle tokens use a full cache of (longest prompt + N) slots (refused,
 with the bytes it needs, before the weights are read when it cannot fit).
-``--rope-scaling`` adds a static RoPE frequency method (e.g. ``yarn@4``) to any method.
+``--method MASK+FREQ@FACTOR`` adds a static RoPE frequency method (e.g. ``lm_infinite+yarn@4``) to
+the mask.
 
 With one prompt the continuation is printed on stdout as it is generated; with several
 (repeat ``--prompt``, or ``--prompt-file`` with one prompt per line, blank lines skipped)
@@ -23,8 +27,8 @@ message, after ``--system``'s system message if given, rendered with the checkpo
 template (`converters.tokenizer.load_chat_template`) and encoded with
 `converters.tokenizer.encode_chat`: the template writes BOS itself, so none is prepended.
 Generation stops at EOS (unless ``--ignore-eos``) and at each ``--stop`` string, which must
-encode to exactly one token; the stop token is part of the output. A summary goes to stderr; ``--json`` writes prompts (and with ``--chat`` the rendered
-ones), continuations, token ids, settings and timings.
+encode to exactly one token; the stop token is part of the output. A summary goes to stderr; ``--out`` writes
+prompts (and with ``--chat`` the rendered ones), continuations, token ids, settings and timings as JSON.
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ from pathlib import Path
 
 from lminf_jax.converters.tokenizer import ChatTemplate, encode_chat, load_chat_template
 from lminf_jax.experiments.loading import (
-    DTYPES, add_attention_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype, run_cli,
-    frequencies_from_args, resolve_dtype, spec_from_args, spec_settings,
+    DTYPES, add_attention_args, add_tokenizer_arg, frequencies_from_args, load_config, load_model, model_kind,
+    open_tokenizer, params_dtype, resolve_dtype, run_cli, spec_from_args, spec_settings,
 )
-from lminf_jax.experiments.options import input_path, int_option, output_file
+from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option
 from lminf_jax.experiments.text import read_text_file
 
 #: Prompt tokens decoded before the generated ones, so the continuation keeps its leading space.
@@ -97,17 +101,20 @@ class TextStreamer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", type=input_path, help="converted or Hugging Face model directory (with its tokenizer)")
-    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeat for a batch)")
+    p = command_parser("generate", __doc__)
+    p.add_argument("model_dir", type=input_path, help="converted or Hugging Face model directory")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a prompt (repeat for a batch; default: none, then --prompt-file)")
     p.add_argument("--prompt-file", type=input_path, metavar="F", help="prompts, one per line (blank lines skipped)")
-    p.add_argument("--max-new-tokens", type=int_option(1), default=128, metavar="N", help="default: 128")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int_option(1), metavar="K", help="sample among the K most likely tokens")
-    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--seed", type=int_option(0), default=0, metavar="S", help="sampling seed (default: 0)")
+    add_tokenizer_arg(p)
+    p.add_argument("--max-new-tokens", type=int_option(1), default=128, metavar="N", help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0: greedy")
+    p.add_argument("--top-k", type=int_option(1), metavar="K",
+                   help="sample among the K most likely tokens (default: all; the middle tokens are --top-k-middle)")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1] (default: 1)")
+    p.add_argument("--seed", type=int_option(0), default=0, metavar="S", help="sampling seed")
     p.add_argument("--stop", action="extend", nargs="+", default=[], metavar="TEXT",
-                   help="also stop after these strings (each must be a single token)")
+                   help="also stop after these strings (each must be a single token; default: none)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS")
     p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="cast floating params and compute in this dtype (default: the params' dtype)")
@@ -115,9 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS")
     p.add_argument("--chat", action="store_true",
                    help="render each prompt as a user message with the checkpoint's chat template (instruct models)")
-    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before each prompt")
-    p.add_argument("--json", type=output_file, metavar="OUT",
-                   help="write prompts, continuations, token ids, settings and timings")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before each prompt (default: none)")
+    add_output_args(p, None, "write prompts, continuations, token ids, settings and timings here")
     add_attention_args(p)
     return p
 
@@ -140,7 +146,7 @@ def chat_prompts(args: argparse.Namespace, prompts: list[str]) -> tuple[ChatTemp
         return None, None
     if args.no_bos:
         raise ValueError("--no-bos does not apply with --chat: the chat template decides where BOS goes")
-    template = load_chat_template(args.model_dir)
+    template = load_chat_template(args.model_dir if args.tokenizer is None else args.tokenizer)
     system = [] if args.system is None else [{"role": "system", "content": args.system}]
     return template, template.render_each([[*system, {"role": "user", "content": text}] for text in prompts])
 
@@ -173,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     frequencies = frequencies_from_args(args, config)
     model = family.model(config, AttentionCall(spec, frequencies=frequencies))  # the spec, and RoPE scaling, apply here
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    tokenizer = load_tokenizer_from(args.model_dir)
+    tokenizer = open_tokenizer(args.model_dir, args.tokenizer)
     if template is None:
         bos = [] if args.no_bos or tokenizer.bos_id is None else [tokenizer.bos_id]
         prompt_ids = [bos + tokenizer.encode(text) for text in prompts]
@@ -184,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         if not ids:
             raise ValueError(f"prompt {b + 1} is empty (and no BOS is prepended): nothing to continue")
         if max(ids) >= config.vocab_size:
-            raise ValueError(f"the tokenizer of {args.model_dir} produced token {max(ids)} but the model's "
+            raise ValueError(f"the tokenizer of {args.tokenizer or args.model_dir} produced token {max(ids)} but the model's "
                              f"vocabulary has {config.vocab_size} entries")
     stops = stop_tokens(tokenizer, args.stop, not args.ignore_eos)
     longest = max(len(ids) for ids in prompt_ids)
@@ -235,9 +241,10 @@ def run(args: argparse.Namespace) -> int:
         f"is not measured), {total / max(wall, 1e-9):.1f} tokens/s; loading {load_s:.2f} s",
         file=sys.stderr,
     )
-    if args.json is not None:
+    if args.out is not None:
         record = {
             "model": str(args.model_dir),
+            "tokenizer": None if args.tokenizer is None else str(args.tokenizer),
             "family": family.name,
             "prompts": prompts,
             "rendered_prompts": rendered,
@@ -246,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
             "generated_ids": generated,
             "stopped": [bool(s) for s in out.stopped],
             "settings": {
+                "method": args.method,
                 "attention": spec_settings(spec),
                 "rope_scaling": None if frequencies is None else dataclasses.asdict(frequencies),
                 "sampling": dataclasses.asdict(sampling),
@@ -271,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
                 "includes_compilation": True,
             },
         }
-        path = Path(args.json)
+        path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1))
         print(f"wrote {path}", file=sys.stderr)

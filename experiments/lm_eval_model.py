@@ -1,9 +1,9 @@
 """An lm-evaluation-harness model: any model this project loads, under any of its attention methods.
 
     python -m experiments.lm_eval_model --model lminf_jax \\
-        --model_args pretrained=MODEL_DIR[,method=METHOD][,G=G][,L=L][,D=D][,group_size=g][,leak=k]
-            [,top_k_middle=K][,top_k_insert_at=N][,top_k_from_layer=H][,dtype=bf16|fp16|fp32]
-            [,max_gen_toks=N][,max_length=N][,prefill_chunk=C] \\
+        --model_args pretrained=MODEL_DIR[,tokenizer=DIR][,method=METHOD][,G=G][,L=L][,D=D][,group_size=g]
+            [,leak=k][,top_k_middle=K][,top_k_insert_at=N][,top_k_from_layer=H][,top_k_to_layer=H]
+            [,dtype=bf16|fp16|fp32][,max_gen_toks=N][,max_length=N][,prefill_chunk=C] \\
         --tasks TASKS [--batch_size B] [any other option of lm-eval's command line]
 
 This module registers `LminfJaxLM` with lm-eval as ``lminf_jax`` and hands its arguments to lm-eval's
@@ -12,7 +12,7 @@ entry-point group (lm-evaluation-harness PR #4013, docs/plugin_guide.md) and fin
 pyproject.toml, so ``python -m lm_eval --model lminf_jax ...`` works there. In Python: ``lm_eval.simple_evaluate(model=LminfJaxLM(pretrained=..., ...), ...)``.
 
 MODEL_DIR: a converted or Hugging Face directory (`experiments.loading.load_model`), tokenizer
-included. ``method``: a mask method (`lminf_jax.spec.KINDS`, default ``lm_infinite``), a RoPE frequency
+included (``tokenizer=DIR``: another directory's). ``method``: a mask method (`lminf_jax.spec.KINDS`, default ``lm_infinite``), a RoPE frequency
 method at a fixed factor (``yarn@4``) or both (``lm_infinite+ntk@2``), written as for
 `experiments.loading.MethodChoice` (``dynamic_ntk`` needs no factor; ``@cover`` is refused: requests
 have many lengths). The method parameters are the CLIs' (``global_branch``, ``local_branch``,
@@ -71,7 +71,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 try:
@@ -87,23 +86,16 @@ from tqdm import tqdm
 
 from lminf_jax.experiments.generate import continuation_text
 from lminf_jax.experiments.loading import (
-    MethodChoice, load_config, load_model, load_tokenizer_from, params_dtype, pretraining_length, resolve_dtype,
-    spec_from_args,
+    TOP_K_OPTIONS, fixed_method, frequencies_from_args, load_config, load_model, open_tokenizer, params_dtype,
+    resolve_dtype, spec_from_args,
 )
 from lminf_jax.experiments.options import check_outputs_apart, int_option
-from lminf_jax import Sampling
-from lminf_jax.cache import needs_full_cache
-from lminf_jax.decoding import generate, left_pad
 from lminf_jax.spec import METHODS, PARAMETERS
-from lminf_jax.streaming import streaming_nll
-from lminf_jax.models.common import AttentionCall
 
 #: The name lm-eval knows this model by (``--model lminf_jax``).
 NAME = "lminf_jax"
 #: The CLIs' short flags -G/-L/-D of three method parameters.
 SHORT_NAMES = {"G": "global_branch", "L": "local_branch", "D": "limit_distance"}
-#: The top-k middle-token options and their smallest values (as the CLIs' --top-k-*).
-TOP_K = {"top_k_middle": 1, "top_k_insert_at": 0, "top_k_from_layer": 0}
 
 logger = logging.getLogger("lm_eval.models.lminf_jax")  # under lm-eval's logger, which its CLI shows
 
@@ -130,20 +122,20 @@ def _int_arg(name: str, value: Any, minimum: int) -> int:
 def method_options(options: dict[str, Any]) -> tuple[dict[str, tuple[str, int]], dict[str, int | None]]:
     """``({method parameter: (model_args key, value)}, {top-k option: value or None})`` of the model
     arguments that are neither lm-eval's nor the model's own; a ValueError names a bad one."""
-    values, top_k, seen = {}, dict.fromkeys(TOP_K), {}
+    values, top_k, seen = {}, dict.fromkeys(TOP_K_OPTIONS), {}
     for key, value in options.items():
         name = SHORT_NAMES.get(key, key)
         if name in seen:
             raise ValueError(f"model_args {key}= and {seen[name]}= name the same parameter")
         seen[name] = key
-        if name in TOP_K:
-            top_k[name] = _int_arg(key, value, TOP_K[name])
+        if name in TOP_K_OPTIONS:
+            top_k[name] = _int_arg(key, value, TOP_K_OPTIONS[name])
         elif name in PARAMETERS:
             minimum = min(m.OPTIONS[name].minimum for m in METHODS.values() if name in m.OPTIONS)
             values[name] = (key, _int_arg(key, value, minimum))
         else:
-            known = ["pretrained", "method", "dtype", "batch_size", "max_gen_toks", "max_length", "prefill_chunk",
-                     *PARAMETERS, *SHORT_NAMES, *TOP_K]
+            known = ["pretrained", "tokenizer", "method", "dtype", "batch_size", "max_gen_toks", "max_length",
+                     "prefill_chunk", *PARAMETERS, *SHORT_NAMES, *TOP_K_OPTIONS]
             raise ValueError(f"model_args: unknown argument {key!r}; known: {', '.join(known)}")
     return values, top_k
 
@@ -151,29 +143,20 @@ def method_options(options: dict[str, Any]) -> tuple[dict[str, tuple[str, int]],
 def attention_call(pretrained: str, method: str, options: dict[str, Any]):
     """``(family, config, AttentionCall, MethodChoice)`` of ``method`` and its ``options`` for the model
     in directory ``pretrained``, read without its weights; a ValueError names a bad model argument."""
+    from lminf_jax.models.common import AttentionCall
+
     values, top_k = method_options(options)
-    try:
-        choice = MethodChoice.parse(str(method))
-    except ValueError as e:
-        raise ValueError(f"model_args method={method}: {e}") from None
-    stretch = METHODS[choice.mask].STRETCH
-    if choice.cover:
-        raise ValueError(f"model_args method={method}: @cover chooses {stretch} per length, and lm-eval's requests "
-                         f"have many lengths: give {stretch}= instead")
-    if choice.frequency not in (None, "dynamic_ntk") and choice.factor is None:
-        raise ValueError(f"model_args method={method}: give the extension factor, e.g. {choice.name}@4 (the lengths "
-                         "of lm-eval's requests are not known in advance)")
+    choice = fixed_method(str(method), "model_args method=", lambda parameter: f"{parameter}=")
     taken = METHODS[choice.mask].OPTIONS
     for name, (key, _) in values.items():
         if name not in taken:
             raise ValueError(f"model_args {key}= is not used by method {choice.mask} (it takes "
                              f"{', '.join(taken) or 'no parameter'})")
     family, config = load_config(pretrained)
-    args = argparse.Namespace(method=choice.mask, **top_k,
+    args = argparse.Namespace(method=str(method), **top_k,
                               **{p: values[p][1] if p in values else None for p in PARAMETERS})
     try:
-        frequencies = choice.frequencies(0, pretraining_length(config))  # a fixed factor, or dynamic_ntk's
-        call = AttentionCall(spec_from_args(args, config), frequencies=frequencies)
+        call = AttentionCall(spec_from_args(args, config), frequencies=frequencies_from_args(args, config))
         family.model(config, call)  # a frequency method on an ALiBi model fails here
     except ValueError as e:
         raise ValueError(f"model_args: {e}") from None
@@ -183,10 +166,12 @@ def attention_call(pretrained: str, method: str, options: dict[str, Any]):
 class LminfJaxLM(TemplateLM):
     """``--model lminf_jax``: see the module docstring for the model arguments and what each request does."""
 
-    def __init__(self, pretrained: str, method: str = "lm_infinite", dtype: str | None = None,
-                 batch_size: int | str = 1, max_gen_toks: int = 256, max_length: int | None = None,
+    def __init__(self, pretrained: str, method: str = "lm_infinite", tokenizer: str | None = None,
+                 dtype: str | None = None, batch_size: int | str = 1, max_gen_toks: int = 256, max_length: int | None = None,
                  prefill_chunk: int = 512, device: str | None = None, max_batch_size: int | None = None,
                  **options: Any) -> None:
+        from lminf_jax.cache import needs_full_cache
+
         super().__init__()
         del max_batch_size  # lm-eval's, for batch_size=auto, which is refused below
         if str(batch_size).startswith("auto"):
@@ -201,9 +186,11 @@ class LminfJaxLM(TemplateLM):
             raise ValueError(f"model_args: {e}") from None
         family, config, call, choice = attention_call(pretrained, method, options)  # before reading weights
         if device is not None:
+            import jax
+
             logger.info(f"device={device} is not used: JAX runs on {jax.devices()[0]}")
         self.pretrained = str(pretrained)
-        self.tokenizer = load_tokenizer_from(pretrained)
+        self.tokenizer = open_tokenizer(pretrained, tokenizer, option="tokenizer=DIR in --model_args")
         if self.tokenizer.bos_id is None and self.tokenizer.eos_id is None:
             raise ValueError(f"the tokenizer of {pretrained} has neither BOS nor EOS: lm-eval needs one to condition "
                              "the first token on")
@@ -271,6 +258,8 @@ class LminfJaxLM(TemplateLM):
                               disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """``(sum of the continuation's log-probabilities, greedy)`` of each ``(strings, context ids,
         continuation ids)``, longest first in batches of one `bucket` width."""
+        from lminf_jax.decoding import left_pad
+
         self._no_top_k("loglikelihood")
         limit = None if self.max_length is None else self.max_length + 1
         cut = 0
@@ -306,6 +295,8 @@ class LminfJaxLM(TemplateLM):
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         """Each document's log-likelihood: one stream (BOS + tokens) through `streaming_nll`, or, with
         ``max_length``, lm-eval's rolling windows of that many tokens (see the module docstring)."""
+        from lminf_jax.streaming import streaming_nll
+
         self._no_top_k("loglikelihood_rolling")
         texts = [req.args[0] for req in requests]
         documents = [self.tok_encode(text, add_special_tokens=False) for text in texts]
@@ -358,6 +349,9 @@ class LminfJaxLM(TemplateLM):
 
     def _generate(self, prompts: list[list[int]], gen_kwargs: dict) -> list[str]:
         """One batch of prompts (token ids) continued under one set of lm-eval generation kwargs."""
+        from lminf_jax.decoding import generate
+        from lminf_jax.sampling import Sampling
+
         kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
         until, new_tokens = kwargs.pop("until"), kwargs.pop("max_gen_toks")
         do_sample, temperature = kwargs.pop("do_sample"), float(kwargs.pop("temperature", 0.0))
@@ -404,7 +398,8 @@ if NAME not in model_registry:  # releases that read entry points hold a placeho
 
 def main(argv: Sequence[str] | None = None) -> None:
     """lm-eval's command line (``lm-eval [run] ARGS``) with ``lminf_jax`` registered; an
-    ``--output_path`` that is or lies inside the ``pretrained`` model directory is refused."""
+    ``--output_path`` that is or lies inside the ``pretrained`` model directory (or ``tokenizer``'s) is
+    refused."""
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 
@@ -414,11 +409,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         setup_logging()
         cli = HarnessCLI()
         args = cli.parse_args()
-        pretrained = (getattr(args, "model_args", None) or {}).get("pretrained")
+        model_args = getattr(args, "model_args", None) or {}
+        inputs = [(f"{key}=", str(model_args[key])) for key in ("pretrained", "tokenizer") if key in model_args]
         output = getattr(args, "output_path", None)
-        if pretrained is not None and output is not None:
+        if inputs and output is not None:
             try:
-                check_outputs_apart([("--output_path", output)], [("pretrained=", str(pretrained))])
+                check_outputs_apart([("--output_path", output)], inputs)
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
         cli.execute(args)

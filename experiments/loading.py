@@ -1,22 +1,28 @@
-"""What the experiment CLIs share: loading a model and its tokenizer, and the attention options.
+"""What the experiment CLIs share: loading a model and its tokenizer, and the method options.
 
 * `load_model(path, dtype)` -> ``(family, config, params)`` from a converted directory
   (``converted.json``, written by ``python -m converters``) or a Hugging Face directory
   (``config.json`` + weights, converted in memory on the fly).
-* `load_tokenizer_from(path)`: the tokenizer stored in that directory.
+* `load_tokenizer_from(path)`: the tokenizer stored in that directory; `add_tokenizer_arg` /
+  `open_tokenizer`: ``--tokenizer DIR``, another directory's.
 * `add_mesh_args(parser, default)` / `sharding_plan(args, default)`: ``--mesh`` / ``--fsdp``, the
   `lminf_jax.sharding.ShardingPlan` a model and its params are spread over devices by.
-* `add_attention_args(parser)` / `spec_from_args(args, config)`: one set of command-line
-  options for the attention method, turned into an `AttentionSpec`::
+* The method options, the same in every command that chooses a method::
 
-      --method lm_infinite|vanilla|lambda_mask|distance_limit|sliding_window|streaming_llm|self_extend|leaky_rerope
+      --method M  (one method: generate, stream_nll)  |  --methods M [M ...]  (a comparison)
       -G/--global-branch  -L/--local-branch  -D/--limit-distance  --group-size  --leak
-      --top-k-middle K  --top-k-insert-at N  --top-k-from-layer H  --rope-scaling FREQ@FACTOR
+      --top-k-middle K  --top-k-insert-at N  --top-k-from-layer H  --top-k-to-layer H
 
-  The options are the methods' own (`lminf_jax.spec.METHODS`, each class's ``OPTIONS``, with their
-  defaults in its ``from_options``): ``lm_infinite`` by default, L from the model's pretraining length
-  (`pretraining_length`); top-k middle tokens off, when on inserted at distance L/2 (the paper's) from
-  layer 4. An option the chosen method does not take is an error.
+  A method is written ``MASK[@cover][+FREQ[@FACTOR]]`` (`MethodChoice`). `add_attention_args` /
+  `spec_from_args` + `frequencies_from_args` register and read one method; `add_methods_arg` a
+  comparison, whose commands build each method with `method_spec`. The parameters are the methods' own
+  (`lminf_jax.spec.METHODS`, each class's ``OPTIONS``, with their defaults in its ``from_options``):
+  ``lm_infinite`` by default, L from the model's pretraining length (`pretraining_length`); top-k
+  middle tokens (`add_top_k_args`, `top_k_from_args`) off unless asked for, inserted at distance L/2
+  (the paper's) from `TopK`'s first layer. An option the chosen method does not take is an error.
+
+Nothing here imports jax before it is used: a command parses its arguments (and shows ``--help``)
+without it.
 """
 
 from __future__ import annotations
@@ -27,20 +33,17 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
+from lminf_jax.converters.json_object import read_json_object
+from lminf_jax.experiments.options import input_path, int_option, parse_checked
+from lminf_jax.rope import FREQUENCY_METHODS, RopeScaling, frequency_method
+from lminf_jax.spec import KINDS, METHODS, PARAMETERS, AttentionSpec, TopK
 
-from lminf_jax.converters.reader import read_json_object
-from lminf_jax.experiments.options import int_option, parse_checked
-from lminf_jax import FREQUENCY_METHODS, AttentionSpec, RopeScaling, TopK, frequency_method
-from lminf_jax.spec import KINDS, METHODS, PARAMETERS
-
-#: ``--dtype`` names, as in ``python -m converters``.
-DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
+#: ``--dtype`` names (as in ``python -m converters``) and the dtypes they stand for.
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 CONVERTED_FILE = "converted.json"
 HF_CONFIG_FILE = "config.json"
@@ -48,7 +51,10 @@ HF_CONFIG_FILE = "config.json"
 
 #: The paper's short flags; every other method parameter is ``--its-name``.
 _SHORT_FLAGS = {"global_branch": "-G", "local_branch": "-L", "limit_distance": "-D"}
-_TOP_K_FLAGS = {"top_k_insert_at": "--top-k-insert-at", "top_k_from_layer": "--top-k-from-layer"}
+#: The top-k middle-token options (``--top-k-middle`` and the like) and the smallest value of each.
+TOP_K_OPTIONS = {"top_k_middle": 1, "top_k_insert_at": 0, "top_k_from_layer": 0, "top_k_to_layer": 1}
+#: The tokenizer files a model directory (or ``--tokenizer DIR``) holds, one of them.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
 def _flags(parameter: str) -> list[str]:
@@ -59,8 +65,10 @@ def _flags(parameter: str) -> list[str]:
 # ----- models -----------------------------------------------------------------------------------
 
 
-def resolve_dtype(dtype: Any) -> jnp.dtype | None:
-    """None, a ``--dtype`` name (bf16 / fp16 / fp32) or anything `jnp.dtype` accepts."""
+def resolve_dtype(dtype: Any):
+    """None, a ``--dtype`` name (bf16 / fp16 / fp32) or anything `jnp.dtype` accepts, as a `jnp.dtype`."""
+    import jax.numpy as jnp
+
     if dtype is None:
         return None
     if isinstance(dtype, str) and dtype in DTYPES:
@@ -162,6 +170,8 @@ def add_mesh_args(parser: argparse.ArgumentParser, default: str) -> None:
 def sharding_plan(args: argparse.Namespace, default: str):
     """The `ShardingPlan` of ``--mesh`` (``default`` without it), or None on one device with no
     ``--mesh`` and no ``--fsdp``; prints the mesh."""
+    import jax
+
     from lminf_jax.sharding import ShardingPlan, parse_mesh
 
     if args.mesh is None and not args.fsdp and jax.device_count() == 1:
@@ -173,6 +183,7 @@ def sharding_plan(args: argparse.Namespace, default: str):
 
 def nonfinite_params(params) -> dict[str, int]:
     """``{flat parameter name: count}`` of the floating parameters holding NaN or infinite values."""
+    import jax.numpy as jnp
     from flax import traverse_util
 
     flat = traverse_util.flatten_dict(params, sep=".") if isinstance(params, dict) else {"params": params}
@@ -181,9 +192,12 @@ def nonfinite_params(params) -> dict[str, int]:
     return {name: n for name, n in counts.items() if n}
 
 
-def params_dtype(params) -> jnp.dtype:
-    """The floating dtype holding most parameters (float32 when there are none)."""
-    counts: dict[jnp.dtype, int] = {}
+def params_dtype(params):
+    """The floating dtype (a `jnp.dtype`) holding most parameters (float32 when there are none)."""
+    import jax
+    import jax.numpy as jnp
+
+    counts: dict = {}
     for leaf in jax.tree.leaves(params):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             counts[jnp.dtype(leaf.dtype)] = counts.get(jnp.dtype(leaf.dtype), 0) + leaf.size
@@ -208,9 +222,7 @@ def load_tokenizer_from(path: str | os.PathLike):
     try:
         tokenizer = load_tokenizer(root)
     except FileNotFoundError:
-        raise ValueError(
-            f"no tokenizer in {root}: expected tokenizer.model or tokenizer.json (a directory converted by an "
-            "older `python -m converters` lacks them: copy them from the Hugging Face directory)") from None
+        raise NoTokenizer(f"{root} has no tokenizer files ({' / '.join(TOKENIZER_FILES)})") from None
     if isinstance(tokenizer, HFTokenizer) and (root / CONVERTED_FILE).is_file():
         config = hf_config(root)
         for kind in ("bos", "eos"):
@@ -219,6 +231,31 @@ def load_tokenizer_from(path: str | os.PathLike):
             if getattr(tokenizer, f"{kind}_id") is None and usable:
                 setattr(tokenizer, f"{kind}_id", token_id)
     return tokenizer
+
+
+class NoTokenizer(ValueError):
+    """A directory that holds none of the `TOKENIZER_FILES`."""
+
+
+def add_tokenizer_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Register ``--tokenizer DIR``: the tokenizer of another directory than the model's."""
+    parser.add_argument("--tokenizer", type=input_path, metavar="DIR",
+                        help=f"read the tokenizer ({' or '.join(TOKENIZER_FILES)}) from DIR (default: the model "
+                             "directory)")
+
+
+def open_tokenizer(model_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+                   option: str = "--tokenizer DIR", alternative: str | None = None):
+    """The tokenizer of `tokenizer_dir`, else of `model_dir`. When the model directory holds none, the
+    ValueError says so and what to do: give `option` (how the command takes a tokenizer directory), or
+    the command's `alternative` (e.g. ``"score token ids with --tokens F.npy"``)."""
+    try:
+        return load_tokenizer_from(model_dir if tokenizer_dir is None else tokenizer_dir)
+    except NoTokenizer as e:
+        if tokenizer_dir is not None:
+            raise NoTokenizer(f"tokenizer directory {e}") from None
+        also = f", or {alternative}" if alternative else ""
+        raise NoTokenizer(f"model directory {e}: give {option}, a directory with the model's tokenizer{also}") from None
 
 
 # ----- attention options ------------------------------------------------------------------------
@@ -248,36 +285,151 @@ def method_options(args: argparse.Namespace) -> dict[str, int | None]:
     return {parameter: getattr(args, parameter, None) for parameter in PARAMETERS}
 
 
+def _grammar(several: bool) -> str:
+    """How a method is written (`MethodChoice`), for ``--method`` (one decoding method, whose lengths are
+    not known in advance) or ``--methods`` (a comparison at known lengths)."""
+    masks, frequencies = ", ".join(KINDS), ", ".join(FREQUENCY_METHODS)
+    if not several:
+        return (f"MASK[+FREQ@FACTOR]: a mask method ({masks}), optionally with a RoPE frequency method "
+                f"({frequencies}) at an extension factor (target length / L_train; dynamic_ntk's may be left "
+                "out), e.g. lm_infinite+yarn@4")
+    stretched = ", ".join(name for name, method in METHODS.items() if method.STRETCH)
+    return (f"each MASK[@{COVER}][+FREQ[@FACTOR]]: a mask method ({masks}; @{COVER}: the parameter of {stretched} "
+            f"chosen per length), with or without a RoPE frequency method ({frequencies}) at an extension factor "
+            "(without @: the one each length needs, length / L_train), e.g. yarn, pi@32, self_extend@cover")
+
+
+def method_type(*names: str) -> Callable[[str], str]:
+    """An argparse type: a method of `MethodChoice`'s grammar, or one of a command's own `names`,
+    returned as written; anything else is refused while parsing, naming the part that is wrong."""
+
+    def parse(text: str) -> str:
+        if text not in names:
+            try:
+                MethodChoice.parse(text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    return parse
+
+
 def add_attention_args(parser: argparse.ArgumentParser) -> None:
-    """Register the attention options (see the module docstring) on `parser`."""
+    """Register one attention method (``--method``, the method parameters and top-k middle tokens) on
+    `parser`; `spec_from_args` and `frequencies_from_args` read them."""
     group = parser.add_argument_group("attention method")
-    group.add_argument("--method", choices=KINDS, default="lm_infinite",
-                       help="attention method (default: lm_infinite)")
+    group.add_argument("--method", type=method_type(), default="lm_infinite", metavar="METHOD",
+                       help=f"the attention method, {_grammar(several=False)}")
     add_method_options(group)
-    group.add_argument("--top-k-middle", type=int_option(1), metavar="K",
-                       help="also attend the K best hidden middle tokens from the last query (default: off)")
-    group.add_argument("--top-k-insert-at", type=int_option(0), metavar="N",
-                       help="distance the top-k middle tokens are scored at (default: L / 2)")
-    group.add_argument("--top-k-from-layer", type=int_option(0), metavar="H",
-                       help="first layer using top-k middle tokens (default: 4)")
-    group.add_argument("--rope-scaling", metavar="FREQ@FACTOR",
-                       help=f"also rescale RoPE with a frequency method, one of {', '.join(FREQUENCY_METHODS)}, at an "
-                            "extension factor (target length / L_train; dynamic_ntk: its factor s), e.g. yarn@4 "
-                            "(default: the checkpoint's own RoPE)")
+    add_top_k_args(group)
+
+
+def add_methods_arg(parser: argparse.ArgumentParser, default: Sequence[str] | None,
+                    names: dict[str, str] | None = None, unset: str | None = None) -> argparse._ArgumentGroup:
+    """Register ``--methods`` (`default`: the methods compared without it; None: what `unset` says)
+    with the command's own method `names` (and what each is) beside the grammar, and the method
+    parameters, each applied to the methods that take it; returns their group."""
+    names = names or {}
+    group = parser.add_argument_group("methods (each parameter applies to the methods that take it)")
+    own = "".join(f"; or {name}: {what}" for name, what in names.items())
+    group.add_argument("--methods", nargs="+", type=method_type(*names), metavar="METHOD",
+                       default=None if default is None else list(default),
+                       help=f"the methods compared, {_grammar(several=True)}{own}"
+                            + ("" if default is not None else f" (default: {unset})"))
+    add_method_options(group)
+    return group
+
+
+def checked_methods(names: list[str], everything: str | None = "all") -> list[str]:
+    """``--methods`` as given, after refusing a method listed twice (under any spelling, e.g. ``yarn@4``
+    and ``vanilla+yarn@4.0``) and `everything` (the command's name for all its methods, if it has one)
+    beside others."""
+    if everything in names and len(names) > 1:
+        raise ValueError(f"--methods: {everything} stands alone, got {' '.join(names)}")
+
+    def canonical(name: str) -> str:
+        try:
+            return MethodChoice.parse(name).name
+        except ValueError:  # a command's own name
+            return name
+
+    if len({canonical(name) for name in names}) != len(names):
+        raise ValueError(f"--methods: a method is listed twice: {names}")
+    return names
+
+
+#: `TopK`'s declared defaults (its first and last layer are those of the --top-k-* options).
+TOP_K_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TopK)}
+
+
+def add_top_k_args(group: argparse.ArgumentParser | argparse._ArgumentGroup, k: str = "off") -> None:
+    """Register the top-k middle-token options (`top_k_from_args` reads them); `k`: what happens
+    without ``--top-k-middle`` in this command."""
+    group.add_argument("--top-k-middle", type=int_option(TOP_K_OPTIONS["top_k_middle"]), metavar="K",
+                       help=f"the last query of each model call also attends the K best middle tokens its mask "
+                            f"hides (default: {k})")
+    group.add_argument("--top-k-insert-at", type=int_option(TOP_K_OPTIONS["top_k_insert_at"]), metavar="N",
+                       help="the distance the top-k middle tokens are scored at (default: L / 2)")
+    group.add_argument("--top-k-from-layer", type=int_option(TOP_K_OPTIONS["top_k_from_layer"]), metavar="H",
+                       help=f"the first layer using top-k middle tokens (default: {TOP_K_DEFAULTS['from_layer']}, as the "
+                            "official runs; the last layer of a model with fewer layers)")
+    group.add_argument("--top-k-to-layer", type=int_option(TOP_K_OPTIONS["top_k_to_layer"]), metavar="H",
+                       help="the layers before H use top-k middle tokens (default: to the last layer)")
+
+
+def top_k_from_args(args: argparse.Namespace, window: int | None, layers: int | None,
+                    k: int | None = None) -> TopK | None:
+    """The `TopK` of the --top-k-* options: ``--top-k-middle`` tokens (else `k`, for a method that
+    uses them by name) scored at ``--top-k-insert-at`` (else ``window // 2``, the paper's L/2), in the
+    layers ``--top-k-from-layer`` (else `TopK`'s, or the last of a model of fewer ``layers``) up to
+    ``--top-k-to-layer``. None when there are no middle tokens; then any other --top-k-* option is a
+    ValueError."""
+    k = k if args.top_k_middle is None else args.top_k_middle
+    if k is None:
+        for name in TOP_K_OPTIONS:
+            if getattr(args, name, None) is not None:
+                raise ValueError(f"{'/'.join(_flags(name))} needs --top-k-middle")
+        return None
+    return TopK(k=k, insert_distance=window // 2 if args.top_k_insert_at is None else args.top_k_insert_at,
+                from_layer=_default_from_layer(layers) if args.top_k_from_layer is None else args.top_k_from_layer,
+                to_layer=TOP_K_DEFAULTS["to_layer"] if args.top_k_to_layer is None else args.top_k_to_layer)
+
+
+def _default_from_layer(layers: int | None) -> int:
+    """`TopK`'s first layer, or the last layer of a model with fewer (None: the layer count is unknown)."""
+    declared = TOP_K_DEFAULTS["from_layer"]
+    return declared if layers is None else min(declared, layers - 1)
+
+
+def fixed_method(text: str, option: str = "--method ", parameter: Callable[[str], str] | None = None) -> MethodChoice:
+    """The method `text` of a command whose lengths are not known in advance (decoding, lm-eval's
+    requests): a fixed extension factor (``dynamic_ntk``'s may be left out: its base follows the length)
+    and no ``@cover``. The ValueError names `option` (how the command takes the method) and
+    ``parameter(name)`` (how it takes a method parameter; default: its flag)."""
+    parameter = parameter or (lambda name: "/".join(_flags(name)))
+    try:
+        choice = MethodChoice.parse(text)
+    except ValueError as e:
+        raise ValueError(f"{option}{text}: {e}") from None
+    if choice.cover:
+        stretch = parameter(METHODS[choice.mask].STRETCH)
+        raise ValueError(f"{option}{text}: @{COVER} chooses {stretch} per length, and the lengths here are not known "
+                         f"in advance: give {stretch} instead")
+    if choice.frequency not in (None, "dynamic_ntk") and choice.factor is None:
+        raise ValueError(f"{option}{text}: give the extension factor, e.g. {choice.name}@4 (the lengths here are "
+                         "not known in advance)")
+    return choice
 
 
 def spec_from_args(args: argparse.Namespace, config=None) -> AttentionSpec:
-    """The `AttentionSpec` the attention options ask for; ``config`` (a family config or HF
-    config dict) supplies the pretraining length defaults come from. A ValueError names an option
-    that does not apply."""
-    method = METHODS[args.method]
+    """The `AttentionSpec` of ``--method``'s mask, the method parameters and the top-k options;
+    ``config`` (a family config or HF config dict) supplies the pretraining length defaults come from.
+    A ValueError names an option that does not apply."""
+    name = fixed_method(args.method).mask
+    method = METHODS[name]
     for parameter, value in method_options(args).items():
         if value is not None and parameter not in method.OPTIONS:
             raise ValueError(f"{'/'.join(_flags(parameter))} is not used by --method {args.method}")
-    if args.top_k_middle is None:
-        for name, flag in _TOP_K_FLAGS.items():
-            if getattr(args, name) is not None:
-                raise ValueError(f"{flag} needs --top-k-middle")
 
     def default_length(parameter: str) -> int:
         if config is None:
@@ -286,43 +438,28 @@ def spec_from_args(args: argparse.Namespace, config=None) -> AttentionSpec:
         return pretraining_length(config)
 
     spec = method.from_options(default_length, **{p: getattr(args, p) for p in method.OPTIONS})
-    if args.top_k_middle is not None:
-        if not spec.hides_middle:
-            raise ValueError(f"--top-k-middle needs a mask that hides middle tokens; --method {args.method} hides none")
-        insert_at = args.top_k_insert_at if args.top_k_insert_at is not None else spec.window // 2  # the paper's L/2
-        spec = dataclasses.replace(spec, top_k=TopK(
-            k=args.top_k_middle, insert_distance=insert_at,
-            from_layer=4 if args.top_k_from_layer is None else args.top_k_from_layer))
-    return spec
+    if args.top_k_middle is not None and not spec.hides_middle:
+        raise ValueError(f"--top-k-middle needs a mask that hides middle tokens; --method {args.method} hides none")
+    top_k = top_k_from_args(args, spec.window, getattr(config, "num_layers", None))
+    return spec if top_k is None else dataclasses.replace(spec, top_k=top_k)
 
 
 def frequencies_from_args(args: argparse.Namespace, config) -> RopeScaling | None:
-    """The `RopeScaling` of ``--rope-scaling FREQ@FACTOR`` (None when not given) for a model whose
+    """The `RopeScaling` of ``--method``'s frequency method (None without one) for a model whose
     ``config`` gives L_train."""
-    text = getattr(args, "rope_scaling", None)
-    if text is None:
-        return None
-    try:
-        choice = MethodChoice.parse(text)
-    except ValueError as e:
-        raise ValueError(f"--rope-scaling: {e}") from None
-    if choice.frequency is None or choice.mask != "vanilla" or "+" in text:
-        raise ValueError(f"--rope-scaling takes FREQ@FACTOR (the mask is --method), got {text!r}")
-    if choice.factor is None:
-        raise ValueError(f"--rope-scaling {text}: give the extension factor, e.g. {choice.frequency}@4 (the length "
-                         "a decoding run reaches is not known in advance)")
-    return choice.frequencies(0, pretraining_length(config))
+    return fixed_method(args.method).frequencies(0, pretraining_length(config))
 
 
 def method_spec(method: str, config=None, **options: int | None) -> AttentionSpec:
-    """`spec_from_args` for one method, taking only the ``options`` (method parameters, None: default)
-    that method uses: an experiment comparing several methods applies each option wherever it applies."""
+    """`spec_from_args` for one mask method, taking only the ``options`` (method parameters, None:
+    default) that method uses: an experiment comparing several methods applies each option wherever
+    it applies."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(KINDS)}")
     unknown = sorted(set(options) - set(PARAMETERS))
     if unknown:
         raise ValueError(f"unknown method parameter {unknown[0]!r}; known: {', '.join(PARAMETERS)}")
-    args = argparse.Namespace(method=method, top_k_middle=None, top_k_insert_at=None, top_k_from_layer=None,
+    args = argparse.Namespace(method=method, **dict.fromkeys(TOP_K_OPTIONS),
                               **{p: (options.get(p) if p in METHODS[method].OPTIONS else None) for p in PARAMETERS})
     return spec_from_args(args, config)
 

@@ -10,8 +10,6 @@ import os
 import platform
 from pathlib import Path
 
-import jax
-
 CPUINFO = Path("/proc/cpuinfo")
 #: Vector extensions worth naming, widest first.
 VECTOR_FLAGS = ("amx_tile", "avx512f", "avx2", "asimd", "neon")
@@ -59,6 +57,8 @@ def peak_rss_bytes() -> int:
 
 def machine() -> dict:
     """The first JAX device, the host name, its CPU count and model, and the jax version."""
+    import jax
+
     device = jax.devices()[0]
     return {"device": f"{device.platform} {device.device_kind}", "host": platform.node(), "cpus": os.cpu_count(),
             "cpu": cpu_model(), "jax": jax.__version__}

@@ -18,6 +18,11 @@ value that would fail there, or silently wrap:
 
 Writability is probed by creating (and removing) a temporary file in the nearest existing
 folder: permission bits say nothing for root or on a read-only file system.
+
+What every command's parser shares (`command_parser`, `add_output_args`): ``--help`` shows each
+option's default (`DefaultsHelpFormatter`); ``--out`` is the result (a JSON file, or a folder for
+commands that write several), and a plot is ``--plot`` (default: the result's path with ``.png``,
+filled in by `parse_checked` so that it is checked like any output) unless ``--no-plot``.
 """
 
 from __future__ import annotations
@@ -84,10 +89,13 @@ def _check_creatable(folder: Path) -> None:
 
 def plot_file(text: str) -> str:
     """An argparse type: a writable file path (`output_file`) whose extension names a format
-    matplotlib saves (``FigureCanvasBase.get_supported_filetypes()``: png, pdf, svg, ...)."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
+    matplotlib saves (``FigureCanvasBase.get_supported_filetypes()``: png, pdf, svg, ...); without
+    matplotlib, where no plot is drawn (the command says so), only the path is checked."""
     output_file(text)
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return text
     formats = FigureCanvasBase.get_supported_filetypes()
     extension = Path(text).suffix[1:].lower()
     if extension not in formats:
@@ -131,11 +139,67 @@ def parsed_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> t
 
 
 def parse_checked(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """``parser.parse_args(argv)``, then `check_outputs_apart` on its marked paths: a conflict is
-    an argparse error (usage, ``error: ...``, exit code 2) before any work."""
+    """``parser.parse_args(argv)``, the plot's path derived (`derive_plot`), then `check_outputs_apart`
+    on its marked paths: a conflict is an argparse error (usage, ``error: ...``, exit code 2) before
+    any work."""
     args = parser.parse_args(argv)
     try:
+        derive_plot(args)
         check_outputs_apart(*parsed_paths(parser, args))
     except ValueError as e:
         parser.error(str(e))
     return args
+
+
+# ----- what every command's parser shares -------------------------------------------------------
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that shows every option's default: appended as ``(default: X)`` unless the help says it
+    already (an option whose default is None, e.g. one taken from the model, says it in its help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        value = action.default
+        if "default" in text or action.required or value is None or value is False or value == argparse.SUPPRESS:
+            return text
+        shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def command_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m experiments.NAME``: its description is `doc`'s first paragraph, its
+    help shows every default."""
+    return argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=doc.split("\n\n")[0],
+                                   formatter_class=DefaultsHelpFormatter)
+
+
+def add_output_args(parser: argparse.ArgumentParser, default: str | None, what: str, plot: str | None = None,
+                    folder: bool = False) -> None:
+    """``--out`` (`what` the command writes there: a file, or with ``folder`` a folder; a None `default`:
+    nothing is written without it) and, when the command draws `plot`, ``--no-plot`` and (the plot of a
+    file result) ``--plot``."""
+    parser.add_argument("--out", default=default, type=output_dir if folder else output_file,
+                        metavar="DIR" if folder else "JSON",
+                        help=what if default is not None else f"{what} (default: none written)")
+    if plot is None:
+        return
+    if not folder:
+        parser.add_argument("--plot", type=plot_file, metavar="PNG",
+                            help=f"{plot}; the format from the extension: png, pdf, svg, ... (default: --out "
+                                 "with .png)")
+    parser.add_argument("--no-plot", action="store_true", help=f"do not draw the {plot}")
+
+
+def derive_plot(args: argparse.Namespace) -> None:
+    """Fill in ``--plot`` when it was not given (and not ``--no-plot``): the result's path with ``.png``
+    (``--from-json``'s when a command redraws a saved result, else ``--out``'s), so that runs with
+    different results never draw over each other's plot. A ValueError when the plot would be the
+    result file itself."""
+    result = getattr(args, "from_json", None) or getattr(args, "out", None)
+    if "plot" not in vars(args) or getattr(args, "no_plot", False) or result is None:
+        return
+    if args.plot is None:
+        args.plot = str(Path(result).with_suffix(".png"))
+    if Path(args.plot).resolve() == Path(result).resolve():
+        raise ValueError(f"--plot {args.plot} is the result file {result}: give another --plot or --out")

@@ -1,9 +1,10 @@
 """Passkey retrieval (the paper's downstream test): data at any length and depth, and evaluation.
 
-    python -m experiments.passkey [MODEL_DIR] [--multiples 1 2 4 8 16] [--depths 0 0.25 0.5 0.75 1]
-        [--samples 4] [--methods vanilla truncation lm_infinite lm_infinite_top_k] [-G 10]
-        [--top-k 5] [--top-k-from-layer H] [--top-k-to-layer H2] [--top-k-insert-at N] [--seed 0]
-        [--out results/passkey.json] [--plot results/passkey.png]
+    python -m experiments.passkey [MODEL_DIR] [--tokenizer DIR] [--multiples 1 2 4 8 16]
+        [--depths 0 0.25 0.5 0.75 1] [--samples 4] [--methods vanilla truncation lm_infinite lm_infinite_top_k]
+        [-G G] [-L L] [-D D] [--group-size g] [--leak k] [--top-k-middle 5] [--top-k-from-layer 4]
+        [--top-k-to-layer H] [--top-k-insert-at N] [--seed 0] [--out results/passkey.json]
+        [--plot PNG (default: --out with .png) | --no-plot]
 
 A prompt of n tokens is BOS, `INTRO`, the filler sentences `FILLER` repeated, the key sentence
 `KEY` ("The pass key is NNNNN. Remember it. NNNNN is the pass key.") inserted at a depth in [0, 1]
@@ -13,23 +14,24 @@ greedily; the answer is the first run of digits in the continuation.
 
 Methods: ``vanilla`` (full cache), ``truncation`` (BOS + the last L_train - 1 - new-tokens prompt
 tokens, vanilla), ``lm_infinite`` (Λ-cache, G sinks, L = D = L_train), ``lm_infinite_top_k``
-(LM-Infinite plus the top-k middle tokens for the last query of each call in layers
-``--top-k-from-layer`` <= layer < ``--top-k-to-layer``, scored at ``--top-k-insert-at``; full cache;
-the paper: k = 5, layers >= 4,
-distance L/2); and every method of `experiments.perplexity`'s grammar ``[MASK+]FREQ[@FACTOR]``
-(`experiments.loading.MethodChoice`, their own defaults, -G for those with sinks; a frequency
-method without ``@`` at the factor each length needs, n / L_train; ``dynamic_ntk`` follows the
-length by itself; ``self_extend@cover`` / ``leaky_rerope@cover``: the group size / leak each length
-needs). ``all``: `ALL_METHODS`.
+(LM-Infinite plus ``--top-k-middle`` middle tokens, default 5, for the last query of each call in
+layers ``--top-k-from-layer`` <= layer < ``--top-k-to-layer``, scored at ``--top-k-insert-at``;
+full cache; the paper: k = 5, layers >= 4, distance L/2, the defaults); and every method of the
+grammar ``MASK[@cover][+FREQ[@FACTOR]]`` (`experiments.loading.MethodChoice`; a frequency method
+without ``@`` at the factor each length needs, n / L_train; ``dynamic_ntk`` follows the length by
+itself; ``self_extend@cover`` / ``leaky_rerope@cover``: the group size / leak each length needs).
+``all``: `ALL_METHODS`. The method parameters (-G, -L, -D, --group-size, --leak) apply to every
+method that takes them, with the methods' own defaults otherwise (G = 10, streaming_llm's 4).
 
+The prompts are tokenized with the model directory's tokenizer (``--tokenizer DIR``: another's).
 A small model does not follow the instruction unless taught: `training_windows` makes
 fine-tuning windows (a passkey prompt of at most L_train tokens plus its answer, then corpus
 text), used by ``python -m experiments.train --init MODEL_DIR --passkey-fraction F``. MODEL_DIR
 defaults to `SHIPPED_PASSKEY_MODEL`, the shipped LLaMA-style model fine-tuned that way (its model
 card and training log are beside it).
 
-Output: accuracy per method, length and depth (a table on stdout), JSON with every answer, and a
-PNG heat map per method (length x depth).
+Output: accuracy per method, length and depth (a table on stdout), ``--out`` JSON with every
+answer, and a heat map per method (length x depth) at ``--plot`` (default: ``--out`` with ``.png``).
 """
 
 from __future__ import annotations
@@ -41,18 +43,20 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lminf_jax.experiments.loading import (
-    MethodChoice, load_config, load_model, load_tokenizer_from, method_spec, params_dtype, pretraining_length, run_cli,
-    save_result,
+    TOP_K_DEFAULTS, MethodChoice, add_methods_arg, add_tokenizer_arg, add_top_k_args, checked_methods, load_config,
+    load_model, method_options, method_spec, open_tokenizer, params_dtype, pretraining_length, run_cli, save_result,
+    top_k_from_args,
 )
-from lminf_jax.experiments.options import input_path, int_option, output_file, plot_file
-from lminf_jax import AttentionSpec, TopK
-from lminf_jax.cache import NARROWEST_DTYPE, check_cache_fits, host_memory, needs_full_cache
-from lminf_jax.decoding import check_positions, generate
-from lminf_jax.models.common import AttentionCall
+from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option
+from lminf_jax.spec import AttentionSpec
+
+if TYPE_CHECKING:
+    from lminf_jax.models.common import AttentionCall
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
@@ -153,77 +157,64 @@ def filled_window(head: list[int], stream: np.ndarray, seq_len: int, rng: np.ran
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.passkey", description=__doc__.split("\n\n")[0])
+    p = command_parser("passkey", __doc__)
     p.add_argument("model_dir", nargs="?", default=str(SHIPPED_PASSKEY_MODEL), type=input_path,
                    help="converted or Hugging Face model directory fine-tuned on passkeys (default: the shipped one)")
+    add_tokenizer_arg(p)
     p.add_argument("--multiples", type=int_option(1), nargs="+", default=[1, 2, 4, 8, 16], metavar="M",
-                   help="prompt lengths as multiples of L_train (default 1 2 4 8 16)")
-    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="F")
-    p.add_argument("--samples", type=int_option(1), default=4, help="prompts per length and depth (default 4)")
+                   help="prompt lengths as multiples of L_train")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="F",
+                   help="depths of the key in the filler, in [0, 1]")
+    p.add_argument("--samples", type=int_option(1), default=4, metavar="N", help="prompts per length and depth")
     add_method_args(p)
-    p.add_argument("--seed", type=int_option(0), default=0)
-    p.add_argument("--out", default="results/passkey.json", type=output_file, metavar="JSON")
-    p.add_argument("--plot", default="results/passkey.png", type=plot_file, metavar="PNG")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--seed", type=int_option(0), default=0, metavar="S", help="seed of the random keys")
+    add_output_args(p, "results/passkey.json", "the result (JSON: every answer)",
+                    plot="heat maps of accuracy by length and depth")
     return p
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
-    """``--methods``, ``-G`` and the ``--top-k*`` options: the methods of this evaluation and of
-    `experiments.ruler`, which evaluates the same ones."""
-    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
-                   help=f"{', '.join(METHODS)}, any [MASK+]FREQ[@FACTOR] of experiments.perplexity, or 'all' "
-                        f"(default: {' '.join(METHODS)})")
-    p.add_argument("-G", "--global-branch", type=int_option(0), default=10, metavar="G", help="sinks (default 10)")
-    p.add_argument("--top-k", type=int_option(1), default=5, metavar="K", help="middle tokens (default 5)")
-    p.add_argument("--top-k-from-layer", type=int_option(0), metavar="H", help="first layer with top-k (default: layer 1)")
-    p.add_argument("--top-k-to-layer", type=int_option(1), metavar="H2", help="layers < H2 only (default: to the last)")
-    p.add_argument("--top-k-insert-at", type=int_option(0), metavar="N", help="their distance (default L_train / 2)")
+    """``--methods``, the method parameters and the ``--top-k-*`` options: the methods of this
+    evaluation and of `experiments.ruler`, which evaluates the same ones."""
+    group = add_methods_arg(p, METHODS, {
+        "truncation": "vanilla on BOS + the prompt's last L_train - 1 - new tokens",
+        "lm_infinite_top_k": "lm_infinite plus the top-k middle tokens (--top-k-*)", "all": ", ".join(ALL_METHODS)})
+    add_top_k_args(group, k=f"{TOP_K_DEFAULTS['k']}, TopK's, for lm_infinite_top_k")
 
 
 def method_names(names: list[str]) -> list[str]:
-    """``--methods`` checked (a ValueError names a bad one) and ``all`` expanded."""
-    if names == ["all"]:
-        return list(ALL_METHODS)
-    if len(set(names)) != len(names):
-        raise ValueError(f"--methods: a method is listed twice: {names}")
-    for name in names:
-        if name not in METHODS:
-            try:
-                MethodChoice.parse(name)
-            except ValueError as e:
-                raise ValueError(f"--methods: {e}") from None
-    return names
+    """``--methods`` checked (`experiments.loading.checked_methods`) and ``all`` expanded."""
+    return list(ALL_METHODS) if checked_methods(names) == ["all"] else names
 
 
 def attention_call(name: str, spec: AttentionSpec, length: int, l_train: int) -> AttentionCall:
     """Method ``name`` (its mask method ``spec``) for prompts of ``length`` tokens: the mask's parameter
     chosen for the length with ``@cover``, the RoPE scaling of a frequency method (else the model's own)."""
+    from lminf_jax.models.common import AttentionCall
+
     if name in METHODS:
         return AttentionCall(spec)
     choice = MethodChoice.parse(name)
     return AttentionCall(choice.spec(spec, length, l_train), frequencies=choice.frequencies(length, l_train))
 
 
-def method_specs(config, name: str, args, l_train: int) -> tuple[AttentionSpec, AttentionSpec | None]:
-    """``(spec, prefill spec)`` of a method; the prefill spec (the same without top-k) only for
-    the top-k method, whose middle tokens join at the prompt's last token."""
-    if name in ("vanilla", "truncation"):
-        spec = method_spec("vanilla", config)
-    elif name in METHODS:
-        spec = method_spec("lm_infinite", config, global_branch=args.global_branch)
-    else:
-        spec = method_spec(MethodChoice.parse(name).mask, config, global_branch=args.global_branch)
+def method_specs(config, name: str, args) -> tuple[AttentionSpec, AttentionSpec | None]:
+    """``(spec, prefill spec)`` of a method, the method parameters applied where they apply; the prefill
+    spec (the same without top-k) only for the top-k method, whose middle tokens join at the prompt's
+    last token."""
+    mask = "vanilla" if name in ("vanilla", "truncation") else "lm_infinite" if name in METHODS else \
+        MethodChoice.parse(name).mask
+    spec = method_spec(mask, config, **method_options(args))
     if name != "lm_infinite_top_k":
         return spec, None
-    top_k = TopK(k=args.top_k, insert_distance=l_train // 2 if args.top_k_insert_at is None else args.top_k_insert_at,
-                 from_layer=1 if args.top_k_from_layer is None else args.top_k_from_layer,
-                 to_layer=args.top_k_to_layer)
-    return dataclasses.replace(spec, top_k=top_k), spec
+    return dataclasses.replace(spec, top_k=top_k_from_args(args, spec.window, config.num_layers, k=TOP_K_DEFAULTS["k"])), spec
 
 
 def evaluate_cell(model, prefill, params, prompts: list[Prompt], name: str, l_train: int, tokenizer) -> list[dict]:
     """Greedy answers of one method for prompts of one length."""
+    from lminf_jax.cache import needs_full_cache
+    from lminf_jax.decoding import generate
+
     ids = [list(p.tokens) for p in prompts]
     if name == "truncation":
         keep = l_train - 1 - NEW_TOKENS
@@ -245,6 +236,9 @@ def check_memory(family, config, specs: dict[str, tuple[AttentionSpec, Attention
     """Refuse, before any prompt is built or weight read, a longest length that cannot run: its prompts'
     token ids must fit in host memory, its positions in int32 and each method's cache (at least 16-bit,
     `lminf_jax.cache.check_cache_fits`) in memory; the ValueError names ``--multiples`` and the bytes."""
+    from lminf_jax.cache import NARROWEST_DTYPE, check_cache_fits, host_memory
+    from lminf_jax.decoding import check_positions
+
     n = max(lengths)
     cause = f"--multiples {n // l_train} (prompts of {n:,} tokens)"
     needed, memory = batch * (HELD_TOKEN_BYTES * sum(set(lengths)) + BATCH_TOKEN_BYTES * n), host_memory()
@@ -271,13 +265,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     family, config = load_config(args.model_dir)
     l_train = pretraining_length(config)
-    tokenizer = load_tokenizer_from(args.model_dir)
+    tokenizer = open_tokenizer(args.model_dir, args.tokenizer)
     builder = PasskeyBuilder(tokenizer)
     lengths = [m * l_train for m in sorted(args.multiples)]
     if lengths[0] < builder.minimum_length:
         raise ValueError(f"prompts need at least {builder.minimum_length} tokens; L_train x "
                          f"{min(args.multiples)} = {lengths[0]}")
-    specs = {name: method_specs(config, name, args, l_train) for name in method_names(args.methods)}
+    specs = {name: method_specs(config, name, args) for name in method_names(args.methods)}
     for name, (spec, _) in specs.items():  # a method that cannot apply to this model fails here
         for n in lengths:
             family.model(config, attention_call(name, spec, n, l_train))
@@ -304,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
         results[name] = {"attention": attention, "rope_scaling": scaling, "seconds": time.perf_counter() - t0,
                          "cells": cells}
     record = {"settings": {"model": str(args.model_dir), "family": family.name, "l_train": l_train,
+                           **({} if args.tokenizer is None else {"tokenizer": str(args.tokenizer)}),
                            "lengths": lengths, "depths": list(args.depths), "samples": args.samples,
                            "seed": args.seed, "new_tokens": NEW_TOKENS},
               "accuracy": {name: {n: accuracy_by_depth(res["cells"][n], args.depths) for n in res["cells"]}

@@ -1,10 +1,10 @@
 """Perplexity vs length: vanilla attention, LM-Infinite and its ablations on the same held-out text.
 
     python -m experiments.perplexity [MODEL_DIR] [--source stdlib|FOLDER|FILE.jsonl | --tokens F.npy
-        | --text FILE [FILE ...]] [--multiples 1 2 4 8 16 32] [--sequences N] [--methods M [M ...] | all]
-        [-G G] [-L L] [-D D] [--dtype bf16|fp16|fp32] [--batch-tokens N] [--block N]
-        [--out results/perplexity.json] [--plot results/perplexity.png | --no-plot] [--no-progress]
-        [--mesh AXES] [--fsdp]
+        | --text FILE [FILE ...]] [--tokenizer DIR] [--multiples 1 2 4 8 16 32] [--sequences N]
+        [--methods M [M ...] | all] [-G G] [-L L] [-D D] [--group-size g] [--leak k]
+        [--dtype bf16|fp16|fp32] [--batch-tokens N] [--block N] [--out results/perplexity.json]
+        [--plot PNG (default: --out with .png) | --no-plot] [--no-progress] [--mesh AXES] [--fsdp]
 
 With no arguments this is the project's main job: the LLaMA-style model this project trained and
 ships (`SHIPPED_MODEL`), on held-out standard-library text, vanilla vs LM-Infinite at
@@ -16,8 +16,9 @@ pretraining length L_train (``max_position_embeddings`` or its family's equivale
 Text (default ``--source stdlib``): the held-out documents of a corpus under
 `experiments.corpus`'s split rule (for ``stdlib``: the standard library of the running
 interpreter, 5% of files by path hash, none of which the shipped models trained on), encoded
-with the model's tokenizer, BOS + ids per document, concatenated in path order. ``--text``
-encodes the given files the same way; ``--tokens`` takes a 1-D integer ``.npy`` as it is.
+with the model's tokenizer (``--tokenizer DIR``: another directory's), BOS + ids per document,
+concatenated in path order. ``--text`` encodes the given files the same way; ``--tokens`` takes a
+1-D integer ``.npy`` as it is (no tokenizer needed).
 
 Design (`lminf_jax.evaluation`): ``--sequences`` S segments of ``T - 1`` tokens (T the longest
 length), evenly spaced over the text; at every length n each segment is cut into tiles of
@@ -51,9 +52,9 @@ error, perplexity (None when not finite: ``nan_scores`` counts the NaN token sco
 shows ``nan`` or ``inf``), per-segment perplexity, the attention method and RoPE scaling used, the farthest
 distance a query scores a key at, keys attended per query (the mask's, mean over the scored queries) and the bytes of the KV cache a decoder holds at that length, in total
 and per token; per method: NLL by position and prefix perplexity; time; with NaN scores,
-``settings.nan_origin``: the weights' tensors that hold NaN or infinite values, or the forward pass) and ``--plot`` PNG (log-scale
-perplexity vs length, one line per method, the spread across segments shaded, next to NLL vs
-position). Completed work survives an interrupted run: the scores of each batch are saved as
+``settings.nan_origin``: the weights' tensors that hold NaN or infinite values, or the forward pass) and ``--plot``
+(default: ``--out`` with ``.png``; log-scale perplexity vs length, one line per method, the spread across segments
+shaded, next to NLL vs position). Completed work survives an interrupted run: the scores of each batch are saved as
 they are computed in ``OUT.parts/KEY/NAME.SHA.npy``, KEY a hash of the model (its params'
 `lminf_jax.fingerprint.tree_fingerprint`, config, dtypes), the text and the settings, SHA the
 start of the sha256 of the file's bytes. A rerun with the same settings reuses the parts whose
@@ -74,20 +75,20 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lminf_jax.experiments.loading import (
-    DTYPES, KINDS, MethodChoice, add_mesh_args, add_method_options, hf_config, load_config, load_model, method_options,
-    method_spec, model_kind, nonfinite_params, params_dtype, pretraining_length, resolve_dtype, run_cli, sharding_plan,
-    spec_settings,
+    DTYPES, KINDS, MethodChoice, add_mesh_args, add_methods_arg, checked_methods, hf_config, load_config, load_model,
+    method_options, method_spec, model_kind, nonfinite_params, params_dtype, pretraining_length, resolve_dtype,
+    run_cli, sharding_plan, spec_settings,
 )
-from lminf_jax.experiments.options import input_path, int_option, output_file, plot_file
+from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option
 from lminf_jax.experiments.text import add_text_args, bos_id, check_ids, token_stream
-from lminf_jax import FREQUENCY_METHODS
-from lminf_jax.fingerprint import tree_fingerprint
-from lminf_jax.sharding import ShardingPlan
-from lminf_jax.streaming import finite_or_none
+
+if TYPE_CHECKING:
+    from lminf_jax.sharding import ShardingPlan
 
 #: The LLaMA-style model trained by this project (``experiments/train.py``), shipped in the repository.
 SHIPPED_MODEL = Path(__file__).resolve().parent / "shipped" / "llama-small-stdlib"
@@ -99,29 +100,25 @@ PARTS_FORMAT = "lminf_jax-perplexity-parts-v2"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.perplexity", description=__doc__.split("\n\n")[0])
+    p = command_parser("perplexity", __doc__)
     p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL), type=input_path,
                    help="converted or Hugging Face model directory (default: the shipped LLaMA-style model)")
     add_text_args(p)
     p.add_argument("--multiples", type=int_option(1), nargs="+", default=list(DEFAULT_MULTIPLES), metavar="M",
-                   help="lengths as multiples of L_train (default: 1 2 4 8 16 32)")
+                   help="lengths as multiples of L_train")
     p.add_argument("--sequences", type=int_option(1), default=DEFAULT_SEQUENCES, metavar="S",
-                   help=f"segments of the longest length, evenly spaced over the text (default {DEFAULT_SEQUENCES})")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
-                   help=f"any of {', '.join(KINDS)}, or [MASK+]FREQ[@FACTOR] with FREQ one of "
-                        f"{', '.join(FREQUENCY_METHODS)} (no @: the factor each length needs), or 'all' "
-                        f"(default: {' '.join(DEFAULT_METHODS)})")
-    add_method_options(p.add_argument_group("method options (applied to the methods that take them)"))
+                   help="segments of the longest length, evenly spaced over the text")
+    add_methods_arg(p, DEFAULT_METHODS, {"all": "every mask method, then (RoPE models) pi, ntk, yarn at the factor "
+                                                "each length needs and at the longest's, and dynamic_ntk"})
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the stored weights' dtype)")
     p.add_argument("--batch-tokens", type=int_option(1), default=16384, metavar="N",
-                   help="tokens per forward pass: N // length sequences, at least one (default 16384)")
-    p.add_argument("--block", type=int_option(1), default=512, metavar="N", help="blockwise attention block size (default 512)")
-    p.add_argument("--out", default="results/perplexity.json", type=output_file, metavar="JSON", help="result file")
-    p.add_argument("--plot", default="results/perplexity.png", type=plot_file, metavar="PNG", help="perplexity vs length plot")
-    p.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+                   help="tokens per forward pass: N // length sequences, at least one")
+    p.add_argument("--block", type=int_option(1), default=512, metavar="N", help="blockwise attention block size")
+    add_output_args(p, "results/perplexity.json", "the result (JSON)", plot="perplexity vs length plot")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
-    p.add_argument("--from-json", type=input_path, metavar="JSON", help="evaluate nothing: print the table of a saved result and "
-                   "draw it again at --plot")
+    p.add_argument("--from-json", type=input_path, metavar="JSON",
+                   help="evaluate nothing: print the table of this saved result and draw it again at --plot (default: "
+                        "this file's path with .png)")
     add_mesh_args(p, "seq=-1: every sequence split over all devices, context-parallel LM-Infinite")
     return p
 
@@ -340,16 +337,9 @@ def all_methods(longest_multiple: int, rope: bool) -> list[MethodChoice]:
 
 
 def _methods(names: list[str], longest_multiple: int, rope: bool) -> list[MethodChoice]:
-    if names == ["all"]:
+    if checked_methods(names) == ["all"]:
         return all_methods(longest_multiple, rope)
-    try:
-        choices = [MethodChoice.parse(name) for name in names]
-    except ValueError as e:
-        raise ValueError(f"--methods: {e}") from None
-    canonical = [c.name for c in choices]
-    if len(set(canonical)) != len(canonical):
-        raise ValueError(f"--methods: a method is listed twice: {names}")
-    return choices
+    return [MethodChoice.parse(name) for name in names]
 
 
 def method_settings(choice: MethodChoice, spec) -> dict:
@@ -393,8 +383,9 @@ def run(args: argparse.Namespace) -> int:
     if args.from_json is not None:
         return show_saved(args.from_json, None if args.no_plot else args.plot)
     from lminf_jax.evaluation import length_point, position_buckets, prefix_ppl, text_segments, tile_segments
+    from lminf_jax.fingerprint import tree_fingerprint
     from lminf_jax.progress import Progress
-    from lminf_jax.streaming import PositionBuckets
+    from lminf_jax.streaming import PositionBuckets, finite_or_none
     from lminf_jax import Rotary
     from lminf_jax.models.common import AttentionCall
 
@@ -418,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
 
     stream, source = token_stream(args)
     check_ids(stream, config.vocab_size)
-    bos = bos_id(args.model_dir)
+    bos = bos_id(args.model_dir, args.tokenizer)
     segments = text_segments(stream, args.sequences, lengths[-1] - (bos is not None))
     tiles = {n: tile_segments(segments, n, bos) for n in lengths}
 

@@ -38,13 +38,14 @@ sentences (RULER's: a whole 500-token instance).
 
 Evaluation (`main`)::
 
-    python -m experiments.ruler [MODEL_DIR] [--tasks T ...] [--lengths N ... | --multiples 4 8 16]
-        [--depths 0 0.25 0.5 0.75 1 | random] [--samples 2] [--seed 0] [--methods ... | all] [-G 10]
-        [--top-k 5] [--top-k-from-layer H] [--top-k-to-layer H2] [--top-k-insert-at N]
-        [--instances FILE.jsonl | --write-instances FILE.jsonl] [--batch 8]
-        [--out results/ruler.json] [--plot results/ruler.png | --no-plot]
+    python -m experiments.ruler [MODEL_DIR] [--tokenizer DIR] [--tasks T ...] [--lengths N ... | --multiples 4 8 16]
+        [--depths 0 0.25 0.5 0.75 1 | random] [--samples 2] [--seed 0] [--methods ... | all] [-G G] [-L L] [-D D]
+        [--group-size g] [--leak k] [--top-k-middle 5] [--top-k-from-layer 4] [--top-k-to-layer H]
+        [--top-k-insert-at N] [--instances FILE.jsonl | --write-instances FILE.jsonl] [--batch 8]
+        [--out results/ruler.json] [--plot PNG (default: --out with .png) | --no-plot]
 
-Instances are made with the model's tokenizer (or read from ``--instances``, whose grid they
+Instances are made with the model's tokenizer (``--tokenizer DIR``: another directory's), or read from
+``--instances``, whose grid they
 then define, every line checked against what `generate` makes) before the model loads, after a
 check that they fit in host memory, and every method continues the same ones: greedy, left-padded
 batches, ``max_new_tokens`` per task, stopping at EOS. Methods and their defaults are
@@ -84,12 +85,11 @@ from pathlib import Path
 import numpy as np
 
 from lminf_jax.experiments.loading import (
-    hf_config, load_config, load_model, load_tokenizer_from, params_dtype, pretraining_length, run_cli, save_result,
+    TOP_K_DEFAULTS, add_tokenizer_arg, hf_config, load_config, load_model, method_options, method_spec, open_tokenizer,
+    params_dtype, pretraining_length, run_cli, save_result, top_k_from_args,
 )
-from lminf_jax.experiments.options import input_path, int_option, output_file, plot_file
+from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option, output_file
 from lminf_jax.experiments.passkey import add_method_args, attention_call, filled_window, method_names, method_specs
-from lminf_jax.cache import host_memory
-from lminf_jax.fingerprint import tree_fingerprint
 
 VERSION = 1
 #: The shipped LLaMA-style model fine-tuned on the `TrainingMix` (``experiments/shipped/``).
@@ -737,14 +737,15 @@ def depth_label(depth: float | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.ruler",
-                                description="RULER's synthetic tasks: every method on the same instances.")
+    p = command_parser("ruler", "RULER's synthetic tasks: every method on the same instances.")
     p.add_argument("model_dir", nargs="?", default=str(SHIPPED_RULER_MODEL), type=input_path,
                    help="converted or Hugging Face model directory (default: the shipped model fine-tuned on RULER "
                         "instances)")
+    add_tokenizer_arg(p)
     p.add_argument("--tasks", nargs="+", choices=TASKS, metavar="TASK", help=f"of {', '.join(TASKS)} (default: all)")
     lengths = p.add_mutually_exclusive_group()
-    lengths.add_argument("--lengths", type=int_option(1), nargs="+", metavar="N", help="prompt lengths in tokens")
+    lengths.add_argument("--lengths", type=int_option(1), nargs="+", metavar="N",
+                         help="prompt lengths in tokens (default: those of --multiples)")
     lengths.add_argument("--multiples", type=int_option(1), nargs="+", metavar="M",
                          help=f"prompt lengths as multiples of L_train (default {' '.join(map(str, DEFAULT_MULTIPLES))})")
     p.add_argument("--depths", type=depth_option, nargs="+", metavar="F",
@@ -755,10 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--instances", type=input_path, metavar="JSONL", help="read the instances (write_jsonl's) instead of making them")
     source.add_argument("--write-instances", type=output_file, metavar="JSONL", help="also write the instances made")
-    p.add_argument("--batch", type=int_option(1), default=8, metavar="B", help="prompts per generate call (default 8)")
-    p.add_argument("--out", default="results/ruler.json", type=output_file, metavar="JSON")
-    p.add_argument("--plot", default="results/ruler.png", type=plot_file, metavar="PNG")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--batch", type=int_option(1), default=8, metavar="B", help="prompts per generate call")
+    add_output_args(p, "results/ruler.json", "the result (JSON), saved after each cell; a rerun resumes it",
+                    plot="heat maps of the score by length and depth")
     return p
 
 
@@ -780,7 +780,7 @@ def make_instances(args: argparse.Namespace, tokenizer, l_train: int) -> tuple[l
         for i, inst in enumerate(instances):  # read_jsonl checked the rest
             if len(prompt_tokens(tokenizer, inst.prompt, inst.answer_prefix)) != inst.tokens:
                 raise ValueError(f"{args.instances}:{i + 1}: the prompt does not make {inst.tokens} tokens with "
-                                 f"{args.model_dir}'s tokenizer (made with another one?)")
+                                 f"{args.tokenizer or args.model_dir}'s tokenizer (made with another one?)")
         return instances, {"file": str(args.instances)}
     tasks = args.tasks or list(TASKS)
     lengths = sorted(set(args.lengths or [m * l_train for m in args.multiples or DEFAULT_MULTIPLES]))
@@ -811,6 +811,8 @@ def check_host_memory(instances: dict[int, int]) -> None:
     """Raise a ValueError, before any instance is made, when `instances` (how many per length)
     would not fit in the host's memory: `MAKE_BYTES_PER_TOKEN` of the longest while it is made,
     `HOLD_BYTES_PER_TOKEN` of every one while the run holds them."""
+    from lminf_jax.cache import host_memory
+
     longest, count = max(instances), sum(instances.values())
     need = longest * MAKE_BYTES_PER_TOKEN + sum(n * k for n, k in instances.items()) * HOLD_BYTES_PER_TOKEN
     have = host_memory()
@@ -897,10 +899,12 @@ def finished(path: str | os.PathLike, old: dict | None, params: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lminf_jax.fingerprint import tree_fingerprint
+
     family, config = load_config(args.model_dir)
     l_train = pretraining_length(config)
-    tokenizer = load_tokenizer_from(args.model_dir)
-    specs = {name: method_specs(config, name, args, l_train) for name in method_names(args.methods)}
+    tokenizer = open_tokenizer(args.model_dir, args.tokenizer)
+    specs = {name: method_specs(config, name, args) for name in method_names(args.methods)}
     instances, source = make_instances(args, tokenizer, l_train)
     prompts = [prompt_tokens(tokenizer, i.prompt, i.answer_prefix) for i in instances]
     tasks = list(dict.fromkeys(i.task for i in instances))
@@ -915,13 +919,15 @@ def run(args: argparse.Namespace) -> int:
     if args.write_instances:
         write_jsonl(instances, args.write_instances)
     records = [instance_record(i, t) for i, t in zip(instances, prompts)]
+    # lm_infinite_top_k's middle tokens, recorded whichever methods run (a rerun may add that one)
+    top_k = top_k_from_args(args, method_spec("lm_infinite", config, **method_options(args)).window,
+                            config.num_layers, k=TOP_K_DEFAULTS["k"])
     settings = json.loads(json.dumps({
         "model": str(Path(args.model_dir).resolve()), "family": family.name, "config": hf_config(args.model_dir),
         "l_train": l_train, "eos_id": tokenizer.eos_id, "tasks": tasks, "lengths": lengths,
         "depths": sorted({depth_label(i.depth) for i in instances}), "new_tokens": new_tokens,
         "instances_sha256": hashlib.sha256(json.dumps(records).encode()).hexdigest(), "batch": args.batch,
-        "global_branch": args.global_branch, "top_k": [args.top_k, args.top_k_from_layer, args.top_k_to_layer,
-                                                       args.top_k_insert_at]}))
+        "tokenizer": args.tokenizer, "method_options": method_options(args), "top_k": dataclasses.asdict(top_k)}))
     old = previous_run(args.out, settings)
     _, config, params = load_model(args.model_dir)
     dtype = params_dtype(params)

@@ -28,7 +28,7 @@ for model in llama gptj mpt; do
 done
 for model in llama gptj mpt; do
   python3 -m experiments.factors "experiments/shipped/$model-small-stdlib" --tokens data/stdlib/heldout.npy \
-    --sequences 4 --multiple 32 --out-dir "$out/factors-$model"
+    --sequences 4 --multiple 32 --out "$out/factors-$model"
 done
 for model in llama mpt; do
   python3 -m experiments.continuation "experiments/shipped/$model-small-stdlib" --tokens data/stdlib/heldout.npy \

@@ -1,21 +1,21 @@
 """Streaming NLL of a long token stream under LM-Infinite attention (or an ablation).
 
-    python -m experiments.stream_nll MODEL_DIR (--tokens FILE.npy | --text FILE [FILE ...])
+    python -m experiments.stream_nll MODEL_DIR (--tokens FILE.npy | --text FILE [FILE ...] [--tokenizer DIR])
         [--max-tokens N] [--streams B] [--chunk C] [--capacity N] [--dtype bf16|fp16|fp32]
         [--per-octave K] [--checkpoint-dir DIR] [--checkpoint-every N] [--max-chunks N]
-        [--out results/stream_nll.json] [--plot results/stream_nll.png | --no-plot] [--no-progress]
-        [--method METHOD] [-G G] [-L L] [-D D] [--rope-scaling FREQ@FACTOR] [--mesh AXES] [--fsdp]
+        [--out results/stream_nll.json] [--plot PNG (default: --out with .png) | --no-plot] [--no-progress]
+        [--method MASK[+FREQ@FACTOR]] [-G G] [-L L] [-D D] [--group-size g] [--leak k] [--mesh AXES] [--fsdp]
 
 The stream runs through the model chunk by chunk (`lminf_jax.streaming.streaming_nll`; each chunk
 scored by `models.decoder.LanguageModel.score_step`, without its chunk x vocabulary logits),
 carrying a Λ-cache of G + L slots, so device memory does not depend on its length. Methods
 that attend unboundedly many keys (vanilla, distance_limit) need a full cache of the
-stream's length (``--capacity`` bounds it: a longer stream is an error). ``--rope-scaling``
-adds a static RoPE frequency method (``pi``, ``ntk`` or ``yarn`` at a factor, e.g. ``yarn@4``) to
-any of them.
+stream's length (``--capacity`` bounds it: a longer stream is an error). ``--method MASK+FREQ@FACTOR``
+adds a static RoPE frequency method (``pi``, ``ntk`` or ``yarn`` at a factor, e.g. ``lm_infinite+yarn@4``)
+to any of them.
 
 Input: ``--tokens`` memory-maps a 1-D integer ``.npy``; ``--text`` tokenizes text files with
-the model directory's tokenizer (each file encoded on its own, the ids concatenated, BOS
+the model directory's tokenizer, or ``--tokenizer DIR``'s (each file encoded on its own, the ids concatenated, BOS
 once at the start if the tokenizer has one) and caches the ids as ``tokens-HASH.npy`` in
 the checkpoint directory (else next to ``--out``), HASH covering the files' contents and
 the tokenizer, so a resumed run reads the same stream. ``--max-tokens`` keeps the first N
@@ -23,7 +23,8 @@ tokens; ``--streams B`` splits them into B equal contiguous streams (each starti
 position 0) evaluated side by side (the remainder of the division is dropped).
 
 Output: a table of NLL by query position (log-spaced buckets) on stdout; ``--out`` holds
-`StreamResult.to_json()` plus ``settings``; ``--plot`` draws NLL vs position (log x axis)
+`StreamResult.to_json()` plus ``settings``; ``--plot`` (default: ``--out`` with ``.png``) draws NLL vs
+position (log x axis)
 with matplotlib (a dependency; should it be missing, the plot is skipped, saying so on
 stderr). With ``--checkpoint-dir`` the state is saved every ``--checkpoint-every``
 chunks and a rerun resumes it (``--max-chunks`` ends a run early, e.g. to fit a time limit).
@@ -44,41 +45,41 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from lminf_jax.experiments.loading import (
-    DTYPES, add_attention_args, add_mesh_args, load_config, load_model, load_tokenizer_from, model_kind, params_dtype,
-    run_cli, frequencies_from_args, pretraining_length, resolve_dtype, sharding_plan, spec_from_args, spec_settings,
+    DTYPES, TOKENIZER_FILES, add_attention_args, add_mesh_args, add_tokenizer_arg, frequencies_from_args, load_config,
+    load_model, model_kind, open_tokenizer, params_dtype, pretraining_length, resolve_dtype, run_cli, sharding_plan,
+    spec_from_args, spec_settings,
 )
-from lminf_jax.experiments.options import input_path, int_option, output_dir, output_file, plot_file
+from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option, output_dir
 from lminf_jax.experiments.text import check_ids, npy_tokens, read_text_file
 
 TOKEN_CACHE_VERSION = 1
 #: Tokenizer files whose bytes identify the tokenization (in the token-cache hash).
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZATION_FILES = (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.stream_nll", description=__doc__.split("\n\n")[0])
+    p = command_parser("stream_nll", __doc__)
     p.add_argument("model_dir", type=input_path, help="converted or Hugging Face model directory")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokens", type=input_path, metavar="FILE.npy", help="a 1-D integer .npy of token ids (memory-mapped)")
     source.add_argument("--text", nargs="+", type=input_path, metavar="FILE", help="text files, tokenized with the model's tokenizer")
-    p.add_argument("--max-tokens", type=int_option(2), metavar="N", help="use only the first N tokens")
+    add_tokenizer_arg(p)
+    p.add_argument("--max-tokens", type=int_option(2), metavar="N", help="use only the first N tokens (default: all)")
     p.add_argument("--streams", type=int_option(1), default=1, metavar="B", help="equal contiguous streams side by side")
-    p.add_argument("--chunk", type=int_option(1), default=512, metavar="C", help="tokens per model call (default: 512)")
+    p.add_argument("--chunk", type=int_option(1), default=512, metavar="C", help="tokens per model call")
     p.add_argument("--capacity", type=int_option(1), metavar="N",
                    help="full-cache slots for vanilla / distance_limit (default: the stream length)")
     p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="cast floating params and compute in this dtype (default: the params' dtype)")
     p.add_argument("--per-octave", type=int_option(1), default=4, metavar="K", help="position buckets per doubling")
-    p.add_argument("--checkpoint-dir", type=output_dir, metavar="DIR", help="save the state here and resume from it")
+    p.add_argument("--checkpoint-dir", type=output_dir, metavar="DIR",
+                   help="save the state here and resume from it (default: no checkpoints)")
     p.add_argument("--checkpoint-every", type=int_option(1), default=100, metavar="N", help="chunks between saves")
-    p.add_argument("--max-chunks", type=int_option(0), metavar="N", help="stop after N chunks in this run")
-    p.add_argument("--out", default="results/stream_nll.json", type=output_file, metavar="JSON", help="result file")
-    p.add_argument("--plot", default="results/stream_nll.png", type=plot_file, metavar="PNG", help="NLL vs position plot")
-    p.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    p.add_argument("--max-chunks", type=int_option(0), metavar="N", help="stop after N chunks in this run (default: no limit)")
+    add_output_args(p, "results/stream_nll.json", "the result (JSON)", plot="NLL vs position plot")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     add_attention_args(p)
     add_mesh_args(p, "the streams split over data=gcd(B, devices), the heads over the devices left (model)")
@@ -96,18 +97,21 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def text_tokens(model_dir: str | os.PathLike, files: list[str], cache_dir: Path) -> tuple[np.ndarray, Path, bool]:
-    """``(ids memmap, its .npy path, reused)``: the files tokenized (see the module docstring),
-    from ``cache_dir/tokens-HASH.npy`` when it exists, else tokenized and written there."""
+def text_tokens(model_dir: str | os.PathLike, files: list[str], cache_dir: Path,
+                tokenizer_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, Path, bool]:
+    """``(ids memmap, its .npy path, reused)``: the files tokenized with the tokenizer of `tokenizer_dir`,
+    else of `model_dir` (see the module docstring), from ``cache_dir/tokens-HASH.npy`` when it exists,
+    else tokenized and written there."""
     paths = [Path(f) for f in files]
     for path in paths:
         if not path.is_file():
             raise ValueError(f"--text: no such file: {path}")
-    tokenizer = load_tokenizer_from(model_dir)
+    tokenizer = open_tokenizer(model_dir, tokenizer_dir, alternative="score token ids with --tokens F.npy")
+    source = Path(model_dir if tokenizer_dir is None else tokenizer_dir)
     h = hashlib.sha256(f"stream_nll-tokens-v{TOKEN_CACHE_VERSION}\nbos={tokenizer.bos_id}\n".encode())
-    for name in TOKENIZER_FILES:
-        if (Path(model_dir) / name).is_file():
-            h.update(f"{name}={_file_digest(Path(model_dir) / name)}\n".encode())
+    for name in TOKENIZATION_FILES:
+        if (source / name).is_file():
+            h.update(f"{name}={_file_digest(source / name)}\n".encode())
     for path in paths:
         h.update(f"text={_file_digest(path)}\n".encode())
     target = cache_dir / f"tokens-{h.hexdigest()[:16]}.npy"
@@ -183,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+
     from lminf_jax.cache import needs_full_cache
     from lminf_jax.streaming import PositionBuckets, check_checkpoint_dir, streaming_nll
     from lminf_jax.models.common import AttentionCall
@@ -195,15 +201,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--top-k-middle applies to the last query of each model call; it has no meaning for "
                          "streaming NLL (use it with experiments.generate)")
     call = AttentionCall(spec, frequencies=frequencies_from_args(args, config))
-    family.model(config, call)  # --rope-scaling on an ALiBi model fails here
+    family.model(config, call)  # a frequency method on an ALiBi model fails here
     out_path = Path(args.out)
 
     if args.tokens is not None:
+        if args.tokenizer is not None:
+            raise ValueError("--tokenizer applies to --text; --tokens are token ids already")
         tokens, source = npy_tokens(args.tokens), {"tokens": str(args.tokens)}
     else:
         cache_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out_path.parent
-        tokens, cached, reused = text_tokens(args.model_dir, args.text, cache_dir)
-        source = {"text": list(args.text), "token_file": str(cached)}
+        tokens, cached, reused = text_tokens(args.model_dir, args.text, cache_dir, args.tokenizer)
+        source = {"text": list(args.text), "token_file": str(cached),
+                  **({} if args.tokenizer is None else {"tokenizer": str(args.tokenizer)})}
         print(f"{'reusing' if reused else 'tokenized into'} {cached}: {tokens.shape[0]:,} tokens", file=sys.stderr)
     total = tokens.shape[0]
     if args.max_tokens is not None:
@@ -259,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
         "model": str(args.model_dir),
         "model_kind": model_kind(args.model_dir),
         "family": family.name,
+        "method": args.method,
         "attention": spec_settings(spec),
         "rope_scaling": None if call.frequencies is None else dataclasses.asdict(call.frequencies),
         "source": source,

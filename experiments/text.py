@@ -4,6 +4,7 @@
     --tokens FILE.npy                   a 1-D integer .npy of token ids, used as is
     --text FILE [FILE ...]              text files, each encoded as BOS + ids
     --held-out-percent P                the split of --source (default 5, as in experiments.corpus)
+    --tokenizer DIR                     encode with DIR's tokenizer (default: the model directory's)
 
 ``--source`` takes the held-out documents under `experiments.corpus`'s split rule (for
 ``stdlib``: the standard library of the running interpreter, 5% of files by path hash, none of
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lminf_jax.experiments import corpus
-from lminf_jax.experiments.loading import hf_config, load_tokenizer_from
+from lminf_jax.experiments.loading import add_tokenizer_arg, hf_config, open_tokenizer
 from lminf_jax.experiments.options import input_path
 
 
@@ -35,6 +36,7 @@ def add_text_args(parser: argparse.ArgumentParser) -> None:
     text.add_argument("--text", nargs="+", type=input_path, metavar="FILE", help="text files, each encoded as BOS + ids")
     group.add_argument("--held-out-percent", type=float, default=corpus.DEFAULT_HELD_OUT_PERCENT, metavar="P",
                        help="the split of --source (default 5, as in experiments.corpus)")
+    add_tokenizer_arg(group)
 
 
 def npy_tokens(path: str | os.PathLike) -> np.ndarray:
@@ -79,24 +81,26 @@ def token_stream(args: argparse.Namespace) -> tuple[np.ndarray, dict]:
     if args.tokens is not None:
         tokens = np.asarray(npy_tokens(args.tokens))
         return tokens, {"tokens": str(args.tokens)}
-    tokenizer = load_tokenizer_from(args.model_dir)
+    tokenizer = open_tokenizer(args.model_dir, args.tokenizer, alternative="score token ids with --tokens F.npy")
+    tokenizer_note = {} if args.tokenizer is None else {"tokenizer": str(args.tokenizer)}
     if args.text is not None:
         docs = []
         for name in args.text:
             docs.append(corpus.Document(name, read_text_file(name, "--text")))
-        return corpus.encode_stream(tokenizer, docs), {"text": list(args.text)}
+        return corpus.encode_stream(tokenizer, docs), {"text": list(args.text), **tokenizer_note}
     docs, read = corpus.held_out_documents(args.source, args.held_out_percent)
     return corpus.encode_stream(tokenizer, docs), {
         "source": read.source, "held_out_percent": args.held_out_percent, "split_rule": corpus.split_rule(args.held_out_percent),
         "documents": len(docs), "bytes": sum(len(d.text.encode("utf-8", "surrogatepass")) for d in docs),
-        "python": sys.version.split()[0] if args.source == "stdlib" else None,
+        "python": sys.version.split()[0] if args.source == "stdlib" else None, **tokenizer_note,
     }
 
 
-def bos_id(model_dir: str) -> int | None:
-    """The model's BOS id: its tokenizer's, else its config's ``bos_token_id``, else None."""
+def bos_id(model_dir: str, tokenizer_dir: str | None = None) -> int | None:
+    """The model's BOS id: its tokenizer's (`tokenizer_dir`'s when given), else its config's
+    ``bos_token_id``, else None."""
     try:
-        tokenizer_bos = load_tokenizer_from(model_dir).bos_id
+        tokenizer_bos = open_tokenizer(model_dir, tokenizer_dir).bos_id
     except ValueError:
         tokenizer_bos = None
     if tokenizer_bos is not None:

@@ -56,26 +56,23 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import orbax.checkpoint as ocp
+from typing import TYPE_CHECKING
 
-from lminf_jax.converters.store import load_converted, save_converted
+import numpy as np
+
 from lminf_jax.experiments import corpus as corpus_lib
 from lminf_jax.experiments.loading import hf_config, load_tokenizer_from
-from lminf_jax.experiments.options import input_path, output_dir, parse_checked
+from lminf_jax.experiments.options import command_parser, input_path, output_dir, parse_checked
 from lminf_jax.experiments.passkey import PasskeyBuilder, training_windows
 from lminf_jax.experiments.ruler import TrainingMix
-from lminf_jax.fingerprint import check_identity, json_digest, newest_intact, tree_fingerprint
-from lminf_jax.progress import Progress
-from lminf_jax.models import registry
-from lminf_jax.models.common import count_params
+
+if TYPE_CHECKING:
+    import optax
+    import orbax.checkpoint as ocp
 
 BOS_ID = corpus_lib.BOS_ID
-_norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
-DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+#: ``--dtype`` / ``--save-dtype`` names and the dtypes they stand for.
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 #: Architecture sizes; the vocabulary and the training length come from the data and ``--seq-len``.
 PRESETS: dict[str, dict] = {
@@ -110,6 +107,9 @@ def make_config(preset: str, vocab_size: int, seq_len: int) -> dict:
 
 
 def parameter_count(config: dict) -> int:
+    from lminf_jax.models import registry
+    from lminf_jax.models.common import count_params
+
     family = registry.family_for_config(config)
     return count_params(family.param_shapes(family.config_from_hf(config)))
 
@@ -213,17 +213,25 @@ def eval_windows(stream: np.ndarray, count: int, seq_len: int) -> np.ndarray:
 
 
 def _model(config_items: tuple, dtype: str):
+    import jax.numpy as jnp
+
+    from lminf_jax.models import registry
+
     config = json.loads(config_items[0])
     family = registry.family_for_config(config)
-    return family, family.model(family.config_from_hf(config), dtype=DTYPES[dtype])
+    return family, family.model(family.config_from_hf(config), dtype=jnp.dtype(DTYPES[dtype]))
 
 
 def loss_fn(model, params, tokens):
+    import optax
+
     logits = model.forward(params, tokens)  # float32
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
 
 
 def _decay_mask(params):
+    import jax
+
     def decays(path, leaf):
         name = ".".join(str(getattr(k, "key", k)) for k in path)
         last = name.split(".")[-2] if "." in name else name
@@ -233,6 +241,8 @@ def _decay_mask(params):
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    import optax
+
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.steps, end_value=cfg.lr * 0.1)
     return optax.chain(optax.clip_by_global_norm(cfg.clip),
                        optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=cfg.weight_decay,
@@ -242,6 +252,10 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 @functools.lru_cache(maxsize=8)
 def _compiled(config_json: str, cfg: TrainConfig):
     """(model, optimizer, jitted train step, jitted eval loss), cached so repeated runs reuse compilation."""
+    import jax
+    import optax
+
+    norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
     _, model = _model((config_json,), cfg.dtype)
     opt = make_optimizer(cfg)
 
@@ -249,7 +263,7 @@ def _compiled(config_json: str, cfg: TrainConfig):
     def train_step(params, opt_state, tokens):
         loss, grads = jax.value_and_grad(functools.partial(loss_fn, model))(params, tokens)
         updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, _norm(grads)
+        return optax.apply_updates(params, updates), opt_state, loss, norm(grads)
 
     @jax.jit
     def eval_loss(params, tokens):
@@ -261,6 +275,8 @@ def _compiled(config_json: str, cfg: TrainConfig):
 def evaluate(eval_loss, params, windows: np.ndarray, batch: int) -> float:
     """Mean next-token loss over `windows` (equal-length windows, so a mean of batch means is exact
     when batches are equal; the last partial batch is weighted by its size)."""
+    import jax.numpy as jnp
+
     total, count = 0.0, 0
     for i in range(0, len(windows), batch):
         chunk = windows[i:i + batch]
@@ -275,6 +291,8 @@ def evaluate(eval_loss, params, windows: np.ndarray, batch: int) -> float:
 def run_identity(cfg: TrainConfig, config: dict, streams: Sequence[np.ndarray], params) -> dict:
     """Everything that determines the trained params: the settings, the model config, the token
     streams and tokenizer (sha256 of their contents) and the initial params' fingerprint."""
+    from lminf_jax.fingerprint import tree_fingerprint
+
     h = hashlib.sha256()
     for stream in streams:
         h.update(f"{stream.dtype.str}{list(stream.shape)}".encode())
@@ -287,14 +305,22 @@ def run_identity(cfg: TrainConfig, config: dict, streams: Sequence[np.ndarray], 
 
 
 def _manager(directory: Path) -> ocp.CheckpointManager:
+    import orbax.checkpoint as ocp
+
     return ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
 def _state(params, opt_state) -> dict:
+    import jax
+
     return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves((params, opt_state)))}
 
 
 def _save_checkpoint(manager, step: int, params, opt_state, meta: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    from lminf_jax.fingerprint import json_digest, tree_fingerprint
+
     state = _state(params, opt_state)
     checksum = {"json": json_digest(meta), "arrays": tree_fingerprint(state)}
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
@@ -305,6 +331,12 @@ def _save_checkpoint(manager, step: int, params, opt_state, meta: dict) -> None:
 def _restore_checkpoint(manager, identity: dict, params, opt_state):
     """``(params, opt_state, meta)`` of the newest intact checkpoint of this run, or None when
     there is none (`lminf_jax.fingerprint.newest_intact`)."""
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from lminf_jax.fingerprint import check_identity, json_digest, newest_intact, tree_fingerprint
+
     treedef = jax.tree.structure((params, opt_state))
     target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _state(params, opt_state).items()}
     directory = Path(manager.directory)
@@ -386,6 +418,8 @@ def _fine_tuning(cfg: TrainConfig, ruler: TrainingMix | None) -> str:
 
 def _model_card(cfg: TrainConfig, config: dict, manifest: dict, n_params: int, meta: dict, heldout: float,
                 n_eval: int, seconds: float, ruler: TrainingMix | None = None) -> str:
+    from lminf_jax.models import registry
+
     family = registry.family_for_config(config).name
     positional = {"llama": "RoPE (half layout)", "gptj": f"interleaved partial RoPE (rotary_dim {config.get('rotary_dim')})",
                   "mpt": "ALiBi"}[family]
@@ -428,6 +462,12 @@ def _init_config(cfg: TrainConfig, preset_config: dict) -> dict:
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progress: bool = True) -> Path | None:
     """Run (or resume) training; returns the final model folder, or None when stopped at `stop_after`."""
+    import jax
+    import jax.numpy as jnp
+
+    from lminf_jax.converters.store import load_converted, save_converted
+    from lminf_jax.progress import Progress
+
     cfg.check()
     out = Path(cfg.out)
     manifest = corpus_lib.load_manifest(cfg.data)
@@ -515,7 +555,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
     held = evaluate(eval_loss, params, final_windows, cfg.batch)
     with open(log_path, "a") as log_file:
         log_file.write(json.dumps({"step": step, "heldout_loss": round(held, 5), "final": True}) + "\n")
-    save = jax.tree.map(lambda a: a.astype(DTYPES[cfg.save_dtype]), params)
+    save = jax.tree.map(lambda a: a.astype(jnp.dtype(DTYPES[cfg.save_dtype])), params)
     save_converted(model_dir, save, config, family.name)
     shutil.copyfile(Path(cfg.data) / corpus_lib.TOKENIZER_FILE, model_dir / corpus_lib.TOKENIZER_FILE)
     (model_dir / "model_card.md").write_text(
@@ -526,36 +566,44 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
     return model_dir.absolute()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("train", __doc__)
     parser.add_argument("--data", required=True, type=input_path, help="folder written by python -m experiments.corpus")
     parser.add_argument("--out", required=True, type=output_dir, help="run folder (checkpoints, logs, model/)")
-    parser.add_argument("--preset", default="llama-small", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="llama-small", choices=sorted(PRESETS), help="model architecture")
     d = TrainConfig("", "")
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--batch", type=int, default=d.batch)
+    parser.add_argument("--steps", type=int, default=d.steps, help="optimiser steps")
+    parser.add_argument("--batch", type=int, default=d.batch, help="windows per step")
     parser.add_argument("--seq-len", type=int, default=d.seq_len, help="training length L_train (tokens)")
     parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default min(100, steps/10))")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (matrices only)")
     parser.add_argument("--clip", type=float, default=d.clip, help="global gradient-norm clip")
     parser.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES), help="compute dtype (params stay fp32)")
     parser.add_argument("--save-dtype", default=d.save_dtype, choices=sorted(DTYPES), help="dtype of the saved model")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    parser.add_argument("--eval-every", type=int, default=d.eval_every)
-    parser.add_argument("--eval-windows", type=int, default=d.eval_windows)
-    parser.add_argument("--final-eval-windows", type=int, default=d.final_eval_windows)
-    parser.add_argument("--log-every", type=int, default=d.log_every)
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the initial params and the windows")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    parser.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out evaluations")
+    parser.add_argument("--eval-windows", type=int, default=d.eval_windows, help="held-out windows per evaluation")
+    parser.add_argument("--final-eval-windows", type=int, default=d.final_eval_windows,
+                        help="held-out windows of the final evaluation")
+    parser.add_argument("--log-every", type=int, default=d.log_every, help="steps between lines of loss.jsonl")
     parser.add_argument("--stop-after", type=int, default=None,
-                        help="checkpoint and stop after this step (a later run with the same arguments resumes)")
-    parser.add_argument("--init", type=input_path, metavar="MODEL_DIR", help="start from this converted model (fine-tuning)")
+                        help="checkpoint and stop after this step (a later run with the same arguments resumes; "
+                             "default: run to --steps)")
+    parser.add_argument("--init", type=input_path, metavar="MODEL_DIR",
+                        help="start from this converted model (fine-tuning; default: random params)")
     parser.add_argument("--passkey-fraction", type=float, default=d.passkey_fraction, metavar="F",
                         help="share of each batch made of passkey windows (experiments.passkey; default 0)")
     parser.add_argument("--ruler-fraction", type=float, default=d.ruler_fraction, metavar="F",
                         help="share of each batch made of RULER instances with their answers, every task that fits "
                              "in --seq-len (experiments.ruler.TrainingMix; default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parse_checked(parser, argv)
     cfg = TrainConfig(data=args.data, out=args.out, preset=args.preset, steps=args.steps, batch=args.batch,
                       seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,

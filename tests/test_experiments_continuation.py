@@ -9,6 +9,7 @@ from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 
 from lminf_jax.experiments import continuation as cli
 from lminf_jax.experiments.loading import load_tokenizer_from
+from lminf_jax.spec import LMInfinite, Vanilla
 
 
 def test_continuations_are_scored_and_timed(tmp_path, capsys):
@@ -22,18 +23,22 @@ def test_continuations_are_scored_and_timed(tmp_path, capsys):
     record = json.loads(out.read_text())
     assert record["settings"]["positions"] == [PRETRAIN, 2 * PRETRAIN] and list(record["methods"]) == list(cli.METHODS)
     tok = load_tokenizer_from(model_dir)
+    specs = {"vanilla": Vanilla(), "lm_infinite": LMInfinite(2, PRETRAIN), "truncation": None}
     for name, rows in record["methods"].items():
         for p, r in rows.items():
             assert 0 <= r["bleu"] <= 1 and 0 <= r["rouge_l"] <= 1 and r["ms_per_token"] >= 0
             assert len(r["samples"]) == 2
             assert r["bleu"] == np.mean([s["bleu"] for s in r["samples"]])
-            assert r["keys_attended"] == cli.work_per_token(name, int(p), 5, PRETRAIN, 2)["keys_attended"]
+            assert r["keys_attended"] == cli.work_per_token(name, int(p), 5, PRETRAIN, specs[name])["keys_attended"]
             for s in r["samples"]:
                 assert len(tok.encode(s["reference"])) >= 4  # the 5 true next tokens, decoded
     # from position L every method sees the same context for its first token
     firsts = {name: [s["generated"][:1] for s in rows[str(PRETRAIN)]["samples"]] for name, rows in record["methods"].items()}
     assert firsts["vanilla"] == firsts["lm_infinite"] == firsts["truncation"]
     assert record["methods"]["truncation"][str(PRETRAIN)]["tokens_through_model"] == PRETRAIN
+    # keys per new token: vanilla every earlier one; LM-Infinite its window and, once past them, its G = 2 sinks
+    assert record["methods"]["vanilla"][str(PRETRAIN)]["keys_attended"] == PRETRAIN + 2
+    assert record["methods"]["lm_infinite"][str(2 * PRETRAIN)]["keys_attended"] == PRETRAIN + 2
     assert captured.out.splitlines()[0].split()[:3] == ["method", "from", "BLEU"]
     assert (tmp_path / "c.png").stat().st_size > 0
 

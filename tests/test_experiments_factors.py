@@ -18,7 +18,7 @@ def outputs(tmp_path_factory):
     model_dir = make_model_dir(root / "model")
     (root / "held.txt").write_text(random_text(9, 120))
     code = cli.main([str(model_dir), "--text", str(root / "held.txt"), "--multiple", "4", "--sequences", "2",
-                     "--block", "16", "--out-dir", str(root / "out")])
+                     "--block", "16", "--out", str(root / "out")])
     assert code == 0
     return root / "out"
 
@@ -76,7 +76,7 @@ def test_factors_under_other_methods(tmp_path):
     model_dir = make_model_dir(tmp_path / "model")
     (tmp_path / "held.txt").write_text(random_text(9, 120))
     argv = [str(model_dir), "--text", str(tmp_path / "held.txt"), "--multiple", "4", "--sequences", "1",
-            "--block", "16", "--no-plot", "--out-dir", str(tmp_path / "out")]
+            "--block", "16", "--no-plot", "--out", str(tmp_path / "out")]
     assert cli.main(argv + ["--factors", "logits", "entropy", "--methods", "vanilla", "pi@4", "yarn",
                             "self_extend"]) == 0
     logits = json.loads((tmp_path / "out" / "factor1_logits.json").read_text())["methods"]
@@ -87,4 +87,5 @@ def test_factors_under_other_methods(tmp_path):
     for name in ("pi@4", "yarn", "self_extend"):  # no mask hides a key: every method attends all n
         assert entropy["methods"][name]["attended"] == entropy["lengths"]
     assert cli.main(argv + ["--factors", "sinks", "--methods", "yarn"]) == 1
-    assert cli.main(argv + ["--factors", "logits", "--methods", "yarn@0"]) == 1
+    assert cli.main(argv + ["--factors", "logits", "--methods", "yarn@0"]) == 2  # refused while parsing
+    assert cli.main(argv + ["--factors", "logits", "--methods", "yarn", "vanilla+yarn"]) == 1  # listed twice

@@ -51,7 +51,7 @@ def test_one_prompt_streams_the_greedy_continuation(model_dir, tmp_path, capsys,
 
     monkeypatch.setattr(cli, "TextStreamer", Recording)
     assert cli.main([str(model_dir), "--prompt", prompt, "--max-new-tokens", "24", "-L", "8", "-G", "2",
-                     "--prefill-chunk", "4", "--json", str(tmp_path / "out.json")]) == 0
+                     "--prefill-chunk", "4", "--out", str(tmp_path / "out.json")]) == 0
     captured = capsys.readouterr()
     record = json.loads((tmp_path / "out.json").read_text())
     tok, ids, rows = direct(model_dir, [prompt], LMInfinite(2, 8), 24, prefill_chunk=4)
@@ -74,8 +74,7 @@ def test_one_prompt_streams_the_greedy_continuation(model_dir, tmp_path, capsys,
 
 def test_rope_scaling_reaches_the_decoding(model_dir, tmp_path, capsys):
     prompt = "the quick brown fox jumps over the lazy dog " * 6
-    assert cli.main([str(model_dir), "--prompt", prompt, "--max-new-tokens", "12", "--method", "vanilla",
-                     "--rope-scaling", "yarn@2", "--ignore-eos", "--json", str(tmp_path / "out.json")]) == 0
+    assert cli.main([str(model_dir), "--prompt", prompt, "--max-new-tokens", "12", "--method", "vanilla+yarn@2", "--ignore-eos", "--out", str(tmp_path / "out.json")]) == 0
     record = json.loads((tmp_path / "out.json").read_text())
     yarn = frequency_method("yarn", 2.0, PRETRAIN)
     _, _, rows = direct(model_dir, [prompt], Vanilla(), 12, yarn, stop_tokens=())
@@ -106,7 +105,7 @@ def test_batch_of_prompts_with_sampling_stop_string_and_defaults(model_dir, tmp_
     (tmp_path / "prompts.txt").write_text("\n".join(prompts[1:]) + "\n\n")
     argv = [str(model_dir), "--prompt", prompts[0], "--prompt-file", str(tmp_path / "prompts.txt"),
             "--max-new-tokens", "12", "--temperature", "0.9", "--top-k", "20", "--top-p", "0.95", "--seed", "7",
-            "--stop", "fox", "lion", "--stop", "fox", "--json", str(tmp_path / "out.json")]
+            "--stop", "fox", "lion", "--stop", "fox", "--out", str(tmp_path / "out.json")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     record = json.loads((tmp_path / "out.json").read_text())
@@ -127,7 +126,7 @@ def test_batch_of_prompts_with_sampling_stop_string_and_defaults(model_dir, tmp_
 def test_top_k_middle_tokens_use_a_full_cache_and_a_plain_prefill(model_dir, tmp_path, capsys):
     prompt = random_text(5, 3)
     argv = [str(model_dir), "--prompt", prompt, "--max-new-tokens", "6", "-L", "8", "-G", "2", "--prefill-chunk", "8",
-            "--top-k-middle", "3", "--top-k-from-layer", "1", "--no-bos", "--ignore-eos", "--json",
+            "--top-k-middle", "3", "--top-k-from-layer", "1", "--no-bos", "--ignore-eos", "--out",
             str(tmp_path / "out.json")]
     assert cli.main(argv) == 0
     record = json.loads((tmp_path / "out.json").read_text())
@@ -156,7 +155,10 @@ def test_top_k_middle_tokens_use_a_full_cache_and_a_plain_prefill(model_dir, tmp
     (["{model}", "--prompt", "x", "--top-k-middle", "2", "--top-k-from-layer", "2"],
      "top_k.from_layer is 2, but the model has 2 layers (0..1)"),
     (["{model}", "--prompt-file", "{latin1}"], "--prompt-file {latin1}: not UTF-8 text (byte 3"),
-    (["{model}", "--prompt", "x", "--rope-scaling", "ntk"], "--rope-scaling ntk: give the extension factor"),
+    (["{model}", "--prompt", "x", "--method", "ntk"], "--method ntk: give the extension factor"),
+    (["{model}", "--prompt", "x", "--method", "self_extend@cover"],
+     "--method self_extend@cover: @cover chooses --group-size per length"),
+    (["{model}", "--prompt", "x", "--tokenizer", "{empty}"], "tokenizer directory {empty} has no tokenizer files"),
     (["{model}", "--prompt", "x", "--system", "be brief"], "--system needs --chat"),
     (["{model}", "--prompt", "x", "--chat", "--no-bos"], "--no-bos does not apply with --chat"),
 ])
@@ -172,10 +174,11 @@ def test_bad_arguments_say_what_is_wrong(model_dir, tmp_path, capsys, argv, mess
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "bogus"], "argument --method: invalid choice: 'bogus'"),
+    (["--method", "bogus"], "argument --method: method 'bogus': 'bogus' is not a mask method"),
     (["--max-new-tokens", "0"], "argument --max-new-tokens: must lie in [1, 2**31 - 1], got 0"),
     (["-D", "4294967808"], "argument -D/--limit-distance: must lie in [1, 2**31 - 1], got 4294967808"),
-    (["--json", "/proc/lminf-test/out.json"], "argument --json: cannot write in /proc"),
+    (["--out", "/proc/lminf-test/out.json"], "argument --out: cannot write in /proc"),
+    (["--top-k-to-layer", "0"], "argument --top-k-to-layer: must lie in [1, 2**31 - 1], got 0"),
 ])
 def test_argparse_errors_return_a_code(tmp_path, capsys, argv, message):
     # checked while parsing, before the model directory (here a missing one) is even looked at
@@ -189,7 +192,12 @@ def test_missing_tokenizer_names_the_directory(model_dir, tmp_path, capsys):
     for name in ("converted.json", "params"):
         (bare / name).symlink_to(model_dir / name)
     assert cli.main([str(bare), "--prompt", "x"]) == 1
-    assert f"error: no tokenizer in {bare}" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"error: model directory {bare} has no tokenizer files (tokenizer.model / "
+                                       "tokenizer.json): give --tokenizer DIR, a directory with the model's tokenizer\n")
+    # --tokenizer DIR: another directory's tokenizer
+    assert cli.main([str(bare), "--prompt", "the fox", "--tokenizer", str(model_dir), "--max-new-tokens", "2",
+                     "--out", str(tmp_path / "o.json")]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["tokenizer"] == str(model_dir)
 
 
 #: A Llama-2-style chat template over the tiny tokenizer's words: BOS, then the messages.
@@ -205,7 +213,7 @@ def test_chat_renders_each_prompt_with_the_checkpoint_template(model_dir, tmp_pa
     (chat_dir / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": {"content": "<s>"}, "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))
     prompts = ["quick brown fox", "lion"]
-    argv = [str(chat_dir), "--chat", "--system", "a lazy dog", "--max-new-tokens", "6", "--json",
+    argv = [str(chat_dir), "--chat", "--system", "a lazy dog", "--max-new-tokens", "6", "--out",
             str(tmp_path / "out.json")]
     assert cli.main(argv + [a for p in prompts for a in ("--prompt", p)]) == 0
     record = json.loads((tmp_path / "out.json").read_text())
@@ -294,7 +302,7 @@ def test_attention_options_and_their_defaults():
     from lminf_jax.models.mpt import MPTConfig
 
     llama = LlamaConfig.from_hf({"model_type": "llama", "vocab_size": 9, "hidden_size": 8, "intermediate_size": 8,
-                                 "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 4096})
+                                 "num_hidden_layers": 8, "num_attention_heads": 2, "max_position_embeddings": 4096})
     assert _spec([], llama) == LMInfinite(10, 4096, 4096)
     assert _spec(["-G", "3", "-L", "8", "-D", "5"], llama) == LMInfinite(3, 8, 5)
     assert _spec(["--method", "vanilla"], None) == Vanilla()
@@ -304,6 +312,8 @@ def test_attention_options_and_their_defaults():
     assert _spec(["--method", "distance_limit"], llama) == DistanceLimit(4096)
     assert _spec(["--method", "distance_limit", "-D", "7"], None) == DistanceLimit(7)
     assert _spec(["--top-k-middle", "5"], llama) == LMInfinite(10, 4096, top_k=TopK(5, 2048, 4))
+    shallow = dataclasses.replace(llama, num_hidden_layers=2)  # no layer 4: top-k from its last layer
+    assert _spec(["--top-k-middle", "5"], shallow) == LMInfinite(10, 4096, top_k=TopK(5, 2048, 1))
     assert _spec(["--method", "streaming_llm", "-L", "32", "--top-k-middle", "2", "--top-k-insert-at", "9",
                   "--top-k-from-layer", "0"], None) == StreamingLLM(4, 32, top_k=TopK(2, 9, 0))
     # L defaults to the pretraining length, whatever the family calls it

@@ -75,7 +75,8 @@ def test_the_evaluation_runs_every_method_and_writes_answers(tmp_path, capsys):
     out = tmp_path / "pk.json"
     methods = [*cli.METHODS, "yarn", "self_extend@cover+pi@2"]
     code = cli.main([str(model_dir), "--multiples", *map(str, multiples), "--depths", "0", "1", "--samples", "2",
-                     "-G", "2", "--top-k", "2", "--top-k-to-layer", "2", "--methods", *methods,
+                     "-G", "2", "--top-k-middle", "2", "--top-k-from-layer", "1", "--top-k-to-layer", "2",
+                     "--methods", *methods,
                      "--out", str(out), "--plot", str(tmp_path / "pk.png")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -93,7 +94,7 @@ def test_the_evaluation_runs_every_method_and_writes_answers(tmp_path, capsys):
             assert acc["all"] == np.mean([r["correct"] for r in rows]) and set(acc) == {"all", "0", "1"}
     attention = {name: res["attention"] for name, res in record["methods"].items()}
     assert all(a.endswith(f"top_k=2@{PRETRAIN // 2} layers[1,2))") for a in attention["lm_infinite_top_k"].values())
-    assert set(attention["truncation"].values()) == {"vanilla()"}
+    assert set(attention["truncation"].values()) == set(attention["vanilla"].values()) == {"vanilla()"}
     assert [record["methods"]["yarn"]["rope_scaling"][str(n)]["factor"] for n in lengths] == multiples
     assert {s["factor"] for s in record["methods"]["self_extend@cover+pi@2"]["rope_scaling"].values()} == {2.0}
     # the group size each length needs (the neighbour window its default, L_train / 4)
@@ -104,7 +105,10 @@ def test_the_evaluation_runs_every_method_and_writes_answers(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["-G", "-1"], "argument -G/--global-branch: must lie in [0, 2**31 - 1], got -1"),
-    (["--top-k", "0"], "argument --top-k: must lie in [1, 2**31 - 1], got 0"),
+    (["--top-k-middle", "0"], "argument --top-k-middle: must lie in [1, 2**31 - 1], got 0"),
+    (["--methods", "vanilla", "nope"], "argument --methods: method 'nope': 'nope' is not a mask method"),
+    (["--methods", "dynamic_ntk@0.5"], "argument --methods: method 'dynamic_ntk@0.5': the factor after '@' must be "
+                                       "a number >= 1"),
     (["--top-k-insert-at", str(2**31)], f"argument --top-k-insert-at: must lie in [0, 2**31 - 1], got {2**31}"),
     (["--out", "/proc/lminf-test/pk.json"], "argument --out: cannot write in /proc"),
 ])
@@ -117,9 +121,8 @@ def test_methods_are_checked_before_the_weights_are_read(tmp_path, capsys, monke
     from lminf_jax.experiments.perplexity import SHIPPED_MODEL
 
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
-    for methods, message in ((["dynamic_ntk@0.5"], "the factor after '@' must be a number >= 1"),
-                             (["vanilla", "nope"], "'nope' is not a mask method"),
-                             (["yarn", "yarn"], "listed twice")):
+    for methods, message in ((["yarn", "yarn"], "listed twice"), (["yarn@4", "vanilla+yarn@4.0"], "listed twice"),
+                             (["all", "yarn"], "all stands alone")):
         assert cli.main([str(SHIPPED_MODEL), "--methods", *methods, "--out", str(tmp_path / "pk.json")]) == 1
         assert message in capsys.readouterr().err
     assert cli.method_names(["all"]) == list(cli.ALL_METHODS)
@@ -156,14 +159,14 @@ def test_a_length_too_large_for_memory_is_refused_before_prompts_or_weights(tmp_
 
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
     monkeypatch.setattr(cli.PasskeyBuilder, "prompt", lambda *a, **k: pytest.fail("a prompt was built"))
-    out = ["--out", str(tmp_path / "pk.json")]
+    out = ["--out", str(tmp_path / "pk.json"), "--top-k-from-layer", "1"]  # the shipped model has 4 layers
     # the issue's run: the prompts alone would need ~5e17 bytes
     assert cli.main([str(SHIPPED_MODEL), "--multiples", "1", str(2**31 - 1), *out]) == 1
     assert re.search(r"^error: --multiples 2147483647 \(prompts of 1,099,511,627,264 tokens\): the prompts' token ids "
                      r"need at least [\d,]+ bytes \(20 prompts per length, .*\), more than the [\d,]+ bytes of host "
                      r"memory; lower --multiples, --samples or the number of --depths$", capsys.readouterr().err)
     # prompts that fit, but not vanilla's full cache (4 layers x 4 kv heads x 128 key + value dims x 2 bytes at least)
-    monkeypatch.setattr(cli, "host_memory", lambda: 10**9)
+    monkeypatch.setattr(lminf_jax.cache, "host_memory", lambda: 10**9)
     monkeypatch.setattr(lminf_jax.cache, "available_memory", lambda: (10**9, "host memory"))
     assert cli.main([str(SHIPPED_MODEL), "--multiples", "1000", "--samples", "1", "--depths", "0", *out]) == 1
     assert capsys.readouterr().err == (

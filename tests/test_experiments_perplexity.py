@@ -188,12 +188,8 @@ def test_an_interrupted_run_resumes_without_recomputing(model_dir, text_file, tm
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--methods", "vanilla", "nope"], "'nope' is not a mask method (vanilla, lm_infinite"),
-    (["--methods", "lm_infinite+ntk_by_parts"], "'ntk_by_parts' is not a frequency method (pi, ntk"),
-    (["--methods", "windowed+yarn"], "'windowed' is not a mask method"),
-    (["--methods", "yarn@0.5"], "the factor after '@' must be a number >= 1, got '0.5'"),
-    (["--methods", "pi@nan"], "the factor after '@' must be a number >= 1"),
     (["--methods", "yarn@4", "vanilla+yarn@4.0"], "listed twice"),
+    (["--methods", "all", "yarn"], "all stands alone"),
     (["--methods", "vanilla", "vanilla"], "listed twice"),
     (["--sequences", "50"], "50 segment(s) of 255 tokens need"),
     (["--multiples", "1", "1"], "--multiples must be distinct"),
@@ -210,6 +206,15 @@ def test_bad_options_name_what_is_wrong(model_dir, text_file, tmp_path, capsys, 
     (["-D", "4294967808"], "argument -D/--limit-distance: must lie in [1, 2**31 - 1], got 4294967808"),
     (["--out", "/proc/lminf-test/x.json"], "argument --out: cannot write in /proc"),
     (["--plot", "{tmp}"], "argument --plot: {tmp} is a directory, not a file"),
+    (["--methods", "vanilla", "nope"], "argument --methods: method 'nope': 'nope' is not a mask method (vanilla, "
+                                       "lm_infinite"),
+    (["--methods", "lm_infinite+ntk_by_parts"], "argument --methods: method 'lm_infinite+ntk_by_parts': "
+                                                "'ntk_by_parts' is not a frequency method (pi, ntk"),
+    (["--methods", "windowed+yarn"], "argument --methods: method 'windowed+yarn': 'windowed' is not a mask method"),
+    (["--methods", "yarn@0.5"], "argument --methods: method 'yarn@0.5': the factor after '@' must be a number >= 1, "
+                                "got '0.5'"),
+    (["--methods", "pi@nan"], "argument --methods: method 'pi@nan': the factor after '@' must be a number >= 1"),
+    (["--out", "{tmp}/r.png"], "--plot {tmp}/r.png is the result file {tmp}/r.png"),
 ])
 def test_bad_values_fail_while_parsing_before_any_work(tmp_path, capsys, extra, message):
     extra = [a.format(tmp=tmp_path) for a in extra]
@@ -233,6 +238,8 @@ def test_a_saved_result_is_shown_and_drawn_again(model_dir, text_file, tmp_path,
     assert code == 0, stderr
     assert again.splitlines()[:-1] == first.splitlines()[:-1]  # same table and ratios
     assert (tmp_path / "again.png").stat().st_size > 0
+    assert run(["--from-json", str(out)], capsys)[0] == 0  # the plot beside the result, as its run draws it
+    assert (tmp_path / "ppl.png").stat().st_size > 0 and not (tmp_path / "perplexity.png").exists()
     (tmp_path / "other.json").write_text(json.dumps({"tokens": 3}))
     code, _, stderr = run(["--from-json", str(tmp_path / "other.json")], capsys)
     assert code == 1 and "is not a result of experiments.perplexity" in stderr

@@ -454,7 +454,7 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys, monkeypatch
     for name, change in (("missing", {"outputs": ...}), ("extra", {"colour": "red"}), ("empty", {"outputs": []})):
         changed = {k: v for k, v in {**record, **change}.items() if v is not ...}  # ...: left out
         (tmp_path / f"{name}.jsonl").write_text(json.dumps(changed))
-    out = ["--out", str(tmp_path / "r.json")]
+    out = ["--out", str(tmp_path / "r.json"), "--top-k-from-layer", "1"]  # the shipped model has 4 layers
     for argv, code, message in (
         (["--tasks", "qa_1"], 2, "argument --tasks: invalid choice: 'qa_1'"),
         (["--depths", "1.5"], 2, "argument --depths: must lie in [0, 1], got 1.5"),
@@ -462,7 +462,8 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys, monkeypatch
         (["--tasks", "cwe", "--lengths", "512"], 1,
          "no task can be made at 512 tokens: cwe@512: length 512 is too short for cwe"),
         (["--tasks", "vt", "--lengths", "300"], 1, "no task can be made at 300 tokens: vt@300: length 300 is too short"),
-        (["--methods", "vanilla", "nope"], 1, "'nope' is not a mask method"),
+        (["--methods", "vanilla", "nope"], 2, "argument --methods: method 'nope': 'nope' is not a mask method"),
+        (["--methods", "yarn", "yarn"], 1, "listed twice"),
         (["--instances", str(tmp_path / "other.jsonl"), "--tasks", "vt"], 1, "drop --tasks"),
         (["--instances", str(tmp_path / "other.jsonl")], 1, "other.jsonl:1: the prompt does not make 299 tokens"),
         (["--instances", str(tmp_path / "missing.jsonl")], 1, "missing.jsonl:1: missing key(s): outputs"),

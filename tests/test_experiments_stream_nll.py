@@ -149,15 +149,26 @@ def test_resume_from_a_checkpoint_gives_the_same_numbers(model_dir, text_file, t
     (["--top-k-middle", "3"], "--top-k-middle applies to the last query"),
     (["-D", "4", "--method", "sliding_window"], "-D/--limit-distance is not used by --method sliding_window"),
     (["--streams", "200"], "300 tokens cannot make 200 streams"),
-    (["--rope-scaling", "yarn"], "--rope-scaling yarn: give the extension factor, e.g. yarn@4"),
-    (["--rope-scaling", "lm_infinite+pi@2"], "--rope-scaling takes FREQ@FACTOR (the mask is --method)"),
-    (["--rope-scaling", "longrope@2"], "--rope-scaling: method 'longrope@2': 'longrope' is not a frequency method"),
+    (["--method", "yarn"], "--method yarn: give the extension factor, e.g. yarn@4"),
+    (["--method", "lm_infinite+pi"], "--method lm_infinite+pi: give the extension factor, e.g. lm_infinite+pi@4"),
+    (["--method", "self_extend@cover"], "--method self_extend@cover: @cover chooses --group-size per length"),
+    (["--tokenizer", "{model}"], "--tokenizer applies to --text"),
 ])
 def test_bad_arguments_say_what_is_wrong(model_dir, tmp_path, capsys, extra, message):
     np.save(tmp_path / "t.npy", np.arange(300) % 97)
+    extra = [a.format(model=model_dir) for a in extra]
     code, _, err = run([str(model_dir), "--tokens", str(tmp_path / "t.npy"), "--out", str(tmp_path / "o.json"),
                         "--no-plot", *extra], capsys)
     assert code == 1 and err.startswith("error: ") and message in err, err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "longrope@2"], "argument --method: method 'longrope@2': 'longrope' is not a frequency method"),
+    (["--method", "lm_infinite@cover"], "argument --method: method 'lm_infinite@cover': lm_infinite has no parameter"),
+])
+def test_a_method_outside_the_grammar_fails_while_parsing(tmp_path, capsys, extra, message):
+    code, _, err = run([str(tmp_path / "no-model"), "--tokens", str(tmp_path / "t.npy"), *extra], capsys)
+    assert code == 2 and f"error: {message}" in err, err
     assert not (tmp_path / "o.json").exists()
 
 
@@ -293,11 +304,11 @@ def test_rope_scaling_streams_as_one_forward_and_is_part_of_the_checkpoint(model
     ckpt = tmp_path / "ckpt"
     common = [str(model_dir), "--tokens", str(tmp_path / "t.npy"), "--chunk", "32", "-L", str(L), "-G", str(G),
               "--checkpoint-dir", str(ckpt), "--no-plot", "--no-progress", "--out", str(tmp_path / "o.json")]
-    code, _, stderr = run(common + ["--rope-scaling", "yarn@4", "--max-chunks", "2"], capsys)
+    code, _, stderr = run(common + ["--method", "lm_infinite+yarn@4", "--max-chunks", "2"], capsys)
     assert code == 0, stderr
-    code, _, stderr = run(common + ["--rope-scaling", "pi@4"], capsys)  # another frequency method: refused
+    code, _, stderr = run(common + ["--method", "lm_infinite+pi@4"], capsys)  # another frequency method: refused
     assert code == 1 and "model.attention.frequencies.kind: checkpoint has yarn, run asks linear" in stderr, stderr
-    code, _, stderr = run(common + ["--rope-scaling", "yarn@4"], capsys)  # resumed
+    code, _, stderr = run(common + ["--method", "lm_infinite+yarn@4"], capsys)  # resumed
     assert code == 0, stderr
     record = json.loads((tmp_path / "o.json").read_text())
     yarn = frequency_method("yarn", 4.0, PRETRAIN)
