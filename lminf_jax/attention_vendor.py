@@ -238,10 +238,11 @@ def _splash_window(q, k, v, *, window: int | None, scale: Scaling, interpret: bo
     return out.transpose(0, 2, 1, 3)[:, :t], lse.transpose(0, 2, 1)[:, :t]
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(length: int, window: int | None, heads: int, softcap: float | None, interpret: bool):
     """A splash attention kernel of ``heads`` heads over ``length`` tokens (a multiple of `SPLASH_TILE`)
-    with a causal window of ``window`` keys (None: causal), returning the log-sum-exp."""
+    with a causal window of ``window`` keys (None: causal), returning the log-sum-exp. Built in each trace
+    (its mask arrays are that trace's constants; a kernel kept across traces would leak them): the costly
+    part, splash's processing of the mask into blocks, is cached by splash itself, keyed by the mask."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -261,6 +262,12 @@ def _band_mask(length: int, window: int | None):
     empty, full or partial (then it keeps its entries): answered from the block's corners, 131,072 tokens
     take seconds instead of minutes (153 s per kernel on one CPU core with the plain mask). The kernel
     itself computes the same mask in place (`mask_function`)."""
+    return _band_mask_class()((length, length), (None if window is None else window - 1, 0), offset=0)
+
+
+@functools.cache
+def _band_mask_class() -> type:
+    """The class of `_band_mask`, made once (masks hash by their class: splash's mask cache then hits)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
     class BandMask(masks.LocalMask):
@@ -275,4 +282,4 @@ def _band_mask(length: int, window: int | None):
                         return np.ones((1, 1), np.bool_)  # every key in every query's window
             return super().__getitem__(idx)
 
-    return BandMask((length, length), (None if window is None else window - 1, 0), offset=0)
+    return BandMask

@@ -306,3 +306,15 @@ def test_splash_band_mask_is_processed_as_splash_own_masks(length, window):
         for field in slow._fields:
             a, b = getattr(fast, field), getattr(slow, field)
             assert (a is None) == (b is None) and (a is None or np.array_equal(a, b)), field
+
+
+def test_a_model_under_auto_runs_in_several_traces():
+    """Every trace builds its own splash kernel (one kept across traces leaked the first trace's mask
+    arrays: an UnexpectedTracerError on the second model run in a process)."""
+    family, cfg, params = random_model("llama_gqa")
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (1, 520)), jnp.int32)
+    models = [family.model(cfg, AttentionCall(LMInfinite(4, 128), block_q=block), dtype=jnp.bfloat16)
+              for block in (512, 256)]
+    runs = [model.forward(params, tokens) for model in models]
+    assert rel_err(runs[0].astype(jnp.float32), runs[1].astype(jnp.float32)) < 1e-2
