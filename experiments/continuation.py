@@ -9,7 +9,7 @@ MODEL_DIR defaults to the shipped LLaMA-style model; L is its pretraining length
 segments (`experiments.text` options, as in `experiments.perplexity`) of ``16 L + N`` tokens each,
 BOS first, are cut at position ``P = m x L`` for each multiple m: the model reads the first P tokens
 and greedily generates N more, which are compared with the N tokens that really follow, on
-whitespace-separated words of the decoded text (`lminf_jax.metrics`: BLEU-4 with smoothing,
+whitespace-separated words of the decoded text (`lminf_jax.evaluation.metrics`: BLEU-4 with smoothing,
 ROUGE-L F1); the decoded text needs the model's tokenizer (``--tokenizer DIR``: another
 directory's). Methods (default: these three):
 
@@ -43,7 +43,7 @@ from lminf_jax.experiments.loading import (
 from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option
 from lminf_jax.experiments.perplexity import SHIPPED_MODEL
 from lminf_jax.experiments.text import add_text_args, bos_id, check_ids, token_stream
-from lminf_jax.metrics import bleu, rouge_l
+from lminf_jax.evaluation.metrics import bleu, rouge_l
 
 METHODS = ("vanilla", "lm_infinite", "truncation")
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lminf_jax.evaluation import bos_sequences
+    from lminf_jax.evaluation.perplexity import bos_sequences
 
     methods = checked_methods(args.methods, everything=None)
     family, config = load_config(args.model_dir)

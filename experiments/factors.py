@@ -81,7 +81,7 @@ class Setup:
     def __init__(self, args: argparse.Namespace):
         import jax.numpy as jnp
 
-        from lminf_jax.evaluation import bos_sequences
+        from lminf_jax.evaluation.perplexity import bos_sequences
 
         family, config = load_config(args.model_dir)
         self.l_train = pretraining_length(config)
@@ -187,7 +187,7 @@ def starting_tokens(setup: Setup) -> dict:
     first tokens from the rest, and NLL with G = 0, 1, 4, 10, 100 sinks (and vanilla)."""
     import jax.numpy as jnp
 
-    from lminf_jax.evaluation import sequence_nll
+    from lminf_jax.evaluation.perplexity import sequence_nll
 
     n = min(setup.l_train, setup.length)
     first = min(10, n // 4)
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     setup = Setup(args)
-    from lminf_jax.streaming import finite_or_none
+    from lminf_jax.evaluation.streaming import finite_or_none
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ and lengths rounded up to `bucket` sizes, so that a few shapes compile:
   are summed, and it is greedy when each of its tokens is the argmax.
 * ``loglikelihood_rolling``: a document is scored as one stream, BOS + its tokens, each token
   predicted once from every token before it under the method's own attention, in chunks of
-  ``prefill_chunk`` tokens (`lminf_jax.streaming.streaming_nll`, what ``experiments.stream_nll`` runs:
+  ``prefill_chunk`` tokens (`lminf_jax.evaluation.streaming.streaming_nll`, what ``experiments.stream_nll`` runs:
   constant memory on a Λ-cache, a full cache for unbounded methods), one document per call. That is
   lm-eval's rolling log-likelihood with one window as long as the document: the method, not a window,
   decides what each token sees, as in the project's perplexity.
@@ -295,7 +295,7 @@ class LminfJaxLM(TemplateLM):
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         """Each document's log-likelihood: one stream (BOS + tokens) through `streaming_nll`, or, with
         ``max_length``, lm-eval's rolling windows of that many tokens (see the module docstring)."""
-        from lminf_jax.streaming import streaming_nll
+        from lminf_jax.evaluation.streaming import streaming_nll
 
         self._no_top_k("loglikelihood_rolling")
         texts = [req.args[0] for req in requests]

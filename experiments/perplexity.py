@@ -20,7 +20,7 @@ with the model's tokenizer (``--tokenizer DIR``: another directory's), BOS + ids
 concatenated in path order. ``--text`` encodes the given files the same way; ``--tokens`` takes a
 1-D integer ``.npy`` as it is (no tokenizer needed).
 
-Design (`lminf_jax.evaluation`): ``--sequences`` S segments of ``T - 1`` tokens (T the longest
+Design (`lminf_jax.evaluation.perplexity`): ``--sequences`` S segments of ``T - 1`` tokens (T the longest
 length), evenly spaced over the text; at every length n each segment is cut into tiles of
 ``n - 1`` tokens, each scored as BOS + tile. Every length thus scores the same tokens and only
 their positions differ. The table shows exp(mean NLL) per length; the JSON adds its standard
@@ -56,7 +56,7 @@ and per token; per method: NLL by position and prefix perplexity; time; with NaN
 (default: ``--out`` with ``.png``; log-scale perplexity vs length, one line per method, the spread across segments
 shaded, next to NLL vs position). Completed work survives an interrupted run: the scores of each batch are saved as
 they are computed in ``OUT.parts/KEY/NAME.SHA.npy``, KEY a hash of the model (its params'
-`lminf_jax.fingerprint.tree_fingerprint`, config, dtypes), the text and the settings, SHA the
+`lminf_jax.evaluation.fingerprint.tree_fingerprint`, config, dtypes), the text and the settings, SHA the
 start of the sha256 of the file's bytes. A rerun with the same settings reuses the parts whose
 bytes match their SHA and scores a damaged one again, with a warning; the folder is removed once
 the JSON is written.
@@ -144,10 +144,10 @@ def rows_per_call(batch_tokens: int, rows: int, length: int, plan: ShardingPlan 
 
 def score(forward, params, sequences: np.ndarray, batch: int, parts: Path, key: str, bar) -> np.ndarray:
     """NLL ``(R, n - 1)`` float32 of the rows of ``sequences (R, n)`` under ``forward`` (logits or scores,
-    `lminf_jax.evaluation.sequence_nll`; the CLI's is `models.decoder.LanguageModel.score`, no logits),
+    `lminf_jax.evaluation.perplexity.sequence_nll`; the CLI's is `models.decoder.LanguageModel.score`, no logits),
     ``batch`` rows per call (the last batch padded by repeating its last row, so one shape compiles). Each
     batch is saved in ``parts`` as it completes and read back (verified) instead of recomputed."""
-    from lminf_jax.evaluation import sequence_nll
+    from lminf_jax.evaluation.perplexity import sequence_nll
 
     out = []
     for first in range(0, sequences.shape[0], batch):
@@ -382,10 +382,10 @@ def show_saved(path: str, png: str | None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.from_json is not None:
         return show_saved(args.from_json, None if args.no_plot else args.plot)
-    from lminf_jax.evaluation import length_point, position_buckets, prefix_ppl, text_segments, tile_segments
-    from lminf_jax.fingerprint import tree_fingerprint
+    from lminf_jax.evaluation.perplexity import length_point, position_buckets, prefix_ppl, text_segments, tile_segments
+    from lminf_jax.evaluation.fingerprint import tree_fingerprint
     from lminf_jax.progress import Progress
-    from lminf_jax.streaming import PositionBuckets, finite_or_none
+    from lminf_jax.evaluation.streaming import PositionBuckets, finite_or_none
     from lminf_jax import Rotary
     from lminf_jax.models.common import AttentionCall
 

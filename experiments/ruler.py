@@ -57,7 +57,7 @@ last token see), JSON (settings, instances without their prompts, every predicti
 whether its needles were visible, scores per task, length and depth) and a heat map (length x
 depth; its format by --plot's extension: png, pdf, svg, ...) per task and method. The JSON is saved
 after each task x length x method cell; a rerun with the same settings and weights
-(``settings.params``: their `lminf_jax.fingerprint.tree_fingerprint`) keeps the finished cells
+(``settings.params``: their `lminf_jax.evaluation.fingerprint.tree_fingerprint`) keeps the finished cells
 (methods may be added), and one with other settings or weights is refused.
 
 Fine-tuning (`TrainingMix`, ``python -m experiments.train ... --ruler-fraction F``): windows of
@@ -899,7 +899,7 @@ def finished(path: str | os.PathLike, old: dict | None, params: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lminf_jax.fingerprint import tree_fingerprint
+    from lminf_jax.evaluation.fingerprint import tree_fingerprint
 
     family, config = load_config(args.model_dir)
     l_train = pretraining_length(config)

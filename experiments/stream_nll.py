@@ -6,7 +6,7 @@
         [--out results/stream_nll.json] [--plot PNG (default: --out with .png) | --no-plot] [--no-progress]
         [--method MASK[+FREQ@FACTOR]] [-G G] [-L L] [-D D] [--group-size g] [--leak k] [--mesh AXES] [--fsdp]
 
-The stream runs through the model chunk by chunk (`lminf_jax.streaming.streaming_nll`; each chunk
+The stream runs through the model chunk by chunk (`lminf_jax.evaluation.streaming.streaming_nll`; each chunk
 scored by `models.decoder.LanguageModel.score_step`, without its chunk x vocabulary logits),
 carrying a Λ-cache of G + L slots, so device memory does not depend on its length. Methods
 that attend unboundedly many keys (vanilla, distance_limit) need a full cache of the
@@ -30,7 +30,7 @@ stderr). With ``--checkpoint-dir`` the state is saved every ``--checkpoint-every
 chunks and a rerun resumes it (``--max-chunks`` ends a run early, e.g. to fit a time limit).
 A checkpoint records the model (a fingerprint of its params, its config, the full attention
 call and the compute dtype), the chunk and a hash of the stream it scored; a rerun with any of
-them different is refused, naming the field (`lminf_jax.streaming`).
+them different is refused, naming the field (`lminf_jax.evaluation.streaming`).
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from lminf_jax.cache import needs_full_cache
-    from lminf_jax.streaming import PositionBuckets, check_checkpoint_dir, streaming_nll
+    from lminf_jax.evaluation.streaming import PositionBuckets, check_checkpoint_dir, streaming_nll
     from lminf_jax.models.common import AttentionCall
 
     if args.checkpoint_dir is not None:

@@ -19,7 +19,7 @@
   (the last two kept): ``state`` (params and optimiser state), ``meta`` (step, seed, tokens seen,
   last loss, and the run's identity: every setting that determines the result, the model config,
   a hash of the token files and tokenizer, the initial params' fingerprint) and ``checksum`` (a
-  `lminf_jax.fingerprint.json_digest` of meta, a `tree_fingerprint` of state). A rerun resumes
+  `lminf_jax.evaluation.fingerprint.json_digest` of meta, a `tree_fingerprint` of state). A rerun resumes
   from the newest checkpoint that reads back intact (a damaged newer one is removed with a
   warning) and reaches bit-identical params (float32, same machine); it is refused, naming the
   field, when its identity differs. ``loss.jsonl`` is cut back to the resumed step first.
@@ -291,7 +291,7 @@ def evaluate(eval_loss, params, windows: np.ndarray, batch: int) -> float:
 def run_identity(cfg: TrainConfig, config: dict, streams: Sequence[np.ndarray], params) -> dict:
     """Everything that determines the trained params: the settings, the model config, the token
     streams and tokenizer (sha256 of their contents) and the initial params' fingerprint."""
-    from lminf_jax.fingerprint import tree_fingerprint
+    from lminf_jax.evaluation.fingerprint import tree_fingerprint
 
     h = hashlib.sha256()
     for stream in streams:
@@ -319,7 +319,7 @@ def _state(params, opt_state) -> dict:
 def _save_checkpoint(manager, step: int, params, opt_state, meta: dict) -> None:
     import orbax.checkpoint as ocp
 
-    from lminf_jax.fingerprint import json_digest, tree_fingerprint
+    from lminf_jax.evaluation.fingerprint import json_digest, tree_fingerprint
 
     state = _state(params, opt_state)
     checksum = {"json": json_digest(meta), "arrays": tree_fingerprint(state)}
@@ -330,12 +330,12 @@ def _save_checkpoint(manager, step: int, params, opt_state, meta: dict) -> None:
 
 def _restore_checkpoint(manager, identity: dict, params, opt_state):
     """``(params, opt_state, meta)`` of the newest intact checkpoint of this run, or None when
-    there is none (`lminf_jax.fingerprint.newest_intact`)."""
+    there is none (`lminf_jax.evaluation.fingerprint.newest_intact`)."""
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from lminf_jax.fingerprint import check_identity, json_digest, newest_intact, tree_fingerprint
+    from lminf_jax.evaluation.fingerprint import check_identity, json_digest, newest_intact, tree_fingerprint
 
     treedef = jax.tree.structure((params, opt_state))
     target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _state(params, opt_state).items()}

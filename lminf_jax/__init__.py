@@ -4,8 +4,10 @@ Model-family agnostic pieces: positional encodings, attention methods (`METHODS`
 entry point (dense reference, jitted blockwise implementation, the vendors' fused kernels).
 
 The project's other rooms are its subpackages by name: `lminf_jax.models` (the families),
-`lminf_jax.converters` (Hugging Face checkpoints) and `lminf_jax.experiments` (the commands). Their
-folders sit beside this one (``models/``, ``converters/``, ``experiments/``); an install maps them
+`lminf_jax.converters` (Hugging Face checkpoints), `lminf_jax.evaluation` (the evaluation harness:
+streaming NLL, perplexity by length, fingerprints, metrics) and `lminf_jax.experiments` (the
+commands). Their folders sit beside this one (``models/``, ``converters/``, ``evaluation/``,
+``experiments/``); an install maps them
 here (pyproject's ``package-dir``), and in a source tree run in place (``PYTHONPATH=.``) this
 package's search path reaches them. The core imports none of them.
 """
@@ -28,7 +30,6 @@ _EXPORTS = {
     "Scaling": "scores",
     **dict.fromkeys(("METHODS", "AttentionSpec", "DistanceLimit", "LambdaMask", "LeakyReRoPE", "LMInfinite",
                      "SelfExtend", "SlidingWindow", "StreamingLLM", "TopK", "Vanilla"), "spec"),
-    **dict.fromkeys(("PositionBuckets", "StreamResult", "streaming_nll"), "streaming"),
 }
 
 
@@ -51,7 +52,6 @@ __all__ = [
     "LambdaMask",
     "LeakyReRoPE",
     "METHODS",
-    "PositionBuckets",
     "FREQUENCY_METHODS",
     "RopeScaling",
     "RopeScheme",
@@ -62,7 +62,6 @@ __all__ = [
     "Rotary",
     "Sampling",
     "Scaling",
-    "StreamResult",
     "TopK",
     "Vanilla",
     "alibi_bias",
@@ -76,5 +75,4 @@ __all__ = [
     "rope_angles",
     "rope_frequencies",
     "sample",
-    "streaming_nll",
 ]

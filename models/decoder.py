@@ -7,7 +7,7 @@ attention geometry and positional scheme. `LanguageModel` drives it:
 * ``forward``: one pass over a whole sequence (no cache);
 * ``__call__`` (the *step*): new tokens against a `KVCache`, returning their logits and
   the updated cache. This is the ``step(params, tokens, positions, cache)`` contract of
-  `lminf_jax.decoding` and `lminf_jax.streaming`;
+  `lminf_jax.decoding` and `lminf_jax.evaluation.streaming`;
 * ``score`` / ``score_step``: the same passes returning, per position, the log-probability of a
   target token (`lminf_jax.logprobs.Scores`) with the head run on chunks of positions, never the
   ``(B, T, vocab)`` logits; ``last_logits``: the step with the head on each row's last token only.
@@ -135,7 +135,7 @@ class LanguageModel:
     optional `ShardingPlan` (params then placed by `models.registry.Family.param_shardings`).
 
     Frozen and hashable, so it is a valid ``jax.jit`` static argument and can be handed
-    to `lminf_jax.decoding.generate` / `lminf_jax.streaming.streaming_nll` as the step.
+    to `lminf_jax.decoding.generate` / `lminf_jax.evaluation.streaming.streaming_nll` as the step.
     """
 
     build: Callable[..., Decoder]
@@ -253,7 +253,7 @@ class LanguageModel:
                    targets: jax.Array, *, chunk: int = HEAD_CHUNK) -> tuple[Scores, KVCache]:
         """The step (`__call__`) scoring ``targets (B, T)`` (what each new token's position predicts)
         instead of returning logits: `lminf_jax.logprobs.Scores` ``(B, T)`` and the cache, the head on
-        about ``chunk`` tokens at a time as in `score` (the `lminf_jax.streaming` scoring step)."""
+        about ``chunk`` tokens at a time as in `score` (the `lminf_jax.evaluation.streaming` scoring step)."""
         positions = self._step_positions(tokens, positions, cache)
         self._check_targets(targets, tokens.shape)
         return _jit_score_step(self, params, tokens, positions, cache, jnp.asarray(targets, jnp.int32), chunk)

@@ -21,7 +21,7 @@ from lminf_jax.experiments import lm_eval_model  # noqa: E402
 from lminf_jax.experiments.generate import continuation_text  # noqa: E402
 from lminf_jax.experiments.perplexity import SHIPPED_MODEL  # noqa: E402
 from lminf_jax.decoding import generate  # noqa: E402
-from lminf_jax.evaluation import sequence_nll  # noqa: E402
+from lminf_jax.evaluation.perplexity import sequence_nll  # noqa: E402
 
 G, L, CHUNK = 2, 16, 16  # texts of the rolling task are longer than L and than one chunk
 MODEL_ARGS = {"pretrained": str(SHIPPED_MODEL), "method": "lm_infinite", "G": G, "L": L, "dtype": "fp32",

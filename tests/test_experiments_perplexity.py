@@ -16,7 +16,7 @@ from flax import traverse_util
 from multidevice import run_on_devices
 from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 
-import lminf_jax.evaluation as evaluation
+import lminf_jax.evaluation.perplexity as evaluation
 from lminf_jax.converters.store import load_converted, save_converted
 from lminf_jax.experiments import perplexity as cli
 from lminf_jax.experiments.loading import load_model, load_tokenizer_from

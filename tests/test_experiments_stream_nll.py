@@ -16,7 +16,8 @@ from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 
 from lminf_jax.experiments import stream_nll as cli
 from lminf_jax.experiments.loading import load_model, load_tokenizer_from
-from lminf_jax import AttentionSpec, LMInfinite, PositionBuckets, SlidingWindow, frequency_method
+from lminf_jax import AttentionSpec, LMInfinite, SlidingWindow, frequency_method
+from lminf_jax.evaluation.streaming import PositionBuckets
 from lminf_jax.models.common import AttentionCall
 
 G, L = 4, 16

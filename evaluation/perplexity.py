@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lminf_jax.logprobs import Scores
-from lminf_jax.streaming import BucketRow, PositionBuckets, finite_or_none, token_nll
+from lminf_jax.evaluation.streaming import BucketRow, PositionBuckets, finite_or_none, token_nll
 
 __all__ = ["LengthPoint", "bos_sequences", "length_point", "position_buckets", "prefix_ppl", "sequence_nll", "text_segments",
            "tile_segments"]

@@ -1,4 +1,4 @@
-"""lminf_jax.fingerprint: content digests computed on the device, identity checks, newest intact state."""
+"""lminf_jax.evaluation.fingerprint: content digests computed on the device, identity checks, newest intact state."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from multidevice import run_on_devices
 
-from lminf_jax.fingerprint import Mismatch, check_identity, json_digest, leaf_digests, newest_intact, tree_fingerprint
+from lminf_jax.evaluation.fingerprint import Mismatch, check_identity, json_digest, leaf_digests, newest_intact, tree_fingerprint
 
 DTYPES = [np.float32, jnp.bfloat16, np.float16, np.int8, np.uint8, np.int16, np.int32, np.uint32]
 
@@ -86,7 +86,7 @@ SHARDED_SCRIPT = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from lminf_jax.fingerprint import tree_fingerprint
+from lminf_jax.evaluation.fingerprint import tree_fingerprint
 x = np.random.default_rng(0).normal(size=(16, 24)).astype(np.float32)
 mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
 prints = [tree_fingerprint({"x": jax.device_put(x, NamedSharding(mesh, spec))})
@@ -140,7 +140,7 @@ def test_newest_intact_falls_back_and_says_so(capsys):
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (100,), (2, 1, 40), (4, 3)])
 def test_large_leaves_are_digested_in_bounded_blocks_with_the_same_result(shape, monkeypatch):
-    import lminf_jax.fingerprint as fp
+    import lminf_jax.evaluation.fingerprint as fp
 
     leaves = [jnp.asarray(random_bits(np.float32, shape, seed=6)), jnp.asarray(random_bits(np.int8, (9,), seed=7))]
     whole = leaf_digests(leaves)

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lminf_jax import streaming
+from lminf_jax.evaluation import streaming
 from lminf_jax.logprobs import token_scores
-from lminf_jax.streaming import PositionBuckets, StreamResult, streaming_nll
+from lminf_jax.evaluation.streaming import PositionBuckets, StreamResult, streaming_nll
 
 V, D, F = 13, 6, 3
 DECAY = 0.9

@@ -86,7 +86,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lminf_jax.fingerprint import check_identity, json_digest, newest_intact, tree_fingerprint
+from lminf_jax.evaluation.fingerprint import check_identity, json_digest, newest_intact, tree_fingerprint
 from lminf_jax.logprobs import token_scores
 from lminf_jax.progress import Progress
 from lminf_jax.spec import INT32_MAX

@@ -1,4 +1,4 @@
-"""lminf_jax.evaluation: segments and tiles, scores against a float64 log-softmax, the statistics."""
+"""lminf_jax.evaluation.perplexity: segments and tiles, scores against a float64 log-softmax, the statistics."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from conftest import random_model
 
-from lminf_jax import LMInfinite, PositionBuckets, Vanilla
-from lminf_jax.evaluation import (
+from lminf_jax import LMInfinite, Vanilla
+from lminf_jax.evaluation.streaming import PositionBuckets
+from lminf_jax.evaluation.perplexity import (
     bos_sequences, length_point, position_buckets, prefix_ppl, sequence_nll, text_segments, tile_segments,
 )
 from lminf_jax.models.common import AttentionCall

@@ -1,4 +1,4 @@
-"""lminf_jax.metrics: BLEU and ROUGE-L on hand-computed examples."""
+"""lminf_jax.evaluation.metrics: BLEU and ROUGE-L on hand-computed examples."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lminf_jax.metrics import bleu, rouge_l
+from lminf_jax.evaluation.metrics import bleu, rouge_l
 
 
 def test_bleu_matches_hand_computed_values():
