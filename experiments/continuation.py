@@ -109,7 +109,6 @@ def continue_with(name: str, family, config, params, dtype, prompts: np.ndarray,
     """``(generated (S, N), ms per generated token, ms of the prompt)`` for one method (its parameters
     ``options``), timed after a compiling run. For cached decoding the per-token time is
     ``(t(N) - t(1)) / (N - 1)``, so the prompt's prefill (``t(1)``) is not spread over the new tokens."""
-    from lminf_jax.cache import needs_full_cache
     from lminf_jax.decoding import generate
     from lminf_jax.models.common import AttentionCall
 
@@ -120,7 +119,7 @@ def continue_with(name: str, family, config, params, dtype, prompts: np.ndarray,
         tokens = repeated_truncation(model, params, prompts, new_tokens, l_train, bos)
         return tokens, 1e3 * (time.perf_counter() - t0) / new_tokens, 0.0
     model = family.model(config, attention(name, config, options, prompts.shape[1] + new_tokens, l_train), dtype)
-    capacity = prompts.shape[1] + new_tokens if needs_full_cache(model.spec) else None
+    capacity = None if model.spec.bounded else prompts.shape[1] + new_tokens
 
     def timed(n: int) -> tuple[np.ndarray, float]:
         cache = model.init_cache(prompts.shape[0], capacity=capacity)

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from lminf_jax import Sampling
-    from lminf_jax.cache import NARROWEST_DTYPE, check_cache_fits, needs_full_cache
+    from lminf_jax.cache import NARROWEST_DTYPE, check_cache_fits
     from lminf_jax.decoding import check_positions, generate
     from lminf_jax.models.common import AttentionCall
 
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"=== prompt {b + 1}/{len(prompts)}: {prompt}\n{text}\n", flush=True)
 
     total = sum(len(g) for g in generated)
-    kind = "full" if needs_full_cache(spec) else "lambda"
+    kind = "lambda" if spec.bounded else "full"
     print(
         f"model: {family.name} from {args.model_dir} ({model_kind(args.model_dir)}), params {stored.name}, "
         f"compute {model.dtype.name}\n"

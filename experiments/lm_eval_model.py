@@ -170,8 +170,6 @@ class LminfJaxLM(TemplateLM):
                  dtype: str | None = None, batch_size: int | str = 1, max_gen_toks: int = 256, max_length: int | None = None,
                  prefill_chunk: int = 512, device: str | None = None, max_batch_size: int | None = None,
                  **options: Any) -> None:
-        from lminf_jax.cache import needs_full_cache
-
         super().__init__()
         del max_batch_size  # lm-eval's, for batch_size=auto, which is refused below
         if str(batch_size).startswith("auto"):
@@ -205,7 +203,7 @@ class LminfJaxLM(TemplateLM):
         self.info = {"model": self.pretrained, "family": family.name, "method": choice.name,
                      "attention": spec.describe(), "compute_dtype": compute.name,
                      "rope_scaling": None if call.frequencies is None else dataclasses.asdict(call.frequencies),
-                     "cache": "full" if needs_full_cache(spec) else "lambda", "max_length": self.max_length}
+                     "cache": "lambda" if spec.bounded else "full", "max_length": self.max_length}
         logger.info(f"lminf_jax: {family.name} from {pretrained}, {choice.name}: {spec.describe()}, compute "
                     f"{compute.name}, {self.info['cache']} cache, batch {self.batch_size}")
 

@@ -212,7 +212,6 @@ def method_specs(config, name: str, args) -> tuple[AttentionSpec, AttentionSpec 
 
 def evaluate_cell(model, prefill, params, prompts: list[Prompt], name: str, l_train: int, tokenizer) -> list[dict]:
     """Greedy answers of one method for prompts of one length."""
-    from lminf_jax.cache import needs_full_cache
     from lminf_jax.decoding import generate
 
     ids = [list(p.tokens) for p in prompts]
@@ -220,7 +219,7 @@ def evaluate_cell(model, prefill, params, prompts: list[Prompt], name: str, l_tr
         keep = l_train - 1 - NEW_TOKENS
         ids = [t[:1] + t[-keep:] if len(t) > keep + 1 else t for t in ids]
     longest = max(len(t) for t in ids)
-    capacity = longest + NEW_TOKENS if needs_full_cache(model.spec) else None
+    capacity = None if model.spec.bounded else longest + NEW_TOKENS
     cache = model.init_cache(len(ids), capacity=capacity)
     out = generate(model, params, ids, cache, max_new_tokens=NEW_TOKENS, prefill_step=prefill)
     rows = []

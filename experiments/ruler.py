@@ -832,13 +832,12 @@ def predict(model, prefill, params, tokenizer, prompts: list[list[int]], new_tok
             keep: int | None) -> list[dict]:
     """Greedy continuations stopping at EOS, `batch` prompts per call (the last padded with copies of
     its last prompt); ``keep``: truncate each prompt to its first token + its last `keep`."""
-    from lminf_jax.cache import needs_full_cache
     from lminf_jax.decoding import generate
 
     if keep is not None:
         prompts = [t[:1] + t[-keep:] if len(t) > keep + 1 else t for t in prompts]
     size = min(batch, len(prompts))
-    capacity = max(map(len, prompts)) + new_tokens if needs_full_cache(model.spec) else None
+    capacity = None if model.spec.bounded else max(map(len, prompts)) + new_tokens
     stops = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
     rows = []
     for first in range(0, len(prompts), size):

@@ -189,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     import jax
 
-    from lminf_jax.cache import needs_full_cache
     from lminf_jax.evaluation.streaming import PositionBuckets, check_checkpoint_dir, streaming_nll
     from lminf_jax.models.common import AttentionCall
 
@@ -231,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - began
     stored = params_dtype(params)
     model = family.model(config, call, resolve_dtype(args.dtype) or stored, plan)
-    if needs_full_cache(spec):
+    if not spec.bounded:
         capacity = length if args.capacity is None else args.capacity
         if capacity < length:
             raise ValueError(f"--method {args.method} needs a full cache holding the whole stream: {length:,} tokens "

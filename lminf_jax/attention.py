@@ -13,7 +13,7 @@ from jax import lax
 from lminf_jax.alibi import Alibi
 from lminf_jax.attention_blockwise import blockwise_attention, merge_top_k
 from lminf_jax.attention_decode import single_query_attention
-from lminf_jax.attention_pallas import kernel_supports, lambda_attention
+from lminf_jax.attention_pallas import lambda_attention
 from lminf_jax.attention_reference import AttentionProbe, reference_attention
 from lminf_jax.attention_vendor import SIXTEEN_BIT, Route, unsupported, window_sink_attention
 from lminf_jax.rope import Rotary
@@ -181,7 +181,7 @@ def _check_explicit(implementation: str, q, v, spec: AttentionSpec, positional: 
     if implementation == "single_query" and (tq != 1 or spec.top_k is not None):
         raise ValueError(f"implementation 'single_query' takes one query per row and no top-k; got {tq} "
                          f"queries, top_k {spec.top_k}")
-    if implementation == "pallas" and not kernel_supports(spec):
+    if implementation == "pallas" and not spec.bounded:
         raise ValueError(f"implementation 'pallas' serves a window with bounded sinks and no top-k; "
                          f"{spec.describe()} needs 'blockwise'")
     if implementation in WINDOW_ROUTES:

@@ -46,10 +46,7 @@ from lminf_jax.scores import (
     prepare_keys,
     prepare_queries,
 )
-from lminf_jax.spec import AttentionSpec
-
-_INT_MAX = jnp.iinfo(jnp.int32).max
-
+from lminf_jax.spec import INT32_MAX, AttentionSpec
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
@@ -96,13 +93,13 @@ def _values_heads_first(v: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _weighted(p: jax.Array, v: jax.Array) -> jax.Array:
-    """``p (B, Hkv, G, bq, n) @ v (B, Hkv, n, dv)`` in float32."""
+    """``p (B, Hkv, Hg, bq, n) @ v (B, Hkv, n, dv)`` in float32."""
     return jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
                       precision=matmul_precision(v.dtype))
 
 
 def _fold(state: SoftmaxState, scores: jax.Array, attended: jax.Array, v: jax.Array, bad: jax.Array) -> SoftmaxState:
-    """Fold float32 ``scores (B, Hkv, G, bq, n)`` of the keys ``attended (B, 1, 1, bq, n)`` into the
+    """Fold float32 ``scores (B, Hkv, Hg, bq, n)`` of the keys ``attended (B, 1, 1, bq, n)`` into the
     state, against finite ``v (B, Hkv, n, dv)`` whose rows ``bad (B, Hkv, n)`` were not (`finite_values`)."""
     poisoned = lax.cond(  # rare: skip the pass over every pair
         jnp.any(bad), lambda: jnp.broadcast_to(attends_non_finite(attended, bad, heads_first=True), state.m.shape),
@@ -139,7 +136,7 @@ def blockwise_attention(
 
     # keys are rotated once, queries one block at a time (no rotated copy of every query, one per class),
     # laid out heads first: each tile's products are then plain batched matrix products over contiguous
-    # rows (B, Hkv[, G], T, d). Keys are rotated for the global class only where they are scored so: every
+    # rows (B, Hkv[, Hg], T, d). Keys are rotated for the global class only where they are scored so: every
     # key when the window's chunks score it, else the sinks alone.
     span_all = spec.window is None or not spec.global_keys_bounded
     window_global = span_all and spec.has_global
@@ -179,17 +176,17 @@ def blockwise_attention(
 
         start = jnp.int32(0)  # per row (B,) under a window: its first key chunk, read in place (no copy)
         if window_chunks:
-            pmin = jnp.min(jnp.where(qp >= 0, qp, _INT_MAX), axis=1)
+            pmin = jnp.min(jnp.where(qp >= 0, qp, INT32_MAX), axis=1)
             first = _first_at_least(k_positions, jnp.maximum(pmin - (spec.window - 1), 0))
             start = jnp.minimum(first, tk_pad - width)
         valid_q = qp >= 0
-        q_lo, q_hi = jnp.min(jnp.where(valid_q, qp, _INT_MAX)), jnp.max(qp)
+        q_lo, q_hi = jnp.min(jnp.where(valid_q, qp, INT32_MAX)), jnp.max(qp)
         every_q_valid = jnp.all(valid_q)
 
         def key_chunk(state, c):
             kl, kg, vc, kb = (_rows(x, start + c * bk, bk, axis=1) for x in (k_local, k_global, v_clean, bad))
             kp = _rows(kpos, start + c * bk, bk, axis=0)
-            k_lo, k_hi = jnp.min(jnp.where(kp >= 0, kp, _INT_MAX)), jnp.max(kp)
+            k_lo, k_hi = jnp.min(jnp.where(kp >= 0, kp, INT32_MAX)), jnp.max(kp)
             # from the position ranges alone (keys increase within a row): may any pair be attended,
             # and is every pair local (then no mask is needed)?
             reachable = k_hi >= 0
@@ -216,7 +213,7 @@ def blockwise_attention(
         out, lse = softmax_finish(state)
         return None, (out.astype(q.dtype), lse)
 
-    _, (out, lse) = lax.scan(query_block, None, jnp.arange(nq))  # (nq, B, Hkv, G, bq[, dv])
+    _, (out, lse) = lax.scan(query_block, None, jnp.arange(nq))  # (nq, B, Hkv, Hg, bq[, dv])
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, hq, dv)[:, :tq]
     lse = lse.transpose(1, 0, 4, 2, 3).reshape(b, nq * bq, hq)[:, :tq]
     return out, lse
@@ -247,9 +244,9 @@ def merge_top_k(
     g = hq // hkv
     q_last = q[:, -1:].reshape(b, 1, hkv, g, d)
     s = middle_scores(q_last, k, q_positions[:, -1:], k_positions, spec=spec, positional=positional, scale=scale)
-    values, index = lax.top_k(s[..., 0, :], min(spec.top_k.k, k.shape[1]))  # (B, Hkv, G, n)
+    values, index = lax.top_k(s[..., 0, :], min(spec.top_k.k, k.shape[1]))  # (B, Hkv, Hg, n)
     v_heads = jnp.swapaxes(v, 1, 2).astype(jnp.float32)  # (B, Hkv, Tk, dv)
-    chosen_v = jnp.take_along_axis(v_heads[:, :, None], index[..., None], axis=3)  # (B, Hkv, G, n, dv)
+    chosen_v = jnp.take_along_axis(v_heads[:, :, None], index[..., None], axis=3)  # (B, Hkv, Hg, n, dv)
     chosen_v = jnp.where((values > NEG_INF)[..., None], chosen_v, 0.0)  # no middle key: its value stays out
 
     chosen = softmax_update(softmax_init((b, hkv, g), v.shape[-1]), values,

@@ -97,7 +97,7 @@ def decode_attention(
 
 def _set_scores(q32, q_local, q_positions, k, kp, spec: AttentionSpec, positional: Positional, scale: Scaling,
                 last, n_far: int) -> tuple[jax.Array, jax.Array]:
-    """float32 scores ``(B, Hkv, G, S)`` (``-inf`` where not attended) and ``attended (B, S)`` of one
+    """float32 scores ``(B, Hkv, Hg, S)`` (``-inf`` where not attended) and ``attended (B, S)`` of one
     key set ``k (B, Hkv, S, d)`` (rotated at its positions under RoPE); global keys only among the
     first ``n_far`` slots."""
     dtype = k.dtype

@@ -40,12 +40,6 @@ from lminf_jax.scores import (
 )
 from lminf_jax.spec import AttentionSpec
 
-def kernel_supports(spec: AttentionSpec) -> bool:
-    """Whether ``spec`` attends a bounded set (`AttentionSpec.bounded`: sinks and a window), which the
-    kernel computes."""
-    return spec.bounded
-
-
 def check_triton_shapes(head_dim: int, value_dim: int, block_q: int, block_k: int) -> None:
     """Raise a ValueError naming what the Triton backend cannot tile."""
     for name, n in (("head_dim", head_dim), ("value_dim", value_dim), ("block_q", block_q), ("block_k", block_k)):
@@ -68,11 +62,11 @@ def lambda_attention(
     interpret: bool = False,
 ) -> jax.Array:
     """Self-attention ``q (B, T, Hq, d)`` over ``k, v (B, T, Hkv, d|dv)``, every row at positions
-    0..T-1, under a bounded ``spec`` (`kernel_supports`). Returns the output ``(B, T, Hq, dv)`` in q's
+    0..T-1, under a bounded ``spec`` (`AttentionSpec.bounded`). Returns the output ``(B, T, Hq, dv)`` in q's
     dtype and the float32 log-sum-exp of each row's scores ``(B, T, Hq)`` (``-inf``: nothing attended),
     so that results over other keys can be merged exactly (`lminf_jax.online_softmax`).
     ``interpret=False`` compiles with Triton (GPU)."""
-    if not kernel_supports(spec):
+    if not spec.bounded:
         raise ValueError(f"the Pallas kernel serves bounded specs without top-k; got {spec.describe()}")
     b, t, hq, d = q.shape
     hkv, dv = k.shape[2], v.shape[-1]

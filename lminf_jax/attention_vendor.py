@@ -8,8 +8,8 @@ into two disjoint key sets per query ``i``:
    the causal sliding-window attention the vendors fuse, which also returns each row's log-sum-exp:
    cuDNN's flash attention on GPU (`jax.nn.dot_product_attention`'s ``"cudnn"`` implementation) and
    splash attention on TPU (``jax.experimental.pallas.ops.tpu.splash_attention``, with a ``LocalMask``);
-2. **the sinks** beyond the window (``i - j >= L`` and ``j < G``), scored where the spec places global keys (`lminf_jax.scores.masked_scores`): a ``(T, G)`` product, G/L of
-   the window's work.
+2. **the sinks** beyond the window (``i - j >= L`` and ``j < G``), scored where the spec places global
+   keys (`lminf_jax.scores.masked_scores`): a ``(T, G)`` product, G/L of the window's work.
 
 The two are merged by the online softmax (`lminf_jax.online_softmax`), so the result is the spec's
 attention exactly, whatever kernel computed the window. RoPE is applied before the kernels (from
@@ -166,14 +166,15 @@ def _forward(q, k, v, spec: AttentionSpec, positional: Positional, scale: Scalin
     out = jnp.where(_window_attends(bad, window)[:, :, :, None, None], jnp.nan,
                     out.reshape(b, t, hkv, g, dv).astype(jnp.float32))
     state = softmax_state_of(out.transpose(0, 2, 3, 1, 4), lse.astype(jnp.float32).reshape(b, t, hkv, g)
-                             .transpose(0, 2, 3, 1))  # (B, Hkv, G, T[, dv])
+                             .transpose(0, 2, 3, 1))  # (B, Hkv, Hg, T[, dv])
     sinks = min(spec.sinks, t)
     if spec.has_global and window is not None and sinks:
         state = softmax_merge(state, _sink_state(q_local, q_global, k_local[:, :sinks], k_global[:, :sinks],
                                                  v[:, :sinks], bad[:, :sinks], positions, spec=spec,
                                                  positional=positional, scale=scale))
     out, lse = softmax_finish(state)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, dv).astype(q.dtype), lse.transpose(0, 3, 1, 2).reshape(b, t, hq)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, dv).astype(q.dtype)
+    return out, lse.transpose(0, 3, 1, 2).reshape(b, t, hq)
 
 
 def _cleaned(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -194,7 +195,7 @@ def _window_attends(bad: jax.Array, window: int | None) -> jax.Array:
 
 def _sink_state(q_local, q_global, k_local, k_global, v, bad, positions, *, spec: AttentionSpec,
                 positional: Positional, scale: Scaling):
-    """The online-softmax state ``(B, Hkv, G, T[, dv])`` of every query over the sinks in its global
+    """The online-softmax state ``(B, Hkv, Hg, T[, dv])`` of every query over the sinks in its global
     class (beyond its window), scored where ``spec`` places global keys."""
     sink_positions = positions[:, : k_local.shape[1]]
     scores, attended = masked_scores(q_local, q_global, k_local, k_global, positions, sink_positions, spec=spec,

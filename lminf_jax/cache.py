@@ -106,7 +106,7 @@ class KVCache:
         """The smallest cache that serves every spec of ``specs`` (layers of different kinds, e.g. a
         model's native sliding-window layers beside the method's): a Λ-cache of the most sinks and the
         longest window when all are bounded, else a full cache of ``capacity`` slots."""
-        unbounded = [spec for spec in specs if needs_full_cache(spec)]
+        unbounded = [spec for spec in specs if not spec.bounded]
         if unbounded:
             if capacity is None:
                 raise ValueError(f"capacity is required: {unbounded[0].describe()} attends an unbounded number of "
@@ -161,7 +161,7 @@ class KVCache:
         """Raise a ValueError when this cache cannot hold every key ``spec`` may attend."""
         if not self.bounded:
             return
-        if needs_full_cache(spec):
+        if not spec.bounded:
             why = "top-k middle tokens need every key" if spec.top_k is not None else "it attends unboundedly many keys"
             raise ValueError(f"{spec.describe()} needs a full cache ({why}); this is a Λ-cache "
                              f"(G={self.sinks}, L={self.ring})")
@@ -229,11 +229,6 @@ for _cls, _fields in ((KVCache, ["keys", "values", "positions"]),
     jax.tree_util.register_dataclass(
         _cls, data_fields=_fields, meta_fields=[f.name for f in dataclasses.fields(_cls) if f.name not in _fields]
     )
-
-
-def needs_full_cache(spec: AttentionSpec) -> bool:
-    """Whether ``spec`` can attend keys outside the sinks and the last L tokens."""
-    return not spec.bounded
 
 
 def cached_attention(

@@ -148,7 +148,7 @@ def probe_rows(
 
 
 def _ungroup(x: jax.Array) -> jax.Array:
-    """``(B, Hkv, G, ...) -> (B, Hq, ...)``."""
+    """``(B, Hkv, Hg, ...) -> (B, Hq, ...)``."""
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 

@@ -1,8 +1,8 @@
 """Attention scores under a spec: the pieces shared by the dense and blockwise paths.
 
-Arrays follow one layout: queries ``(B, Tq, Hkv, G, d)`` (query heads grouped by the
-key/value head they share), keys and values ``(B, Tk, Hkv, d)``, scores
-``(B, Hkv, G, Tq, Tk)`` in float32 with ``-inf`` where a key is not attended.
+Arrays follow one layout: queries ``(B, Tq, Hkv, Hg, d)`` (query heads grouped by the
+key/value head they share, ``Hg = Hq / Hkv`` per group; G is always the sink count), keys and
+values ``(B, Tk, Hkv, d)``, scores ``(B, Hkv, Hg, Tq, Tk)`` in float32 with ``-inf`` where a key is not attended.
 
 A row's output depends only on the keys and values it attends: scores of other keys are
 replaced (selected, never multiplied) by ``-inf``, and the values of other keys are selected out
@@ -117,7 +117,7 @@ def prepare_queries(
     q: jax.Array, q_positions: jax.Array, spec: AttentionSpec, positional: Positional,
     last: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Grouped queries ``(B, Tq, Hkv, G, d)`` rotated for local and for global scores; ``last``: the
+    """Grouped queries ``(B, Tq, Hkv, Hg, d)`` rotated for local and for global scores; ``last``: the
     call's `last_key_position`."""
     if not isinstance(positional, Rotary):
         return q, q
@@ -134,8 +134,8 @@ def _rope_grouped(q: jax.Array, positions: jax.Array, rotary: Rotary, last: jax.
 
 
 def dot_scores(q: jax.Array, k: jax.Array, heads_first: bool = False) -> jax.Array:
-    """``(B, Tq, Hkv, G, d) x (B, Tk, Hkv, d) -> (B, Hkv, G, Tq, Tk)`` in float32; with ``heads_first``
-    the inputs are ``(B, Hkv, G, Tq, d)`` and ``(B, Hkv, Tk, d)`` (the blockwise path's layout)."""
+    """``(B, Tq, Hkv, Hg, d) x (B, Tk, Hkv, d) -> (B, Hkv, Hg, Tq, Tk)`` in float32; with ``heads_first``
+    the inputs are ``(B, Hkv, Hg, Tq, d)`` and ``(B, Hkv, Tk, d)`` (the blockwise path's layout)."""
     spec = "bhgqd,bhkd->bhgqk" if heads_first else "bqhgd,bkhd->bhgqk"
     return jnp.einsum(spec, q, k, preferred_element_type=jnp.float32, precision=matmul_precision(q.dtype))
 
@@ -145,7 +145,7 @@ def _grouped_slopes(alibi: Alibi, hkv: int, g: int) -> jax.Array:
 
 
 def _pairs(q_positions: jax.Array, k_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(B, Tq)`` and ``(B, Tk)`` positions broadcastable against ``(B, Hkv, G, Tq, Tk)`` scores."""
+    """``(B, Tq)`` and ``(B, Tk)`` positions broadcastable against ``(B, Hkv, Hg, Tq, Tk)`` scores."""
     return q_positions[:, None, None, :, None], k_positions[:, None, None, None, :]
 
 
@@ -206,7 +206,7 @@ def local_scores(q_local: jax.Array, k_local: jax.Array, q_positions: jax.Array,
 
 
 def _local_bias(scores: jax.Array, positional: Positional, qp: jax.Array, kp: jax.Array) -> jax.Array:
-    """``scores (B, Hkv, G, Tq, Tk)`` with ALiBi's bias of the true distance (unchanged under RoPE or none)."""
+    """``scores (B, Hkv, Hg, Tq, Tk)`` with ALiBi's bias of the true distance (unchanged under RoPE or none)."""
     if not isinstance(positional, Alibi):
         return scores
     return scores - _grouped_slopes(positional, *scores.shape[1:3]) * (qp - kp).astype(jnp.float32)
@@ -221,7 +221,7 @@ def finite_values(v: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def attends_non_finite(attended: jax.Array, bad: jax.Array, heads_first: bool = False) -> jax.Array:
-    """``(B, Hkv, G|1, Tq)``: the rows of ``attended (B, 1|Hkv, 1|G, Tq, Tk)`` that attend a key
+    """``(B, Hkv, Hg|1, Tq)``: the rows of ``attended (B, 1|Hkv, 1|Hg, Tq, Tk)`` that attend a key
     whose value row is non-finite (``bad (B, Tk, Hkv)`` from `finite_values`, ``(B, Hkv, Tk)`` with
     ``heads_first``); their output is NaN."""
     by_head = bad if heads_first else jnp.swapaxes(bad, 1, 2)
@@ -249,9 +249,9 @@ def middle_scores(
 ) -> jax.Array:
     """Scores of the keys the mask hides, for the top-k middle-token variant.
 
-    ``q_last`` is ``(B, 1, Hkv, G, d)`` (un-rotated), ``k`` the un-rotated keys.
+    ``q_last`` is ``(B, 1, Hkv, Hg, d)`` (un-rotated), ``k`` the un-rotated keys.
     The query is placed at ``spec.top_k.insert_distance`` from an un-rotated key.
-    Returns ``(B, Hkv, G, 1, Tk)`` with ``-inf`` for keys that are not middle keys.
+    Returns ``(B, Hkv, Hg, 1, Tk)`` with ``-inf`` for keys that are not middle keys.
     """
     distance = spec.top_k.insert_distance
     if isinstance(positional, Rotary):

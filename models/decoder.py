@@ -45,7 +45,7 @@ from lminf_jax import (Alibi, AttentionProbe, AttentionSpec, RopeScheme, Sliding
                        attention_probe)
 from lminf_jax.attention import FUSED_IMPLEMENTATIONS
 from lminf_jax.attention_decode import rotates_keys
-from lminf_jax.cache import KVCache, cached_attention, needs_full_cache
+from lminf_jax.cache import KVCache, cached_attention
 from lminf_jax.context_parallel import context_parallel_attention
 from lminf_jax.logprobs import HEAD_CHUNK, Scores, head_scores
 from lminf_jax.loop_slice import loop_slice
@@ -435,7 +435,7 @@ def _self_attention(dec: Decoder, call: AttentionCall, qh, kh, vh, positions: ja
     (``positions`` None: every row at 0..T-1)."""
 
     def attend(spec: AttentionSpec, positional: Positional) -> jax.Array:
-        if plan is not None and plan.context_parallel and not needs_full_cache(spec):
+        if plan is not None and plan.context_parallel and spec.bounded:
             heads_split = not isinstance(positional, Alibi) and plan.spec(
                 ("kv_heads",), (dec.num_kv_heads,)) == jax.sharding.PartitionSpec("model")
             return context_parallel_attention(
