@@ -51,7 +51,6 @@ from lminf_jax.spec import AttentionSpec
 #: The window kernels: cuDNN (GPU), splash attention (TPU), and ``"xla"``: the very call that carries cuDNN
 #: with jax's dense XLA attention in its place (O(T^2) memory), which runs anywhere (what CPU tests check).
 WindowKernel = Literal["cudnn", "splash", "xla"]
-WINDOW_KERNELS = ("cudnn", "splash", "xla")
 #: Input dtypes the fused kernels take (they multiply 16-bit inputs on the matrix units).
 SIXTEEN_BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 #: Splash attention tiles sequences in multiples of this many tokens (its lane width).
@@ -65,21 +64,13 @@ class Route(NamedTuple):
     reason: str
 
 
-def spec_unsupported(spec: AttentionSpec) -> str | None:
-    """Why ``spec`` cannot be a window plus sinks (None when it can)."""
+def unsupported(kernel: WindowKernel, spec: AttentionSpec, positional: Positional, scale: Scaling,
+                dtype, head_dim: int, value_dim: int) -> str | None:
+    """Why the window-kernel route with ``kernel`` cannot take a call (None when it can)."""
     if spec.top_k is not None:
         return "top-k middle tokens may pick any key"
     if spec.far == "all":
         return f"{spec.kind} scores every key beyond its window (not a window plus sinks)"
-    return None
-
-
-def unsupported(kernel: WindowKernel, spec: AttentionSpec, positional: Positional, scale: Scaling,
-                dtype, head_dim: int, value_dim: int) -> str | None:
-    """Why the window-kernel route with ``kernel`` cannot take a call (None when it can)."""
-    reason = spec_unsupported(spec)
-    if reason is not None:
-        return reason
     if isinstance(positional, Alibi):
         return "ALiBi's bias is not in the fused window kernels"
     if kernel == "splash":
@@ -160,9 +151,10 @@ def _forward(q, k, v, spec: AttentionSpec, positional: Positional, scale: Scalin
     q_local, q_global = prepare_queries(q.reshape(b, t, hkv, g, d), positions, spec, positional, last)
     k_local, k_global = prepare_keys(k, positions, spec, positional, last)
     window = spec.window if spec.window is not None and spec.window < t else None  # None: every earlier key
-    run = _splash_window if kernel == "splash" else functools.partial(_gpu_window, implementation=kernel)
+    run = (functools.partial(_splash_window, interpret=interpret) if kernel == "splash"
+           else functools.partial(_gpu_window, implementation=kernel))
     out, lse = run(q_local.reshape(b, t, hq, d).astype(q.dtype), k_local.astype(k.dtype), v, window=window,
-                   scale=scale, interpret=interpret)
+                   scale=scale)
     out = jnp.where(_window_attends(bad, window)[:, :, :, None, None], jnp.nan,
                     out.reshape(b, t, hkv, g, dv).astype(jnp.float32))
     state = softmax_state_of(out.transpose(0, 2, 3, 1, 4), lse.astype(jnp.float32).reshape(b, t, hkv, g)
@@ -206,13 +198,12 @@ def _sink_state(q_local, q_global, k_local, k_global, v, bad, positions, *, spec
                                                               preferred_element_type=jnp.float32), poisoned)
 
 
-def _gpu_window(q, k, v, *, window: int | None, scale: Scaling, interpret: bool, implementation: str):
+def _gpu_window(q, k, v, *, window: int | None, scale: Scaling, implementation: str):
     """Causal attention over the last ``window`` keys (None: all) through `jax.nn.dot_product_attention`'s
     arguments: ``(B, T, Hq, dv)`` and the float32 log-sum-exp ``(B, T, Hq)``. jax.nn's public call rounds
     the log-sum-exp to the output's dtype (bfloat16: 3 significant digits, too coarse for the merge), so
     cuDNN is called through the function that call wraps, with the arguments it passes: a causal mask
     and ``sliding_window_length = left window + 1``."""
-    del interpret
     local = None if window is None else (window - 1, 0)
     if implementation == "xla":
         out, lse = jax.nn.dot_product_attention(q, k, v, scale=scale.factor, is_causal=True, local_window_size=local,
