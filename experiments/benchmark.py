@@ -53,9 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lminf_jax.experiments.benchmark_decode import PRESETS, measure
-from lminf_jax.experiments.loading import run_cli
+from lminf_jax.experiments.options import int_option, output_file, plot_file, run_cli
 from lminf_jax.experiments.machine import machine
-from lminf_jax.experiments.options import int_option, output_file, plot_file
 from lminf_jax import LMInfinite, Rotary, Vanilla, attention
 from lminf_jax.attention import attention_route
 from lminf_jax.rope import apply_rope

@@ -27,15 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lminf_jax.experiments.loading import DTYPES, load_model, method_spec, pretraining_length, run_cli
+from lminf_jax.experiments.loading import DTYPES, load_model, pretraining_length
+from lminf_jax.experiments.methods import method_spec
+from lminf_jax.experiments.options import command_parser, int_option, output_file, run_cli
 from lminf_jax.experiments.machine import machine
-from lminf_jax.experiments.options import command_parser, input_path, int_option, output_file
-from lminf_jax.experiments.perplexity import SHIPPED_MODEL
+from lminf_jax.experiments.shipped import add_model_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("benchmark_context_parallel", __doc__)
-    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL), type=input_path, help="model directory (default: shipped LLaMA)")
+    add_model_arg(p)
     p.add_argument("--devices", type=int_option(1), nargs="+", metavar="N", help="device counts (default: 1, 2, 4, ... all)")
     p.add_argument("--length", type=int_option(2), default=65536, metavar="T", help="tokens per sequence (default 65536)")
     p.add_argument("--repeats", type=int_option(1), default=2, metavar="R", help="timed calls per device count (default 2)")

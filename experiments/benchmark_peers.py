@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lminf_jax.experiments.loading import load_model, run_cli
+from lminf_jax.experiments.loading import load_model
+from lminf_jax.experiments.options import command_parser, int_option, output_file, run_cli
 from lminf_jax.experiments.machine import machine
-from lminf_jax.experiments.options import command_parser, int_option, output_file
 
 SINKS = 10
 PARITY_TOKENS = 128

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lminf_jax.experiments.loading import run_cli
+    from lminf_jax.experiments.options import run_cli
 
     return run_cli(build_parser(), run, argv)
 

@@ -17,7 +17,7 @@ directory's). Methods (default: these three):
 * ``lm_infinite``: G sinks + the last L tokens through a Λ-cache (G + L keys once the cache is full);
 * ``truncation``: repeated truncation, i.e. every new token re-encodes BOS + the last L - 1 tokens
   from scratch with vanilla attention (L tokens through the model per new token);
-* any other method of the grammar ``MASK[@cover][+FREQ[@FACTOR]]`` (`experiments.loading.MethodChoice`),
+* any other method of the grammar ``MASK[@cover][+FREQ[@FACTOR]]`` (`experiments.methods.MethodChoice`),
   at the length ``P + N`` (a frequency method without ``@``: factor ``(P + N) / L``).
 
 The method parameters (-G, -L, -D, --group-size, --leak) apply to every method that takes them.
@@ -36,12 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lminf_jax.experiments.loading import (
-    MethodChoice, add_methods_arg, checked_methods, load_config, load_model, method_options, method_spec,
-    open_tokenizer, params_dtype, pretraining_length, run_cli, save_result,
-)
-from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option
-from lminf_jax.experiments.perplexity import SHIPPED_MODEL
+from lminf_jax.experiments.methods import add_methods_arg, checked_methods, method_options, method_spec, MethodChoice
+from lminf_jax.experiments.loading import load_config, load_model, open_tokenizer, params_dtype, pretraining_length
+from lminf_jax.experiments.options import add_output_args, command_parser, int_option, run_cli, save_result
+from lminf_jax.experiments.shipped import add_model_arg
 from lminf_jax.experiments.text import add_text_args, bos_id, check_ids, token_stream
 from lminf_jax.evaluation.metrics import bleu, rouge_l
 
@@ -50,8 +48,7 @@ METHODS = ("vanilla", "lm_infinite", "truncation")
 
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("continuation", __doc__)
-    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL), type=input_path,
-                   help="converted or Hugging Face model directory (default: the shipped LLaMA-style model)")
+    add_model_arg(p)
     add_text_args(p)
     p.add_argument("--multiples", type=int_option(1), nargs="+", default=[1, 4, 16], metavar="M",
                    help="continue from position M x L_train")

@@ -44,11 +44,11 @@ from pathlib import Path
 import numpy as np
 
 from lminf_jax.experiments.loading import (
-    DTYPES, MethodChoice, add_methods_arg, checked_methods, load_config, load_model, method_options, method_spec,
-    params_dtype, pretraining_length, resolve_dtype, run_cli,
+    DTYPES, load_config, load_model, params_dtype, pretraining_length, resolve_dtype,
 )
-from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option
-from lminf_jax.experiments.perplexity import SHIPPED_MODEL
+from lminf_jax.experiments.methods import add_methods_arg, checked_methods, method_options, method_spec, MethodChoice
+from lminf_jax.experiments.options import add_output_args, command_parser, int_option, run_cli
+from lminf_jax.experiments.shipped import add_model_arg
 from lminf_jax.experiments.text import add_text_args, bos_id, check_ids, token_stream
 
 FACTORS = ("logits", "entropy", "sinks")
@@ -58,8 +58,7 @@ PROBED_QUERIES = 8
 
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("factors", __doc__)
-    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL), type=input_path,
-                   help="converted or Hugging Face model directory (default: the shipped LLaMA-style model)")
+    add_model_arg(p)
     p.add_argument("--factors", nargs="+", choices=FACTORS, default=list(FACTORS), metavar="FACTOR",
                    help=f"which to measure, of {', '.join(FACTORS)}")
     add_text_args(p)

@@ -42,10 +42,11 @@ from pathlib import Path
 
 from lminf_jax.converters.tokenizer import ChatTemplate, encode_chat, load_chat_template
 from lminf_jax.experiments.loading import (
-    DTYPES, add_attention_args, add_tokenizer_arg, frequencies_from_args, load_config, load_model, model_kind,
-    open_tokenizer, params_dtype, resolve_dtype, run_cli, spec_from_args, spec_settings,
+    DTYPES, add_tokenizer_arg, load_config, load_model, model_kind, open_tokenizer, params_dtype, resolve_dtype,
 )
-from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option
+from lminf_jax.experiments.methods import add_attention_args, frequencies_from_args, spec_from_args, spec_settings
+from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option, run_cli
+from lminf_jax.experiments.shipped import add_model_arg
 from lminf_jax.experiments.text import read_text_file
 
 #: Prompt tokens decoded before the generated ones, so the continuation keeps its leading space.
@@ -102,7 +103,7 @@ class TextStreamer:
 
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("generate", __doc__)
-    p.add_argument("model_dir", type=input_path, help="converted or Hugging Face model directory")
+    add_model_arg(p, None)
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt (repeat for a batch; default: none, then --prompt-file)")
     p.add_argument("--prompt-file", type=input_path, metavar="F", help="prompts, one per line (blank lines skipped)")

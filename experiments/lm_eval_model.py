@@ -14,11 +14,11 @@ pyproject.toml, so ``python -m lm_eval --model lminf_jax ...`` works there. In P
 MODEL_DIR: a converted or Hugging Face directory (`experiments.loading.load_model`), tokenizer
 included (``tokenizer=DIR``: another directory's). ``method``: a mask method (`lminf_jax.spec.KINDS`, default ``lm_infinite``), a RoPE frequency
 method at a fixed factor (``yarn@4``) or both (``lm_infinite+ntk@2``), written as for
-`experiments.loading.MethodChoice` (``dynamic_ntk`` needs no factor; ``@cover`` is refused: requests
+`experiments.methods.MethodChoice` (``dynamic_ntk`` needs no factor; ``@cover`` is refused: requests
 have many lengths). The method parameters are the CLIs' (``global_branch``, ``local_branch``,
 ``limit_distance``, ``group_size``, ``leak``; ``G``/``L``/``D`` as ``-G/-L/-D``) with their defaults (L and D
 from the model's pretraining length), and so are the top-k middle tokens (``top_k_middle`` etc.,
-`experiments.loading.spec_from_args`). ``dtype``: cast the weights and compute in it (default: the
+`experiments.methods.spec_from_args`). ``dtype``: cast the weights and compute in it (default: the
 stored one). ``batch_size``: rows per model call (lm-eval's ``--batch_size``, default 1; a number, not
 ``auto``). ``prefill_chunk``: tokens per model call of a prompt's prefill and of a rolling document
 (default 512; prompts longer than it compile once per multiple of it). A key that is neither lm-eval's
@@ -85,10 +85,8 @@ except ImportError as e:
 from tqdm import tqdm
 
 from lminf_jax.experiments.generate import continuation_text
-from lminf_jax.experiments.loading import (
-    TOP_K_OPTIONS, fixed_method, frequencies_from_args, load_config, load_model, open_tokenizer, params_dtype,
-    resolve_dtype, spec_from_args,
-)
+from lminf_jax.experiments.methods import TOP_K_OPTIONS, fixed_method, frequencies_from_args, spec_from_args
+from lminf_jax.experiments.loading import load_config, load_model, open_tokenizer, params_dtype, resolve_dtype
 from lminf_jax.experiments.options import check_outputs_apart, int_option
 from lminf_jax.spec import METHODS, PARAMETERS
 

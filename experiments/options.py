@@ -28,7 +28,9 @@ filled in by `parse_checked` so that it is checked like any output) unless ``--n
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -203,3 +205,41 @@ def derive_plot(args: argparse.Namespace) -> None:
         args.plot = str(Path(result).with_suffix(".png"))
     if Path(args.plot).resolve() == Path(result).resolve():
         raise ValueError(f"--plot {args.plot} is the result file {result}: give another --plot or --out")
+
+
+def parse_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
+    """`experiments.options.parse_checked` (which also refuses an output where an input is), or the
+    exit code when argparse exits (it has printed the usage and ``error: ...`` on stderr, or the
+    help), so that ``main(argv)`` returns a code."""
+    try:
+        return parse_checked(parser, argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+
+
+def save_result(record: dict, out: str | os.PathLike, draw: Callable[[dict, Path], object] | None = None,
+                plot_path: str | os.PathLike | None = None) -> None:
+    """Write `record` as JSON at `out`, draw it with ``draw(record, plot_path)`` when both are given,
+    and print where they went."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    where = [str(out)]
+    if draw is not None and plot_path is not None:
+        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
+        draw(record, Path(plot_path))
+        where.append(str(plot_path))
+    print(f"wrote {' and '.join(where)}")
+
+
+def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
+    """A CLI's ``main``: parse, then ``run(args)``; bad input (OSError, ValueError, ImportError)
+    prints ``error: ...`` on stderr and returns 1."""
+    args = parse_cli(parser, argv)
+    if isinstance(args, int):
+        return args
+    try:
+        return run(args)
+    except (OSError, ValueError, ImportError) as e:  # bad input: the message says what and where
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -17,11 +17,12 @@ tokens, vanilla), ``lm_infinite`` (Λ-cache, G sinks, L = D = L_train), ``lm_inf
 (LM-Infinite plus ``--top-k-middle`` middle tokens, default 5, for the last query of each call in
 layers ``--top-k-from-layer`` <= layer < ``--top-k-to-layer``, scored at ``--top-k-insert-at``;
 full cache; the paper: k = 5, layers >= 4, distance L/2, the defaults); and every method of the
-grammar ``MASK[@cover][+FREQ[@FACTOR]]`` (`experiments.loading.MethodChoice`; a frequency method
+grammar ``MASK[@cover][+FREQ[@FACTOR]]`` (`experiments.methods.MethodChoice`; a frequency method
 without ``@`` at the factor each length needs, n / L_train; ``dynamic_ntk`` follows the length by
 itself; ``self_extend@cover`` / ``leaky_rerope@cover``: the group size / leak each length needs).
-``all``: `ALL_METHODS`. The method parameters (-G, -L, -D, --group-size, --leak) apply to every
-method that takes them, with the methods' own defaults otherwise (G = 10, streaming_llm's 4).
+``all``: `experiments.methods.ALL_TASK_METHODS`. The method parameters (-G, -L, -D, --group-size,
+--leak) apply to every method that takes them, with the methods' own defaults otherwise (G = 10,
+streaming_llm's 4).
 
 The prompts are tokenized with the model directory's tokenizer (``--tokenizer DIR``: another's).
 A small model does not follow the instruction unless taught: `training_windows` makes
@@ -43,33 +44,22 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lminf_jax.experiments.loading import (
-    TOP_K_DEFAULTS, MethodChoice, add_methods_arg, add_tokenizer_arg, add_top_k_args, checked_methods, load_config,
-    load_model, method_options, method_spec, open_tokenizer, params_dtype, pretraining_length, run_cli, save_result,
-    top_k_from_args,
+    add_tokenizer_arg, load_config, load_model, open_tokenizer, params_dtype, pretraining_length,
 )
-from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option
+from lminf_jax.experiments.methods import add_task_methods_arg, task_attention_call, task_method_names, task_method_specs
+from lminf_jax.experiments.options import add_output_args, command_parser, int_option, run_cli, save_result
+from lminf_jax.experiments.shipped import SHIPPED_PASSKEY_MODEL, add_model_arg
 from lminf_jax.spec import AttentionSpec
-
-if TYPE_CHECKING:
-    from lminf_jax.models.common import AttentionCall
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 KEY = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
-METHODS = ("vanilla", "truncation", "lm_infinite", "lm_infinite_top_k")
-#: The shipped LLaMA-style model fine-tuned on passkey windows (``experiments/shipped/``).
-SHIPPED_PASSKEY_MODEL = Path(__file__).resolve().parent / "shipped" / "llama-small-stdlib-passkey"
-#: ``--methods all``: the four above, the other mask methods that decode, the frequency methods, and the
-#: methods whose parameter is chosen per length.
-ALL_METHODS = (*METHODS, "streaming_llm", "distance_limit", "self_extend", "leaky_rerope", "pi", "ntk", "yarn",
-               "dynamic_ntk", "self_extend@cover", "leaky_rerope@cover")
 NEW_TOKENS = 8
 #: Host bytes per prompt token: one pointer in its prompt's tuple of ids (every length is built up front)
 #: and, for the length being evaluated, one in its list plus its int32 token and position.
@@ -158,56 +148,18 @@ def filled_window(head: list[int], stream: np.ndarray, seq_len: int, rng: np.ran
 
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("passkey", __doc__)
-    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_PASSKEY_MODEL), type=input_path,
-                   help="converted or Hugging Face model directory fine-tuned on passkeys (default: the shipped one)")
+    add_model_arg(p, SHIPPED_PASSKEY_MODEL, "the shipped model fine-tuned on passkeys")
     add_tokenizer_arg(p)
     p.add_argument("--multiples", type=int_option(1), nargs="+", default=[1, 2, 4, 8, 16], metavar="M",
                    help="prompt lengths as multiples of L_train")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="F",
                    help="depths of the key in the filler, in [0, 1]")
     p.add_argument("--samples", type=int_option(1), default=4, metavar="N", help="prompts per length and depth")
-    add_method_args(p)
+    add_task_methods_arg(p)
     p.add_argument("--seed", type=int_option(0), default=0, metavar="S", help="seed of the random keys")
     add_output_args(p, "results/passkey.json", "the result (JSON: every answer)",
                     plot="heat maps of accuracy by length and depth")
     return p
-
-
-def add_method_args(p: argparse.ArgumentParser) -> None:
-    """``--methods``, the method parameters and the ``--top-k-*`` options: the methods of this
-    evaluation and of `experiments.ruler`, which evaluates the same ones."""
-    group = add_methods_arg(p, METHODS, {
-        "truncation": "vanilla on BOS + the prompt's last L_train - 1 - new tokens",
-        "lm_infinite_top_k": "lm_infinite plus the top-k middle tokens (--top-k-*)", "all": ", ".join(ALL_METHODS)})
-    add_top_k_args(group, k=f"{TOP_K_DEFAULTS['k']}, TopK's, for lm_infinite_top_k")
-
-
-def method_names(names: list[str]) -> list[str]:
-    """``--methods`` checked (`experiments.loading.checked_methods`) and ``all`` expanded."""
-    return list(ALL_METHODS) if checked_methods(names) == ["all"] else names
-
-
-def attention_call(name: str, spec: AttentionSpec, length: int, l_train: int) -> AttentionCall:
-    """Method ``name`` (its mask method ``spec``) for prompts of ``length`` tokens: the mask's parameter
-    chosen for the length with ``@cover``, the RoPE scaling of a frequency method (else the model's own)."""
-    from lminf_jax.models.common import AttentionCall
-
-    if name in METHODS:
-        return AttentionCall(spec)
-    choice = MethodChoice.parse(name)
-    return AttentionCall(choice.spec(spec, length, l_train), frequencies=choice.frequencies(length, l_train))
-
-
-def method_specs(config, name: str, args) -> tuple[AttentionSpec, AttentionSpec | None]:
-    """``(spec, prefill spec)`` of a method, the method parameters applied where they apply; the prefill
-    spec (the same without top-k) only for the top-k method, whose middle tokens join at the prompt's
-    last token."""
-    mask = "vanilla" if name in ("vanilla", "truncation") else "lm_infinite" if name in METHODS else \
-        MethodChoice.parse(name).mask
-    spec = method_spec(mask, config, **method_options(args))
-    if name != "lm_infinite_top_k":
-        return spec, None
-    return dataclasses.replace(spec, top_k=top_k_from_args(args, spec.window, config.num_layers, k=TOP_K_DEFAULTS["k"])), spec
 
 
 def evaluate_cell(model, prefill, params, prompts: list[Prompt], name: str, l_train: int, tokenizer) -> list[dict]:
@@ -250,7 +202,7 @@ def check_memory(family, config, specs: dict[str, tuple[AttentionSpec, Attention
         check_positions(n, NEW_TOKENS)
         for name, (spec, _) in specs.items():
             if name != "truncation":  # truncation feeds the model at most L_train tokens
-                model = family.model(config, attention_call(name, spec, n, l_train))
+                model = family.model(config, task_attention_call(name, spec, n, l_train))
                 check_cache_fits(lambda: model.init_cache(batch, capacity=n + NEW_TOKENS, dtype=NARROWEST_DTYPE),
                                  f"method {name}")
     except ValueError as e:
@@ -270,10 +222,10 @@ def run(args: argparse.Namespace) -> int:
     if lengths[0] < builder.minimum_length:
         raise ValueError(f"prompts need at least {builder.minimum_length} tokens; L_train x "
                          f"{min(args.multiples)} = {lengths[0]}")
-    specs = {name: method_specs(config, name, args) for name in method_names(args.methods)}
+    specs = {name: task_method_specs(config, name, args) for name in task_method_names(args.methods)}
     for name, (spec, _) in specs.items():  # a method that cannot apply to this model fails here
         for n in lengths:
-            family.model(config, attention_call(name, spec, n, l_train))
+            family.model(config, task_attention_call(name, spec, n, l_train))
     check_memory(family, config, specs, lengths, l_train, len(args.depths) * args.samples)
     rng = np.random.default_rng(args.seed)
     prompts = {n: [builder.prompt(n, d, random_key(rng)) for d in args.depths for _ in range(args.samples)]
@@ -285,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         cells, scaling, attention = {}, {}, {}
         for n in lengths:
-            call = attention_call(name, spec, n, l_train)
+            call = task_attention_call(name, spec, n, l_train)
             model = family.model(config, call, dtype)
             prefill = None if prefill_spec is None else family.model(
                 config, dataclasses.replace(call, spec=prefill_spec), dtype)

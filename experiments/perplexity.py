@@ -33,7 +33,7 @@ ReRoPE), ``sliding_window`` (the last L tokens, no sinks), ``streaming_llm`` (si
 position inside a G + L cache), ``self_extend`` (grouped positions beyond a neighbour window),
 ``leaky_rerope`` (distances beyond a window grow k times slower); or a RoPE frequency method
 (``lminf_jax.FREQUENCY_METHODS``: ``pi``, ``ntk``, ``dynamic_ntk``, ``yarn``) written
-``[MASK+]FREQ[@FACTOR]`` (`experiments.loading.MethodChoice`): without ``@`` the factor each length
+``[MASK+]FREQ[@FACTOR]`` (`experiments.methods.MethodChoice`): without ``@`` the factor each length
 n needs, n / L_train (at least 1), e.g. ``yarn``, ``pi@32``, ``lm_infinite+ntk``. ``MASK@cover``
 chooses Self-Extend's group size or Leaky ReRoPE's leak per length, the smallest that keeps every
 scored distance below L_train (`lminf_jax.AttentionSpec.covering`), e.g. ``self_extend@cover``. Default
@@ -80,18 +80,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lminf_jax.experiments.loading import (
-    DTYPES, KINDS, MethodChoice, add_mesh_args, add_methods_arg, checked_methods, hf_config, load_config, load_model,
-    method_options, method_spec, model_kind, nonfinite_params, params_dtype, pretraining_length, resolve_dtype,
-    run_cli, sharding_plan, spec_settings,
+    DTYPES, add_mesh_args, hf_config, load_config, load_model, model_kind, nonfinite_params, params_dtype,
+    pretraining_length, resolve_dtype, sharding_plan,
 )
-from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option
+from lminf_jax.spec import KINDS
+from lminf_jax.experiments.methods import (
+    add_methods_arg, checked_methods, method_options, method_spec, MethodChoice, spec_settings,
+)
+from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option, run_cli
+from lminf_jax.experiments.shipped import add_model_arg
 from lminf_jax.experiments.text import add_text_args, bos_id, check_ids, token_stream
 
 if TYPE_CHECKING:
     from lminf_jax.sharding import ShardingPlan
 
 #: The LLaMA-style model trained by this project (``experiments/train.py``), shipped in the repository.
-SHIPPED_MODEL = Path(__file__).resolve().parent / "shipped" / "llama-small-stdlib"
 DEFAULT_MULTIPLES = (1, 2, 4, 8, 16, 32)
 DEFAULT_METHODS = ("vanilla", "lm_infinite")
 #: Segments of the main job: enough text for every length (3 x 16,383 tokens) within its CPU budget.
@@ -101,8 +104,7 @@ PARTS_FORMAT = "lminf_jax-perplexity-parts-v2"
 
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("perplexity", __doc__)
-    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_MODEL), type=input_path,
-                   help="converted or Hugging Face model directory (default: the shipped LLaMA-style model)")
+    add_model_arg(p)
     add_text_args(p)
     p.add_argument("--multiples", type=int_option(1), nargs="+", default=list(DEFAULT_MULTIPLES), metavar="M",
                    help="lengths as multiples of L_train")

@@ -85,15 +85,19 @@ from pathlib import Path
 import numpy as np
 
 from lminf_jax.experiments.loading import (
-    TOP_K_DEFAULTS, add_tokenizer_arg, hf_config, load_config, load_model, method_options, method_spec, open_tokenizer,
-    params_dtype, pretraining_length, run_cli, save_result, top_k_from_args,
+    add_tokenizer_arg, hf_config, load_config, load_model, open_tokenizer, params_dtype, pretraining_length,
 )
-from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option, output_file
-from lminf_jax.experiments.passkey import add_method_args, attention_call, filled_window, method_names, method_specs
+from lminf_jax.experiments.methods import (
+    TOP_K_DEFAULTS, add_task_methods_arg, method_options, method_spec, task_attention_call, task_method_names,
+    task_method_specs, top_k_from_args,
+)
+from lminf_jax.experiments.options import (
+    add_output_args, command_parser, input_path, int_option, output_file, run_cli, save_result,
+)
+from lminf_jax.experiments.passkey import filled_window
+from lminf_jax.experiments.shipped import SHIPPED_RULER_MODEL, add_model_arg
 
 VERSION = 1
-#: The shipped LLaMA-style model fine-tuned on the `TrainingMix` (``experiments/shipped/``).
-SHIPPED_RULER_MODEL = Path(__file__).resolve().parent / "shipped" / "llama-small-stdlib-ruler"
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NIAH_TEMPLATE = ("Some special magic {type} are hidden within the following text. Make sure to memorize it. "
                  "I will quiz you about the {type} afterwards.\n{context}\n"
@@ -738,9 +742,7 @@ def depth_label(depth: float | None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("ruler", "RULER's synthetic tasks: every method on the same instances.")
-    p.add_argument("model_dir", nargs="?", default=str(SHIPPED_RULER_MODEL), type=input_path,
-                   help="converted or Hugging Face model directory (default: the shipped model fine-tuned on RULER "
-                        "instances)")
+    add_model_arg(p, SHIPPED_RULER_MODEL, "the shipped model fine-tuned on RULER instances")
     add_tokenizer_arg(p)
     p.add_argument("--tasks", nargs="+", choices=TASKS, metavar="TASK", help=f"of {', '.join(TASKS)} (default: all)")
     lengths = p.add_mutually_exclusive_group()
@@ -752,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"needle depths in [0, 1] or 'random' (default {' '.join(f'{d:g}' for d in DEFAULT_DEPTHS)})")
     p.add_argument("--samples", type=int_option(1), help=f"instances per task, length and depth (default {DEFAULT_SAMPLES})")
     p.add_argument("--seed", type=int_option(0), help="first instance seed (default 0)")
-    add_method_args(p)
+    add_task_methods_arg(p)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--instances", type=input_path, metavar="JSONL", help="read the instances (write_jsonl's) instead of making them")
     source.add_argument("--write-instances", type=output_file, metavar="JSONL", help="also write the instances made")
@@ -903,7 +905,7 @@ def run(args: argparse.Namespace) -> int:
     family, config = load_config(args.model_dir)
     l_train = pretraining_length(config)
     tokenizer = open_tokenizer(args.model_dir, args.tokenizer)
-    specs = {name: method_specs(config, name, args) for name in method_names(args.methods)}
+    specs = {name: task_method_specs(config, name, args) for name in task_method_names(args.methods)}
     instances, source = make_instances(args, tokenizer, l_train)
     prompts = [prompt_tokens(tokenizer, i.prompt, i.answer_prefix) for i in instances]
     tasks = list(dict.fromkeys(i.task for i in instances))
@@ -914,7 +916,7 @@ def run(args: argparse.Namespace) -> int:
                          f"prompt tokens: L_train {l_train} is too short for {max(new_tokens, key=new_tokens.get)}")
     for name, (spec, _) in specs.items():  # a method that cannot apply to this model fails here
         for n in lengths:
-            family.model(config, attention_call(name, spec, n, l_train))
+            family.model(config, task_attention_call(name, spec, n, l_train))
     if args.write_instances:
         write_jsonl(instances, args.write_instances)
     records = [instance_record(i, t) for i, t in zip(instances, prompts)]
@@ -940,7 +942,7 @@ def run(args: argparse.Namespace) -> int:
     built: dict[tuple[str, int], tuple] = {}
     for name, n, task in todo:
         spec, prefill_spec = specs[name]
-        call = attention_call(name, spec, n, l_train)
+        call = task_attention_call(name, spec, n, l_train)
         if (name, n) not in built:
             built = {(name, n): (family.model(config, call, dtype), None if prefill_spec is None else family.model(
                 config, dataclasses.replace(call, spec=prefill_spec), dtype))}

@@ -48,11 +48,12 @@ from pathlib import Path
 import numpy as np
 
 from lminf_jax.experiments.loading import (
-    DTYPES, TOKENIZER_FILES, add_attention_args, add_mesh_args, add_tokenizer_arg, frequencies_from_args, load_config,
-    load_model, model_kind, open_tokenizer, params_dtype, pretraining_length, resolve_dtype, run_cli, sharding_plan,
-    spec_from_args, spec_settings,
+    DTYPES, TOKENIZER_FILES, add_mesh_args, add_tokenizer_arg, load_config, load_model, model_kind, open_tokenizer,
+    params_dtype, pretraining_length, resolve_dtype, sharding_plan,
 )
-from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option, output_dir
+from lminf_jax.experiments.methods import add_attention_args, frequencies_from_args, spec_from_args, spec_settings
+from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option, output_dir, run_cli
+from lminf_jax.experiments.shipped import add_model_arg
 from lminf_jax.experiments.text import check_ids, npy_tokens, read_text_file
 
 TOKEN_CACHE_VERSION = 1
@@ -62,7 +63,7 @@ TOKENIZATION_FILES = (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens
 
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("stream_nll", __doc__)
-    p.add_argument("model_dir", type=input_path, help="converted or Hugging Face model directory")
+    add_model_arg(p, None)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokens", type=input_path, metavar="FILE.npy", help="a 1-D integer .npy of token ids (memory-mapped)")
     source.add_argument("--text", nargs="+", type=input_path, metavar="FILE", help="text files, tokenized with the model's tokenizer")

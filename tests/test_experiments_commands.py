@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lminf_jax.experiments.loading import (
-    TOP_K_DEFAULTS, TOP_K_OPTIONS, NoTokenizer, open_tokenizer, top_k_from_args,
-)
+from lminf_jax.experiments.methods import TOP_K_DEFAULTS, TOP_K_OPTIONS, top_k_from_args
+from lminf_jax.experiments.loading import NoTokenizer, open_tokenizer
 from lminf_jax.experiments.options import DefaultsHelpFormatter, parse_checked
 from lminf_jax.spec import PARAMETERS, TopK
 

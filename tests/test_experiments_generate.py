@@ -290,7 +290,7 @@ def test_hugging_face_directory_is_converted_on_the_fly(model_dir, tmp_path):
 def _spec(argv, config):
     import argparse
 
-    from lminf_jax.experiments.loading import add_attention_args, spec_from_args
+    from lminf_jax.experiments.methods import add_attention_args, spec_from_args
 
     parser = argparse.ArgumentParser()
     add_attention_args(parser)

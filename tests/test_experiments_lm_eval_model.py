@@ -19,7 +19,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noq
 
 from lminf_jax.experiments import lm_eval_model  # noqa: E402
 from lminf_jax.experiments.generate import continuation_text  # noqa: E402
-from lminf_jax.experiments.perplexity import SHIPPED_MODEL  # noqa: E402
+from lminf_jax.experiments.shipped import SHIPPED_MODEL  # noqa: E402
 from lminf_jax.decoding import generate  # noqa: E402
 from lminf_jax.evaluation.perplexity import sequence_nll  # noqa: E402
 

@@ -11,7 +11,8 @@ from conftest import TINY_MODELS, random_model
 from test_converters_convert import write_hf_checkpoint
 
 from lminf_jax.converters.store import save_converted
-from lminf_jax.experiments.loading import MethodChoice, load_config
+from lminf_jax.experiments.methods import MethodChoice
+from lminf_jax.experiments.loading import load_config
 from lminf_jax import SelfExtend, frequency_method
 from lminf_jax.spec import KINDS
 

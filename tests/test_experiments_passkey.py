@@ -11,6 +11,8 @@ from tiny_checkpoint import PRETRAIN, make_model_dir
 
 from lminf_jax.experiments import passkey as cli
 from lminf_jax.experiments.loading import load_tokenizer_from
+from lminf_jax.experiments.methods import ALL_TASK_METHODS, TASK_METHODS, task_method_names
+from lminf_jax.experiments.shipped import SHIPPED_PASSKEY_MODEL
 from lminf_jax import SelfExtend
 
 
@@ -73,7 +75,7 @@ def test_the_evaluation_runs_every_method_and_writes_answers(tmp_path, capsys):
     multiples = [m for m in (1, 2, 4) if m * PRETRAIN >= b.minimum_length][:2]
     assert multiples, "the tiny tokenizer makes prompts longer than the tiny model's window"
     out = tmp_path / "pk.json"
-    methods = [*cli.METHODS, "yarn", "self_extend@cover+pi@2"]
+    methods = [*TASK_METHODS, "yarn", "self_extend@cover+pi@2"]
     code = cli.main([str(model_dir), "--multiples", *map(str, multiples), "--depths", "0", "1", "--samples", "2",
                      "-G", "2", "--top-k-middle", "2", "--top-k-from-layer", "1", "--top-k-to-layer", "2",
                      "--methods", *methods,
@@ -118,18 +120,18 @@ def test_bad_options_fail_while_parsing(tmp_path, capsys, argv, message):
 
 
 def test_methods_are_checked_before_the_weights_are_read(tmp_path, capsys, monkeypatch):
-    from lminf_jax.experiments.perplexity import SHIPPED_MODEL
+    from lminf_jax.experiments.shipped import SHIPPED_MODEL
 
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
     for methods, message in ((["yarn", "yarn"], "listed twice"), (["yarn@4", "vanilla+yarn@4.0"], "listed twice"),
                              (["all", "yarn"], "all stands alone")):
         assert cli.main([str(SHIPPED_MODEL), "--methods", *methods, "--out", str(tmp_path / "pk.json")]) == 1
         assert message in capsys.readouterr().err
-    assert cli.method_names(["all"]) == list(cli.ALL_METHODS)
+    assert task_method_names(["all"]) == list(ALL_TASK_METHODS)
 
 
 def test_top_k_from_a_layer_the_model_lacks_fails_before_the_weights_are_read(tmp_path, capsys, monkeypatch):
-    from lminf_jax.experiments.perplexity import SHIPPED_MODEL
+    from lminf_jax.experiments.shipped import SHIPPED_MODEL
 
     def no_weights(*args, **kwargs):
         raise AssertionError("the weights were read before the options were checked")
@@ -142,9 +144,9 @@ def test_top_k_from_a_layer_the_model_lacks_fails_before_the_weights_are_read(tm
 
 def test_the_shipped_passkey_model_is_the_shipped_model_fine_tuned():
     from lminf_jax.experiments.loading import load_config
-    from lminf_jax.experiments.perplexity import SHIPPED_MODEL
+    from lminf_jax.experiments.shipped import SHIPPED_MODEL
 
-    tuned, base = cli.SHIPPED_PASSKEY_MODEL, SHIPPED_MODEL
+    tuned, base = SHIPPED_PASSKEY_MODEL, SHIPPED_MODEL
     assert load_config(tuned)[1] == load_config(base)[1]
     assert (tuned / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
     run = json.loads((tuned / "training" / "run.json").read_text())["identity"]
@@ -155,7 +157,7 @@ def test_the_shipped_passkey_model_is_the_shipped_model_fine_tuned():
 
 def test_a_length_too_large_for_memory_is_refused_before_prompts_or_weights(tmp_path, capsys, monkeypatch):
     import lminf_jax.cache
-    from lminf_jax.experiments.perplexity import SHIPPED_MODEL
+    from lminf_jax.experiments.shipped import SHIPPED_MODEL
 
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
     monkeypatch.setattr(cli.PasskeyBuilder, "prompt", lambda *a, **k: pytest.fail("a prompt was built"))

@@ -20,6 +20,7 @@ import lminf_jax.evaluation.perplexity as evaluation
 from lminf_jax.converters.store import load_converted, save_converted
 from lminf_jax.experiments import perplexity as cli
 from lminf_jax.experiments.loading import load_model, load_tokenizer_from
+from lminf_jax.experiments.shipped import SHIPPED_MODEL
 from lminf_jax import AttentionSpec, LMInfinite, SelfExtend, StreamingLLM, Vanilla, frequency_method
 from lminf_jax.spec import KINDS
 from lminf_jax.models.common import AttentionCall
@@ -52,7 +53,7 @@ def test_main_job_path_on_the_shipped_model(tmp_path, capsys):
     assert code == 0, stderr
     record = json.loads(out.read_text())
     s = record["settings"]
-    assert Path(s["model"]) == cli.SHIPPED_MODEL and s["family"] == "llama" and s["l_train"] == 512
+    assert Path(s["model"]) == SHIPPED_MODEL and s["family"] == "llama" and s["l_train"] == 512
     assert s["lengths"] == [512, 1024] and s["segments"] == 1 and s["segment_tokens"] == 1023 and s["bos_id"] == 1
     assert s["source"]["source"] == "stdlib" and s["source"]["documents"] > 10 and s["text_tokens"] > 100_000
     assert list(record["methods"]) == ["vanilla", "lm_infinite"]
