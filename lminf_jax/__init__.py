@@ -5,9 +5,9 @@ entry point (dense reference, jitted blockwise implementation, the vendors' fuse
 
 The project's other rooms are its subpackages by name: `lminf_jax.models` (the families),
 `lminf_jax.converters` (Hugging Face checkpoints), `lminf_jax.evaluation` (the evaluation harness:
-streaming NLL, perplexity by length, fingerprints, metrics) and `lminf_jax.experiments` (the
-commands). Their folders sit beside this one (``models/``, ``converters/``, ``evaluation/``,
-``experiments/``); an install maps them
+streaming NLL, perplexity by length, fingerprints, metrics, resumable runs), `lminf_jax.tasks` (corpora,
+passkey, RULER, training mixes) and `lminf_jax.experiments` (the commands). Their folders sit beside
+this one (``models/``, ``converters/``, ``evaluation/``, ``tasks/``, ``experiments/``); an install maps them
 here (pyproject's ``package-dir``), and in a source tree run in place (``PYTHONPATH=.``) this
 package's search path reaches them. The core imports none of them.
 """

@@ -12,9 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Each room and the rooms it must not import (the core knows nothing of model families, and so on up).
-ROOMS = {"lminf_jax": ("models", "converters", "evaluation", "experiments"),
-         "models": ("converters", "evaluation", "experiments"), "evaluation": ("models", "converters", "experiments"),
-         "converters": ("evaluation", "experiments"), "experiments": ()}
+ROOMS = {"lminf_jax": ("models", "converters", "evaluation", "tasks", "experiments"),
+         "models": ("converters", "evaluation", "tasks", "experiments"),
+         "evaluation": ("models", "converters", "tasks", "experiments"),
+         "converters": ("evaluation", "tasks", "experiments"),
+         "tasks": ("models", "converters", "evaluation", "experiments"), "experiments": ()}
 
 
 def imported(path: Path) -> set[str]:
@@ -43,4 +45,4 @@ def test_the_install_exposes_only_the_projects_name():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert all(name == "lminf_jax" or name.startswith("lminf_jax.") for name in config["packages"])
     assert {config["package-dir"][f"lminf_jax.{room}"] for room in ROOMS if room != "lminf_jax"} == {
-        "models", "converters", "evaluation", "experiments"}
+        "models", "converters", "evaluation", "tasks", "experiments"}
