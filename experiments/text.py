@@ -6,7 +6,7 @@
     --held-out-percent P                the split of --source (default 5, as in experiments.corpus)
     --tokenizer DIR                     encode with DIR's tokenizer (default: the model directory's)
 
-``--source`` takes the held-out documents under `experiments.corpus`'s split rule (for
+``--source`` takes the held-out documents under `tasks.corpus`'s split rule (for
 ``stdlib``: the standard library of the running interpreter, 5% of files by path hash, none of
 which the shipped models trained on), encodes them with the model's tokenizer, BOS + ids per
 document, and concatenates them in path order.
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lminf_jax.experiments import corpus
 from lminf_jax.experiments.loading import add_tokenizer_arg, hf_config, open_tokenizer
 from lminf_jax.experiments.options import input_path
+from lminf_jax.tasks import corpus
 
 
 def add_text_args(parser: argparse.ArgumentParser) -> None:

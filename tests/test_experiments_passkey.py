@@ -1,4 +1,4 @@
-"""experiments.passkey: prompts of exact length and depth, fine-tuning windows, the evaluation end to end."""
+"""experiments.passkey: the evaluation end to end, its options and its checks before the weights are read."""
 
 from __future__ import annotations
 
@@ -13,65 +13,14 @@ from lminf_jax.experiments import passkey as cli
 from lminf_jax.experiments.loading import load_tokenizer_from
 from lminf_jax.experiments.methods import ALL_TASK_METHODS, TASK_METHODS, task_method_names
 from lminf_jax.experiments.shipped import SHIPPED_PASSKEY_MODEL
+from lminf_jax.tasks.passkey import PasskeyBuilder
 from lminf_jax import SelfExtend
-
-
-class Chars:
-    """A character tokenizer: every character is one id, BOS = 1."""
-
-    bos_id = 1
-
-    def encode(self, text):
-        return [ord(c) for c in text]
-
-    def decode(self, ids):
-        return "".join(map(chr, ids))
-
-
-def test_prompts_have_the_exact_length_and_the_key_at_its_depth():
-    b = cli.PasskeyBuilder(Chars())
-    for length in (b.minimum_length, 300, 1001):
-        for depth in (0.0, 0.3, 1.0):
-            p = b.prompt(length, depth, "12345")
-            text = Chars().decode(list(p.tokens[1:]))
-            assert len(p.tokens) == length and p.tokens[0] == 1
-            assert text.startswith(cli.INTRO) and text.endswith(cli.QUESTION)
-            key_sentence = cli.KEY.format(key="12345")
-            assert Chars().decode(list(p.tokens[p.key_at:p.key_at + len(key_sentence)])) == key_sentence
-            room = length - 1 - len(cli.INTRO) - len(key_sentence) - len(cli.QUESTION)
-            assert p.key_at - 1 - len(cli.INTRO) == round(depth * room)
-    with pytest.raises(ValueError, match="at least"):
-        b.prompt(b.minimum_length - 1, 0.5, "12345")
-    with pytest.raises(ValueError, match="depth"):
-        b.prompt(300, 1.5, "12345")
-    assert b.answer("12345") == Chars().encode(" 12345.")
-
-
-def test_answers_are_parsed_from_the_continuation():
-    assert cli.parse_answer(" 56002. Remember") == "56002"
-    assert cli.parse_answer(" the pass key") is None
-    assert cli.parse_answer("x 12 and 345") == "12"
-
-
-def test_training_windows_start_with_a_prompt_and_its_answer():
-    b = cli.PasskeyBuilder(Chars())
-    stream = np.arange(5000, 6000, dtype=np.int32)
-    rows = cli.training_windows(b, 3, 400, np.random.default_rng(0), stream, bos_id=1)
-    assert rows.shape == (3, 400) and rows.dtype == np.int32
-    for row in rows:
-        text = Chars().decode([int(t) for t in row if t < 5000][1:])
-        key = cli.parse_answer(text[text.index("pass key is"):])
-        assert text.startswith(cli.INTRO) and f"{cli.QUESTION} {key}." in text
-        tail = row[row >= 5000]
-        assert np.array_equal(tail, np.arange(tail[0], tail[0] + tail.size))  # corpus text after BOS
-    with pytest.raises(ValueError, match="too short"):
-        cli.training_windows(b, 1, b.minimum_length, np.random.default_rng(0), stream, bos_id=1)
 
 
 def test_the_evaluation_runs_every_method_and_writes_answers(tmp_path, capsys):
     model_dir = make_model_dir(tmp_path / "m")
     tok = load_tokenizer_from(model_dir)
-    b = cli.PasskeyBuilder(tok)
+    b = PasskeyBuilder(tok)
     multiples = [m for m in (1, 2, 4) if m * PRETRAIN >= b.minimum_length][:2]
     assert multiples, "the tiny tokenizer makes prompts longer than the tiny model's window"
     out = tmp_path / "pk.json"
@@ -160,7 +109,7 @@ def test_a_length_too_large_for_memory_is_refused_before_prompts_or_weights(tmp_
     from lminf_jax.experiments.shipped import SHIPPED_MODEL
 
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
-    monkeypatch.setattr(cli.PasskeyBuilder, "prompt", lambda *a, **k: pytest.fail("a prompt was built"))
+    monkeypatch.setattr(PasskeyBuilder, "prompt", lambda *a, **k: pytest.fail("a prompt was built"))
     out = ["--out", str(tmp_path / "pk.json"), "--top-k-from-layer", "1"]  # the shipped model has 4 layers
     # the issue's run: the prompts alone would need ~5e17 bytes
     assert cli.main([str(SHIPPED_MODEL), "--multiples", "1", str(2**31 - 1), *out]) == 1
