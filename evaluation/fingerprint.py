@@ -1,4 +1,4 @@
-"""Content fingerprints of arrays, computed where they live, and checks of saved states.
+"""Content fingerprints of arrays, computed where they live, and of JSON records.
 
 * `tree_fingerprint(tree)`: ``sha256:`` + hex over each leaf's key path, dtype, shape and a
   128-bit digest of its contents, computed on the leaves' devices (sharded arrays stay sharded)
@@ -11,34 +11,29 @@
   several changed) go unseen only if four independently keyed 32-bit sums all collide. Flat
   indices wrap beyond 2**32 elements per leaf.
 * `json_digest(record)`: ``sha256:`` of a JSON record in canonical form.
-* `check_identity(saved, wanted, where)`: a `Mismatch` naming each field that differs.
-* `newest_intact(candidates, read, discard)`: the newest saved state that reads back intact,
-  warning about (and discarding) damaged newer ones.
+
+What a resume does with them (compare, fall back to an intact state): `lminf_jax.evaluation.resume`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["Mismatch", "check_identity", "json_digest", "leaf_digests", "newest_intact", "tree_fingerprint"]
+__all__ = ["json_digest", "leaf_digests", "tree_fingerprint"]
 
 #: Index keys of the 4 lanes (any distinct constants).
 _SEEDS = (0x9E3779B9, 0x7F4A7C15, 0x2545F491, 0x68E31DA4)
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 #: Most 32-bit words digested in one device call (bounds XLA's temporaries to ~64 MiB).
 BLOCK_WORDS = 1 << 22
-
-P = TypeVar("P")
-R = TypeVar("R")
 
 
 def _fmix32(h: jax.Array) -> jax.Array:
@@ -135,70 +130,3 @@ def tree_fingerprint(tree: Any) -> str:
 def json_digest(record: Any) -> str:
     """``sha256:`` + hex of a JSON-serialisable record in canonical form (sorted keys)."""
     return "sha256:" + hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-class Mismatch(ValueError):
-    """A saved state that another run (other settings, model or data) made."""
-
-
-def _flatten(record: Mapping, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in record.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def check_identity(saved: Any, wanted: Mapping, where: str) -> None:
-    """Raise a `Mismatch` naming every field (dotted path into nested dicts) in which ``saved``
-    differs from ``wanted``: ``"{where} does not match this run: field: checkpoint has A, run asks B"``."""
-    saved_fields = _flatten(saved) if isinstance(saved, Mapping) else {}
-    wanted_fields = _flatten(wanted)
-    diffs = [f"{key}: checkpoint has {_show(saved_fields.get(key))}, run asks {_show(wanted_fields.get(key))}"
-             for key in [*wanted_fields, *(k for k in saved_fields if k not in wanted_fields)]
-             if saved_fields.get(key) != wanted_fields.get(key)]
-    if diffs:
-        raise Mismatch(f"{where} does not match this run: " + "; ".join(diffs))
-
-
-def _show(value: Any) -> str:
-    return "nothing" if value is None else str(value)
-
-
-def _reason(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
-
-
-def newest_intact(candidates: Sequence[P], read: Callable[[P], R], discard: Callable[[P], None],
-                  name: Callable[[P], str] = str) -> tuple[P, R] | None:
-    """``(candidate, read(candidate))`` for the first candidate (newest first) that ``read``
-    restores and verifies; None when there are none.
-
-    ``read`` raises a `Mismatch` for a state of another run (re-raised: nothing is touched) and
-    any other exception for a damaged or unreadable one. Damaged candidates newer than the one
-    restored are ``discard``-ed, with one warning line each on stderr; when none is intact, a
-    ValueError lists each candidate and why it failed.
-    """
-    failures: list[tuple[P, str]] = []
-    for candidate in candidates:
-        try:
-            value = read(candidate)
-        except Mismatch:
-            raise
-        except Exception as e:  # orbax / tensorstore / json raise many types: all mean "not intact"
-            failures.append((candidate, _reason(e)))
-            continue
-        for bad, why in failures:
-            print(f"warning: {name(bad)} is damaged ({why}); removed it and resumed from {name(candidate)}",
-                  file=sys.stderr)
-            discard(bad)
-        return candidate, value
-    if failures:
-        listed = "; ".join(f"{name(bad)}: {why}" for bad, why in failures)
-        raise ValueError(f"no intact saved state: {listed} (remove the damaged state(s) to start afresh)")
-    return None

@@ -38,17 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lminf_jax.logprobs import Scores
-from lminf_jax.evaluation.streaming import BucketRow, PositionBuckets, finite_or_none, token_nll
+from lminf_jax.evaluation.buckets import BucketRow, PositionBuckets, require_int
+from lminf_jax.evaluation.streaming import finite_or_none, token_nll
 
 __all__ = ["LengthPoint", "bos_sequences", "length_point", "position_buckets", "prefix_ppl", "sequence_nll", "text_segments",
            "tile_segments"]
 
 ForwardFn = Callable[[Any, jax.Array], jax.Array | Scores]
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def text_segments(stream: np.ndarray, count: int | None, tokens: int) -> np.ndarray:
@@ -58,10 +54,10 @@ def text_segments(stream: np.ndarray, count: int | None, tokens: int) -> np.ndar
     stream = np.asarray(stream)
     if stream.ndim != 1 or stream.dtype.kind not in "iu":
         raise ValueError(f"the token stream must be a 1-D integer array, got {stream.dtype} {stream.shape}")
-    _check_int("segment tokens", tokens, 1)
+    require_int("segment tokens", tokens, 1)
     fits = stream.shape[0] // tokens
     if count is not None:
-        _check_int("count", count, 1)
+        require_int("count", count, 1)
     wanted = fits if count is None else count
     if fits < max(wanted, 1):
         raise ValueError(f"{max(wanted, 1)} segment(s) of {tokens:,} tokens need {max(wanted, 1) * tokens:,} stream "
@@ -78,7 +74,7 @@ def tile_segments(segments: np.ndarray, length: int, bos_id: int | None = None) 
     segments = np.asarray(segments)
     if segments.ndim != 2 or segments.dtype.kind not in "iu":
         raise ValueError(f"segments must be a 2-D integer array, got {segments.dtype} {segments.shape}")
-    _check_int("length", length, 2)
+    require_int("length", length, 2)
     take = length - (bos_id is not None)
     k = segments.shape[1] // take
     if k < 1:
@@ -133,7 +129,7 @@ class LengthPoint:
 def length_point(nll: np.ndarray, segments: int) -> LengthPoint:
     """`LengthPoint` of the scores ``nll (S * k, n - 1)`` of `tile_segments`' rows (float64 sums)."""
     x = np.asarray(nll, np.float64)
-    _check_int("segments", segments, 1)
+    require_int("segments", segments, 1)
     if x.ndim != 2 or x.shape[1] < 1 or x.shape[0] % segments:
         raise ValueError(f"nll must have shape (segments * tiles, positions >= 1) with {segments} segments, "
                          f"got {x.shape}")

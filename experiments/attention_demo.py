@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import pathlib
 import sys
 import time
@@ -19,6 +18,7 @@ import time
 import numpy as np
 
 from lminf_jax.experiments.options import command_parser, int_option, output_file, parse_checked
+from lminf_jax.evaluation.resume import write_json_atomic
 
 
 def _timed(fn, *args, repeats: int = 3) -> tuple[float, float, object]:
@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  dense    : {d_best * 1e3:9.1f} ms per call ({d_first:.2f} s first call incl. compile), "
           f"XLA plan {result['dense_planned_bytes'] / 2**20:8.1f} MiB")
     out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json_atomic(out, result)
     print(f"  wrote {out}")
     if not err <= 1e-5:
         print("FAILED: blockwise and dense disagree", file=sys.stderr)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -59,9 +58,10 @@ from lminf_jax import LMInfinite, Rotary, Vanilla, attention
 from lminf_jax.attention import attention_route
 from lminf_jax.rope import apply_rope
 from lminf_jax.models import llama
-from lminf_jax.models.common import AttentionCall
+from lminf_jax import AttentionCall
 from lminf_jax.models.decoder import LanguageModel
 from lminf_jax.models.registry import FAMILIES
+from lminf_jax.evaluation.resume import write_json_atomic
 
 SIZES = {  # (attention lengths, encode lengths, decode positions) per preset
     "llama2-7b": ([8192, 32768, 131072], [4096, 8192, 16384, 32768, 65536, 131072], [4096, 32768, 131072]),
@@ -373,9 +373,7 @@ def run(args: argparse.Namespace) -> int:
         """The JSON with the targets of the rows so far, replaced whole (a run stopped by a time limit keeps
         every row it measured and a readable file)."""
         record["targets"] = targets(record)
-        partial = out.with_name(out.name + ".partial")
-        partial.write_text(json.dumps(record, indent=1))
-        partial.replace(out)
+        write_json_atomic(out, record)
 
     def section(name: str, rows: Iterator[dict]) -> bool:
         """Measure a section's rows, printing and saving each; then plot. Whether a plot was drawn."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import pathlib
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 
 from lminf_jax.experiments.machine import machine
 from lminf_jax.experiments.options import command_parser, int_option, output_file, parse_checked
+from lminf_jax.evaluation.resume import write_json_atomic
 
 
 def _steady_seconds(fn, args, repeats: int) -> float:
@@ -114,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         shown = f"{r['seconds'] * 1e3:.1f}" if r["seconds"] is not None else "not run (OOM plan)"
         print(f"| {r['T']} | {r['variant']} | {shown} | {r['planned_bytes'] / 2**20:.1f} |")
     out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {**machine(), "args": {k: str(v) for k, v in vars(args).items()}}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_json_atomic(out, {"meta": meta, "rows": rows})
     print(f"\nwrote {out}")
     return 0
 

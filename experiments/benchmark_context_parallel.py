@@ -19,7 +19,6 @@ pattern, not a speed-up; on a multi-GPU host the same command measures real scal
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -32,6 +31,7 @@ from lminf_jax.experiments.methods import method_spec
 from lminf_jax.experiments.options import command_parser, int_option, output_file, run_cli
 from lminf_jax.experiments.machine import machine
 from lminf_jax.experiments.shipped import add_model_arg
+from lminf_jax.evaluation.resume import write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
-    from lminf_jax.models.common import AttentionCall
+    from lminf_jax import AttentionCall
     from lminf_jax.sharding import ShardingPlan, make_mesh
 
     available = jax.device_count()
@@ -93,8 +93,7 @@ def run(args: argparse.Namespace) -> int:
               "rows": rows}
     print(format_table(record))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
+    write_json_atomic(out, record)
     print(f"wrote {out}")
     return 0
 

@@ -15,7 +15,6 @@ largest peak RSS over ``--repeats`` conversions; prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
@@ -25,6 +24,7 @@ import tempfile
 import time
 
 from lminf_jax.experiments.options import command_parser, int_option, output_file, parse_checked
+from lminf_jax.evaluation.resume import write_json_atomic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -136,9 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| {row['above_baseline_over_checkpoint']:.2f} |"
     )
     out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"args": {k: str(v) for k, v in vars(args).items()}, "cpu_count": os.cpu_count(), "cli_output": out.strip()}
-    out.write_text(json.dumps({"meta": meta, "rows": [row], "runs": runs}, indent=2))
+    write_json_atomic(out, {"meta": meta, "rows": [row], "runs": runs})
     print(f"\nwrote {out}")
     return 0
 

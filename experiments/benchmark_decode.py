@@ -75,7 +75,7 @@ def cache_at(model: LanguageModel, position: int, capacity: int, key: jax.Array,
                                np.arange(max(cache.sinks, position - cache.ring), position)])
     else:
         held = np.arange(position)
-    update = cache.plan(jnp.broadcast_to(jnp.asarray(held, jnp.int32), (batch, len(held))))
+    update = cache.update_for(jnp.broadcast_to(jnp.asarray(held, jnp.int32), (batch, len(held))))
     k1, k2 = jax.random.split(key)
     random = lambda k, x: jax.random.normal(  # noqa: E731  (layers, batch, tokens, kv_heads, d)
         k, (x.shape[0], batch, len(held), x.shape[2], x.shape[4]), x.dtype)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from lminf_jax.models import llama
-    from lminf_jax.models.common import AttentionCall
+    from lminf_jax import AttentionCall
     from lminf_jax.models.decoder import LanguageModel
     from lminf_jax.models.registry import FAMILIES
     from lminf_jax.spec import LMInfinite, Vanilla

@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 
+from lminf_jax.evaluation.resume import write_json_atomic
+
 LOADERS = ("hf", "convert", "converted", "transformers")
 #: What each loader imports before it is timed (its import-only RSS).
 _IMPORTS = {
@@ -186,9 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median times and largest RSS of {args.repeats} run(s) of each loader, each a fresh process")
     print(table(rows))
     out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {**machine(), "hf_dir": str(pathlib.Path(args.hf_dir).absolute()), "repeats": args.repeats}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_json_atomic(out, {"meta": meta, "rows": rows})
     print(f"\nwrote {out}")
     return 0
 

@@ -30,7 +30,6 @@ with the ratio to `transformers` / torch (higher: this project is faster) and wr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 from lminf_jax.experiments.loading import load_model
 from lminf_jax.experiments.options import command_parser, int_option, output_file, run_cli
 from lminf_jax.experiments.machine import machine
+from lminf_jax.evaluation.resume import write_json_atomic
 
 SINKS = 10
 PARITY_TOKENS = 128
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
     import torch
 
-    from lminf_jax.models.common import AttentionCall
+    from lminf_jax import AttentionCall
     from lminf_jax.spec import LMInfinite, Vanilla
 
     record = {"settings": {**vars(args), **machine(),
@@ -133,8 +133,7 @@ def run(args: argparse.Namespace) -> int:
     record["decode"] = decode_section(args, peer, ours, params, rng)
     record["attention"] = attention_section(args, rng)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
+    write_json_atomic(out, record)
     print(format_tables(record))
     print(f"wrote {out}")
     return 0

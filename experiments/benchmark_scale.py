@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from lminf_jax.experiments.options import input_path, int_option, output_file, plot_file
+from lminf_jax.evaluation.resume import write_json_atomic
 
 #: Model shapes (Hugging Face LlamaConfig fields) and their LM-Infinite window L.
 SHAPES = {
@@ -139,7 +140,7 @@ def _model(shape: str, method: str, family=None, config=None):
     import jax.numpy as jnp
 
     from lminf_jax import LMInfinite, Vanilla
-    from lminf_jax.models.common import AttentionCall
+    from lminf_jax import AttentionCall
 
     if family is None:
         family, config = _family(shape)
@@ -306,8 +307,7 @@ def run(args: argparse.Namespace) -> int:
         if "decode" in args.sections:
             record["decode"] = decode_rows(args, directory)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
+    write_json_atomic(out, record)
     print(format_tables(record))
     plot(record, Path(args.plot))
     print(f"wrote {out} and {args.plot}")

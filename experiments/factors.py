@@ -36,7 +36,6 @@ Each factor writes ``OUT/factorK_NAME.json`` and ``.png`` (``--out``, a folder) 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -50,6 +49,7 @@ from lminf_jax.experiments.methods import add_methods_arg, checked_methods, meth
 from lminf_jax.experiments.options import add_output_args, command_parser, int_option, run_cli
 from lminf_jax.experiments.shipped import add_model_arg
 from lminf_jax.experiments.text import add_text_args, bos_id, check_ids, token_stream
+from lminf_jax.evaluation.resume import write_json_atomic
 
 FACTORS = ("logits", "entropy", "sinks")
 SINK_COUNTS = (0, 1, 4, 10, 100)
@@ -108,7 +108,7 @@ class Setup:
         return self._build(self.family, self.config, choice, self.dtype, **options)
 
     def _build(self, family, config, choice: MethodChoice, dtype, **options):
-        from lminf_jax.models.common import AttentionCall
+        from lminf_jax import AttentionCall
 
         spec = method_spec(choice.mask, config, **{**self.options, **options})
         call = AttentionCall(spec, block_q=self.block, block_k=self.block,
@@ -358,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
         record = finite_or_none({"settings": {**setup.settings(), "model": str(args.model_dir)}, **result})
         print(f"\n{stem}\n{table(record)}")
         path = out_dir / f"{stem}.json"
-        path.write_text(json.dumps(record, indent=1))
+        write_json_atomic(path, record)
         written = [str(path)]
         if not args.no_plot:
             png = out_dir / f"{stem}.png"

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ from lminf_jax.experiments.methods import add_attention_args, frequencies_from_a
 from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option, run_cli
 from lminf_jax.experiments.shipped import add_model_arg
 from lminf_jax.experiments.text import read_text_file
+from lminf_jax.evaluation.resume import write_json_atomic
 
 #: Prompt tokens decoded before the generated ones, so the continuation keeps its leading space.
 CONTEXT_TOKENS = 16
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     from lminf_jax import Sampling
     from lminf_jax.cache import NARROWEST_DTYPE, check_cache_fits
     from lminf_jax.decoding import check_positions, generate
-    from lminf_jax.models.common import AttentionCall
+    from lminf_jax import AttentionCall
 
     prompts = read_prompts(args)
     family, config = load_config(args.model_dir)  # validate the options before reading weights
@@ -281,8 +281,7 @@ def run(args: argparse.Namespace) -> int:
             },
         }
         path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1))
+        write_json_atomic(path, record)
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -28,14 +28,14 @@ filled in by `parse_checked` so that it is checked like any output) unless ``--n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from lminf_jax.spec import INT32_MAX
+from lminf_jax.evaluation.resume import write_json_atomic
+from lminf_jax.int32 import INT32_MAX
 
 
 def int_option(minimum: int, maximum: int = INT32_MAX) -> Callable[[str], int]:
@@ -219,11 +219,10 @@ def parse_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpar
 
 def save_result(record: dict, out: str | os.PathLike, draw: Callable[[dict, Path], object] | None = None,
                 plot_path: str | os.PathLike | None = None) -> None:
-    """Write `record` as JSON at `out`, draw it with ``draw(record, plot_path)`` when both are given,
-    and print where they went."""
+    """Write `record` as JSON at `out` (atomically: `lminf_jax.evaluation.resume.write_json_atomic`), draw it
+    with ``draw(record, plot_path)`` when both are given, and print where they went."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
+    write_json_atomic(out, record)
     where = [str(out)]
     if draw is not None and plot_path is not None:
         Path(plot_path).parent.mkdir(parents=True, exist_ok=True)

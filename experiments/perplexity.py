@@ -14,7 +14,7 @@ MODEL_DIR: a converted or Hugging Face directory. Lengths are multiples of the m
 pretraining length L_train (``max_position_embeddings`` or its family's equivalent).
 
 Text (default ``--source stdlib``): the held-out documents of a corpus under
-`experiments.corpus`'s split rule (for ``stdlib``: the standard library of the running
+`tasks.corpus`'s split rule (for ``stdlib``: the standard library of the running
 interpreter, 5% of files by path hash, none of which the shipped models trained on), encoded
 with the model's tokenizer (``--tokenizer DIR``: another directory's), BOS + ids per document,
 concatenated in path order. ``--text`` encodes the given files the same way; ``--tokens`` takes a
@@ -67,11 +67,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib
 import io
 import json
 import math
-import os
-import shutil
+import re
 import sys
 import time
 from pathlib import Path
@@ -83,11 +83,12 @@ from lminf_jax.experiments.loading import (
     DTYPES, add_mesh_args, hf_config, load_config, load_model, model_kind, nonfinite_params, params_dtype,
     pretraining_length, resolve_dtype, sharding_plan,
 )
+from lminf_jax.evaluation.resume import TEMP, OwnFolder, read_checked, write_checked
 from lminf_jax.spec import KINDS
 from lminf_jax.experiments.methods import (
     add_methods_arg, checked_methods, method_options, method_spec, MethodChoice, spec_settings,
 )
-from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option, run_cli
+from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option, run_cli, save_result
 from lminf_jax.experiments.shipped import add_model_arg
 from lminf_jax.experiments.text import add_text_args, bos_id, check_ids, token_stream
 
@@ -100,6 +101,9 @@ DEFAULT_METHODS = ("vanilla", "lm_infinite")
 #: Segments of the main job: enough text for every length (3 x 16,383 tokens) within its CPU budget.
 DEFAULT_SEQUENCES = 3
 PARTS_FORMAT = "lminf_jax-perplexity-parts-v2"
+#: The parts store of ``OUT.parts``: a folder per `parts_key`, holding only parts (and debris of their writes).
+PARTS = OwnFolder("--out", "parts store", re.compile(r"[0-9a-f]{16}"),
+                  re.compile(rf"[^/]+\.[0-9a-f]{{16}}\.npy|{TEMP.pattern}"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,48 +152,42 @@ def score(forward, params, sequences: np.ndarray, batch: int, parts: Path, key: 
     """NLL ``(R, n - 1)`` float32 of the rows of ``sequences (R, n)`` under ``forward`` (logits or scores,
     `lminf_jax.evaluation.perplexity.sequence_nll`; the CLI's is `models.decoder.LanguageModel.score`, no logits),
     ``batch`` rows per call (the last batch padded by repeating its last row, so one shape compiles). Each
-    batch is saved in ``parts`` as it completes and read back (verified) instead of recomputed."""
+    batch is saved in ``parts`` as it completes and read back (verified, `lminf_jax.evaluation.resume.read_checked`)
+    instead of recomputed."""
     from lminf_jax.evaluation.perplexity import sequence_nll
 
     out = []
     for first in range(0, sequences.shape[0], batch):
         rows = sequences[first:first + batch]
         stem = f"{key}-{first:06d}"
-        nll = load_part(parts, stem)
-        if nll is None:
+        saved = read_checked(parts, stem, redo="scoring that batch again")
+        if saved is not None:
+            nll = np.load(io.BytesIO(saved))
+        else:
             padded = np.concatenate([rows, np.repeat(rows[-1:], batch - rows.shape[0], axis=0)])
             nll = sequence_nll(forward, params, padded)[: rows.shape[0]]
             buffer = io.BytesIO()
             np.save(buffer, nll)
-            data = buffer.getvalue()
-            part = parts / f"{stem}.{_sha(data)}.npy"
-            tmp = part.with_name(f"{part.name}.tmp-{os.getpid()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, part)  # atomic: a rerun never reads half a part
+            write_checked(parts, stem, buffer.getvalue())
         out.append(nll)
         bar.update(rows.size)
     return np.concatenate(out)
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
+def remove_parts(root: Path) -> None:
+    """Delete the parts store's own folders in `root` (``OUT.parts``), and `root` when nothing else is left."""
+    for path in PARTS.entries(root):
+        PARTS.discard(path)
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
-def load_part(parts: Path, stem: str) -> np.ndarray | None:
-    """The scores saved as ``parts/STEM.SHA.npy`` when the file's bytes hash to SHA, else None;
-    a damaged or unreadable file is removed, with a warning on stderr."""
-    for path in sorted(parts.glob(f"{stem}.*.npy")):
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            reason = f"unreadable: {e}"
-        else:
-            if _sha(data) == path.name[len(stem) + 1:-len(".npy")]:
-                return np.load(io.BytesIO(data))
-            reason = "its bytes do not match the checksum in its name"
-        print(f"warning: {path} is damaged ({reason}); scoring that batch again", file=sys.stderr)
-        path.unlink(missing_ok=True)
-    return None
+def _plotting_available() -> bool:
+    try:
+        importlib.import_module("matplotlib.figure")
+    except ImportError:
+        return False
+    return True
 
 
 # ----- output -----------------------------------------------------------------------------------
@@ -387,9 +385,9 @@ def run(args: argparse.Namespace) -> int:
     from lminf_jax.evaluation.perplexity import length_point, position_buckets, prefix_ppl, text_segments, tile_segments
     from lminf_jax.evaluation.fingerprint import tree_fingerprint
     from lminf_jax.progress import Progress
-    from lminf_jax.evaluation.streaming import PositionBuckets, finite_or_none
-    from lminf_jax import Rotary
-    from lminf_jax.models.common import AttentionCall
+    from lminf_jax.evaluation.buckets import PositionBuckets
+    from lminf_jax.evaluation.streaming import finite_or_none
+    from lminf_jax import AttentionCall, Rotary
 
     if len(set(args.multiples)) != len(args.multiples):
         raise ValueError(f"--multiples must be distinct, got {args.multiples}")
@@ -431,6 +429,7 @@ def run(args: argparse.Namespace) -> int:
     }
     out_path = Path(args.out)
     parts = out_path.with_name(out_path.name + ".parts") / parts_key(settings, segments)
+    PARTS.entries(parts.parent)  # refuses a folder named like a part's that is not the store's
     parts.mkdir(parents=True, exist_ok=True)
     s, seg_tokens = segments.shape
     print(f"{family.name} from {args.model_dir} (L_train {l_train:,}): {s} segment(s) x {seg_tokens:,} tokens of "
@@ -475,16 +474,11 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     if origin is not None:
         print(f"warning: {origin}", file=sys.stderr)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(record, indent=1))
-    shutil.rmtree(parts.parent)
-    where = [str(out_path)]
-    if not args.no_plot:
-        if plot(record, Path(args.plot)):
-            where.append(str(args.plot))
-        else:
-            print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
-    print(f"wrote {' and '.join(where)}")
+    drawn = not args.no_plot and _plotting_available()
+    if not args.no_plot and not drawn:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    save_result(record, out_path, plot if drawn else None, args.plot)
+    remove_parts(parts.parent)
     return 0
 
 

@@ -30,7 +30,7 @@ stderr). With ``--checkpoint-dir`` the state is saved every ``--checkpoint-every
 chunks and a rerun resumes it (``--max-chunks`` ends a run early, e.g. to fit a time limit).
 A checkpoint records the model (a fingerprint of its params, its config, the full attention
 call and the compute dtype), the chunk and a hash of the stream it scored; a rerun with any of
-them different is refused, naming the field (`lminf_jax.evaluation.streaming`).
+them different is refused, naming the field (`lminf_jax.evaluation.stream_store`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lminf_jax.evaluation.resume import atomic_file, write_json_atomic
 from lminf_jax.experiments.loading import (
     DTYPES, TOKENIZER_FILES, add_mesh_args, add_tokenizer_arg, load_config, load_model, model_kind, open_tokenizer,
     params_dtype, pretraining_length, resolve_dtype, sharding_plan,
@@ -124,10 +124,8 @@ def text_tokens(model_dir: str | os.PathLike, files: list[str], cache_dir: Path,
     ids = np.concatenate(pieces)
     if ids.size and ids.max() > np.iinfo(np.int32).max:
         raise ValueError(f"token id {ids.max()} does not fit int32")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.stem}.tmp-{os.getpid()}.npy")
-    np.save(tmp, ids.astype(np.int32))
-    os.replace(tmp, target)  # atomic: a resumed run never sees half a file
+    with atomic_file(target) as f:  # a resumed run never sees half a file
+        np.save(f, ids.astype(np.int32))
     return np.load(target, mmap_mode="r"), target, False
 
 
@@ -190,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     import jax
 
-    from lminf_jax.evaluation.streaming import PositionBuckets, check_checkpoint_dir, streaming_nll
-    from lminf_jax.models.common import AttentionCall
+    from lminf_jax.evaluation.buckets import PositionBuckets
+    from lminf_jax.evaluation.stream_store import check_checkpoint_dir
+    from lminf_jax.evaluation.streaming import streaming_nll
+    from lminf_jax import AttentionCall
 
     if args.checkpoint_dir is not None:
         check_checkpoint_dir(args.checkpoint_dir)  # a folder the store could not use, before any work
@@ -286,8 +286,7 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint_dir": args.checkpoint_dir,
         "load_s": load_s,
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(record, indent=1))
+    write_json_atomic(out_path, record)
     print(f"wrote {out_path}", file=sys.stderr)
 
     if not args.no_plot:

@@ -1,9 +1,7 @@
-"""Pretrain small LLaMA-, GPT-J- and MPT-style models on the token files of `experiments.corpus`.
+"""Pretrain small LLaMA-, GPT-J- and MPT-style models on the token files of `tasks.corpus`.
 
-* Presets (`PRESETS`): ``{llama,gptj,mpt}-{tiny,small}``, built as Hugging Face-style config dicts
-  (`make_config`), so `models.registry.family_for_config` and `converters.store` work unchanged.
-  ``max_position_embeddings`` / ``n_positions`` / ``max_seq_len`` are set to the training length,
-  which is what the experiment CLIs read as the pretraining length L_train.
+* Presets: ``{llama,gptj,mpt}-{tiny,small}`` (`experiments.train_presets`), whose length is the
+  training length L_train.
 * Windows: each training example is BOS followed by ``seq_len - 1`` tokens read from a uniformly
   random offset of the training stream (documents are BOS-separated in the stream, so windows may
   cross document boundaries, as in packed pretraining). Every window thus starts with BOS at
@@ -22,16 +20,18 @@
   `lminf_jax.evaluation.fingerprint.json_digest` of meta, a `tree_fingerprint` of state). A rerun resumes
   from the newest checkpoint that reads back intact (a damaged newer one is removed with a
   warning) and reaches bit-identical params (float32, same machine); it is refused, naming the
-  field, when its identity differs. ``loss.jsonl`` is cut back to the resumed step first.
+  field, when its identity differs. ``loss.jsonl`` is cut back to the resumed step first. All of
+  this is `experiments.train_checkpoint`'s, on `lminf_jax.evaluation.resume`.
 * Output ``OUT/model``: `converters.store.save_converted` params (loadable by every CLI of the
   project), ``tokenizer.model`` and ``model_card.md``. Also ``OUT/loss.jsonl`` (one JSON line per
-  logged step / evaluation), ``OUT/loss.png`` when matplotlib is installed, ``OUT/run.json``.
+  logged step / evaluation), ``OUT/loss.png`` when matplotlib is installed, ``OUT/run.json``; the
+  card and the plot are `experiments.train_report`'s.
 
 * Fine-tuning: ``--init MODEL_DIR`` starts from a converted model of the same preset and length;
   ``--passkey-fraction F`` makes that share of every batch passkey windows
-  (`experiments.passkey.training_windows`, drawn from ``numpy.random.default_rng([seed, step, 1])``);
+  (`tasks.passkey.training_windows`, drawn from ``numpy.random.default_rng([seed, step, 1])``);
   ``--ruler-fraction F`` the next share RULER instances with their answers and EOS
-  (`experiments.ruler.TrainingMix`: every task that fits in ``--seq-len``; drawn from
+  (`tasks.training_mix.TrainingMix`: every task that fits in ``--seq-len``; drawn from
   ``numpy.random.default_rng([seed, step, 2])``).
 
 CLI::
@@ -46,72 +46,33 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lminf_jax.experiments import corpus as corpus_lib
+from lminf_jax.evaluation.resume import write_json_atomic
 from lminf_jax.experiments.loading import hf_config, load_tokenizer_from
 from lminf_jax.experiments.options import command_parser, input_path, output_dir, parse_checked
-from lminf_jax.experiments.passkey import PasskeyBuilder, training_windows
-from lminf_jax.experiments.ruler import TrainingMix
+from lminf_jax.experiments.train_checkpoint import Checkpoints, run_identity, truncate_log
+from lminf_jax.experiments.train_presets import PRESETS, make_config, parameter_count
+from lminf_jax.experiments.train_report import model_card, plot_loss
+from lminf_jax.tasks import corpus as corpus_lib
+from lminf_jax.tasks.passkey import PasskeyBuilder, training_windows
+from lminf_jax.tasks.training_mix import TrainingMix
 
 if TYPE_CHECKING:
     import optax
-    import orbax.checkpoint as ocp
 
 BOS_ID = corpus_lib.BOS_ID
 #: ``--dtype`` / ``--save-dtype`` names and the dtypes they stand for.
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
-#: Architecture sizes; the vocabulary and the training length come from the data and ``--seq-len``.
-PRESETS: dict[str, dict] = {
-    "llama-tiny": {"family": "llama", "width": 32, "layers": 2, "heads": 2, "ffn": 88},
-    "llama-small": {"family": "llama", "width": 256, "layers": 4, "heads": 4, "ffn": 688},
-    "gptj-tiny": {"family": "gptj", "width": 32, "layers": 2, "heads": 2, "ffn": 128, "rotary_dim": 8},
-    "gptj-small": {"family": "gptj", "width": 256, "layers": 4, "heads": 4, "ffn": 1024, "rotary_dim": 32},
-    "mpt-tiny": {"family": "mpt", "width": 32, "layers": 2, "heads": 2, "ffn": 128},
-    "mpt-small": {"family": "mpt", "width": 256, "layers": 4, "heads": 4, "ffn": 1024},
-}
-
-
-def make_config(preset: str, vocab_size: int, seq_len: int) -> dict:
-    """The HF-style config dict of `preset` for a vocabulary and a training length."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    p = PRESETS[preset]
-    w, n, h, f = p["width"], p["layers"], p["heads"], p["ffn"]
-    special = {"bos_token_id": BOS_ID, "eos_token_id": corpus_lib.EOS_ID}
-    if p["family"] == "llama":
-        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab_size,
-                "hidden_size": w, "intermediate_size": f, "num_hidden_layers": n, "num_attention_heads": h,
-                "num_key_value_heads": h, "max_position_embeddings": seq_len, "rope_theta": 10000.0,
-                "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, **special}
-    if p["family"] == "gptj":
-        return {"model_type": "gptj", "architectures": ["GPTJForCausalLM"], "vocab_size": vocab_size,
-                "n_embd": w, "n_layer": n, "n_head": h, "n_inner": f, "rotary_dim": p["rotary_dim"],
-                "n_positions": seq_len, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, **special}
-    return {"model_type": "mpt", "architectures": ["MPTForCausalLM"], "vocab_size": vocab_size, "d_model": w,
-            "n_layers": n, "n_heads": h, "expansion_ratio": f // w, "max_seq_len": seq_len, "no_bias": True,
-            "attn_config": {"alibi": True, "alibi_bias_max": 8}, "layer_norm_epsilon": 1e-5, **special}
-
-
-def parameter_count(config: dict) -> int:
-    from lminf_jax.models import registry
-    from lminf_jax.models.common import count_params
-
-    family = registry.family_for_config(config)
-    return count_params(family.param_shapes(family.config_from_hf(config)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +96,8 @@ class TrainConfig:
     log_every: int = 10
     save_dtype: str = "fp32"
     init: str | None = None  # a converted model directory to start from (fine-tuning)
-    passkey_fraction: float = 0.0  # share of each batch made of passkey windows (experiments.passkey)
-    ruler_fraction: float = 0.0  # share of each batch made of RULER windows (experiments.ruler.TrainingMix)
+    passkey_fraction: float = 0.0  # share of each batch made of passkey windows (tasks.passkey)
+    ruler_fraction: float = 0.0  # share of each batch made of RULER windows (tasks.training_mix.TrainingMix)
 
     def check(self) -> None:
         if self.preset not in PRESETS:
@@ -171,8 +132,8 @@ class TrainConfig:
         return min(100, self.steps // 10) if self.warmup is None else self.warmup
 
     def resume_key(self) -> dict:
-        """The settings a resumed run must share with the run it continues (the data and the
-        model `init` starts from enter its identity by content, see `run_identity`)."""
+        """The settings a resumed run must share with the run it continues (the data and the model `init`
+        starts from enter its identity by content, see `experiments.train_checkpoint.run_identity`)."""
         d = dataclasses.asdict(self)
         for k in ("out", "checkpoint_every", "eval_every", "log_every", "data", "init"):
             d.pop(k)
@@ -285,166 +246,7 @@ def evaluate(eval_loss, params, windows: np.ndarray, batch: int) -> float:
     return total / count
 
 
-# ----- checkpoints ------------------------------------------------------------------------------
-
-
-def run_identity(cfg: TrainConfig, config: dict, streams: Sequence[np.ndarray], params) -> dict:
-    """Everything that determines the trained params: the settings, the model config, the token
-    streams and tokenizer (sha256 of their contents) and the initial params' fingerprint."""
-    from lminf_jax.evaluation.fingerprint import tree_fingerprint
-
-    h = hashlib.sha256()
-    for stream in streams:
-        h.update(f"{stream.dtype.str}{list(stream.shape)}".encode())
-        h.update(np.ascontiguousarray(stream))
-    tokenizer = Path(cfg.data) / corpus_lib.TOKENIZER_FILE
-    h.update(tokenizer.read_bytes() if tokenizer.is_file() else b"")
-    identity = {**cfg.resume_key(), "config": config, "data": "sha256:" + h.hexdigest(),
-                "initial params": tree_fingerprint(params)}
-    return json.loads(json.dumps(identity))  # the form it takes after a JSON round trip
-
-
-def _manager(directory: Path) -> ocp.CheckpointManager:
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-
-
-def _state(params, opt_state) -> dict:
-    import jax
-
-    return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves((params, opt_state)))}
-
-
-def _save_checkpoint(manager, step: int, params, opt_state, meta: dict) -> None:
-    import orbax.checkpoint as ocp
-
-    from lminf_jax.evaluation.fingerprint import json_digest, tree_fingerprint
-
-    state = _state(params, opt_state)
-    checksum = {"json": json_digest(meta), "arrays": tree_fingerprint(state)}
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
-                                               checksum=ocp.args.JsonSave(checksum)), force=True)
-    manager.wait_until_finished()
-
-
-def _restore_checkpoint(manager, identity: dict, params, opt_state):
-    """``(params, opt_state, meta)`` of the newest intact checkpoint of this run, or None when
-    there is none (`lminf_jax.evaluation.fingerprint.newest_intact`)."""
-    import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-
-    from lminf_jax.evaluation.fingerprint import check_identity, json_digest, newest_intact, tree_fingerprint
-
-    treedef = jax.tree.structure((params, opt_state))
-    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _state(params, opt_state).items()}
-    directory = Path(manager.directory)
-
-    def read(step: int):
-        got = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(),
-                                                            checksum=ocp.args.JsonRestore()))
-        meta, checksum = got["meta"], got["checksum"]
-        if json_digest(meta) != checksum["json"]:
-            raise ValueError("its meta does not match its checksum")
-        check_identity(meta.get("identity"), identity, f"checkpoint {directory / str(step)}")
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-        if tree_fingerprint(dict(state)) != checksum["arrays"]:
-            raise ValueError("its params / optimiser state do not match their checksum")
-        return (*jax.tree.unflatten(treedef, [jnp.asarray(state[k]) for k in sorted(state)]), meta)
-
-    found = newest_intact(sorted(manager.all_steps(), reverse=True), read, manager.delete,
-                          name=lambda step: str(directory / str(step)))
-    return None if found is None else found[1]
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep the lines of ``path`` logged at or before ``step`` (a resumed run logs the later
-    steps again), dropping a line cut short by a kill and a final evaluation."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and row.get("step", math.inf) <= step and not row.get("final"):
-            kept.append(line + "\n")
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-
-
-# ----- outputs ----------------------------------------------------------------------------------
-
-
-def _plot(log_path: Path, png: Path) -> str:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no loss.png (pip install matplotlib)"
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    held = [(r["step"], r["heldout_loss"]) for r in rows if "heldout_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if held:
-        ax.plot(*zip(*held), "o-", label="held-out loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross entropy (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return f"wrote {png}"
-
-
-def _fine_tuning(cfg: TrainConfig, ruler: TrainingMix | None) -> str:
-    if cfg.init is None and cfg.passkey_fraction == 0 and ruler is None:
-        return ""
-    start = f"started from `{cfg.init}`" if cfg.init is not None else "trained from scratch"
-    shares = [f"{cfg.task_rows('passkey_fraction')} of {cfg.batch} rows of each batch are passkey windows "
-              "(experiments.passkey)"] if cfg.passkey_fraction else []
-    if ruler is not None:
-        shares.append(f"{cfg.task_rows('ruler_fraction')} of {cfg.batch} rows are RULER instances with their answers "
-                      f"(experiments.ruler.TrainingMix) of {ruler.describe()}")
-    return f"- Fine-tuning: {start}" + "".join(f"; {s}" for s in shares) + "\n"
-
-
-def _model_card(cfg: TrainConfig, config: dict, manifest: dict, n_params: int, meta: dict, heldout: float,
-                n_eval: int, seconds: float, ruler: TrainingMix | None = None) -> str:
-    from lminf_jax.models import registry
-
-    family = registry.family_for_config(config).name
-    positional = {"llama": "RoPE (half layout)", "gptj": f"interleaved partial RoPE (rotary_dim {config.get('rotary_dim')})",
-                  "mpt": "ALiBi"}[family]
-    tr = manifest["splits"]["train"]
-    ho = manifest["splits"]["heldout"]
-    return f"""# {cfg.preset} (lminf_jax, {'fine-tuned' if cfg.init is not None else 'trained from scratch'})
-
-- Architecture: {family}-style decoder, {positional}; config in `converted.json`:
-  `{json.dumps({k: v for k, v in config.items() if k != 'architectures'})}`
-- Parameters: {n_params:,} ({n_params * 2 / 1e6:.1f} MB in bf16, {n_params * 4 / 1e6:.1f} MB in float32); saved as {cfg.save_dtype}
-- Training length L_train: {cfg.seq_len} tokens; every window starts with BOS (id {BOS_ID})
-- Corpus: `{manifest['settings']['source']}` (sha256 {manifest['settings']['corpus_sha256'][:16]}...),
-  train {tr['documents']} documents / {tr['bytes'] / 1e6:.2f} MB / {tr['tokens']:,} tokens;
-  held out {ho['documents']} documents / {ho['bytes'] / 1e6:.2f} MB / {ho['tokens']:,} tokens.
-  Split: {manifest['split_rule']}
-- Tokenizer: `tokenizer.model`, sentencepiece BPE, vocab {manifest['vocab_size']}, byte fallback (sha256 {manifest['tokenizer_sha256'][:16]}...)
-- Training: {meta['step']} steps x batch {cfg.batch} x {cfg.seq_len} tokens = {meta['tokens_seen']:,} tokens seen
-  ({meta['tokens_seen'] / max(tr['tokens'], 1):.2f} epochs); AdamW lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine to 10%),
-  weight decay {cfg.weight_decay}, clip {cfg.clip}, compute dtype {cfg.dtype}, seed {cfg.seed};
-  {seconds:.0f} s in the last session
-{_fine_tuning(cfg, ruler)}- Final train loss (mean of the last logged steps): {meta['last_loss']:.4f} nats/token
-- Held-out loss at L_train ({n_eval} windows of {cfg.seq_len} tokens, BOS + held-out tokens at evenly spaced offsets):
-  {heldout:.4f} nats/token, perplexity {math.exp(heldout):.3f} per token
-  ({math.exp(heldout * 1 / ho['bytes_per_token']):.3f} per byte)
-"""
+# ----- training ---------------------------------------------------------------------------------
 
 
 def _init_config(cfg: TrainConfig, preset_config: dict) -> dict:
@@ -455,9 +257,6 @@ def _init_config(cfg: TrainConfig, preset_config: dict) -> dict:
         raise ValueError(f"--init {cfg.init} is not a {cfg.preset} model for this data and --seq-len "
                          f"(field: (init, preset)): {differ}")
     return config
-
-
-# ----- training ---------------------------------------------------------------------------------
 
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progress: bool = True) -> Path | None:
@@ -489,25 +288,26 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), load_converted(cfg.init)[0])
     else:
         params = family.init_params(model.config, jax.random.PRNGKey(cfg.seed), jnp.float32)
-    identity = run_identity(cfg, config, [train_stream, held_stream], params)
+    identity = run_identity(cfg.resume_key(), config, [train_stream, held_stream],
+                            Path(cfg.data) / corpus_lib.TOKENIZER_FILE, params)
     passkeys = PasskeyBuilder(load_tokenizer_from(cfg.data)) if cfg.passkey_fraction > 0 else None
     ruler = TrainingMix(load_tokenizer_from(cfg.data), cfg.seq_len, train_stream) if cfg.ruler_fraction > 0 else None
     if ruler is not None:
         log(f"RULER mix: {ruler.describe()}")
     opt_state = opt.init(params)
-    manager = _manager(out / "checkpoints")
+    checkpoints = Checkpoints(out / "checkpoints")
     step, meta = 0, {"step": 0, "seed": cfg.seed, "tokens_seen": 0, "last_loss": float("nan"), "identity": identity}
-    restored = _restore_checkpoint(manager, identity, params, opt_state)
+    restored = checkpoints.restore(identity, params, opt_state)
     if restored is not None:
         params, opt_state, meta = restored
         step = int(meta["step"])
         log(f"resumed from {out / 'checkpoints'} at step {step}")
-    (out / "run.json").write_text(json.dumps({"identity": identity, "data": str(cfg.data)}, indent=1))
+    write_json_atomic(out / "run.json", {"identity": identity, "data": str(cfg.data)})
     log(f"{cfg.preset}: {n_params:,} parameters ({n_params * 2 / 1e6:.2f} MB in bf16), "
         f"{train_stream.shape[0]:,} training tokens, L_train {cfg.seq_len}, batch {cfg.batch}, dtype {cfg.dtype}")
     held_windows = eval_windows(held_stream, cfg.eval_windows, cfg.seq_len)
     log_path = out / "loss.jsonl"
-    _truncate_log(log_path, step)
+    truncate_log(log_path, step)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     recent: list[float] = []
     tokens_per_step = cfg.batch * cfg.seq_len
@@ -545,9 +345,9 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
             bar.update(tokens_per_step, postfix=f"step {step}{loss_text}")
             if step % cfg.checkpoint_every == 0 or step == end:
                 meta["step"] = step
-                _save_checkpoint(manager, step, params, opt_state, meta)
+                checkpoints.save(step, params, opt_state, meta)
     seconds = time.monotonic() - t_start
-    manager.close()
+    checkpoints.close()
     if step < cfg.steps:
         log(f"stopped at step {step} of {cfg.steps}; rerun the same command to resume")
         return None
@@ -559,8 +359,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
     save_converted(model_dir, save, config, family.name)
     shutil.copyfile(Path(cfg.data) / corpus_lib.TOKENIZER_FILE, model_dir / corpus_lib.TOKENIZER_FILE)
     (model_dir / "model_card.md").write_text(
-        _model_card(cfg, config, manifest, n_params, meta, held, len(final_windows), seconds, ruler))
-    log(_plot(log_path, out / "loss.png"))
+        model_card(cfg, config, manifest, n_params, meta, held, len(final_windows), seconds, ruler))
+    log(plot_loss(log_path, out / "loss.png"))
     log(f"final train loss {meta['last_loss']:.4f}, held-out loss {held:.4f} (perplexity {math.exp(held):.3f}) "
         f"at L_train {cfg.seq_len}; wrote {model_dir.absolute()}")
     return model_dir.absolute()
@@ -594,10 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init", type=input_path, metavar="MODEL_DIR",
                         help="start from this converted model (fine-tuning; default: random params)")
     parser.add_argument("--passkey-fraction", type=float, default=d.passkey_fraction, metavar="F",
-                        help="share of each batch made of passkey windows (experiments.passkey; default 0)")
+                        help="share of each batch made of passkey windows (tasks.passkey; default 0)")
     parser.add_argument("--ruler-fraction", type=float, default=d.ruler_fraction, metavar="F",
                         help="share of each batch made of RULER instances with their answers, every task that fits "
-                             "in --seq-len (experiments.ruler.TrainingMix; default 0)")
+                             "in --seq-len (tasks.training_mix.TrainingMix; default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     return parser
 

@@ -1,4 +1,4 @@
-"""lminf_jax.evaluation.fingerprint: content digests computed on the device, identity checks, newest intact state."""
+"""lminf_jax.evaluation.fingerprint: content digests computed on the device, JSON digests."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from multidevice import run_on_devices
 
-from lminf_jax.evaluation.fingerprint import Mismatch, check_identity, json_digest, leaf_digests, newest_intact, tree_fingerprint
+from lminf_jax.evaluation.fingerprint import json_digest, leaf_digests, tree_fingerprint
 
 DTYPES = [np.float32, jnp.bfloat16, np.float16, np.int8, np.uint8, np.int16, np.int32, np.uint32]
 
@@ -100,42 +100,8 @@ def test_the_same_content_in_any_sharding_gives_the_same_value():
     assert run_on_devices(SHARDED_SCRIPT) == [tree_fingerprint({"x": x})] * 4
 
 
-def test_check_identity_names_each_field_that_differs():
-    saved = {"chunk": 16, "model": {"params": "sha256:a", "attention": {"limit_distance": 16}}}
-    check_identity(saved, {"chunk": 16, "model": {"params": "sha256:a", "attention": {"limit_distance": 16}}}, "x")
-    with pytest.raises(Mismatch, match=r"^ckpt does not match this run: model\.params: checkpoint has sha256:a, run "
-                                       r"asks sha256:b; model\.attention\.limit_distance: checkpoint has 16, run "
-                                       r"asks 8; extra: checkpoint has nothing, run asks 1$"):
-        check_identity(saved, {"chunk": 16, "model": {"params": "sha256:b", "attention": {"limit_distance": 8}},
-                               "extra": 1}, "ckpt")
+def test_json_digest_is_canonical():
     assert json_digest({"b": [1, 2.5], "a": None}) == json_digest({"a": None, "b": (1, 2.5)})
-
-
-def test_newest_intact_falls_back_and_says_so(capsys):
-    states = {3: "damaged", 2: "good", 1: "good"}
-    discarded = []
-
-    def read(n):
-        if states[n] == "damaged":
-            raise OSError(f"state {n} unreadable\nsecond line")
-        if states[n] == "other run":
-            raise Mismatch(f"state {n} is another run's")
-        return f"value {n}"
-
-    assert newest_intact([3, 2, 1], read, discarded.append, name=lambda n: f"s{n}") == (2, "value 2")
-    assert discarded == [3]
-    assert capsys.readouterr().err == "warning: s3 is damaged (OSError: state 3 unreadable); removed it and " \
-                                      "resumed from s2\n"
-    assert newest_intact([], read, discarded.append) is None
-    states[2] = "other run"
-    with pytest.raises(Mismatch, match="state 2 is another run's"):
-        newest_intact([3, 2, 1], read, discarded.append)
-    assert discarded == [3] and capsys.readouterr().err == ""  # nothing touched
-    states[2] = "damaged"
-    with pytest.raises(ValueError, match=r"^no intact saved state: s3: OSError: state 3 unreadable; s2: OSError: "
-                                         r"state 2 unreadable \(remove"):
-        newest_intact([3, 2], read, discarded.append, name=lambda n: f"s{n}")
-    assert discarded == [3] and capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (100,), (2, 1, 40), (4, 3)])

@@ -10,11 +10,11 @@ import pytest
 from conftest import random_model
 
 from lminf_jax import LMInfinite, Vanilla
-from lminf_jax.evaluation.streaming import PositionBuckets
+from lminf_jax.evaluation.buckets import PositionBuckets
 from lminf_jax.evaluation.perplexity import (
     bos_sequences, length_point, position_buckets, prefix_ppl, sequence_nll, text_segments, tile_segments,
 )
-from lminf_jax.models.common import AttentionCall
+from lminf_jax import AttentionCall
 
 
 def test_segments_are_evenly_spaced_disjoint_slices_of_the_stream():

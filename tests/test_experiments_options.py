@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
 from lminf_jax.experiments.options import (
-    check_outputs_apart, input_path, int_option, output_dir, output_file, parse_checked, plot_file,
+    check_outputs_apart, input_path, int_option, output_dir, output_file, parse_checked, plot_file, save_result,
 )
 
 
@@ -186,3 +187,23 @@ def test_plot_file_takes_what_matplotlib_saves_and_refuses_the_rest(tmp_path):
                           ("p", "matplotlib cannot save a file without an extension")]:
         with pytest.raises(argparse.ArgumentError, match=message):
             parse(["--plot", str(tmp_path / name)], plot=plot_file)
+
+
+def test_save_result_writes_the_json_atomically_and_draws_it(tmp_path, capsys, monkeypatch):
+    from lminf_jax.evaluation import resume
+
+    record = {"settings": {"a": 1}, "scores": [0.5, 1.0]}
+    drawn = []
+    save_result(record, tmp_path / "new" / "r.json", lambda r, path: drawn.append((r, path)), tmp_path / "p" / "r.png")
+    assert (tmp_path / "new" / "r.json").read_text() == json.dumps(record, indent=1)
+    assert drawn == [(record, tmp_path / "p" / "r.png")] and (tmp_path / "p").is_dir()
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'new' / 'r.json'} and {tmp_path / 'p' / 'r.png'}\n"
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(resume.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_result({"other": 1}, tmp_path / "new" / "r.json")
+    assert (tmp_path / "new" / "r.json").read_text() == json.dumps(record, indent=1)  # the old result, whole
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["r.json"]

@@ -23,7 +23,7 @@ from lminf_jax.experiments.loading import load_model, load_tokenizer_from
 from lminf_jax.experiments.shipped import SHIPPED_MODEL
 from lminf_jax import AttentionSpec, LMInfinite, SelfExtend, StreamingLLM, Vanilla, frequency_method
 from lminf_jax.spec import KINDS
-from lminf_jax.models.common import AttentionCall
+from lminf_jax import AttentionCall
 
 
 @pytest.fixture(scope="module")

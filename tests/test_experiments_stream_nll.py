@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 import sys
@@ -17,8 +18,8 @@ from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 from lminf_jax.experiments import stream_nll as cli
 from lminf_jax.experiments.loading import load_model, load_tokenizer_from
 from lminf_jax import AttentionSpec, LMInfinite, SlidingWindow, frequency_method
-from lminf_jax.evaluation.streaming import PositionBuckets
-from lminf_jax.models.common import AttentionCall
+from lminf_jax.evaluation.buckets import PositionBuckets
+from lminf_jax import AttentionCall
 
 G, L = 4, 16
 NUMBERS = ("tokens", "nll", "ppl", "buckets", "stream_nll", "complete", "positions", "length", "streams")
@@ -99,11 +100,7 @@ def test_text_stream_matches_one_forward_pass(model_dir, text_file, tmp_path, ca
 
 
 def _has_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def test_side_by_side_streams_from_a_npy(model_dir, tmp_path, capsys):

@@ -12,9 +12,10 @@ import pytest
 
 from lminf_jax.converters.store import load_converted
 from lminf_jax.converters.tokenizer import load_tokenizer
-from lminf_jax.experiments import corpus
 from lminf_jax.experiments import train as tr
+from lminf_jax.experiments import train_presets as presets
 from lminf_jax.models import registry
+from lminf_jax.tasks import corpus
 
 SEQ = 32
 STEPS = 30
@@ -100,7 +101,7 @@ def test_resume_is_bit_exact(full_run, data, tmp_path):
 
 @pytest.mark.parametrize("preset", ["gptj-tiny", "mpt-tiny"])
 def test_other_families_train_step_and_store(preset, tmp_path):
-    config = tr.make_config(preset, 300, 16)
+    config = presets.make_config(preset, 300, 16)
     family = registry.family_for_config(config)
     assert family.name == preset.split("-")[0]
     cfg = tr.TrainConfig("", "", preset=preset, steps=10, dtype="bf16", warmup=0)
@@ -121,18 +122,7 @@ def test_other_families_train_step_and_store(preset, tmp_path):
     assert np.all(np.isfinite(np.asarray(logits)))
 
 
-def test_presets_sizes():
-    for name in tr.PRESETS:
-        n = tr.parameter_count(tr.make_config(name, 4096, 512))
-        if name.endswith("small"):
-            assert 3e6 <= n <= 6e6 and 2 * n <= 15e6, (name, n)
-        else:
-            assert n < 4e5, (name, n)
-
-
 def test_bad_arguments(data, tmp_path, full_run, capsys):
-    with pytest.raises(ValueError, match="unknown preset"):
-        tr.make_config("llama-huge", 300, 32)
     with pytest.raises(ValueError, match="steps"):
         tr.train(_cfg(data, tmp_path / "a", steps=0))
     with pytest.raises(ValueError, match="warmup"):
@@ -176,10 +166,10 @@ def test_fine_tuning_starts_from_a_model_and_mixes_in_passkey_and_ruler_windows(
                      log=lambda m: None, progress=False)
     assert len(batches) == 2 and all(b.shape == (1, 512) for b in batches)  # one row of each batch of 2
     assert len(ruler_batches) == 2 and all(b.shape == (1, 512) for b in ruler_batches)
-    assert all(tr.corpus_lib.EOS_ID in b[0] for b in ruler_batches)
+    assert all(corpus.EOS_ID in b[0] for b in ruler_batches)
     card = (tuned / "model_card.md").read_text()
-    assert (f"Fine-tuning: started from `{base}`; 1 of 2 rows of each batch are passkey windows (experiments.passkey); "
-            "1 of 2 rows are RULER instances with their answers (experiments.ruler.TrainingMix) of niah_single_1, ") in card
+    assert (f"Fine-tuning: started from `{base}`; 1 of 2 rows of each batch are passkey windows (tasks.passkey); "
+            "1 of 2 rows are RULER instances with their answers (tasks.training_mix.TrainingMix) of niah_single_1, ") in card
     assert "; not cwe: its shortest instance with its answer needs more than 512 tokens" in card
     with pytest.raises(ValueError, match="is not a llama-tiny model"):
         tr.train(_cfg(data, tmp_path / "bad", init=str(base), **{**quick, "seq_len": 256}), log=lambda m: None,
