@@ -18,7 +18,7 @@ method at a fixed factor (``yarn@4``) or both (``lm_infinite+ntk@2``), written a
 have many lengths). The method parameters are the CLIs' (``global_branch``, ``local_branch``,
 ``limit_distance``, ``group_size``, ``leak``; ``G``/``L``/``D`` as ``-G/-L/-D``) with their defaults (L and D
 from the model's pretraining length), and so are the top-k middle tokens (``top_k_middle`` etc.,
-`experiments.methods.spec_from_args`). ``dtype``: cast the weights and compute in it (default: the
+`experiments.methods.spec_from_options`). ``dtype``: cast the weights and compute in it (default: the
 stored one). ``batch_size``: rows per model call (lm-eval's ``--batch_size``, default 1; a number, not
 ``auto``). ``prefill_chunk``: tokens per model call of a prompt's prefill and of a rolling document
 (default 512; prompts longer than it compile once per multiple of it). A key that is neither lm-eval's
@@ -85,15 +85,18 @@ except ImportError as e:
 from tqdm import tqdm
 
 from lminf_jax.experiments.generate import continuation_text
-from lminf_jax.experiments.methods import TOP_K_OPTIONS, fixed_method, frequencies_from_args, spec_from_args
-from lminf_jax.experiments.loading import load_config, load_model, open_tokenizer, params_dtype, resolve_dtype
+from lminf_jax.experiments.methods import TOP_K_OPTIONS, fixed_method, spec_from_options
+from lminf_jax.experiments.loading import (
+    load_config, load_model, open_tokenizer, params_dtype, pretraining_length, resolve_dtype,
+)
 from lminf_jax.experiments.options import check_outputs_apart, int_option
-from lminf_jax.spec import METHODS, PARAMETERS
+from lminf_jax.method_parameters import PARAMETERS
+from lminf_jax.spec import METHODS
 
 #: The name lm-eval knows this model by (``--model lminf_jax``).
 NAME = "lminf_jax"
-#: The CLIs' short flags -G/-L/-D of three method parameters.
-SHORT_NAMES = {"G": "global_branch", "L": "local_branch", "D": "limit_distance"}
+#: The method parameters the CLIs take by a short flag (-G/-L/-D), by their symbol.
+SHORT_NAMES = {declared.symbol: name for name, declared in PARAMETERS.items() if declared.short_flag}
 
 logger = logging.getLogger("lm_eval.models.lminf_jax")  # under lm-eval's logger, which its CLI shows
 
@@ -129,8 +132,7 @@ def method_options(options: dict[str, Any]) -> tuple[dict[str, tuple[str, int]],
         if name in TOP_K_OPTIONS:
             top_k[name] = _int_arg(key, value, TOP_K_OPTIONS[name])
         elif name in PARAMETERS:
-            minimum = min(m.OPTIONS[name].minimum for m in METHODS.values() if name in m.OPTIONS)
-            values[name] = (key, _int_arg(key, value, minimum))
+            values[name] = (key, _int_arg(key, value, PARAMETERS[name].minimum))
         else:
             known = ["pretrained", "tokenizer", "method", "dtype", "batch_size", "max_gen_toks", "max_length",
                      "prefill_chunk", *PARAMETERS, *SHORT_NAMES, *TOP_K_OPTIONS]
@@ -141,7 +143,7 @@ def method_options(options: dict[str, Any]) -> tuple[dict[str, tuple[str, int]],
 def attention_call(pretrained: str, method: str, options: dict[str, Any]):
     """``(family, config, AttentionCall, MethodChoice)`` of ``method`` and its ``options`` for the model
     in directory ``pretrained``, read without its weights; a ValueError names a bad model argument."""
-    from lminf_jax.models.common import AttentionCall
+    from lminf_jax import AttentionCall
 
     values, top_k = method_options(options)
     choice = fixed_method(str(method), "model_args method=", lambda parameter: f"{parameter}=")
@@ -151,10 +153,10 @@ def attention_call(pretrained: str, method: str, options: dict[str, Any]):
             raise ValueError(f"model_args {key}= is not used by method {choice.mask} (it takes "
                              f"{', '.join(taken) or 'no parameter'})")
     family, config = load_config(pretrained)
-    args = argparse.Namespace(method=str(method), **top_k,
-                              **{p: values[p][1] if p in values else None for p in PARAMETERS})
     try:
-        call = AttentionCall(spec_from_args(args, config), frequencies=frequencies_from_args(args, config))
+        spec = spec_from_options(choice.mask, {name: value for name, (_, value) in values.items()}, config, top_k,
+                                 method=str(method))
+        call = AttentionCall(spec, frequencies=choice.frequencies(0, pretraining_length(config)))
         family.model(config, call)  # a frequency method on an ALiBi model fails here
     except ValueError as e:
         raise ValueError(f"model_args: {e}") from None

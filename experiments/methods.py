@@ -6,13 +6,14 @@
 
 A method is written ``MASK[@cover][+FREQ[@FACTOR]]`` (`MethodChoice`). `add_attention_args` /
 `spec_from_args` + `frequencies_from_args` register and read one method; `add_methods_arg` a
-comparison, whose commands build each method with `method_spec`. The parameters are the methods' own
-(`lminf_jax.spec.METHODS`, each class's ``OPTIONS``, with their defaults in its ``from_options``):
+comparison, whose commands build each method with `method_spec`; both build it with
+`spec_from_options`. The parameters are the methods' own (`lminf_jax.method_parameters.PARAMETERS`,
+short flags included, and each method's ``OPTIONS``, which declare what each means and its default):
 ``lm_infinite`` by default, L from the model's pretraining length
 (`experiments.loading.pretraining_length`); top-k middle tokens (`add_top_k_args`, `top_k_from_args`)
-off unless asked for, inserted at distance L/2 (the paper's) from `TopK`'s first layer. An option the
-chosen method does not take is an error. The generation tasks (passkey, RULER) compare `TASK_METHODS`
-(`add_task_methods_arg`, `task_method_specs`, `task_attention_call`).
+off unless asked for, with `TopK`'s defaults (inserted at L/2, the paper's) but for a model with fewer
+layers. An option the chosen method does not take is an error. The generation tasks (passkey, RULER)
+compare `TASK_METHODS` (`add_task_methods_arg`, `task_method_specs`, `task_attention_call`).
 
 Nothing here imports jax before it is used: a command parses its arguments (and shows ``--help``)
 without it.
@@ -23,37 +24,59 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from lminf_jax.experiments.loading import pretraining_length
 from lminf_jax.experiments.options import int_option
+from lminf_jax.method_parameters import PARAMETERS
 from lminf_jax.rope import FREQUENCY_METHODS, RopeScaling, frequency_method
-from lminf_jax.spec import KINDS, METHODS, PARAMETERS, AttentionSpec, TopK
+from lminf_jax.spec import KINDS, METHODS, AttentionSpec, TopK
 
 if TYPE_CHECKING:
-    from lminf_jax.models.common import AttentionCall
+    from lminf_jax import AttentionCall
 
-#: The paper's short flags; every other method parameter is ``--its-name``.
-_SHORT_FLAGS = {"global_branch": "-G", "local_branch": "-L", "limit_distance": "-D"}
 #: The top-k middle-token options (``--top-k-middle`` and the like) and the smallest value of each.
 TOP_K_OPTIONS = {"top_k_middle": 1, "top_k_insert_at": 0, "top_k_from_layer": 0, "top_k_to_layer": 1}
-def _flags(parameter: str) -> list[str]:
-    long = "--" + parameter.replace("_", "-")
-    return [_SHORT_FLAGS[parameter], long] if parameter in _SHORT_FLAGS else [long]
+
+
+def _flags(option: str) -> list[str]:
+    """The command-line flags of a method parameter or top-k option: ``--its-name``, after ``-SYMBOL``
+    for a parameter declared with a short flag."""
+    long = "--" + option.replace("_", "-")
+    parameter = PARAMETERS.get(option)
+    return [f"-{parameter.symbol}", long] if parameter is not None and parameter.short_flag else [long]
+
+
+def _flag_text(option: str) -> str:
+    """The flags of a method parameter or top-k option as a message names them, e.g. ``-L/--local-branch``."""
+    return "/".join(_flags(option))
+
+
+def _parameter_help(parameter: str) -> str:
+    """What ``parameter`` means to each method that takes it, and its default there (the most common
+    first, then the methods whose default differs)."""
+    uses: dict[str, dict[str, str]] = {}  # meaning -> {method: its default}
+    for name, method in METHODS.items():
+        if parameter in method.OPTIONS:
+            option = method.OPTIONS[parameter]
+            default = option.describe_default(method.__dataclass_fields__[parameter].default)
+            uses.setdefault(option.meaning, {})[name] = default
+    parts = []
+    for meaning, defaults in uses.items():
+        values = list(defaults.values())
+        common = max(values, key=values.count)
+        others = "".join(f"; {name}: {value}" for name, value in defaults.items() if value != common)
+        parts.append(f"{', '.join(defaults)}: {meaning} (default: {common}{others})")
+    return "; ".join(parts)
 
 
 def add_method_options(group: argparse._ArgumentGroup) -> None:
-    """Register every method parameter (`lminf_jax.spec.METHODS`' ``OPTIONS``) once, its help saying
-    what it means to each method that takes it."""
-    for parameter in PARAMETERS:
-        options = {name: method.OPTIONS[parameter] for name, method in METHODS.items() if parameter in method.OPTIONS}
-        uses: dict[str, list[str]] = {}  # meaning -> the methods the parameter has that meaning for
-        for name, option in options.items():
-            uses.setdefault(option.meaning, []).append(name)
-        group.add_argument(*_flags(parameter), dest=parameter, metavar=next(iter(options.values())).symbol,
-                           type=int_option(min(option.minimum for option in options.values())),
-                           help="; ".join(f"{', '.join(names)}: {meaning}" for meaning, names in uses.items()))
+    """Register every method parameter (`lminf_jax.method_parameters.PARAMETERS`) once, its help saying
+    what it means to each method that takes it and its default there."""
+    for parameter, declared in PARAMETERS.items():
+        group.add_argument(*_flags(parameter), dest=parameter, metavar=declared.symbol,
+                           type=int_option(declared.minimum), help=_parameter_help(parameter))
 
 
 def method_options(args: argparse.Namespace) -> dict[str, int | None]:
@@ -153,22 +176,35 @@ def add_top_k_args(group: argparse.ArgumentParser | argparse._ArgumentGroup, k: 
                        help="the layers before H use top-k middle tokens (default: to the last layer)")
 
 
+def _top_k_options(args: argparse.Namespace) -> dict[str, int | None]:
+    """The --top-k-* options given on the command line (None: not given)."""
+    return {name: getattr(args, name, None) for name in TOP_K_OPTIONS}
+
+
 def top_k_from_args(args: argparse.Namespace, window: int | None, layers: int | None,
                     k: int | None = None) -> TopK | None:
-    """The `TopK` of the --top-k-* options: ``--top-k-middle`` tokens (else `k`, for a method that
-    uses them by name) scored at ``--top-k-insert-at`` (else ``window // 2``, the paper's L/2), in the
-    layers ``--top-k-from-layer`` (else `TopK`'s, or the last of a model of fewer ``layers``) up to
-    ``--top-k-to-layer``. None when there are no middle tokens; then any other --top-k-* option is a
-    ValueError."""
-    k = k if args.top_k_middle is None else args.top_k_middle
+    """`top_k_from_options` of the --top-k-* options on the command line."""
+    return top_k_from_options(_top_k_options(args), window, layers, k)
+
+
+def top_k_from_options(options: Mapping[str, int | None], window: int | None, layers: int | None,
+                       k: int | None = None) -> TopK | None:
+    """The `TopK` of the top-k options (`TOP_K_OPTIONS`' names; None or left out: not given) for a
+    method whose window is ``window`` (unused without middle tokens): ``top_k_middle`` tokens (else
+    `k`, for a method that uses them by name) scored at ``top_k_insert_at`` (else `TopK`'s, half the
+    window), in the layers ``top_k_from_layer`` (else `TopK`'s, or the last of a model of fewer
+    ``layers``) up to ``top_k_to_layer`` (else `TopK`'s). None when there are no middle tokens; then any
+    other top-k option is a ValueError."""
+    given = {name: options.get(name) for name in TOP_K_OPTIONS}
+    k = k if given["top_k_middle"] is None else given["top_k_middle"]
     if k is None:
-        for name in TOP_K_OPTIONS:
-            if getattr(args, name, None) is not None:
-                raise ValueError(f"{'/'.join(_flags(name))} needs --top-k-middle")
+        for name, value in given.items():
+            if value is not None:
+                raise ValueError(f"{_flag_text(name)} needs --top-k-middle")
         return None
-    return TopK(k=k, insert_distance=window // 2 if args.top_k_insert_at is None else args.top_k_insert_at,
-                from_layer=_default_from_layer(layers) if args.top_k_from_layer is None else args.top_k_from_layer,
-                to_layer=TOP_K_DEFAULTS["to_layer"] if args.top_k_to_layer is None else args.top_k_to_layer)
+    from_layer = _default_from_layer(layers) if given["top_k_from_layer"] is None else given["top_k_from_layer"]
+    return TopK(k=k, insert_distance=given["top_k_insert_at"], from_layer=from_layer,
+                to_layer=given["top_k_to_layer"]).at_window(window)
 
 
 def _default_from_layer(layers: int | None) -> int:
@@ -182,7 +218,7 @@ def fixed_method(text: str, option: str = "--method ", parameter: Callable[[str]
     requests): a fixed extension factor (``dynamic_ntk``'s may be left out: its base follows the length)
     and no ``@cover``. The ValueError names `option` (how the command takes the method) and
     ``parameter(name)`` (how it takes a method parameter; default: its flag)."""
-    parameter = parameter or (lambda name: "/".join(_flags(name)))
+    parameter = parameter or _flag_text
     try:
         choice = MethodChoice.parse(text)
     except ValueError as e:
@@ -197,27 +233,38 @@ def fixed_method(text: str, option: str = "--method ", parameter: Callable[[str]
     return choice
 
 
-def spec_from_args(args: argparse.Namespace, config=None) -> AttentionSpec:
-    """The `AttentionSpec` of ``--method``'s mask, the method parameters and the top-k options;
-    ``config`` (a family config or HF config dict) supplies the pretraining length defaults come from.
-    A ValueError names an option that does not apply."""
-    name = fixed_method(args.method).mask
-    method = METHODS[name]
-    for parameter, value in method_options(args).items():
-        if value is not None and parameter not in method.OPTIONS:
-            raise ValueError(f"{'/'.join(_flags(parameter))} is not used by --method {args.method}")
+def spec_from_options(mask: str, options: Mapping[str, int | None], config=None,
+                      top_k: Mapping[str, int | None] | None = None, method: str | None = None) -> AttentionSpec:
+    """The `AttentionSpec` of mask method ``mask`` (one of `KINDS`) with the method parameters
+    ``options`` (`PARAMETERS`' names; None or left out: the method's default) and the top-k options
+    ``top_k`` (`top_k_from_options`; none: no middle tokens); ``config`` (a family config) supplies the
+    pretraining length defaults come from and the layer count. A ValueError names an option that does
+    not apply to ``--method {method}`` (default: ``mask``)."""
+    method = method or mask
+    cls = METHODS[mask]
+    for parameter, value in options.items():
+        if value is not None and parameter not in cls.OPTIONS:
+            raise ValueError(f"{_flag_text(parameter)} is not used by --method {method}")
 
     def default_length(parameter: str) -> int:
         if config is None:
-            raise ValueError(f"--method {args.method} needs {'/'.join(_flags(parameter))} (no model config to take "
+            raise ValueError(f"--method {method} needs {_flag_text(parameter)} (no model config to take "
                              f"its default from)")
         return pretraining_length(config)
 
-    spec = method.from_options(default_length, **{p: getattr(args, p) for p in method.OPTIONS})
-    if args.top_k_middle is not None and not spec.hides_middle:
-        raise ValueError(f"--top-k-middle needs a mask that hides middle tokens; --method {args.method} hides none")
-    top_k = top_k_from_args(args, spec.window, getattr(config, "num_layers", None))
-    return spec if top_k is None else dataclasses.replace(spec, top_k=top_k)
+    spec = cls.from_options(default_length, **{p: options.get(p) for p in cls.OPTIONS})
+    top_k = top_k or {}
+    if top_k.get("top_k_middle") is not None and not spec.hides_middle:
+        raise ValueError(f"--top-k-middle needs a mask that hides middle tokens; --method {method} hides none")
+    chosen = top_k_from_options(top_k, spec.window, getattr(config, "num_layers", None))
+    return spec if chosen is None else dataclasses.replace(spec, top_k=chosen)
+
+
+def spec_from_args(args: argparse.Namespace, config=None) -> AttentionSpec:
+    """`spec_from_options` of ``--method``'s mask, the method parameters and the top-k options given on
+    the command line."""
+    return spec_from_options(fixed_method(args.method).mask, method_options(args), config, _top_k_options(args),
+                             method=args.method)
 
 
 def frequencies_from_args(args: argparse.Namespace, config) -> RopeScaling | None:
@@ -227,7 +274,7 @@ def frequencies_from_args(args: argparse.Namespace, config) -> RopeScaling | Non
 
 
 def method_spec(method: str, config=None, **options: int | None) -> AttentionSpec:
-    """`spec_from_args` for one mask method, taking only the ``options`` (method parameters, None:
+    """`spec_from_options` for one mask method, taking only the ``options`` (method parameters, None:
     default) that method uses: an experiment comparing several methods applies each option wherever
     it applies."""
     if method not in METHODS:
@@ -235,9 +282,8 @@ def method_spec(method: str, config=None, **options: int | None) -> AttentionSpe
     unknown = sorted(set(options) - set(PARAMETERS))
     if unknown:
         raise ValueError(f"unknown method parameter {unknown[0]!r}; known: {', '.join(PARAMETERS)}")
-    args = argparse.Namespace(method=method, **dict.fromkeys(TOP_K_OPTIONS),
-                              **{p: (options.get(p) if p in METHODS[method].OPTIONS else None) for p in PARAMETERS})
-    return spec_from_args(args, config)
+    taken = METHODS[method].OPTIONS
+    return spec_from_options(method, {p: value for p, value in options.items() if p in taken}, config)
 
 
 #: ``MASK@cover``: the mask method's `AttentionSpec.STRETCH` parameter chosen per length (`AttentionSpec.covering`).
@@ -356,7 +402,7 @@ def task_method_names(names: list[str]) -> list[str]:
 def task_attention_call(name: str, spec: AttentionSpec, length: int, l_train: int) -> AttentionCall:
     """Method ``name`` (its mask method ``spec``) for prompts of ``length`` tokens: the mask's parameter
     chosen for the length with ``@cover``, the RoPE scaling of a frequency method (else the model's own)."""
-    from lminf_jax.models.common import AttentionCall
+    from lminf_jax import AttentionCall
 
     if name in TASK_METHODS:
         return AttentionCall(spec)

@@ -40,50 +40,25 @@ neighbour, as there. ``leaky_rerope``'s relative distance beyond w is ``w + (del
 Legal ranges (checked on construction, ValueError naming the field): G >= 0, L, D, g, k >= 1, each
 (and every top-k field) at most ``2**31 - 1``, as is every global position numerator a method can form
 (`max_query_position` bounds the query positions that keep it so): positions and distances are int32,
-and a wider integer would wrap silently. `int32_positions` checks position arrays.
+and a wider integer would wrap silently. `lminf_jax.int32.int32_positions` checks position arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from fractions import Fraction
-from typing import ClassVar, Literal, NamedTuple
+from typing import ClassVar, Literal
 
 import numpy as np
 
+from lminf_jax.int32 import INT32_MAX, require_int32
 from lminf_jax.lazy import LazyModule
+from lminf_jax.method_parameters import PARAMETERS, Option, PretrainingLength
 
 jax, jnp = LazyModule("jax"), LazyModule("jax.numpy")  # imported on first use: the declarations need neither
 
-#: Positions, distances and every integer that reaches them are int32.
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-
 FarKeys = Literal["none", "sinks", "all"]
-
-
-def require_int32(name: str, value: object, minimum: int) -> None:
-    """Raise a ValueError naming ``name`` unless ``value`` is an int in ``[minimum, INT32_MAX]``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= INT32_MAX:
-        raise ValueError(f"{name} must be an integer >= {minimum} and <= {INT32_MAX} (int32), got {value!r}")
-
-
-def int32_positions(name: str, positions: jax.Array | np.ndarray) -> jax.Array:
-    """Integer ``positions`` as an int32 array; concrete values of a wider type are first checked
-    to lie in int32's range (a ValueError naming ``name``) instead of wrapping silently. Traced
-    values are cast as they are (under jit, positions are int32 already)."""
-    dtype = getattr(positions, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-        got = dtype if dtype is not None else type(positions).__name__
-        raise ValueError(f"{name} must be an integer array, got {got}")
-    info = jnp.iinfo(dtype)
-    if (info.min < INT32_MIN or info.max > INT32_MAX) and not isinstance(positions, jax.core.Tracer):
-        values = np.asarray(positions)
-        if values.size and (values.min() < INT32_MIN or values.max() > INT32_MAX):
-            raise ValueError(f"{name} must lie in int32's range [{INT32_MIN}, {INT32_MAX}], got values in "
-                             f"[{values.min()}, {values.max()}]")
-    return jnp.asarray(positions, jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,41 +69,37 @@ class TopK:
     attends to the ``k`` keys with the highest scores among the keys its mask hides,
     each scored with the query at distance ``insert_distance`` from an un-rotated key
     (ALiBi: bias ``-slope * insert_distance``). Needs the full key set.
+
+    ``insert_distance`` None (the default) is half the method's window, the paper's L/2, set by the
+    method that takes the TopK (`at_window`): ``LMInfinite(10, 4096, top_k=TopK())`` inserts at 2048.
     """
 
     k: int = 5
-    insert_distance: int = 2048
+    insert_distance: int | None = None
     from_layer: int = 4
     to_layer: int | None = None
 
     def __post_init__(self) -> None:
         require_int32("top_k.k", self.k, 1)
-        require_int32("top_k.insert_distance", self.insert_distance, 0)
+        if self.insert_distance is not None:
+            require_int32("top_k.insert_distance", self.insert_distance, 0)
         require_int32("top_k.from_layer", self.from_layer, 0)
         if self.to_layer is not None:
             require_int32("top_k.to_layer", self.to_layer, self.from_layer + 1)
 
-
-class Option(NamedTuple):
-    """A method parameter: its symbol (in `AttentionSpec.describe` and on the command line), its
-    smallest legal value and what it means to the method."""
-
-    symbol: str
-    minimum: int
-    meaning: str
-
-#: ``from_options``' source of defaults taken from the model: ``pretraining_length(parameter)`` is the
-#: model's pretraining length, asked for when the named parameter's default needs it.
-PretrainingLength = Callable[[str], int]
+    def at_window(self, window: int) -> TopK:
+        """This TopK for a method whose window is ``window``: an unset ``insert_distance`` is ``window // 2``."""
+        return self if self.insert_distance is not None else dataclasses.replace(self, insert_distance=window // 2)
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
     """An attention method (see the module docstring): the base class of `METHODS`, never built itself.
 
-    A subclass declares ``kind`` (its name), its parameters (int fields, each described in `OPTIONS`),
-    `far`, `window`, the global positions and, where they apply, `sinks` and `position_scale`; every
-    other property here derives from those.
+    A subclass declares ``kind`` (its name), its parameters (int fields, each one of
+    `lminf_jax.method_parameters.PARAMETERS`, with what it means and its default in `OPTIONS`), `far`,
+    `window`, the global positions and, where they apply, `sinks` and `position_scale`; every other
+    property here derives from those.
     """
 
     kind: str = dataclasses.field(default="", init=False)
@@ -140,7 +111,7 @@ class AttentionSpec:
     global_scores_equal_local: ClassVar[bool] = False
     #: Global keys at their true position in the local frame (the local keys serve for both).
     keys_rotated_in_global: ClassVar[bool] = False
-    #: Every parameter (an int field) of the method: what the command line sets and each is checked against.
+    #: Every parameter (an int field) of the method: what it means here and its default.
     OPTIONS: ClassVar[dict[str, Option]] = {}
     #: The parameter (one of `OPTIONS`) that compresses the global positions, a larger value scoring far keys
     #: at shorter distances, or None: what `covering` chooses per length.
@@ -150,22 +121,30 @@ class AttentionSpec:
         if type(self) is AttentionSpec:
             raise TypeError(f"AttentionSpec is the base of the methods; build one of {', '.join(METHODS)}")
         for name, option in self.OPTIONS.items():
-            require_int32(name, getattr(self, name), option.minimum)
+            if option.same_as is not None and getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(self, option.same_as))
+            require_int32(name, getattr(self, name), PARAMETERS[name].minimum)
         self._check()
         if self.top_k is not None:
             if not isinstance(self.top_k, TopK):
                 raise ValueError(f"top_k must be a TopK or None, got {type(self.top_k).__name__}")
             if not self.hides_middle:
                 raise ValueError(f"top_k needs a mask that hides middle tokens; kind={self.kind!r} hides none")
+            object.__setattr__(self, "top_k", self.top_k.at_window(self.window))
 
     def _check(self) -> None:
         """Method-specific checks beyond each parameter's range (a ValueError naming the fields)."""
 
     @classmethod
     def from_options(cls, pretraining_length: PretrainingLength, **options: int | None) -> AttentionSpec:
-        """The method with the given `OPTIONS` (None: its default, which may come from the model's
-        ``pretraining_length(parameter)``)."""
-        raise NotImplementedError
+        """The method with the given `OPTIONS` (None or left out: its declared default, see `Option`,
+        taken from the model's ``pretraining_length(parameter)`` where it says so)."""
+        for name, option in cls.OPTIONS.items():
+            if options.get(name) is None:
+                options.pop(name, None)  # the field's default
+                if option.per_pretraining is not None:
+                    options[name] = option.model_default(pretraining_length(name))
+        return cls(**options)
 
     # ----- declarations (overridden by the methods) -------------------------------------------------
     @property
@@ -296,27 +275,22 @@ class AttentionSpec:
             return spec if spec.farthest_distance(length) <= limit else None
 
         # at `length` a group (or leak) spans the whole sequence: the most compressed placement
-        if covers(max(length, self.OPTIONS[name].minimum)) is None:
+        minimum = PARAMETERS[name].minimum
+        if covers(max(length, minimum)) is None:
             raise ValueError(f"{self.describe()}: no {name} keeps every distance of {length:,} tokens below "
                              f"{pretraining_length:,} (its other parameters alone reach farther)")
-        value = self.OPTIONS[name].minimum
+        value = minimum
         while (spec := covers(value)) is None:
             value += 1
         return spec
 
     def describe(self) -> str:
         """Short human-readable summary, e.g. ``lm_infinite(G=10, L=4096, D=4096)``."""
-        parts = [f"{option.symbol}={getattr(self, name)}" for name, option in self.OPTIONS.items()]
+        parts = [f"{PARAMETERS[name].symbol}={getattr(self, name)}" for name in self.OPTIONS]
         if self.top_k is not None:
             t = self.top_k
             parts.append(f"top_k={t.k}@{t.insert_distance} layers[{t.from_layer},{t.to_layer})")
         return f"{self.kind}({', '.join(parts)})"
-
-
-def _pretraining_default(pretraining_length: PretrainingLength, parameter: str, value: int | None,
-                         divisor: int = 1) -> int:
-    """``value``, or the pretraining length divided by ``divisor`` (at least 1)."""
-    return max(1, pretraining_length(parameter) // divisor) if value is None else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,22 +299,18 @@ class Vanilla(AttentionSpec):
 
     kind: str = dataclasses.field(default="vanilla", init=False)
 
-    @classmethod
-    def from_options(cls, pretraining_length: PretrainingLength) -> Vanilla:
-        return cls()
-
 
 @dataclasses.dataclass(frozen=True)
 class _SinksAndWindow(AttentionSpec):
     """The Λ-mask: the first G positions (sinks) and the last L keys; subclasses place the sinks."""
 
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "global_branch": Option("sink tokens at the start"),
+        "local_branch": Option("window of the last L tokens", per_pretraining=1)}
     global_branch: int = 10
-    local_branch: int = 4096
+    local_branch: int = OPTIONS["local_branch"].model_default()
 
     far: ClassVar[FarKeys] = "sinks"
-    OPTIONS: ClassVar[dict[str, Option]] = {
-        "global_branch": Option("G", 0, "sink tokens at the start (default: 10; streaming_llm: 4)"),
-        "local_branch": Option("L", 1, "window of the last L tokens (default: L_train)")}
 
     @property
     def window(self) -> int:
@@ -350,39 +320,23 @@ class _SinksAndWindow(AttentionSpec):
     def sinks(self) -> int:
         return self.global_branch
 
-    @classmethod
-    def from_options(cls, pretraining_length: PretrainingLength, global_branch: int | None = None,
-                     local_branch: int | None = None) -> _SinksAndWindow:
-        g = cls.__dataclass_fields__["global_branch"].default if global_branch is None else global_branch
-        return cls(g, _pretraining_default(pretraining_length, "local_branch", local_branch))
-
 
 @dataclasses.dataclass(frozen=True)
 class LMInfinite(_SinksAndWindow):
-    """LM-Infinite: the Λ-mask (G sinks + L window) with sinks scored at distance D (default D = L)."""
+    """LM-Infinite: the Λ-mask (G sinks + L window) with sinks scored at distance D (None: L)."""
 
     kind: str = dataclasses.field(default="lm_infinite", init=False)
     limit_distance: int | None = None
 
-    OPTIONS: ClassVar[dict[str, Option]] = {**_SinksAndWindow.OPTIONS,
-                                            "limit_distance": Option("D", 1, "distance the sinks are scored at (default: L)")}
-
-    def __post_init__(self) -> None:
-        if self.limit_distance is None:
-            object.__setattr__(self, "limit_distance", self.local_branch)
-        super().__post_init__()
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        **_SinksAndWindow.OPTIONS,
+        "limit_distance": Option("distance the sinks are scored at", same_as="local_branch")}
 
     def global_query_position(self, q_positions: jnp.ndarray) -> jnp.ndarray:
         return jnp.full_like(q_positions, self.limit_distance)
 
     def global_key_position(self, k_positions: jnp.ndarray) -> jnp.ndarray:
         return jnp.zeros_like(k_positions)
-
-    @classmethod
-    def from_options(cls, pretraining_length: PretrainingLength, global_branch: int | None = None,
-                     local_branch: int | None = None, limit_distance: int | None = None) -> LMInfinite:
-        spec = super().from_options(pretraining_length, global_branch, local_branch)
-        return cls(spec.global_branch, spec.local_branch, limit_distance)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,18 +371,13 @@ class StreamingLLM(_SinksAndWindow):
 class SlidingWindow(AttentionSpec):
     """Ablation: the window of the last L keys, no sinks."""
 
-    kind: str = dataclasses.field(default="sliding_window", init=False)
-    local_branch: int = 4096
-
     OPTIONS: ClassVar[dict[str, Option]] = {"local_branch": _SinksAndWindow.OPTIONS["local_branch"]}
+    kind: str = dataclasses.field(default="sliding_window", init=False)
+    local_branch: int = OPTIONS["local_branch"].model_default()
 
     @property
     def window(self) -> int:
         return self.local_branch
-
-    @classmethod
-    def from_options(cls, pretraining_length: PretrainingLength, local_branch: int | None = None) -> SlidingWindow:
-        return cls(_pretraining_default(pretraining_length, "local_branch", local_branch))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,12 +385,12 @@ class DistanceLimit(AttentionSpec):
     """Every earlier key, distances beyond D scored as D: LM-Infinite's distance limit alone, which is
     ReRoPE (Su 2023) with window w = D."""
 
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "limit_distance": Option("cap on distances, ReRoPE's window w", per_pretraining=1)}
     kind: str = dataclasses.field(default="distance_limit", init=False)
-    limit_distance: int = 4096
+    limit_distance: int = OPTIONS["limit_distance"].model_default()
 
     far: ClassVar[FarKeys] = "all"
-    OPTIONS: ClassVar[dict[str, Option]] = {
-        "limit_distance": Option("D", 1, "cap on distances (ReRoPE's window w; default: L_train)")}
 
     @property
     def window(self) -> int:
@@ -453,25 +402,21 @@ class DistanceLimit(AttentionSpec):
     def global_key_position(self, k_positions: jnp.ndarray) -> jnp.ndarray:
         return jnp.zeros_like(k_positions)
 
-    @classmethod
-    def from_options(cls, pretraining_length: PretrainingLength, limit_distance: int | None = None) -> DistanceLimit:
-        return cls(_pretraining_default(pretraining_length, "limit_distance", limit_distance))
-
 
 @dataclasses.dataclass(frozen=True)
 class SelfExtend(AttentionSpec):
     """Self-Extend (Jin et al. 2024): neighbours (delta < W) at their true distance; every farther key
     at grouped positions, the query at ``i // g + W - W / g`` and the key at ``j // g``."""
 
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "group_size": Option("Self-Extend's group size g"),
+        "local_branch": Option("Self-Extend's neighbour window W", per_pretraining=4)}
     kind: str = dataclasses.field(default="self_extend", init=False)
     group_size: int = 8
-    local_branch: int = 1024
+    local_branch: int = OPTIONS["local_branch"].model_default()
 
     far: ClassVar[FarKeys] = "all"
     STRETCH: ClassVar[str] = "group_size"
-    OPTIONS: ClassVar[dict[str, Option]] = {
-        "group_size": Option("g", 1, "Self-Extend's group size g (default: 8)"),
-        "local_branch": Option("L", 1, "Self-Extend's neighbour window W (default: L_train / 4)")}
 
     def _check(self) -> None:
         if self._offset > INT32_MAX:
@@ -506,27 +451,21 @@ class SelfExtend(AttentionSpec):
     def global_key_position(self, k_positions: jnp.ndarray) -> jnp.ndarray:
         return self.position_scale * (k_positions // self.group_size)
 
-    @classmethod
-    def from_options(cls, pretraining_length: PretrainingLength, group_size: int | None = None,
-                     local_branch: int | None = None) -> SelfExtend:
-        return cls(8 if group_size is None else group_size,
-                   _pretraining_default(pretraining_length, "local_branch", local_branch, 4))
-
 
 @dataclasses.dataclass(frozen=True)
 class LeakyReRoPE(AttentionSpec):
     """Leaky ReRoPE (Su 2023): true distances below w; beyond, the distance grows k times slower,
     ``w + (delta - w) / k`` (the query at ``w + (i - w) / k``, the key at ``j / k``)."""
 
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "limit_distance": Option("Leaky ReRoPE's window w", per_pretraining=2),
+        "leak": Option("Leaky ReRoPE's slope 1/k beyond the window")}
     kind: str = dataclasses.field(default="leaky_rerope", init=False)
-    limit_distance: int = 2048
+    limit_distance: int = OPTIONS["limit_distance"].model_default()
     leak: int = 16
 
     far: ClassVar[FarKeys] = "all"
     STRETCH: ClassVar[str] = "leak"
-    OPTIONS: ClassVar[dict[str, Option]] = {
-        "limit_distance": Option("D", 1, "Leaky ReRoPE's window w (default: L_train / 2)"),
-        "leak": Option("k", 1, "Leaky ReRoPE's slope 1/k beyond the window (default: 16)")}
 
     def _check(self) -> None:
         if self.limit_distance * (self.leak - 1) > INT32_MAX:
@@ -548,12 +487,6 @@ class LeakyReRoPE(AttentionSpec):
     def global_query_position(self, q_positions: jnp.ndarray) -> jnp.ndarray:
         return q_positions + self.limit_distance * (self.leak - 1)
 
-    @classmethod
-    def from_options(cls, pretraining_length: PretrainingLength, limit_distance: int | None = None,
-                     leak: int | None = None) -> LeakyReRoPE:
-        return cls(_pretraining_default(pretraining_length, "limit_distance", limit_distance, 2),
-                   16 if leak is None else leak)
-
 
 #: Every method by its ``kind``.
 METHODS: dict[str, type[AttentionSpec]] = {
@@ -561,5 +494,3 @@ METHODS: dict[str, type[AttentionSpec]] = {
     for cls in (Vanilla, LMInfinite, LambdaMask, DistanceLimit, SlidingWindow, StreamingLLM, SelfExtend, LeakyReRoPE)
 }
 KINDS: tuple[str, ...] = tuple(METHODS)
-#: Every method parameter by name (the methods' `OPTIONS` together: one command-line flag each).
-PARAMETERS: tuple[str, ...] = tuple(dict.fromkeys(name for method in METHODS.values() for name in method.OPTIONS))

@@ -16,7 +16,8 @@ import pytest
 from lminf_jax.experiments.methods import TOP_K_DEFAULTS, TOP_K_OPTIONS, top_k_from_args
 from lminf_jax.experiments.loading import NoTokenizer, open_tokenizer
 from lminf_jax.experiments.options import DefaultsHelpFormatter, parse_checked
-from lminf_jax.spec import PARAMETERS, TopK
+from lminf_jax.method_parameters import PARAMETERS
+from lminf_jax.spec import TopK
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Every command: a module of experiments/ with a ``main``.

@@ -23,6 +23,7 @@ from lminf_jax import (
     TopK,
     Vanilla,
 )
+from lminf_jax.method_parameters import ASSUMED_PRETRAINING_LENGTH
 
 
 @pytest.mark.parametrize(
@@ -161,6 +162,18 @@ def test_every_method_builds_from_its_options_with_defaults():
     for name, cls in METHODS.items():
         spec = cls.from_options(l_train)
         assert set(cls.OPTIONS) == {f.name for f in dataclasses.fields(spec) if f.name not in ("kind", "top_k")}, name
+        # built directly, a method takes the defaults of a model pretrained at the assumed length
+        assert cls.from_options(lambda parameter: ASSUMED_PRETRAINING_LENGTH) == cls(), name
+    with pytest.raises(TypeError, match="leak"):
+        METHODS["lm_infinite"].from_options(l_train, leak=2)
+
+
+def test_top_k_inserts_at_half_the_window_unless_told():
+    assert TopK().insert_distance is None  # set by the method that takes it
+    assert LMInfinite(10, 4096, top_k=TopK()).top_k == TopK(5, 2048, 4)
+    assert SlidingWindow(17, top_k=TopK(2)).top_k.insert_distance == 8
+    assert LMInfinite(2, 8, top_k=TopK(3, 1)).top_k.insert_distance == 1
+    assert LMInfinite(10, 64, top_k=TopK()).describe() == "lm_infinite(G=10, L=64, D=64, top_k=5@32 layers[4,None))"
 
 
 @pytest.mark.parametrize("spec_name", sorted(SPEC_FACTORIES))
