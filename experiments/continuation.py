@@ -94,7 +94,7 @@ def repeated_truncation(model, params, prompts: np.ndarray, new_tokens: int, l_t
 def attention(name: str, config, options: dict[str, int | None], length: int, l_train: int):
     """The `AttentionCall` of method ``name`` (not truncation) with the method parameters ``options`` for
     sequences of ``length`` tokens."""
-    from lminf_jax.models.common import AttentionCall
+    from lminf_jax import AttentionCall
 
     choice = MethodChoice.parse(name)
     spec = choice.spec(method_spec(choice.mask, config, **options), length, l_train)
@@ -107,7 +107,7 @@ def continue_with(name: str, family, config, params, dtype, prompts: np.ndarray,
     ``options``), timed after a compiling run. For cached decoding the per-token time is
     ``(t(N) - t(1)) / (N - 1)``, so the prompt's prefill (``t(1)``) is not spread over the new tokens."""
     from lminf_jax.decoding import generate
-    from lminf_jax.models.common import AttentionCall
+    from lminf_jax import AttentionCall
 
     if name == "truncation":
         model = family.model(config, AttentionCall(method_spec("vanilla", config)), dtype)

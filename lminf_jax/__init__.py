@@ -12,7 +12,9 @@ here (pyproject's ``package-dir``), and in a source tree run in place (``PYTHONP
 package's search path reaches them. The core imports none of them.
 """
 
+import sys as _sys
 from pathlib import Path as _Path
+from types import ModuleType as _ModuleType
 
 _TREE = _Path(__file__).resolve().parent.parent
 if (_TREE / "pyproject.toml").is_file() and not (_Path(__file__).parent / "models").exists():
@@ -23,6 +25,7 @@ if (_TREE / "pyproject.toml").is_file() and not (_Path(__file__).parent / "model
 _EXPORTS = {
     **dict.fromkeys(("Alibi", "alibi_bias", "alibi_slopes"), "alibi"),
     **dict.fromkeys(("attention", "attention_probe", "attention_route"), "attention"),
+    "AttentionCall": "attention_call",
     "AttentionProbe": "attention_reference",
     **dict.fromkeys(("FREQUENCY_METHODS", "LengthRule", "RopeScaling", "RopeScheme", "Rotary", "apply_rope",
                      "frequency_method", "rope_angles", "rope_frequencies"), "rope"),
@@ -43,8 +46,23 @@ def __getattr__(name: str):
     return value
 
 
+class _Package(_ModuleType):
+    """This package: a name it exports from the submodule of the same name (`attention`) stays the exported
+    function when that submodule is loaded, whatever imports it first (the import system then sets the
+    package's attribute to the submodule)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if _EXPORTS.get(name) == name and isinstance(value, _ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
+
+
 __all__ = [
     "Alibi",
+    "AttentionCall",
     "AttentionProbe",
     "AttentionSpec",
     "DistanceLimit",

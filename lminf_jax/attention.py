@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -12,16 +11,16 @@ from jax import lax
 
 from lminf_jax.alibi import Alibi
 from lminf_jax.attention_blockwise import blockwise_attention, merge_top_k
+from lminf_jax.attention_call import AttentionCall, Implementation
 from lminf_jax.attention_decode import single_query_attention
 from lminf_jax.attention_pallas import lambda_attention
 from lminf_jax.attention_reference import AttentionProbe, reference_attention
 from lminf_jax.attention_vendor import SIXTEEN_BIT, Route, unsupported, window_sink_attention
 from lminf_jax.rope import Rotary
 from lminf_jax.scores import Positional, Scaling, scaling, top_k_active
-from lminf_jax.spec import AttentionSpec, Vanilla, int32_positions
+from lminf_jax.int32 import int32_positions
+from lminf_jax.spec import AttentionSpec, Vanilla
 
-Implementation = Literal["auto", "reference", "blockwise", "single_query", "pallas", "cudnn", "splash", "window_xla"]
-IMPLEMENTATIONS = ("auto", "reference", "blockwise", "single_query", "pallas", "cudnn", "splash", "window_xla")
 #: The explicit implementations that run a fused window kernel (`lminf_jax.attention_vendor`) and theirs.
 WINDOW_ROUTES = {"cudnn": "cudnn", "splash": "splash", "window_xla": "xla"}
 #: The implementations of self-attention at positions 0..T-1 only (fused kernels).
@@ -75,23 +74,38 @@ def attention(
 
     Returns ``(B, Tq, Hq, dv)`` in q's dtype; scores and softmax are float32.
     """
-    spec = Vanilla() if spec is None else spec
+    call = AttentionCall(Vanilla() if spec is None else spec, implementation, block_q, block_k)
+    return call_attention(q, k, v, call=call, q_positions=q_positions, k_positions=k_positions, positional=positional,
+                          scale=scale, layer=layer)
+
+
+def call_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    call: AttentionCall,
+    q_positions: jax.Array | np.ndarray | None = None,
+    k_positions: jax.Array | np.ndarray | None = None,
+    positional: Positional = None,
+    scale: float | Scaling | None = None,
+    layer: int | jax.Array | None = None,
+) -> jax.Array:
+    """`attention` under the settings ``call`` carries (its spec, implementation and block sizes; its
+    ``frequencies`` are already resolved into ``positional``); the other arguments as there."""
     contiguous = _contiguous(q, k, q_positions, k_positions)
-    if implementation in FUSED_IMPLEMENTATIONS and not contiguous:
-        _check_self_attention(implementation, q_positions, k_positions)
+    if call.implementation in FUSED_IMPLEMENTATIONS and not contiguous:
+        _check_self_attention(call.implementation, q_positions, k_positions)
     if contiguous:
         q_positions = k_positions = np.arange(q.shape[1], dtype=np.int32)
-    qp, kp, scale = _validate(q, k, v, q_positions, k_positions, spec, positional, scale, layer, block_q, block_k)
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    run = functools.partial(_run, qp=qp, kp=kp, spec=spec, positional=positional, scale=scale, layer=layer,
-                            block_q=block_q, block_k=block_k)
-    if implementation != "auto":
-        _check_explicit(implementation, q, v, spec, positional, scale)
-        interpret = (implementation == "pallas" and jax.default_backend() != "gpu") or (
-            implementation == "splash" and jax.default_backend() != "tpu")
-        return run(implementation, q, k, v, interpret=interpret)
-    routes = {platform: _route(q, k, v, contiguous, spec, positional, scale, platform).implementation
+    qp, kp, scale = _validate(q, k, v, q_positions, k_positions, call.spec, positional, scale, layer)
+    run = functools.partial(_run, qp=qp, kp=kp, call=call, positional=positional, scale=scale, layer=layer)
+    if call.implementation != "auto":
+        _check_explicit(call, q, v, positional, scale)
+        interpret = (call.implementation == "pallas" and jax.default_backend() != "gpu") or (
+            call.implementation == "splash" and jax.default_backend() != "tpu")
+        return run(call.implementation, q, k, v, interpret=interpret)
+    routes = {platform: _route(q, k, v, contiguous, call, positional, scale, platform).implementation
               for platform in PLATFORMS}
     if len(set(routes.values())) == 1:
         return run(routes["cpu"], q, k, v)
@@ -116,20 +130,21 @@ def attention_route(
     """Which implementation `attention` with these arguments runs when lowered for ``platform`` (one of
     `PLATFORMS`; default: this process's backend, "gpu" read as "cuda"), and why. Only shapes and dtypes
     of q, k and v are read (``jax.ShapeDtypeStruct`` will do)."""
-    spec = Vanilla() if spec is None else spec
+    call = AttentionCall(Vanilla() if spec is None else spec, implementation)
     platform = platform or {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
     if platform not in PLATFORMS:
         platform = "cpu"
     contiguous = _contiguous(q, k, q_positions, k_positions)
     scale = scaling(scale, q.shape[-1])
-    if implementation != "auto":
-        return Route(implementation, "chosen by the caller")
-    return _route(q, k, v, contiguous, spec, positional, scale, platform)
+    if call.implementation != "auto":
+        return Route(call.implementation, "chosen by the caller")
+    return _route(q, k, v, contiguous, call, positional, scale, platform)
 
 
-def _route(q, k, v, contiguous: bool, spec: AttentionSpec, positional: Positional, scale: Scaling,
+def _route(q, k, v, contiguous: bool, call: AttentionCall, positional: Positional, scale: Scaling,
            platform: str) -> Route:
     """The routing table of "auto" (see `attention_route`)."""
+    spec = call.spec
     tq, tk = q.shape[1], k.shape[1]
     if tq == 1:
         return Route("reference", "one query per row: dense")
@@ -149,9 +164,11 @@ def _route(q, k, v, contiguous: bool, spec: AttentionSpec, positional: Positiona
     return Route(kernel, f"{kernel}'s fused {'causal' if spec.window is None else 'window'} kernel{sinks}")
 
 
-def _run(implementation: str, q, k, v, *, qp, kp, spec, positional, scale, layer, block_q, block_k,
+def _run(implementation: str, q, k, v, *, qp, kp, call: AttentionCall, positional, scale, layer,
          interpret: bool = False) -> jax.Array:
-    """The attention output through ``implementation`` (inputs validated and, for an explicit choice, checked)."""
+    """The attention output through ``implementation`` (the call's own or the one "auto" routed to; inputs
+    validated and, for an explicit choice, checked)."""
+    spec, block_q, block_k = call.spec, call.block_q, call.block_k
     if implementation == "pallas":
         return lambda_attention(q, k, v, spec=spec, positional=positional, scale=scale,
                                 block_q=min(block_q, PALLAS_MAX_BLOCKS[0]), block_k=min(block_k, PALLAS_MAX_BLOCKS[1]),
@@ -175,9 +192,9 @@ def _run(implementation: str, q, k, v, *, qp, kp, spec, positional, scale, layer
     )
 
 
-def _check_explicit(implementation: str, q, v, spec: AttentionSpec, positional: Positional, scale: Scaling) -> None:
-    """A ValueError naming what an explicitly chosen implementation cannot take."""
-    tq = q.shape[1]
+def _check_explicit(call: AttentionCall, q, v, positional: Positional, scale: Scaling) -> None:
+    """A ValueError naming what the call's explicitly chosen implementation cannot take."""
+    implementation, spec, tq = call.implementation, call.spec, q.shape[1]
     if implementation == "single_query" and (tq != 1 or spec.top_k is not None):
         raise ValueError(f"implementation 'single_query' takes one query per row and no top-k; got {tq} "
                          f"queries, top_k {spec.top_k}")
@@ -218,15 +235,16 @@ def attention_probe(
     Same arguments as `attention`; O(Tq * Tk) memory, so probe long inputs by passing
     only the query rows of interest (with their positions) against all keys.
     """
-    spec = Vanilla() if spec is None else spec
-    qp, kp, scale = _validate(q, k, v, q_positions, k_positions, spec, positional, scale, layer, 1, 1)
+    call = AttentionCall(Vanilla() if spec is None else spec, "reference")  # the dense path; checks the spec
+    qp, kp, scale = _validate(q, k, v, q_positions, k_positions, call.spec, positional, scale, layer)
     return reference_attention(
-        q, k, v, qp, kp, spec=spec, positional=positional, scale=scale, layer=layer, return_probe=True
+        q, k, v, qp, kp, spec=call.spec, positional=positional, scale=scale, layer=layer, return_probe=True
     )
 
 
-def _validate(q, k, v, q_positions, k_positions, spec, positional, scale, layer, block_q, block_k):
-    """Check shapes, dtypes and parameters; return (B, T) int32 positions and the `Scaling`."""
+def _validate(q, k, v, q_positions, k_positions, spec: AttentionSpec, positional, scale, layer):
+    """Check shapes, dtypes and the per-layer parameters (`AttentionCall` checks its own); return (B, T) int32
+    positions and the `Scaling`."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} must have shape (batch, time, heads, head_dim), got shape {getattr(x, 'shape', None)}")
@@ -244,8 +262,6 @@ def _validate(q, k, v, q_positions, k_positions, spec, positional, scale, layer,
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
     if tq < 1 or k.shape[1] < 1:
         raise ValueError(f"q and k need at least one time step, got q {q.shape}, k {k.shape}")
-    if not isinstance(spec, AttentionSpec):
-        raise ValueError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
     if isinstance(positional, Rotary):
         if positional.rotary_dim > d:
             raise ValueError(f"positional.rotary_dim ({positional.rotary_dim}) must be <= head_dim ({d})")
@@ -257,9 +273,6 @@ def _validate(q, k, v, q_positions, k_positions, spec, positional, scale, layer,
     scale = scaling(scale, d)
     if spec.top_k is not None and layer is None:
         raise ValueError("layer must be given when spec.top_k is set (top-k runs only in some layers)")
-    for name, n in (("block_q", block_q), ("block_k", block_k)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
     qp = _positions("q_positions", q_positions, b, tq)
     spec.check_query_positions("q_positions", qp)
     kp = _positions("k_positions", k_positions, b, k.shape[1])

@@ -46,7 +46,8 @@ from lminf_jax.scores import (
     prepare_keys,
     prepare_queries,
 )
-from lminf_jax.spec import INT32_MAX, AttentionSpec
+from lminf_jax.int32 import INT32_MAX
+from lminf_jax.spec import AttentionSpec
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m

@@ -16,7 +16,7 @@ ALiBi or no positions the keys are stored as projected and rotated at every call
 * **Full cache** (`KVCache.full`): slot = position, a fixed capacity; for vanilla
   decoding, the distance-limit ablation and the top-k middle-token variant.
 
-One model call with T new tokens is `KVCache.plan` (once, positions only), `cached_attention` in
+One model call with T new tokens is `KVCache.update_for` (once, positions only), `cached_attention` in
 every layer (which reads its layer of the cache and returns the keys to store) and one
 `KVCache.written` after the last layer, which writes every layer's new keys and values into their
 slots (in place inside a jitted loop: a step never copies the cache):
@@ -40,11 +40,13 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from lminf_jax.attention import FUSED_IMPLEMENTATIONS, Implementation, attention
+from lminf_jax.attention import FUSED_IMPLEMENTATIONS, call_attention
+from lminf_jax.attention_call import AttentionCall
 from lminf_jax.attention_decode import decode_attention, rotates_keys
 from lminf_jax.rope import apply_rope, unrotate
 from lminf_jax.scores import Positional, Scaling, scaling
-from lminf_jax.spec import INT32_MAX, AttentionSpec, int32_positions, require_int32
+from lminf_jax.int32 import INT32_MAX, int32_positions, require_int32
+from lminf_jax.spec import AttentionSpec
 
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -171,7 +173,7 @@ class KVCache:
             raise ValueError(f"spec local_branch {spec.window} exceeds the cache's ring of {self.ring} slots")
 
     # ----- one model call ---------------------------------------------------------------
-    def plan(self, positions: jax.Array) -> CacheUpdate:
+    def update_for(self, positions: jax.Array) -> CacheUpdate:
         """Where the tokens at ``positions`` ``(B, T)`` go, and the cache's slot order.
 
         A token is dropped (slot index ``S``) when its position is negative (padding), when
@@ -211,7 +213,7 @@ class KVCache:
 
 @dataclasses.dataclass(frozen=True)
 class CacheUpdate:
-    """What `KVCache.plan` computes once per call and every layer reuses.
+    """What `KVCache.update_for` computes once per call and every layer reuses.
 
     ``slot (B, T)``: destination slot per new token (``S`` = dropped);
     ``old_positions``/``new_positions (B, S)``: slot positions before/after the write;
@@ -240,30 +242,26 @@ def cached_attention(
     cache_values: jax.Array,
     update: CacheUpdate,
     *,
-    spec: AttentionSpec,
+    call: AttentionCall,
     positional: Positional,
     rotated: bool,
     scale: float | Scaling | None = None,
     layer: int | jax.Array | None = None,
-    implementation: Implementation = "auto",
-    block_q: int = 512,
-    block_k: int = 512,
 ) -> tuple[jax.Array, jax.Array]:
     """One layer's attention of new tokens over its cache plus themselves.
 
     ``q (B, T, Hq, d)``, ``k``/``v (B, T, Hkv, d)`` un-rotated, ``positions (B, T)``;
     ``cache_keys``/``cache_values (B, Hkv, S, d)`` this layer of the cache (not written here),
-    ``rotated`` its `KVCache.rotated`, and ``update`` from `KVCache.plan`. Returns ``(out (B, T, Hq,
+    ``rotated`` its `KVCache.rotated`, and ``update`` from `KVCache.update_for`. Returns ``(out (B, T, Hq,
     dv), keys to store (B, T, Hkv, d))`` (rotated when the cache is); `KVCache.written` stores them.
-    Other arguments as in `lminf_jax.attention`.
+    ``call`` and the other arguments as in `lminf_jax.attention.call_attention`.
     """
-    stored = k
+    spec, stored = call.spec, k
     if rotated:
         if not rotates_keys(positional):
             raise ValueError("a cache of rotated keys serves RoPE with fixed frequencies only")
         stored = apply_rope(k, positions, positional).astype(cache_keys.dtype)
-    common = dict(spec=spec, positional=positional, scale=scale, layer=layer)
-    if q.shape[1] == 1 and implementation != "reference" and spec.top_k is None:
+    if q.shape[1] == 1 and call.implementation != "reference" and spec.top_k is None:
         # a cache holds position j < G in slot j, so only its first G slots can be global keys
         far = spec.sinks if spec.global_keys_bounded else None
         out = decode_attention(q, positions.astype(jnp.int32), (cache_keys, jnp.swapaxes(stored, 1, 2)),
@@ -282,9 +280,10 @@ def cached_attention(
     values = jnp.concatenate([linear(cache_values), v.astype(cache_values.dtype)], axis=1)
     key_positions = jnp.concatenate([key_positions, positions.astype(jnp.int32)], axis=1)
     # the fused kernels serve whole sequences and single_query one query: a chunk runs blockwise
-    chunked = "blockwise" if implementation in (*FUSED_IMPLEMENTATIONS, "single_query") else implementation
-    out = attention(q, keys, values, q_positions=positions, k_positions=key_positions,
-                    implementation=chunked, block_q=block_q, block_k=block_k, **common)
+    if call.implementation in (*FUSED_IMPLEMENTATIONS, "single_query"):
+        call = dataclasses.replace(call, implementation="blockwise")
+    out = call_attention(q, keys, values, call=call, q_positions=positions, k_positions=key_positions,
+                         positional=positional, scale=scale, layer=layer)
     return out, stored
 
 

@@ -30,7 +30,7 @@ from jax.experimental import io_callback
 
 from lminf_jax.cache import KVCache
 from lminf_jax.sampling import Sampling, sample
-from lminf_jax.spec import INT32_MAX
+from lminf_jax.int32 import INT32_MAX
 
 UINT32_MAX = 2**32 - 1
 #: Decoding steps per jitted call (one compiled program serves every call, the last one included).

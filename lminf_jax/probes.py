@@ -25,7 +25,8 @@ from jax import lax
 from lminf_jax.online_softmax import softmax_finish, softmax_init, softmax_update
 from lminf_jax.scores import (Positional, Scaling, last_key_position, masked_scores, prepare_keys, prepare_queries,
                               scaling)
-from lminf_jax.spec import AttentionSpec, int32_positions, require_int32
+from lminf_jax.int32 import int32_positions, require_int32
+from lminf_jax.spec import AttentionSpec
 
 __all__ = ["RowProbe", "bucket_table", "distance_bucket", "distance_bucket_bounds", "num_distance_buckets", "probe_rows"]
 

@@ -113,8 +113,8 @@ class ShardingPlan:
             return "data"
         return LOGICAL_AXES[logical]
 
-    def spec(self, logical: Sequence[str | None], shape: Sequence[int], units: Mapping[str, int] | None = None
-             ) -> P:
+    def partition_spec(self, logical: Sequence[str | None], shape: Sequence[int],
+                       units: Mapping[str, int] | None = None) -> P:
         """The `PartitionSpec` of an array of ``shape`` whose dimensions are ``logical``.
 
         A dimension is split when its logical axis maps to a mesh axis of size > 1 not used by an
@@ -137,8 +137,8 @@ class ShardingPlan:
 
     def named(self, logical: Sequence[str | None], shape: Sequence[int], units: Mapping[str, int] | None = None
               ) -> NamedSharding:
-        """`spec` as a `NamedSharding` on this mesh."""
-        return NamedSharding(self.mesh, self.spec(logical, shape, units))
+        """`partition_spec` as a `NamedSharding` on this mesh."""
+        return NamedSharding(self.mesh, self.partition_spec(logical, shape, units))
 
     def constrain(self, x: jax.Array, logical: Sequence[str | None], units: Mapping[str, int] | None = None
                   ) -> jax.Array:

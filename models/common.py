@@ -1,4 +1,4 @@
-"""Pieces every model family shares: parameter trees, norms, projections, the layer scan.
+"""Pieces every model family shares: parameter trees, norms, projections, positions and embeddings.
 
 Parameters keep Hugging Face's tensor names and layouts (Linear weights are
 ``(out, in)``). Per-layer tensors are stacked on a leading layer axis and named without
@@ -20,8 +20,8 @@ import numpy as np
 from flax import traverse_util
 from jax import lax
 
-from lminf_jax import AttentionSpec, RopeScaling, Vanilla
-from lminf_jax.spec import int32_positions
+from lminf_jax import AttentionSpec
+from lminf_jax.int32 import int32_positions
 
 Params = dict
 
@@ -155,26 +155,7 @@ def _precision(dtype) -> lax.Precision:
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
-# ----- attention and the decoder ----------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionCall:
-    """How a forward pass runs attention: the spec (which keys, at which positions), the frequency
-    method (``frequencies``: RoPE rescaled at call time, e.g. `lminf_jax.frequency_method`; any spec
-    composes with it; None keeps the checkpoint's RoPE) and the implementation knobs."""
-
-    spec: AttentionSpec = Vanilla()
-    implementation: str = "auto"
-    block_q: int = 512
-    block_k: int = 512
-    frequencies: RopeScaling | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.spec, AttentionSpec):
-            raise ValueError(f"spec must be an AttentionSpec, got {type(self.spec).__name__}")
-        if self.frequencies is not None and not isinstance(self.frequencies, RopeScaling):
-            raise ValueError(f"frequencies must be a RopeScaling or None, got {type(self.frequencies).__name__}")
+# ----- positions, tokens, embeddings ----------------------------------------------
 
 
 def default_positions(tokens: jax.Array, positions: jax.Array | None, spec: AttentionSpec) -> jax.Array:

@@ -1,4 +1,4 @@
-"""A family's forward pass in pieces, and the two drivers that compose them.
+"""A family's forward pass in pieces, and the model that drives them.
 
 Each family module provides ``decoder(config, dtype) -> Decoder``: embedding, one
 transformer layer (which calls an ``attend`` function it is handed), the head, and its
@@ -12,8 +12,8 @@ attention geometry and positional scheme. `LanguageModel` drives it:
   target token (`lminf_jax.logprobs.Scores`) with the head run on chunks of positions, never the
   ``(B, T, vocab)`` logits; ``last_logits``: the step with the head on each row's last token only.
 
-Each scans the stacked layers once (the steps scan the cache's layer axis alongside),
-so compile time does not grow with depth.
+Each runs on one layer-scan driver (`lminf_jax.models.layer_scan`), which scans the stacked layers once (the
+steps scan the cache's layer axis alongside), so compile time does not grow with depth.
 
 A model may have **native sliding-window layers** (`NativeWindow`: Mistral v0.1, Gemma-2/3, Phi-3,
 Qwen's window layers): the call's method (spec and frequency method) applies to the other, *global*
@@ -41,18 +41,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lminf_jax import (Alibi, AttentionProbe, AttentionSpec, RopeScheme, SlidingWindow, Vanilla, attention,
-                       attention_probe)
+from lminf_jax import AttentionCall, AttentionProbe, AttentionSpec, RopeScheme, SlidingWindow, Vanilla
 from lminf_jax.attention import FUSED_IMPLEMENTATIONS
 from lminf_jax.attention_decode import rotates_keys
-from lminf_jax.cache import KVCache, cached_attention
-from lminf_jax.context_parallel import context_parallel_attention
+from lminf_jax.cache import KVCache
 from lminf_jax.logprobs import HEAD_CHUNK, Scores, head_scores
-from lminf_jax.loop_slice import loop_slice
-from lminf_jax.probes import RowProbe, num_distance_buckets, probe_rows
+from lminf_jax.probes import RowProbe, num_distance_buckets
 from lminf_jax.scores import Positional, Scaling
 from lminf_jax.sharding import ShardingPlan
-from lminf_jax.models.common import AttentionCall, Params, check_tokens, default_positions
+from lminf_jax.models.common import Params, check_tokens, default_positions
+from lminf_jax.models.layer_scan import LayerScan, cache_shardings, probed_hidden, sequence_hidden, step_hidden
 
 #: ``attend(q, k, v) -> (out, aux)`` on projected ``(B, T, heads * d)`` tensors.
 Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -109,20 +107,21 @@ class Decoder:
     scale: float | Scaling | None = None
     native_window: NativeWindow | None = None
 
-    def layer_kinds(self, spec: AttentionSpec) -> tuple[tuple[AttentionSpec, Positional], ...]:
-        """The attention of each kind of layer, global first: ``(spec, positional)`` of the method's
-        layers and, with a `native_window`, of the windowed layers (one entry when all layers are of
-        one kind)."""
+    def layer_kinds(self, call: AttentionCall) -> tuple[tuple[AttentionCall, Positional], ...]:
+        """The attention of each kind of layer, global first: ``(call, positional)`` of the method's
+        layers and, with a `native_window`, of the windowed layers (``call`` with the window's spec and
+        no frequency method; one entry when all layers are of one kind)."""
         native = self.native_window
         if native is None or not any(native.layers):
-            return ((spec, self.positional),)
-        local = (native.spec, self.positional if native.positional is None else native.positional)
-        return (local,) if all(native.layers) else ((spec, self.positional), local)
+            return ((call, self.positional),)
+        local = (dataclasses.replace(call, spec=native.spec, frequencies=None),
+                 self.positional if native.positional is None else native.positional)
+        return (local,) if all(native.layers) else ((call, self.positional), local)
 
-    def per_layer(self, spec: AttentionSpec, index: jax.Array, attend: Callable[[AttentionSpec, Positional], Any]):
-        """``attend(spec, positional)`` for layer ``index`` (traced, inside the layer scan): the method's
+    def per_layer(self, call: AttentionCall, index: jax.Array, attend: Callable[[AttentionCall, Positional], Any]):
+        """``attend(call, positional)`` for layer ``index`` (traced, inside the layer scan): the method's
         on a global layer, the native window's on a windowed one (`lax.cond` when the stack mixes them)."""
-        kinds = self.layer_kinds(spec)
+        kinds = self.layer_kinds(call)
         if len(kinds) == 1:
             return attend(*kinds[0])
         windowed = jnp.asarray(self.native_window.layers)[index]
@@ -136,6 +135,7 @@ class LanguageModel:
 
     Frozen and hashable, so it is a valid ``jax.jit`` static argument and can be handed
     to `lminf_jax.decoding.generate` / `lminf_jax.evaluation.streaming.streaming_nll` as the step.
+    The decoder is built once, with the model (`decoder`), and is no part of its identity.
     """
 
     build: Callable[..., Decoder]
@@ -143,6 +143,7 @@ class LanguageModel:
     call: AttentionCall = AttentionCall()
     dtype: Any = jnp.float32
     sharding: ShardingPlan | None = None
+    _decoder: Decoder = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.call, AttentionCall):
@@ -150,7 +151,9 @@ class LanguageModel:
         if self.sharding is not None and not isinstance(self.sharding, ShardingPlan):
             raise ValueError(f"sharding must be a ShardingPlan or None, got {type(self.sharding).__name__}")
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
-        dec = self.decoder()  # a frequency method on an ALiBi model, or over a checkpoint's own scaling, fails here
+        # built once; a frequency method on an ALiBi model, or over a checkpoint's own scaling, fails here
+        dec = self._resolved_decoder()
+        object.__setattr__(self, "_decoder", dec)
         if dec.native_window is not None and all(dec.native_window.layers) and (
                 self.call.spec != Vanilla() or self.call.frequencies is not None):
             method = self.call.spec.describe() if self.call.spec != Vanilla() else self.call.frequencies.kind
@@ -162,6 +165,10 @@ class LanguageModel:
     def decoder(self) -> Decoder:
         """The family's decoder with its positions resolved: RoPE under the call's frequency method
         (dynamic NTK's follows each call's sequence length, `lminf_jax.rope.LengthRule`)."""
+        return self._decoder
+
+    def _resolved_decoder(self) -> Decoder:
+        """The family's decoder built for the config and dtype, its positions resolved (see `decoder`)."""
         dec = self.build(self.config, self.dtype)
         native = dec.native_window
         if native is not None:  # windowed layers keep the checkpoint's own positions
@@ -176,8 +183,12 @@ class LanguageModel:
         return dec
 
     @property
-    def spec(self):
+    def spec(self) -> AttentionSpec:
         return self.call.spec
+
+    def _layer_scan(self, length: str | None = "length") -> LayerScan:
+        """The layer-scan driver of a whole-sequence pass (``length`` None: of a step)."""
+        return LayerScan(self.decoder(), self.call, self.sharding, length)
 
     def forward(self, params: Params, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """Logits ``(B, T, vocab)`` in float32 for a whole sequence (see `models.registry.Family.forward`).
@@ -299,28 +310,28 @@ class LanguageModel:
         dec = self.decoder()
 
         def make() -> KVCache:
-            return KVCache.for_specs([spec for spec, _ in dec.layer_kinds(self.spec)], dec.num_layers, batch,
+            return KVCache.for_specs([call.spec for call, _ in dec.layer_kinds(self.call)], dec.num_layers, batch,
                                      dec.num_kv_heads, dec.head_dim, capacity=capacity,
-                                     dtype=self.dtype if dtype is None else dtype, rotated=_rotated(dec, self.spec))
+                                     dtype=self.dtype if dtype is None else dtype, rotated=_rotated(dec, self.call))
 
         if self.sharding is None:
             return make()
-        return jax.jit(make, out_shardings=_cache_shardings(self.sharding, dec, jax.eval_shape(make)))()
+        return jax.jit(make, out_shardings=cache_shardings(self.sharding, dec, jax.eval_shape(make)))()
 
     def check_cache(self, cache: KVCache, *, batch: int | None = None) -> None:
         """Raise a ValueError naming what does not fit between ``cache`` and this model."""
         if not isinstance(cache, KVCache):
             raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
         dec = self.decoder()
-        for spec, _ in dec.layer_kinds(self.spec):
-            cache.check_spec(spec)
+        for call, _ in dec.layer_kinds(self.call):
+            cache.check_spec(call.spec)
         expected = (dec.num_layers, cache.keys.shape[1], dec.num_kv_heads, cache.slots, dec.head_dim)
         if cache.keys.shape != expected:
             raise ValueError(f"cache keys have shape {cache.keys.shape}; this model needs {expected} "
                              "(layers, batch, kv_heads, slots, head_dim)")
-        if cache.rotated != _rotated(dec, self.spec):
+        if cache.rotated != _rotated(dec, self.call):
             raise ValueError(f"cache.rotated is {cache.rotated} but this model's positions need "
-                             f"{_rotated(dec, self.spec)} (build the cache with init_cache)")
+                             f"{_rotated(dec, self.call)} (build the cache with init_cache)")
         if batch is not None and cache.keys.shape[1] != batch:
             raise ValueError(f"cache holds {cache.keys.shape[1]} rows but tokens have {batch}")
 
@@ -358,222 +369,58 @@ def _check_step_positions(positions: np.ndarray, cached: np.ndarray, cache: KVCa
                          f"cache already holds position {newest_cached[b]}")
 
 
-def _rotated(dec: Decoder, spec: AttentionSpec) -> bool:
+def _rotated(dec: Decoder, call: AttentionCall) -> bool:
     """Whether the model's cache stores keys rotated: when every kind of layer's positions allow it."""
-    return all(rotates_keys(positional) for _, positional in dec.layer_kinds(spec))
+    return all(rotates_keys(positional) for _, positional in dec.layer_kinds(call))
 
 
-def _units(dec: Decoder) -> dict[str, int]:
-    return {"heads": dec.num_heads, "kv_heads": dec.num_kv_heads}
-
-
-def _constrain(plan: ShardingPlan | None, dec: Decoder, x: jax.Array, *logical: str | None) -> jax.Array:
-    """``x`` constrained to its logical axes under ``plan`` (unchanged without one)."""
-    return x if plan is None else plan.constrain(x, logical, _units(dec))
-
-
-def _cache_shardings(plan: ShardingPlan, dec: Decoder, cache: KVCache) -> KVCache:
-    """The cache's shardings: keys/values ``(layers, batch, kv_heads, slots, d)``, positions
-    ``(batch, slots)``."""
-    kv = ("layers", "batch", "kv_heads", None, "head_dim")
-    return dataclasses.replace(cache, keys=plan.named(kv, cache.keys.shape, _units(dec)),
-                               values=plan.named(kv, cache.values.shape, _units(dec)),
-                               positions=plan.named(("batch", None), cache.positions.shape))
-
-
-def _layer_scan(dec: Decoder, params: Params, h: jax.Array, make_attend, extra_xs=(),
-                plan: ShardingPlan | None = None, length: str | None = "length"):
-    """Scan ``dec.layer`` over the stacked layers; ``make_attend(index, *extra) -> attend``. The
-    residual stream is kept at (batch, ``length``, hidden) under ``plan``."""
-    def body(h, index, xs):
-        p, *extra = xs
-        h, aux = dec.layer(p, _constrain(plan, dec, h, "batch", length, "hidden"), make_attend(index, *extra))
-        return _constrain(plan, dec, h, "batch", length, "hidden"), aux
-
-    return _scan_stacked(body, h, (dec.layer_params(params), *extra_xs))
-
-
-def _scan_stacked(body: Callable[[Any, jax.Array, Any], tuple[Any, Any]], init: Any, stacked: Any):
-    """``lax.scan`` over the leading axis of ``stacked`` (a tree): step ``i`` is ``body(carry, i, stacked[i])``.
-
-    Each step's slice is taken again by `_pinned_slice` (`lminf_jax.loop_slice`), so that no conversion of a
-    whole stack can leave the loop: on XLA:CPU a float32 copy of every layer's weights (twice their bytes)."""
-    length = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-
-    def step(carry, xs):
-        sliced, index = xs
-        return body(carry, index, _pinned_slice(sliced, stacked, index))
-
-    return lax.scan(step, init, (stacked, jnp.arange(length)))
-
-
-@jax.custom_jvp
-def _pinned_slice(sliced, stacked, index: jax.Array):
-    """``sliced``, the scan's slice ``index`` of ``stacked``, taken again by `lminf_jax.loop_slice.loop_slice`
-    (XLA converts, if it must, only the slice, inside the loop, and drops the scan's own slice, which nothing
-    uses). Derivatives go through the scan's slice (``sliced``): the backward pass is a plain scan's."""
-    return loop_slice(stacked, index)
-
-
-@_pinned_slice.defjvp
-def _pinned_slice_jvp(primals, tangents):
-    return primals[0], tangents[0]  # the scan's slice: its residuals and transpose are a plain scan's
-
-
-def _split_heads(dec: Decoder, q: jax.Array, k: jax.Array, v: jax.Array, plan: ShardingPlan | None = None,
-                 length: str | None = "length") -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Projected ``(B, T, heads * d)`` tensors as ``(B, T, heads, d)`` (constrained under ``plan``)."""
-    return (_constrain(plan, dec, _heads(q, dec.num_heads), "batch", length, "heads", "head_dim"),
-            _constrain(plan, dec, _heads(k, dec.num_kv_heads), "batch", length, "kv_heads", "head_dim"),
-            _constrain(plan, dec, _heads(v, dec.num_kv_heads), "batch", length, "kv_heads", "head_dim"))
-
-
-def _self_attention(dec: Decoder, call: AttentionCall, qh, kh, vh, positions: jax.Array | None, index,
-                    plan: ShardingPlan | None = None) -> jax.Array:
-    """Attention of a whole sequence over itself in layer ``index``, merged back to ``(B, T, heads *
-    dv)``: context parallel under a plan with a ``seq`` axis and a bounded spec, else `lminf_jax.attention`
-    (``positions`` None: every row at 0..T-1)."""
-
-    def attend(spec: AttentionSpec, positional: Positional) -> jax.Array:
-        if plan is not None and plan.context_parallel and spec.bounded:
-            heads_split = not isinstance(positional, Alibi) and plan.spec(
-                ("kv_heads",), (dec.num_kv_heads,)) == jax.sharding.PartitionSpec("model")
-            return context_parallel_attention(
-                qh, kh, vh, mesh=plan.mesh, axis="seq", spec=spec, positional=positional, scale=dec.scale,
-                block_q=call.block_q, block_k=call.block_k, head_axis="model" if heads_split else None,
-                batch_axis="data" if plan.spec(("batch",), qh.shape[:1])[0] else None)
-        return attention(qh, kh, vh, q_positions=positions, k_positions=positions, spec=spec, positional=positional,
-                         scale=dec.scale, layer=index if spec.top_k is not None else None,
-                         implementation=call.implementation, block_q=call.block_q, block_k=call.block_k)
-
-    return dec.per_layer(call.spec, index, attend).reshape(*qh.shape[:2], -1)
-
-
-def _heads(x: jax.Array, n: int) -> jax.Array:
-    b, t, _ = x.shape
-    return x.reshape(b, t, n, -1)
-
-
-def _final_hidden(model: LanguageModel, dec: Decoder, params: Params, tokens: jax.Array, positions: jax.Array
-                  ) -> jax.Array:
-    """The hidden states ``(B, T, hidden)`` after the last layer of a whole-sequence pass (the head's input)."""
-    call, plan = model.call, model.sharding
-
-    def make_attend(index):
-        def attend(q, k, v):
-            return _self_attention(dec, call, *_split_heads(dec, q, k, v, plan), positions, index, plan), None
-        return attend
-
-    h, _ = _layer_scan(dec, params, dec.embed(params, _constrain(plan, dec, tokens, "batch", "length")), make_attend,
-                       plan=plan)
-    return h
+def _logits(scan: LayerScan, params: Params, h: jax.Array, length: str | None = None) -> jax.Array:
+    """The head on hidden states ``(B, T, hidden)``: float32 logits ``(B, T, vocab)``, vocab split under a plan
+    (and time over ``length``: a whole sequence's; None for a step or a chunk)."""
+    return scan.constrain(scan.dec.head(params, h), "batch", length, "vocab")
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _jit_forward(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    dec = model.decoder()
-    h = _final_hidden(model, dec, params, tokens, positions)
-    return _constrain(model.sharding, dec, dec.head(params, h), "batch", "length", "vocab")
+    scan = model._layer_scan()
+    return _logits(scan, params, sequence_hidden(scan, params, tokens, positions), "length")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _jit_probe(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, rows: jax.Array,
                num_buckets: int, full_rows: bool) -> ModelProbe:
-    dec = model.decoder()
-    call, plan = model.call, model.sharding
-    row_positions = jnp.take(positions, rows, axis=1)
-
-    def make_attend(index):
-        def attend(q, k, v):
-            qh, kh, vh = _split_heads(dec, q, k, v, plan)
-            out = _self_attention(dec, call, qh, kh, vh, positions, index, plan)
-            q_rows = jnp.take(qh, rows, axis=1)
-
-            def probe(spec: AttentionSpec, positional: Positional):
-                stats = probe_rows(q_rows, kh, row_positions, positions, spec=spec, positional=positional,
-                                   scale=dec.scale, num_buckets=num_buckets, block_k=call.block_k)
-                full = None
-                if full_rows:
-                    full = attention_probe(q_rows, kh, vh, q_positions=row_positions, k_positions=positions,
-                                           spec=spec, positional=positional, scale=dec.scale)[1]
-                return stats, full
-
-            return out, dec.per_layer(call.spec, index, probe)
-        return attend
-
-    def body(h, index, p):
-        entering = jnp.take(h, rows, axis=1).astype(jnp.float32)
-        h, (stats, full) = dec.layer(p, h, make_attend(index))
-        return h, (stats, full, entering)
-
-    h, (stats, full, entering) = _scan_stacked(body, dec.embed(params, tokens), dec.layer_params(params))
-    hidden = jnp.concatenate([entering, jnp.take(h, rows, axis=1).astype(jnp.float32)[None]], axis=0)
-    return ModelProbe(stats, hidden, dec.head(params, h), full)
-
-
-def _step_hidden(model: LanguageModel, dec: Decoder, params: Params, tokens: jax.Array, positions: jax.Array,
-                 cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """The step's hidden states ``(B, T, hidden)`` after the last layer (the head's input) and the cache
-    with the new tokens written."""
-    call, plan = model.call, model.sharding
-    update = cache.plan(positions)
-
-    def make_attend(index, layer_keys, layer_values):
-        def attend(q, k, v):
-            qh, kh, vh = _split_heads(dec, q, k, v, plan, length=None)
-
-            def step(spec: AttentionSpec, positional: Positional) -> tuple[jax.Array, jax.Array]:
-                return cached_attention(
-                    qh, kh, vh, positions, layer_keys, layer_values, update, spec=spec, positional=positional,
-                    rotated=cache.rotated, scale=dec.scale, layer=index if spec.top_k is not None else None,
-                    implementation=call.implementation, block_q=call.block_q, block_k=call.block_k)
-
-            out, stored = dec.per_layer(call.spec, index, step)
-            return out.reshape(*q.shape[:2], -1), (stored, vh)
-        return attend
-
-    # the layers read the cache; every layer's new keys and values are written once, after them
-    h, (keys, values) = _layer_scan(dec, params, dec.embed(params, tokens), make_attend, (cache.keys, cache.values),
-                                    plan=plan, length=None)
-    cache = cache.written(keys, values, update)
-    if plan is not None:
-        cache = jax.lax.with_sharding_constraint(cache, _cache_shardings(plan, dec, cache))
-    return h, cache
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _jit_step(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache
-              ) -> tuple[jax.Array, KVCache]:
-    dec = model.decoder()
-    h, cache = _step_hidden(model, dec, params, tokens, positions, cache)
-    return _head(model, dec, params)(h), cache
-
-
-def _head(model: LanguageModel, dec: Decoder, params: Params) -> Callable[[jax.Array], jax.Array]:
-    """The head on hidden states ``(B, c, hidden)`` of a step or a chunk: logits ``(B, c, vocab)`` (vocab split
-    under a plan)."""
-    return lambda h: _constrain(model.sharding, dec, dec.head(params, h), "batch", None, "vocab")
+    scan = model._layer_scan()
+    h, stats, full, hidden = probed_hidden(scan, params, tokens, positions, rows, num_buckets, full_rows)
+    return ModelProbe(stats, hidden, _logits(scan, params, h, "length"), full)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _jit_score(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, targets: jax.Array,
                chunk: int) -> Scores:
-    dec = model.decoder()
-    h = _final_hidden(model, dec, params, tokens, positions)
-    return head_scores(_head(model, dec, params), h, targets, chunk=chunk)
+    scan = model._layer_scan()
+    h = sequence_hidden(scan, params, tokens, positions)
+    return head_scores(functools.partial(_logits, scan, params), h, targets, chunk=chunk)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_step(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache
+              ) -> tuple[jax.Array, KVCache]:
+    scan = model._layer_scan(length=None)
+    h, cache = step_hidden(scan, params, tokens, positions, cache)
+    return _logits(scan, params, h), cache
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6))
 def _jit_score_step(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
                     targets: jax.Array, chunk: int) -> tuple[Scores, KVCache]:
-    dec = model.decoder()
-    h, cache = _step_hidden(model, dec, params, tokens, positions, cache)
-    return head_scores(_head(model, dec, params), h, targets, chunk=chunk), cache
+    scan = model._layer_scan(length=None)
+    h, cache = step_hidden(scan, params, tokens, positions, cache)
+    return head_scores(functools.partial(_logits, scan, params), h, targets, chunk=chunk), cache
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _jit_last_logits(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache
                      ) -> tuple[jax.Array, KVCache]:
-    dec = model.decoder()
-    h, cache = _step_hidden(model, dec, params, tokens, positions, cache)
-    return _head(model, dec, params)(h[:, -1:])[:, 0], cache
+    scan = model._layer_scan(length=None)
+    h, cache = step_hidden(scan, params, tokens, positions, cache)
+    return _logits(scan, params, h[:, -1:])[:, 0], cache

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from lminf_jax import AttentionSpec
+from lminf_jax import AttentionCall, AttentionSpec
 from lminf_jax.sharding import ShardingPlan
 
 from lminf_jax.models import bloom, declaration, gemma, gptj, llama, mpt, neox
-from lminf_jax.models.common import AttentionCall, Params, init_from_shapes
+from lminf_jax.models.common import Params, init_from_shapes
 from lminf_jax.models.declaration import Fused, ModelConfig, Param
 from lminf_jax.models.decoder import LanguageModel
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lminf_jax import LMInfinite
-from lminf_jax.models.common import AttentionCall
+from lminf_jax import AttentionCall
 
 HF = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96,
       "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4}

@@ -12,10 +12,9 @@ from conftest import (SPEC_FACTORIES, case_seed, make_positional, naive_position
                       random_model, random_qkv, rel_err)
 from naive_attention import naive_attention
 
-from lminf_jax import LMInfinite, Rotary, attention
+from lminf_jax import AttentionCall, LMInfinite, Rotary, attention
 from lminf_jax.attention_decode import decode_attention, rotates_keys
 from lminf_jax.rope import apply_rope
-from lminf_jax.models.common import AttentionCall
 
 
 def _ring_positions(rng, query: int, slots: int, empty: int) -> np.ndarray:

@@ -16,9 +16,8 @@ from conftest import (case_seed, make_positional, naive_positional_kwargs, naive
                       random_qkv, rel_err)
 from naive_attention import naive_attention
 
-from lminf_jax import LMInfinite, LambdaMask, SlidingWindow, StreamingLLM, Vanilla, attention
+from lminf_jax import AttentionCall, LMInfinite, LambdaMask, SlidingWindow, StreamingLLM, Vanilla, attention
 from lminf_jax.attention_pallas import check_triton_shapes, lambda_attention
-from lminf_jax.models.common import AttentionCall
 
 #: Off GPU the kernel body runs through XLA; on a GPU the same tests compile it.
 INTERPRET = jax.default_backend() != "gpu"

@@ -22,11 +22,10 @@ from conftest import (case_seed, make_positional, naive_positional_kwargs, naive
 from naive_attention import naive_attention
 
 import lminf_jax.attention_vendor as vendor
-from lminf_jax import (Alibi, DistanceLimit, LambdaMask, LMInfinite, Rotary, Scaling, SlidingWindow, StreamingLLM,
-                       TopK, Vanilla, attention)
+from lminf_jax import (Alibi, AttentionCall, DistanceLimit, LambdaMask, LMInfinite, Rotary, Scaling, SlidingWindow,
+                       StreamingLLM, TopK, Vanilla, attention)
 from lminf_jax.attention import DENSE_MAX_SCORES, attention_route
 from lminf_jax.attention_vendor import window_sink_attention
-from lminf_jax.models.common import AttentionCall
 
 GPU = jax.default_backend() == "gpu"
 #: The kernels checked here: cuDNN itself only where there is one.

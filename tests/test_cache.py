@@ -18,7 +18,8 @@ from conftest import (
 )
 from naive_attention import naive_attention
 
-from lminf_jax import DistanceLimit, LMInfinite, Scaling, SlidingWindow, StreamingLLM, TopK, Vanilla, attention
+from lminf_jax import (AttentionCall, DistanceLimit, LMInfinite, Scaling, SlidingWindow, StreamingLLM, TopK, Vanilla,
+                       attention)
 from lminf_jax.cache import KVCache, cached_attention
 from lminf_jax.rope import apply_rope
 
@@ -26,22 +27,22 @@ G, L = 3, 8
 HQ, HKV, D = 4, 2, 16
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "positional", "scale", "implementation", "block_q", "block_k"))
-def _cached_step(cache: KVCache, q, k, v, positions, *, spec, positional, **kw) -> tuple[jax.Array, KVCache]:
+@functools.partial(jax.jit, static_argnames=("call", "positional", "scale"))
+def _cached_step(cache: KVCache, q, k, v, positions, *, call, positional, scale=None) -> tuple[jax.Array, KVCache]:
     """One call of `cached_attention` on a one-layer cache, as a model step does it."""
-    update = cache.plan(positions)
-    out, stored = cached_attention(q, k, v, positions, cache.keys[0], cache.values[0], update, spec=spec,
-                                   positional=positional, rotated=cache.rotated, layer=5, **kw)
+    update = cache.update_for(positions)
+    out, stored = cached_attention(q, k, v, positions, cache.keys[0], cache.values[0], update, call=call,
+                                   positional=positional, rotated=cache.rotated, scale=scale, layer=5)
     return out, cache.written(stored[None], v[None], update)
 
 
-def _run_chunks(cache: KVCache, q, k, v, positions, chunks, spec, positional, **kw):
+def _run_chunks(cache: KVCache, q, k, v, positions, chunks, call, positional, scale=None):
     """Feed (1-layer) q/k/v through `cached_attention` in the given chunk sizes."""
     outs, t = [], 0
     for c in chunks:
         sl = slice(t, t + c)
-        out, cache = _cached_step(cache, *(jnp.asarray(x[:, sl]) for x in (q, k, v, positions)), spec=spec,
-                                  positional=positional, **kw)
+        out, cache = _cached_step(cache, *(jnp.asarray(x[:, sl]) for x in (q, k, v, positions)), call=call,
+                                  positional=positional, scale=scale)
         outs.append(out)
         t += c
     return jnp.concatenate(outs, axis=1), cache
@@ -77,8 +78,8 @@ def test_chunked_cached_attention_equals_one_full_call(spec_name, positional_nam
     positions[1, 5:] = np.arange(t - 5)
     cache = KVCache.for_spec(spec, 1, b, HKV, D, capacity=t, rotated=rotated)
     assert cache.bounded == spec.bounded
-    got, cache = _run_chunks(cache, q, k, v, positions, _chunks(t, 3), spec, positional, scale=scale,
-                             implementation=implementation, block_q=4, block_k=4)
+    got, cache = _run_chunks(cache, q, k, v, positions, _chunks(t, 3), AttentionCall(spec, implementation, 4, 4),
+                             positional, scale=scale)
     want = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_positions=jnp.asarray(positions),
                      k_positions=jnp.asarray(positions), spec=spec, positional=positional, scale=scale,
                      implementation="reference")
@@ -95,7 +96,7 @@ def test_top_k_with_full_cache_equals_reference_at_each_decoding_step():
     positions = np.arange(t, dtype=np.int32)[None]
     prompt = 3 * L
     cache = KVCache.full(1, 1, HKV, D, capacity=t)
-    got, _ = _run_chunks(cache, q, k, v, positions, [prompt] + [1] * (t - prompt), spec, positional)
+    got, _ = _run_chunks(cache, q, k, v, positions, [prompt] + [1] * (t - prompt), AttentionCall(spec), positional)
     for i in [prompt - 1, prompt, t - 1]:  # the prompt's last query and decoding steps: top-k at the query
         want = attention(jnp.asarray(q[:, i:i + 1]), jnp.asarray(k[:, :i + 1]), jnp.asarray(v[:, :i + 1]),
                          q_positions=jnp.asarray([i]), k_positions=jnp.arange(i + 1), spec=spec,
@@ -111,7 +112,7 @@ def test_lambda_cache_holds_exactly_the_sinks_and_the_last_window(sinks, window)
     values = rng.standard_normal((2, n, 1, 4)).astype(np.float32)
     positions = np.broadcast_to(np.arange(n, dtype=np.int32), (2, n))
     _, cache = _run_chunks(cache, values, values, values, positions, _chunks(n, sinks + window),
-                           SlidingWindow(window), None)
+                           AttentionCall(SlidingWindow(window)), None)
     held = np.asarray(cache.positions)
     expected = set(range(sinks)) | set(range(n - window, n))
     for row in range(2):
@@ -126,7 +127,7 @@ def test_lambda_cache_size_is_independent_of_stream_length():
         cache = KVCache.lambda_cache(2, 1, 2, 8, sinks=4, window=16, dtype=jnp.bfloat16)
         pos = jnp.arange(n, dtype=jnp.int32)[None]
         kv = jnp.ones((2, 1, n, 2, 8), jnp.bfloat16)
-        return cache.written(kv, kv, cache.plan(pos))
+        return cache.written(kv, kv, cache.update_for(pos))
 
     a, b = fill(10), fill(10_000)
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
@@ -140,7 +141,7 @@ def _filled(cache: KVCache, k, v, positions, positional) -> KVCache:
     """``cache`` (one layer) holding the projected k/v at the given positions (keys stored as the
     cache stores them)."""
     stored = apply_rope(jnp.asarray(k), jnp.asarray(positions), positional) if cache.rotated else jnp.asarray(k)
-    return cache.written(stored[None], jnp.asarray(v)[None], cache.plan(jnp.asarray(positions)))
+    return cache.written(stored[None], jnp.asarray(v)[None], cache.update_for(jnp.asarray(positions)))
 
 
 @pytest.mark.parametrize("rotated", [True, False])
@@ -157,8 +158,8 @@ def test_cached_rope_is_exact_beyond_1e8(rotated):
         cache = _filled(KVCache.lambda_cache(1, 1, HKV, D, sinks=G, window=L, rotated=rotated), k, v, key_pos, rope)
         pos = jnp.asarray([[newest + 1]], jnp.int32)
         out, _ = cached_attention(jnp.asarray(q[:, :1]), jnp.asarray(k[:, :1]), jnp.asarray(v[:, :1]), pos,
-                                  cache.keys[0], cache.values[0], cache.plan(pos), spec=spec, positional=rope,
-                                  rotated=rotated)
+                                  cache.keys[0], cache.values[0], cache.update_for(pos), call=AttentionCall(spec),
+                                  positional=rope, rotated=rotated)
         want = naive_attention(q[:, :1], np.concatenate([k, k[:, :1]], 1), np.concatenate([v, v[:, :1]], 1),
                                np.asarray(pos), np.concatenate([key_pos, np.asarray(pos)], 1), scale=D ** -0.5,
                                **naive_spec_kwargs(spec), **naive_positional_kwargs(rope))
@@ -174,8 +175,8 @@ def test_a_rotated_cache_needs_fixed_rope_frequencies():
     pos = jnp.asarray([[0]], jnp.int32)
     for positional in (None, make_positional("alibi", D, HQ)):
         with pytest.raises(ValueError, match="fixed frequencies"):
-            cached_attention(q, k, v, pos, cache.keys[0], cache.values[0], cache.plan(pos), spec=LMInfinite(G, L),
-                             positional=positional, rotated=True)
+            cached_attention(q, k, v, pos, cache.keys[0], cache.values[0], cache.update_for(pos),
+                             call=AttentionCall(LMInfinite(G, L)), positional=positional, rotated=True)
 
 
 def test_cache_rejects_specs_it_cannot_serve():
@@ -213,16 +214,16 @@ def test_a_cache_beyond_memory_or_int32_is_refused_naming_what_drives_it():
         KVCache.lambda_cache(1, 1, 1, 1, sinks=2**30, window=2**30)
 
 
-def test_plan_refuses_positions_beyond_int32():
+def test_update_for_refuses_positions_beyond_int32():
     cache = KVCache.lambda_cache(1, 1, 1, 4, sinks=2, window=4)
     with pytest.raises(ValueError, match="positions must lie in int32's range"):
-        cache.plan(np.asarray([[2**31 - 1, 2**31]], np.int64))
+        cache.update_for(np.asarray([[2**31 - 1, 2**31]], np.int64))
 
 
-def test_plan_drops_padding_and_tokens_overwritten_within_the_call():
+def test_update_for_drops_padding_and_tokens_overwritten_within_the_call():
     cache = KVCache.lambda_cache(1, 1, 1, 4, sinks=2, window=4)
     positions = jnp.asarray([[-1, -1, 0, 1, 2, 3, 4, 5, 6, 7]], jnp.int32)
-    update = cache.plan(positions)
+    update = cache.update_for(positions)
     s = cache.slots
     assert np.asarray(update.slot).tolist() == [[s, s, 0, 1, s, s, 4, 5, 2, 3]]
     assert np.asarray(update.new_positions).tolist() == [[0, 1, 6, 7, 4, 5]]

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 from conftest import random_model
 
-from lminf_jax import LMInfinite, Sampling, Vanilla
+from lminf_jax import AttentionCall, LMInfinite, Sampling, Vanilla
 from lminf_jax import decoding
 from lminf_jax.decoding import DECODE_STEPS, Generation, generate, left_pad
 from lminf_jax.models import registry
-from lminf_jax.models.common import AttentionCall
 
 G, L = 2, 8
 

@@ -18,7 +18,7 @@ from lminf_jax.experiments.loading import load_model, load_tokenizer_from
 from lminf_jax import AttentionSpec, DistanceLimit, LMInfinite, LambdaMask, Sampling, SlidingWindow, StreamingLLM, TopK, Vanilla, frequency_method
 from lminf_jax.decoding import generate
 from lminf_jax.models.bloom import BloomConfig
-from lminf_jax.models.common import AttentionCall
+from lminf_jax import AttentionCall
 from lminf_jax.models.llama import LlamaConfig
 
 @pytest.fixture(scope="module")

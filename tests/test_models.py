@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from conftest import TINY_MODELS, random_model, rel_err
 
-from lminf_jax import LMInfinite, TopK, Vanilla, frequency_method
+from lminf_jax import AttentionCall, LMInfinite, TopK, Vanilla, frequency_method
 from lminf_jax.models import registry
-from lminf_jax.models.common import AttentionCall, count_params
+from lminf_jax.models.common import count_params
 
 LLAMA2_7B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,

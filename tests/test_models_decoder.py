@@ -11,10 +11,10 @@ import pytest
 from conftest import TINY_MODELS, _perturbed, random_model, rel_err
 from test_logprobs import numpy_scores
 
-from lminf_jax import LeakyReRoPE, LMInfinite, SelfExtend, StreamingLLM, TopK, Vanilla, frequency_method
+from lminf_jax import (AttentionCall, LeakyReRoPE, LMInfinite, SelfExtend, StreamingLLM, TopK, Vanilla,
+                       frequency_method)
 from lminf_jax.cache import KVCache
 from lminf_jax.models import registry
-from lminf_jax.models.common import AttentionCall
 
 G, L = 3, 8
 T = 8 * L

@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from lminf_jax import LMInfinite, Vanilla
+from lminf_jax import AttentionCall, LMInfinite, Vanilla
 from lminf_jax.probes import num_distance_buckets
 from lminf_jax.models import registry
-from lminf_jax.models.common import AttentionCall
 from lminf_jax.models.decoder import _jit_probe
 
 # the layers' weights dominate: 16 layers of 0.95M parameters (30 MB in bfloat16)

@@ -14,8 +14,7 @@ import pytest
 from lminf_jax.converters.convert import load_params
 from lminf_jax.converters.families import layout_for
 from lminf_jax.models import registry
-from lminf_jax.models.common import AttentionCall
-from lminf_jax import LMInfinite
+from lminf_jax import AttentionCall, LMInfinite
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

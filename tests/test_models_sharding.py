@@ -12,10 +12,9 @@ SCRIPT = r"""
 import json, re
 import jax, jax.numpy as jnp, numpy as np
 from flax import traverse_util
-from lminf_jax import LMInfinite, Vanilla, frequency_method
+from lminf_jax import AttentionCall, LMInfinite, Vanilla, frequency_method
 from lminf_jax.sharding import ShardingPlan, make_mesh
 from lminf_jax.models import registry
-from lminf_jax.models.common import AttentionCall
 
 CONFIGS = {
  "llama": {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96,

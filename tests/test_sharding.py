@@ -13,27 +13,28 @@ SCRIPT = r"""
 import json
 from lminf_jax.sharding import ShardingPlan, make_mesh, parse_mesh
 
-def spec(plan, logical, shape, units=None):
-    return [a for a in plan.spec(logical, shape, units)]
+def partition_spec(plan, logical, shape, units=None):
+    return [a for a in plan.partition_spec(logical, shape, units)]
 
 out = {}
 mesh = parse_mesh("data=2, model=-1")
 out["parsed"] = dict(mesh.shape)
 tp = ShardingPlan(make_mesh(data=2, model=4))
 fsdp = ShardingPlan(make_mesh(data=2, model=4), fsdp=True)
-out["q_proj"] = spec(tp, ("layers", "heads", "embed"), (3, 8 * 16, 64), {"heads": 8})
-out["q_proj_fsdp"] = spec(fsdp, ("layers", "heads", "embed"), (3, 8 * 16, 64), {"heads": 8})
-out["six_heads"] = spec(tp, ("layers", "heads", "embed"), (3, 6 * 16, 64), {"heads": 6})  # 96 columns divide, heads not
-out["odd_vocab"] = spec(tp, ("vocab", "embed"), (97, 64))
-out["activations"] = spec(ShardingPlan(make_mesh(data=2, seq=4)), ("batch", "length", "hidden"), (4, 64, 32))
-out["batch_3"] = spec(ShardingPlan(make_mesh(data=2, seq=4)), ("batch", "length", "hidden"), (3, 64, 32))
+out["q_proj"] = partition_spec(tp, ("layers", "heads", "embed"), (3, 8 * 16, 64), {"heads": 8})
+out["q_proj_fsdp"] = partition_spec(fsdp, ("layers", "heads", "embed"), (3, 8 * 16, 64), {"heads": 8})
+# 96 columns divide, heads not
+out["six_heads"] = partition_spec(tp, ("layers", "heads", "embed"), (3, 6 * 16, 64), {"heads": 6})
+out["odd_vocab"] = partition_spec(tp, ("vocab", "embed"), (97, 64))
+out["activations"] = partition_spec(ShardingPlan(make_mesh(data=2, seq=4)), ("batch", "length", "hidden"), (4, 64, 32))
+out["batch_3"] = partition_spec(ShardingPlan(make_mesh(data=2, seq=4)), ("batch", "length", "hidden"), (3, 64, 32))
 rules = ((r"a\.w", ("heads", "embed")), (r"a\..*", ("hidden",)))
 shardings = fsdp.param_shardings({"a.w": (8, 4), "a.b": (4,)}, rules)
 out["rules"] = {name: list(s.spec) for name, s in shardings.items()}
 out["describe"] = fsdp.describe(shardings)
 for name, call in (("unmatched", lambda: tp.param_shardings({"b.w": (8, 4)}, rules)),
                    ("rank", lambda: tp.param_shardings({"a.w": (8,)}, rules)),
-                   ("unknown_axis", lambda: tp.spec(("nope",), (8,))),
+                   ("unknown_axis", lambda: tp.partition_spec(("nope",), (8,))),
                    ("product", lambda: make_mesh(data=3)),
                    ("free_divides", lambda: parse_mesh("data=3,seq=-1")),
                    ("syntax", lambda: parse_mesh("pipe=8"))):
@@ -66,7 +67,7 @@ def test_specs_keep_heads_whole_and_follow_the_mesh():
 def test_one_device_plan_and_errors():
     plan = ShardingPlan(parse_mesh(""))
     assert dict(plan.mesh.shape) == {"data": 1, "seq": 1, "model": 1} and not plan.context_parallel
-    assert plan.spec(("batch", "length", "heads"), (2, 3, 4)) == jax.sharding.PartitionSpec(None, None, None)
+    assert plan.partition_spec(("batch", "length", "heads"), (2, 3, 4)) == jax.sharding.PartitionSpec(None, None, None)
     with pytest.raises(ValueError, match="mesh with axes"):
         ShardingPlan(jax.sharding.Mesh(jax.devices(), ("x",)))
     with pytest.raises(ValueError, match="mesh axis seq must be an integer >= 1"):
