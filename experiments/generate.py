@@ -38,6 +38,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lminf_jax.converters.tokenizer import ChatTemplate, encode_chat, load_chat_template
 from lminf_jax.experiments.loading import (
@@ -48,6 +49,13 @@ from lminf_jax.experiments.options import add_output_args, command_parser, input
 from lminf_jax.experiments.shipped import add_model_arg
 from lminf_jax.experiments.text import read_text_file
 from lminf_jax.evaluation.resume import write_json_atomic
+
+if TYPE_CHECKING:  # jax is imported only when a command runs
+    from lminf_jax.cache import KVCache
+    from lminf_jax.decoding import Generation
+    from lminf_jax.rope import RopeScaling
+    from lminf_jax.sampling import Sampling
+    from lminf_jax.spec import AttentionSpec
 
 #: Prompt tokens decoded before the generated ones, so the continuation keeps its leading space.
 CONTEXT_TOKENS = 16
@@ -167,20 +175,71 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(build_parser(), run, argv)
 
 
-def run(args: argparse.Namespace) -> int:
-    from lminf_jax import Sampling
-    from lminf_jax.cache import NARROWEST_DTYPE, check_cache_fits
-    from lminf_jax.decoding import check_positions, generate
-    from lminf_jax import AttentionCall
+@dataclasses.dataclass
+class Request:
+    """What ``run`` checked and built before the weights are read: the prompts and their token
+    ids, the attention and sampling settings, the tokenizer and the stop tokens."""
 
-    prompts = read_prompts(args)
-    family, config = load_config(args.model_dir)  # validate the options before reading weights
-    template, rendered = chat_prompts(args, prompts)
-    spec = spec_from_args(args, config)
-    frequencies = frequencies_from_args(args, config)
-    model = family.model(config, AttentionCall(spec, frequencies=frequencies))  # the spec, and RoPE scaling, apply here
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    tokenizer = open_tokenizer(args.model_dir, args.tokenizer)
+    prompts: list[str]
+    rendered: list[str] | None  # with --chat: the prompts rendered by the chat template
+    template: ChatTemplate | None
+    spec: AttentionSpec
+    frequencies: RopeScaling | None
+    sampling: Sampling
+    tokenizer: Any
+    bos: list[int]
+    prompt_ids: list[list[int]]
+    stops: list[int]
+
+    @property
+    def longest(self) -> int:
+        """The longest prompt's token count."""
+        return max(len(ids) for ids in self.prompt_ids)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """The model with its weights: the step (and top-k's prefill step), its empty cache and the load time."""
+
+    family: Any
+    params: Any
+    stored: Any  # the params' dtype as read
+    model: Any
+    prefill_step: Any
+    cache: KVCache
+    load_s: float
+
+
+@dataclasses.dataclass
+class Continuations:
+    """What generation gave: each prompt's generated ids and continuation text, and its wall time."""
+
+    generation: Generation
+    generated: list[list[int]]
+    texts: list[str]
+    wall: float
+
+    @property
+    def total(self) -> int:
+        """The generated tokens, all prompts together."""
+        return sum(len(g) for g in self.generated)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command: check the options and encode the prompts, read the weights, generate, report."""
+    request = prepare(args)
+    loaded = load(args, request)
+    continuations = generate_continuations(args, request, loaded)
+    print_summary(args, request, loaded, continuations)
+    if args.out is not None:
+        write_record(args, request, loaded, continuations)
+    return 0
+
+
+def encode_prompts(args: argparse.Namespace, tokenizer, config, prompts: list[str], template: ChatTemplate | None,
+                   rendered: list[str] | None) -> tuple[list[int], list[list[int]]]:
+    """The BOS prepended (``[]`` or ``[bos_id]``) and each prompt's token ids; refuses an empty
+    prompt and a token outside the model's vocabulary."""
     if template is None:
         bos = [] if args.no_bos or tokenizer.bos_id is None else [tokenizer.bos_id]
         prompt_ids = [bos + tokenizer.encode(text) for text in prompts]
@@ -193,31 +252,65 @@ def run(args: argparse.Namespace) -> int:
         if max(ids) >= config.vocab_size:
             raise ValueError(f"the tokenizer of {args.tokenizer or args.model_dir} produced token {max(ids)} but the model's "
                              f"vocabulary has {config.vocab_size} entries")
+    return bos, prompt_ids
+
+
+def prepare(args: argparse.Namespace) -> Request:
+    """Check every option and encode the prompts before the weights are read: a full cache that
+    cannot fit is refused here too."""
+    from lminf_jax import AttentionCall, Sampling
+    from lminf_jax.cache import NARROWEST_DTYPE, check_cache_fits
+    from lminf_jax.decoding import check_positions
+
+    prompts = read_prompts(args)
+    family, config = load_config(args.model_dir)  # validate the options before reading weights
+    template, rendered = chat_prompts(args, prompts)
+    spec = spec_from_args(args, config)
+    frequencies = frequencies_from_args(args, config)
+    model = family.model(config, AttentionCall(spec, frequencies=frequencies))  # the spec, and RoPE scaling, apply here
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    tokenizer = open_tokenizer(args.model_dir, args.tokenizer)
+    bos, prompt_ids = encode_prompts(args, tokenizer, config, prompts, template, rendered)
     stops = stop_tokens(tokenizer, args.stop, not args.ignore_eos)
-    longest = max(len(ids) for ids in prompt_ids)
+    request = Request(prompts, rendered, template, spec, frequencies, sampling, tokenizer, bos, prompt_ids, stops)
+    longest = request.longest
     check_positions(longest, args.max_new_tokens)
     # a full cache that cannot fit is refused before the weights are read (which set its dtype without --dtype)
     check_cache_fits(lambda: model.init_cache(len(prompts), capacity=longest + args.max_new_tokens,
                                               dtype=resolve_dtype(args.dtype) or NARROWEST_DTYPE),
                      f"--max-new-tokens {args.max_new_tokens:,} after the longest prompt ({longest:,} tokens)")
+    return request
+
+
+def load(args: argparse.Namespace, request: Request) -> LoadedModel:
+    """Read the weights and build the model in the compute dtype, top-k's prefill step and the empty cache."""
+    from lminf_jax import AttentionCall
 
     began = time.perf_counter()
     family, config, params = load_model(args.model_dir, args.dtype, progress=sys.stderr.isatty())
     load_s = time.perf_counter() - began
     stored = params_dtype(params)
     compute = resolve_dtype(args.dtype) or stored
+    spec, frequencies = request.spec, request.frequencies
     model = family.model(config, AttentionCall(spec, frequencies=frequencies), compute)
     prefill_step = None
     if spec.top_k is not None:  # top-k middle tokens only at the prompt's end, as in one forward pass
         prefill_step = family.model(config, AttentionCall(dataclasses.replace(spec, top_k=None),
                                                           frequencies=frequencies), compute)
-    cache = model.init_cache(len(prompts), capacity=longest + args.max_new_tokens)
+    cache = model.init_cache(len(request.prompts), capacity=request.longest + args.max_new_tokens)
+    return LoadedModel(family, params, stored, model, prefill_step, cache, load_s)
 
+
+def generate_continuations(args: argparse.Namespace, request: Request, loaded: LoadedModel) -> Continuations:
+    """Generate (streaming one prompt's continuation to stdout) and print the continuations."""
+    from lminf_jax.decoding import generate
+
+    prompts, prompt_ids, tokenizer = request.prompts, request.prompt_ids, request.tokenizer
     streamer = TextStreamer(tokenizer, prompt_ids[0]) if len(prompts) == 1 else None
     began = time.perf_counter()
-    out = generate(model, params, prompt_ids, cache, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                   seed=args.seed, stop_tokens=stops, prefill_chunk=args.prefill_chunk, prefill_step=prefill_step,
-                   on_tokens=streamer)
+    out = generate(loaded.model, loaded.params, prompt_ids, loaded.cache, max_new_tokens=args.max_new_tokens,
+                   sampling=request.sampling, seed=args.seed, stop_tokens=request.stops,
+                   prefill_chunk=args.prefill_chunk, prefill_step=loaded.prefill_step, on_tokens=streamer)
     wall = time.perf_counter() - began
 
     generated = [out.row(b) for b in range(len(prompts))]
@@ -228,62 +321,70 @@ def run(args: argparse.Namespace) -> int:
     else:
         for b, (prompt, text) in enumerate(zip(prompts, texts)):
             print(f"=== prompt {b + 1}/{len(prompts)}: {prompt}\n{text}\n", flush=True)
+    return Continuations(out, generated, texts, wall)
 
-    total = sum(len(g) for g in generated)
-    kind = "lambda" if spec.bounded else "full"
+
+def print_summary(args: argparse.Namespace, request: Request, loaded: LoadedModel, output: Continuations) -> None:
+    """The model, settings, token counts, cache and timings, on stderr."""
+    prompts, total, wall = request.prompts, output.total, output.wall
     print(
-        f"model: {family.name} from {args.model_dir} ({model_kind(args.model_dir)}), params {stored.name}, "
-        f"compute {model.dtype.name}\n"
-        f"attention: {spec.describe()}; sampling: {sampling.describe()}, seed {args.seed}\n"
-        f"prompt tokens: {sum(len(ids) for ids in prompt_ids)} in {len(prompts)} prompt(s) (longest {longest}); "
-        f"generated tokens: {total} ({int(out.stopped.sum())}/{len(prompts)} ended on a stop token)\n"
-        f"cache: {cache.describe()}\n"
+        f"model: {loaded.family.name} from {args.model_dir} ({model_kind(args.model_dir)}), params {loaded.stored.name}, "
+        f"compute {loaded.model.dtype.name}\n"
+        f"attention: {request.spec.describe()}; sampling: {request.sampling.describe()}, seed {args.seed}\n"
+        f"prompt tokens: {sum(len(ids) for ids in request.prompt_ids)} in {len(prompts)} prompt(s) "
+        f"(longest {request.longest}); "
+        f"generated tokens: {total} ({int(output.generation.stopped.sum())}/{len(prompts)} ended on a stop token)\n"
+        f"cache: {loaded.cache.describe()}\n"
         f"wall time {wall:.2f} s for generation (includes compilation on the first call; time to first token "
-        f"is not measured), {total / max(wall, 1e-9):.1f} tokens/s; loading {load_s:.2f} s",
+        f"is not measured), {total / max(wall, 1e-9):.1f} tokens/s; loading {loaded.load_s:.2f} s",
         file=sys.stderr,
     )
-    if args.out is not None:
-        record = {
-            "model": str(args.model_dir),
-            "tokenizer": None if args.tokenizer is None else str(args.tokenizer),
-            "family": family.name,
-            "prompts": prompts,
-            "rendered_prompts": rendered,
-            "continuations": texts,
-            "prompt_ids": prompt_ids,
-            "generated_ids": generated,
-            "stopped": [bool(s) for s in out.stopped],
-            "settings": {
-                "method": args.method,
-                "attention": spec_settings(spec),
-                "rope_scaling": None if frequencies is None else dataclasses.asdict(frequencies),
-                "sampling": dataclasses.asdict(sampling),
-                "seed": args.seed,
-                "max_new_tokens": args.max_new_tokens,
-                "stop": args.stop,
-                "stop_tokens": stops,
-                "bos": bool(bos),
-                "chat": args.chat,
-                "system": args.system,
-                "chat_template": None if template is None else template.source,
-                "params_dtype": stored.name,
-                "compute_dtype": model.dtype.name,
-                "prefill_chunk": args.prefill_chunk,
-                "cache": cache.describe(),
-                "cache_kind": kind,
-            },
-            "timings": {
-                "load_s": load_s,
-                "generate_s": wall,
-                "generated_tokens": total,
-                "tokens_per_s": total / max(wall, 1e-9),
-                "includes_compilation": True,
-            },
-        }
-        path = Path(args.out)
-        write_json_atomic(path, record)
-        print(f"wrote {path}", file=sys.stderr)
-    return 0
+
+
+def write_record(args: argparse.Namespace, request: Request, loaded: LoadedModel, output: Continuations) -> None:
+    """Write ``--out``: prompts, continuations, token ids, settings and timings as JSON."""
+    spec, frequencies, template = request.spec, request.frequencies, request.template
+    total, wall = output.total, output.wall
+    record = {
+        "model": str(args.model_dir),
+        "tokenizer": None if args.tokenizer is None else str(args.tokenizer),
+        "family": loaded.family.name,
+        "prompts": request.prompts,
+        "rendered_prompts": request.rendered,
+        "continuations": output.texts,
+        "prompt_ids": request.prompt_ids,
+        "generated_ids": output.generated,
+        "stopped": [bool(s) for s in output.generation.stopped],
+        "settings": {
+            "method": args.method,
+            "attention": spec_settings(spec),
+            "rope_scaling": None if frequencies is None else dataclasses.asdict(frequencies),
+            "sampling": dataclasses.asdict(request.sampling),
+            "seed": args.seed,
+            "max_new_tokens": args.max_new_tokens,
+            "stop": args.stop,
+            "stop_tokens": request.stops,
+            "bos": bool(request.bos),
+            "chat": args.chat,
+            "system": args.system,
+            "chat_template": None if template is None else template.source,
+            "params_dtype": loaded.stored.name,
+            "compute_dtype": loaded.model.dtype.name,
+            "prefill_chunk": args.prefill_chunk,
+            "cache": loaded.cache.describe(),
+            "cache_kind": "lambda" if spec.bounded else "full",
+        },
+        "timings": {
+            "load_s": loaded.load_s,
+            "generate_s": wall,
+            "generated_tokens": total,
+            "tokens_per_s": total / max(wall, 1e-9),
+            "includes_compilation": True,
+        },
+    }
+    path = Path(args.out)
+    write_json_atomic(path, record)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -67,15 +67,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib
 import io
 import json
-import math
 import re
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -89,10 +87,13 @@ from lminf_jax.experiments.methods import (
     add_methods_arg, checked_methods, method_options, method_spec, MethodChoice, spec_settings,
 )
 from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option, run_cli, save_result
+from lminf_jax.experiments.perplexity_report import plot, plotting_available, print_table, show_saved
 from lminf_jax.experiments.shipped import add_model_arg
 from lminf_jax.experiments.text import add_text_args, bos_id, check_ids, token_stream
 
 if TYPE_CHECKING:
+    from lminf_jax import AttentionCall, AttentionSpec
+    from lminf_jax.models.registry import Family
     from lminf_jax.sharding import ShardingPlan
 
 #: The LLaMA-style model trained by this project (``experiments/train.py``), shipped in the repository.
@@ -174,148 +175,20 @@ def score(forward, params, sequences: np.ndarray, batch: int, parts: Path, key: 
     return np.concatenate(out)
 
 
+def open_parts(out_path: Path, settings: dict, segments: np.ndarray) -> Path:
+    """The parts store's folder for these settings and text, ``OUT.parts/KEY`` (`parts_key`), created."""
+    parts = out_path.with_name(out_path.name + ".parts") / parts_key(settings, segments)
+    PARTS.entries(parts.parent)  # refuses a folder named like a part's that is not the store's
+    parts.mkdir(parents=True, exist_ok=True)
+    return parts
+
+
 def remove_parts(root: Path) -> None:
     """Delete the parts store's own folders in `root` (``OUT.parts``), and `root` when nothing else is left."""
     for path in PARTS.entries(root):
         PARTS.discard(path)
     if root.is_dir() and not any(root.iterdir()):
         root.rmdir()
-
-
-def _plotting_available() -> bool:
-    try:
-        importlib.import_module("matplotlib.figure")
-    except ImportError:
-        return False
-    return True
-
-
-# ----- output -----------------------------------------------------------------------------------
-
-
-def format_table(record: dict) -> str:
-    """Perplexity per method (rows) and length (columns, with their multiple of L_train)."""
-    lengths, l_train = record["settings"]["lengths"], record["settings"]["l_train"]
-    width = max(9, *(len(f"{n:,}") + 1 for n in lengths))
-    lines = [f"{'method':<16}" + "".join(f"{n:>{width},}" for n in lengths),
-             f"{'(x L_train)':<16}" + "".join(f"{n / l_train:>{width}g}" for n in lengths)]
-    name_width = max(16, *(len(name) + 2 for name in record["methods"]))
-    lines = [f"{line[:16]:<{name_width}}{line[16:]}" for line in lines]
-    for name, res in record["methods"].items():
-        lines.append(f"{name:<{name_width}}" + "".join(f"{_ppl_text(p):>{width}}" for p in res["lengths"]))
-    costs = [(name, res["lengths"][-1]) for name, res in record["methods"].items()
-             if "attended_keys" in res["lengths"][-1]]
-    if costs:
-        lines += ["", f"{f'at {lengths[-1]:,} tokens':<{name_width}}{'keys/query':>12}{'cache bytes/token':>19}"
-                      f"{'KV cache':>12}"]
-        lines += [f"{name:<{name_width}}{p['attended_keys']:>12,.0f}{p['cache_bytes_per_token']:>19,.0f}"
-                  f"{_bytes(p['cache_bytes']):>12}" for name, p in costs]
-    return "\n".join(lines)
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-def _ppl_text(point: dict) -> str:
-    """A length point's perplexity for the table: ``nan`` when a score was NaN, ``inf`` when it
-    overflowed (JSON holds None for both; ``nan_scores`` tells them apart)."""
-    value = point["ppl"]
-    if value is None:
-        return "nan" if point.get("nan_scores") else "inf"
-    return f"{value:.3g}" if value >= 1e4 else f"{value:.2f}"
-
-
-def nan_origin(record: dict, params) -> str | None:
-    """Where the NaN scores of a run came from (None when there are none): the weights, naming the
-    tensors that hold non-finite values, or else the forward pass."""
-    cells = [f"{name} at {p['length']:,}" for name, res in record["methods"].items() for p in res["lengths"]
-             if p.get("nan_scores")]
-    if not cells:
-        return None
-    bad = nonfinite_params(params)
-    if bad:
-        shown = ", ".join(f"{name} ({n:,} values)" for name, n in list(bad.items())[:5])
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        source = f"the weights hold NaN or infinite values: {shown}{more}"
-    else:
-        source = ("the weights are finite, so the forward pass made them (an overflow in the compute dtype "
-                  f"{record['settings']['compute_dtype']}? try --dtype fp32)")
-    return f"NaN perplexity for {', '.join(cells)}: {source}"
-
-
-def headline(record: dict) -> list[str]:
-    """The paper's two claims as ratios to the perplexity at L_train, where measured."""
-    lengths, l_train = record["settings"]["lengths"], record["settings"]["l_train"]
-    lines = []
-    for name, multiple in (("lm_infinite", max(lengths) // l_train), ("vanilla", 16)):
-        n = multiple * l_train
-        if name in record["methods"] and l_train in lengths and n in lengths and n != l_train:
-            ppl = {p["length"]: p["ppl"] for p in record["methods"][name]["lengths"]}
-            if ppl[n] is not None and ppl[l_train] is not None:
-                lines.append(f"{name}: perplexity at {multiple} x L_train ({n:,}) / at L_train ({l_train:,}) = "
-                             f"{ppl[n]:.4g} / {ppl[l_train]:.4g} = {ppl[n] / ppl[l_train]:.3f}")
-    return lines
-
-
-def plot(record: dict, path: Path) -> bool:
-    """Draw a result record (the ``--out`` JSON): left, perplexity vs length (log-log), one line
-    per method with ``exp(NLL +- 2 standard errors)`` shaded; right, mean NLL by query position of
-    the longest sequences. False when matplotlib is missing."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
-    settings, methods = record["settings"], record["methods"]
-    fig = Figure(figsize=(12, 4.4) if len(methods) <= 6 else (14, 5.2))
-    left, right = fig.subplots(1, 2)
-    for i, (name, res) in enumerate(methods.items()):
-        color, points = _color(i, len(methods)), [p for p in res["lengths"] if p["ppl"] is not None]
-        style = _line_style(res["attention"])
-        lengths = [p["length"] for p in points]
-        left.plot(lengths, [p["ppl"] for p in points], marker="o", markersize=3, color=color, linestyle=style,
-                  label=name)
-        sem = [p["nll_sem"] or 0.0 for p in points]
-        left.fill_between(lengths, [math.exp(p["nll"] - 2 * e) for p, e in zip(points, sem)],
-                          [math.exp(p["nll"] + 2 * e) for p, e in zip(points, sem)], color=color,
-                          alpha=0.15 if len(methods) <= 6 else 0.05)
-        rows = [r for r in res["buckets"] if r["nll"] is not None]
-        right.plot([math.sqrt((r["lo"] + 1) * r["hi"]) for r in rows], [r["nll"] for r in rows], color=color,
-                   linestyle=style, label=name, linewidth=1.2)
-    for ax in (left, right):
-        ax.set_xscale("log", base=2)
-        ax.axvline(settings["l_train"], color="gray", linestyle="--", linewidth=0.8)
-        ax.grid(True, which="both", alpha=0.3)
-    left.set_yscale("log")
-    left.set_xlabel("sequence length (tokens); shaded: exp(NLL +- 2 s.e.)")
-    left.set_ylabel("perplexity (log scale)")
-    left.legend(fontsize=7, ncol=1 if len(methods) <= 8 else 2)
-    right.set_xlabel("tokens seen by the query (position + 1), longest sequences")
-    right.set_ylabel("mean NLL (nats / token)")
-    fig.suptitle(f"{settings['family']} ({Path(settings['model']).name}), L_train {settings['l_train']:,}: "
-                 f"{settings['segments']} segment(s) x {settings['segment_tokens']:,} tokens, every length on "
-                 "the same tokens", fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return True
-
-
-def _color(i: int, count: int):
-    if count <= 10:
-        return f"C{i}"
-    from matplotlib import colormaps
-
-    return colormaps["tab20"](i % 20)
-
-
-def _line_style(attention: dict) -> str:
-    """Solid: a mask method; dashed: a frequency method at each length's factor; dotted: at a fixed one."""
-    if attention.get("frequency") is None:
-        return "-"
-    return "--" if attention.get("factor") == "per length" else ":"
 
 
 # ----- the command ------------------------------------------------------------------------------
@@ -362,32 +235,77 @@ def cache_bytes(model, length: int) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
 
 
-def show_saved(path: str, png: str | None) -> int:
-    """Table (and plot at `png`) of a saved result."""
-    from lminf_jax.converters.reader import read_json_object
+def nan_origin(record: dict, params) -> str | None:
+    """Where the NaN scores of a run came from (None when there are none): the weights, naming the
+    tensors that hold non-finite values, or else the forward pass."""
+    cells = [f"{name} at {p['length']:,}" for name, res in record["methods"].items() for p in res["lengths"]
+             if p.get("nan_scores")]
+    if not cells:
+        return None
+    bad = nonfinite_params(params)
+    if bad:
+        shown = ", ".join(f"{name} ({n:,} values)" for name, n in list(bad.items())[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        source = f"the weights hold NaN or infinite values: {shown}{more}"
+    else:
+        source = ("the weights are finite, so the forward pass made them (an overflow in the compute dtype "
+                  f"{record['settings']['compute_dtype']}? try --dtype fp32)")
+    return f"NaN perplexity for {', '.join(cells)}: {source}"
 
-    record = read_json_object(Path(path))
-    if not isinstance(record.get("settings"), dict) or not isinstance(record.get("methods"), dict):
-        raise ValueError(f"{path} is not a result of experiments.perplexity (no settings / methods)")
-    print(format_table(record))
-    for line in headline(record):
-        print(line)
-    if png is not None:
-        if not plot(record, Path(png)):
-            raise ImportError("matplotlib is not installed: no plot (pip install matplotlib)")
-        print(f"wrote {png}")
-    return 0
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The methods and lengths a run scores, checked against the model's config before any work."""
+
+    config: Any  #: the model's config as read without its weights (`load_config`)
+    l_train: int
+    lengths: list[int]  #: sorted multiples of ``l_train``
+    methods: list[MethodChoice]
+    specs: dict[str, AttentionSpec]  #: each method's mask spec by name, before `MethodChoice.spec` fits it to a length
+    block: int  #: ``--block``
+
+    @property
+    def choices(self) -> dict[str, MethodChoice]:
+        """Each method by name."""
+        return {c.name: c for c in self.methods}
+
+    def call(self, name: str, n: int) -> AttentionCall:
+        """How method `name` attends at length `n`."""
+        from lminf_jax import AttentionCall
+
+        choice = self.choices[name]
+        return AttentionCall(choice.spec(self.specs[name], n, self.l_train), block_q=self.block, block_k=self.block,
+                             frequencies=choice.frequencies(n, self.l_train))
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.from_json is not None:
-        return show_saved(args.from_json, None if args.no_plot else args.plot)
-    from lminf_jax.evaluation.perplexity import length_point, position_buckets, prefix_ppl, text_segments, tile_segments
-    from lminf_jax.evaluation.fingerprint import tree_fingerprint
-    from lminf_jax.progress import Progress
-    from lminf_jax.evaluation.buckets import PositionBuckets
-    from lminf_jax.evaluation.streaming import finite_or_none
-    from lminf_jax import AttentionCall, Rotary
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """The scored text: its token stream, the segments cut from it and their tiles at every length."""
+
+    stream: np.ndarray
+    source: dict  #: `token_stream`'s description
+    bos: int | None
+    segments: np.ndarray  #: ``(S, tokens)``
+    tiles: dict[int, np.ndarray]  #: per length n, ``(rows, n)`` sequences
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """The weights as loaded (over the devices of `plan`) and the settings the scores depend on."""
+
+    family: Family
+    config: Any
+    params: Any
+    dtype: Any  #: the compute dtype
+    plan: ShardingPlan | None
+    load_s: float
+    settings: dict  #: the record's settings so far: `parts_key` hashes them
+
+
+def checked_grid(args: argparse.Namespace) -> Grid:
+    """The methods and lengths of the options, every model they need built once from the config alone,
+    so that a method that cannot apply to this model fails before the text, the weights or a compile."""
+    from lminf_jax import Rotary
 
     if len(set(args.multiples)) != len(args.multiples):
         raise ValueError(f"--multiples must be distinct, got {args.multiples}")
@@ -395,23 +313,29 @@ def run(args: argparse.Namespace) -> int:
     rope = isinstance(family.model(config).decoder().positional, Rotary)
     methods = _methods(args.methods, max(args.multiples), rope)
     l_train = pretraining_length(config)
-    lengths = [m * l_train for m in sorted(args.multiples)]
-    specs = {c.name: method_spec(c.mask, config, **method_options(args)) for c in methods}
-    choices = {c.name: c for c in methods}
+    grid = Grid(config, l_train, [m * l_train for m in sorted(args.multiples)], methods,
+                {c.name: method_spec(c.mask, config, **method_options(args)) for c in methods}, args.block)
+    for name in grid.specs:  # a method that cannot apply to this model fails here, before any work
+        for n in grid.lengths:
+            family.model(config, grid.call(name, n))
+    return grid
 
-    def call(name: str, n: int) -> AttentionCall:
-        return AttentionCall(choices[name].spec(specs[name], n, l_train), block_q=args.block, block_k=args.block,
-                             frequencies=choices[name].frequencies(n, l_train))
 
-    for name in specs:  # a method that cannot apply to this model fails here, before any work
-        for n in lengths:
-            family.model(config, call(name, n))
+def read_text(args: argparse.Namespace, grid: Grid) -> Text:
+    """The text of the options, its ids checked against the vocabulary, cut into segments of the
+    longest length and tiled at every length (`lminf_jax.evaluation.perplexity`)."""
+    from lminf_jax.evaluation.perplexity import text_segments, tile_segments
 
     stream, source = token_stream(args)
-    check_ids(stream, config.vocab_size)
+    check_ids(stream, grid.config.vocab_size)
     bos = bos_id(args.model_dir, args.tokenizer)
-    segments = text_segments(stream, args.sequences, lengths[-1] - (bos is not None))
-    tiles = {n: tile_segments(segments, n, bos) for n in lengths}
+    segments = text_segments(stream, args.sequences, grid.lengths[-1] - (bos is not None))
+    return Text(stream, source, bos, segments, {n: tile_segments(segments, n, bos) for n in grid.lengths})
+
+
+def load_weights(args: argparse.Namespace, grid: Grid, text: Text) -> Loaded:
+    """The model's weights, laid out over the devices (``--mesh``), and the run's settings."""
+    from lminf_jax.evaluation.fingerprint import tree_fingerprint
 
     plan = sharding_plan(args, "seq=-1")
     began = time.perf_counter()
@@ -423,62 +347,98 @@ def run(args: argparse.Namespace) -> int:
         "model": str(Path(args.model_dir).resolve()), "model_kind": model_kind(args.model_dir), "family": family.name,
         "config": hf_config(args.model_dir), "params": tree_fingerprint(params), "params_dtype": stored.name,
         "compute_dtype": dtype.name,
-        "l_train": l_train, "bos_id": bos, "batch_tokens": args.batch_tokens, "block": args.block,
-        "attention": {m: method_settings(choices[m], spec) for m, spec in specs.items()},
+        "l_train": grid.l_train, "bos_id": text.bos, "batch_tokens": args.batch_tokens, "block": args.block,
+        "attention": {m: method_settings(grid.choices[m], spec) for m, spec in grid.specs.items()},
         "devices": "1 device" if plan is None else plan.describe(family.param_shardings(config, plan)),
     }
-    out_path = Path(args.out)
-    parts = out_path.with_name(out_path.name + ".parts") / parts_key(settings, segments)
-    PARTS.entries(parts.parent)  # refuses a folder named like a part's that is not the store's
-    parts.mkdir(parents=True, exist_ok=True)
-    s, seg_tokens = segments.shape
-    print(f"{family.name} from {args.model_dir} (L_train {l_train:,}): {s} segment(s) x {seg_tokens:,} tokens of "
-          f"{source.get('source', 'the given text')} ({stream.size:,} tokens); lengths {lengths[0]:,}.."
-          f"{lengths[-1]:,}; methods {', '.join(specs)}", file=sys.stderr)
+    return Loaded(family, config, params, dtype, plan, load_s, settings)
 
+
+def length_result(model, nll: np.ndarray, n: int, segments: int) -> dict:
+    """A length's entry in the record: the perplexity of `model`'s scores `nll` at length `n` and its
+    spread over the `segments`, the attention and RoPE scaling used, and what the method costs there."""
+    from lminf_jax.evaluation.perplexity import length_point
+
+    costs, at_n = cache_bytes(model, n), model.call.spec
+    return {**length_point(nll, segments).to_json(), "nan_scores": int(np.isnan(nll).sum()),
+            "rope_scaling": _asdict(model.call.frequencies),
+            "attention": at_n.describe(), "farthest_distance": float(at_n.farthest_distance(n)),
+            "attended_keys": float(np.mean(at_n.attended_keys(np.arange(n - 1)))),
+            "cache_bytes": costs, "cache_bytes_per_token": costs / n}
+
+
+def score_methods(args: argparse.Namespace, grid: Grid, text: Text, loaded: Loaded, parts: Path) -> dict[str, dict]:
+    """Every method's entry in the record (``methods``): each length scored (`score`, its batches kept
+    in `parts`), then the NLL by position and the prefix perplexity of the longest sequences."""
+    from lminf_jax.evaluation.buckets import PositionBuckets
+    from lminf_jax.evaluation.perplexity import position_buckets, prefix_ppl
+    from lminf_jax.evaluation.streaming import finite_or_none
+    from lminf_jax.progress import Progress
+
+    lengths, (s, seg_tokens) = grid.lengths, text.segments.shape
+    print(f"{loaded.family.name} from {args.model_dir} (L_train {grid.l_train:,}): {s} segment(s) x {seg_tokens:,} "
+          f"tokens of {text.source.get('source', 'the given text')} ({text.stream.size:,} tokens); lengths "
+          f"{lengths[0]:,}..{lengths[-1]:,}; methods {', '.join(grid.specs)}", file=sys.stderr)
     results = {}
-    total = len(methods) * sum(t.size for t in tiles.values())
+    total = len(grid.methods) * sum(t.size for t in text.tiles.values())
     with Progress(total, "tokens", "perplexity", rate=True, enabled=not args.no_progress) as bar:
-        for name, spec in specs.items():
+        for name, spec in grid.specs.items():
             t0, points = time.perf_counter(), []
             for n in lengths:
-                model = family.model(config, call(name, n), dtype, plan)
+                model = loaded.family.model(loaded.config, grid.call(name, n), loaded.dtype, loaded.plan)
                 bar.postfix = f"{name} at {n:,}"
-                batch = rows_per_call(args.batch_tokens, tiles[n].shape[0], n, plan)
-                nll = score(model.score, params, tiles[n], batch, parts, f"{name}-{n}", bar)
-                costs, at_n = cache_bytes(model, n), model.call.spec
-                points.append({**length_point(nll, s).to_json(), "nan_scores": int(np.isnan(nll).sum()),
-                               "rope_scaling": _asdict(model.call.frequencies),
-                               "attention": at_n.describe(), "farthest_distance": float(at_n.farthest_distance(n)),
-                               "attended_keys": float(np.mean(at_n.attended_keys(np.arange(n - 1)))),
-                               "cache_bytes": costs, "cache_bytes_per_token": costs / n})
-            results[name] = {"spec": spec, "seconds": time.perf_counter() - t0, "points": points,
-                             "prefix_ppl": prefix_ppl(nll, lengths), "buckets": position_buckets(nll, PositionBuckets(2))}
+                batch = rows_per_call(args.batch_tokens, text.tiles[n].shape[0], n, loaded.plan)
+                nll = score(model.score, loaded.params, text.tiles[n], batch, parts, f"{name}-{n}", bar)
+                points.append(length_result(model, nll, n, s))
+            seconds = time.perf_counter() - t0
+            results[name] = {"attention": method_settings(grid.choices[name], spec), "seconds": seconds,
+                             "lengths": points, "prefix_ppl": finite_or_none(list(prefix_ppl(nll, lengths))),
+                             "buckets": [dataclasses.asdict(r) for r in position_buckets(nll, PositionBuckets(2))]}
+    return results
 
-    record = {
-        "settings": {**settings, "source": source, "text_tokens": int(stream.size), "segments": s,
-                     "segment_tokens": seg_tokens, "lengths": lengths,
-                     "multiples": sorted(args.multiples), "load_s": load_s},
-        "methods": {name: {"attention": method_settings(choices[name], res["spec"]), "seconds": res["seconds"],
-                           "lengths": res["points"],
-                           "prefix_ppl": finite_or_none(list(res["prefix_ppl"])),
-                           "buckets": [dataclasses.asdict(r) for r in res["buckets"]]}
-                    for name, res in results.items()},
-    }
-    record = finite_or_none(record)
-    origin = nan_origin(record, params)
+
+def make_record(args: argparse.Namespace, grid: Grid, text: Text, loaded: Loaded, methods: dict) -> dict:
+    """The result (the ``--out`` JSON): settings and `methods`, numbers that are not finite as None and,
+    with NaN scores, where they came from (``settings.nan_origin``, `nan_origin`)."""
+    from lminf_jax.evaluation.streaming import finite_or_none
+
+    s, seg_tokens = text.segments.shape
+    record = finite_or_none({
+        "settings": {**loaded.settings, "source": text.source, "text_tokens": int(text.stream.size), "segments": s,
+                     "segment_tokens": seg_tokens, "lengths": grid.lengths,
+                     "multiples": sorted(args.multiples), "load_s": loaded.load_s},
+        "methods": methods,
+    })
+    origin = nan_origin(record, loaded.params)
     if origin is not None:
         record["settings"]["nan_origin"] = origin
-    print(format_table(record))
-    for line in headline(record):
-        print(line)
+    return record
+
+
+def report(args: argparse.Namespace, record: dict, parts: Path) -> None:
+    """Print the table (and warn of NaN scores), write the JSON and the plot, then remove the parts
+    store that the JSON replaces."""
+    print_table(record)
+    origin = record["settings"].get("nan_origin")
     if origin is not None:
         print(f"warning: {origin}", file=sys.stderr)
-    drawn = not args.no_plot and _plotting_available()
+    drawn = not args.no_plot and plotting_available()
     if not args.no_plot and not drawn:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
-    save_result(record, out_path, plot if drawn else None, args.plot)
+    save_result(record, Path(args.out), plot if drawn else None, args.plot)
     remove_parts(parts.parent)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command: a saved result shown again (``--from-json``), or every method scored at every length."""
+    if args.from_json is not None:
+        return show_saved(args.from_json, None if args.no_plot else args.plot)
+    grid = checked_grid(args)  # every refusal of the options comes before the text, the weights, a compile
+    text = read_text(args, grid)
+    loaded = load_weights(args, grid, text)
+    parts = open_parts(Path(args.out), loaded.settings, text.segments)
+    methods = score_methods(args, grid, text, loaded, parts)
+    report(args, make_record(args, grid, text, loaded, methods), parts)
     return 0
 
 

@@ -43,6 +43,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -55,6 +56,16 @@ from lminf_jax.experiments.methods import add_attention_args, frequencies_from_a
 from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option, output_dir, run_cli
 from lminf_jax.experiments.shipped import add_model_arg
 from lminf_jax.experiments.text import check_ids, npy_tokens, read_text_file
+
+if TYPE_CHECKING:
+    from lminf_jax import AttentionCall
+    from lminf_jax.cache import KVCache
+    from lminf_jax.evaluation.streaming import StreamResult
+    from lminf_jax.models.declaration import ModelConfig
+    from lminf_jax.models.decoder import LanguageModel
+    from lminf_jax.models.registry import Family
+    from lminf_jax.sharding import ShardingPlan
+    from lminf_jax.spec import AttentionSpec
 
 TOKEN_CACHE_VERSION = 1
 #: Tokenizer files whose bytes identify the tokenization (in the token-cache hash).
@@ -181,16 +192,64 @@ def plot(result, path: Path, title: str, marks: dict[str, int]) -> bool:
 # ----- the command ------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """The attention asked for, checked against the model's config before anything expensive:
+    `family` and `config` (from `load_config`), the ``--method`` `spec` and its `call`."""
+
+    family: Family
+    config: ModelConfig
+    spec: AttentionSpec
+    call: AttentionCall
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStream:
+    """The streams scored (`split_streams`'s view), `length` tokens each, `dropped` by the split,
+    `total` tokens in the source (before ``--max-tokens``) and the `source` recorded in the settings."""
+
+    tokens: np.ndarray
+    length: int
+    dropped: int
+    total: int
+    source: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """The model as loaded: its `family`, `config` and `params` (stored in `stored`), the `model`
+    computing in its dtype, its `cache`, the device `plan` (None: one device) and `load_s` seconds."""
+
+    family: Family
+    config: ModelConfig
+    params: Any
+    stored: Any
+    model: LanguageModel
+    cache: KVCache
+    plan: ShardingPlan | None
+    load_s: float
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_cli(build_parser(), run, argv)
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
+    """The command: check the method, read the stream, load the model, score, report, write, plot."""
+    method = check_method(args)
+    stream = read_stream(args, method.config)
+    loaded = build_model(args, method, device_plan(args), stream)
+    result = score(args, loaded, stream)
+    report(args, result, stream.length, loaded.load_s)
+    write_record(args, result, method, loaded, stream)
+    if not args.no_plot:
+        draw(args, result, method.spec, loaded)
+    return 0
 
-    from lminf_jax.evaluation.buckets import PositionBuckets
+
+def check_method(args: argparse.Namespace) -> Method:
+    """The checkpoint folder and the attention options, checked against the config before any weights are read."""
     from lminf_jax.evaluation.stream_store import check_checkpoint_dir
-    from lminf_jax.evaluation.streaming import streaming_nll
     from lminf_jax import AttentionCall
 
     if args.checkpoint_dir is not None:
@@ -202,14 +261,18 @@ def run(args: argparse.Namespace) -> int:
                          "streaming NLL (use it with experiments.generate)")
     call = AttentionCall(spec, frequencies=frequencies_from_args(args, config))
     family.model(config, call)  # a frequency method on an ALiBi model fails here
-    out_path = Path(args.out)
+    return Method(family, config, spec, call)
 
+
+def read_stream(args: argparse.Namespace, config: ModelConfig) -> TokenStream:
+    """The ``--tokens`` ids or the tokenized ``--text`` (cached), cut to ``--max-tokens``, checked against the
+    vocabulary and split into ``--streams``."""
     if args.tokens is not None:
         if args.tokenizer is not None:
             raise ValueError("--tokenizer applies to --text; --tokens are token ids already")
         tokens, source = npy_tokens(args.tokens), {"tokens": str(args.tokens)}
     else:
-        cache_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out_path.parent
+        cache_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.out).parent
         tokens, cached, reused = text_tokens(args.model_dir, args.text, cache_dir, args.tokenizer)
         source = {"text": list(args.text), "token_file": str(cached),
                   **({} if args.tokenizer is None else {"tokenizer": str(args.tokenizer)})}
@@ -219,18 +282,32 @@ def run(args: argparse.Namespace) -> int:
         tokens = tokens[: args.max_tokens]
     check_ids(tokens, config.vocab_size)
     stream, dropped = split_streams(tokens, args.streams)
-    length = stream.shape[-1]
+    return TokenStream(stream, stream.shape[-1], dropped, total, source)
+
+
+def device_plan(args: argparse.Namespace) -> ShardingPlan | None:
+    """``--mesh`` / ``--fsdp``'s plan (default: the streams over data=gcd(B, devices), the heads over model);
+    refused when it splits a sequence."""
+    import jax
 
     data = math.gcd(args.streams, jax.device_count())
     plan = sharding_plan(args, f"data={data},model={jax.device_count() // data}")
     if plan is not None and plan.context_parallel:
         raise ValueError("--mesh: streaming runs chunk by chunk on its cache; there is no sequence to split over seq "
                          "(split the streams over data and the heads over model)")
+    return plan
+
+
+def build_model(args: argparse.Namespace, method: Method, plan: ShardingPlan | None,
+                stream: TokenStream) -> LoadedModel:
+    """The weights read, the model built and its cache: a Λ-cache, or for an unbounded method a full cache of
+    ``--capacity`` slots (default: the stream length; fewer is refused). Says what will run on stderr."""
+    spec, length = method.spec, stream.length
     began = time.perf_counter()
     family, config, params = load_model(args.model_dir, args.dtype, progress=sys.stderr.isatty(), plan=plan)
     load_s = time.perf_counter() - began
     stored = params_dtype(params)
-    model = family.model(config, call, resolve_dtype(args.dtype) or stored, plan)
+    model = family.model(config, method.call, resolve_dtype(args.dtype) or stored, plan)
     if not spec.bounded:
         capacity = length if args.capacity is None else args.capacity
         if capacity < length:
@@ -243,16 +320,27 @@ def run(args: argparse.Namespace) -> int:
         if args.capacity is not None:
             print(f"note: --capacity unused: {spec.describe()} runs on a Λ-cache of G + L slots", file=sys.stderr)
     print(f"{family.name} from {args.model_dir}: {spec.describe()}, {args.streams} stream(s) of {length:,} tokens "
-          f"({dropped} dropped), chunk {args.chunk}, cache {cache.describe()}", file=sys.stderr)
+          f"({stream.dropped} dropped), chunk {args.chunk}, cache {cache.describe()}", file=sys.stderr)
+    return LoadedModel(family, config, params, stored, model, cache, plan, load_s)
 
-    result = streaming_nll(
-        model, params, stream, cache, chunk=args.chunk, buckets=PositionBuckets(args.per_octave),
+
+def score(args: argparse.Namespace, loaded: LoadedModel, stream: TokenStream) -> StreamResult:
+    """`streaming_nll` over the streams, checkpointed and resumed under the model's identity."""
+    from lminf_jax.evaluation.buckets import PositionBuckets
+    from lminf_jax.evaluation.streaming import streaming_nll
+
+    model = loaded.model
+    return streaming_nll(
+        model, loaded.params, stream.tokens, loaded.cache, chunk=args.chunk, buckets=PositionBuckets(args.per_octave),
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-        identity={"family": family.name, "config": dataclasses.asdict(config),
+        identity={"family": loaded.family.name, "config": dataclasses.asdict(loaded.config),
                   "attention": dataclasses.asdict(model.call), "compute dtype": model.dtype.name},
         progress=not args.no_progress, max_chunks=args.max_chunks,
     )
 
+
+def report(args: argparse.Namespace, result: StreamResult, length: int, load_s: float) -> None:
+    """The table (and per-stream NLL, and how far an incomplete run got) on stdout; the timings on stderr."""
     print(format_table(result))
     if args.streams > 1:
         print("per stream: " + ", ".join(f"{x:.4f}" for x in result.stream_nll))
@@ -263,47 +351,55 @@ def run(args: argparse.Namespace) -> int:
           f"({result.tokens_per_s:.1f} tokens/s, compilation included; {result.resumed_tokens:,} resumed from the "
           f"checkpoint); loading {load_s:.2f} s", file=sys.stderr)
 
+
+def write_record(args: argparse.Namespace, result: StreamResult, method: Method, loaded: LoadedModel,
+                 stream: TokenStream) -> None:
+    """``--out``: `StreamResult.to_json()` plus the run's ``settings``."""
+    family, config, plan = loaded.family, loaded.config, loaded.plan
+    frequencies = method.call.frequencies
     record = result.to_json()
     record["settings"] = {
         "model": str(args.model_dir),
         "model_kind": model_kind(args.model_dir),
         "family": family.name,
         "method": args.method,
-        "attention": spec_settings(spec),
-        "rope_scaling": None if call.frequencies is None else dataclasses.asdict(call.frequencies),
-        "source": source,
-        "source_tokens": int(total),
+        "attention": spec_settings(method.spec),
+        "rope_scaling": None if frequencies is None else dataclasses.asdict(frequencies),
+        "source": stream.source,
+        "source_tokens": int(stream.total),
         "max_tokens": args.max_tokens,
         "streams": args.streams,
-        "stream_length": int(length),
-        "dropped_tokens": int(dropped),
+        "stream_length": int(stream.length),
+        "dropped_tokens": int(stream.dropped),
         "chunk": args.chunk,
-        "params_dtype": stored.name,
-        "compute_dtype": model.dtype.name,
-        "cache": cache.describe(),
+        "params_dtype": loaded.stored.name,
+        "compute_dtype": loaded.model.dtype.name,
+        "cache": loaded.cache.describe(),
         "devices": "1 device" if plan is None else plan.describe(family.param_shardings(config, plan)),
         "per_octave": args.per_octave,
         "checkpoint_dir": args.checkpoint_dir,
-        "load_s": load_s,
+        "load_s": loaded.load_s,
     }
+    out_path = Path(args.out)
     write_json_atomic(out_path, record)
     print(f"wrote {out_path}", file=sys.stderr)
 
-    if not args.no_plot:
-        marks = {}
-        if spec.local_branch is not None:
-            marks["L"] = spec.local_branch
-        try:
-            pretrain = pretraining_length(config)
-        except ValueError:
-            pretrain = None
-        if pretrain is not None and pretrain not in marks.values():
-            marks["pretraining length"] = pretrain
-        if plot(result, Path(args.plot), f"{family.name} {spec.describe()}: streaming NLL", marks):
-            print(f"wrote {args.plot}", file=sys.stderr)
-        else:
-            print(f"plot skipped: matplotlib is missing (pip install matplotlib to draw {args.plot})", file=sys.stderr)
-    return 0
+
+def draw(args: argparse.Namespace, result: StreamResult, spec: AttentionSpec, loaded: LoadedModel) -> None:
+    """``--plot``, marking L and the pretraining length (when known); skipped, saying so, without matplotlib."""
+    marks = {}
+    if spec.local_branch is not None:
+        marks["L"] = spec.local_branch
+    try:
+        pretrain = pretraining_length(loaded.config)
+    except ValueError:
+        pretrain = None
+    if pretrain is not None and pretrain not in marks.values():
+        marks["pretraining length"] = pretrain
+    if plot(result, Path(args.plot), f"{loaded.family.name} {spec.describe()}: streaming NLL", marks):
+        print(f"wrote {args.plot}", file=sys.stderr)
+    else:
+        print(f"plot skipped: matplotlib is missing (pip install matplotlib to draw {args.plot})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -51,9 +51,9 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -69,6 +69,8 @@ from lminf_jax.tasks.training_mix import TrainingMix
 
 if TYPE_CHECKING:
     import optax
+
+    from lminf_jax.models.registry import Family
 
 BOS_ID = corpus_lib.BOS_ID
 #: ``--dtype`` / ``--save-dtype`` names and the dtypes they stand for.
@@ -259,13 +261,45 @@ def _init_config(cfg: TrainConfig, preset_config: dict) -> dict:
     return config
 
 
-def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progress: bool = True) -> Path | None:
-    """Run (or resume) training; returns the final model folder, or None when stopped at `stop_after`."""
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What `train` sets up before step one: checked inputs, model, compiled steps, identity, task windows."""
+    cfg: TrainConfig
+    out: Path
+    manifest: dict
+    train_stream: np.ndarray
+    held_stream: np.ndarray
+    config: dict
+    family: Family
+    n_params: int
+    opt: optax.GradientTransformation
+    train_step: Callable
+    eval_loss: Callable
+    identity: dict
+    passkeys: PasskeyBuilder | None
+    ruler: TrainingMix | None
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "loss.jsonl"
+
+
+@dataclasses.dataclass
+class _State:
+    """The training state a step advances: params, optimiser state, steps done and the checkpoint's meta."""
+    params: Any
+    opt_state: Any
+    step: int
+    meta: dict
+
+
+def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[_Run, Any]:
+    """Check `cfg` and its data (refusing a finished ``--out`` before any compilation), then compile the
+    model's steps; returns the run and its initial params (``--init``'s or random)."""
     import jax
     import jax.numpy as jnp
 
-    from lminf_jax.converters.store import load_converted, save_converted
-    from lminf_jax.progress import Progress
+    from lminf_jax.converters.store import load_converted
 
     cfg.check()
     out = Path(cfg.out)
@@ -294,38 +328,64 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
     ruler = TrainingMix(load_tokenizer_from(cfg.data), cfg.seq_len, train_stream) if cfg.ruler_fraction > 0 else None
     if ruler is not None:
         log(f"RULER mix: {ruler.describe()}")
-    opt_state = opt.init(params)
-    checkpoints = Checkpoints(out / "checkpoints")
-    step, meta = 0, {"step": 0, "seed": cfg.seed, "tokens_seen": 0, "last_loss": float("nan"), "identity": identity}
-    restored = checkpoints.restore(identity, params, opt_state)
+    return _Run(cfg, out, manifest, train_stream, held_stream, config, family, n_params, opt, train_step, eval_loss,
+                identity, passkeys, ruler), params
+
+
+def _resume(run: _Run, params: Any, log: Callable[[str], None]) -> tuple[_State, Checkpoints]:
+    """The state to train from: the newest intact checkpoint of this run, else `params` at step 0.
+    Records the run in ``run.json`` and logs its size."""
+    cfg = run.cfg
+    opt_state = run.opt.init(params)
+    checkpoints = Checkpoints(run.out / "checkpoints")
+    state = _State(params, opt_state, 0, {"step": 0, "seed": cfg.seed, "tokens_seen": 0, "last_loss": float("nan"),
+                                          "identity": run.identity})
+    restored = checkpoints.restore(run.identity, params, opt_state)
     if restored is not None:
-        params, opt_state, meta = restored
-        step = int(meta["step"])
-        log(f"resumed from {out / 'checkpoints'} at step {step}")
-    write_json_atomic(out / "run.json", {"identity": identity, "data": str(cfg.data)})
-    log(f"{cfg.preset}: {n_params:,} parameters ({n_params * 2 / 1e6:.2f} MB in bf16), "
-        f"{train_stream.shape[0]:,} training tokens, L_train {cfg.seq_len}, batch {cfg.batch}, dtype {cfg.dtype}")
-    held_windows = eval_windows(held_stream, cfg.eval_windows, cfg.seq_len)
-    log_path = out / "loss.jsonl"
-    truncate_log(log_path, step)
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+        state.params, state.opt_state, state.meta = restored
+        state.step = int(state.meta["step"])
+        log(f"resumed from {run.out / 'checkpoints'} at step {state.step}")
+    write_json_atomic(run.out / "run.json", {"identity": run.identity, "data": str(cfg.data)})
+    log(f"{cfg.preset}: {run.n_params:,} parameters ({run.n_params * 2 / 1e6:.2f} MB in bf16), "
+        f"{run.train_stream.shape[0]:,} training tokens, L_train {cfg.seq_len}, batch {cfg.batch}, dtype {cfg.dtype}")
+    return state, checkpoints
+
+
+def _batch(run: _Run, step: int) -> np.ndarray:
+    """The (batch, seq_len) windows of `step`: stream windows, the first rows passkey then RULER ones if asked."""
+    cfg = run.cfg
+    tokens = sample_windows(run.train_stream, cfg.batch, cfg.seq_len, cfg.seed, step)
+    rows = cfg.task_rows("passkey_fraction")
+    if run.passkeys is not None:
+        rng = np.random.default_rng([cfg.seed, step, 1])
+        tokens[:rows] = training_windows(run.passkeys, rows, cfg.seq_len, rng, run.train_stream, BOS_ID)
+    if run.ruler is not None:
+        tokens[rows:rows + cfg.task_rows("ruler_fraction")] = run.ruler.windows(
+            cfg.task_rows("ruler_fraction"), np.random.default_rng([cfg.seed, step, 2]), BOS_ID)
+    return tokens
+
+
+def _train_steps(run: _Run, state: _State, checkpoints: Checkpoints, end: int, progress: bool) -> float:
+    """Advance `state` to step `end`, logging to ``loss.jsonl`` (cut back to the resumed step first),
+    evaluating on held-out windows and checkpointing on schedule; returns the seconds it took."""
+    import jax.numpy as jnp
+
+    from lminf_jax.progress import Progress
+
+    cfg, meta = run.cfg, state.meta
+    held_windows = eval_windows(run.held_stream, cfg.eval_windows, cfg.seq_len)
+    truncate_log(run.log_path, state.step)
     recent: list[float] = []
     tokens_per_step = cfg.batch * cfg.seq_len
     t_start = time.monotonic()
-    with open(log_path, "a") as log_file, Progress(
-            cfg.steps * tokens_per_step, "tokens", f"training {cfg.preset}", rate=True, initial=step * tokens_per_step,
-            enabled=progress, interval=1.0) as bar:
-        while step < end:
-            tokens = sample_windows(train_stream, cfg.batch, cfg.seq_len, cfg.seed, step)
-            rows = cfg.task_rows("passkey_fraction")
-            if passkeys is not None:
-                rng = np.random.default_rng([cfg.seed, step, 1])
-                tokens[:rows] = training_windows(passkeys, rows, cfg.seq_len, rng, train_stream, BOS_ID)
-            if ruler is not None:
-                tokens[rows:rows + cfg.task_rows("ruler_fraction")] = ruler.windows(
-                    cfg.task_rows("ruler_fraction"), np.random.default_rng([cfg.seed, step, 2]), BOS_ID)
-            params, opt_state, loss, gnorm = train_step(params, opt_state, jnp.asarray(tokens))
-            step += 1
+    with open(run.log_path, "a") as log_file, Progress(
+            cfg.steps * tokens_per_step, "tokens", f"training {cfg.preset}", rate=True,
+            initial=state.step * tokens_per_step, enabled=progress, interval=1.0) as bar:
+        while state.step < end:
+            tokens = jnp.asarray(_batch(run, state.step))
+            state.params, state.opt_state, loss, gnorm = run.train_step(state.params, state.opt_state, tokens)
+            state.step += 1
+            step = state.step
             meta["tokens_seen"] = int(meta["tokens_seen"]) + tokens_per_step
             if step % cfg.log_every == 0 or step == end:
                 loss = float(loss)
@@ -338,32 +398,52 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progres
                                            "seconds": round(time.monotonic() - t_start, 2)}) + "\n")
                 log_file.flush()
             if step % cfg.eval_every == 0 and step < cfg.steps:
-                held = evaluate(eval_loss, params, held_windows, cfg.batch)
+                held = evaluate(run.eval_loss, state.params, held_windows, cfg.batch)
                 log_file.write(json.dumps({"step": step, "heldout_loss": round(held, 5)}) + "\n")
                 log_file.flush()
             loss_text = f", loss {meta['last_loss']:.4f}" if math.isfinite(meta["last_loss"]) else ""
             bar.update(tokens_per_step, postfix=f"step {step}{loss_text}")
             if step % cfg.checkpoint_every == 0 or step == end:
                 meta["step"] = step
-                checkpoints.save(step, params, opt_state, meta)
-    seconds = time.monotonic() - t_start
-    checkpoints.close()
-    if step < cfg.steps:
-        log(f"stopped at step {step} of {cfg.steps}; rerun the same command to resume")
-        return None
-    final_windows = eval_windows(held_stream, cfg.final_eval_windows, cfg.seq_len)
-    held = evaluate(eval_loss, params, final_windows, cfg.batch)
-    with open(log_path, "a") as log_file:
-        log_file.write(json.dumps({"step": step, "heldout_loss": round(held, 5), "final": True}) + "\n")
-    save = jax.tree.map(lambda a: a.astype(jnp.dtype(DTYPES[cfg.save_dtype])), params)
-    save_converted(model_dir, save, config, family.name)
+                checkpoints.save(step, state.params, state.opt_state, meta)
+    return time.monotonic() - t_start
+
+
+def _finish(run: _Run, state: _State, seconds: float, log: Callable[[str], None]) -> Path:
+    """Evaluate the trained params on the final held-out windows, save them as ``OUT/model`` with the
+    tokenizer and model card, plot the loss and report; returns the model folder."""
+    import jax
+    import jax.numpy as jnp
+
+    from lminf_jax.converters.store import save_converted
+
+    cfg, model_dir = run.cfg, run.out / "model"
+    final_windows = eval_windows(run.held_stream, cfg.final_eval_windows, cfg.seq_len)
+    held = evaluate(run.eval_loss, state.params, final_windows, cfg.batch)
+    with open(run.log_path, "a") as log_file:
+        log_file.write(json.dumps({"step": state.step, "heldout_loss": round(held, 5), "final": True}) + "\n")
+    save = jax.tree.map(lambda a: a.astype(jnp.dtype(DTYPES[cfg.save_dtype])), state.params)
+    save_converted(model_dir, save, run.config, run.family.name)
     shutil.copyfile(Path(cfg.data) / corpus_lib.TOKENIZER_FILE, model_dir / corpus_lib.TOKENIZER_FILE)
-    (model_dir / "model_card.md").write_text(
-        model_card(cfg, config, manifest, n_params, meta, held, len(final_windows), seconds, ruler))
-    log(plot_loss(log_path, out / "loss.png"))
-    log(f"final train loss {meta['last_loss']:.4f}, held-out loss {held:.4f} (perplexity {math.exp(held):.3f}) "
+    (model_dir / "model_card.md").write_text(model_card(cfg, run.config, run.manifest, run.n_params, state.meta,
+                                                        held, len(final_windows), seconds, run.ruler))
+    log(plot_loss(run.log_path, run.out / "loss.png"))
+    log(f"final train loss {state.meta['last_loss']:.4f}, held-out loss {held:.4f} (perplexity {math.exp(held):.3f}) "
         f"at L_train {cfg.seq_len}; wrote {model_dir.absolute()}")
     return model_dir.absolute()
+
+
+def train(cfg: TrainConfig, *, stop_after: int | None = None, log=print, progress: bool = True) -> Path | None:
+    """Run (or resume) training; returns the final model folder, or None when stopped at `stop_after`."""
+    run, params = _setup(cfg, log)
+    state, checkpoints = _resume(run, params, log)
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    seconds = _train_steps(run, state, checkpoints, end, progress)
+    checkpoints.close()
+    if state.step < cfg.steps:
+        log(f"stopped at step {state.step} of {cfg.steps}; rerun the same command to resume")
+        return None
+    return _finish(run, state, seconds, log)
 
 
 def build_parser() -> argparse.ArgumentParser:

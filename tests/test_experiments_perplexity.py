@@ -19,6 +19,7 @@ from tiny_checkpoint import PRETRAIN, make_model_dir, random_text
 import lminf_jax.evaluation.perplexity as evaluation
 from lminf_jax.converters.store import load_converted, save_converted
 from lminf_jax.experiments import perplexity as cli
+from lminf_jax.experiments import perplexity_report
 from lminf_jax.experiments.loading import load_model, load_tokenizer_from
 from lminf_jax.experiments.shipped import SHIPPED_MODEL
 from lminf_jax import AttentionSpec, LMInfinite, SelfExtend, StreamingLLM, Vanilla, frequency_method
@@ -335,4 +336,4 @@ def test_nan_weights_show_nan_and_name_the_tensor(model_dir, text_file, tmp_path
     record = json.loads(out.read_text())
     assert record["methods"]["vanilla"]["lengths"][0]["nan_scores"] > 0
     assert f"{name} (1 values)" in record["settings"]["nan_origin"] and record["settings"]["nan_origin"] in stderr
-    assert cli._ppl_text({"ppl": None, "nan_scores": 0}) == "inf"  # an overflow, not a NaN
+    assert perplexity_report._ppl_text({"ppl": None, "nan_scores": 0}) == "inf"  # an overflow, not a NaN
