@@ -120,7 +120,7 @@ def _int_arg(name: str, value: Any, minimum: int) -> int:
         raise ValueError(f"model_args {name}={value!r}: {e}") from None
 
 
-def method_options(options: dict[str, Any]) -> tuple[dict[str, tuple[str, int]], dict[str, int | None]]:
+def method_model_args(options: dict[str, Any]) -> tuple[dict[str, tuple[str, int]], dict[str, int | None]]:
     """``({method parameter: (model_args key, value)}, {top-k option: value or None})`` of the model
     arguments that are neither lm-eval's nor the model's own; a ValueError names a bad one."""
     values, top_k, seen = {}, dict.fromkeys(TOP_K_OPTIONS), {}
@@ -145,7 +145,7 @@ def attention_call(pretrained: str, method: str, options: dict[str, Any]):
     in directory ``pretrained``, read without its weights; a ValueError names a bad model argument."""
     from lminf_jax import AttentionCall
 
-    values, top_k = method_options(options)
+    values, top_k = method_model_args(options)
     choice = fixed_method(str(method), "model_args method=", lambda parameter: f"{parameter}=")
     taken = METHODS[choice.mask].OPTIONS
     for name, (key, _) in values.items():

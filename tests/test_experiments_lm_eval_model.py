@@ -203,7 +203,7 @@ def test_the_installed_entry_point_resolves_to_the_model_through_lm_evals_regist
 
 def test_short_names_are_the_command_lines_short_flags():
     assert lm_eval_model.SHORT_NAMES == {"G": "global_branch", "L": "local_branch", "D": "limit_distance"}
-    values, top_k = lm_eval_model.method_options({"G": 3, "local_branch": "8", "leak": 2, "top_k_middle": 1})
+    values, top_k = lm_eval_model.method_model_args({"G": 3, "local_branch": "8", "leak": 2, "top_k_middle": 1})
     assert values == {"global_branch": ("G", 3), "local_branch": ("local_branch", 8), "leak": ("leak", 2)}
     assert top_k == {"top_k_middle": 1, "top_k_insert_at": None, "top_k_from_layer": None, "top_k_to_layer": None}
 
