@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for k in range(args.repeats):
             cli = ["-m", "lminf_jax.converters", str(hf_dir), str(out_dir / str(k)), "--no-progress"]
-            seconds, rss_mb, out = run_child(cli + (["--dtype", args.dtype] if args.dtype else []))
+            seconds, rss_mb, cli_output = run_child(cli + (["--dtype", args.dtype] if args.dtype else []))
             runs.append({"seconds": round(seconds, 2), "peak_rss_mb": round(rss_mb, 1)})
-            print(out.strip(), flush=True)
+            print(cli_output.strip(), flush=True)
         out_mb = sum(f.stat().st_size for f in (out_dir / "0").rglob("*") if f.is_file()) / 1e6
 
     peak_mb = max(r["peak_rss_mb"] for r in runs)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| {row['above_baseline_over_checkpoint']:.2f} |"
     )
     out = pathlib.Path(args.out)
-    meta = {"args": {k: str(v) for k, v in vars(args).items()}, "cpu_count": os.cpu_count(), "cli_output": out.strip()}
+    meta = {"args": {k: str(v) for k, v in vars(args).items()}, "cpu_count": os.cpu_count(), "cli_output": cli_output.strip()}
     write_json_atomic(out, {"meta": meta, "rows": [row], "runs": runs})
     print(f"\nwrote {out}")
     return 0
