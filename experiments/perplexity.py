@@ -227,8 +227,8 @@ def _asdict(scaling) -> dict | None:
 
 
 def cache_bytes(model, length: int) -> int:
-    """Bytes of the KV cache (keys, values, positions) ``model`` decodes a ``length``-token sequence
-    with (batch 1): a Λ-cache for a bounded method, else a full cache of ``length`` slots."""
+    """Bytes of the KV cache (keys, values, positions and a retrieval method's state) ``model`` decodes a
+    ``length``-token sequence with (batch 1): a Λ-cache for a bounded method, else a full cache of ``length`` slots."""
     import jax
 
     shapes = jax.eval_shape(lambda: model.init_cache(1, capacity=length))

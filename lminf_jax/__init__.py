@@ -31,8 +31,9 @@ _EXPORTS = {
                      "frequency_method", "rope_angles", "rope_frequencies"), "rope"),
     **dict.fromkeys(("Sampling", "filter_logits", "sample"), "sampling"),
     "Scaling": "scores",
-    **dict.fromkeys(("METHODS", "AttentionSpec", "DistanceLimit", "LambdaMask", "LeakyReRoPE", "LMInfinite",
-                     "SelfExtend", "SlidingWindow", "StreamingLLM", "TopK", "Vanilla"), "spec"),
+    **dict.fromkeys(("METHODS", "AttentionSpec", "DistanceLimit", "InfLLM", "LambdaMask", "LeakyReRoPE", "LMInfinite",
+                     "LongHeads", "RetrievalSpec", "SelfExtend", "SlidingWindow", "StreamingLLM", "TopK", "Vanilla"),
+                    "spec"),
 }
 
 
@@ -66,11 +67,14 @@ __all__ = [
     "AttentionProbe",
     "AttentionSpec",
     "DistanceLimit",
+    "InfLLM",
     "LMInfinite",
+    "LongHeads",
     "LambdaMask",
     "LeakyReRoPE",
     "METHODS",
     "FREQUENCY_METHODS",
+    "RetrievalSpec",
     "RopeScaling",
     "RopeScheme",
     "LengthRule",

@@ -16,6 +16,7 @@ from lminf_jax.attention_decode import single_query_attention
 from lminf_jax.attention_pallas import lambda_attention
 from lminf_jax.attention_reference import AttentionProbe, reference_attention
 from lminf_jax.attention_vendor import SIXTEEN_BIT, Route, unsupported, window_sink_attention
+from lminf_jax.retrieval import sequence_retrieval_attention
 from lminf_jax.rope import Rotary
 from lminf_jax.scores import Positional, Scaling, scaling, top_k_active
 from lminf_jax.int32 import int32_positions
@@ -67,7 +68,9 @@ def attention(
         `PALLAS_MAX_BLOCKS`; interpreted off GPU), "cudnn", "splash" (the vendor's window kernel
         plus a sink branch, `lminf_jax.attention_vendor`; splash interpreted off TPU),
         "window_xla" (that route with jax's dense XLA attention for the window: cuDNN's call,
-        runnable anywhere), or "auto": `attention_route` per platform (`PLATFORMS`), chosen when
+        runnable anywhere), or "auto"; a retrieval method (``spec.retrieves``) runs its own exact
+        computation (`lminf_jax.retrieval`) under "auto", "reference" and "blockwise", on
+        self-attention only (each row at positions ``0..n-1`` after its padding): `attention_route` per platform (`PLATFORMS`), chosen when
         the program is lowered (`lax.platform_dependent`). The fused kernels take
         self-attention at positions ``0..T-1`` (positions None, or concrete and equal to those).
       block_q, block_k: query block and key chunk sizes of the blockwise path.
@@ -94,6 +97,8 @@ def call_attention(
     """`attention` under the settings ``call`` carries (its spec, implementation and block sizes; its
     ``frequencies`` are already resolved into ``positional``); the other arguments as there."""
     contiguous = _contiguous(q, k, q_positions, k_positions)
+    if call.spec.retrieves:
+        return _retrieval(q, k, v, call, q_positions, k_positions, positional, scale, layer, contiguous)
     if call.implementation in FUSED_IMPLEMENTATIONS and not contiguous:
         _check_self_attention(call.implementation, q_positions, k_positions)
     if contiguous:
@@ -138,6 +143,8 @@ def attention_route(
     scale = scaling(scale, q.shape[-1])
     if call.implementation != "auto":
         return Route(call.implementation, "chosen by the caller")
+    if call.spec.retrieves:
+        return Route("retrieval", f"{call.spec.kind} chooses its keys when it runs (lminf_jax.retrieval)")
     return _route(q, k, v, contiguous, call, positional, scale, platform)
 
 
@@ -162,6 +169,38 @@ def _route(q, k, v, contiguous: bool, call: AttentionCall, positional: Positiona
         return Route("blockwise", why)
     sinks = " plus the sink branch" if spec.has_global else ""
     return Route(kernel, f"{kernel}'s fused {'causal' if spec.window is None else 'window'} kernel{sinks}")
+
+
+#: The implementations a retrieval method runs under (all of them its one exact computation).
+RETRIEVAL_IMPLEMENTATIONS = ("auto", "reference", "blockwise")
+
+
+def _retrieval(q, k, v, call: AttentionCall, q_positions, k_positions, positional, scale, layer,
+               contiguous: bool) -> jax.Array:
+    """A retrieval method's attention of a sequence over itself (`lminf_jax.retrieval`), after the checks
+    every call gets and those of its own: self-attention, each row at ``0..n-1`` after its padding."""
+    if call.implementation not in RETRIEVAL_IMPLEMENTATIONS:
+        raise ValueError(f"{call.spec.describe()} runs its own computation (lminf_jax.retrieval); implementation "
+                         f"must be one of {RETRIEVAL_IMPLEMENTATIONS}, got {call.implementation!r}")
+    if contiguous:
+        q_positions = k_positions = np.arange(q.shape[1], dtype=np.int32)
+    if q.shape[1] != k.shape[1] or (q_positions is not k_positions and not (
+            _concrete(q_positions, k_positions) and np.array_equal(np.asarray(q_positions), np.asarray(k_positions)))):
+        raise ValueError(f"{call.spec.describe()} attends a sequence over itself: give the same positions for queries "
+                         "and keys (a cache's step goes through lminf_jax.cache.cached_attention)")
+    qp, _, scale = _validate(q, k, v, q_positions, k_positions, call.spec, positional, scale, layer)
+    if _concrete(qp):
+        rows = np.asarray(qp)
+        valid = rows >= 0
+        expected = np.cumsum(valid, axis=1) - 1
+        if not np.all(np.where(valid, rows == expected, True)) or np.any(valid[:, :-1] & ~valid[:, 1:]):
+            raise ValueError(f"{call.spec.describe()}: each row's positions must be its padding (negative) followed by "
+                             "0, 1, ..., n-1")
+    return sequence_retrieval_attention(q, k, v, qp, spec=call.spec, positional=positional, scale=scale)
+
+
+def _concrete(*arrays) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in arrays)
 
 
 def _run(implementation: str, q, k, v, *, qp, kp, call: AttentionCall, positional, scale, layer,

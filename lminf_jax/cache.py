@@ -14,7 +14,9 @@ ALiBi or no positions the keys are stored as projected and rotated at every call
   exactly what an LM-Infinite query can still attend (the sinks and the last L
   tokens), so its size does not depend on how many tokens have passed.
 * **Full cache** (`KVCache.full`): slot = position, a fixed capacity; for vanilla
-  decoding, the distance-limit ablation and the top-k middle-token variant.
+  decoding, the distance-limit ablation, the top-k middle-token variant and the retrieval methods
+  (`lminf_jax.spec.RetrievalSpec`), whose keys it keeps un-rotated and beside which it carries each
+  layer's method state (``state``: `lminf_jax.retrieval.initial_state`, replaced whole by each call).
 
 One model call with T new tokens is `KVCache.update_for` (once, positions only), `cached_attention` in
 every layer (which reads its layer of the cache and returns the keys to store) and one
@@ -43,6 +45,7 @@ import jax.numpy as jnp
 from lminf_jax.attention import FUSED_IMPLEMENTATIONS, call_attention
 from lminf_jax.attention_call import AttentionCall
 from lminf_jax.attention_decode import decode_attention, rotates_keys
+from lminf_jax.retrieval import initial_state, retrieval_attention
 from lminf_jax.rope import apply_rope, unrotate
 from lminf_jax.scores import Positional, Scaling, scaling
 from lminf_jax.int32 import INT32_MAX, int32_positions, require_int32
@@ -53,7 +56,8 @@ class KVCache:
     """Keys/values ``(layers, B, Hkv, S, d)``, positions ``(B, S)``; static `sinks`/`ring`/`rotated`.
 
     ``ring is None`` marks a full cache (slot = position, ``S`` = capacity). ``rotated``: keys are
-    stored rotated at their own positions (`lminf_jax.attention_decode.rotates_keys`).
+    stored rotated at their own positions (`lminf_jax.attention_decode.rotates_keys`). ``state``: a
+    retrieval method's per-layer state (arrays with a leading layer axis), else None.
     """
 
     keys: jax.Array
@@ -62,6 +66,7 @@ class KVCache:
     sinks: int = 0
     ring: int | None = None
     rotated: bool = False
+    state: dict[str, jax.Array] | None = None
 
     # ----- construction ---------------------------------------------------------------
     @classmethod
@@ -93,28 +98,40 @@ class KVCache:
     def for_spec(
         cls, spec: AttentionSpec, num_layers: int, batch: int, kv_heads: int, head_dim: int, *,
         capacity: int | None = None, dtype=jnp.float32, value_dim: int | None = None, rotated: bool = False,
+        query_heads: int | None = None,
     ) -> KVCache:
         """The smallest cache that serves ``spec``: a Λ-cache when its attended set is bounded
         (``capacity``, the longest sequence to be held, is then not needed), else a full
-        cache of ``capacity`` slots."""
+        cache of ``capacity`` slots (with a retrieval method's state, for ``query_heads`` heads)."""
         return cls.for_specs([spec], num_layers, batch, kv_heads, head_dim, capacity=capacity, dtype=dtype,
-                             value_dim=value_dim, rotated=rotated)
+                             value_dim=value_dim, rotated=rotated, query_heads=query_heads)
 
     @classmethod
     def for_specs(
         cls, specs: Sequence[AttentionSpec], num_layers: int, batch: int, kv_heads: int, head_dim: int, *,
         capacity: int | None = None, dtype=jnp.float32, value_dim: int | None = None, rotated: bool = False,
+        query_heads: int | None = None,
     ) -> KVCache:
         """The smallest cache that serves every spec of ``specs`` (layers of different kinds, e.g. a
         model's native sliding-window layers beside the method's): a Λ-cache of the most sinks and the
-        longest window when all are bounded, else a full cache of ``capacity`` slots."""
+        longest window when all are bounded, else a full cache of ``capacity`` slots, with the state of
+        the retrieval method among them (for ``query_heads`` heads, default ``kv_heads``)."""
         unbounded = [spec for spec in specs if not spec.bounded]
         if unbounded:
             if capacity is None:
                 raise ValueError(f"capacity is required: {unbounded[0].describe()} attends an unbounded number of "
                                  "keys and needs a full cache")
-            return cls.full(num_layers, batch, kv_heads, head_dim, capacity=capacity, dtype=dtype, value_dim=value_dim,
-                            rotated=rotated)
+            cache = cls.full(num_layers, batch, kv_heads, head_dim, capacity=capacity, dtype=dtype,
+                             value_dim=value_dim, rotated=rotated)
+            retrieving = [spec for spec in specs if spec.retrieves]
+            if not retrieving:
+                return cache
+            if rotated:
+                raise ValueError(f"{retrieving[0].describe()} re-positions keys per query: its cache keeps them "
+                                 "un-rotated (rotated=False)")
+            layer = initial_state(retrieving[0], batch, query_heads or kv_heads, capacity, head_dim, dtype)
+            state = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_layers, *x.shape)), layer)
+            return dataclasses.replace(cache, state=jax.tree.map(jnp.array, state))
         return cls.lambda_cache(num_layers, batch, kv_heads, head_dim, sinks=max(spec.sinks for spec in specs),
                                 window=max(spec.window for spec in specs), dtype=dtype, value_dim=value_dim,
                                 rotated=rotated)
@@ -152,15 +169,21 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes held (keys, values and positions)."""
-        return sum(x.size * x.dtype.itemsize for x in (self.keys, self.values, self.positions))
+        """Device bytes held (keys, values, positions and any method state)."""
+        leaves = [self.keys, self.values, self.positions, *jax.tree.leaves(self.state)]
+        return sum(x.size * x.dtype.itemsize for x in leaves)
 
     def describe(self) -> str:
         kind = f"lambda(G={self.sinks}, L={self.ring})" if self.bounded else f"full(capacity={self.slots})"
-        return f"{kind}{', rotated keys' if self.rotated else ''}, {self.nbytes / 2**20:.1f} MiB"
+        state = f", state {'/'.join(sorted(self.state))}" if self.state else ""
+        return f"{kind}{', rotated keys' if self.rotated else ''}{state}, {self.nbytes / 2**20:.1f} MiB"
 
     def check_spec(self, spec: AttentionSpec) -> None:
-        """Raise a ValueError when this cache cannot hold every key ``spec`` may attend."""
+        """Raise a ValueError when this cache cannot hold every key ``spec`` may attend (or, for a retrieval
+        method, lacks its state)."""
+        if spec.retrieves and self.state is None:
+            raise ValueError(f"{spec.describe()} keeps state beside its cache: build the cache for it "
+                             "(KVCache.for_spec or the model's init_cache)")
         if not self.bounded:
             return
         if not spec.bounded:
@@ -198,9 +221,11 @@ class KVCache:
         order = None if positions.shape[1] == 1 else jnp.argsort(self.positions, axis=1, stable=True)
         return CacheUpdate(slot=slot, old_positions=self.positions, new_positions=written, order=order)
 
-    def written(self, keys: jax.Array, values: jax.Array, update: CacheUpdate) -> KVCache:
+    def written(self, keys: jax.Array, values: jax.Array, update: CacheUpdate,
+                state: dict[str, jax.Array] | None = None) -> KVCache:
         """This cache with every layer's new tokens written: ``keys``/``values`` ``(layers, B, T, Hkv,
-        d|dv)`` as `cached_attention` returns them (keys as stored), at ``update.slot``."""
+        d|dv)`` as `cached_attention` returns them (keys as stored), at ``update.slot``, and every layer's
+        ``state`` as it returns it."""
         rows = jnp.arange(keys.shape[1])[:, None]
 
         def write(cache: jax.Array, new: jax.Array) -> jax.Array:
@@ -208,7 +233,7 @@ class KVCache:
             return cache.at[:, rows, :, update.slot].set(jnp.moveaxis(new, 0, 2).astype(cache.dtype), mode="drop")
 
         return dataclasses.replace(self, keys=write(self.keys, keys), values=write(self.values, values),
-                                   positions=update.new_positions)
+                                   positions=update.new_positions, state=state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +251,7 @@ class CacheUpdate:
     order: jax.Array | None
 
 
-for _cls, _fields in ((KVCache, ["keys", "values", "positions"]),
+for _cls, _fields in ((KVCache, ["keys", "values", "positions", "state"]),
                       (CacheUpdate, ["slot", "old_positions", "new_positions", "order"])):
     jax.tree_util.register_dataclass(
         _cls, data_fields=_fields, meta_fields=[f.name for f in dataclasses.fields(_cls) if f.name not in _fields]
@@ -247,16 +272,22 @@ def cached_attention(
     rotated: bool,
     scale: float | Scaling | None = None,
     layer: int | jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    state: dict[str, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array] | None]:
     """One layer's attention of new tokens over its cache plus themselves.
 
     ``q (B, T, Hq, d)``, ``k``/``v (B, T, Hkv, d)`` un-rotated, ``positions (B, T)``;
     ``cache_keys``/``cache_values (B, Hkv, S, d)`` this layer of the cache (not written here),
-    ``rotated`` its `KVCache.rotated`, and ``update`` from `KVCache.update_for`. Returns ``(out (B, T, Hq,
-    dv), keys to store (B, T, Hkv, d))`` (rotated when the cache is); `KVCache.written` stores them.
-    ``call`` and the other arguments as in `lminf_jax.attention.call_attention`.
+    ``rotated`` its `KVCache.rotated`, ``update`` from `KVCache.update_for` and ``state`` this layer's
+    `KVCache.state`. Returns ``(out (B, T, Hq, dv), keys to store (B, T, Hkv, d), state)`` (keys rotated
+    when the cache is; the state after a retrieval method's call, else as given); `KVCache.written`
+    stores them. ``call`` and the other arguments as in `lminf_jax.attention.call_attention`.
     """
     spec, stored = call.spec, k
+    if spec.retrieves:  # a full cache of un-rotated keys, slot = position: the method's own buffers
+        out, state = retrieval_attention(q, k, v, positions.astype(jnp.int32), cache_keys, cache_values, state,
+                                         spec=spec, positional=positional, scale=scaling(scale, q.shape[-1]))
+        return out, k.astype(cache_keys.dtype), state
     if rotated:
         if not rotates_keys(positional):
             raise ValueError("a cache of rotated keys serves RoPE with fixed frequencies only")
@@ -269,7 +300,7 @@ def cached_attention(
                                (update.old_positions, positions.astype(jnp.int32)), spec=spec, positional=positional,
                                scale=scaling(scale, q.shape[-1]), rotated=rotated,
                                far_slots=(far, 0))
-        return out, stored
+        return out, stored, state
     order = update.order if update.order is not None else jnp.argsort(update.old_positions, axis=1, stable=True)
     key_positions = jnp.take_along_axis(update.old_positions, order, axis=1)
     linear = lambda x: jnp.swapaxes(jnp.take_along_axis(x, order[:, None, :, None], axis=2), 1, 2)  # noqa: E731
@@ -284,7 +315,7 @@ def cached_attention(
         call = dataclasses.replace(call, implementation="blockwise")
     out = call_attention(q, keys, values, call=call, q_positions=positions, k_positions=key_positions,
                          positional=positional, scale=scale, layer=layer)
-    return out, stored
+    return out, stored, state
 
 
 #: The narrowest float dtype a cache is kept in: a cache's size at this dtype is the least it needs

@@ -28,6 +28,12 @@ PARAMETERS: dict[str, Parameter] = {
     "limit_distance": Parameter("D", 1, short_flag=True),
     "group_size": Parameter("g", 1),
     "leak": Parameter("k", 1),
+    "chunk_size": Parameter("w", 1),
+    "span": Parameter("span", 4),
+    "block_size": Parameter("bs", 1),
+    "blocks_retrieved": Parameter("topk", 1),
+    "representatives": Parameter("rk", 1),
+    "step_size": Parameter("exc", 1),
 }
 
 #: The pretraining length the defaults taken from the model assume when a method is built directly,

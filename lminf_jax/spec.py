@@ -113,6 +113,8 @@ class AttentionSpec:
     keys_rotated_in_global: ClassVar[bool] = False
     #: Every parameter (an int field) of the method: what it means here and its default.
     OPTIONS: ClassVar[dict[str, Option]] = {}
+    #: Keys chosen from scores when the method runs (`RetrievalSpec`, below): no static mask.
+    retrieves: ClassVar[bool] = False
     #: The parameter (one of `OPTIONS`) that compresses the global positions, a larger value scoring far keys
     #: at shorter distances, or None: what `covering` chooses per length.
     STRETCH: ClassVar[str | None] = None
@@ -488,9 +490,144 @@ class LeakyReRoPE(AttentionSpec):
         return q_positions + self.limit_distance * (self.leak - 1)
 
 
+# ----- retrieval methods ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalSpec(AttentionSpec):
+    """The base of the retrieval methods: which keys a query attends is chosen from scores when it
+    runs, so there is no static mask (`classify` and `middle` refuse) and every key stays a candidate
+    (not `bounded`).
+
+    Attention that chooses, per query or per step, which far keys to attend from
+    scores computed at run time, and scores them at positions the model was trained on.
+
+    Their semantics come from the official code, as `../shared/reference/retrieval-methods.md` reads it
+    (repositories, commits and lines there); the library follows the canonical rule that reference
+    recommends where the code and the paper disagree. The declarations live here; what they compute
+    is `lminf_jax.retrieval`, judged by the float64 oracles of ``tests/retrieval_oracle.py``.
+
+    * **LongHeads** (Lu et al. 2024; ``LuLuLuyi/LongHeads`` @ 1c9f72e). The positions are cut into
+      chunks of ``w`` tokens (chunk ``c`` = ``[c w, (c + 1) w)``). Each complete chunk gets, per query
+      head, a representation: its keys rotated at chunk-local positions ``t mod w``, pooled by the
+      attention of the chunk's mean (bidirectional, chunk-local) attention output. A query at position
+      ``p`` with ``p + 1 >= span`` attends, per head, chunk 0, the ``span / w - 3`` chunks whose
+      representation has the largest raw dot product with its raw query, the chunk before its own
+      (unless its own chunk is complete) and its own chunk up to itself, all re-numbered contiguously
+      ``0, 1, ...`` in chronological order with the query on the last position (the reference's decode
+      rule, canonical for prefill too: the code's prefill quirks are not reproduced). Earlier queries
+      attend every key at its true position. Every distance stays below ``span``. The threshold equals
+      the span, as the code assumes (the reference's B = L).
+    * **InfLLM** (Xiao et al. 2024; ``thunlp/InfLLM`` @ 12b7079, with the first release's rule for the
+      tail). Queries run in steps: positions cut at multiples of ``step_size`` and at the ends of each
+      model call (one token per step when decoding; a prompt in one call gets the code's execution
+      blocks). A query attends its last ``local_branch`` (n_local) tokens at their true distances and,
+      at the single distance ``D = n_local - 1`` (query rotated at D, keys un-rotated), every earlier
+      key of the global set: the first ``global_branch`` (n_init) tokens, the blocks retrieved for the
+      step and the tail. Blocks of ``block_size`` tokens form from position n_init once the local window
+      has passed them; a block is represented, per query head, by the mean raw key of its
+      ``representatives`` tokens that received the most local attention mass; a step retrieves, for all
+      heads of a layer, the ``blocks_retrieved`` blocks whose representations best match the step's
+      mean query rotated at D, summed over heads (all of them while there are no more). Each key is
+      attended once (the first release's rule; the main branch counts some tail keys twice).
+
+    Both attend an unbounded set (every key stays a candidate), so they decode from a full cache, with
+    per-layer state beside it (`lminf_jax.retrieval.initial_state`).
+    """
+
+    retrieves: ClassVar[bool] = True
+
+    def classify(self, q_positions, k_positions):
+        raise ValueError(f"{self.describe()} chooses its keys from scores when it runs: it has no static mask "
+                         "(lminf_jax.retrieval computes it)")
+
+    def attended_keys(self, positions: np.ndarray) -> np.ndarray:
+        """How many keys a query at each position attends when decoding one token at a time."""
+        i = np.asarray(positions, np.int64)
+        if np.any(i < 0):
+            raise ValueError("attended_keys counts keys of queries at positions >= 0")
+        return self._attended(i)
+
+    def _attended(self, i: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class LongHeads(RetrievalSpec):
+    """LongHeads: per head and query, chunk 0, the best-matching chunks, the previous and the own
+    chunk, re-positioned contiguously inside ``span`` (see the module docstring)."""
+
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "chunk_size": Option("LongHeads' chunk w", per_pretraining=16),
+        "span": Option("LongHeads' attention span L (a multiple of w, at least 4 chunks)", per_pretraining=1)}
+    kind: str = dataclasses.field(default="longheads", init=False)
+    chunk_size: int = OPTIONS["chunk_size"].model_default()
+    span: int = OPTIONS["span"].model_default()
+
+    def _check(self) -> None:
+        if self.span % self.chunk_size or self.span // self.chunk_size < 4:
+            raise ValueError(f"span must be a multiple of chunk_size and at least 4 chunks (chunk 0, one chosen, "
+                             f"the previous and the own), got span={self.span}, chunk_size={self.chunk_size}")
+
+    @property
+    def chunks(self) -> int:
+        """C = span / w: chunks a selective query attends (its own, partial one included)."""
+        return self.span // self.chunk_size
+
+    def _attended(self, i: np.ndarray) -> np.ndarray:
+        w = self.chunk_size
+        return np.where(i + 1 < self.span, i + 1, (self.chunks - 1) * w + (i + 1) % w)
+
+    def farthest_distance(self, length: int) -> Fraction:
+        require_int32("length", length, 1)
+        return Fraction(min(length - 1, self.span - 2))  # selective queries sit at most at span - 2
+
+
+@dataclasses.dataclass(frozen=True)
+class InfLLM(RetrievalSpec):
+    """InfLLM: initial tokens, a local window and retrieved memory blocks, everything outside the
+    window at distance ``local_branch - 1`` (see the module docstring)."""
+
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "global_branch": Option("InfLLM's initial tokens n_init", per_pretraining=32),
+        "local_branch": Option("InfLLM's local window n_local", per_pretraining=2),
+        "block_size": Option("InfLLM's memory block size", per_pretraining=32),
+        "blocks_retrieved": Option("InfLLM's blocks retrieved per step (topk)"),
+        "representatives": Option("InfLLM's representative keys per block (repr_topk)"),
+        "step_size": Option("InfLLM's query step (exc_block_size)", per_pretraining=8)}
+    kind: str = dataclasses.field(default="infllm", init=False)
+    global_branch: int = OPTIONS["global_branch"].model_default()
+    local_branch: int = OPTIONS["local_branch"].model_default()
+    block_size: int = OPTIONS["block_size"].model_default()
+    blocks_retrieved: int = 16
+    representatives: int = 4
+    step_size: int = OPTIONS["step_size"].model_default()
+
+    def _check(self) -> None:
+        if self.representatives > self.block_size:
+            raise ValueError(f"representatives ({self.representatives}) must be <= block_size ({self.block_size})")
+
+    @property
+    def limit_distance(self) -> int:
+        """D = n_local - 1: the distance of every global key."""
+        return self.local_branch - 1
+
+    def _attended(self, i: np.ndarray) -> np.ndarray:
+        n_local, n_init, bs = self.local_branch, self.global_branch, self.block_size
+        initial = np.clip(i - n_local, 0, n_init)  # processed tokens before the step: i
+        blocks = np.where(initial == n_init, np.maximum(i - n_local - n_init, 0) // bs, 0)
+        tail = np.maximum(i + 1 - n_local - (initial + blocks * bs), 0)
+        return np.minimum(i + 1, n_local) + initial + np.minimum(blocks, self.blocks_retrieved) * bs + tail
+
+    def farthest_distance(self, length: int) -> Fraction:
+        require_int32("length", length, 1)
+        return Fraction(min(length - 1, self.local_branch - 1))
+
+
 #: Every method by its ``kind``.
 METHODS: dict[str, type[AttentionSpec]] = {
     cls.__dataclass_fields__["kind"].default: cls
-    for cls in (Vanilla, LMInfinite, LambdaMask, DistanceLimit, SlidingWindow, StreamingLLM, SelfExtend, LeakyReRoPE)
+    for cls in (Vanilla, LMInfinite, LambdaMask, DistanceLimit, SlidingWindow, StreamingLLM, SelfExtend, LeakyReRoPE,
+                LongHeads, InfLLM)
 }
 KINDS: tuple[str, ...] = tuple(METHODS)

@@ -312,7 +312,8 @@ class LanguageModel:
         def make() -> KVCache:
             return KVCache.for_specs([call.spec for call, _ in dec.layer_kinds(self.call)], dec.num_layers, batch,
                                      dec.num_kv_heads, dec.head_dim, capacity=capacity,
-                                     dtype=self.dtype if dtype is None else dtype, rotated=_rotated(dec, self.call))
+                                     dtype=self.dtype if dtype is None else dtype, rotated=_rotated(dec, self.call),
+                                     query_heads=dec.num_heads)
 
         if self.sharding is None:
             return make()
@@ -370,8 +371,9 @@ def _check_step_positions(positions: np.ndarray, cached: np.ndarray, cache: KVCa
 
 
 def _rotated(dec: Decoder, call: AttentionCall) -> bool:
-    """Whether the model's cache stores keys rotated: when every kind of layer's positions allow it."""
-    return all(rotates_keys(positional) for _, positional in dec.layer_kinds(call))
+    """Whether the model's cache stores keys rotated: when every kind of layer's positions allow it and no
+    layer re-positions keys per query (a retrieval method)."""
+    return all(rotates_keys(positional) and not layer.spec.retrieves for layer, positional in dec.layer_kinds(call))
 
 
 def _logits(scan: LayerScan, params: Params, h: jax.Array, length: str | None = None) -> jax.Array:

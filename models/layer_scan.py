@@ -80,9 +80,11 @@ class LayerScan:
 def cache_shardings(plan: ShardingPlan, dec: Decoder, cache: KVCache) -> KVCache:
     """The cache's shardings: keys/values ``(layers, batch, kv_heads, slots, d)``, positions ``(batch, slots)``."""
     kv = ("layers", "batch", "kv_heads", None, "head_dim")
+    state = jax.tree.map(lambda x: plan.named(("layers", "batch", "heads", *[None] * (x.ndim - 3)), x.shape,
+                                              _units(dec)), cache.state)
     return dataclasses.replace(cache, keys=plan.named(kv, cache.keys.shape, _units(dec)),
                                values=plan.named(kv, cache.values.shape, _units(dec)),
-                               positions=plan.named(("batch", None), cache.positions.shape))
+                               positions=plan.named(("batch", None), cache.positions.shape), state=state)
 
 
 def sequence_hidden(scan: LayerScan, params: Params, tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
@@ -119,20 +121,21 @@ def step_hidden(scan: LayerScan, params: Params, tokens: jax.Array, positions: j
     with the new tokens written; ``scan`` of a step (``length`` None)."""
     update = cache.update_for(positions)
 
-    def attend(index, layer_keys, layer_values, q, k, v):
+    def attend(index, layer_keys, layer_values, layer_state, q, k, v):
         qh, kh, vh = scan.heads(q, k, v)
 
-        def step(call: AttentionCall, positional: Positional) -> tuple[jax.Array, jax.Array]:
+        def step(call: AttentionCall, positional: Positional) -> tuple[jax.Array, jax.Array, Any]:
             return cached_attention(qh, kh, vh, positions, layer_keys, layer_values, update, call=call,
                                     positional=positional, rotated=cache.rotated, scale=scan.dec.scale,
-                                    layer=_top_k_layer(call, index))
+                                    layer=_top_k_layer(call, index), state=layer_state)
 
-        out, stored = scan.dec.per_layer(scan.call, index, step)
-        return out.reshape(*q.shape[:2], -1), (stored, vh)
+        out, stored, state = scan.dec.per_layer(scan.call, index, step)
+        return out.reshape(*q.shape[:2], -1), (stored, vh, state)
 
-    # the layers read the cache; every layer's new keys and values are written once, after them
-    h, (keys, values), _ = scan.run(params, scan.embed(params, tokens), attend, (cache.keys, cache.values))
-    cache = cache.written(keys, values, update)
+    # the layers read the cache; every layer's new keys and values (and state) are written once, after them
+    h, (keys, values, state), _ = scan.run(params, scan.embed(params, tokens), attend,
+                                           (cache.keys, cache.values, cache.state))
+    cache = cache.written(keys, values, update, state)
     if scan.plan is not None:
         cache = lax.with_sharding_constraint(cache, cache_shardings(scan.plan, scan.dec, cache))
     return h, cache

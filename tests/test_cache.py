@@ -31,7 +31,7 @@ HQ, HKV, D = 4, 2, 16
 def _cached_step(cache: KVCache, q, k, v, positions, *, call, positional, scale=None) -> tuple[jax.Array, KVCache]:
     """One call of `cached_attention` on a one-layer cache, as a model step does it."""
     update = cache.update_for(positions)
-    out, stored = cached_attention(q, k, v, positions, cache.keys[0], cache.values[0], update, call=call,
+    out, stored, _ = cached_attention(q, k, v, positions, cache.keys[0], cache.values[0], update, call=call,
                                    positional=positional, rotated=cache.rotated, scale=scale, layer=5)
     return out, cache.written(stored[None], v[None], update)
 
@@ -157,7 +157,7 @@ def test_cached_rope_is_exact_beyond_1e8(rotated):
         key_pos = np.concatenate([np.arange(G), newest - L + 1 + np.arange(L)]).astype(np.int32)[None]
         cache = _filled(KVCache.lambda_cache(1, 1, HKV, D, sinks=G, window=L, rotated=rotated), k, v, key_pos, rope)
         pos = jnp.asarray([[newest + 1]], jnp.int32)
-        out, _ = cached_attention(jnp.asarray(q[:, :1]), jnp.asarray(k[:, :1]), jnp.asarray(v[:, :1]), pos,
+        out, _, _ = cached_attention(jnp.asarray(q[:, :1]), jnp.asarray(k[:, :1]), jnp.asarray(v[:, :1]), pos,
                                   cache.keys[0], cache.values[0], cache.update_for(pos), call=AttentionCall(spec),
                                   positional=rope, rotated=rotated)
         want = naive_attention(q[:, :1], np.concatenate([k, k[:, :1]], 1), np.concatenate([v, v[:, :1]], 1),

@@ -118,8 +118,9 @@ def test_the_parameter_options_are_derived_from_the_declarations():
     # each method's default as declared: its field's, or the rule it declares
     assert actions["global_branch"].help == (
         f"lm_infinite, lambda_mask, streaming_llm: sink tokens at the start (default: {LMInfinite().global_branch}; "
-        f"streaming_llm: {StreamingLLM().global_branch})")
-    assert actions["local_branch"].help.endswith("self_extend: Self-Extend's neighbour window W (default: L_train / 4)")
+        f"streaming_llm: {StreamingLLM().global_branch}); infllm: InfLLM's initial tokens n_init (default: L_train / 32)")
+    assert actions["local_branch"].help.endswith("self_extend: Self-Extend's neighbour window W (default: L_train / 4); "
+                                                  "infllm: InfLLM's local window n_local (default: L_train / 2)")
     assert actions["limit_distance"].help.startswith("lm_infinite: distance the sinks are scored at (default: L); ")
     assert actions["group_size"].help == f"self_extend: Self-Extend's group size g (default: {SelfExtend().group_size})"
     assert actions["leak"].help.endswith(f"(default: {LeakyReRoPE().leak})")

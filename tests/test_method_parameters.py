@@ -16,7 +16,9 @@ def test_a_default_is_the_field_or_the_rule_declared():
 
 
 def test_every_parameter_is_declared_once():
-    assert list(PARAMETERS) == ["global_branch", "local_branch", "limit_distance", "group_size", "leak"]
+    assert list(PARAMETERS) == ["global_branch", "local_branch", "limit_distance", "group_size", "leak", "chunk_size",
+                                "span", "block_size", "blocks_retrieved", "representatives", "step_size"]
     assert {name: (p.symbol, p.minimum) for name, p in PARAMETERS.items()} == {
         "global_branch": ("G", 0), "local_branch": ("L", 1), "limit_distance": ("D", 1), "group_size": ("g", 1),
-        "leak": ("k", 1)}
+        "leak": ("k", 1), "chunk_size": ("w", 1), "span": ("span", 4), "block_size": ("bs", 1),
+        "blocks_retrieved": ("topk", 1), "representatives": ("rk", 1), "step_size": ("exc", 1)}

@@ -11,8 +11,8 @@ import pytest
 from conftest import TINY_MODELS, _perturbed, random_model, rel_err
 from test_logprobs import numpy_scores
 
-from lminf_jax import (AttentionCall, LeakyReRoPE, LMInfinite, SelfExtend, StreamingLLM, TopK, Vanilla,
-                       frequency_method)
+from lminf_jax import (AttentionCall, InfLLM, LeakyReRoPE, LMInfinite, LongHeads, SelfExtend, StreamingLLM, TopK,
+                       Vanilla, frequency_method)
 from lminf_jax.cache import KVCache
 from lminf_jax.models import registry
 
@@ -60,6 +60,27 @@ def test_prefill_plus_decoding_equals_one_forward(name, spec_name):
     got, want = np.asarray(got)[valid], np.asarray(want)[valid]
     assert np.max(np.abs(got - want)) <= 1e-4
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("name,spec", [
+    ("llama_gqa", LongHeads(chunk_size=4, span=16)), ("gemma2_window", LongHeads(chunk_size=4, span=16)),
+    ("llama_gqa", InfLLM(2, 8, 4, 2, 2, 4)), ("mpt_biases_qk_ln", InfLLM(2, 8, 4, 2, 2, 4)),
+], ids=["longheads-llama_gqa", "longheads-gemma2_window", "infllm-llama_gqa", "infllm-mpt_alibi"])
+def test_retrieval_prefill_plus_decoding_equals_one_forward(name, spec):
+    """A full cache with the method's state: uneven prefill chunks, then one token per call (InfLLM's calls cut
+    its query steps, so its chunks keep them where one forward has them: at multiples of its step)."""
+    family, cfg, params = random_model(name)
+    model = family.model(cfg, AttentionCall(spec))
+    chunks, pad = ((5, 13, 6), 5) if isinstance(spec, LongHeads) else ((8, 16, 40), 4)
+    tokens, positions = _tokens_and_positions(pad=pad)
+    cache = model.init_cache(2, capacity=T)
+    assert not cache.bounded and not cache.rotated and cache.state is not None
+    got, cache = _incremental_logits(model, params, tokens, positions, cache, chunks=chunks)
+    want = model.forward(params, tokens, positions)
+    valid = np.asarray(positions) >= 0
+    assert rel_err(np.asarray(got)[valid], np.asarray(want)[valid]) < 1e-5
+    plain = family.model(cfg, AttentionCall()).forward(params, tokens, positions)
+    assert rel_err(np.asarray(plain)[valid], np.asarray(want)[valid]) > 1e-2  # it is not vanilla
 
 
 @pytest.mark.parametrize("name,spec_name,method", [

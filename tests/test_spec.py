@@ -14,9 +14,11 @@ from lminf_jax import (
     METHODS,
     AttentionSpec,
     DistanceLimit,
+    InfLLM,
     LambdaMask,
     LeakyReRoPE,
     LMInfinite,
+    LongHeads,
     SelfExtend,
     SlidingWindow,
     StreamingLLM,
@@ -86,7 +88,7 @@ def test_default_limit_distance_is_local_branch_and_specs_hash():
     # the method is part of its identity: equal parameters of two methods are two specs
     assert LambdaMask(3, 4) != StreamingLLM(3, 4) and dataclasses.asdict(LambdaMask(3, 4))["kind"] == "lambda_mask"
     assert set(METHODS) == {"vanilla", "lm_infinite", "lambda_mask", "distance_limit", "sliding_window",
-                            "streaming_llm", "self_extend", "leaky_rerope"}
+                            "streaming_llm", "self_extend", "leaky_rerope", "longheads", "infllm"}
     assert all(METHODS[name]().kind == name for name in METHODS)
 
 
@@ -159,8 +161,12 @@ def test_every_method_builds_from_its_options_with_defaults():
     assert METHODS["self_extend"].from_options(l_train) == SelfExtend(8, 16)
     assert METHODS["leaky_rerope"].from_options(l_train, leak=2) == LeakyReRoPE(32, 2)
     assert METHODS["distance_limit"].from_options(l_train) == DistanceLimit(64)
+    assert METHODS["infllm"].from_options(lambda parameter: 4096) == InfLLM(128, 2048, 128, 16, 4, 512)  # vicuna's
+    assert METHODS["longheads"].from_options(lambda parameter: 4096) == LongHeads(256, 4096)  # the README's
+    with pytest.raises(ValueError, match="representatives"):  # at 64: blocks of 2 tokens, 4 representatives
+        METHODS["infllm"].from_options(l_train)
     for name, cls in METHODS.items():
-        spec = cls.from_options(l_train)
+        spec = cls.from_options(lambda parameter: 128)
         assert set(cls.OPTIONS) == {f.name for f in dataclasses.fields(spec) if f.name not in ("kind", "top_k")}, name
         # built directly, a method takes the defaults of a model pretrained at the assumed length
         assert cls.from_options(lambda parameter: ASSUMED_PRETRAINING_LENGTH) == cls(), name

@@ -1,0 +1,318 @@
+"""What the retrieval methods of `lminf_jax.spec` compute: exact and jitted, one batch row at a
+time (`jax.vmap`), for a whole sequence or for new tokens over a full cache (`retrieval_attention`).
+
+Every function works on **position-indexed buffers**: slot ``p`` of a row holds the token at position
+``p`` (a full cache is laid out so, and a whole sequence is scattered so), so chunks, blocks and windows
+are found by position whatever the padding of each row, and a call's new tokens are written into the
+buffers before they attend. Keys and queries are kept un-rotated: both methods rotate them per query.
+Scores and softmax are float32; the matmuls run at full float32 precision for float32 inputs.
+
+Per layer, a method keeps state beside the cache (`initial_state`, carried by `lminf_jax.cache.KVCache`):
+
+* LongHeads: every token's raw query (a chunk's representation needs its queries, and a chunk may
+  complete over several calls) and each chunk's representation, recomputed only for the chunks a call
+  touches; a decoding step costs one chunk's attention plus ``chunks x d`` scoring per head.
+* InfLLM: the local attention mass each key has received (what a block's representatives are chosen
+  by). A step computes the representations of every formed block from it (``blocks x block_size`` per
+  head, no matmul) and attends ``n_local + n_init + blocks_retrieved x block_size`` keys at most, plus
+  a tail of fewer than ``block_size + step_size``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lminf_jax.alibi import Alibi
+from lminf_jax.online_softmax import NEG_INF
+from lminf_jax.spec import InfLLM, LongHeads, RetrievalSpec
+from lminf_jax.rope import Rotary, rope_cos_sin, rotate
+from lminf_jax.scores import Positional, Scaling, masked_softmax
+
+#: Elements of the largest per-query-block gather (LongHeads' chunks of keys): about 64 MiB of float32.
+GATHER_ELEMENTS = 1 << 24
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def initial_state(spec: RetrievalSpec, batch: int, query_heads: int, slots: int, head_dim: int, dtype
+                  ) -> dict[str, jax.Array]:
+    """One layer's empty state for ``spec`` over a buffer of ``slots`` positions (see the module docstring)."""
+    if isinstance(spec, LongHeads):
+        chunks = -(-slots // spec.chunk_size)
+        return {"queries": jnp.zeros((batch, query_heads, slots, head_dim), dtype),
+                "representations": jnp.zeros((batch, query_heads, chunks, head_dim), jnp.float32)}
+    if isinstance(spec, InfLLM):
+        return {"mass": jnp.zeros((batch, query_heads, slots), jnp.float32)}
+    raise ValueError(f"{spec.describe()} is not a retrieval method")
+
+
+def state_bytes(spec: RetrievalSpec, query_heads: int, slots: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of one layer's state per batch row (`initial_state`)."""
+    if isinstance(spec, LongHeads):
+        return query_heads * head_dim * (slots * itemsize + 4 * -(-slots // spec.chunk_size))
+    return query_heads * slots * 4
+
+
+def check_positional(spec: RetrievalSpec, positional: Positional) -> None:
+    """A ValueError when ``positional`` cannot serve ``spec``: both rotate keys per query, which needs
+    fixed RoPE frequencies (not frequencies that follow the length, such as dynamic NTK)."""
+    if isinstance(positional, Rotary) and positional.length_rule is not None:
+        raise ValueError(f"{spec.describe()} re-positions keys per query: it needs RoPE with fixed frequencies, "
+                         "not frequencies that follow the sequence length (dynamic NTK)")
+
+
+def retrieval_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+    buffer_keys: jax.Array, buffer_values: jax.Array, state: dict[str, jax.Array], *,
+    spec: RetrievalSpec, positional: Positional, scale: Scaling,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """New tokens' attention under a retrieval method, and the layer's state after them.
+
+    ``q (B, T, Hq, d)``, ``k``/``v (B, T, Hkv, d|dv)`` un-rotated at ``positions (B, T)`` (negative:
+    padding; the valid ones consecutive and continuing the buffers); ``buffer_keys``/``buffer_values``
+    ``(B, Hkv, S, d|dv)`` the earlier tokens, un-rotated, slot = position; ``state`` from `initial_state`
+    (or the previous call). Returns ``(B, T, Hq, dv)`` in q's dtype (padding rows zero) and the new state.
+    """
+    check_positional(spec, positional)
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    slots = buffer_keys.shape[2]
+    slot = jnp.where(positions >= 0, positions, slots)  # padding dropped
+    put = jax.vmap(lambda buf, s, x: buf.at[:, s].set(jnp.swapaxes(x, 0, 1).astype(buf.dtype), mode="drop"))
+    keys, values = put(buffer_keys, slot, k), put(buffer_values, slot, v)
+    heads = np.arange(hq) // (hq // hkv)  # each query head's key/value head
+    slopes = None if not isinstance(positional, Alibi) else jnp.asarray(positional.slopes, jnp.float32)
+    rotary = positional if isinstance(positional, Rotary) else None
+    q32 = q.astype(jnp.float32)
+    if isinstance(spec, LongHeads):
+        queries = put(state["queries"], slot, q)
+        row = lambda *xs: _longheads_row(*xs, spec=spec, rotary=rotary, slopes=slopes, scale=scale,  # noqa: E731
+                                         heads=heads)
+        out, reps = jax.vmap(row)(q32, positions, queries, keys, values, state["representations"])
+        new_state = {"queries": queries, "representations": reps}
+    elif isinstance(spec, InfLLM):
+        row = lambda *xs: _infllm_row(*xs, spec=spec, rotary=rotary, slopes=slopes, scale=scale,  # noqa: E731
+                                      heads=heads)
+        out, mass = jax.vmap(row)(q32, positions, keys, values, state["mass"])
+        new_state = {"mass": mass}
+    else:
+        raise ValueError(f"{spec.describe()} is not a retrieval method")
+    out = jnp.where((positions >= 0)[:, :, None, None], out, 0.0)
+    return out.astype(q.dtype), new_state
+
+
+def sequence_retrieval_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, *,
+                                 spec: RetrievalSpec, positional: Positional, scale: Scaling) -> jax.Array:
+    """`retrieval_attention` of a whole sequence over itself (empty buffers sized by its length): positions
+    ``(B, T)``, each row's valid ones ``0..n-1`` after its padding."""
+    b, t, hq, d = q.shape
+    hkv, dv = k.shape[2], v.shape[-1]
+    empty = lambda width: jnp.zeros((b, hkv, t, width), k.dtype)  # noqa: E731
+    state = initial_state(spec, b, hq, t, d, q.dtype)
+    return retrieval_attention(q, k, v, positions, empty(d), empty(dv), state, spec=spec, positional=positional,
+                               scale=scale)[0]
+
+
+# ----- helpers ----------------------------------------------------------------------------------------------
+
+
+def _rope_at(x: jax.Array, positions: jax.Array, rotary: Rotary | None) -> jax.Array:
+    """float32 ``x (..., d)`` rotated at integer ``positions`` (x's shape without its last axis, or
+    broadcastable to it); unchanged without RoPE."""
+    x = x.astype(jnp.float32)
+    if rotary is None:
+        return x
+    cos, sin = rope_cos_sin(jnp.broadcast_to(positions, x.shape[:-1]).astype(jnp.int32), rotary)
+    return rotate(x, cos, sin, rotary.layout)
+
+
+def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _bias(scores: jax.Array, slopes: jax.Array | None, distance: jax.Array, head_axis: int) -> jax.Array:
+    """``scores`` minus ALiBi's ``slope x distance`` (slopes along ``head_axis``); unchanged without ALiBi."""
+    if slopes is None:
+        return scores
+    shape = [1] * scores.ndim
+    shape[head_axis] = -1
+    return scores - slopes.reshape(shape) * distance.astype(jnp.float32)
+
+
+# ----- LongHeads --------------------------------------------------------------------------------------------
+
+
+def _chunk_representations(queries: jax.Array, keys: jax.Array, values: jax.Array, heads: np.ndarray,
+                           chunk: int, rotary: Rotary | None) -> jax.Array:
+    """``(Hq, n, d)`` representations of ``n`` chunks from their raw ``queries (Hq, n, w, d)``, ``keys (Hkv,
+    n, w, d)`` and ``values (Hkv, n, w, dv)``: keys pooled by the attention of the chunk's mean bidirectional
+    attention output, everything at chunk-local positions, scale ``1 / sqrt(d)`` (LongHeads' code)."""
+    local = np.arange(chunk)
+    qc = _rope_at(queries, local, rotary)
+    kc = _rope_at(keys, local, rotary)[heads]  # (Hq, n, w, d)
+    vc = values.astype(jnp.float32)[heads]
+    factor = 1.0 / math.sqrt(queries.shape[-1])
+    within = jax.nn.softmax(_dot("hcid,hcjd->hcij", qc, kc) * factor, axis=-1)
+    mean_output = _dot("hcij,hcjd->hcid", within, vc).mean(axis=2)  # (Hq, n, dv)
+    pool = jax.nn.softmax(_dot("hcd,hcjd->hcj", mean_output, kc) * factor, axis=-1)
+    return _dot("hcj,hcjd->hcd", pool, kc)
+
+
+def _longheads_row(q, positions, queries, keys, values, reps, *, spec: LongHeads, rotary, slopes, scale: Scaling,
+                   heads):
+    """One row: ``q (T, Hq, d)`` float32 at ``positions (T,)``; ``queries (Hq, S, d)``, ``keys (Hkv, S, d)``,
+    ``values (Hkv, S, dv)`` position-indexed with the new tokens written; ``reps (Hq, S/w, d)``. Returns
+    ``(T, Hq, dv)`` and the representations with those of the chunks this call touches recomputed."""
+    w, c_count = spec.chunk_size, spec.chunks
+    t, hq, d = q.shape
+    slots = keys.shape[1]
+    n_chunks = reps.shape[1]
+    pad = n_chunks * w - slots
+
+    def chunked(x):  # (H, S, e) -> (H, n_chunks, w, e)
+        return jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(x.shape[0], n_chunks, w, x.shape[-1])
+
+    # the chunks this call touches: from the first new position's chunk on
+    first = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(jnp.int32).max))
+    touched = jnp.clip(first // w + jnp.arange(min(n_chunks, (t - 1) // w + 2)), 0, n_chunks - 1)
+    qc, kc, vc = (jnp.take(chunked(x), touched, axis=1) for x in (queries, keys, values))
+    fresh = _chunk_representations(qc, kc, vc, heads, w, rotary)
+    reps = reps.at[:, touched].set(fresh)  # a repeated (clipped) index writes the same value
+
+    # per query and head: the chunk at each rank 0..C-1 of its contiguous frame, and its own rank
+    p = jnp.maximum(positions, 0)
+    own_chunk, offset = p // w, p % w
+    forced_previous = offset < w - 1  # the own chunk is partial: the previous chunk is kept too
+    selective = positions + 1 >= spec.span
+    scores = _dot("thd,hcd->thc", q, reps)  # raw query . representation, no scale
+    chunk_ids = jnp.arange(n_chunks)
+    last_candidate = (own_chunk - 1 - forced_previous)[:, None, None]
+    candidate = (chunk_ids >= 1) & (chunk_ids <= last_candidate)
+    _, top = lax.top_k(jnp.where(candidate, scores, NEG_INF), min(c_count - 3, n_chunks))
+    top = jnp.sort(top, axis=-1)
+    fp = forced_previous[:, None, None]
+    oc = own_chunk[:, None, None]
+    column = lambda x: jnp.broadcast_to(x, (*top.shape[:2], 1)).astype(top.dtype)  # noqa: E731
+    chosen = jnp.concatenate([column(0), top, column(jnp.where(fp, oc - 1, oc)), column(jnp.where(fp, oc, -1))],
+                             axis=-1)
+    ranks = jnp.arange(c_count)
+    every = jnp.where(ranks <= oc, ranks, -1)  # below the span: every chunk at its true place
+    sel = selective[:, None, None]
+    chosen = jnp.where(sel, chosen, every)
+    own_rank = jnp.where(sel, jnp.where(fp, c_count - 1, c_count - 2), oc)  # (T, 1, 1)
+    query_at = own_rank * w + offset[:, None, None]  # (T, 1, 1) position in the frame
+    local_keys = _rope_at(keys, jnp.arange(slots) % w, rotary)  # (Hkv, S, d) at chunk-local positions
+
+    def block(xs):
+        qb, chosen_b, own_b, at_b, valid_b = xs  # (n, Hq, d), (n, Hq, C), (n, 1, 1), (n, 1, 1), (n,)
+        within = jnp.arange(w)
+        slot = chosen_b[..., None] * w + within  # (n, Hq, C, w)
+        attended = (chosen_b[..., None] >= 0) & ((ranks[:, None] < own_b[..., None])
+                                                 | ((ranks[:, None] == own_b[..., None])
+                                                    & (within <= (at_b[..., None] % w))))
+        attended = attended & valid_b[:, None, None, None]
+        slot = jnp.clip(slot, 0, slots - 1)
+        key_at = ranks[:, None] * w + within  # (C, w) frame positions
+        rotated_q = _rope_at(jnp.broadcast_to(qb[:, :, None, :], (*qb.shape[:2], c_count, d)), at_b - ranks * w,
+                             rotary)  # (n, Hq, C, d): the query where each rank's keys sit relative to it
+        gathered = local_keys[heads[None, :, None, None], slot]  # (n, Hq, C, w, d)
+        s = scale(_dot("nhrd,nhrwd->nhrw", rotated_q, gathered))
+        s = _bias(s, slopes, at_b[..., None] - key_at, head_axis=1)
+        s = jnp.where(attended, s, NEG_INF)
+        n = s.shape[0]
+        weights = masked_softmax(s.reshape(n, hq, c_count * w))
+        vals = values.astype(jnp.float32)[heads[None, :, None, None], slot].reshape(n, hq, c_count * w, -1)
+        return _dot("nhk,nhke->nhe", weights, vals)
+
+    size = max(1, min(t, GATHER_ELEMENTS // (hq * c_count * w * max(d, values.shape[-1]))))
+    padded = -(-t // size) * size
+
+    def blocks(x):
+        x = jnp.pad(x, [(0, padded - t)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape(padded // size, size, *x.shape[1:])
+
+    own_rank, query_at = (jnp.broadcast_to(x, (t, 1, 1)) for x in (own_rank, query_at))
+    out = lax.map(block, tuple(blocks(x) for x in (q, chosen, own_rank, query_at, positions >= 0)))
+    return out.reshape(padded, hq, -1)[:t], reps
+
+
+# ----- InfLLM -----------------------------------------------------------------------------------------------
+
+
+def _infllm_row(q, positions, keys, values, mass, *, spec: InfLLM, rotary, slopes, scale: Scaling, heads):
+    """One row: ``q (T, Hq, d)`` float32 at ``positions (T,)``; ``keys (Hkv, S, d)``, ``values (Hkv, S, dv)``
+    position-indexed with the new tokens written; ``mass (Hq, S)`` the local attention mass so far.
+    Returns ``(T, Hq, dv)`` and the mass after this call's steps."""
+    t, hq, d = q.shape
+    slots = keys.shape[1]
+    n_init, n_local, bs = spec.global_branch, spec.local_branch, spec.block_size
+    step = min(spec.step_size, t)
+    distance = spec.limit_distance
+    valid = positions >= 0
+    first = jnp.min(jnp.where(valid, positions, jnp.iinfo(jnp.int32).max))
+    first_index = jnp.argmax(valid)
+    end = first + jnp.sum(valid)  # one past the last new position
+    n_steps = 1 if t == 1 else -(-t // spec.step_size) + 1
+    n_blocks = max(1, -(-max(slots - n_local - n_init, 0) // bs))
+    retrieved = min(spec.blocks_retrieved, n_blocks)
+    block_at = n_init + np.arange(n_blocks)[:, None] * bs + np.arange(bs)  # (blocks, bs) positions
+    keys32, values32 = keys.astype(jnp.float32), values.astype(jnp.float32)
+    q_global = _rope_at(q, distance, rotary)  # every global key is scored with the query at D
+
+    def one_step(carry, index):
+        mass, out = carry
+        m = first // spec.step_size + index
+        a = jnp.maximum(m * spec.step_size, first)
+        b = jnp.minimum((m + 1) * spec.step_size, end)
+        u = a + jnp.arange(step)  # query positions
+        live = u < b
+        rows = first_index + (u - first)
+        rows = jnp.where(live, rows, t)  # t: dropped on output
+        take = jnp.clip(rows, 0, t - 1)
+        qs, qg = q[take], q_global[take]  # (step, Hq, d)
+
+        # the memory as the tokens before a have left it
+        initial = jnp.clip(a - n_local, 0, n_init)
+        formed = jnp.where(initial == n_init, jnp.maximum(a - n_local - n_init, 0) // bs, 0)
+        tail_start = initial + formed * bs
+        at = jnp.clip(block_at, 0, slots - 1)
+        _, best = lax.top_k(mass[:, at], spec.representatives)  # (Hq, blocks, rk), ties: lower position
+        rep_keys = keys32[heads[:, None, None], jnp.take_along_axis(
+            jnp.broadcast_to(at, (hq, *at.shape)), best, axis=-1)]  # (Hq, blocks, rk, d)
+        reps = rep_keys.mean(axis=2)
+        mean_query = _rope_at(jnp.sum(jnp.where(live[:, None, None], qs, 0.0), axis=0)
+                              / jnp.maximum(jnp.sum(live), 1), distance, rotary)  # (Hq, d)
+        block_scores = jnp.where(np.arange(n_blocks) < formed, _dot("hd,hjd->j", mean_query, reps), NEG_INF)
+        chosen_scores, chosen = lax.top_k(block_scores, retrieved)
+        far = jnp.concatenate([
+            jnp.where(np.arange(n_init) < initial, np.arange(n_init), -1),
+            jnp.where((chosen_scores > NEG_INF)[:, None], n_init + chosen[:, None] * bs + np.arange(bs), -1).ravel(),
+            jnp.where(tail_start + np.arange(bs + step) < b - n_local, tail_start + np.arange(bs + step), -1)])
+        near = a - n_local + 1 + np.arange(n_local + step - 1)  # the steps' windows
+
+        def scores_of(key_positions, query, key_rotation, query_distance):
+            k = _rope_at(keys32[:, jnp.clip(key_positions, 0, slots - 1)], key_rotation, rotary)[heads]
+            s = scale(_dot("qhd,hkd->qhk", query, k))
+            return _bias(s, slopes, query_distance, head_axis=1)
+
+        local_ok = (near >= 0) & (u[:, None] - near >= 0) & (u[:, None] - near < n_local)
+        global_ok = (far >= 0) & (u[:, None] - far >= n_local)
+        s_local = scores_of(near, _rope_at(qs, u[:, None], rotary), near, (u[:, None] - near)[:, None, :])
+        s_global = scores_of(far, qg, 0 if rotary is None else jnp.zeros_like(far), jnp.full((1, 1, 1), distance))
+        s = jnp.concatenate([jnp.where(local_ok[:, None, :], s_local, NEG_INF),
+                             jnp.where(global_ok[:, None, :], s_global, NEG_INF)], axis=-1)
+        weights = masked_softmax(s) * live[:, None, None]
+        vals = jnp.concatenate([values32[:, jnp.clip(near, 0, slots - 1)], values32[:, jnp.clip(far, 0, slots - 1)]],
+                               axis=1)[heads]
+        out = out.at[rows].set(_dot("qhk,hke->qhe", weights, vals), mode="drop")
+        gained = jnp.sum(weights[..., :near.shape[0]], axis=0)  # (Hq, window) local mass of this step's queries
+        mass = mass.at[:, jnp.clip(near, 0, slots - 1)].add(jnp.where(near >= 0, gained, 0.0))
+        return (mass, out), None
+
+    out = jnp.zeros((t, hq, values.shape[-1]), jnp.float32)
+    (mass, out), _ = lax.scan(one_step, (mass, out), jnp.arange(n_steps))
+    return out, mass
