@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from lminf_jax.experiments.loading import pretraining_length
 from lminf_jax.experiments.options import int_option
+from lminf_jax.experiments.task_generation import PROMPT_METHODS
 from lminf_jax.method_parameters import PARAMETERS
 from lminf_jax.rope import FREQUENCY_METHODS, RopeScaling, frequency_method
 from lminf_jax.spec import KINDS, METHODS, AttentionSpec, TopK
@@ -379,18 +380,19 @@ def spec_settings(spec: AttentionSpec) -> dict:
 #: The methods of the generation tasks (`experiments.passkey`, `experiments.ruler`) by default: vanilla,
 #: vanilla on the prompt's end (truncation), LM-Infinite, and LM-Infinite with top-k middle tokens.
 TASK_METHODS = ("vanilla", "truncation", "lm_infinite", "lm_infinite_top_k")
-#: ``--methods all``: the four above, the other mask methods that decode, the frequency methods, and the
-#: methods whose parameter is chosen per length.
+#: ``--methods all``: the four above, the other mask methods that decode, the frequency methods, the
+#: methods whose parameter is chosen per length, the retrieval methods and the methods of
+#: `experiments.task_generation.PROMPT_METHODS`.
 ALL_TASK_METHODS = (*TASK_METHODS, "streaming_llm", "distance_limit", "self_extend", "leaky_rerope", "pi", "ntk", "yarn",
-                    "dynamic_ntk", "self_extend@cover", "leaky_rerope@cover")
+                    "dynamic_ntk", "self_extend@cover", "leaky_rerope@cover", "longheads", "infllm", "sirllm", "xl3m")
 
 
 def add_task_methods_arg(p: argparse.ArgumentParser) -> None:
     """``--methods``, the method parameters and the ``--top-k-*`` options: the methods of this
     evaluation and of `experiments.ruler`, which evaluates the same ones."""
     group = add_methods_arg(p, TASK_METHODS, {
-        "truncation": "vanilla on BOS + the prompt's last L_train - 1 - new tokens",
-        "lm_infinite_top_k": "lm_infinite plus the top-k middle tokens (--top-k-*)", "all": ", ".join(ALL_TASK_METHODS)})
+        **PROMPT_METHODS, "lm_infinite_top_k": "lm_infinite plus the top-k middle tokens (--top-k-*)",
+        "all": ", ".join(ALL_TASK_METHODS)})
     add_top_k_args(group, k=f"{TOP_K_DEFAULTS['k']}, TopK's, for lm_infinite_top_k")
 
 
@@ -404,7 +406,7 @@ def task_attention_call(name: str, spec: AttentionSpec, length: int, l_train: in
     chosen for the length with ``@cover``, the RoPE scaling of a frequency method (else the model's own)."""
     from lminf_jax import AttentionCall
 
-    if name in TASK_METHODS:
+    if name in TASK_METHODS or name in PROMPT_METHODS:
         return AttentionCall(spec)
     choice = MethodChoice.parse(name)
     return AttentionCall(choice.spec(spec, length, l_train), frequencies=choice.frequencies(length, l_train))
@@ -414,8 +416,8 @@ def task_method_specs(config, name: str, args) -> tuple[AttentionSpec, Attention
     """``(spec, prefill spec)`` of a method, the method parameters applied where they apply; the prefill
     spec (the same without top-k) only for the top-k method, whose middle tokens join at the prompt's
     last token."""
-    mask = "vanilla" if name in ("vanilla", "truncation") else "lm_infinite" if name in TASK_METHODS else \
-        MethodChoice.parse(name).mask
+    mask = "vanilla" if name == "vanilla" or name in PROMPT_METHODS else "lm_infinite" if name in TASK_METHODS \
+        else MethodChoice.parse(name).mask
     spec = method_spec(mask, config, **method_options(args))
     if name != "lm_infinite_top_k":
         return spec, None

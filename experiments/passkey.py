@@ -45,6 +45,7 @@ from lminf_jax.experiments.loading import (
 from lminf_jax.experiments.methods import add_task_methods_arg, task_attention_call, task_method_names, task_method_specs
 from lminf_jax.experiments.options import add_output_args, command_parser, int_option, run_cli, save_result
 from lminf_jax.experiments.shipped import SHIPPED_PASSKEY_MODEL, add_model_arg
+from lminf_jax.experiments.task_generation import check_prompt_methods, generate_answers
 from lminf_jax.spec import AttentionSpec
 from lminf_jax.tasks.passkey import PasskeyBuilder, Prompt, accuracy_by_depth, parse_answer, random_key
 
@@ -72,16 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate_cell(model, prefill, params, prompts: list[Prompt], name: str, l_train: int, tokenizer) -> list[dict]:
     """Greedy answers of one method for prompts of one length."""
-    from lminf_jax.decoding import generate
-
-    ids = [list(p.tokens) for p in prompts]
-    if name == "truncation":
-        keep = l_train - 1 - NEW_TOKENS
-        ids = [t[:1] + t[-keep:] if len(t) > keep + 1 else t for t in ids]
-    longest = max(len(t) for t in ids)
-    capacity = None if model.spec.bounded else longest + NEW_TOKENS
-    cache = model.init_cache(len(ids), capacity=capacity)
-    out = generate(model, params, ids, cache, max_new_tokens=NEW_TOKENS, prefill_step=prefill)
+    out = generate_answers(name, model, prefill, params, [p.tokens for p in prompts], l_train=l_train,
+                           new_tokens=NEW_TOKENS)
     rows = []
     for b, p in enumerate(prompts):
         text = tokenizer.decode(out.row(b))
@@ -109,7 +102,7 @@ def check_memory(family, config, specs: dict[str, tuple[AttentionSpec, Attention
     try:
         check_positions(n, NEW_TOKENS)
         for name, (spec, _) in specs.items():
-            if name != "truncation":  # truncation feeds the model at most L_train tokens
+            if name not in ("truncation", "xl3m"):  # these feed the model at most L_train tokens
                 model = family.model(config, task_attention_call(name, spec, n, l_train))
                 check_cache_fits(lambda: model.init_cache(batch, capacity=n + NEW_TOKENS, dtype=NARROWEST_DTYPE),
                                  f"method {name}")
@@ -131,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"prompts need at least {builder.minimum_length} tokens; L_train x "
                          f"{min(args.multiples)} = {lengths[0]}")
     specs = {name: task_method_specs(config, name, args) for name in task_method_names(args.methods)}
+    check_prompt_methods(specs, l_train, NEW_TOKENS, "the answer's new tokens")
     for name, (spec, _) in specs.items():  # a method that cannot apply to this model fails here
         for n in lengths:
             family.model(config, task_attention_call(name, spec, n, l_train))

@@ -51,6 +51,7 @@ from lminf_jax.experiments.options import (
     add_output_args, command_parser, input_path, int_option, output_file, run_cli, save_result,
 )
 from lminf_jax.experiments.shipped import SHIPPED_RULER_MODEL, add_model_arg
+from lminf_jax.experiments.task_generation import check_prompt_methods, generate_answers
 from lminf_jax.tasks.ruler import NEEDS_TEXT, TASKS, Instance, TooShort, generate_grid, held_out_text, prompt_tokens
 from lminf_jax.tasks.ruler_jsonl import read_jsonl, write_jsonl
 from lminf_jax.tasks.ruler_scoring import aggregate, score
@@ -172,22 +173,17 @@ def instance_record(inst: Instance, tokens: list[int]) -> dict:
     return {**fields, "prompt_sha256": hashlib.sha256(np.asarray(tokens, np.int64).tobytes()).hexdigest()}
 
 
-def predict(model, prefill, params, tokenizer, prompts: list[list[int]], new_tokens: int, batch: int,
-            keep: int | None) -> list[dict]:
-    """Greedy continuations stopping at EOS, `batch` prompts per call (the last padded with copies of
-    its last prompt); ``keep``: truncate each prompt to its first token + its last `keep`."""
-    from lminf_jax.decoding import generate
-
-    if keep is not None:
-        prompts = [t[:1] + t[-keep:] if len(t) > keep + 1 else t for t in prompts]
+def predict(name: str, model, prefill, params, tokenizer, prompts: list[list[int]], new_tokens: int, batch: int,
+            l_train: int) -> list[dict]:
+    """Greedy continuations of method ``name`` (`experiments.task_generation.generate_answers`) stopping at
+    EOS, `batch` prompts per call (the last padded with copies of its last prompt)."""
     size = min(batch, len(prompts))
-    capacity = None if model.spec.bounded else max(map(len, prompts)) + new_tokens
     stops = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
     rows = []
     for first in range(0, len(prompts), size):
         chunk = prompts[first:first + size]
-        out = generate(model, params, chunk + [chunk[-1]] * (size - len(chunk)), model.init_cache(size, capacity=capacity),
-                       max_new_tokens=new_tokens, stop_tokens=stops, prefill_step=prefill)
+        out = generate_answers(name, model, prefill, params, chunk + [chunk[-1]] * (size - len(chunk)), l_train=l_train,
+                               new_tokens=new_tokens, stop_tokens=stops)
         for b in range(len(chunk)):
             ids = out.row(b)[:out.lengths[b] - int(out.stopped[b])]
             rows.append({"prediction": tokenizer.decode(ids), "new_tokens": len(ids), "stopped": bool(out.stopped[b])})
@@ -197,8 +193,9 @@ def predict(model, prefill, params, tokenizer, prompts: list[list[int]], new_tok
 def needles_visible(spec, instance: Instance, keep: int | None = None) -> bool | None:
     """Whether the prompt's last token attends every needle of `instance` under the mask of `spec`
     (top-k middle tokens, chosen per layer, aside), or, with ``keep``, whether truncation to the
-    first token + the last `keep` kept them all; None for tasks without needles (cwe, fwe)."""
-    if not instance.needle_positions:
+    first token + the last `keep` kept them all; None for tasks without needles (cwe, fwe) and for methods
+    that choose what the last token sees when they run (retrieval, SirLLM, XL3M: ``spec`` None)."""
+    if not instance.needle_positions or spec is None or spec.retrieves:
         return None
     needles = np.asarray(instance.needle_positions)
     if keep is not None:
@@ -219,9 +216,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = list(dict.fromkeys(i.task for i in instances))
     lengths = sorted({i.length for i in instances})
     new_tokens = {t: next(i.max_new_tokens for i in instances if i.task == t) for t in tasks}
-    if "truncation" in specs and l_train - 1 - max(new_tokens.values()) < 1:
-        raise ValueError(f"truncation keeps L_train - 1 - new tokens = {l_train - 1 - max(new_tokens.values())} "
-                         f"prompt tokens: L_train {l_train} is too short for {max(new_tokens, key=new_tokens.get)}")
+    check_prompt_methods(specs, l_train, max(new_tokens.values()), f"{max(new_tokens, key=new_tokens.get)}'s new tokens")
     for name, (spec, _) in specs.items():  # a method that cannot apply to this model fails here
         for n in lengths:
             family.model(config, task_attention_call(name, spec, n, l_train))
@@ -257,11 +252,12 @@ def run(args: argparse.Namespace) -> int:
                 config, dataclasses.replace(call, spec=prefill_spec), dtype))}
         t0 = time.perf_counter()
         keep = l_train - 1 - new_tokens[task] if name == "truncation" else None
-        rows = predict(*built[name, n], params, tokenizer, [prompts[k] for k in cells[task, n]], new_tokens[task],
-                       args.batch, keep)
+        rows = predict(name, *built[name, n], params, tokenizer, [prompts[k] for k in cells[task, n]],
+                       new_tokens[task], args.batch, l_train)
+        mask = None if name in ("sirllm", "xl3m") else call.spec
         for k, row in zip(cells[task, n], rows):
             row.update(instance=k, score=score(instances[k], row["prediction"]),
-                       needles_visible=needles_visible(call.spec, instances[k], keep))
+                       needles_visible=needles_visible(mask, instances[k], keep))
         record["methods"].setdefault(name, {"cells": {}})["cells"][f"{task}@{n}"] = {
             "attention": call.spec.describe(), "seconds": time.perf_counter() - t0, "predictions": rows,
             "rope_scaling": None if call.frequencies is None else dataclasses.asdict(call.frequencies)}

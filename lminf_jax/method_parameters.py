@@ -53,6 +53,8 @@ class Option(NamedTuple):
     meaning: str
     per_pretraining: int | None = None
     same_as: str | None = None
+    #: How help states a default the method resolves itself (its field default None), e.g. ``min(4, bs)``.
+    default_text: str | None = None
 
     def model_default(self, pretraining_length: int = ASSUMED_PRETRAINING_LENGTH) -> int:
         """The default ``per_pretraining`` declares, for a model pretrained on ``pretraining_length`` tokens."""
@@ -61,6 +63,8 @@ class Option(NamedTuple):
     def describe_default(self, field_default: object) -> str:
         """The default as help shows it, e.g. ``10``, ``L_train / 4`` or ``L``; ``field_default``: the
         method's field default (what applies unless this option declares another)."""
+        if self.default_text is not None:
+            return self.default_text
         if self.per_pretraining is not None:
             return "L_train" if self.per_pretraining == 1 else f"L_train / {self.per_pretraining}"
         if self.same_as is not None:

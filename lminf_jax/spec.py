@@ -593,15 +593,20 @@ class InfLLM(RetrievalSpec):
         "local_branch": Option("InfLLM's local window n_local", per_pretraining=2),
         "block_size": Option("InfLLM's memory block size", per_pretraining=32),
         "blocks_retrieved": Option("InfLLM's blocks retrieved per step (topk)"),
-        "representatives": Option("InfLLM's representative keys per block (repr_topk)"),
+        "representatives": Option("InfLLM's representative keys per block (repr_topk)", default_text="min(4, bs)"),
         "step_size": Option("InfLLM's query step (exc_block_size)", per_pretraining=8)}
     kind: str = dataclasses.field(default="infllm", init=False)
     global_branch: int = OPTIONS["global_branch"].model_default()
     local_branch: int = OPTIONS["local_branch"].model_default()
     block_size: int = OPTIONS["block_size"].model_default()
     blocks_retrieved: int = 16
-    representatives: int = 4
+    representatives: int | None = None
     step_size: int = OPTIONS["step_size"].model_default()
+
+    def __post_init__(self) -> None:
+        if self.representatives is None and isinstance(self.block_size, int):  # the code's 4, or the whole block
+            object.__setattr__(self, "representatives", min(4, self.block_size))
+        super().__post_init__()
 
     def _check(self) -> None:
         if self.representatives > self.block_size:

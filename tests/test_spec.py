@@ -163,8 +163,7 @@ def test_every_method_builds_from_its_options_with_defaults():
     assert METHODS["distance_limit"].from_options(l_train) == DistanceLimit(64)
     assert METHODS["infllm"].from_options(lambda parameter: 4096) == InfLLM(128, 2048, 128, 16, 4, 512)  # vicuna's
     assert METHODS["longheads"].from_options(lambda parameter: 4096) == LongHeads(256, 4096)  # the README's
-    with pytest.raises(ValueError, match="representatives"):  # at 64: blocks of 2 tokens, 4 representatives
-        METHODS["infllm"].from_options(l_train)
+    assert METHODS["infllm"].from_options(l_train).representatives == 2  # at 64: blocks of 2 tokens, both
     for name, cls in METHODS.items():
         spec = cls.from_options(lambda parameter: 128)
         assert set(cls.OPTIONS) == {f.name for f in dataclasses.fields(spec) if f.name not in ("kind", "top_k")}, name
