@@ -171,15 +171,13 @@ def _longheads_row(q, positions, queries, keys, values, reps, *, spec: LongHeads
     t, hq, d = q.shape
     slots = keys.shape[1]
     n_chunks = reps.shape[1]
-    pad = n_chunks * w - slots
 
-    def chunked(x):  # (H, S, e) -> (H, n_chunks, w, e)
-        return jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(x.shape[0], n_chunks, w, x.shape[-1])
-
-    # the chunks this call touches: from the first new position's chunk on
+    # the chunks this call touches, from the first new position's chunk on (a chunk that reaches past the
+    # buffer is incomplete: its representation, clipped here, is never read)
     first = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(jnp.int32).max))
     touched = jnp.clip(first // w + jnp.arange(min(n_chunks, (t - 1) // w + 2)), 0, n_chunks - 1)
-    qc, kc, vc = (jnp.take(chunked(x), touched, axis=1) for x in (queries, keys, values))
+    at = jnp.clip(touched[:, None] * w + np.arange(w), 0, slots - 1)
+    qc, kc, vc = (x[:, at] for x in (queries, keys, values))
     fresh = _chunk_representations(qc, kc, vc, heads, w, rotary)
     reps = reps.at[:, touched].set(fresh)  # a repeated (clipped) index writes the same value
 
@@ -205,7 +203,6 @@ def _longheads_row(q, positions, queries, keys, values, reps, *, spec: LongHeads
     chosen = jnp.where(sel, chosen, every)
     own_rank = jnp.where(sel, jnp.where(fp, c_count - 1, c_count - 2), oc)  # (T, 1, 1)
     query_at = own_rank * w + offset[:, None, None]  # (T, 1, 1) position in the frame
-    local_keys = _rope_at(keys, jnp.arange(slots) % w, rotary)  # (Hkv, S, d) at chunk-local positions
 
     def block(xs):
         qb, chosen_b, own_b, at_b, valid_b = xs  # (n, Hq, d), (n, Hq, C), (n, 1, 1), (n, 1, 1), (n,)
@@ -219,7 +216,7 @@ def _longheads_row(q, positions, queries, keys, values, reps, *, spec: LongHeads
         key_at = ranks[:, None] * w + within  # (C, w) frame positions
         rotated_q = _rope_at(jnp.broadcast_to(qb[:, :, None, :], (*qb.shape[:2], c_count, d)), at_b - ranks * w,
                              rotary)  # (n, Hq, C, d): the query where each rank's keys sit relative to it
-        gathered = local_keys[heads[None, :, None, None], slot]  # (n, Hq, C, w, d)
+        gathered = _rope_at(keys[heads[None, :, None, None], slot], within, rotary)  # (n, Hq, C, w, d), chunk-local
         s = scale(_dot("nhrd,nhrwd->nhrw", rotated_q, gathered))
         s = _bias(s, slopes, at_b[..., None] - key_at, head_axis=1)
         s = jnp.where(attended, s, NEG_INF)
