@@ -17,7 +17,9 @@ layers ``--top-k-from-layer`` <= layer < ``--top-k-to-layer``, scored at ``--top
 full cache; the paper: k = 5, layers >= 4, distance L/2, the defaults); and every method of the
 grammar ``MASK[@cover][+FREQ[@FACTOR]]`` (`experiments.methods.MethodChoice`; a frequency method
 without ``@`` at the factor each length needs, n / L_train; ``dynamic_ntk`` follows the length by
-itself; ``self_extend@cover`` / ``leaky_rerope@cover``: the group size / leak each length needs).
+itself; ``self_extend@cover`` / ``leaky_rerope@cover``: the group size / leak each length needs), the
+retrieval methods ``longheads`` and ``infllm`` among them; ``sirllm`` (SirLLM's token-entropy cache) and
+``xl3m`` (vanilla on XL3M's key context), with their defaults for L_train (`experiments.task_generation`).
 ``all``: `experiments.methods.ALL_TASK_METHODS`. The method parameters (-G, -L, -D, --group-size,
 --leak) apply to every method that takes them, with the methods' own defaults otherwise (G = 10,
 streaming_llm's 4).

@@ -31,7 +31,10 @@ Methods: a mask method (``lminf_jax.spec.METHODS``): ``vanilla``, ``lm_infinite`
 distance limit), ``lambda_mask`` (Λ-mask only), ``distance_limit`` (only distances capped at D:
 ReRoPE), ``sliding_window`` (the last L tokens, no sinks), ``streaming_llm`` (sinks at their
 position inside a G + L cache), ``self_extend`` (grouped positions beyond a neighbour window),
-``leaky_rerope`` (distances beyond a window grow k times slower); or a RoPE frequency method
+``leaky_rerope`` (distances beyond a window grow k times slower), the retrieval methods ``longheads``
+and ``infllm`` (`lminf_jax.spec.RetrievalSpec`); ``sirllm`` (vanilla attention over SirLLM's token-entropy
+cache, `lminf_jax.entropy_cache.sirllm_surprisal`: each token's NLL as the text streams through it; XL3M
+builds a prompt for a question and has no perplexity: it runs in passkey and RULER); or a RoPE frequency method
 (``lminf_jax.FREQUENCY_METHODS``: ``pi``, ``ntk``, ``dynamic_ntk``, ``yarn``) written
 ``[MASK+]FREQ[@FACTOR]`` (`experiments.methods.MethodChoice`): without ``@`` the factor each length
 n needs, n / L_train (at least 1), e.g. ``yarn``, ``pi@32``, ``lm_infinite+ntk``. ``MASK@cover``
@@ -39,8 +42,9 @@ chooses Self-Extend's group size or Leaky ReRoPE's leak per length, the smallest
 scored distance below L_train (`lminf_jax.AttentionSpec.covering`), e.g. ``self_extend@cover``. Default
 ``vanilla lm_infinite``; ``all`` is every mask method, then ``pi ntk yarn`` at the factor each length
 needs and at the one the longest length needs (``pi@M ntk@M yarn@M``), then ``dynamic_ntk`` (RoPE
-models only). Each method option (-G/-L/-D, --group-size, --leak) applies to the methods that take
-it; defaults as in ``--help`` (L and D from L_train).
+models only), then ``sirllm``. Each method option (-G/-L/-D, --group-size, --leak, the retrieval methods'
+--chunk-size and the like) applies to the methods that take it; defaults as in ``--help`` (L and D from
+L_train).
 
 Devices: with more than one, every sequence is split over all of them (``--mesh seq=-1``;
 context-parallel LM-Infinite, `lminf_jax.context_parallel`); ``--mesh``/``--fsdp`` choose
@@ -72,6 +76,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,8 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lengths as multiples of L_train")
     p.add_argument("--sequences", type=int_option(1), default=DEFAULT_SEQUENCES, metavar="S",
                    help="segments of the longest length, evenly spaced over the text")
-    add_methods_arg(p, DEFAULT_METHODS, {"all": "every mask method, then (RoPE models) pi, ntk, yarn at the factor "
-                                                "each length needs and at the longest's, and dynamic_ntk"})
+    add_methods_arg(p, DEFAULT_METHODS, {
+        "sirllm": "SirLLM's token-entropy cache (lminf_jax.entropy_cache, SirLLM.for_model): each token's NLL as the "
+                  "text streams through its cache of 4 + 3 L_train / 4 slots",
+        "all": "every mask method, then (RoPE models) pi, ntk, yarn at the factor each length needs and at the "
+               "longest's, dynamic_ntk, and sirllm"})
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the stored weights' dtype)")
     p.add_argument("--batch-tokens", type=int_option(1), default=16384, metavar="N",
                    help="tokens per forward pass: N // length sequences, at least one")
@@ -149,14 +157,12 @@ def rows_per_call(batch_tokens: int, rows: int, length: int, plan: ShardingPlan 
     return max(1, min(batch_tokens // length, -(-rows // data) * data))
 
 
-def score(forward, params, sequences: np.ndarray, batch: int, parts: Path, key: str, bar) -> np.ndarray:
-    """NLL ``(R, n - 1)`` float32 of the rows of ``sequences (R, n)`` under ``forward`` (logits or scores,
-    `lminf_jax.evaluation.perplexity.sequence_nll`; the CLI's is `models.decoder.LanguageModel.score`, no logits),
-    ``batch`` rows per call (the last batch padded by repeating its last row, so one shape compiles). Each
-    batch is saved in ``parts`` as it completes and read back (verified, `lminf_jax.evaluation.resume.read_checked`)
-    instead of recomputed."""
-    from lminf_jax.evaluation.perplexity import sequence_nll
-
+def score(nll_of: Callable[[np.ndarray], np.ndarray], sequences: np.ndarray, batch: int, parts: Path, key: str,
+          bar) -> np.ndarray:
+    """NLL ``(R, n - 1)`` float32 of the rows of ``sequences (R, n)`` by ``nll_of`` (rows to their NLL: `model_nll`
+    or SirLLM's `sirllm_nll`), ``batch`` rows per call (the last batch padded by repeating its last row, so one
+    shape compiles). Each batch is saved in ``parts`` as it completes and read back (verified,
+    `lminf_jax.evaluation.resume.read_checked`) instead of recomputed."""
     out = []
     for first in range(0, sequences.shape[0], batch):
         rows = sequences[first:first + batch]
@@ -166,13 +172,31 @@ def score(forward, params, sequences: np.ndarray, batch: int, parts: Path, key: 
             nll = np.load(io.BytesIO(saved))
         else:
             padded = np.concatenate([rows, np.repeat(rows[-1:], batch - rows.shape[0], axis=0)])
-            nll = sequence_nll(forward, params, padded)[: rows.shape[0]]
+            nll = nll_of(padded)[: rows.shape[0]]
             buffer = io.BytesIO()
             np.save(buffer, nll)
             write_checked(parts, stem, buffer.getvalue())
         out.append(nll)
         bar.update(rows.size)
     return np.concatenate(out)
+
+
+def model_nll(model, params) -> Callable[[np.ndarray], np.ndarray]:
+    """`score`'s rows-to-NLL of a model's one pass over each row (`lminf_jax.evaluation.perplexity.sequence_nll` of
+    `models.decoder.LanguageModel.score`: no logits)."""
+    from lminf_jax.evaluation.perplexity import sequence_nll
+
+    return lambda rows: sequence_nll(model.score, params, rows)
+
+
+def sirllm_nll(model, params, policy) -> Callable[[np.ndarray], np.ndarray]:
+    """`score`'s rows-to-NLL under SirLLM's cache: each row streamed through ``policy`` (`lminf_jax.entropy_cache.
+    sirllm_surprisal`) by ``model`` (vanilla attention)."""
+    from lminf_jax.entropy_cache import sirllm_surprisal
+
+    positional = model.decoder().positional
+    return lambda rows: sirllm_surprisal(model, params, rows, policy, positional=positional,
+                                         cache=model.init_cache(rows.shape[0], capacity=policy.size))
 
 
 def open_parts(out_path: Path, settings: dict, segments: np.ndarray) -> Path:
@@ -198,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(build_parser(), run, argv)
 
 
+#: The methods that are a cache policy over vanilla attention rather than a mask: scored by `sirllm_nll`.
+POLICIES = ("sirllm",)
+
+
 def all_methods(longest_multiple: int, rope: bool) -> list[MethodChoice]:
     """``--methods all``: every mask method; on a RoPE model also pi / ntk / yarn at the factor each
     length needs and at ``longest_multiple``, and dynamic NTK."""
@@ -209,10 +237,11 @@ def all_methods(longest_multiple: int, rope: bool) -> list[MethodChoice]:
             *(MethodChoice("vanilla", f, float(longest_multiple)) for f in static), MethodChoice("vanilla", "dynamic_ntk")]
 
 
-def _methods(names: list[str], longest_multiple: int, rope: bool) -> list[MethodChoice]:
+def _methods(names: list[str], longest_multiple: int, rope: bool) -> tuple[list[MethodChoice], tuple[str, ...]]:
+    """The mask methods (with their frequency methods) and the cache policies (`POLICIES`) of ``--methods``."""
     if checked_methods(names) == ["all"]:
-        return all_methods(longest_multiple, rope)
-    return [MethodChoice.parse(name) for name in names]
+        return all_methods(longest_multiple, rope), POLICIES
+    return [MethodChoice.parse(name) for name in names if name not in POLICIES], tuple(n for n in names if n in POLICIES)
 
 
 def method_settings(choice: MethodChoice, spec) -> dict:
@@ -263,6 +292,7 @@ class Grid:
     methods: list[MethodChoice]
     specs: dict[str, AttentionSpec]  #: each method's mask spec by name, before `MethodChoice.spec` fits it to a length
     block: int  #: ``--block``
+    policies: dict[str, Any] = dataclasses.field(default_factory=dict)  #: each cache policy (`POLICIES`) by name
 
     @property
     def choices(self) -> dict[str, MethodChoice]:
@@ -311,10 +341,15 @@ def checked_grid(args: argparse.Namespace) -> Grid:
         raise ValueError(f"--multiples must be distinct, got {args.multiples}")
     family, config = load_config(args.model_dir)  # validate the options before reading weights
     rope = isinstance(family.model(config).decoder().positional, Rotary)
-    methods = _methods(args.methods, max(args.multiples), rope)
+    methods, policies = _methods(args.methods, max(args.multiples), rope)
     l_train = pretraining_length(config)
+    if policies:
+        from lminf_jax.entropy_cache import SirLLM
+
+        policies = {"sirllm": SirLLM.for_model(l_train)}
     grid = Grid(config, l_train, [m * l_train for m in sorted(args.multiples)], methods,
-                {c.name: method_spec(c.mask, config, **method_options(args)) for c in methods}, args.block)
+                {c.name: method_spec(c.mask, config, **method_options(args)) for c in methods}, args.block,
+                dict(policies))
     for name in grid.specs:  # a method that cannot apply to this model fails here, before any work
         for n in grid.lengths:
             family.model(config, grid.call(name, n))
@@ -348,7 +383,8 @@ def load_weights(args: argparse.Namespace, grid: Grid, text: Text) -> Loaded:
         "config": hf_config(args.model_dir), "params": tree_fingerprint(params), "params_dtype": stored.name,
         "compute_dtype": dtype.name,
         "l_train": grid.l_train, "bos_id": text.bos, "batch_tokens": args.batch_tokens, "block": args.block,
-        "attention": {m: method_settings(grid.choices[m], spec) for m, spec in grid.specs.items()},
+        "attention": {**{m: method_settings(grid.choices[m], spec) for m, spec in grid.specs.items()},
+                      **{m: dataclasses.asdict(policy) for m, policy in grid.policies.items()}},
         "devices": "1 device" if plan is None else plan.describe(family.param_shardings(config, plan)),
     }
     return Loaded(family, config, params, dtype, plan, load_s, settings)
@@ -367,12 +403,22 @@ def length_result(model, nll: np.ndarray, n: int, segments: int) -> dict:
             "cache_bytes": costs, "cache_bytes_per_token": costs / n}
 
 
+def policy_length_result(model, policy, nll: np.ndarray, n: int, segments: int) -> dict:
+    """`length_result` of a cache policy (SirLLM's): its cache of ``policy.size`` slots holds what a token sees."""
+    from lminf_jax.evaluation.perplexity import length_point
+
+    slots = policy.size
+    costs = cache_bytes(model, slots) + 4 * slots  # and a float32 score per slot
+    return {**length_point(nll, segments).to_json(), "nan_scores": int(np.isnan(nll).sum()), "rope_scaling": None,
+            "attention": f"sirllm(G={policy.sinks}, R={policy.recent}, E={policy.entropy}, turn={policy.turn})",
+            "farthest_distance": float(min(n, slots) - 1),
+            "attended_keys": float(np.mean(np.minimum(np.arange(1, n), slots))),
+            "cache_bytes": costs, "cache_bytes_per_token": costs / n}
+
+
 def score_methods(args: argparse.Namespace, grid: Grid, text: Text, loaded: Loaded, parts: Path) -> dict[str, dict]:
     """Every method's entry in the record (``methods``): each length scored (`score`, its batches kept
     in `parts`), then the NLL by position and the prefix perplexity of the longest sequences."""
-    from lminf_jax.evaluation.buckets import PositionBuckets
-    from lminf_jax.evaluation.perplexity import position_buckets, prefix_ppl
-    from lminf_jax.evaluation.streaming import finite_or_none
     from lminf_jax.progress import Progress
 
     lengths, (s, seg_tokens) = grid.lengths, text.segments.shape
@@ -388,13 +434,32 @@ def score_methods(args: argparse.Namespace, grid: Grid, text: Text, loaded: Load
                 model = loaded.family.model(loaded.config, grid.call(name, n), loaded.dtype, loaded.plan)
                 bar.postfix = f"{name} at {n:,}"
                 batch = rows_per_call(args.batch_tokens, text.tiles[n].shape[0], n, loaded.plan)
-                nll = score(model.score, loaded.params, text.tiles[n], batch, parts, f"{name}-{n}", bar)
+                nll = score(model_nll(model, loaded.params), text.tiles[n], batch, parts, f"{name}-{n}", bar)
                 points.append(length_result(model, nll, n, s))
-            seconds = time.perf_counter() - t0
-            results[name] = {"attention": method_settings(grid.choices[name], spec), "seconds": seconds,
-                             "lengths": points, "prefix_ppl": finite_or_none(list(prefix_ppl(nll, lengths))),
-                             "buckets": [dataclasses.asdict(r) for r in position_buckets(nll, PositionBuckets(2))]}
+            results[name] = {"attention": method_settings(grid.choices[name], spec),
+                             "seconds": time.perf_counter() - t0, "lengths": points, **by_position(nll, lengths)}
+        for name, policy in grid.policies.items():
+            t0, points = time.perf_counter(), []
+            model = loaded.family.model(loaded.config, dtype=loaded.dtype)  # vanilla attention over the policy's cache
+            for n in lengths:
+                bar.postfix = f"{name} at {n:,}"
+                batch = rows_per_call(args.batch_tokens, text.tiles[n].shape[0], n, None)
+                nll = score(sirllm_nll(model, loaded.params, policy), text.tiles[n], batch, parts, f"{name}-{n}", bar)
+                points.append(policy_length_result(model, policy, nll, n, s))
+            results[name] = {"attention": dataclasses.asdict(policy), "seconds": time.perf_counter() - t0,
+                             "lengths": points, **by_position(nll, lengths)}
     return results
+
+
+def by_position(nll: np.ndarray, lengths: list[int]) -> dict:
+    """A method's entries from the longest length's NLL ``nll``: the perplexity of its prefixes of ``lengths``
+    tokens and of position buckets."""
+    from lminf_jax.evaluation.buckets import PositionBuckets
+    from lminf_jax.evaluation.perplexity import position_buckets, prefix_ppl
+    from lminf_jax.evaluation.streaming import finite_or_none
+
+    return {"prefix_ppl": finite_or_none(list(prefix_ppl(nll, lengths))),
+            "buckets": [dataclasses.asdict(r) for r in position_buckets(nll, PositionBuckets(2))]}
 
 
 def make_record(args: argparse.Namespace, grid: Grid, text: Text, loaded: Loaded, methods: dict) -> dict:

@@ -75,7 +75,7 @@ from lminf_jax.int32 import INT32_MAX, require_int32
 from lminf_jax.rope import rope_angles, rotate
 from lminf_jax.scores import Positional
 
-__all__ = ["EntropyCache", "SirLLM", "compact", "keep_slots", "sirllm_generate", "turn_scores"]
+__all__ = ["EntropyCache", "SirLLM", "compact", "keep_slots", "sirllm_generate", "sirllm_surprisal", "turn_scores"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,9 +228,10 @@ def turn_scores(logits: jax.Array, tokens: jax.Array, m: jax.Array, previous: ja
 
 def _advance(step: Step, policy: SirLLM, positional: Positional, params: Any, cache: KVCache, scores: jax.Array,
              count: jax.Array, previous: jax.Array | None, tokens: jax.Array, m: jax.Array, rho: jax.Array
-             ) -> EntropyCache:
+             ) -> tuple[EntropyCache, jax.Array]:
     """One model call of ``tokens (B, T)``, the first ``m (B,)`` of each row real: evict, compact,
-    decay by ``rho``, run the step at pos-shift positions, append the new tokens' scores."""
+    decay by ``rho``, run the step at pos-shift positions, append the new tokens' scores; returns the state
+    and those scores ``(B, T)`` (0 past ``m``)."""
     b, t = tokens.shape
     s = policy.size
     keep = keep_slots(scores, count, m, policy)
@@ -249,7 +250,7 @@ def _advance(step: Step, policy: SirLLM, positional: Positional, params: Any, ca
     scores = scores.at[jnp.arange(b)[:, None], jnp.where(real, positions, s)].set(new, mode="drop")
     last = jnp.take_along_axis(logits, jnp.maximum(m - 1, 0)[:, None, None], axis=1)[:, 0]
     last = jnp.where((m > 0)[:, None], last, previous)
-    return EntropyCache(cache, scores, count + m, last)
+    return EntropyCache(cache, scores, count + m, last), new
 
 
 _advance_jit = jax.jit(_advance, static_argnames=("step", "policy", "positional"))
@@ -264,9 +265,49 @@ def _decode(step, policy, positional, params, state: EntropyCache, done, lengths
     lengths = jnp.where(done, lengths, index + 1)
     m = jnp.where(done, 0, 1).astype(jnp.int32)
     done = done | jnp.isin(token, jnp.asarray(stop_tokens, jnp.int32))
-    state = _advance(step, policy, positional, params, state.cache, state.scores, state.count, state.logits,
-                     token[:, None], m, rho)
+    state, _ = _advance(step, policy, positional, params, state.cache, state.scores, state.count, state.logits,
+                        token[:, None], m, rho)
     return token, done, lengths, state
+
+
+def _feed(step: Step, policy: SirLLM, positional: Positional, params: Any, prompts: list[list[int]], kv: KVCache,
+          state: EntropyCache | None, rho: float, pad_id: int) -> tuple[EntropyCache | None, np.ndarray]:
+    """Each row's tokens in turns of ``policy.turn`` (one call per turn, all rows together; the first call
+    decays by ``rho``): the state after them and every fed token's score ``(B, longest)`` (0 past a row's end)."""
+    batch = len(prompts)
+    longest = max(len(p) for p in prompts)
+    width = min(policy.turn, longest)
+    fed = []
+    for start in range(0, longest, policy.turn):
+        tokens = np.full((batch, width), pad_id, np.int32)
+        m = np.zeros(batch, np.int32)
+        for b, p in enumerate(prompts):
+            piece = p[start:start + policy.turn]
+            tokens[b, :len(piece)], m[b] = piece, len(piece)
+        parts = (kv, jnp.zeros((batch, policy.size), jnp.float32), jnp.zeros((batch,), jnp.int32), None) \
+            if state is None else (state.cache, state.scores, state.count, state.logits)
+        state, new = _advance_jit(step, policy, positional, params, *parts, jnp.asarray(tokens), jnp.asarray(m),
+                                  jnp.float32(rho))
+        fed.append(np.asarray(new)[:, :min(policy.turn, longest - start)])
+        rho = 1.0
+    return state, np.concatenate(fed, axis=1) if fed else np.zeros((batch, 0), np.float32)
+
+
+def sirllm_surprisal(step: Step, params: Any, tokens: np.ndarray, policy: SirLLM, *, positional: Positional,
+                     cache: KVCache) -> np.ndarray:
+    """Every token's surprisal ``-log p(x_i | what the cache holds)`` (nats, float32, ``(B, N - 1)`` of
+    ``tokens (B, N)``'s tokens 1..N-1), the rows streamed through SirLLM's policy in its turns from the empty
+    full ``cache`` of ``policy.size`` slots: its perplexity, as `sirllm_generate` would read the same text
+    (the paper's scores are exactly these; with ``code_scores`` they are not surprisals, a ValueError)."""
+    if policy.code_scores:
+        raise ValueError("code_scores are the official code's misaligned scores, not surprisals")
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be (rows, N >= 2), got shape {tokens.shape}")
+    if cache.bounded or cache.slots != policy.size or bool(jnp.any(cache.positions >= 0)):
+        raise ValueError(f"cache must be an empty full cache of S = {policy.size} slots, got {cache.describe()}")
+    _, scores = _feed(step, policy, positional, params, tokens.tolist(), cache, None, 1.0, 0)
+    return scores[:, 1:]
 
 
 def sirllm_generate(
@@ -337,19 +378,8 @@ def sirllm_generate(
                          "(model.decoder().positional)")
     rho = policy.decay if state is not None else 1.0  # consumed by the round's first call
 
-    longest = max(len(p) for p in prompts)
-    width = min(policy.turn, longest)
-    for start in range(0, longest, policy.turn):
-        tokens = np.full((batch, width), pad_id, np.int32)
-        m = np.zeros(batch, np.int32)
-        for b, p in enumerate(prompts):
-            piece = p[start:start + policy.turn]
-            tokens[b, :len(piece)], m[b] = piece, len(piece)
-        parts = (kv, jnp.zeros((batch, s), jnp.float32), jnp.zeros((batch,), jnp.int32), None) if state is None \
-            else (state.cache, state.scores, state.count, state.logits)
-        state = _advance_jit(step, policy, positional, params, *parts, jnp.asarray(tokens), jnp.asarray(m),
-                             jnp.float32(rho))
-        rho = 1.0
+    state, _ = _feed(step, policy, positional, params, prompts, kv, state, rho, pad_id)
+    rho = 1.0 if any(prompts) else rho
 
     done, lengths = jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32)
     out = []

@@ -265,3 +265,25 @@ def test_generate_rejects_bad_caches(llama):
     with pytest.raises(ValueError, match="must be empty"):
         sirllm_generate(model, params, [[1]], policy, positional=positional, max_new_tokens=1,
                         cache=dataclasses.replace(empty, positions=empty.positions.at[0, 0].set(0)))
+
+
+def test_surprisal_is_vanilla_within_the_cache_and_bounded_beyond(llama):
+    """`sirllm_surprisal`: every token's NLL as the policy streams the text; within S it is the vanilla
+    model's NLL, beyond it the cache stays at S and the scores stay finite."""
+    from lminf_jax.entropy_cache import sirllm_surprisal
+
+    _, _, params, model = llama
+    policy = SirLLM(sinks=2, recent=6, entropy=8, turn=5)
+    tokens = np.asarray(_prompts([40, 40], seed=3))
+    positional = model.decoder().positional
+    short = sirllm_surprisal(model, params, tokens[:, :policy.size], policy, positional=positional,
+                             cache=model.init_cache(2, capacity=policy.size))
+    want = -np.asarray(model.score(params, jnp.asarray(tokens[:, :policy.size])).logprobs)
+    assert short.shape == (2, policy.size - 1) and rel_err(short, want) < 1e-5
+    long = sirllm_surprisal(model, params, tokens, policy, positional=positional,
+                            cache=model.init_cache(2, capacity=policy.size))
+    assert long.shape == (2, 39) and np.all(np.isfinite(long))
+    assert rel_err(long[:, :policy.size - 1], short) < 1e-6
+    with pytest.raises(ValueError, match="misaligned"):
+        sirllm_surprisal(model, params, tokens, dataclasses.replace(policy, code_scores=True), positional=positional,
+                         cache=model.init_cache(2, capacity=policy.size))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -102,7 +103,7 @@ def direct_nll(model_dir: Path, tokens: np.ndarray, spec: AttentionSpec, frequen
 
 def test_every_length_scores_the_same_text(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "ppl.json"
-    methods = [*KINDS, "yarn", "lm_infinite+pi@4", "ntk", "dynamic_ntk", "self_extend@cover"]
+    methods = [*KINDS, "yarn", "lm_infinite+pi@4", "ntk", "dynamic_ntk", "self_extend@cover", "sirllm"]
     code, stdout, stderr = run([str(model_dir), "--text", str(text_file), "--multiples", "1", "4",
                                 "--sequences", "2", "--methods", *methods, "-G", "2", "--batch-tokens", "200",
                                 "--block", "16", "--out", str(out), "--no-plot", "--no-progress"], capsys)
@@ -133,6 +134,19 @@ def test_every_length_scores_the_same_text(model_dir, text_file, tmp_path, capsy
             assert point["length"] == n and point["sequences"] == tiles.shape[0] and point["tokens"] == nll.size
             assert point["nll"] == pytest.approx(nll.mean(), abs=2e-5)
             assert point["segment_ppl"] == pytest.approx([math.exp(v) for v in nll.reshape(2, -1).mean(1)], rel=1e-4)
+    # SirLLM: every token's surprisal as its cache streams the tiles, as the library computes it
+    from lminf_jax.entropy_cache import SirLLM, sirllm_surprisal
+    from lminf_jax.experiments.loading import load_model
+
+    policy = SirLLM.for_model(PRETRAIN)
+    family, config, params = load_model(model_dir)
+    vanilla = family.model(config)
+    tiles = evaluation.tile_segments(segments, longest, tok.bos_id)
+    want = sirllm_surprisal(vanilla, params, tiles, policy, positional=vanilla.decoder().positional,
+                            cache=vanilla.init_cache(tiles.shape[0], capacity=policy.size))
+    sirllm = record["methods"]["sirllm"]
+    assert sirllm["lengths"][1]["nll"] == pytest.approx(want.mean(), abs=2e-5)
+    assert sirllm["attention"] == dataclasses.asdict(policy) and sirllm["lengths"][1]["farthest_distance"] == 51
     assert record["methods"]["yarn"]["lengths"][0]["rope_scaling"]["factor"] == 1.0
     assert record["methods"]["yarn"]["attention"]["factor"] == "per length"
     assert record["methods"]["lm_infinite+pi@4"]["attention"]["factor"] == 4.0
