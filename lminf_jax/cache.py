@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from lminf_jax.attention import FUSED_IMPLEMENTATIONS, call_attention
 from lminf_jax.attention_call import AttentionCall
 from lminf_jax.attention_decode import decode_attention, rotates_keys
-from lminf_jax.retrieval import initial_state, retrieval_attention
+from lminf_jax.retrieval import SLOT_STATE, initial_state, retrieval_attention
 from lminf_jax.rope import apply_rope, unrotate
 from lminf_jax.scores import Positional, Scaling, scaling
 from lminf_jax.int32 import INT32_MAX, int32_positions, require_int32
@@ -225,13 +225,15 @@ class KVCache:
                 state: dict[str, jax.Array] | None = None) -> KVCache:
         """This cache with every layer's new tokens written: ``keys``/``values`` ``(layers, B, T, Hkv,
         d|dv)`` as `cached_attention` returns them (keys as stored), at ``update.slot``, and every layer's
-        ``state`` as it returns it."""
+        ``state`` as it returns it (its `lminf_jax.retrieval.SLOT_STATE` rows written at the same slots)."""
         rows = jnp.arange(keys.shape[1])[:, None]
 
         def write(cache: jax.Array, new: jax.Array) -> jax.Array:
             # the two index arrays are apart, so the written block is (B, T, layers, Hkv, d)
             return cache.at[:, rows, :, update.slot].set(jnp.moveaxis(new, 0, 2).astype(cache.dtype), mode="drop")
 
+        if state is not None:  # a row per slot is written as keys are; the rest is replaced whole
+            state = {name: write(self.state[name], new) if name in SLOT_STATE else new for name, new in state.items()}
         return dataclasses.replace(self, keys=write(self.keys, keys), values=write(self.values, values),
                                    positions=update.new_positions, state=state)
 
@@ -288,6 +290,10 @@ def cached_attention(
         out, state = retrieval_attention(q, k, v, positions.astype(jnp.int32), cache_keys, cache_values, state,
                                          spec=spec, positional=positional, scale=scaling(scale, q.shape[-1]))
         return out, k.astype(cache_keys.dtype), state
+    if state is not None:  # a layer of another kind (a native window) beside a retrieval method's: state kept
+        b, t = positions.shape
+        state = {name: jnp.zeros((b, t, x.shape[1], *x.shape[3:]), x.dtype) if name in SLOT_STATE else x
+                 for name, x in state.items()}
     if rotated:
         if not rotates_keys(positional):
             raise ValueError("a cache of rotated keys serves RoPE with fixed frequencies only")

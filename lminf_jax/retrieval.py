@@ -21,6 +21,7 @@ Per layer, a method keeps state beside the cache (`initial_state`, carried by `l
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,11 @@ from lminf_jax.scores import Positional, Scaling, masked_softmax
 #: Elements of the largest per-query-block gather (LongHeads' chunks of keys): about 64 MiB of float32.
 GATHER_ELEMENTS = 1 << 24
 _HIGHEST = lax.Precision.HIGHEST
+
+
+#: The state entries that hold one row per slot (LongHeads' queries): a call returns its new tokens' rows,
+#: written at their slots (`lminf_jax.cache.KVCache.written`), not the whole array.
+SLOT_STATE = frozenset({"queries"})
 
 
 def initial_state(spec: RetrievalSpec, batch: int, query_heads: int, slots: int, head_dim: int, dtype
@@ -74,30 +80,26 @@ def retrieval_attention(
 
     ``q (B, T, Hq, d)``, ``k``/``v (B, T, Hkv, d|dv)`` un-rotated at ``positions (B, T)`` (negative:
     padding; the valid ones consecutive and continuing the buffers); ``buffer_keys``/``buffer_values``
-    ``(B, Hkv, S, d|dv)`` the earlier tokens, un-rotated, slot = position; ``state`` from `initial_state`
-    (or the previous call). Returns ``(B, T, Hq, dv)`` in q's dtype (padding rows zero) and the new state.
+    ``(B, Hkv, S, d|dv)`` the earlier tokens, un-rotated, slot = position (the new tokens are read beside
+    them, not written into them); ``state`` from `initial_state` (or the previous call). Returns ``(B, T,
+    Hq, dv)`` in q's dtype (padding rows zero) and the state after the call: each entry of `SLOT_STATE` as the
+    new tokens' rows ``(B, T, ...)``, to be written at their slots as keys are, every other entry whole.
     """
     check_positional(spec, positional)
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    slots = buffer_keys.shape[2]
-    slot = jnp.where(positions >= 0, positions, slots)  # padding dropped
-    put = jax.vmap(lambda buf, s, x: buf.at[:, s].set(jnp.swapaxes(x, 0, 1).astype(buf.dtype), mode="drop"))
-    keys, values = put(buffer_keys, slot, k), put(buffer_values, slot, v)
+    hq, hkv = q.shape[2], k.shape[2]
     heads = np.arange(hq) // (hq // hkv)  # each query head's key/value head
     slopes = None if not isinstance(positional, Alibi) else jnp.asarray(positional.slopes, jnp.float32)
     rotary = positional if isinstance(positional, Rotary) else None
+    settings = dict(spec=spec, rotary=rotary, slopes=slopes, scale=scale, heads=heads)
     q32 = q.astype(jnp.float32)
     if isinstance(spec, LongHeads):
-        queries = put(state["queries"], slot, q)
-        row = lambda *xs: _longheads_row(*xs, spec=spec, rotary=rotary, slopes=slopes, scale=scale,  # noqa: E731
-                                         heads=heads)
-        out, reps = jax.vmap(row)(q32, positions, queries, keys, values, state["representations"])
-        new_state = {"queries": queries, "representations": reps}
+        row = lambda *xs: _longheads_row(*xs, **settings)  # noqa: E731
+        out, reps = jax.vmap(row)(q32, positions, state["queries"], buffer_keys, buffer_values, k, v,
+                                  state["representations"])
+        new_state = {"queries": q.astype(state["queries"].dtype), "representations": reps}
     elif isinstance(spec, InfLLM):
-        row = lambda *xs: _infllm_row(*xs, spec=spec, rotary=rotary, slopes=slopes, scale=scale,  # noqa: E731
-                                      heads=heads)
-        out, mass = jax.vmap(row)(q32, positions, keys, values, state["mass"])
+        row = lambda *xs: _infllm_row(*xs, **settings)  # noqa: E731
+        out, mass = jax.vmap(row)(q32, positions, buffer_keys, buffer_values, k, v, state["mass"])
         new_state = {"mass": mass}
     else:
         raise ValueError(f"{spec.describe()} is not a retrieval method")
@@ -118,6 +120,43 @@ def sequence_retrieval_attention(q: jax.Array, k: jax.Array, v: jax.Array, posit
 
 
 # ----- helpers ----------------------------------------------------------------------------------------------
+
+
+class _Overlay(NamedTuple):
+    """One row's buffer ``(H, S, e)`` (slot = position) with the call's new tokens ``(T, H, e)`` read in
+    place of slots ``first..`` (the valid ones start at index ``first_index``): what `take` reads. One new
+    token is read beside the buffer (a decoding step copies nothing of size S); several are written into a
+    copy of it once (a prefill then gathers from one array)."""
+
+    buffer: jax.Array
+    new: jax.Array
+    first: jax.Array
+    first_index: jax.Array
+
+    @classmethod
+    def of(cls, buffer: jax.Array, new: jax.Array, positions: jax.Array, first: jax.Array,
+           first_index: jax.Array) -> _Overlay:
+        if new.shape[0] > 1:
+            slot = jnp.where(positions >= 0, positions, buffer.shape[1])  # padding dropped
+            buffer = buffer.at[:, slot].set(jnp.swapaxes(new, 0, 1).astype(buffer.dtype), mode="drop")
+        return cls(buffer, new, first, first_index)
+
+    def take(self, heads, slots) -> jax.Array:
+        """float32 ``buffer[heads, slots]`` with the new tokens over their slots (index arrays broadcast)."""
+        slots = jnp.asarray(slots)
+        old = self.buffer[heads, jnp.clip(slots, 0, self.buffer.shape[1] - 1)].astype(jnp.float32)
+        if self.new.shape[0] > 1:  # written into the buffer
+            return old
+        index = jnp.clip(self.first_index + slots - self.first, 0, self.new.shape[0] - 1)
+        new = self.new[index, heads]
+        return jnp.where((slots >= self.first)[..., None], new.astype(jnp.float32), old)
+
+
+def _first(positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A row's first valid position and its index (int32 max and 0 when there is none)."""
+    valid = positions >= 0
+    return jnp.min(jnp.where(valid, positions, jnp.iinfo(jnp.int32).max)), jnp.argmax(valid)
+
 
 
 def _rope_at(x: jax.Array, positions: jax.Array, rotary: Rotary | None) -> jax.Array:
@@ -162,22 +201,26 @@ def _chunk_representations(queries: jax.Array, keys: jax.Array, values: jax.Arra
     return _dot("hcj,hcjd->hcd", pool, kc)
 
 
-def _longheads_row(q, positions, queries, keys, values, reps, *, spec: LongHeads, rotary, slopes, scale: Scaling,
-                   heads):
-    """One row: ``q (T, Hq, d)`` float32 at ``positions (T,)``; ``queries (Hq, S, d)``, ``keys (Hkv, S, d)``,
-    ``values (Hkv, S, dv)`` position-indexed with the new tokens written; ``reps (Hq, S/w, d)``. Returns
-    ``(T, Hq, dv)`` and the representations with those of the chunks this call touches recomputed."""
+def _longheads_row(q, positions, queries, keys, values, new_keys, new_values, reps, *, spec: LongHeads, rotary,
+                   slopes, scale: Scaling, heads):
+    """One row: ``q (T, Hq, d)`` float32 at ``positions (T,)`` with ``new_keys``/``new_values (T, Hkv, d|dv)``;
+    ``queries (Hq, S, d)``, ``keys (Hkv, S, d)``, ``values (Hkv, S, dv)`` the earlier tokens by position;
+    ``reps (Hq, S/w, d)``. Returns ``(T, Hq, dv)`` and the representations with those of the chunks this
+    call touches recomputed."""
     w, c_count = spec.chunk_size, spec.chunks
     t, hq, d = q.shape
-    slots = keys.shape[1]
+    hkv, slots = keys.shape[:2]
     n_chunks = reps.shape[1]
+    first, first_index = _first(positions)
+    queries, keys, values = (_Overlay.of(old, new, positions, first, first_index)
+                             for old, new in ((queries, q), (keys, new_keys), (values, new_values)))
 
     # the chunks this call touches, from the first new position's chunk on (a chunk that reaches past the
     # buffer is incomplete: its representation, clipped here, is never read)
-    first = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(jnp.int32).max))
     touched = jnp.clip(first // w + jnp.arange(min(n_chunks, (t - 1) // w + 2)), 0, n_chunks - 1)
-    at = jnp.clip(touched[:, None] * w + np.arange(w), 0, slots - 1)
-    qc, kc, vc = (x[:, at] for x in (queries, keys, values))
+    at = (touched[:, None] * w + np.arange(w))[None]
+    qc = queries.take(np.arange(hq)[:, None, None], at)
+    kc, vc = (x.take(np.arange(hkv)[:, None, None], at) for x in (keys, values))
     fresh = _chunk_representations(qc, kc, vc, heads, w, rotary)
     reps = reps.at[:, touched].set(fresh)  # a repeated (clipped) index writes the same value
 
@@ -216,16 +259,16 @@ def _longheads_row(q, positions, queries, keys, values, reps, *, spec: LongHeads
         key_at = ranks[:, None] * w + within  # (C, w) frame positions
         rotated_q = _rope_at(jnp.broadcast_to(qb[:, :, None, :], (*qb.shape[:2], c_count, d)), at_b - ranks * w,
                              rotary)  # (n, Hq, C, d): the query where each rank's keys sit relative to it
-        gathered = _rope_at(keys[heads[None, :, None, None], slot], within, rotary)  # (n, Hq, C, w, d), chunk-local
+        gathered = _rope_at(keys.take(heads[None, :, None, None], slot), within, rotary)  # (n, Hq, C, w, d)
         s = scale(_dot("nhrd,nhrwd->nhrw", rotated_q, gathered))
         s = _bias(s, slopes, at_b[..., None] - key_at, head_axis=1)
         s = jnp.where(attended, s, NEG_INF)
         n = s.shape[0]
         weights = masked_softmax(s.reshape(n, hq, c_count * w))
-        vals = values.astype(jnp.float32)[heads[None, :, None, None], slot].reshape(n, hq, c_count * w, -1)
+        vals = values.take(heads[None, :, None, None], slot).reshape(n, hq, c_count * w, -1)
         return _dot("nhk,nhke->nhe", weights, vals)
 
-    size = max(1, min(t, GATHER_ELEMENTS // (hq * c_count * w * max(d, values.shape[-1]))))
+    size = max(1, min(t, GATHER_ELEMENTS // (hq * c_count * w * max(d, new_values.shape[-1]))))
     padded = -(-t // size) * size
 
     def blocks(x):
@@ -240,24 +283,25 @@ def _longheads_row(q, positions, queries, keys, values, reps, *, spec: LongHeads
 # ----- InfLLM -----------------------------------------------------------------------------------------------
 
 
-def _infllm_row(q, positions, keys, values, mass, *, spec: InfLLM, rotary, slopes, scale: Scaling, heads):
-    """One row: ``q (T, Hq, d)`` float32 at ``positions (T,)``; ``keys (Hkv, S, d)``, ``values (Hkv, S, dv)``
-    position-indexed with the new tokens written; ``mass (Hq, S)`` the local attention mass so far.
-    Returns ``(T, Hq, dv)`` and the mass after this call's steps."""
+def _infllm_row(q, positions, keys, values, new_keys, new_values, mass, *, spec: InfLLM, rotary, slopes,
+                scale: Scaling, heads):
+    """One row: ``q (T, Hq, d)`` float32 at ``positions (T,)`` with ``new_keys``/``new_values (T, Hkv, d|dv)``;
+    ``keys (Hkv, S, d)``, ``values (Hkv, S, dv)`` the earlier tokens by position; ``mass (Hq, S)`` the local
+    attention mass so far. Returns ``(T, Hq, dv)`` and the mass after this call's steps."""
     t, hq, d = q.shape
-    slots = keys.shape[1]
+    hkv, slots = keys.shape[:2]
     n_init, n_local, bs = spec.global_branch, spec.local_branch, spec.block_size
     step = min(spec.step_size, t)
     distance = spec.limit_distance
-    valid = positions >= 0
-    first = jnp.min(jnp.where(valid, positions, jnp.iinfo(jnp.int32).max))
-    first_index = jnp.argmax(valid)
-    end = first + jnp.sum(valid)  # one past the last new position
+    first, first_index = _first(positions)
+    end = first + jnp.sum(positions >= 0)  # one past the last new position
+    keys, values = (_Overlay.of(old, new, positions, first, first_index)
+                    for old, new in ((keys, new_keys), (values, new_values)))
+    kv_heads = np.arange(hkv)[:, None]
     n_steps = 1 if t == 1 else -(-t // spec.step_size) + 1
     n_blocks = max(1, -(-max(slots - n_local - n_init, 0) // bs))
     retrieved = min(spec.blocks_retrieved, n_blocks)
     block_at = n_init + np.arange(n_blocks)[:, None] * bs + np.arange(bs)  # (blocks, bs) positions
-    keys32, values32 = keys.astype(jnp.float32), values.astype(jnp.float32)
     q_global = _rope_at(q, distance, rotary)  # every global key is scored with the query at D
 
     def one_step(carry, index):
@@ -278,8 +322,8 @@ def _infllm_row(q, positions, keys, values, mass, *, spec: InfLLM, rotary, slope
         tail_start = initial + formed * bs
         at = jnp.clip(block_at, 0, slots - 1)
         _, best = lax.top_k(mass[:, at], spec.representatives)  # (Hq, blocks, rk), ties: lower position
-        rep_keys = keys32[heads[:, None, None], jnp.take_along_axis(
-            jnp.broadcast_to(at, (hq, *at.shape)), best, axis=-1)]  # (Hq, blocks, rk, d)
+        rep_keys = keys.take(heads[:, None, None], jnp.take_along_axis(
+            jnp.broadcast_to(at, (hq, *at.shape)), best, axis=-1))  # (Hq, blocks, rk, d)
         reps = rep_keys.mean(axis=2)
         mean_query = _rope_at(jnp.sum(jnp.where(live[:, None, None], qs, 0.0), axis=0)
                               / jnp.maximum(jnp.sum(live), 1), distance, rotary)  # (Hq, d)
@@ -292,7 +336,7 @@ def _infllm_row(q, positions, keys, values, mass, *, spec: InfLLM, rotary, slope
         near = a - n_local + 1 + np.arange(n_local + step - 1)  # the steps' windows
 
         def scores_of(key_positions, query, key_rotation, query_distance):
-            k = _rope_at(keys32[:, jnp.clip(key_positions, 0, slots - 1)], key_rotation, rotary)[heads]
+            k = _rope_at(keys.take(kv_heads, key_positions[None]), key_rotation, rotary)[heads]
             s = scale(_dot("qhd,hkd->qhk", query, k))
             return _bias(s, slopes, query_distance, head_axis=1)
 
@@ -303,13 +347,12 @@ def _infllm_row(q, positions, keys, values, mass, *, spec: InfLLM, rotary, slope
         s = jnp.concatenate([jnp.where(local_ok[:, None, :], s_local, NEG_INF),
                              jnp.where(global_ok[:, None, :], s_global, NEG_INF)], axis=-1)
         weights = masked_softmax(s) * live[:, None, None]
-        vals = jnp.concatenate([values32[:, jnp.clip(near, 0, slots - 1)], values32[:, jnp.clip(far, 0, slots - 1)]],
-                               axis=1)[heads]
+        vals = jnp.concatenate([values.take(kv_heads, near[None]), values.take(kv_heads, far[None])], axis=1)[heads]
         out = out.at[rows].set(_dot("qhk,hke->qhe", weights, vals), mode="drop")
         gained = jnp.sum(weights[..., :near.shape[0]], axis=0)  # (Hq, window) local mass of this step's queries
         mass = mass.at[:, jnp.clip(near, 0, slots - 1)].add(jnp.where(near >= 0, gained, 0.0))
         return (mass, out), None
 
-    out = jnp.zeros((t, hq, values.shape[-1]), jnp.float32)
+    out = jnp.zeros((t, hq, new_values.shape[-1]), jnp.float32)
     (mass, out), _ = lax.scan(one_step, (mass, out), jnp.arange(n_steps))
     return out, mass
