@@ -83,9 +83,9 @@ def cache_at(model: LanguageModel, position: int, capacity: int, key: jax.Array,
 
 
 @functools.cache
-def _decode():
-    """The jitted greedy decoding of ``steps`` tokens from ``token`` at ``position`` (one scan), built on
-    first use."""
+def decoder_loop():
+    """The jitted greedy decoding of ``steps`` tokens from ``token`` at ``position`` (one scan, the cache its
+    carry, as `lminf_jax.decoding.generate` decodes), built on first use."""
     import jax
     import jax.numpy as jnp
 
@@ -110,7 +110,7 @@ def measure(model, params, position: int, steps: int, repeats: int, batch: int =
     cache = cache_at(model, position, position + steps * (repeats + 1), jax.random.key(position), batch)
     described, nbytes = cache.describe(), cache.nbytes
     token = jnp.ones((batch, 1), jnp.int32)
-    compiled = _decode().lower(model, params, token, jnp.full((batch, 1), position, jnp.int32), cache,
+    compiled = decoder_loop().lower(model, params, token, jnp.full((batch, 1), position, jnp.int32), cache,
                             steps=steps).compile()
     mem = compiled.memory_analysis()
     planned = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes

@@ -14,17 +14,20 @@ passkey and RULER use). One prompt of n random tokens per length.
   (XL3M: the scoring pass's batch and the key context's cache); nothing is held in host memory.
 
 Timing: the prompt taken in (512-token calls; a retrieval method's in one call, as the tasks run it; SirLLM in
-its turns; XL3M: its scoring pass, which chooses the key context) and ``--steps`` single-token calls after it,
-each timed after a warm-up run that compiles it. XL3M's tokens decode over its key context.
+its turns; XL3M: its scoring pass, which chooses the key context), then ``--steps`` greedy tokens in one
+jitted loop with the cache as its carry (as `lminf_jax.decoding.generate` decodes; SirLLM: its own step per
+token), each timed after a warm-up run that compiles it. XL3M's tokens decode over its key context.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import numpy as np
 
+from lminf_jax.experiments.benchmark_decode import decoder_loop
 from lminf_jax.experiments.machine import machine
 from lminf_jax.experiments.options import command_parser, int_option, output_file, parse_checked, save_result
 
@@ -122,13 +125,9 @@ def measure(name: str, model, params, n: int, steps: int) -> dict:
     if name != "xl3m":
         prefill = took
 
-    def decode():
-        state = cache
-        for i in range(steps):
-            _, state = model(params, tokens[:, :1], jnp.full((1, 1), len(prompt) + i, jnp.int32), state)
-        return state.positions
-
-    decoding, _ = timed(decode)
+    loop = functools.partial(decoder_loop(), model, params, tokens[:, :1], jnp.full((1, 1), len(prompt), jnp.int32),
+                             cache, steps=steps)
+    decoding, _ = timed(lambda: loop()[0])
     return {"prefill_s": prefill, "ms_per_token": 1e3 * decoding / steps}
 
 
