@@ -2,7 +2,7 @@
 query and bytes, side by side at each length, on one model shape.
 
     python -m experiments.benchmark_retrieval [--lengths 4096 16384 65536] [--steps 16]
-        [--methods lm_infinite longheads infllm sirllm xl3m] [--out results/benchmark_retrieval.json]
+        [--measure lm_infinite longheads infllm sirllm xl3m] [--out results/benchmark_retrieval.json]
 
 The model is the shipped small LLaMA's shape (4 layers, 4 heads of 64, L_train 512) with random float32
 weights (timing does not depend on their values); each method has its defaults for L_train 512 (those
@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lengths", type=int_option(1024), nargs="+", default=[4096, 16384, 65536], metavar="N",
                         help="prompt lengths")
     parser.add_argument("--steps", type=int_option(1), default=16, help="decoded tokens timed per length")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="M",
-                        help=f"the methods compared, of {', '.join(METHODS)}")
+    parser.add_argument("--measure", nargs="+", choices=METHODS, default=list(METHODS), metavar="M",
+                        help=f"the methods measured, of {', '.join(METHODS)} (each at its defaults)")
     parser.add_argument("--out", default="results/benchmark_retrieval.json", type=output_file, metavar="JSON",
                         help="the result (JSON)")
     return parser
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     header = f"{'method':<12} {'length':>7} {'prefill s':>10} {'ms/token':>9} {'keys/query':>11} {'device MiB':>11}"
     print(header + "\n" + "-" * len(header), flush=True)
     rows = []
-    for name in args.methods:
+    for name in args.measure:
         spec = method_spec("vanilla" if name in ("sirllm", "xl3m") else name, config)
         model = FAMILIES["llama"].model(config, AttentionCall(spec))
         for n in sorted(args.lengths):

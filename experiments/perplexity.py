@@ -424,9 +424,9 @@ def score_methods(args: argparse.Namespace, grid: Grid, text: Text, loaded: Load
     lengths, (s, seg_tokens) = grid.lengths, text.segments.shape
     print(f"{loaded.family.name} from {args.model_dir} (L_train {grid.l_train:,}): {s} segment(s) x {seg_tokens:,} "
           f"tokens of {text.source.get('source', 'the given text')} ({text.stream.size:,} tokens); lengths "
-          f"{lengths[0]:,}..{lengths[-1]:,}; methods {', '.join(grid.specs)}", file=sys.stderr)
+          f"{lengths[0]:,}..{lengths[-1]:,}; methods {', '.join([*grid.specs, *grid.policies])}", file=sys.stderr)
     results = {}
-    total = len(grid.methods) * sum(t.size for t in text.tiles.values())
+    total = (len(grid.methods) + len(grid.policies)) * sum(t.size for t in text.tiles.values())
     with Progress(total, "tokens", "perplexity", rate=True, enabled=not args.no_progress) as bar:
         for name, spec in grid.specs.items():
             t0, points = time.perf_counter(), []

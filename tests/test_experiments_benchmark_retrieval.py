@@ -10,7 +10,7 @@ from lminf_jax.experiments import benchmark_retrieval as bench
 def test_every_method_is_measured_at_each_length(tmp_path, capsys):
     out = tmp_path / "b.json"
     methods = ["infllm", "sirllm", "xl3m"]  # the three ways of timing (lm_infinite and longheads: infllm's)
-    assert bench.main(["--lengths", "1024", "--steps", "2", "--methods", *methods, "--out", str(out)]) == 0
+    assert bench.main(["--lengths", "1024", "--steps", "2", "--measure", *methods, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == methods
     by = {r["method"]: r for r in rows}

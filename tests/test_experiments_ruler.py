@@ -63,7 +63,7 @@ def test_a_resume_refuses_other_weights_of_the_same_config(model_dir, tmp_path, 
 
     load_model, ran = ruler.load_model, []
 
-    def fake_predict(model, prefill, params, tokenizer, prompts, *args):
+    def fake_predict(name, model, prefill, params, tokenizer, prompts, *args):
         ran.append(len(prompts))
         return [{"prediction": "", "new_tokens": 0, "stopped": False} for _ in prompts]
 
