@@ -56,13 +56,6 @@ def initial_state(spec: RetrievalSpec, batch: int, query_heads: int, slots: int,
     raise ValueError(f"{spec.describe()} is not a retrieval method")
 
 
-def state_bytes(spec: RetrievalSpec, query_heads: int, slots: int, head_dim: int, itemsize: int) -> int:
-    """Bytes of one layer's state per batch row (`initial_state`)."""
-    if isinstance(spec, LongHeads):
-        return query_heads * head_dim * (slots * itemsize + 4 * -(-slots // spec.chunk_size))
-    return query_heads * slots * 4
-
-
 def check_positional(spec: RetrievalSpec, positional: Positional) -> None:
     """A ValueError when ``positional`` cannot serve ``spec``: both rotate keys per query, which needs
     fixed RoPE frequencies (not frequencies that follow the length, such as dynamic NTK)."""

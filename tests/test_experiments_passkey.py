@@ -24,7 +24,7 @@ def test_the_evaluation_runs_every_method_and_writes_answers(tmp_path, capsys):
     multiples = [m for m in (1, 2, 4) if m * PRETRAIN >= b.minimum_length][:2]
     assert multiples, "the tiny tokenizer makes prompts longer than the tiny model's window"
     out = tmp_path / "pk.json"
-    methods = [*TASK_METHODS, "yarn", "self_extend@cover+pi@2", "longheads", "infllm", "sirllm", "xl3m"]
+    methods = [*TASK_METHODS, "yarn", "self_extend@cover+pi@2", "xl3m"]  # the others: test_experiments_task_generation
     code = cli.main([str(model_dir), "--multiples", *map(str, multiples), "--depths", "0", "1", "--samples", "2",
                      "-G", "2", "--top-k-middle", "2", "--top-k-from-layer", "1", "--top-k-to-layer", "2",
                      "--methods", *methods,
@@ -45,8 +45,7 @@ def test_the_evaluation_runs_every_method_and_writes_answers(tmp_path, capsys):
             assert acc["all"] == np.mean([r["correct"] for r in rows]) and set(acc) == {"all", "0", "1"}
     attention = {name: res["attention"] for name, res in record["methods"].items()}
     assert all(a.endswith(f"top_k=2@{PRETRAIN // 2} layers[1,2))") for a in attention["lm_infinite_top_k"].values())
-    assert {a for name in ("truncation", "vanilla", "sirllm", "xl3m") for a in attention[name].values()} == {"vanilla()"}
-    assert set(attention["infllm"].values()) == {"infllm(G=2, L=32, bs=2, topk=16, rk=2, exc=8)"}  # L_train 64's
+    assert {a for name in ("truncation", "vanilla", "xl3m") for a in attention[name].values()} == {"vanilla()"}
     assert [record["methods"]["yarn"]["rope_scaling"][str(n)]["factor"] for n in lengths] == multiples
     assert {s["factor"] for s in record["methods"]["self_extend@cover+pi@2"]["rope_scaling"].values()} == {2.0}
     # the group size each length needs (the neighbour window its default, L_train / 4)
