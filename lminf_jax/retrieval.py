@@ -13,9 +13,10 @@ Per layer, a method keeps state beside the cache (`initial_state`, carried by `l
   complete over several calls) and each chunk's representation, recomputed only for the chunks a call
   touches; a decoding step costs one chunk's attention plus ``chunks x d`` scoring per head.
 * InfLLM: the local attention mass each key has received (what a block's representatives are chosen
-  by). A step computes the representations of every formed block from it (``blocks x block_size`` per
-  head, no matmul) and attends ``n_local + n_init + blocks_retrieved x block_size`` keys at most, plus
-  a tail of fewer than ``block_size + step_size``.
+  by) and each formed block's representation, computed once, when the step that forms it ends (its mass
+  is final then). A step scores the formed blocks (``blocks x d`` per head) and attends
+  ``n_local + n_init + blocks_retrieved x block_size`` keys at most, plus a tail of fewer than
+  ``block_size + step_size``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def initial_state(spec: RetrievalSpec, batch: int, query_heads: int, slots: int,
         return {"queries": jnp.zeros((batch, query_heads, slots, head_dim), dtype),
                 "representations": jnp.zeros((batch, query_heads, chunks, head_dim), jnp.float32)}
     if isinstance(spec, InfLLM):
-        return {"mass": jnp.zeros((batch, query_heads, slots), jnp.float32)}
+        return {"mass": jnp.zeros((batch, query_heads, slots), jnp.float32),
+                "representations": jnp.zeros((batch, query_heads, _block_count(spec, slots), head_dim), jnp.float32)}
     raise ValueError(f"{spec.describe()} is not a retrieval method")
 
 
@@ -92,8 +94,9 @@ def retrieval_attention(
         new_state = {"queries": q.astype(state["queries"].dtype), "representations": reps}
     elif isinstance(spec, InfLLM):
         row = lambda *xs: _infllm_row(*xs, **settings)  # noqa: E731
-        out, mass = jax.vmap(row)(q32, positions, buffer_keys, buffer_values, k, v, state["mass"])
-        new_state = {"mass": mass}
+        out, mass, reps = jax.vmap(row)(q32, positions, buffer_keys, buffer_values, k, v, state["mass"],
+                                        state["representations"])
+        new_state = {"mass": mass, "representations": reps}
     else:
         raise ValueError(f"{spec.describe()} is not a retrieval method")
     out = jnp.where((positions >= 0)[:, :, None, None], out, 0.0)
@@ -276,11 +279,24 @@ def _longheads_row(q, positions, queries, keys, values, new_keys, new_values, re
 # ----- InfLLM -----------------------------------------------------------------------------------------------
 
 
-def _infllm_row(q, positions, keys, values, new_keys, new_values, mass, *, spec: InfLLM, rotary, slopes,
+def _block_count(spec: InfLLM, slots: int) -> int:
+    """How many memory blocks a buffer of ``slots`` positions can form (at least one, for the shapes)."""
+    return max(1, -(-max(slots - spec.local_branch - spec.global_branch, 0) // spec.block_size))
+
+
+def _formed(spec: InfLLM, processed: jax.Array) -> jax.Array:
+    """How many blocks have formed once the tokens before position ``processed`` have been processed."""
+    n_init, n_local = spec.global_branch, spec.local_branch
+    initial = jnp.clip(processed - n_local, 0, n_init)
+    return jnp.where(initial == n_init, jnp.maximum(processed - n_local - n_init, 0) // spec.block_size, 0)
+
+
+def _infllm_row(q, positions, keys, values, new_keys, new_values, mass, reps, *, spec: InfLLM, rotary, slopes,
                 scale: Scaling, heads):
     """One row: ``q (T, Hq, d)`` float32 at ``positions (T,)`` with ``new_keys``/``new_values (T, Hkv, d|dv)``;
     ``keys (Hkv, S, d)``, ``values (Hkv, S, dv)`` the earlier tokens by position; ``mass (Hq, S)`` the local
-    attention mass so far. Returns ``(T, Hq, dv)`` and the mass after this call's steps."""
+    attention mass so far and ``reps (Hq, blocks, d)`` the formed blocks' representations. Returns ``(T, Hq,
+    dv)``, the mass and the representations after this call's steps."""
     t, hq, d = q.shape
     hkv, slots = keys.shape[:2]
     n_init, n_local, bs = spec.global_branch, spec.local_branch, spec.block_size
@@ -292,13 +308,21 @@ def _infllm_row(q, positions, keys, values, new_keys, new_values, mass, *, spec:
                     for old, new in ((keys, new_keys), (values, new_values)))
     kv_heads = np.arange(hkv)[:, None]
     n_steps = 1 if t == 1 else -(-t // spec.step_size) + 1
-    n_blocks = max(1, -(-max(slots - n_local - n_init, 0) // bs))
+    n_blocks = reps.shape[1]
     retrieved = min(spec.blocks_retrieved, n_blocks)
-    block_at = n_init + np.arange(n_blocks)[:, None] * bs + np.arange(bs)  # (blocks, bs) positions
+    forming = min(n_blocks, step // bs + 1)  # the most blocks one step can form
     q_global = _rope_at(q, distance, rotary)  # every global key is scored with the query at D
 
+    def representations(mass: jax.Array, blocks: jax.Array) -> jax.Array:
+        """``(Hq, n, d)``: each of ``blocks``' mean raw key over its tokens of most local mass (ties: lower
+        position), per query head."""
+        at = jnp.clip(n_init + blocks[:, None] * bs + np.arange(bs), 0, slots - 1)  # (n, bs) positions
+        _, best = lax.top_k(mass[:, at], spec.representatives)  # (Hq, n, rk)
+        chosen = jnp.take_along_axis(jnp.broadcast_to(at, (hq, *at.shape)), best, axis=-1)
+        return keys.take(heads[:, None, None], chosen).mean(axis=2)
+
     def one_step(carry, index):
-        mass, out = carry
+        mass, reps, out = carry
         m = first // spec.step_size + index
         a = jnp.maximum(m * spec.step_size, first)
         b = jnp.minimum((m + 1) * spec.step_size, end)
@@ -311,13 +335,8 @@ def _infllm_row(q, positions, keys, values, new_keys, new_values, mass, *, spec:
 
         # the memory as the tokens before a have left it
         initial = jnp.clip(a - n_local, 0, n_init)
-        formed = jnp.where(initial == n_init, jnp.maximum(a - n_local - n_init, 0) // bs, 0)
+        formed = _formed(spec, a)
         tail_start = initial + formed * bs
-        at = jnp.clip(block_at, 0, slots - 1)
-        _, best = lax.top_k(mass[:, at], spec.representatives)  # (Hq, blocks, rk), ties: lower position
-        rep_keys = keys.take(heads[:, None, None], jnp.take_along_axis(
-            jnp.broadcast_to(at, (hq, *at.shape)), best, axis=-1))  # (Hq, blocks, rk, d)
-        reps = rep_keys.mean(axis=2)
         mean_query = _rope_at(jnp.sum(jnp.where(live[:, None, None], qs, 0.0), axis=0)
                               / jnp.maximum(jnp.sum(live), 1), distance, rotary)  # (Hq, d)
         block_scores = jnp.where(np.arange(n_blocks) < formed, _dot("hd,hjd->j", mean_query, reps), NEG_INF)
@@ -344,8 +363,12 @@ def _infllm_row(q, positions, keys, values, new_keys, new_values, mass, *, spec:
         out = out.at[rows].set(_dot("qhk,hke->qhe", weights, vals), mode="drop")
         gained = jnp.sum(weights[..., :near.shape[0]], axis=0)  # (Hq, window) local mass of this step's queries
         mass = mass.at[:, jnp.clip(near, 0, slots - 1)].add(jnp.where(near >= 0, gained, 0.0))
-        return (mass, out), None
+        # the blocks this step's end forms: no later query reaches them locally, so their mass is final
+        new = formed + np.arange(forming)
+        reps = reps.at[:, jnp.where(new < _formed(spec, b), new, n_blocks)].set(representations(mass, new),
+                                                                                 mode="drop")
+        return (mass, reps, out), None
 
     out = jnp.zeros((t, hq, new_values.shape[-1]), jnp.float32)
-    (mass, out), _ = lax.scan(one_step, (mass, out), jnp.arange(n_steps))
-    return out, mass
+    (mass, reps, out), _ = lax.scan(one_step, (mass, reps, out), jnp.arange(n_steps))
+    return out, mass, reps
