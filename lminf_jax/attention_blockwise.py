@@ -32,7 +32,6 @@ from lminf_jax.online_softmax import (
     softmax_update,
 )
 from lminf_jax.scores import (
-    NEG_INF,
     Positional,
     Scaling,
     scaling,
@@ -244,13 +243,14 @@ def merge_top_k(
     hkv = k.shape[2]
     g = hq // hkv
     q_last = q[:, -1:].reshape(b, 1, hkv, g, d)
-    s = middle_scores(q_last, k, q_positions[:, -1:], k_positions, spec=spec, positional=positional, scale=scale)
-    values, index = lax.top_k(s[..., 0, :], min(spec.top_k.k, k.shape[1]))  # (B, Hkv, Hg, n)
+    s, middle = middle_scores(q_last, k, q_positions[:, -1:], k_positions, spec=spec, positional=positional,
+                              scale=scale)
+    top = spec.selection.choose(s[..., 0, :], middle[..., 0, :])  # (B, Hkv, Hg, n)
     v_heads = jnp.swapaxes(v, 1, 2).astype(jnp.float32)  # (B, Hkv, Tk, dv)
-    chosen_v = jnp.take_along_axis(v_heads[:, :, None], index[..., None], axis=3)  # (B, Hkv, Hg, n, dv)
-    chosen_v = jnp.where((values > NEG_INF)[..., None], chosen_v, 0.0)  # no middle key: its value stays out
+    chosen_v = jnp.take_along_axis(v_heads[:, :, None], top.index[..., None], axis=3)  # (B, Hkv, Hg, n, dv)
+    chosen_v = jnp.where(top.valid[..., None], chosen_v, 0.0)  # no middle key: its value stays out
 
-    chosen = softmax_update(softmax_init((b, hkv, g), v.shape[-1]), values,
+    chosen = softmax_update(softmax_init((b, hkv, g), v.shape[-1]), top.scores,
                             lambda p: jnp.einsum("bhgn,bhgnd->bhgd", p, chosen_v, precision=lax.Precision.HIGHEST))
     finished = softmax_state_of(out[:, -1].reshape(b, hkv, g, -1), lse[:, -1].reshape(b, hkv, g))
     merged, _ = softmax_finish(softmax_merge(finished, chosen))

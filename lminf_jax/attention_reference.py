@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from lminf_jax.scores import (
-    NEG_INF,
     Positional,
     Scaling,
     attends_non_finite,
@@ -137,13 +136,12 @@ def _weighted_values(probs: jax.Array, attended: jax.Array, v: jax.Array) -> jax
 
 def _insert_top_k(scores, attended, q, k, q_positions, k_positions, spec, positional, scale, active):
     """Add the top-k middle keys of the last query slot of each row to its scores and attended set."""
-    last = middle_scores(
-        q[:, -1:], k, q_positions[:, -1:], k_positions, spec=spec, positional=positional, scale=scale
-    )[..., 0, :]
-    n = min(spec.top_k.k, k.shape[1])
-    values, index = jax.lax.top_k(last, n)
+    last, middle = middle_scores(q[:, -1:], k, q_positions[:, -1:], k_positions, spec=spec, positional=positional,
+                                 scale=scale)
+    last, middle = last[..., 0, :], middle[..., 0, :]
+    top = spec.selection.choose(last, middle)
     chosen = jnp.zeros(last.shape, bool)
-    chosen = jnp.put_along_axis(chosen, index, values > NEG_INF, axis=-1, inplace=False) & active
+    chosen = jnp.put_along_axis(chosen, top.index, top.valid, axis=-1, inplace=False) & active
     new_last = jnp.where(chosen, last, scores[..., -1, :])
     attended = jnp.broadcast_to(attended, scores.shape)
     return scores.at[..., -1, :].set(new_last), attended.at[..., -1, :].set(attended[..., -1, :] | chosen)

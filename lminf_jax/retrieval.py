@@ -229,8 +229,7 @@ def _longheads_row(q, positions, queries, keys, values, new_keys, new_values, re
     chunk_ids = jnp.arange(n_chunks)
     last_candidate = (own_chunk - 1 - forced_previous)[:, None, None]
     candidate = (chunk_ids >= 1) & (chunk_ids <= last_candidate)
-    _, top = lax.top_k(jnp.where(candidate, scores, NEG_INF), min(c_count - 3, n_chunks))
-    top = jnp.sort(top, axis=-1)
+    top = spec.selection.choose(scores, candidate).index  # ascending: the frame keeps chronological order
     fp = forced_previous[:, None, None]
     oc = own_chunk[:, None, None]
     column = lambda x: jnp.broadcast_to(x, (*top.shape[:2], 1)).astype(top.dtype)  # noqa: E731
@@ -284,13 +283,6 @@ def _block_count(spec: InfLLM, slots: int) -> int:
     return max(1, -(-max(slots - spec.local_branch - spec.global_branch, 0) // spec.block_size))
 
 
-def _formed(spec: InfLLM, processed: jax.Array) -> jax.Array:
-    """How many blocks have formed once the tokens before position ``processed`` have been processed."""
-    n_init, n_local = spec.global_branch, spec.local_branch
-    initial = jnp.clip(processed - n_local, 0, n_init)
-    return jnp.where(initial == n_init, jnp.maximum(processed - n_local - n_init, 0) // spec.block_size, 0)
-
-
 def _infllm_row(q, positions, keys, values, new_keys, new_values, mass, reps, *, spec: InfLLM, rotary, slopes,
                 scale: Scaling, heads):
     """One row: ``q (T, Hq, d)`` float32 at ``positions (T,)`` with ``new_keys``/``new_values (T, Hkv, d|dv)``;
@@ -309,7 +301,6 @@ def _infllm_row(q, positions, keys, values, new_keys, new_values, mass, reps, *,
     kv_heads = np.arange(hkv)[:, None]
     n_steps = 1 if t == 1 else -(-t // spec.step_size) + 1
     n_blocks = reps.shape[1]
-    retrieved = min(spec.blocks_retrieved, n_blocks)
     forming = min(n_blocks, step // bs + 1)  # the most blocks one step can form
     q_global = _rope_at(q, distance, rotary)  # every global key is scored with the query at D
 
@@ -334,16 +325,14 @@ def _infllm_row(q, positions, keys, values, new_keys, new_values, mass, reps, *,
         qs, qg = q[take], q_global[take]  # (step, Hq, d)
 
         # the memory as the tokens before a have left it
-        initial = jnp.clip(a - n_local, 0, n_init)
-        formed = _formed(spec, a)
+        initial, formed = spec.memory(a, jnp)
         tail_start = initial + formed * bs
         mean_query = _rope_at(jnp.sum(jnp.where(live[:, None, None], qs, 0.0), axis=0)
                               / jnp.maximum(jnp.sum(live), 1), distance, rotary)  # (Hq, d)
-        block_scores = jnp.where(np.arange(n_blocks) < formed, _dot("hd,hjd->j", mean_query, reps), NEG_INF)
-        chosen_scores, chosen = lax.top_k(block_scores, retrieved)
+        top = spec.selection.choose(_dot("hd,hjd->hj", mean_query, reps), np.arange(n_blocks) < formed, head_axis=0)
         far = jnp.concatenate([
             jnp.where(np.arange(n_init) < initial, np.arange(n_init), -1),
-            jnp.where((chosen_scores > NEG_INF)[:, None], n_init + chosen[:, None] * bs + np.arange(bs), -1).ravel(),
+            jnp.where(top.valid[:, None], n_init + top.index[:, None] * bs + np.arange(bs), -1).ravel(),
             jnp.where(tail_start + np.arange(bs + step) < b - n_local, tail_start + np.arange(bs + step), -1)])
         near = a - n_local + 1 + np.arange(n_local + step - 1)  # the steps' windows
 
@@ -365,7 +354,7 @@ def _infllm_row(q, positions, keys, values, new_keys, new_values, mass, reps, *,
         mass = mass.at[:, jnp.clip(near, 0, slots - 1)].add(jnp.where(near >= 0, gained, 0.0))
         # the blocks this step's end forms: no later query reaches them locally, so their mass is final
         new = formed + np.arange(forming)
-        reps = reps.at[:, jnp.where(new < _formed(spec, b), new, n_blocks)].set(representations(mass, new),
+        reps = reps.at[:, jnp.where(new < spec.memory(b, jnp)[1], new, n_blocks)].set(representations(mass, new),
                                                                                  mode="drop")
         return (mass, reps, out), None
 

@@ -246,22 +246,21 @@ def middle_scores(
     spec: AttentionSpec,
     positional: Positional,
     scale: Scaling,
-) -> jax.Array:
-    """Scores of the keys the mask hides, for the top-k middle-token variant.
+) -> tuple[jax.Array, jax.Array]:
+    """Scores of every key for the top-k middle-token variant, and which keys compete (the mask hides them).
 
     ``q_last`` is ``(B, 1, Hkv, Hg, d)`` (un-rotated), ``k`` the un-rotated keys.
-    The query is placed at ``spec.top_k.insert_distance`` from an un-rotated key.
-    Returns ``(B, Hkv, Hg, 1, Tk)`` with ``-inf`` for keys that are not middle keys.
+    The query is placed at ``spec.selection.distance`` from an un-rotated key.
+    Returns ``(B, Hkv, Hg, 1, Tk)`` scores and the middle keys, broadcastable to them.
     """
-    distance = spec.top_k.insert_distance
+    distance = spec.selection.distance
     if isinstance(positional, Rotary):
         q_last = _rope_grouped(q_last, jnp.full_like(q_last_positions, distance), positional,
                                last_key_position(k_positions, positional))
     s = scale(dot_scores(q_last, k))
     if isinstance(positional, Alibi):
         s = s - _grouped_slopes(positional, q_last.shape[2], q_last.shape[3]) * float(distance)
-    middle = spec.middle(*_pairs(q_last_positions, k_positions))
-    return jnp.where(middle, s, NEG_INF)
+    return s, spec.middle(*_pairs(q_last_positions, k_positions))
 
 
 def top_k_active(spec: AttentionSpec, layer: int | jax.Array | None) -> bool | jax.Array:

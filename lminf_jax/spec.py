@@ -55,6 +55,7 @@ import numpy as np
 from lminf_jax.int32 import INT32_MAX, require_int32
 from lminf_jax.lazy import LazyModule
 from lminf_jax.method_parameters import PARAMETERS, Option, PretrainingLength
+from lminf_jax.selection import Selection
 
 jax, jnp = LazyModule("jax"), LazyModule("jax.numpy")  # imported on first use: the declarations need neither
 
@@ -90,6 +91,14 @@ class TopK:
     def at_window(self, window: int) -> TopK:
         """This TopK for a method whose window is ``window``: an unset ``insert_distance`` is ``window // 2``."""
         return self if self.insert_distance is not None else dataclasses.replace(self, insert_distance=window // 2)
+
+    @property
+    def selection(self) -> Selection:
+        """This TopK as a `lminf_jax.selection.Selection` (its ``insert_distance`` set: `at_window`)."""
+        if self.insert_distance is None:
+            raise ValueError("top_k.insert_distance is unset: the method that takes this TopK sets it (at_window)")
+        return Selection(unit=1, count=self.k, scope="head", every="last query", distance=self.insert_distance,
+                         candidates="the keys the mask hides", score="the query at the distance . the raw key")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +145,11 @@ class AttentionSpec:
 
     def _check(self) -> None:
         """Method-specific checks beyond each parameter's range (a ValueError naming the fields)."""
+
+    @property
+    def selection(self) -> Selection | None:
+        """The keys this method chooses from scores when it runs (`lminf_jax.selection`), or None."""
+        return None if self.top_k is None else self.top_k.selection
 
     @classmethod
     def from_options(cls, pretraining_length: PretrainingLength, **options: int | None) -> AttentionSpec:
@@ -532,7 +546,8 @@ class RetrievalSpec(AttentionSpec):
       attended once (the first release's rule; the main branch counts some tail keys twice).
 
     Both attend an unbounded set (every key stays a candidate), so they decode from a full cache, with
-    per-layer state beside it (`lminf_jax.retrieval.initial_state`).
+    per-layer state beside it (`lminf_jax.retrieval.initial_state`). What each chooses (chunks, blocks)
+    is its `selection`, the declaration top-k middle tokens share (`lminf_jax.selection`).
     """
 
     retrieves: ClassVar[bool] = True
@@ -573,6 +588,13 @@ class LongHeads(RetrievalSpec):
     def chunks(self) -> int:
         """C = span / w: chunks a selective query attends (its own, partial one included)."""
         return self.span // self.chunk_size
+
+    @property
+    def selection(self) -> Selection:
+        """The ``C - 3`` chunks a selective query chooses, per head, besides chunk 0, the previous and its own."""
+        return Selection(unit=self.chunk_size, count=self.chunks - 3, scope="head", every="query", distance=None,
+                         candidates="complete chunks 1 .. before the previous",
+                         score="the raw query . the chunk's representation")
 
     def _attended(self, i: np.ndarray) -> np.ndarray:
         w = self.chunk_size
@@ -617,10 +639,26 @@ class InfLLM(RetrievalSpec):
         """D = n_local - 1: the distance of every global key."""
         return self.local_branch - 1
 
+    @property
+    def selection(self) -> Selection:
+        """The memory blocks a step retrieves for all heads of a layer, scored at D."""
+        return Selection(unit=self.block_size, count=self.blocks_retrieved, scope="layer", every="step",
+                         distance=self.limit_distance, candidates="formed memory blocks",
+                         score="the step's mean query at D . the block's representation")
+
+    def memory(self, processed, xp=np):
+        """``(initial, blocks)``: how many initial tokens and memory blocks the tokens before position
+        ``processed`` (an int array, numpy or ``xp=jax.numpy``) have left in the memory: a token leaves the
+        local window ``n_local`` positions later; blocks form from ``n_init`` on, once the initial tokens
+        are complete."""
+        n_local, n_init = self.local_branch, self.global_branch
+        initial = xp.clip(processed - n_local, 0, n_init)
+        blocks = xp.where(initial == n_init, xp.maximum(processed - n_local - n_init, 0) // self.block_size, 0)
+        return initial, blocks
+
     def _attended(self, i: np.ndarray) -> np.ndarray:
-        n_local, n_init, bs = self.local_branch, self.global_branch, self.block_size
-        initial = np.clip(i - n_local, 0, n_init)  # processed tokens before the step: i
-        blocks = np.where(initial == n_init, np.maximum(i - n_local - n_init, 0) // bs, 0)
+        n_local, bs = self.local_branch, self.block_size
+        initial, blocks = self.memory(i)  # processed tokens before the step: i
         tail = np.maximum(i + 1 - n_local - (initial + blocks * bs), 0)
         return np.minimum(i + 1, n_local) + initial + np.minimum(blocks, self.blocks_retrieved) * bs + tail
 
