@@ -51,26 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def keys_and_bytes(name: str, model, spec, n: int, new: int) -> tuple[int, int]:
     """Keys the prompt's last token attends and the device bytes of the method's cache (and state)."""
-    import jax
-
     from lminf_jax.entropy_cache import SirLLM
     from lminf_jax.evaluation.xl3m import XL3M
 
     l_train = SHAPE["max_position_embeddings"]
-
-    def cache_bytes(capacity: int | None, batch: int = 1) -> int:
-        shapes = jax.eval_shape(lambda: model.init_cache(batch, capacity=capacity))
-        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
-
     if name == "sirllm":
-        size = SirLLM.for_model(l_train).size
-        return size, cache_bytes(size) + 4 * size
+        policy = SirLLM.for_model(l_train)
+        return policy.size, model.cache_bytes(capacity=policy.size) + policy.score_bytes
     if name == "xl3m":
         settings = XL3M.for_model(l_train, new)
         scoring = 8 * (1 + settings.segment_length + settings.question_length)
-        return settings.budget, max(cache_bytes(settings.budget), cache_bytes(scoring))
+        return settings.budget, max(model.cache_bytes(capacity=settings.budget), model.cache_bytes(capacity=scoring))
     keys = int(spec.attended_keys(np.asarray([n - 1]))[0])
-    return keys, cache_bytes(None if spec.bounded else n + new)
+    return keys, model.cache_bytes(capacity=None if spec.bounded else n + new)
 
 
 def measure(name: str, model, params, n: int, steps: int) -> dict:

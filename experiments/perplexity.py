@@ -255,15 +255,6 @@ def _asdict(scaling) -> dict | None:
     return None if scaling is None else dataclasses.asdict(scaling)
 
 
-def cache_bytes(model, length: int) -> int:
-    """Bytes of the KV cache (keys, values, positions and a retrieval method's state) ``model`` decodes a
-    ``length``-token sequence with (batch 1): a Λ-cache for a bounded method, else a full cache of ``length`` slots."""
-    import jax
-
-    shapes = jax.eval_shape(lambda: model.init_cache(1, capacity=length))
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
-
-
 def nan_origin(record: dict, params) -> str | None:
     """Where the NaN scores of a run came from (None when there are none): the weights, naming the
     tensors that hold non-finite values, or else the forward pass."""
@@ -395,7 +386,7 @@ def length_result(model, nll: np.ndarray, n: int, segments: int) -> dict:
     spread over the `segments`, the attention and RoPE scaling used, and what the method costs there."""
     from lminf_jax.evaluation.perplexity import length_point
 
-    costs, at_n = cache_bytes(model, n), model.call.spec
+    costs, at_n = model.cache_bytes(capacity=n), model.call.spec  # a Λ-cache for a bounded method
     return {**length_point(nll, segments).to_json(), "nan_scores": int(np.isnan(nll).sum()),
             "rope_scaling": _asdict(model.call.frequencies),
             "attention": at_n.describe(), "farthest_distance": float(at_n.farthest_distance(n)),
@@ -408,7 +399,7 @@ def policy_length_result(model, policy, nll: np.ndarray, n: int, segments: int) 
     from lminf_jax.evaluation.perplexity import length_point
 
     slots = policy.size
-    costs = cache_bytes(model, slots) + 4 * slots  # and a float32 score per slot
+    costs = model.cache_bytes(capacity=slots) + policy.score_bytes
     return {**length_point(nll, segments).to_json(), "nan_scores": int(np.isnan(nll).sum()), "rope_scaling": None,
             "attention": f"sirllm(G={policy.sinks}, R={policy.recent}, E={policy.entropy}, turn={policy.turn})",
             "farthest_distance": float(min(n, slots) - 1),

@@ -118,6 +118,11 @@ class SirLLM:
         """``S = G + R + E``: the cache's slots."""
         return self.sinks + self.recent + self.entropy
 
+    @property
+    def score_bytes(self) -> int:
+        """Bytes of the surprisal kept beside the cache (float32 per slot, batch 1)."""
+        return 4 * self.size
+
     @classmethod
     def for_model(cls, pretraining_length: int, **fields: Any) -> SirLLM:
         """The library's defaults for a model pretrained at ``pretraining_length`` (L_train >= 8):

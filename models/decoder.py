@@ -319,6 +319,12 @@ class LanguageModel:
             return make()
         return jax.jit(make, out_shardings=cache_shardings(self.sharding, dec, jax.eval_shape(make)))()
 
+    def cache_bytes(self, batch: int = 1, *, capacity: int | None = None) -> int:
+        """Bytes of the cache `init_cache` makes (keys, values, positions, a retrieval method's state),
+        from its shapes: nothing is allocated."""
+        shapes = jax.eval_shape(lambda: self.init_cache(batch, capacity=capacity))
+        return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
+
     def check_cache(self, cache: KVCache, *, batch: int | None = None) -> None:
         """Raise a ValueError naming what does not fit between ``cache`` and this model."""
         if not isinstance(cache, KVCache):

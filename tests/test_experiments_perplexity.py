@@ -23,8 +23,7 @@ from lminf_jax.experiments import perplexity as cli
 from lminf_jax.experiments import perplexity_report
 from lminf_jax.experiments.loading import load_model, load_tokenizer_from
 from lminf_jax.experiments.shipped import SHIPPED_MODEL
-from lminf_jax import AttentionSpec, LMInfinite, SelfExtend, StreamingLLM, Vanilla, frequency_method
-from lminf_jax.spec import KINDS
+from lminf_jax import AttentionSpec, LMInfinite, SelfExtend, SlidingWindow, Vanilla, frequency_method
 from lminf_jax import AttentionCall
 
 
@@ -103,9 +102,12 @@ def direct_nll(model_dir: Path, tokens: np.ndarray, spec: AttentionSpec, frequen
 
 def test_every_length_scores_the_same_text(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "ppl.json"
-    # every mask method (LongHeads runs as InfLLM does: a retrieval method's forward), the frequency methods, SirLLM
-    methods = [*(k for k in KINDS if k != "longheads"), "yarn", "lm_infinite+pi@4", "ntk", "dynamic_ntk",
-               "self_extend@cover", "sirllm"]
+    # each way a method reaches the forward pass: masks (sinks and global positions, a window, grouped positions,
+    # a covering choice), frequencies (per length, combined with a mask, static, following the length), a
+    # retrieval method (LongHeads runs as InfLLM does) and a cache policy; lambda_mask, distance_limit,
+    # streaming_llm and leaky_rerope take lm_infinite's path with other declarations
+    methods = ["vanilla", "lm_infinite", "sliding_window", "self_extend", "infllm", "yarn", "lm_infinite+pi@4", "ntk",
+               "dynamic_ntk", "self_extend@cover", "sirllm"]
     code, stdout, stderr = run([str(model_dir), "--text", str(text_file), "--multiples", "1", "4",
                                 "--sequences", "2", "--methods", *methods, "-G", "2", "--batch-tokens", "200",
                                 "--block", "16", "--out", str(out), "--no-plot", "--no-progress"], capsys)
@@ -118,7 +120,7 @@ def test_every_length_scores_the_same_text(model_dir, text_file, tmp_path, capsy
     assert record["settings"]["text_tokens"] == stream.size and record["settings"]["segment_tokens"] == longest - 1
     assert list(record["methods"]) == methods
     specs = {"vanilla": (Vanilla(), None), "lm_infinite": (LMInfinite(2, PRETRAIN), None),
-             "streaming_llm": (StreamingLLM(2, PRETRAIN), None),
+             "sliding_window": (SlidingWindow(PRETRAIN), None),
              # the factor each length needs: 4 at the longest length (and 1, the model's own RoPE, at L_train)
              "yarn": (Vanilla(), frequency_method("yarn", 4.0, PRETRAIN)),
              "lm_infinite+pi@4": (LMInfinite(2, PRETRAIN), frequency_method("pi", 4.0, PRETRAIN)),

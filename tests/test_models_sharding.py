@@ -40,6 +40,11 @@ FAMILY_MESHES = ("dp2-tp4-fsdp", "cp2-tp4")
 # partial RoPE as llama's and gptj's) run their parameter axes only
 PARAMETER_MESHES = ("dp2-tp4-fsdp",)
 VANILLA_MESHES = ("dp2-tp4-fsdp", "cp2-tp4")
+# Creating parameters in their shards and cached decoding are family-independent code over each family's
+# declared shardings and cache shape: run on the layouts that differ (fused Wqkv: MPT; per-layer native
+# windows: Gemma 2; GPT-J's parallel block) and llama; every family's declared q sharding is still checked.
+CREATED_IN_SHARDS = ("llama", "gptj", "mpt")
+DECODED = ("llama", "mpt", "gemma2")
 rng = np.random.default_rng(0)
 out = {"forward": [], "init": [], "decode": []}
 
@@ -72,15 +77,18 @@ for name, hf in CONFIGS.items():
 
     # parameters created in their shards equal the unsharded ones
     plan = ShardingPlan(make_mesh(data=2, model=4), fsdp=True)
-    created = traverse_util.flatten_dict(fam.init_params(cfg, jax.random.key(3), plan=plan), sep=".")
-    plain = traverse_util.flatten_dict(fam.init_params(cfg, jax.random.key(3)), sep=".")
     wanted = fam.param_shardings(cfg, plan)
-    out["init"].append({"family": name, "equal": all(np.array_equal(created[n], plain[n]) for n in plain),
-                        "placed": all(created[n].sharding == wanted[n] for n in plain),
-                        "q_split": [list(wanted[n].spec) for n in wanted if re.search(r"(q_proj|Wqkv|query)\.weight", n)]})
+    case = {"family": name,
+            "q_split": [list(wanted[n].spec) for n in wanted if re.search(r"(q_proj|Wqkv|query)\.weight", n)]}
+    if name in CREATED_IN_SHARDS:
+        created = traverse_util.flatten_dict(fam.init_params(cfg, jax.random.key(3), plan=plan), sep=".")
+        plain = traverse_util.flatten_dict(fam.init_params(cfg, jax.random.key(3)), sep=".")
+        case.update(equal=all(np.array_equal(created[n], plain[n]) for n in plain),
+                    placed=all(created[n].sharding == wanted[n] for n in plain))
+    out["init"].append(case)
 
     # cached decoding: a sharded cache gives the single-device logits and keeps its shardings
-    for spec in (LMInfinite(3, 12), Vanilla())[:2 if name == "llama" else 1]:
+    for spec in (LMInfinite(3, 12), Vanilla())[:2 if name == "llama" else 1 if name in DECODED else 0]:
         plan = ShardingPlan(make_mesh(data=2, model=4))
         plain_model = fam.model(cfg, AttentionCall(spec, block_q=8, block_k=8))
         model = fam.model(cfg, AttentionCall(spec, block_q=8, block_k=8), jnp.float32, plan)
@@ -88,7 +96,7 @@ for name, hf in CONFIGS.items():
         caches = [plain_model.init_cache(2, capacity=40), model.init_cache(2, capacity=40)]
         first = caches[1].keys.sharding
         errs, kept = [], True
-        for start, length in ((0, 20), (20, 1), (21, 1), (22, 9)):
+        for start, length in ((0, 20), (20, 1), (21, 9)):
             toks = tokens[:, start:start + length]
             pos = jnp.broadcast_to(jnp.arange(start, start + length, dtype=jnp.int32), toks.shape)
             (a, caches[0]), (b, caches[1]) = plain_model(params, toks, pos, caches[0]), model(placed, toks, pos, caches[1])
@@ -122,7 +130,7 @@ placed = jax.device_put(params, traverse_util.unflatten_dict(fam.param_shardings
 tokens = tokens[:, :40]
 errs = [rel(model.forward(placed, tokens), plain.forward(params, tokens))]
 caches = [plain.init_cache(2), model.init_cache(2)]
-for start, length in ((0, 20), (20, 1), (21, 9)):
+for start, length in ((0, 20), (20, 1)):
     toks = tokens[:, start:start + length]
     pos = jnp.broadcast_to(jnp.arange(start, start + length, dtype=jnp.int32), toks.shape)
     (a, caches[0]), (b, caches[1]) = plain(params, toks, pos, caches[0]), model(placed, toks, pos, caches[1])
@@ -152,15 +160,16 @@ def test_sharded_forward_equals_one_device_for_every_family_and_mesh(result):
 
 
 def test_params_are_created_in_their_shards(result):
+    assert sorted(c["family"] for c in result["init"] if "equal" in c) == ["gptj", "llama", "mpt"]
     for case in result["init"]:
-        assert case["equal"] and case["placed"], case
+        assert case.get("equal", True) and case.get("placed", True), case
     q = {c["family"]: c["q_split"] for c in result["init"]}
     assert q["llama"] == q["gptj"] == q["bloom"] == q["neox"] == q["gemma2"] == [[None, "model", "data"]]
     assert q["mpt"] == [[None, None, "data"]]  # the fused Wqkv output stays whole
 
 
 def test_sharded_cache_decoding_equals_one_device(result):
-    assert len(result["decode"]) == 2 + 1 * 5
+    assert len(result["decode"]) == 2 + 1 * 2
     for case in result["decode"]:
         assert case["rel_err"] <= 1e-5 and case["cache_sharding_kept"], case
         assert case["cache_spec"] == [None, "data", "model", None, None], case  # (layers, B, Hkv, S, d)
@@ -172,5 +181,5 @@ def test_context_parallel_model_moves_only_halos_and_sinks(result):
 
 
 def test_dynamic_ntk_runs_sharded_and_is_refused_context_parallel(result):
-    assert len(result["dynamic_ntk"]) == 4 and max(result["dynamic_ntk"]) <= 1e-5, result["dynamic_ntk"]
+    assert len(result["dynamic_ntk"]) == 3 and max(result["dynamic_ntk"]) <= 1e-5, result["dynamic_ntk"]
     assert "does not split RoPE that follows the sequence length" in result["dynamic_ntk_cp_error"]
