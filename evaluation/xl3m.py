@@ -76,13 +76,16 @@ class XL3M:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
 
     @classmethod
-    def for_model(cls, pretraining_length: int, max_new_tokens: int, variant: str = "question") -> XL3M:
+    def for_model(cls, pretraining_length: int, max_new_tokens: int, **fields: Any) -> XL3M:
         """The library's defaults for a model pretrained at ``pretraining_length`` (L_train): Lq = L_train // 8,
-        Ls = L_train // 4, Lo = Ls // 8, budget = L_train - max_new_tokens (generation stays within L_train)."""
+        Ls = L_train // 4, Lo = Ls // 8, budget = L_train - max_new_tokens (generation stays within L_train),
+        variant "question"; ``fields`` override any field (Lo follows a given Ls)."""
         require_int("pretraining_length", pretraining_length, 8)
         require_int("max_new_tokens", max_new_tokens, 0)
-        ls = pretraining_length // 4
-        return cls(pretraining_length // 8, ls, ls // 8, pretraining_length - max_new_tokens, variant)
+        ls = fields.get("segment_length", pretraining_length // 4)
+        overlap = ls // 8 if isinstance(ls, int) and not isinstance(ls, bool) else 0
+        return cls(**{"question_length": pretraining_length // 8, "segment_length": ls, "overlap": overlap,
+                      "budget": pretraining_length - max_new_tokens, **fields})
 
     @property
     def keep(self) -> int:

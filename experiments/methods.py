@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from lminf_jax.experiments.loading import pretraining_length
 from lminf_jax.experiments.options import int_option
-from lminf_jax.experiments.task_generation import PROMPT_METHODS
+from lminf_jax.experiments.task_generation import PROMPT_METHODS, SETTABLE, PromptSettings
 from lminf_jax.method_parameters import PARAMETERS
 from lminf_jax.rope import FREQUENCY_METHODS, RopeScaling, frequency_method
 from lminf_jax.spec import KINDS, METHODS, AttentionSpec, TopK
@@ -394,6 +394,25 @@ def add_task_methods_arg(p: argparse.ArgumentParser) -> None:
         **PROMPT_METHODS, "lm_infinite_top_k": "lm_infinite plus the top-k middle tokens (--top-k-*)",
         "all": ", ".join(ALL_TASK_METHODS)})
     add_top_k_args(group, k=f"{TOP_K_DEFAULTS['k']}, TopK's, for lm_infinite_top_k")
+    add_prompt_settings_args(group)
+
+
+def add_prompt_settings_args(group: argparse._ArgumentGroup, methods: Sequence[str] = tuple(SETTABLE)) -> None:
+    """``--sirllm``/``--xl3m FIELD=VALUE ...``: fields of SirLLM's policy / XL3M's settings over their defaults
+    for the model (`experiments.task_generation.PromptSettings`)."""
+    where = {"sirllm": "SirLLM's policy (lminf_jax.entropy_cache.SirLLM: sinks, recent, entropy, decay, turn, "
+                       "code_scores)",
+             "xl3m": "XL3M's settings (lminf_jax.evaluation.xl3m.XL3M: question_length, segment_length, overlap, "
+                     "budget, variant)"}
+    for method in methods:
+        group.add_argument(f"--{method}", nargs="+", metavar="FIELD=VALUE",
+                           help=f"set fields of {where[method]} over its defaults for L_train, e.g. "
+                                f"--{method} {'entropy=64 decay=0.9' if method == 'sirllm' else 'segment_length=128'}")
+
+
+def prompt_settings(args: argparse.Namespace, methods: Sequence[str]) -> PromptSettings:
+    """The ``--sirllm``/``--xl3m`` settings of ``args`` for a run of ``methods`` (checked: `PromptSettings.parse`)."""
+    return PromptSettings.parse({m: getattr(args, m, None) for m in SETTABLE}, methods)
 
 
 def task_method_names(names: list[str]) -> list[str]:

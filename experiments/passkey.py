@@ -19,7 +19,8 @@ grammar ``MASK[@cover][+FREQ[@FACTOR]]`` (`experiments.methods.MethodChoice`; a 
 without ``@`` at the factor each length needs, n / L_train; ``dynamic_ntk`` follows the length by
 itself; ``self_extend@cover`` / ``leaky_rerope@cover``: the group size / leak each length needs), the
 retrieval methods ``longheads`` and ``infllm`` among them; ``sirllm`` (SirLLM's token-entropy cache) and
-``xl3m`` (vanilla on XL3M's key context), with their defaults for L_train (`experiments.task_generation`).
+``xl3m`` (vanilla on XL3M's key context), with their defaults for L_train or the fields ``--sirllm`` /
+``--xl3m FIELD=VALUE ...`` set (`experiments.task_generation`).
 ``all``: `experiments.methods.ALL_TASK_METHODS`. The method parameters (-G, -L, -D, --group-size,
 --leak) apply to every method that takes them, with the methods' own defaults otherwise (G = 10,
 streaming_llm's 4).
@@ -44,10 +45,11 @@ import numpy as np
 from lminf_jax.experiments.loading import (
     add_tokenizer_arg, load_config, load_model, open_tokenizer, params_dtype, pretraining_length,
 )
-from lminf_jax.experiments.methods import add_task_methods_arg, task_attention_call, task_method_names, task_method_specs
+from lminf_jax.experiments.methods import (
+    add_task_methods_arg, prompt_settings, task_attention_call, task_method_names, task_method_specs)
 from lminf_jax.experiments.options import add_output_args, command_parser, int_option, run_cli, save_result
 from lminf_jax.experiments.shipped import SHIPPED_PASSKEY_MODEL, add_model_arg
-from lminf_jax.experiments.task_generation import check_prompt_methods, generate_answers
+from lminf_jax.experiments.task_generation import PromptSettings, check_prompt_methods, generate_answers
 from lminf_jax.spec import AttentionSpec
 from lminf_jax.tasks.passkey import PasskeyBuilder, Prompt, accuracy_by_depth, parse_answer, random_key
 
@@ -73,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def evaluate_cell(model, prefill, params, prompts: list[Prompt], name: str, l_train: int, tokenizer) -> list[dict]:
-    """Greedy answers of one method for prompts of one length."""
+def evaluate_cell(model, prefill, params, prompts: list[Prompt], name: str, l_train: int, tokenizer,
+                  settings: PromptSettings = PromptSettings()) -> list[dict]:
+    """Greedy answers of one method for prompts of one length (``settings``: SirLLM's and XL3M's)."""
     out = generate_answers(name, model, prefill, params, [p.tokens for p in prompts], l_train=l_train,
-                           new_tokens=NEW_TOKENS)
+                           new_tokens=NEW_TOKENS, settings=settings)
     rows = []
     for b, p in enumerate(prompts):
         text = tokenizer.decode(out.row(b))
@@ -126,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"prompts need at least {builder.minimum_length} tokens; L_train x "
                          f"{min(args.multiples)} = {lengths[0]}")
     specs = {name: task_method_specs(config, name, args) for name in task_method_names(args.methods)}
-    check_prompt_methods(specs, l_train, NEW_TOKENS, "the answer's new tokens")
+    settings = prompt_settings(args, list(specs))
+    check_prompt_methods(specs, l_train, NEW_TOKENS, "the answer's new tokens", settings)
     for name, (spec, _) in specs.items():  # a method that cannot apply to this model fails here
         for n in lengths:
             family.model(config, task_attention_call(name, spec, n, l_train))
@@ -145,13 +149,14 @@ def run(args: argparse.Namespace) -> int:
             model = family.model(config, call, dtype)
             prefill = None if prefill_spec is None else family.model(
                 config, dataclasses.replace(call, spec=prefill_spec), dtype)
-            cells[str(n)] = evaluate_cell(model, prefill, params, prompts[n], name, l_train, tokenizer)
+            cells[str(n)] = evaluate_cell(model, prefill, params, prompts[n], name, l_train, tokenizer, settings)
             scaling[str(n)] = None if call.frequencies is None else dataclasses.asdict(call.frequencies)
             attention[str(n)] = call.spec.describe()
             acc = np.mean([r["correct"] for r in cells[str(n)]])
             print(f"{name} at {n:,}: accuracy {acc:.2f}", file=sys.stderr)
+        policy = settings.describe(name, l_train, NEW_TOKENS)
         results[name] = {"attention": attention, "rope_scaling": scaling, "seconds": time.perf_counter() - t0,
-                         "cells": cells}
+                         **({} if policy is None else {"settings": policy}), "cells": cells}
     record = {"settings": {"model": str(args.model_dir), "family": family.name, "l_train": l_train,
                            **({} if args.tokenizer is None else {"tokenizer": str(args.tokenizer)}),
                            "lengths": lengths, "depths": list(args.depths), "samples": args.samples,

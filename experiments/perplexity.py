@@ -89,7 +89,8 @@ from lminf_jax.experiments.loading import (
 from lminf_jax.evaluation.resume import TEMP, OwnFolder, read_checked, write_checked
 from lminf_jax.spec import KINDS
 from lminf_jax.experiments.methods import (
-    add_methods_arg, checked_methods, method_options, method_spec, MethodChoice, spec_settings,
+    add_methods_arg, add_prompt_settings_args, checked_methods, method_options, method_spec, MethodChoice,
+    prompt_settings, spec_settings,
 )
 from lminf_jax.experiments.options import add_output_args, command_parser, input_path, int_option, run_cli, save_result
 from lminf_jax.experiments.perplexity_report import plot, plotting_available, print_table, show_saved
@@ -120,11 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lengths as multiples of L_train")
     p.add_argument("--sequences", type=int_option(1), default=DEFAULT_SEQUENCES, metavar="S",
                    help="segments of the longest length, evenly spaced over the text")
-    add_methods_arg(p, DEFAULT_METHODS, {
-        "sirllm": "SirLLM's token-entropy cache (lminf_jax.entropy_cache, SirLLM.for_model): each token's NLL as the "
-                  "text streams through its cache of 4 + 3 L_train / 4 slots",
+    group = add_methods_arg(p, DEFAULT_METHODS, {
+        "sirllm": "SirLLM's token-entropy cache (lminf_jax.entropy_cache, SirLLM.for_model; --sirllm): each token's "
+                  "NLL as the text streams through its cache of 4 + 3 L_train / 4 slots",
         "all": "every mask method, then (RoPE models) pi, ntk, yarn at the factor each length needs and at the "
                "longest's, dynamic_ntk, and sirllm"})
+    add_prompt_settings_args(group, ("sirllm",))
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the stored weights' dtype)")
     p.add_argument("--batch-tokens", type=int_option(1), default=16384, metavar="N",
                    help="tokens per forward pass: N // length sequences, at least one")
@@ -334,10 +336,8 @@ def checked_grid(args: argparse.Namespace) -> Grid:
     rope = isinstance(family.model(config).decoder().positional, Rotary)
     methods, policies = _methods(args.methods, max(args.multiples), rope)
     l_train = pretraining_length(config)
-    if policies:
-        from lminf_jax.entropy_cache import SirLLM
-
-        policies = {"sirllm": SirLLM.for_model(l_train)}
+    settings = prompt_settings(args, list(policies))
+    policies = {name: settings.sirllm_policy(l_train) for name in policies}
     grid = Grid(config, l_train, [m * l_train for m in sorted(args.multiples)], methods,
                 {c.name: method_spec(c.mask, config, **method_options(args)) for c in methods}, args.block,
                 dict(policies))

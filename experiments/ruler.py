@@ -44,14 +44,14 @@ from lminf_jax.experiments.loading import (
     add_tokenizer_arg, hf_config, load_config, load_model, open_tokenizer, params_dtype, pretraining_length,
 )
 from lminf_jax.experiments.methods import (
-    TOP_K_DEFAULTS, add_task_methods_arg, method_options, method_spec, task_attention_call, task_method_names,
-    task_method_specs, top_k_from_args,
+    TOP_K_DEFAULTS, add_task_methods_arg, method_options, method_spec, prompt_settings, task_attention_call,
+    task_method_names, task_method_specs, top_k_from_args,
 )
 from lminf_jax.experiments.options import (
     add_output_args, command_parser, input_path, int_option, output_file, run_cli, save_result,
 )
 from lminf_jax.experiments.shipped import SHIPPED_RULER_MODEL, add_model_arg
-from lminf_jax.experiments.task_generation import check_prompt_methods, generate_answers
+from lminf_jax.experiments.task_generation import PromptSettings, check_prompt_methods, generate_answers
 from lminf_jax.tasks.ruler import NEEDS_TEXT, TASKS, Instance, TooShort, generate_grid, held_out_text, prompt_tokens
 from lminf_jax.tasks.ruler_jsonl import read_jsonl, write_jsonl
 from lminf_jax.tasks.ruler_scoring import aggregate, score
@@ -174,16 +174,17 @@ def instance_record(inst: Instance, tokens: list[int]) -> dict:
 
 
 def predict(name: str, model, prefill, params, tokenizer, prompts: list[list[int]], new_tokens: int, batch: int,
-            l_train: int) -> list[dict]:
-    """Greedy continuations of method ``name`` (`experiments.task_generation.generate_answers`) stopping at
-    EOS, `batch` prompts per call (the last padded with copies of its last prompt)."""
+            l_train: int, settings: PromptSettings = PromptSettings()) -> list[dict]:
+    """Greedy continuations of method ``name`` (`experiments.task_generation.generate_answers`, with SirLLM's
+    and XL3M's ``settings``) stopping at EOS, `batch` prompts per call (the last padded with copies of its last
+    prompt)."""
     size = min(batch, len(prompts))
     stops = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
     rows = []
     for first in range(0, len(prompts), size):
         chunk = prompts[first:first + size]
         out = generate_answers(name, model, prefill, params, chunk + [chunk[-1]] * (size - len(chunk)), l_train=l_train,
-                               new_tokens=new_tokens, stop_tokens=stops)
+                               new_tokens=new_tokens, stop_tokens=stops, settings=settings)
         for b in range(len(chunk)):
             ids = out.row(b)[:out.lengths[b] - int(out.stopped[b])]
             rows.append({"prediction": tokenizer.decode(ids), "new_tokens": len(ids), "stopped": bool(out.stopped[b])})
@@ -216,7 +217,9 @@ def run(args: argparse.Namespace) -> int:
     tasks = list(dict.fromkeys(i.task for i in instances))
     lengths = sorted({i.length for i in instances})
     new_tokens = {t: next(i.max_new_tokens for i in instances if i.task == t) for t in tasks}
-    check_prompt_methods(specs, l_train, max(new_tokens.values()), f"{max(new_tokens, key=new_tokens.get)}'s new tokens")
+    prompt = prompt_settings(args, list(specs))
+    check_prompt_methods(specs, l_train, max(new_tokens.values()), f"{max(new_tokens, key=new_tokens.get)}'s new tokens",
+                         prompt)
     for name, (spec, _) in specs.items():  # a method that cannot apply to this model fails here
         for n in lengths:
             family.model(config, task_attention_call(name, spec, n, l_train))
@@ -231,7 +234,9 @@ def run(args: argparse.Namespace) -> int:
         "l_train": l_train, "eos_id": tokenizer.eos_id, "tasks": tasks, "lengths": lengths,
         "depths": sorted({depth_label(i.depth) for i in instances}), "new_tokens": new_tokens,
         "instances_sha256": hashlib.sha256(json.dumps(records).encode()).hexdigest(), "batch": args.batch,
-        "tokenizer": args.tokenizer, "method_options": method_options(args), "top_k": dataclasses.asdict(top_k)}))
+        "tokenizer": args.tokenizer, "method_options": method_options(args), "top_k": dataclasses.asdict(top_k),
+        # SirLLM's and XL3M's fields set over their defaults (a rerun with others starts afresh)
+        "prompt_settings": {"sirllm": dict(prompt.sirllm), "xl3m": dict(prompt.xl3m)}}))
     results = ResultFile(Path(args.out), "RULER", ("methods",))
     old = results.earlier(settings)
     _, config, params = load_model(args.model_dir)
@@ -253,13 +258,15 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         keep = l_train - 1 - new_tokens[task] if name == "truncation" else None
         rows = predict(name, *built[name, n], params, tokenizer, [prompts[k] for k in cells[task, n]],
-                       new_tokens[task], args.batch, l_train)
+                       new_tokens[task], args.batch, l_train, prompt)
         mask = None if name in ("sirllm", "xl3m") else call.spec
         for k, row in zip(cells[task, n], rows):
             row.update(instance=k, score=score(instances[k], row["prediction"]),
                        needles_visible=needles_visible(mask, instances[k], keep))
+        policy = prompt.describe(name, l_train, new_tokens[task])
         record["methods"].setdefault(name, {"cells": {}})["cells"][f"{task}@{n}"] = {
-            "attention": call.spec.describe(), "seconds": time.perf_counter() - t0, "predictions": rows,
+            "attention": call.spec.describe(), **({} if policy is None else {"settings": policy}),
+            "seconds": time.perf_counter() - t0, "predictions": rows,
             "rope_scaling": None if call.frequencies is None else dataclasses.asdict(call.frequencies)}
         print(f"{name} {task} at {n:,}: {100 * np.mean([r['score'] for r in rows]):.1f} "
               f"({len(rows)} instances, {time.perf_counter() - t0:.1f} s)", file=sys.stderr)

@@ -3,6 +3,7 @@ model (prompts of two lengths in one batch), and RULER runs every new method end
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,7 +16,7 @@ from lminf_jax.entropy_cache import SirLLM, sirllm_generate
 from lminf_jax.evaluation.xl3m import XL3M, key_context, model_entropy
 from lminf_jax.experiments import ruler
 from lminf_jax.experiments.loading import load_model
-from lminf_jax.experiments.task_generation import check_prompt_methods, generate_answers, truncated
+from lminf_jax.experiments.task_generation import PromptSettings, check_prompt_methods, generate_answers, truncated
 
 NEW = 6
 
@@ -54,11 +55,35 @@ def test_prompt_methods_are_their_definitions(tiny):
     assert all(len(c) <= PRETRAIN - NEW for c in contexts)
     got = _rows(generate_answers("xl3m", model, None, params, prompts, l_train=PRETRAIN, new_tokens=NEW))
     assert got == plain(contexts)
-    policy = SirLLM.for_model(PRETRAIN)
+    # SirLLM with a field set over its defaults (--sirllm entropy=20): the policy the command builds
+    policy = SirLLM.for_model(PRETRAIN, entropy=20)
     want, state = sirllm_generate(model, params, prompts, policy, positional=model.decoder().positional,
                                   max_new_tokens=NEW)
-    got = generate_answers("sirllm", model, None, params, prompts, l_train=PRETRAIN, new_tokens=NEW)
+    settings = PromptSettings.parse({"sirllm": ["entropy=20"]}, ["sirllm"])
+    got = generate_answers("sirllm", model, None, params, prompts, l_train=PRETRAIN, new_tokens=NEW, settings=settings)
     assert _rows(got) == _rows(want) and state.cache.slots == policy.size < len(prompts[0])
+    assert settings.describe("sirllm", PRETRAIN, NEW) == dataclasses.asdict(policy) and policy.entropy == 20
+
+
+def test_prompt_settings_are_checked_fields_over_the_defaults():
+    settings = PromptSettings.parse({"sirllm": ["decay=0.5", "code_scores=true"], "xl3m": ["segment_length=12"]},
+                                    ["sirllm", "xl3m"])
+    assert settings.sirllm_policy(PRETRAIN) == SirLLM.for_model(PRETRAIN, decay=0.5, code_scores=True)
+    xl3m = settings.xl3m_settings(PRETRAIN, NEW)
+    assert (xl3m.segment_length, xl3m.overlap, xl3m.budget) == (12, 1, PRETRAIN - NEW)  # the overlap follows Ls
+    assert PromptSettings.parse({"sirllm": None, "xl3m": None}, []) == PromptSettings()
+    for given, methods, message in [
+        ({"sirllm": ["window=3"]}, ["sirllm"], "FIELD one of sinks, recent"),
+        ({"sirllm": ["entropy"]}, ["sirllm"], "takes FIELD=VALUE"),
+        ({"sirllm": ["entropy=many"]}, ["sirllm"], "--sirllm entropy must be an int"),
+        ({"sirllm": ["code_scores=yes"]}, ["sirllm"], "true or false"),
+        ({"xl3m": ["segment_length=12"]}, ["sirllm"], "xl3m is not among --methods"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            PromptSettings.parse(given, methods)
+    with pytest.raises(ValueError, match="sirllm with the answer .*turn"):  # legal fields, illegal together
+        check_prompt_methods(["sirllm"], PRETRAIN, NEW, "the answer",
+                             PromptSettings.parse({"sirllm": ["turn=1000"]}, ["sirllm"]))
 
 
 def test_a_retrieval_method_answers_each_row_as_alone(tiny):
@@ -86,8 +111,11 @@ def test_ruler_runs_the_new_methods(tiny, tmp_path, capsys):
     methods = ["infllm", "xl3m"]  # a retrieval method and a prompt method (sirllm's answers: above)
     out = tmp_path / "r.json"
     assert ruler.main([str(model_dir), "--methods", *methods, "--tasks", "vt", "--lengths", "800",
-                       "--depths", "0.5", "--samples", "1", "--out", str(out), "--no-plot"]) == 0
+                       "--depths", "0.5", "--samples", "1", "--xl3m", "segment_length=12", "--out", str(out),
+                       "--no-plot"]) == 0
     record = json.loads(out.read_text())
+    assert record["settings"]["prompt_settings"] == {"sirllm": {}, "xl3m": {"segment_length": 12}}
+    assert record["methods"]["xl3m"]["cells"]["vt@800"]["settings"]["segment_length"] == 12
     assert list(record["methods"]) == methods
     for name in methods:
         (cell,) = record["methods"][name]["cells"].values()
