@@ -229,7 +229,7 @@ def _longheads_row(q, positions, queries, keys, values, new_keys, new_values, re
     chunk_ids = jnp.arange(n_chunks)
     last_candidate = (own_chunk - 1 - forced_previous)[:, None, None]
     candidate = (chunk_ids >= 1) & (chunk_ids <= last_candidate)
-    top = spec.selection.choose(scores, candidate).index  # ascending: the frame keeps chronological order
+    top = jnp.sort(spec.selection.choose(scores, candidate).index, axis=-1)  # the frame keeps chronological order
     fp = forced_previous[:, None, None]
     oc = own_chunk[:, None, None]
     column = lambda x: jnp.broadcast_to(x, (*top.shape[:2], 1)).astype(top.dtype)  # noqa: E731

@@ -34,7 +34,7 @@ Every = Literal["last query", "query", "step"]
 
 
 class Chosen(NamedTuple):
-    """The winners of `Selection.choose` along the candidates' axis, in ascending candidate order:
+    """The winners of `Selection.choose` along the candidates' axis, best first (ties: lower index first):
     ``index`` (int32), ``valid`` (False where fewer candidates than `Selection.count` exist; its index is
     then meaningless) and ``scores`` (the winners' scores, ``-inf`` where not valid)."""
 
@@ -91,7 +91,8 @@ class Selection:
 
         ``candidates`` (bool, broadcastable to ``scores``; after the head sum for a layer scope) marks the
         units that compete. A "layer" scope sums ``scores`` over ``head_axis`` first (required then; it must
-        not be the last axis). Ties go to the lower index (`jax.lax.top_k`). At most ``n`` are returned.
+        not be the last axis). Best first, ties to the lower index (`jax.lax.top_k`): a method that needs
+        another order sorts (LongHeads' chronological frame). At most ``n`` are returned.
         """
         if self.scope == "layer":
             if head_axis is None:
@@ -101,7 +102,4 @@ class Selection:
             raise ValueError("a selection per head takes no head_axis")
         masked = jnp.where(candidates, scores, float("-inf"))
         values, index = jax.lax.top_k(masked, min(self.count, masked.shape[-1]))
-        order = jnp.argsort(index, axis=-1)
-        index = jnp.take_along_axis(index, order, axis=-1)
-        values = jnp.take_along_axis(values, order, axis=-1)
         return Chosen(index.astype(jnp.int32), values > float("-inf"), values)
