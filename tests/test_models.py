@@ -54,6 +54,8 @@ def test_lm_infinite_forward_matches_dense_reference_forward(name):
     vanilla = run("blockwise", Vanilla())
     assert rel_err(run("blockwise", LMInfinite(3, 70)), vanilla) <= 1e-6
     assert rel_err(fast, vanilla) > 1e-3  # the spec reaches the attention
+    if name not in ("llama_gqa", "gemma2_window"):  # top-k is family-agnostic: grouped heads, native windows
+        return
     top_k = LMInfinite(3, 16, top_k=TopK(2, 8, from_layer=1))
     assert rel_err(run("blockwise", top_k), run("reference", top_k)) <= 1e-5
     assert rel_err(run("blockwise", top_k)[:, -1], fast[:, -1]) > 1e-4  # layer 1 of 2 uses top-k

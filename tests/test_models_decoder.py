@@ -43,8 +43,11 @@ SPECS = {"lm_infinite": LMInfinite(G, L), "vanilla": Vanilla(),
          "self_extend": SelfExtend(3, L), "leaky_rerope": LeakyReRoPE(L, 3)}
 
 
+# every family's Λ-cache; the full cache for the families whose positions differ (BLOOM's ALiBi is MPT's, NeoX's
+# half-layout partial RoPE is llama's and GPT-J's: their parity tests decode with it too)
 @pytest.mark.parametrize("name,spec_name", [
-    *((name, spec) for name in sorted(TINY_MODELS) for spec in ("lm_infinite", "vanilla")),
+    *((name, spec) for name in sorted(TINY_MODELS) for spec in ("lm_infinite", "vanilla")
+      if spec == "lm_infinite" or name not in ("bloom", "neox")),
     ("gptj", "self_extend"), ("mpt_biases_qk_ln", "self_extend"), ("llama_gqa", "leaky_rerope"),
 ])
 def test_prefill_plus_decoding_equals_one_forward(name, spec_name):
