@@ -400,10 +400,9 @@ def add_task_methods_arg(p: argparse.ArgumentParser) -> None:
 def add_prompt_settings_args(group: argparse._ArgumentGroup, methods: Sequence[str] = tuple(SETTABLE)) -> None:
     """``--sirllm``/``--xl3m FIELD=VALUE ...``: fields of SirLLM's policy / XL3M's settings over their defaults
     for the model (`experiments.task_generation.PromptSettings`)."""
-    where = {"sirllm": "SirLLM's policy (lminf_jax.entropy_cache.SirLLM: sinks, recent, entropy, decay, turn, "
-                       "code_scores)",
-             "xl3m": "XL3M's settings (lminf_jax.evaluation.xl3m.XL3M: question_length, segment_length, overlap, "
-                     "budget, variant)"}
+    # the fields are the dataclasses' own (a wrong one is refused naming them); named here without importing jax
+    where = {"sirllm": "SirLLM's policy (lminf_jax.entropy_cache.SirLLM)",
+             "xl3m": "XL3M's settings (lminf_jax.evaluation.xl3m.XL3M)"}
     for method in methods:
         group.add_argument(f"--{method}", nargs="+", metavar="FIELD=VALUE",
                            help=f"set fields of {where[method]} over its defaults for L_train, e.g. "
