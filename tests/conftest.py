@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import subprocess
@@ -67,10 +68,48 @@ LONGEST_MODULES = ("test_attention_blockwise", "test_experiments_perplexity", "t
                    "test_experiments_factors")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the `LONGEST_MODULES` first, in that order; the rest keep their order after them."""
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--extended", action="store_true", default=False,
+                     help="also run the extended cases (marked `extended`): the rest of each combinatorial grid")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "extended: a case that repeats code paths its grid's core cases reach, "
+                                       "in another combination; runs only with --extended (docs/install.md)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the `extended` cases unless --extended; run the `LONGEST_MODULES` first, in that order (the
+    rest keep their order after them)."""
+    if not config.getoption("--extended"):
+        extended = [item for item in items if item.get_closest_marker("extended")]
+        if extended:
+            config.hook.pytest_deselected(items=extended)
+            items[:] = [item for item in items if not item.get_closest_marker("extended")]
     rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+
+
+def in_turn(names, others, shift: int = 0) -> list[tuple]:
+    """``[(names[i], others[(i + shift) % len(others)])]``: each name once, the others in turn (a core)."""
+    return [(name, others[(i + shift) % len(others)]) for i, name in enumerate(names)]
+
+
+def product(names, others) -> list[tuple]:
+    """Every ``(name, other)`` pair (a whole grid)."""
+    return [(name, other) for name in names for other in others]
+
+
+def grid(cases, core) -> list:
+    """``cases`` for ``pytest.mark.parametrize``, those not in ``core`` marked `extended`: the core cases run
+    always and reach each code path the grid varies (each family's layout, each method, each implementation),
+    the rest repeat a path in another combination and run with --extended."""
+    core = list(core)
+    missing = [case for case in core if case not in cases]
+    if missing:
+        raise ValueError(f"core cases {missing} are not in the grid")
+    return [case if case in core else pytest.param(*(case if isinstance(case, tuple) else (case,)),
+                                                   marks=pytest.mark.extended) for case in cases]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -101,6 +140,10 @@ def random_qkv(seed: int, b: int, tq: int, tk: int, hq: int, hkv: int, d: int, d
     k = rng.standard_normal((b, tk, hkv, d)).astype(dtype)
     v = rng.standard_normal((b, tk, hkv, dv or d)).astype(dtype)
     return q, k, v
+
+
+#: The positional encodings `make_positional` builds.
+POSITIONALS = ("rope_half", "rope_interleaved_partial", "alibi", "none")
 
 
 def make_positional(name: str, head_dim: int, num_heads: int):
@@ -171,8 +214,10 @@ TINY_MODELS = {
 }
 
 
+@functools.cache
 def random_model(name: str, seed: int = 0):
-    """A tiny random model of one of `TINY_MODELS`: (family, config, params), no zero biases."""
+    """A tiny random model of one of `TINY_MODELS`: (family, config, params), no zero biases (made once per
+    process: its programs would compile again in every module)."""
     family = registry.family_for_config(TINY_MODELS[name])
     cfg = family.config_from_hf(TINY_MODELS[name])
     key = jax.random.key(seed)

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (assert_nan_stays_in_its_rows, attended_slots, case_seed, make_positional, naive_positional_kwargs,
+from conftest import (assert_nan_stays_in_its_rows, attended_slots, case_seed, grid, in_turn, make_positional,
+                      product, naive_positional_kwargs,
                       naive_spec_kwargs, random_qkv, rel_err)
 from naive_attention import naive_attention
 
@@ -191,8 +192,14 @@ def test_a_key_scored_at_position_zero_gets_the_rotary_scaling_in_every_path(spe
     assert rel_err(run(slice(t - 1, t), "single_query"), want[:, -1:]) < 1e-5
 
 
-@pytest.mark.parametrize("spec", [Vanilla(), LMInfinite(3, 8), SelfExtend(3, 8)], ids=lambda s: s.kind)
-@pytest.mark.parametrize("layout,rotary_dim", [("half", 16), ("interleaved", 6)])
+FOLLOWING_SPECS, FOLLOWING_LAYOUTS = [Vanilla(), LMInfinite(3, 8), SelfExtend(3, 8)], [("half", 16), ("interleaved", 6)]
+FOLLOWING_RUNS = [(spec, *layout) for spec, layout in product(FOLLOWING_SPECS, FOLLOWING_LAYOUTS)]
+
+
+# core: each kind under one layout, the layouts in turn
+@pytest.mark.parametrize("spec,layout,rotary_dim", grid(FOLLOWING_RUNS, core=[
+    (spec, *layout) for spec, layout in in_turn(FOLLOWING_SPECS, FOLLOWING_LAYOUTS)]),
+                         ids=[f"{spec.kind}-{layout}" for spec, layout, _ in FOLLOWING_RUNS])
 def test_rope_that_follows_the_length_takes_it_from_the_keys_in_every_path(spec, layout, rotary_dim):
     """Dynamic NTK (a `Rotary` with a `LengthRule`) rotates queries and keys with the frequencies of
     T = the call's largest key position + 1 (over the batch), whatever the queries: the oracle with
@@ -283,8 +290,13 @@ def test_methods_refuse_positions_whose_global_position_would_wrap():
         attention(Q[:, :1], K[:, :1], V[:, :1], q_positions=big, k_positions=big, spec=spec)
 
 
-@pytest.mark.parametrize("spec", [Vanilla(), LMInfinite(3, 8), SelfExtend(3, 8), DistanceLimit(8)], ids=lambda s: s.kind)
-@pytest.mark.parametrize("positional", ["rope_half", "alibi"])
+CAPPED_SPECS = [Vanilla(), LMInfinite(3, 8), SelfExtend(3, 8), DistanceLimit(8)]
+
+
+# core: each kind under one encoding, RoPE and ALiBi in turn
+@pytest.mark.parametrize("spec,positional", grid(product(CAPPED_SPECS, ("rope_half", "alibi")),
+                                                 core=in_turn(CAPPED_SPECS, ("rope_half", "alibi"))),
+                         ids=[f"{spec.kind}-{name}" for spec, name in product(CAPPED_SPECS, ("rope_half", "alibi"))])
 def test_soft_capped_scores_match_the_oracle_in_every_path(spec, positional):
     """Gemma-2's attention-logit soft-capping (`Scaling` with a cap: c * tanh(score / c), before any
     ALiBi bias) in the dense, blockwise, Pallas, single-query and probe paths, against the oracle; the

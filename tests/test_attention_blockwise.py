@@ -9,7 +9,8 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SPEC_FACTORIES, case_seed, make_positional, naive_spec_kwargs, random_qkv, rel_err
+from conftest import (POSITIONALS, SPEC_FACTORIES, case_seed, grid, in_turn, make_positional, naive_spec_kwargs,
+                      product, random_qkv, rel_err)
 from naive_attention import allowed_keys
 
 from lminf_jax import LMInfinite, SlidingWindow, TopK, Vanilla, attention
@@ -39,15 +40,16 @@ GRID = [
 ]
 
 
-POSITIONALS = ("rope_half", "rope_interleaved_partial", "alibi", "none")
 # Each layout case runs under two of the four encodings, so every case meets RoPE or ALiBi and every
 # encoding meets five or six cases (the encodings themselves are checked against the float64 oracle in
 # test_attention_reference.py; here they only ride along the index logic). The full cross product
 # compiled 88 programs for no case the pairs miss.
+# The core runs each case under one encoding (each encoding meets two or three cases).
 GRID_RUNS = [(case, POSITIONALS[(i + j) % 4]) for i, case in enumerate(GRID) for j in (0, 2)]
 
 
-@pytest.mark.parametrize("case,positional_name", GRID_RUNS, ids=[f"{c[0]}-{p}" for c, p in GRID_RUNS])
+@pytest.mark.parametrize("case,positional_name", grid(GRID_RUNS, core=GRID_RUNS[::2]),
+                         ids=[f"{c[0]}-{p}" for c, p in GRID_RUNS])
 def test_blockwise_matches_reference_grid(case, positional_name):
     name, b, tq, tk, hq, hkv, g, l, pads, offset = case
     d = 16
@@ -61,8 +63,10 @@ def test_blockwise_matches_reference_grid(case, positional_name):
     assert rel_err(fast, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("positional_name", ["rope_half", "alibi"])
-@pytest.mark.parametrize("spec_name", sorted(SPEC_FACTORIES))
+# core: each kind under one encoding, RoPE and ALiBi in turn
+@pytest.mark.parametrize("spec_name,positional_name", grid(product(sorted(SPEC_FACTORIES), ("rope_half", "alibi")),
+                                                           core=in_turn(sorted(SPEC_FACTORIES),
+                                                                        ("rope_half", "alibi"))))
 def test_blockwise_matches_reference_every_kind(spec_name, positional_name):
     b, t, hq, hkv, d = 2, 83, 4, 2, 16
     q, k, v = random_qkv(case_seed(spec_name, positional_name, 2), b, t, t, hq, hkv, d)
@@ -104,8 +108,9 @@ def test_blockwise_top_k_matches_reference_with_traced_layer(spec):
         assert rel_err(fast, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("positional_name", ["rope_half", "alibi"])
-@pytest.mark.parametrize("implementation", ["blockwise", "reference"])
+@pytest.mark.parametrize("implementation,positional_name", grid(
+    product(("blockwise", "reference"), ("rope_half", "alibi")),
+    core=in_turn(("blockwise", "reference"), ("rope_half", "alibi"))))
 def test_lm_infinite_equals_vanilla_when_t_le_l(implementation, positional_name):
     t, d = 64, 16
     q, k, v = random_qkv(13, 2, t, t, 4, 2, d)
@@ -120,8 +125,12 @@ def test_lm_infinite_equals_vanilla_when_t_le_l(implementation, positional_name)
     assert rel_err(shorter, outs[0]) > 1e-3  # the comparison can fail
 
 
-@pytest.mark.parametrize("spec_name", ["lm_infinite", "streaming_llm", "sliding_window", "vanilla", "distance_limit"])
-@pytest.mark.parametrize("implementation", ["blockwise", "reference"])
+GRADIENT_SPECS = ["lm_infinite", "streaming_llm", "sliding_window", "vanilla", "distance_limit"]
+
+
+# core: each kind through one implementation, the two in turn
+@pytest.mark.parametrize("spec_name,implementation", grid(product(GRADIENT_SPECS, ("blockwise", "reference")),
+                                                           core=in_turn(GRADIENT_SPECS, ("blockwise", "reference"))))
 def test_gradient_is_zero_exactly_outside_the_attended_set(spec_name, implementation):
     t, hq, d = 48, 2, 8
     q, k, v = random_qkv(17, 1, t, t, hq, hq, d)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (SPEC_FACTORIES, case_seed, make_positional, naive_positional_kwargs, naive_spec_kwargs,
-                      random_model, random_qkv, rel_err)
+from conftest import (POSITIONALS, SPEC_FACTORIES, case_seed, grid, in_turn, make_positional, naive_positional_kwargs,
+                      naive_spec_kwargs, product, random_model, random_qkv, rel_err)
 from naive_attention import naive_attention
 
 from lminf_jax import AttentionCall, LMInfinite, Rotary, attention
@@ -24,8 +24,8 @@ def _ring_positions(rng, query: int, slots: int, empty: int) -> np.ndarray:
     return rng.permutation(k_pos).astype(np.int32)
 
 
-@pytest.mark.parametrize("positional_name", ["rope_half", "rope_interleaved_partial", "alibi", "none"])
-@pytest.mark.parametrize("spec_name", sorted(SPEC_FACTORIES))
+@pytest.mark.parametrize("spec_name,positional_name", grid(product(sorted(SPEC_FACTORIES), POSITIONALS),
+                                                           core=in_turn(sorted(SPEC_FACTORIES), POSITIONALS, shift=0)))
 def test_single_query_matches_naive_oracle(spec_name, positional_name):
     b, s, hq, hkv, d = 3, 24, 6, 2, 8
     rng = np.random.default_rng(case_seed(spec_name, positional_name))
@@ -45,8 +45,8 @@ def test_single_query_matches_naive_oracle(spec_name, positional_name):
     assert low.dtype == jnp.bfloat16 and rel_err(low.astype(jnp.float32), want) < 1e-2
 
 
-@pytest.mark.parametrize("positional_name", ["rope_half", "rope_interleaved_partial", "alibi", "none"])
-@pytest.mark.parametrize("spec_name", sorted(SPEC_FACTORIES))
+@pytest.mark.parametrize("spec_name,positional_name", grid(product(sorted(SPEC_FACTORIES), POSITIONALS),
+                                                           core=in_turn(sorted(SPEC_FACTORIES), POSITIONALS, shift=2)))
 def test_a_cache_and_the_new_key_in_one_softmax_match_the_oracle(spec_name, positional_name):
     """`decode_attention` as a cached step calls it: the cache's keys stored rotated (under RoPE),
     sinks in their own slots and only there scored as global keys (``far_slots``), the ring

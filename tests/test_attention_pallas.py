@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (case_seed, make_positional, naive_positional_kwargs, naive_spec_kwargs, random_model,
-                      random_qkv, rel_err)
+from conftest import (POSITIONALS, case_seed, grid, in_turn, make_positional, naive_positional_kwargs,
+                      naive_spec_kwargs, product, random_model, random_qkv, rel_err)
 from naive_attention import naive_attention
 
 from lminf_jax import AttentionCall, LMInfinite, LambdaMask, SlidingWindow, StreamingLLM, Vanilla, attention
@@ -31,8 +31,9 @@ SPECS = {
 }
 
 
-@pytest.mark.parametrize("positional_name", ["rope_half", "rope_interleaved_partial", "alibi", "none"])
-@pytest.mark.parametrize("spec_name", sorted(SPECS))
+# core: each kind under one encoding, the encodings in turn
+@pytest.mark.parametrize("spec_name,positional_name", grid(product(sorted(SPECS), POSITIONALS),
+                                                           core=in_turn(sorted(SPECS), POSITIONALS)))
 def test_kernel_matches_naive_oracle(spec_name, positional_name):
     b, t, hq, hkv, d = 2, 150, 4, 2, 16
     q, k, v = random_qkv(case_seed(spec_name, positional_name), b, t, t, hq, hkv, d)

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (case_seed, make_positional, naive_positional_kwargs, naive_spec_kwargs, random_model,
-                      random_qkv, rel_err, assert_nan_stays_in_its_rows, attended_slots)
+from conftest import (case_seed, grid, in_turn, make_positional, naive_positional_kwargs, naive_spec_kwargs,
+                      random_model, random_qkv, rel_err, assert_nan_stays_in_its_rows, attended_slots)
 from naive_attention import naive_attention
 
 import lminf_jax.attention_vendor as vendor
@@ -53,9 +53,15 @@ def routed(kernel, q, k, v, **kw):
                                  interpret=kernel == "splash" and jax.default_backend() != "tpu", **kw)
 
 
-@pytest.mark.parametrize("positional_name", ["rope_half", "rope_interleaved_partial", "none"])
-@pytest.mark.parametrize("spec_name", sorted(SPECS))
-@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "cudnn"])
+ROUTE_POSITIONALS = ("rope_half", "rope_interleaved_partial", "none")
+ROUTE_RUNS = [(kernel, name, positional) for kernel in KERNELS if kernel != "cudnn" for name in sorted(SPECS)
+              for positional in ROUTE_POSITIONALS]
+
+
+# core: each kernel with each kind, the encodings in turn
+@pytest.mark.parametrize("kernel,spec_name,positional_name", grid(ROUTE_RUNS, core=[
+    (kernel, *pair) for j, kernel in enumerate(k for k in KERNELS if k != "cudnn")
+    for pair in in_turn(sorted(SPECS), ROUTE_POSITIONALS, shift=j)]))
 def test_the_route_matches_the_oracle(kernel, spec_name, positional_name):
     """Float32, GQA, a length that is no multiple of splash's tiles: output and log-sum-exp."""
     b, t, hq, hkv, d = 2, 150, 4, 2, 16

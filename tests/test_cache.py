@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import (
     SPEC_FACTORIES,
+    grid,
     make_positional,
     naive_positional_kwargs,
     naive_spec_kwargs,
@@ -56,14 +57,24 @@ def _chunks(total: int, seed: int) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("spec_name,positional_name,implementation,rotated", [
+CHUNKED_RUNS = [
     *((name, "rope_half", "blockwise", True) for name in sorted(SPEC_FACTORIES)),
     ("lm_infinite", "rope_half", "softcap", True), ("self_extend", "alibi", "softcap", False),
     ("lm_infinite", "rope_interleaved_partial", "auto", True), ("lm_infinite", "rope_half", "auto", False),
     ("self_extend", "rope_interleaved_partial", "auto", False), ("lm_infinite", "rope_half", "reference", True),
     ("lm_infinite", "alibi", "blockwise", False), ("streaming_llm", "alibi", "auto", False),
     ("vanilla", "alibi", "auto", False),
-])
+]
+# extended: kinds whose cache is another's (Λ-mask's and StreamingLLM's ring is LM-Infinite's, a distance limit's
+# full cache is vanilla's, SelfExtend's g dividing W is a case of its positions), ALiBi under auto (blockwise's)
+CHUNKED_EXTENDED = [("lambda_mask", "rope_half", "blockwise", True), ("distance_limit", "rope_half", "blockwise", True),
+                    ("streaming_llm", "rope_half", "blockwise", True),
+                    ("self_extend_g_divides_w", "rope_half", "blockwise", True),
+                    ("streaming_llm", "alibi", "auto", False), ("vanilla", "alibi", "auto", False)]
+
+
+@pytest.mark.parametrize("spec_name,positional_name,implementation,rotated",
+                         grid(CHUNKED_RUNS, core=[run for run in CHUNKED_RUNS if run not in CHUNKED_EXTENDED]))
 def test_chunked_cached_attention_equals_one_full_call(spec_name, positional_name, implementation, rotated):
     """Every chunk size (1 included: the decoding path), stored keys rotated or as projected;
     "softcap": blockwise with Gemma-2's logit soft-capping (a cap that binds)."""

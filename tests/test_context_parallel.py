@@ -1,5 +1,5 @@
 """lminf_jax.context_parallel on 8 simulated CPU devices (a subprocess: the device count is fixed
-when jax starts): equal to the single-device blockwise path at T = 16K, and its compiled HLO moves
+when jax starts): equal to the single-device blockwise path at T = 4K, and its compiled HLO moves
 only halos (collective-permute) and the sinks (a small all-reduce), never the whole sequence; a NaN
 reaches only the rows that attend it; nothing is sized by G or L beyond the sequence."""
 
@@ -17,8 +17,8 @@ from lminf_jax.context_parallel import context_parallel_attention
 mesh = Mesh(np.array(jax.devices()), ("seq",))
 rng = np.random.default_rng(0)
 out = {"devices": len(jax.devices()), "cases": []}
-cases = [(16384, LMInfinite(10, 512), Rotary.create(16), "rope"),
-         (16387, LMInfinite(10, 512), Alibi.create(2), "alibi"),
+cases = [(4096, LMInfinite(10, 512), Rotary.create(16), "rope"),
+         (4099, LMInfinite(10, 512), Alibi.create(2), "alibi"),
          (1003, LMInfinite(12, 300), Rotary.create(16), "rope, halo of 3 chunks"),
          (64, LMInfinite(10, 30), Rotary.create(16), "halo of 4 chunks, sinks on 2 devices"),
          (999, StreamingLLM(4, 200), Rotary.create(16), "streaming_llm"),

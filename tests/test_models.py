@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_MODELS, random_model, rel_err
+from conftest import TINY_MODELS, grid, random_model, rel_err
 
 from lminf_jax import AttentionCall, LMInfinite, TopK, Vanilla, frequency_method
 from lminf_jax.models import registry
@@ -42,7 +42,9 @@ def test_eval_shape_of_real_configs_gives_published_parameter_counts(config, pub
 
 # BLOOM and GPT-NeoX run these checks in their transformers parity tests (blockwise and reference
 # logits, LM-Infinite with L >= T, a shorter window) and their decoding tests; top-k is family-agnostic
-@pytest.mark.parametrize("name", sorted(set(TINY_MODELS) - {"bloom", "neox"}))
+# core: native window layers, soft caps and grouped heads (gemma2_window); ALiBi (mpt)
+@pytest.mark.parametrize("name", grid(sorted(set(TINY_MODELS) - {"bloom", "neox"}),
+                                      core=["gemma2_window", "mpt_biases_qk_ln"]))
 def test_lm_infinite_forward_matches_dense_reference_forward(name):
     family, cfg, params = random_model(name)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 70)), jnp.int32)

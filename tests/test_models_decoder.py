@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_MODELS, _perturbed, random_model, rel_err
+from conftest import TINY_MODELS, _perturbed, grid, random_model, rel_err
 from test_logprobs import numpy_scores
 
 from lminf_jax import (AttentionCall, InfLLM, LeakyReRoPE, LMInfinite, LongHeads, SelfExtend, StreamingLLM, TopK,
@@ -44,12 +44,14 @@ SPECS = {"lm_infinite": LMInfinite(G, L), "vanilla": Vanilla(),
 
 
 # every family's Λ-cache; the full cache for the families whose positions differ (BLOOM's ALiBi is MPT's, NeoX's
-# half-layout partial RoPE is llama's and GPT-J's: their parity tests decode with it too)
-@pytest.mark.parametrize("name,spec_name", [
+# half-layout partial RoPE is llama's and GPT-J's: their parity tests decode with it too). Core: each family, the
+# Λ-cache and the full cache under each positional encoding (RoPE, interleaved partial RoPE, ALiBi), each method.
+@pytest.mark.parametrize("name,spec_name", grid([
     *((name, spec) for name in sorted(TINY_MODELS) for spec in ("lm_infinite", "vanilla")
       if spec == "lm_infinite" or name not in ("bloom", "neox")),
     ("gptj", "self_extend"), ("mpt_biases_qk_ln", "self_extend"), ("llama_gqa", "leaky_rerope"),
-])
+], core=[("gemma2_window", "lm_infinite"), ("bloom", "lm_infinite"), ("neox", "lm_infinite"), ("gptj", "lm_infinite"),
+         ("mpt_biases_qk_ln", "vanilla"), ("gptj", "self_extend"), ("llama_gqa", "leaky_rerope")]))
 def test_prefill_plus_decoding_equals_one_forward(name, spec_name):
     family, cfg, params = random_model(name)
     spec = SPECS[spec_name]
@@ -85,10 +87,10 @@ def test_retrieval_prefill_plus_decoding_equals_one_forward(name, spec):
     assert rel_err(np.asarray(plain)[valid], np.asarray(want)[valid]) > 1e-2  # it is not vanilla
 
 
-@pytest.mark.parametrize("name,spec_name,method", [
+@pytest.mark.parametrize("name,spec_name,method", grid([
     ("gptj", "lm_infinite", "yarn"), ("gptj", "vanilla", "pi"), ("llama_gqa", "self_extend", "ntk"),
     ("llama_gqa", "vanilla", "yarn"),
-])
+], core=[("gptj", "lm_infinite", "yarn"), ("llama_gqa", "self_extend", "ntk")]))
 def test_static_frequency_methods_decode_as_one_forward(name, spec_name, method):
     family, cfg, params = random_model(name)
     model = family.model(cfg, AttentionCall(SPECS[spec_name], frequencies=frequency_method(method, 4.0, 16)))
@@ -176,8 +178,9 @@ def test_positions_beyond_int32_are_refused_not_wrapped_into_padding():
         model.forward(params, tokens[:, :3], far)
 
 
-@pytest.mark.parametrize("name,spec_name,how", [("llama_gqa", "vanilla", "checkpoint"),
-                                                 ("gptj", "lm_infinite", "call"), ("llama_gqa", "self_extend", "call")])
+@pytest.mark.parametrize("name,spec_name,how", grid([
+    ("llama_gqa", "vanilla", "checkpoint"), ("gptj", "lm_infinite", "call"), ("llama_gqa", "self_extend", "call"),
+], core=[("llama_gqa", "vanilla", "checkpoint"), ("gptj", "lm_infinite", "call")]))
 def test_dynamic_ntk_rotates_every_cached_key_with_the_current_length(name, spec_name, how):
     """Dynamic NTK's frequencies follow the length T (largest position + 1 over the batch, as Hugging
     Face's). Every cached call rotates all its keys, cached ones included (stored as projected),
@@ -209,7 +212,8 @@ def test_dynamic_ntk_rotates_every_cached_key_with_the_current_length(name, spec
         assert rel_err(np.asarray(got[:, 23])[valid[:, 23]], np.asarray(whole[:, 23])[valid[:, 23]]) > 1e-3
 
 
-@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+# the probe is family-agnostic but for native window layers (gemma2_window) and ALiBi (mpt)
+@pytest.mark.parametrize("name", grid(sorted(TINY_MODELS), core=["gemma2_window", "mpt_biases_qk_ln"]))
 def test_probe_records_rows_of_every_layer_during_one_forward(name):
     family, cfg, params = random_model(name, seed=4)
     g, window = 2, 6
@@ -273,7 +277,7 @@ def _max_diffs(got, want, valid) -> tuple[float, float]:
 
 
 # gemma2_window: windowed layers and a final logit soft cap; gptj: a head bias; llama_gqa: GQA, attention biases
-@pytest.mark.parametrize("name", ["llama_gqa", "gemma2_window", "gptj"])
+@pytest.mark.parametrize("name", grid(["llama_gqa", "gemma2_window", "gptj"], core=["gemma2_window", "gptj"]))
 def test_score_equals_the_log_softmax_of_the_forward_logits(name):
     family, cfg, params = random_model(name)
     model = family.model(cfg, AttentionCall(LMInfinite(G, L)))

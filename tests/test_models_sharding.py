@@ -1,5 +1,6 @@
-"""Sharded models on 8 simulated CPU devices (`tests.multidevice`): every family's forward pass
-under tensor, FSDP, data and context parallelism equals the single-device one; parameters and
+"""Sharded models on 8 simulated CPU devices (`tests.multidevice`): the forward pass of each family whose
+layout or positions no other covers (every family with --extended) under tensor, FSDP, data and context
+parallelism equals the single-device one; parameters and
 caches are created in their shards; cached decoding keeps its shardings; the context-parallel
 model moves only halos and sinks."""
 
@@ -9,7 +10,7 @@ import pytest
 from multidevice import run_on_devices
 
 SCRIPT = r"""
-import json, re
+import json, re, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import traverse_util
 from lminf_jax import AttentionCall, LMInfinite, Vanilla, frequency_method
@@ -45,6 +46,11 @@ VANILLA_MESHES = ("dp2-tp4-fsdp", "cp2-tp4")
 # windows: Gemma 2; GPT-J's parallel block) and llama; every family's declared q sharding is still checked.
 CREATED_IN_SHARDS = ("llama", "gptj", "mpt")
 DECODED = ("llama", "mpt", "gemma2")
+# The core run (without --extended) runs the forward passes and creates parameters for the families whose layouts
+# and positions no other covers (llama, MPT's fused Wqkv and ALiBi, Gemma 2's windows); GPT-J's parallel block,
+# BLOOM's and NeoX's forward and GPT-J's creation in shards run with --extended.
+EXTENDED = "--extended" in sys.argv[1:]
+CORE = ("llama", "mpt", "gemma2")
 rng = np.random.default_rng(0)
 out = {"forward": [], "init": [], "decode": []}
 
@@ -62,7 +68,7 @@ for name, hf in CONFIGS.items():
                           fam.init_params(cfg, jax.random.key(1)))
     tokens = jnp.asarray(rng.integers(0, 96, (2, 50)), jnp.int32)  # 50: not a multiple of the seq axis
     runs = ((LMInfinite(3, 12), MESHES), (Vanilla(), VANILLA_MESHES))
-    for spec, meshes in runs if name == "llama" else runs[:1]:
+    for spec, meshes in (runs if name == "llama" else runs[:1]) if EXTENDED or name in CORE else ():
         meshes = meshes if name == "llama" else PARAMETER_MESHES if name in ("bloom", "neox") else FAMILY_MESHES
         call = AttentionCall(spec, block_q=8, block_k=8)
         ref = fam.model(cfg, call).forward(params, tokens)
@@ -80,7 +86,7 @@ for name, hf in CONFIGS.items():
     wanted = fam.param_shardings(cfg, plan)
     case = {"family": name,
             "q_split": [list(wanted[n].spec) for n in wanted if re.search(r"(q_proj|Wqkv|query)\.weight", n)]}
-    if name in CREATED_IN_SHARDS:
+    if name in CREATED_IN_SHARDS and (EXTENDED or name in CORE):
         created = traverse_util.flatten_dict(fam.init_params(cfg, jax.random.key(3), plan=plan), sep=".")
         plain = traverse_util.flatten_dict(fam.init_params(cfg, jax.random.key(3)), sep=".")
         case.update(equal=all(np.array_equal(created[n], plain[n]) for n in plain),
@@ -141,17 +147,18 @@ try:
     cp.forward(fam.init_params(cfg, jax.random.key(0), plan=cp.sharding), long_tokens)
 except ValueError as e:
     out["dynamic_ntk_cp_error"] = str(e)
+out["extended"] = EXTENDED
 print("RESULT " + json.dumps(out))
 """
 
 
 @pytest.fixture(scope="module")
-def result() -> dict:
-    return run_on_devices(SCRIPT)
+def result(request) -> dict:
+    return run_on_devices(SCRIPT, *(["--extended"] if request.config.getoption("--extended") else []))
 
 
 def test_sharded_forward_equals_one_device_for_every_family_and_mesh(result):
-    assert len(result["forward"]) == (5 + 2) + 3 * 2 + 2 * 1
+    assert len(result["forward"]) == (5 + 2) + 2 * 2 + (2 + 2 * 1 if result["extended"] else 0)
     assert {c["mesh"] for c in result["forward"] if c["family"] == "mpt"} == {"dp2-tp4-fsdp", "cp2-tp4"}
     for case in result["forward"]:
         assert case["rel_err"] <= 1e-5, case
@@ -160,7 +167,8 @@ def test_sharded_forward_equals_one_device_for_every_family_and_mesh(result):
 
 
 def test_params_are_created_in_their_shards(result):
-    assert sorted(c["family"] for c in result["init"] if "equal" in c) == ["gptj", "llama", "mpt"]
+    created = sorted(c["family"] for c in result["init"] if "equal" in c)
+    assert created == ["gptj"] * result["extended"] + ["llama", "mpt"]
     for case in result["init"]:
         assert case.get("equal", True) and case.get("placed", True), case
     q = {c["family"]: c["q_split"] for c in result["init"]}

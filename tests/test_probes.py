@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_nan_stays_in_its_rows, attended_slots, make_positional, random_qkv
+from conftest import assert_nan_stays_in_its_rows, attended_slots, grid, in_turn, make_positional, product, random_qkv
 
 from lminf_jax import (DistanceLimit, LMInfinite, LambdaMask, Scaling, SlidingWindow, StreamingLLM, TopK, Vanilla,
                        attention_probe)
@@ -32,8 +32,13 @@ SPECS = [Vanilla(), LMInfinite(3, 40), LambdaMask(3, 40),
          DistanceLimit(50), SlidingWindow(40), StreamingLLM(2, 40)]
 
 
-@pytest.mark.parametrize("positional", ["rope_half", "rope_interleaved_partial", "alibi", "none", "rope_softcap"])
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.kind)
+PROBE_POSITIONALS = ("rope_half", "rope_interleaved_partial", "alibi", "none", "rope_softcap")
+
+
+# core: each kind under one encoding, the encodings in turn
+@pytest.mark.parametrize("spec,positional", grid(product(SPECS, PROBE_POSITIONALS),
+                                                 core=in_turn(SPECS, PROBE_POSITIONALS)),
+                         ids=[f"{spec.kind}-{positional}" for spec, positional in product(SPECS, PROBE_POSITIONALS)])
 def test_row_statistics_match_the_dense_probe(spec, positional):
     """"rope_softcap": Gemma-2's logit soft-capping, a cap that binds, in both probes."""
     scale = Scaling(0.25, softcap=1.5) if positional == "rope_softcap" else None

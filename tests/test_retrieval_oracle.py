@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import POSITIONALS
 from naive_attention import naive_attention, rotate
 from retrieval_oracle import (infllm_oracle, infllm_steps, longheads_chunk_rep, longheads_oracle,
                               longheads_selection)
@@ -29,9 +30,6 @@ def _positional(name: str, hq: int, d: int = D_HEAD) -> dict:
         return dict(slopes=0.5 ** np.arange(1, hq + 1))
     assert name == "none"
     return {}
-
-
-POSITIONALS = ["rope_half", "rope_interleaved_partial", "alibi", "none"]
 
 
 def _naive(q, k, v, kind: str, positional: dict, **params) -> np.ndarray:
