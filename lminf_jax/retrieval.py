@@ -221,10 +221,13 @@ def _longheads_row(q, positions, queries, keys, values, new_keys, new_values, re
     reps = reps.at[:, touched].set(fresh)  # a repeated (clipped) index writes the same value
 
     # per query and head: the chunk at each rank 0..C-1 of its contiguous frame, and its own rank
+    quirks = spec.prefill_code_quirks and t > 1  # the PyTorch prefill path (LongHeads.prefill_code_quirks)
     p = jnp.maximum(positions, 0)
     own_chunk, offset = p // w, p % w
-    forced_previous = offset < w - 1  # the own chunk is partial: the previous chunk is kept too
-    selective = positions + 1 >= spec.span
+    forced_previous = (offset < w - 1) | quirks  # the own chunk is partial: the previous chunk is kept too
+    selective = positions >= spec.span if quirks else positions + 1 >= spec.span
+    # the own chunk's last attended offset: the query's own, but for the prefill path's selective queries
+    own_last = offset - (selective & quirks).astype(offset.dtype)
     scores = _dot("thd,hcd->thc", q, reps)  # raw query . representation, no scale
     chunk_ids = jnp.arange(n_chunks)
     last_candidate = (own_chunk - 1 - forced_previous)[:, None, None]
@@ -243,12 +246,12 @@ def _longheads_row(q, positions, queries, keys, values, new_keys, new_values, re
     query_at = own_rank * w + offset[:, None, None]  # (T, 1, 1) position in the frame
 
     def block(xs):
-        qb, chosen_b, own_b, at_b, valid_b = xs  # (n, Hq, d), (n, Hq, C), (n, 1, 1), (n, 1, 1), (n,)
+        qb, chosen_b, own_b, at_b, last_b, valid_b = xs  # (n, Hq, d), (n, Hq, C), 3 x (n, 1, 1), (n,)
         within = jnp.arange(w)
         slot = chosen_b[..., None] * w + within  # (n, Hq, C, w)
         attended = (chosen_b[..., None] >= 0) & ((ranks[:, None] < own_b[..., None])
                                                  | ((ranks[:, None] == own_b[..., None])
-                                                    & (within <= (at_b[..., None] % w))))
+                                                    & (within <= last_b[..., None])))
         attended = attended & valid_b[:, None, None, None]
         slot = jnp.clip(slot, 0, slots - 1)
         key_at = ranks[:, None] * w + within  # (C, w) frame positions
@@ -270,8 +273,9 @@ def _longheads_row(q, positions, queries, keys, values, new_keys, new_values, re
         x = jnp.pad(x, [(0, padded - t)] + [(0, 0)] * (x.ndim - 1))
         return x.reshape(padded // size, size, *x.shape[1:])
 
-    own_rank, query_at = (jnp.broadcast_to(x, (t, 1, 1)) for x in (own_rank, query_at))
-    out = lax.map(block, tuple(blocks(x) for x in (q, chosen, own_rank, query_at, positions >= 0)))
+    own_rank, query_at, own_last = (jnp.broadcast_to(x, (t, 1, 1))
+                                    for x in (own_rank, query_at, own_last[:, None, None]))
+    out = lax.map(block, tuple(blocks(x) for x in (q, chosen, own_rank, query_at, own_last, positions >= 0)))
     return out.reshape(padded, hq, -1)[:t], reps
 
 
@@ -342,7 +346,7 @@ def _infllm_row(q, positions, keys, values, new_keys, new_values, mass, reps, *,
             return _bias(s, slopes, query_distance, head_axis=1)
 
         local_ok = (near >= 0) & (u[:, None] - near >= 0) & (u[:, None] - near < n_local)
-        global_ok = (far >= 0) & (u[:, None] - far >= n_local)
+        global_ok = (far >= 0) & ((u[:, None] - far >= n_local) | spec.main_double_count)  # (InfLLM.main_double_count)
         s_local = scores_of(near, _rope_at(qs, u[:, None], rotary), near, (u[:, None] - near)[:, None, :])
         s_global = scores_of(far, qg, 0 if rotary is None else jnp.zeros_like(far), jnp.full((1, 1, 1), distance))
         s = jnp.concatenate([jnp.where(local_ok[:, None, :], s_local, NEG_INF),

@@ -127,10 +127,16 @@ class AttentionSpec:
     #: The parameter (one of `OPTIONS`) that compresses the global positions, a larger value scoring far keys
     #: at shorter distances, or None: what `covering` chooses per length.
     STRETCH: ClassVar[str | None] = None
+    #: Boolean fields that switch to an official implementation's behaviour where it departs from the method's
+    #: canonical rule (for comparisons with that code); `describe` names those that are set.
+    CODE_FLAGS: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         if type(self) is AttentionSpec:
             raise TypeError(f"AttentionSpec is the base of the methods; build one of {', '.join(METHODS)}")
+        for name in self.CODE_FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, option in self.OPTIONS.items():
             if option.same_as is not None and getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(self, option.same_as))
@@ -306,6 +312,7 @@ class AttentionSpec:
         if self.top_k is not None:
             t = self.top_k
             parts.append(f"top_k={t.k}@{t.insert_distance} layers[{t.from_layer},{t.to_layer})")
+        parts += [name for name in self.CODE_FLAGS if getattr(self, name)]
         return f"{self.kind}({', '.join(parts)})"
 
 
@@ -575,9 +582,14 @@ class LongHeads(RetrievalSpec):
     OPTIONS: ClassVar[dict[str, Option]] = {
         "chunk_size": Option("LongHeads' chunk w", per_pretraining=16),
         "span": Option("LongHeads' attention span L (a multiple of w, at least 4 chunks)", per_pretraining=1)}
+    CODE_FLAGS: ClassVar[tuple[str, ...]] = ("prefill_code_quirks",)
     kind: str = dataclasses.field(default="longheads", init=False)
     chunk_size: int = OPTIONS["chunk_size"].model_default()
     span: int = OPTIONS["span"].model_default()
+    #: Queries of a call of several tokens (a prefill) follow the official PyTorch prefill path instead of the
+    #: canonical (decoding) rule: selective only from position ``span`` on, the own key left out, the previous
+    #: chunk always forced (reference §1.8, items 1-3). One-token calls follow the rule either way.
+    prefill_code_quirks: bool = False
 
     def _check(self) -> None:
         if self.span % self.chunk_size or self.span // self.chunk_size < 4:
@@ -621,9 +633,14 @@ class InfLLM(RetrievalSpec):
     global_branch: int = OPTIONS["global_branch"].model_default()
     local_branch: int = OPTIONS["local_branch"].model_default()
     block_size: int = OPTIONS["block_size"].model_default()
+    CODE_FLAGS: ClassVar[tuple[str, ...]] = ("main_double_count",)
     blocks_retrieved: int = 16
     representatives: int | None = None
     step_size: int = OPTIONS["step_size"].model_default()
+    #: Every query of a step attends all the step's global keys, as the official code's main branch does, so a
+    #: tail key still inside a query's window is attended twice, locally and at ``D`` (reference §2.8); the
+    #: canonical rule attends each key once. Only steps of several queries differ.
+    main_double_count: bool = False
 
     def __post_init__(self) -> None:
         if self.representatives is None and isinstance(self.block_size, int):  # the code's 4, or the whole block

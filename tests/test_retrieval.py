@@ -3,11 +3,13 @@ pass over a sequence and token by token over buffers, and the reference's invari
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import grid, in_turn, product, rel_err
 from retrieval_oracle import infllm_oracle, infllm_steps, longheads_oracle, longheads_selection
 from test_retrieval_oracle import POSITIONALS, _positional
 
@@ -80,8 +82,11 @@ def _token_by_token(spec, q, k, v, positional, n_prompt: int, pad: int) -> np.nd
     return np.concatenate(outs)
 
 
-@pytest.mark.parametrize("positional_name", POSITIONALS)
-@pytest.mark.parametrize("spec", [LONGHEADS, INFLLM], ids=["longheads", "infllm"])
+# core: each method under two encodings, the encodings in turn
+@pytest.mark.parametrize("spec,positional_name", grid(
+    product([LONGHEADS, INFLLM], POSITIONALS),
+    core=in_turn([LONGHEADS, INFLLM], POSITIONALS) + in_turn([LONGHEADS, INFLLM], POSITIONALS, shift=2)),
+    ids=[f"{name}-{positional}" for name, positional in product(["longheads", "infllm"], POSITIONALS)])
 def test_one_pass_matches_the_oracle(spec, positional_name):
     q, k, v = _qkv(0)
     given, positional = _library(positional_name)
@@ -90,14 +95,49 @@ def test_one_pass_matches_the_oracle(spec, positional_name):
     assert rel_err(np.asarray(whole), _oracle(spec, q, k, v, given, N)) < 1e-6
 
 
-@pytest.mark.parametrize("positional_name", ["rope_interleaved_partial", "alibi"])
-@pytest.mark.parametrize("spec", [LONGHEADS, INFLLM], ids=["longheads", "infllm"])
+# core: each method under one encoding, the encodings in turn
+@pytest.mark.parametrize("spec,positional_name", grid(
+    product([LONGHEADS, INFLLM], ["rope_interleaved_partial", "alibi"]),
+    core=in_turn([LONGHEADS, INFLLM], ["rope_interleaved_partial", "alibi"])),
+    ids=[f"{name}-{positional}"
+         for name, positional in product(["longheads", "infllm"], ["rope_interleaved_partial", "alibi"])])
 def test_token_by_token_matches_the_oracle(spec, positional_name):
     q, k, v = _qkv(0)
     given, positional = _library(positional_name)
     n_prompt = 23  # a prompt ending inside a chunk, a block and a step; then decoding
     stepwise = _token_by_token(spec, q, k, v, positional, n_prompt, pad=3)
     assert rel_err(stepwise, _oracle(spec, q, k, v, given, n_prompt)) < 1e-6
+
+
+@pytest.mark.parametrize("flagged", [dataclasses.replace(LONGHEADS, prefill_code_quirks=True),
+                                     dataclasses.replace(INFLLM, main_double_count=True)],
+                         ids=["longheads-prefill_code_quirks", "infllm-main_double_count"])
+def test_code_flags_match_the_oracles_flags(flagged):
+    """LongHeads' prefill_code_quirks (the PyTorch prefill path for a call of several tokens, reference §1.8) and
+    InfLLM's main_double_count (the main branch's global keys, §2.8) against the oracles' flags: in one pass, and a
+    prompt in one call then one token per call (decoding follows the canonical rule). The flag moves the prompt's
+    outputs; LongHeads' decoding then equals the canonical method's (its chunk representations do not depend on
+    the flag), InfLLM's need not (doubled keys change the local mass that picks representatives)."""
+    q, k, v = _qkv(3)
+    given, positional = _library("rope_half")
+    n_prompt = 41  # past LongHeads' span and several InfLLM blocks; ends inside a chunk, a block and a step
+    if isinstance(flagged, LongHeads):
+        oracle = lambda n_prefill, quirks: longheads_oracle(  # noqa: E731
+            q, k, v, chunk=flagged.chunk_size, span=flagged.span, n_prefill=n_prefill, prefill_code_quirks=quirks,
+            scale=D**-0.5, **given)
+    else:
+        oracle = lambda n_prefill, quirks: infllm_oracle(  # noqa: E731
+            q, k, v, infllm_steps(n_prefill, N, flagged.step_size), **ORACLE_INFLLM, main_code=quirks, scale=D**-0.5,
+            **given)
+    whole = sequence_retrieval_attention(*_batch(q, k, v), jnp.arange(N)[None], spec=flagged, positional=positional,
+                                         scale=Scaling(D**-0.5))[0]
+    assert rel_err(np.asarray(whole), oracle(N, True)) < 1e-6
+    stepwise = _token_by_token(flagged, q, k, v, positional, n_prompt, pad=2)
+    want, canonical = oracle(n_prompt, True), oracle(n_prompt, False)
+    assert rel_err(stepwise, want) < 1e-6
+    assert rel_err(want[:n_prompt], canonical[:n_prompt]) > 1e-3
+    if isinstance(flagged, LongHeads):
+        assert rel_err(stepwise[n_prompt:], canonical[n_prompt:]) < 1e-6
 
 
 @pytest.mark.parametrize("spec", [LONGHEADS, INFLLM], ids=["longheads", "infllm"])

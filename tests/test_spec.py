@@ -166,7 +166,8 @@ def test_every_method_builds_from_its_options_with_defaults():
     assert METHODS["infllm"].from_options(l_train).representatives == 2  # at 64: blocks of 2 tokens, both
     for name, cls in METHODS.items():
         spec = cls.from_options(lambda parameter: 128)
-        assert set(cls.OPTIONS) == {f.name for f in dataclasses.fields(spec) if f.name not in ("kind", "top_k")}, name
+        fields = {f.name for f in dataclasses.fields(spec)} - {"kind", "top_k", *cls.CODE_FLAGS}
+        assert set(cls.OPTIONS) == fields, name
         # built directly, a method takes the defaults of a model pretrained at the assumed length
         assert cls.from_options(lambda parameter: ASSUMED_PRETRAINING_LENGTH) == cls(), name
     with pytest.raises(TypeError, match="leak"):
@@ -217,3 +218,17 @@ def test_covering_fails_clearly():
     with pytest.raises(ValueError, match="no leak keeps"):
         LeakyReRoPE(64, 4).covering(1000, 64)
     assert SelfExtend(4, 16).covering(64, 64) == SelfExtend(1, 16)  # within L_train: no grouping needed
+
+
+def test_code_flags_are_booleans_and_named_by_describe():
+    """A method's code flags (`AttentionSpec.CODE_FLAGS`) switch to its official code's behaviour: each must be a
+    bool, and a set one is part of the method's description (so results say which rule ran)."""
+    assert LongHeads.CODE_FLAGS == ("prefill_code_quirks",) and InfLLM.CODE_FLAGS == ("main_double_count",)
+    assert LongHeads(4, 16).describe() == "longheads(w=4, span=16)"
+    assert LongHeads(4, 16, prefill_code_quirks=True).describe() == "longheads(w=4, span=16, prefill_code_quirks)"
+    assert InfLLM(main_double_count=True).describe().endswith(", main_double_count)")
+    assert LongHeads(4, 16, prefill_code_quirks=True) != LongHeads(4, 16)  # a different method to every cache
+    with pytest.raises(ValueError, match="prefill_code_quirks must be True or False, got 1"):
+        LongHeads(4, 16, prefill_code_quirks=1)
+    with pytest.raises(ValueError, match="main_double_count must be True or False, got 'yes'"):
+        InfLLM(main_double_count="yes")
