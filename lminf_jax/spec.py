@@ -614,7 +614,8 @@ class LongHeads(RetrievalSpec):
 
     def farthest_distance(self, length: int) -> Fraction:
         require_int32("length", length, 1)
-        return Fraction(min(length - 1, self.span - 2))  # selective queries sit at most at span - 2
+        # selective queries sit at most at span - 2 (at span - 1 on the PyTorch prefill path: no own key)
+        return Fraction(min(length - 1, self.span - 1 - (not self.prefill_code_quirks)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -629,11 +630,11 @@ class InfLLM(RetrievalSpec):
         "blocks_retrieved": Option("InfLLM's blocks retrieved per step (topk)"),
         "representatives": Option("InfLLM's representative keys per block (repr_topk)", default_text="min(4, bs)"),
         "step_size": Option("InfLLM's query step (exc_block_size)", per_pretraining=8)}
+    CODE_FLAGS: ClassVar[tuple[str, ...]] = ("main_double_count",)
     kind: str = dataclasses.field(default="infllm", init=False)
     global_branch: int = OPTIONS["global_branch"].model_default()
     local_branch: int = OPTIONS["local_branch"].model_default()
     block_size: int = OPTIONS["block_size"].model_default()
-    CODE_FLAGS: ClassVar[tuple[str, ...]] = ("main_double_count",)
     blocks_retrieved: int = 16
     representatives: int | None = None
     step_size: int = OPTIONS["step_size"].model_default()

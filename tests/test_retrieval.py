@@ -184,6 +184,11 @@ def test_attended_keys_count_what_the_oracles_select():
 def test_farthest_distance_stays_inside_the_span():
     assert LONGHEADS.farthest_distance(10) == 9
     assert LONGHEADS.farthest_distance(1000) == LONGHEADS.span - 2
+    quirky = dataclasses.replace(LONGHEADS, prefill_code_quirks=True)  # the PyTorch prefill path: no own key
+    q, k, v = _qkv(4)
+    scored = max(sel.q_pos - min(sel.key_pos) for p in range(N) for sel in [longheads_selection(
+        q, k, v, p, 0, chunk=quirky.chunk_size, span=quirky.span, quirky=True)])
+    assert quirky.farthest_distance(N) == scored == quirky.span - 1
     assert INFLLM.farthest_distance(1000) == INFLLM.local_branch - 1
 
 
